@@ -1,0 +1,33 @@
+"""Typed errors. Library code raises these; the CLI turns them into one line and a non-zero exit code.
+
+Every message must name what is wrong and where: the file, the YAML key path, the tensor, the node or the
+line number.
+"""
+
+
+class QmaceError(Exception):
+    """Base of every expected error (bad input, unsupported model, ...)."""
+
+
+class ConfigError(QmaceError):
+    """The deployment YAML is missing, malformed or inconsistent. Message names the file and key path."""
+
+
+class ModelError(QmaceError):
+    """The model file is missing, truncated, not ONNX, or contradicts the YAML."""
+
+
+class UnsupportedOpsError(ModelError):
+    """The model uses ops qmace cannot convert; the message lists every op type with its node count."""
+
+
+class InputDataError(QmaceError):
+    """Input samples are missing, of the wrong size, or unreadable. Message names the file."""
+
+
+class RangeError(QmaceError):
+    """A range log or range file is malformed, or tensors lack a quantization range."""
+
+
+class QuantizationError(QmaceError):
+    """The quantization plan cannot be built (missing ranges, bad options)."""
