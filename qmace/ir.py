@@ -1,0 +1,192 @@
+"""The graph IR: typed tensors, nodes with ONNX-named ops, and per-tensor quantization parameters.
+
+Design:
+- Op types and attribute names follow ONNX (opset 21 semantics), so a frontend maps ONNX nodes one to one
+  and the ONNX Runtime backend lowers nodes back without translation. Attributes the converter adds itself
+  start with ``qm_`` (e.g. ``qm_activation`` for a fused ReLU/Clip) and are never emitted as ONNX attributes.
+- A ``Tensor`` is either a constant (``data`` set: weights, biases, folded shapes) or a value computed at
+  run time. Its ``dtype`` says how it is stored. A tensor with ``quant`` set and an 8-bit or int32 dtype
+  holds integer codes whose real value is ``(code - zero_point) * scale`` (see docs/quantization.md).
+- The quantized graph is the float graph with quantized tensors: an op whose inputs and outputs are
+  quantized runs its integer kernel; explicit ``QuantizeLinear``/``DequantizeLinear`` nodes mark where
+  values leave or enter the integer domain (graph inputs/outputs and float fallbacks).
+- ``Graph.nodes`` is kept in topological order; every pass that edits it keeps it so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from qmace.quantize.qmath import QuantParams
+
+Shape = tuple[int | None, ...]
+
+
+@dataclass
+class Tensor:
+    """A named value. ``shape`` entries are ints, or None where unknown (a dynamic batch)."""
+
+    name: str
+    dtype: str = "float32"
+    shape: Shape | None = None
+    data: np.ndarray | None = None
+    quant: QuantParams | None = None
+
+    @property
+    def is_constant(self) -> bool:
+        return self.data is not None
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quant is not None and self.dtype in ("uint8", "int8", "int32")
+
+
+@dataclass
+class Node:
+    """One op application. ``inputs`` may hold "" for an omitted optional input (ONNX convention)."""
+
+    name: str
+    op_type: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        return self.attrs.get(key, default)
+
+
+@dataclass
+class Graph:
+    name: str = "graph"
+    nodes: list[Node] = field(default_factory=list)
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    # Free-form provenance: source file, sha256, quantization schema, fallbacks, ...
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # ---- lookup ---------------------------------------------------------------------------------
+    def tensor(self, name: str) -> Tensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in graph {self.name!r}") from None
+
+    def add_tensor(self, tensor: Tensor) -> Tensor:
+        self.tensors[tensor.name] = tensor
+        return tensor
+
+    def constant(self, name: str) -> np.ndarray | None:
+        t = self.tensors.get(name)
+        return None if t is None else t.data
+
+    def producers(self) -> dict[str, Node]:
+        return {out: n for n in self.nodes for out in n.outputs if out}
+
+    def consumers(self) -> dict[str, list[Node]]:
+        result: dict[str, list[Node]] = {}
+        for n in self.nodes:
+            for i in n.inputs:
+                if i:
+                    result.setdefault(i, []).append(n)
+        return result
+
+    def activations(self) -> Iterator[str]:
+        """Names of run-time values produced by nodes, in topological order."""
+        for n in self.nodes:
+            for o in n.outputs:
+                if o and not self.tensors[o].is_constant:
+                    yield o
+
+    def unique_name(self, base: str) -> str:
+        names = set(self.tensors) | {n.name for n in self.nodes}
+        if base not in names:
+            return base
+        i = 1
+        while f"{base}_{i}" in names:
+            i += 1
+        return f"{base}_{i}"
+
+    # ---- editing --------------------------------------------------------------------------------
+    def remove_unused(self) -> None:
+        """Drop nodes whose outputs nobody reads (and that are not graph outputs), then dead tensors."""
+        changed = True
+        while changed:
+            used = {i for n in self.nodes for i in n.inputs if i} | set(self.outputs)
+            keep = [n for n in self.nodes if any(o in used for o in n.outputs if o)]
+            changed = len(keep) != len(self.nodes)
+            self.nodes = keep
+        live = {i for n in self.nodes for i in n.inputs} | {o for n in self.nodes for o in n.outputs}
+        live |= set(self.inputs) | set(self.outputs)
+        self.tensors = {k: v for k, v in self.tensors.items() if k in live}
+
+    def rename_tensor(self, old: str, new: str) -> None:
+        """Rename a tensor everywhere it is produced, read, or listed as a graph output."""
+        t = self.tensors.pop(old)
+        t.name = new
+        self.tensors[new] = t
+        for n in self.nodes:
+            n.inputs = [new if i == old else i for i in n.inputs]
+            n.outputs = [new if o == old else o for o in n.outputs]
+        self.inputs = [new if i == old else i for i in self.inputs]
+        self.outputs = [new if o == old else o for o in self.outputs]
+
+    def replace_uses(self, old: str, new: str) -> None:
+        """Make every reader of ``old`` read ``new`` instead (graph outputs included)."""
+        for n in self.nodes:
+            n.inputs = [new if i == old else i for i in n.inputs]
+        self.outputs = [new if o == old else o for o in self.outputs]
+
+    def toposort(self) -> None:
+        produced_by = self.producers()
+        available = set(self.inputs) | {k for k, t in self.tensors.items() if t.is_constant} | {""}
+        order: list[Node] = []
+        visited: set[int] = set()
+
+        def visit(n: Node, stack: set[int]) -> None:
+            if id(n) in visited:
+                return
+            if id(n) in stack:
+                raise ValueError(f"graph {self.name!r} has a cycle through node {n.name!r}")
+            stack.add(id(n))
+            for i in n.inputs:
+                if i not in available and i in produced_by:
+                    visit(produced_by[i], stack)
+            stack.discard(id(n))
+            visited.add(id(n))
+            order.append(n)
+
+        for n in self.nodes:
+            visit(n, set())
+        self.nodes = order
+
+    def copy(self) -> Graph:
+        """A structural copy; constant arrays are shared (passes replace them, never mutate in place)."""
+        return Graph(
+            name=self.name,
+            nodes=[Node(n.name, n.op_type, list(n.inputs), list(n.outputs), dict(n.attrs)) for n in self.nodes],
+            tensors={k: dataclasses.replace(v) for k, v in self.tensors.items()},
+            inputs=list(self.inputs),
+            outputs=list(self.outputs),
+            metadata=dict(self.metadata),
+        )
+
+    def op_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for n in self.nodes:
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def num_parameters(self) -> int:
+        used = {i for n in self.nodes for i in n.inputs}
+        return int(sum(t.data.size for k, t in self.tensors.items() if t.is_constant and k in used))
+
+
+def constants_of(graph: Graph, names: Iterable[str]) -> list[np.ndarray | None]:
+    return [graph.constant(n) if n else None for n in names]

@@ -1,0 +1,87 @@
+"""Conv (ONNX opset 11+ semantics): 1-D and 2-D, groups, dilations, pads, auto_pad; fused activation.
+
+Float: y[n, m, o] = b[m] + sum_{c in group(m), k} x_pad[n, c, o*s + k*d] * w[m, c, k]  (float32 BLAS).
+Integer (docs/quantization.md): acc = bias_q + sum (q_x - zp_x) * (q_w - zp_w[m]) exactly in int32
+(computed through float64 matmul, exact while |acc| < 2^53), x padded with its zero point, then
+y_q = clip(rint(float32(acc) * M[m]) + zp_y, qmin, qmax) with M = float32(float32(s_x * s_w[m]) / s_y).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qmace.ir import Node
+from qmace.ops.base import Op, register
+from qmace.ops.util import apply_fused_activation, clamp_codes_to_activation, conv_pads, pad_spatial, windows
+
+
+def conv_core(x: np.ndarray, w: np.ndarray, node: Node, pad_value: float, dtype) -> np.ndarray:
+    """Grouped convolution without bias in ``dtype`` arithmetic. x (N, C, *S), w (M, C/g, *K) -> (N, M, *O)."""
+    squeeze_1d = x.ndim == 3
+    if squeeze_1d:  # (N, C, L) -> (N, C, 1, L)
+        x, w = x[:, :, None, :], w[:, :, None, :]
+    nd = x.ndim - 2
+    kernel = tuple(w.shape[2:])
+    strides = tuple(Conv.attr(node, "strides") or [1] * nd) if not squeeze_1d else (1, *(Conv.attr(node, "strides") or [1]))
+    dil = Conv.attr(node, "dilations") or [1] * (1 if squeeze_1d else nd)
+    dilations = tuple(dil) if not squeeze_1d else (1, *dil)
+    pads = Conv.attr(node, "pads")
+    auto_pad = Conv.attr(node, "auto_pad")
+    if squeeze_1d:
+        spatial_pads = conv_pads(x.shape[3:], kernel[1:], strides[1:], dilations[1:], pads, auto_pad)
+        pads2 = [0, spatial_pads[0], 0, spatial_pads[1]]
+    else:
+        pads2 = conv_pads(x.shape[2:], kernel, strides, dilations, pads, auto_pad)
+    group = int(Conv.attr(node, "group"))
+    n, c = x.shape[:2]
+    m = w.shape[0]
+    xp = pad_spatial(x.astype(dtype, copy=False), pads2, pad_value)
+    cols = windows(xp, kernel, strides, dilations)  # (N, C, Ho, Wo, kh, kw)
+    ho, wo = cols.shape[2], cols.shape[3]
+    cg, mg = c // group, m // group
+    kk = int(np.prod(kernel))
+    # (N, G, Cg, Ho, Wo, kh, kw) -> (G, N*Ho*Wo, Cg*kh*kw)
+    cols = cols.reshape(n, group, cg, ho, wo, kk).transpose(1, 0, 3, 4, 2, 5).reshape(group, n * ho * wo, cg * kk)
+    wg = w.astype(dtype, copy=False).reshape(group, mg, cg * kk).transpose(0, 2, 1)  # (G, Cg*K, Mg)
+    out = np.matmul(cols, wg)  # (G, N*Ho*Wo, Mg)
+    out = out.reshape(group, n, ho, wo, mg).transpose(1, 0, 4, 2, 3).reshape(n, m, ho, wo)
+    return out[:, :, 0, :] if squeeze_1d else out
+
+
+@register
+class Conv(Op):
+    op_type = "Conv"
+    defaults = {"auto_pad": "NOTSET", "dilations": None, "group": 1, "kernel_shape": None, "pads": None, "strides": None}
+    quant_kernel = "accumulate"
+    bias_input = 2
+
+    @classmethod
+    def weight_axis(cls, node: Node, index: int) -> int | None:
+        return 0 if index == 1 else None
+
+    @classmethod
+    def run(cls, node, inputs):
+        x, w = inputs[0], inputs[1]
+        b = inputs[2] if len(inputs) > 2 else None
+        y = conv_core(x, w, node, 0.0, np.float32)
+        if b is not None:
+            y = y + b.reshape(1, -1, *([1] * (y.ndim - 2)))
+        return [apply_fused_activation(node, y.astype(np.float32, copy=False))]
+
+    @classmethod
+    def run_quantized(cls, node, inputs, in_qp, out_qp):
+        from qmace.quantize import qmath
+
+        x, w = inputs[0], inputs[1]
+        b = inputs[2] if len(inputs) > 2 else None
+        xq, wq, yq = in_qp[0], in_qp[1], out_qp[0]
+        xs = x.astype(np.float64) - float(xq.zero_point)
+        zp_w = np.asarray(wq.zero_point, np.float64).reshape(-1, *([1] * (w.ndim - 1))) if wq.zero_point.ndim else float(wq.zero_point)
+        ws = w.astype(np.float64) - zp_w
+        acc = conv_core(xs, ws, node, 0.0, np.float64)
+        if b is not None:
+            acc = acc + b.astype(np.float64).reshape(1, -1, *([1] * (acc.ndim - 2)))
+        acc = acc.astype(np.int64)
+        mult = qmath.requant_multiplier(xq, wq, yq)
+        y = qmath.requantize(acc.astype(np.int32), mult, yq, 1)
+        return [clamp_codes_to_activation(node, y, yq)]

@@ -1,0 +1,105 @@
+"""Helpers shared by op kernels: padding arithmetic, sliding windows, fused activations."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qmace.ir import Node
+
+
+def conv_pads(
+    in_spatial: tuple[int, ...],
+    kernel: tuple[int, ...],
+    strides: tuple[int, ...],
+    dilations: tuple[int, ...],
+    pads: list[int] | None,
+    auto_pad: str,
+) -> list[int]:
+    """ONNX pads [x1_begin, x2_begin, ..., x1_end, x2_end, ...] resolved from ``auto_pad``."""
+    nd = len(in_spatial)
+    if auto_pad in ("NOTSET", "", None):
+        return list(pads) if pads else [0] * (2 * nd)
+    if auto_pad == "VALID":
+        return [0] * (2 * nd)
+    begins, ends = [], []
+    for size, k, s, d in zip(in_spatial, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, big = total // 2, total - total // 2
+        if auto_pad == "SAME_UPPER":
+            begins.append(small)
+            ends.append(big)
+        elif auto_pad == "SAME_LOWER":
+            begins.append(big)
+            ends.append(small)
+        else:
+            raise ValueError(f"unknown auto_pad {auto_pad!r}")
+    return begins + ends
+
+
+def windows(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], dilations: tuple[int, ...]) -> np.ndarray:
+    """Sliding windows over the trailing len(kernel) axes of an already padded ``x``.
+
+    (N, C, *S) -> (N, C, *O, *K): ``out[..., o, k] = x[..., o * stride + k * dilation]``.
+    """
+    nd = len(kernel)
+    eff = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))
+    axes = tuple(range(x.ndim - nd, x.ndim))
+    v = np.lib.stride_tricks.sliding_window_view(x, eff, axis=axes)
+    # v: (N, C, *O_full, *eff); take strides on O and dilations on the window
+    index = [slice(None)] * (x.ndim - nd)
+    index += [slice(None, None, s) for s in strides]
+    index += [slice(None, None, d) for d in dilations]
+    return v[tuple(index)]
+
+
+def pad_spatial(x: np.ndarray, pads: list[int], value: float | int = 0) -> np.ndarray:
+    nd = len(pads) // 2
+    if not any(pads):
+        return x
+    width = [(0, 0)] * (x.ndim - nd) + [(pads[i], pads[i + nd]) for i in range(nd)]
+    return np.pad(x, width, mode="constant", constant_values=value)
+
+
+def activation_bounds(node: Node) -> tuple[float, float] | None:
+    """The clamp a fused activation applies (``qm_activation`` Relu or Clip), or None."""
+    act = node.attrs.get("qm_activation")
+    if act is None:
+        return None
+    if act == "Relu":
+        return 0.0, float("inf")
+    if act == "Clip":
+        lo, hi = node.attrs.get("qm_clip", [float("-inf"), float("inf")])
+        return float(lo), float(hi)
+    raise ValueError(f"node {node.name!r}: unknown fused activation {act!r}")
+
+
+def apply_fused_activation(node: Node, y: np.ndarray) -> np.ndarray:
+    bounds = activation_bounds(node)
+    if bounds is None:
+        return y
+    lo, hi = bounds
+    return np.clip(y, np.float32(lo), np.float32(hi)).astype(y.dtype, copy=False)
+
+
+def clamp_codes_to_activation(node: Node, codes: np.ndarray, qp) -> np.ndarray:
+    """A fused activation on quantized output: clamp the codes to the quantized activation bounds."""
+    bounds = activation_bounds(node)
+    if bounds is None:
+        return codes
+    from qmace.quantize import qmath
+
+    lo, hi = bounds
+    qlo = qmath.quantize(np.array(lo, np.float32), qp) if np.isfinite(lo) else None
+    qhi = qmath.quantize(np.array(hi, np.float32), qp) if np.isfinite(hi) else None
+    return np.clip(codes, qlo, qhi).astype(codes.dtype, copy=False)
+
+
+def broadcast_per_channel(v: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    """Shape a per-channel vector to broadcast along ``axis`` of an ``ndim``-d array (scalar: unchanged)."""
+    v = np.asarray(v)
+    if axis is None or v.ndim == 0:
+        return v
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return v.reshape(shape)

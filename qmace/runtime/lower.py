@@ -1,0 +1,152 @@
+"""Lower an IR graph to a standard ONNX model (float, or quantized as QDQ).
+
+Float nodes map one to one (IR op types and attributes are ONNX's). A fused activation (``qm_activation``)
+becomes a Relu/Clip node after its producer; ONNX Runtime fuses it back.
+
+Quantized tensors become the QDQ form ONNX Runtime's quantizer writes and its optimizer fuses into integer
+kernels (QLinearConv, QLinearMatMul, QLinearAdd, ...):
+- a quantized constant ``W`` is an integer initializer read through ``DequantizeLinear`` (``W__dq``);
+- a quantized activation ``T`` is produced in float as ``T__f``, quantized by ``QuantizeLinear`` into ``T``
+  (the integer codes, same name as in the IR) and read by consumers through ``DequantizeLinear`` (``T__dq``);
+- explicit IR ``QuantizeLinear``/``DequantizeLinear`` nodes lower to themselves with scale/zero-point
+  initializers taken from the quantized tensor's parameters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qmace.ir import Graph, Node, Tensor
+
+OPSET = 21
+_NP_TO_ONNX = {
+    "float32": TensorProto.FLOAT,
+    "float64": TensorProto.DOUBLE,
+    "float16": TensorProto.FLOAT16,
+    "int64": TensorProto.INT64,
+    "int32": TensorProto.INT32,
+    "int8": TensorProto.INT8,
+    "uint8": TensorProto.UINT8,
+    "bool": TensorProto.BOOL,
+    "int16": TensorProto.INT16,
+    "uint16": TensorProto.UINT16,
+}
+
+
+def onnx_elem_type(dtype: str) -> int:
+    try:
+        return _NP_TO_ONNX[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} has no ONNX equivalent") from None
+
+
+def _value_info(t: Tensor, name: str | None = None, dtype: str | None = None) -> onnx.ValueInfoProto:
+    shape = None if t.shape is None else [d if d is not None else "N" for d in t.shape]
+    return helper.make_tensor_value_info(name or t.name, onnx_elem_type(dtype or t.dtype), shape)
+
+
+def _onnx_attrs(node: Node) -> dict:
+    return {k: v for k, v in node.attrs.items() if not k.startswith("qm_") and v is not None}
+
+
+class _Lowering:
+    def __init__(self, graph: Graph, extra_outputs: list[str] | None):
+        self.g = graph
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.extra_outputs = extra_outputs or []
+        self._qp_inits: set[str] = set()
+
+    def qparams_inputs(self, t: Tensor) -> tuple[str, str]:
+        scale, zp = f"{t.name}__scale", f"{t.name}__zero_point"
+        if scale not in self._qp_inits:
+            qp = t.quant
+            self.inits.append(numpy_helper.from_array(np.asarray(qp.scale, np.float32), scale))
+            self.inits.append(numpy_helper.from_array(np.asarray(qp.zero_point).astype(qp.dtype), zp))
+            self._qp_inits.add(scale)
+        return scale, zp
+
+    def q_axis(self, t: Tensor) -> dict:
+        return {"axis": int(t.quant.axis)} if t.quant.is_per_channel else {}
+
+    def read_name(self, name: str) -> str:
+        """The float name a normal consumer reads for IR tensor ``name``."""
+        if not name:
+            return name
+        t = self.g.tensors[name]
+        return f"{name}__dq" if t.is_quantized else name
+
+    def lower(self) -> onnx.ModelProto:
+        g = self.g
+        for name, t in g.tensors.items():
+            if t.data is None:
+                continue
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(t.data), name))
+            if t.is_quantized:
+                s, z = self.qparams_inputs(t)
+                self.nodes.append(helper.make_node("DequantizeLinear", [name, s, z], [f"{name}__dq"], name=f"{name}__DQ", **self.q_axis(t)))
+        for node in g.nodes:
+            self.lower_node(node)
+        inputs = [_value_info(g.tensors[i]) for i in g.inputs]
+        outputs = []
+        for o in list(g.outputs) + [x for x in self.extra_outputs if x not in g.outputs]:
+            t = g.tensors[o]
+            outputs.append(helper.make_tensor_value_info(o, onnx_elem_type(t.dtype), None))
+        graph = helper.make_graph(self.nodes, g.name, inputs, outputs, initializer=self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qmace")
+        model.ir_version = 10
+        return model
+
+    def lower_node(self, node: Node) -> None:
+        g = self.g
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            qt = g.tensors[node.outputs[0] if node.op_type == "QuantizeLinear" else node.inputs[0]]
+            s, z = self.qparams_inputs(qt)
+            src = node.inputs[0]
+            out = node.outputs[0]
+            self.nodes.append(helper.make_node(node.op_type, [src, s, z], [out], name=node.name, **self.q_axis(qt)))
+            if node.op_type == "QuantizeLinear":
+                self.emit_dq(qt)
+            return
+        inputs = [self.read_name(i) for i in node.inputs]
+        outs = []
+        for o in node.outputs:
+            t = g.tensors.get(o) if o else None
+            outs.append(f"{o}__f" if t is not None and t.is_quantized else o)
+        act = node.attrs.get("qm_activation")
+        if act:
+            final = outs[0]
+            outs[0] = f"{node.outputs[0]}__preact"
+        self.nodes.append(helper.make_node(node.op_type, inputs, outs, name=node.name, **_onnx_attrs(node)))
+        if act:
+            if act == "Relu":
+                self.nodes.append(helper.make_node("Relu", [outs[0]], [final], name=f"{node.name}__relu"))
+            else:
+                lo, hi = node.attrs["qm_clip"]
+                lo_n, hi_n = f"{node.name}__clip_min", f"{node.name}__clip_max"
+                self.inits.append(numpy_helper.from_array(np.array(lo, np.float32), lo_n))
+                self.inits.append(numpy_helper.from_array(np.array(hi, np.float32), hi_n))
+                self.nodes.append(helper.make_node("Clip", [outs[0], lo_n, hi_n], [final], name=f"{node.name}__clip"))
+        for o in node.outputs:
+            t = g.tensors.get(o) if o else None
+            if t is not None and t.is_quantized:
+                s, z = self.qparams_inputs(t)
+                self.nodes.append(helper.make_node("QuantizeLinear", [f"{o}__f", s, z], [o], name=f"{o}__Q", **self.q_axis(t)))
+                self.emit_dq(t)
+
+    def emit_dq(self, t: Tensor) -> None:
+        s, z = self.qparams_inputs(t)
+        self.nodes.append(helper.make_node("DequantizeLinear", [t.name, s, z], [f"{t.name}__dq"], name=f"{t.name}__DQ", **self.q_axis(t)))
+
+
+def to_onnx(graph: Graph, extra_outputs: list[str] | None = None) -> onnx.ModelProto:
+    """The graph as an ONNX model (opset 21). ``extra_outputs`` exposes intermediate tensors as outputs."""
+    model = _Lowering(graph, extra_outputs).lower()
+    # DequantizeLinear nodes nobody reads (e.g. a quantized graph output) are harmless; keep the model lean.
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [n for n in model.graph.node if n.op_type != "DequantizeLinear" or any(o in used for o in n.output)]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
