@@ -1,0 +1,1 @@
+"""Quantization: parameters, integer arithmetic, calibration ranges and the quantization plan."""
