@@ -1,0 +1,5 @@
+import sys
+
+from qmace.cli.main import main
+
+sys.exit(main())

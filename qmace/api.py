@@ -1,0 +1,225 @@
+"""The CLI verbs as plain, typed Python functions: ``convert`` and ``run`` (quantization verbs live in
+``qmace.quantize.api``). They log and return named results; only ``qmace.cli`` prints."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qmace.config import DeploymentConfig, ModelConfig, load_config
+from qmace.data import Sample, iter_samples, model_shape, random_sample, sample_names, write_outputs
+from qmace.errors import ModelError
+from qmace.frontends import load_onnx
+from qmace.ir import Graph
+from qmace.metrics import Comparison, compare
+from qmace.modelfile import EXTENSION, load_graph, save_graph
+from qmace.passes import optimize
+from qmace.runtime import Session
+
+log = logging.getLogger(__name__)
+
+
+def model_file_path(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path | None = None) -> Path:
+    """MACE's place for the converted model: ``<build_dir>/<library_name>/model/<model_name>.qmace``."""
+    return Path(build_dir or "build") / cfg.library_name / "model" / f"{m.name}{EXTENSION}"
+
+
+def bind_io(graph: Graph, m: ModelConfig) -> Graph:
+    """Check the YAML's inputs/outputs against the model, fix the input shapes, select the outputs."""
+    sub = m.subgraph
+    where = f"{m.yaml_path}: {m.key}.{sub.key}"
+    unknown = [n for n in sub.input_tensors if n not in graph.inputs]
+    if unknown:
+        raise ModelError(f"{where}.input_tensors: {', '.join(map(repr, unknown))} not an input of the model; "
+                         f"the model's inputs are: {', '.join(graph.inputs)}")
+    unfed = [n for n in graph.inputs if n not in sub.input_tensors]
+    if unfed:
+        raise ModelError(f"{where}.input_tensors: the model also needs input(s) {', '.join(unfed)}")
+    for i, (name, shape, fmt) in enumerate(zip(sub.input_tensors, sub.input_shapes, sub.input_data_formats)):
+        t = graph.tensors[name]
+        want = model_shape(tuple(shape), fmt)
+        have = t.shape
+        if have is not None and (len(have) != len(want) or any(h is not None and h != w for h, w in zip(have, want))):
+            shown = "x".join("?" if d is None else str(d) for d in have)
+            layout = f" ({fmt}; {','.join(map(str, want))} in the model's layout)" if tuple(want) != tuple(shape) else ""
+            raise ModelError(f"{where}.input_shapes[{i}]: {','.join(map(str, shape))}{layout} contradicts the "
+                             f"model's input {name!r} of shape {shown}")
+        t.shape = tuple(want)
+    missing = [n for n in sub.output_tensors if n not in graph.tensors or graph.tensors[n].data is not None]
+    if missing:
+        raise ModelError(f"{where}.output_tensors: {', '.join(map(repr, missing))} not in the model; "
+                         f"the model's outputs are: {', '.join(graph.outputs)}")
+    graph.outputs = list(sub.output_tensors)
+    graph.remove_unused()
+    return graph
+
+
+def load_float_graph(m: ModelConfig) -> Graph:
+    """Verify, load and optimize the float model of a YAML model entry."""
+    m.verify_model_file()
+    graph = bind_io(load_onnx(m.model_file_path), m)
+    g = optimize(graph)
+    g.metadata.update({"model_name": m.name, "source_sha256": m.model_sha256_checksum})
+    return g
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    graph: Graph
+    file_size: int
+    fallbacks: list[str] = field(default_factory=list)  # one line per op that runs in float, with the reason
+
+    def summary(self) -> str:
+        g = self.graph
+        ops = ", ".join(f"{k} x{v}" for k, v in g.op_counts().items())
+        kind = g.metadata.get("quantization", {}).get("schema", "float32")
+        lines = [
+            f"model {g.metadata.get('model_name', g.name)}: {len(g.nodes)} ops, {g.num_parameters():,} parameters, "
+            f"{kind}, {self.file_size / 1e6:.2f} MB",
+            f"ops: {ops}",
+            f"inputs: {', '.join(f'{i}{list(g.tensors[i].shape or [])}' for i in g.inputs)}; "
+            f"outputs: {', '.join(g.outputs)}",
+        ]
+        if self.fallbacks:
+            lines.append(f"{len(self.fallbacks)} op(s) run in float (no integer kernel):")
+            lines += [f"  {f}" for f in self.fallbacks]
+        return "\n".join(lines)
+
+
+def convert(config: str | Path, model_name: str | None = None, build_dir: str | Path | None = None) -> ConvertResult:
+    """``qmace convert``: YAML -> optimized (and, with ``quantize: 1``, quantized) model file."""
+    cfg = load_config(config)
+    m = cfg.model(model_name)
+    graph = load_float_graph(m)
+    fallbacks: list[str] = []
+    if m.quantize or m.quantize_large_weights:
+        from qmace.quantize.api import quantize_for_config
+
+        graph, fallbacks = quantize_for_config(graph, m)
+    path = save_graph(graph, model_file_path(cfg, m, build_dir))
+    log.info("wrote %s", path)
+    return ConvertResult(path, graph, path.stat().st_size, fallbacks)
+
+
+def load_converted(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path | None = None) -> Graph:
+    path = model_file_path(cfg, m, build_dir)
+    if not path.is_file():
+        raise ModelError(f"{path}: no converted model; run `qmace convert --config {cfg.path}` first")
+    return load_graph(path)
+
+
+def samples_for(m: ModelConfig, input_dir: str | Path | None, count: int, seed: int = 0) -> Iterator[Sample]:
+    """Samples from ``input_dir`` (MACE file naming), else ``count`` random ones from ``input_ranges``."""
+    if input_dir is not None:
+        yield from iter_samples(input_dir, m.subgraph)
+        return
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        yield random_sample(m.subgraph, rng, f"_{i}")
+
+
+def count_samples(m: ModelConfig, input_dir: str | Path | None, count: int) -> int:
+    return len(sample_names(input_dir, m.subgraph)) if input_dir is not None else count
+
+
+@dataclass
+class OutputCheck:
+    sample: str
+    output: str
+    comparison: Comparison
+
+
+@dataclass
+class RunReport:
+    backend: str
+    samples: int
+    latencies_ms: list[float]
+    checks: list[OutputCheck] = field(default_factory=list)
+    threshold: float | None = None
+    op_times_ms: dict[str, float] = field(default_factory=dict)  # node name -> mean ms per run
+    op_types: dict[str, str] = field(default_factory=dict)  # node name -> op type
+    outputs_written: list[Path] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.threshold is None or all(c.comparison.passes(self.threshold) for c in self.checks)
+
+    def latency_percentiles(self) -> dict[str, float]:
+        lat = np.asarray(self.latencies_ms)
+        return {f"p{p}": float(np.percentile(lat, p)) for p in (50, 90, 99)} | {"mean": float(lat.mean())}
+
+
+def source_session(m: ModelConfig, num_threads: int | None = None):
+    """The original ONNX model in plain ONNX Runtime (the validation oracle)."""
+    from qmace.runtime.session import ort_session
+
+    return ort_session(m.model_file_path.read_bytes(), num_threads)
+
+
+def run(
+    config: str | Path,
+    *,
+    model_name: str | None = None,
+    build_dir: str | Path | None = None,
+    backend: str = "onnxruntime",
+    input_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    rounds: int = 1,
+    validate: bool = False,
+    benchmark: bool = False,
+    num_threads: int | None = None,
+    on_tensor: Callable[[str, str, np.ndarray], None] | None = None,
+    progress: Callable[[Iterator], Iterator] | None = None,
+) -> RunReport:
+    """``qmace run``: run the converted model on every sample (``rounds`` times each).
+
+    ``on_tensor(sample, tensor_name, value)`` receives every op output (for ``--quantize_stat``).
+    """
+    cfg = load_config(config)
+    m = cfg.model(model_name)
+    graph = load_converted(cfg, m, build_dir)
+    quantized = bool(graph.metadata.get("quantization"))
+    extra = list(graph.activations()) if (on_tensor is not None and backend == "onnxruntime") else None
+    session = Session(graph, backend=backend, num_threads=num_threads, extra_outputs=extra)
+    oracle = source_session(m, num_threads) if validate else None
+    report = RunReport(backend=backend, samples=0, latencies_ms=[])
+    if validate:
+        report.threshold = m.threshold_for(quantized)
+    op_times: dict[str, float] | None = {} if (benchmark and backend == "reference") else None
+    formats = dict(zip(m.subgraph.output_tensors, m.subgraph.output_data_formats))
+    n = count_samples(m, input_dir, 1)
+    samples = samples_for(m, input_dir, 1)
+    if progress is not None:
+        samples = progress(samples, total=n)
+    for sample in samples:
+        report.samples += 1
+        outs = None
+        for _ in range(max(1, rounds)):
+            t0 = time.perf_counter()
+            if on_tensor is not None and backend == "reference":
+                outs = session.run(sample.feeds, on_tensor=lambda k, v, s=sample.name: on_tensor(s, k, v), op_times=op_times)
+            elif on_tensor is not None:
+                all_outs = session.run(sample.feeds, outputs=list(dict.fromkeys(graph.outputs + extra)))
+                for k in extra:
+                    on_tensor(sample.name, k, all_outs[k])
+                outs = {k: all_outs[k] for k in graph.outputs}
+            else:
+                outs = session.run(sample.feeds, op_times=op_times)
+            report.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+        if output_dir is not None:
+            report.outputs_written += write_outputs(output_dir, sample.name, outs, formats)
+        if oracle is not None:
+            ref = oracle.run(list(graph.outputs), sample.feeds)
+            for name, r in zip(graph.outputs, ref):
+                report.checks.append(OutputCheck(sample.name, name, compare(r, outs[name])))
+    if op_times is not None:
+        runs = max(1, len(report.latencies_ms))
+        report.op_times_ms = {k: v * 1e3 / runs for k, v in op_times.items()}
+        report.op_types = {nd.name: nd.op_type for nd in graph.nodes}
+    return report

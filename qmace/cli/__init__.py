@@ -1,0 +1,1 @@
+"""Command-line interface (``qmace`` console script, ``python -m qmace``)."""

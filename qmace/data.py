@@ -1,0 +1,115 @@
+"""Model input/output data in MACE's file conventions, and layout handling.
+
+``--input_dir``: every file whose name starts with the first input's formatted name (non-alphanumeric
+characters replaced by ``_``) names one sample by the rest of its name (the *suffix*); the sample's file for
+input i is ``<dir>/<formatted name of input i><suffix>``. Files are raw float32 in the YAML's data format
+(NHWC by default), or ``.npy`` (loaded without pickle). ``--output_dir`` writes
+``<dir>/<formatted output name><suffix>`` (raw float32) and the same name plus ``.npy``.
+Samples are read lazily, one at a time, so calibration memory does not grow with the sample count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qmace.config import SubgraphConfig, input_name_format
+from qmace.errors import InputDataError
+from qmace.fileio import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str  # the file-name suffix that identifies the sample ("" for generated inputs)
+    feeds: dict[str, np.ndarray]  # input tensor name -> array in the model's layout
+
+
+def to_model_layout(x: np.ndarray, data_format: str) -> np.ndarray:
+    """(N, H, W, C) -> (N, C, H, W) for NHWC rank-4 data; anything else is already in the model's layout."""
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if data_format == "NHWC" and x.ndim == 4 else x
+
+
+def from_model_layout(x: np.ndarray, data_format: str) -> np.ndarray:
+    """(N, C, H, W) -> (N, H, W, C) for NHWC rank-4 outputs."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if data_format == "NHWC" and x.ndim == 4 else x
+
+
+def model_shape(yaml_shape: tuple[int, ...], data_format: str) -> tuple[int, ...]:
+    if data_format == "NHWC" and len(yaml_shape) == 4:
+        n, h, w, c = yaml_shape
+        return (n, c, h, w)
+    return tuple(yaml_shape)
+
+
+def _read_file(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False).astype(np.float32, copy=False)
+        except ValueError as e:
+            raise InputDataError(f"{path}: not a plain .npy array ({e})") from e
+        if arr.size != int(np.prod(shape)):
+            raise InputDataError(f"{path}: {arr.size} values, expected {int(np.prod(shape))} for shape {shape}")
+        arr = arr.reshape(shape)
+    else:
+        size = path.stat().st_size
+        expected = int(np.prod(shape)) * 4
+        if size != expected:
+            raise InputDataError(
+                f"{path}: {size} bytes, expected {expected} (float32 of shape {','.join(map(str, shape))})")
+        arr = np.fromfile(path, dtype=np.float32).reshape(shape)
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        log.warning("%s: %d NaN/Inf values in input data", path, bad)
+    return arr
+
+
+def sample_names(input_dir: str | Path, sub: SubgraphConfig) -> list[str]:
+    d = Path(input_dir)
+    if not d.is_dir():
+        raise InputDataError(f"{d}: input directory not found")
+    prefix = input_name_format(sub.input_tensors[0])
+    names = sorted(p.name[len(prefix):] for p in d.iterdir() if p.is_file() and p.name.startswith(prefix))
+    if not names:
+        raise InputDataError(f"{d}: no input files named {prefix}<suffix> (for input tensor {sub.input_tensors[0]!r})")
+    return names
+
+
+def iter_samples(input_dir: str | Path, sub: SubgraphConfig) -> Iterator[Sample]:
+    d = Path(input_dir)
+    for suffix in sample_names(d, sub):
+        feeds = {}
+        for name, shape, fmt in zip(sub.input_tensors, sub.input_shapes, sub.input_data_formats):
+            path = d / f"{input_name_format(name)}{suffix}"
+            if not path.is_file():
+                raise InputDataError(f"{path}: missing input file for tensor {name!r} of sample {suffix!r}")
+            feeds[name] = to_model_layout(_read_file(path, tuple(shape)), fmt)
+        yield Sample(suffix, feeds)
+
+
+def random_sample(sub: SubgraphConfig, rng: np.random.Generator, name: str = "") -> Sample:
+    """Inputs drawn uniformly from each input's ``input_ranges`` (MACE's default -1,1)."""
+    feeds = {}
+    for tname, shape, (lo, hi), fmt in zip(sub.input_tensors, sub.input_shapes, sub.input_ranges, sub.input_data_formats):
+        feeds[tname] = to_model_layout(rng.uniform(lo, hi, size=shape).astype(np.float32), fmt)
+    return Sample(name, feeds)
+
+
+def write_outputs(output_dir: str | Path, sample: str, outputs: dict[str, np.ndarray], formats: dict[str, str]) -> list[Path]:
+    d = Path(output_dir)
+    sample = sample.removesuffix(".npy")
+    written = []
+    for name, value in outputs.items():
+        arr = from_model_layout(np.asarray(value, np.float32), formats.get(name, "NONE"))
+        base = d / f"{input_name_format(name)}{sample}"
+        with atomic_write(base, "wb") as f:
+            f.write(arr.tobytes())
+        with atomic_write(base.with_name(base.name + ".npy"), "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+        written.append(base)
+    return written

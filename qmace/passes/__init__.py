@@ -1,0 +1,41 @@
+"""Graph passes. Each edits a graph in place, keeps outputs equal on any input, and returns its count of
+changes; ``optimize`` runs the standard pipeline on a copy."""
+
+from __future__ import annotations
+
+import logging
+
+from qmace.ir import Graph
+from qmace.passes.bn import fold_batchnorm
+from qmace.passes.cleanup import remove_identities
+from qmace.passes.fold import fold_constants
+from qmace.passes.fuse import fuse_activations
+from qmace.passes.shapes import infer_shapes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["fold_batchnorm", "fold_constants", "fuse_activations", "infer_shapes", "optimize", "remove_identities"]
+
+
+def optimize(graph: Graph, fuse: bool = True) -> Graph:
+    """Identity removal, shape inference + constant folding to a fixed point, BatchNorm folding,
+    activation fusion, dead-node removal, final shape inference."""
+    g = graph.copy()
+    stats = {"identities": remove_identities(g)}
+    folded = 0
+    for _ in range(8):
+        infer_shapes(g)
+        n = fold_constants(g)
+        folded += n
+        if n == 0:
+            break
+    g.remove_unused()
+    stats["constants"] = folded
+    stats["batchnorms"] = fold_batchnorm(g)
+    stats["activations"] = fuse_activations(g) if fuse else 0
+    g.remove_unused()
+    infer_shapes(g)
+    log.info("passes: removed %(identities)d identities, folded %(constants)d constant nodes, "
+             "%(batchnorms)d batchnorms, fused %(activations)d activations", stats)
+    g.metadata["passes"] = stats
+    return g

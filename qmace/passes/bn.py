@@ -1,0 +1,92 @@
+"""BatchNormalization folding into the producing Conv / ConvTranspose / Gemm.
+
+With s = gamma / sqrt(var + eps): Conv weights W'[m] = W[m] * s[m], bias b' = (b - mean) * s + beta.
+ConvTranspose scales axis 1 of W (per output channel of each group). Gemm (y = alpha*A@B + beta*C) gets
+B' = B * s on its output columns and C' = s * (beta*C - mean) + bn_bias with beta' = 1.
+The producer takes over the BatchNormalization's output name (as MACE's fusions do).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qmace.ir import Graph, Node, Tensor
+
+
+def _const(graph: Graph, name: str) -> np.ndarray | None:
+    return graph.constant(name) if name else None
+
+
+def _set_const(graph: Graph, node: Node, index: int, value: np.ndarray, suffix: str) -> None:
+    name = graph.unique_name(f"{node.name}_{suffix}")
+    value = np.ascontiguousarray(value.astype(np.float32))
+    graph.add_tensor(Tensor(name, "float32", tuple(value.shape), value))
+    while len(node.inputs) <= index:
+        node.inputs.append("")
+    node.inputs[index] = name
+
+
+def fold_batchnorm(graph: Graph) -> int:
+    folded = 0
+    while True:
+        producers, consumers = graph.producers(), graph.consumers()
+        for bn in graph.nodes:
+            if bn.op_type != "BatchNormalization" or len([o for o in bn.outputs if o]) != 1:
+                continue
+            prod = producers.get(bn.inputs[0])
+            if prod is None or prod.op_type not in ("Conv", "ConvTranspose", "Gemm") or prod.attrs.get("qm_activation"):
+                continue
+            if len(consumers.get(bn.inputs[0], [])) != 1 or bn.inputs[0] in graph.outputs:
+                continue
+            params = [_const(graph, n) for n in bn.inputs[1:5]]
+            w = _const(graph, prod.inputs[1])
+            if w is None or any(p is None for p in params):
+                continue
+            gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+            s = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+            if prod.op_type == "Gemm":
+                if not _fold_into_gemm(graph, prod, w, s, beta, mean):
+                    continue
+            else:
+                m = len(s)
+                b = _const(graph, prod.inputs[2]) if len(prod.inputs) > 2 and prod.inputs[2] else np.zeros(m)
+                if prod.op_type == "Conv":
+                    w2 = w.astype(np.float64) * s.reshape(-1, *([1] * (w.ndim - 1)))
+                else:  # ConvTranspose: W (C_in, M/g, k...), output channel = g * M/g + j
+                    group = int(prod.attrs.get("group", 1))
+                    cin, mg = w.shape[0], w.shape[1]
+                    sg = s.reshape(group, 1, mg, *([1] * (w.ndim - 2)))
+                    w2 = (w.astype(np.float64).reshape(group, cin // group, mg, *w.shape[2:]) * sg).reshape(w.shape)
+                _set_const(graph, prod, 1, w2, "weight_bnfold")
+                _set_const(graph, prod, 2, (b.astype(np.float64) - mean) * s + beta, "bias_bnfold")
+            old = prod.outputs[0]
+            graph.nodes.remove(bn)
+            graph.tensors.pop(old, None)
+            prod.outputs[0] = bn.outputs[0]
+            folded += 1
+            break
+        else:
+            break
+    graph.remove_unused()
+    return folded
+
+
+def _fold_into_gemm(graph: Graph, gemm: Node, w: np.ndarray, s, beta_bn, mean) -> bool:
+    if w.ndim != 2:
+        return False
+    trans_b = int(gemm.attrs.get("transB", 0))
+    m = w.shape[0] if trans_b else w.shape[1]
+    if len(s) != m:
+        return False
+    w2 = w.astype(np.float64) * (s[:, None] if trans_b else s[None, :])
+    c = _const(graph, gemm.inputs[2]) if len(gemm.inputs) > 2 and gemm.inputs[2] else np.zeros(m)
+    if c is None:
+        return False
+    beta = float(gemm.attrs.get("beta", 1.0))
+    c2 = s * (beta * np.broadcast_to(c.astype(np.float64), (m,)) - mean) + beta_bn if c.ndim <= 1 else None
+    if c2 is None:
+        return False
+    _set_const(graph, gemm, 1, w2, "weight_bnfold")
+    _set_const(graph, gemm, 2, c2, "bias_bnfold")
+    gemm.attrs["beta"] = 1.0
+    return True

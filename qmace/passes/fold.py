@@ -1,0 +1,38 @@
+"""Constant folding: nodes whose inputs are all constants, and Shape of tensors with static shapes, are
+evaluated once with the reference kernels and replaced by constant tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qmace.ir import Graph
+from qmace.ops import get_op
+
+_NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def fold_constants(graph: Graph) -> int:
+    folded = 0
+    keep = []
+    for node in graph.nodes:
+        ins = [graph.tensors[i] if i else None for i in node.inputs]
+        value = None
+        if node.op_type in _NEVER_FOLD:
+            pass
+        elif node.op_type == "Shape" and ins[0] is not None and ins[0].data is None:
+            shape = ins[0].shape
+            if shape is not None and all(d is not None for d in shape):
+                value = get_op("Shape").run(node, [np.zeros(shape, np.uint8)])
+        elif all(t is None or t.data is not None for t in ins) and node.inputs:
+            value = get_op(node.op_type).run(node, [t.data if t is not None else None for t in ins])
+        if value is None:
+            keep.append(node)
+            continue
+        for name, arr in zip(node.outputs, value):
+            if name:
+                arr = np.asarray(arr)
+                t = graph.tensors[name]
+                t.data, t.dtype, t.shape = arr, str(arr.dtype), tuple(arr.shape)
+        folded += 1
+    graph.nodes = keep
+    return folded

@@ -1,0 +1,37 @@
+"""Shape inference: lower the IR to ONNX and let ONNX's shape inference (with data propagation) fill in
+dtypes and shapes of every tensor."""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+
+from qmace.frontends.onnx_frontend import _np_dtype, _shape_of
+from qmace.ir import Graph
+
+log = logging.getLogger(__name__)
+
+
+def infer_shapes(graph: Graph) -> int:
+    """Fill ``Tensor.shape``/``dtype`` from ONNX shape inference. Returns the number of tensors updated."""
+    from qmace.runtime.lower import to_onnx
+
+    model = to_onnx(graph)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as e:
+        log.warning("shape inference failed: %s", str(e).splitlines()[0])
+        return 0
+    updated = 0
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = graph.tensors.get(vi.name)
+        if t is None or t.data is not None or t.is_quantized:
+            continue
+        shape = _shape_of(vi)
+        if vi.type.tensor_type.elem_type:
+            t.dtype = _np_dtype(vi.type.tensor_type.elem_type)
+        if shape is not None and shape != t.shape:
+            t.shape = shape
+            updated += 1
+    return updated

@@ -1,0 +1,154 @@
+"""Quantization verbs as plain functions: calibration, ``convert`` with ``quantize: 1``, the one-shot
+``quantize`` and ``export``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qmace.config import ModelConfig, load_config
+from qmace.errors import InputDataError, QuantizationError
+from qmace.fileio import atomic_write
+from qmace.ir import Graph
+from qmace.quantize.calibration import Calibrator, make_calibrator
+from qmace.quantize.quantizer import QuantizeOptions, quantize_graph, quantize_large_weights
+from qmace.quantize.ranges import RangeTable, read_range_file, write_range_file
+from qmace.runtime import Session
+
+log = logging.getLogger(__name__)
+
+
+def calibrate(
+    graph: Graph,
+    samples: Iterable,
+    calibrator: Calibrator,
+    num_threads: int | None = None,
+    backend: str = "onnxruntime",
+) -> int:
+    """Run the float graph on each sample and feed every float op output to ``calibrator``.
+
+    Samples stream one at a time: memory holds one sample's tensors plus the calibrator's state.
+    Returns the number of samples seen. Model inputs are observed too (under their own names), so a range
+    table can report how the samples compare with ``input_ranges``.
+    """
+    names = [n for n in graph.activations() if graph.tensors[n].dtype == "float32"]
+    session = Session(graph, backend=backend, num_threads=num_threads,
+                      extra_outputs=names if backend == "onnxruntime" else None)
+    fetch = list(dict.fromkeys(list(graph.outputs) + names))
+    count = 0
+    for sample in samples:
+        for k, v in sample.feeds.items():
+            if not np.all(np.isfinite(v)):
+                raise InputDataError(f"sample {sample.name!r}: input {k!r} holds NaN or Inf")
+        if backend == "onnxruntime":
+            outs = session.run(sample.feeds, outputs=fetch)
+            for n in names:
+                calibrator.observe(n, outs[n])
+        else:
+            session.run(sample.feeds, on_tensor=lambda n, v: calibrator.observe(n, v) if n in names else None)
+        count += 1
+    if count == 0:
+        raise InputDataError("no calibration samples")
+    return count
+
+
+def options_for(m: ModelConfig, schema: str | None = None) -> QuantizeOptions:
+    sub = m.subgraph
+    return QuantizeOptions(
+        schema=schema or m.quantize_schema,
+        change_concat_ranges=m.change_concat_ranges,
+        input_ranges={n: tuple(r) for n, r in zip(sub.input_tensors, sub.input_ranges)},
+    )
+
+
+def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None = None,
+                        schema: str | None = None) -> tuple[Graph, list[str]]:
+    """``convert`` with ``quantize: 1`` (ranges from ``quantize_range_file``, from QDQ nodes of the source
+    model, or ``table``) or with ``quantize_large_weights: 1``."""
+    if m.quantize_large_weights and not m.quantize:
+        return quantize_large_weights(graph), []
+    ranges: RangeTable = dict(graph.metadata.get("qdq_ranges_table", {}))
+    if m.quantize_range_file is not None:
+        file_ranges = read_range_file(m.quantize_range_file)
+        ranges.update({k: v for k, v in file_ranges.items() if k not in ranges})
+    if table is not None:
+        ranges.update(table)
+    if not ranges:
+        raise QuantizationError(f"{m.yaml_path}: {m.key}.quantize_range_file: quantize: 1 needs a range file "
+                                "(or a model with QuantizeLinear/DequantizeLinear ranges)")
+    res = quantize_graph(graph, ranges, options_for(m, schema))
+    res.graph.metadata.pop("qdq_ranges_table", None)
+    return res.graph, res.fallbacks
+
+
+@dataclass
+class OneShotResult:
+    convert: object  # qmace.api.ConvertResult
+    range_file: Path
+    samples: int
+
+
+def quantize_one_shot(
+    config: str | Path,
+    *,
+    input_dir: str | Path,
+    model_name: str | None = None,
+    build_dir: str | Path | None = None,
+    method: str = "mace",
+    percentile: float | None = None,
+    enhance: bool = False,
+    enhance_ratio: float = 10.0,
+    schema: str | None = None,
+    range_file: str | Path | None = None,
+    num_threads: int | None = None,
+    progress: Callable[..., Iterator] | None = None,
+) -> OneShotResult:
+    """MACE's four steps in memory: statistics over ``input_dir`` (streamed), ranges, quantized model."""
+    from qmace.api import ConvertResult, count_samples, load_float_graph, model_file_path, samples_for
+    from qmace.modelfile import save_graph
+
+    cfg = load_config(config)
+    m = cfg.model(model_name)
+    graph = load_float_graph(m)
+    opts: dict = {}
+    if method == "mace":
+        opts = {"percentile": percentile or 0.0, "enhance": enhance, "enhance_ratio": enhance_ratio}
+    elif percentile is not None:
+        if method != "percentile":
+            raise QuantizationError(f"--percentile applies to methods mace and percentile, not {method}")
+        opts = {"percentile": percentile}
+    calibrator = make_calibrator(method, **opts)
+    n = count_samples(m, input_dir, 0)
+    samples = samples_for(m, input_dir, 0)
+    if progress is not None:
+        samples = progress(samples, total=n, desc="calibration")
+    count = calibrate(graph, samples, calibrator, num_threads)
+    table = calibrator.ranges()
+    qgraph, fallbacks = quantize_for_config(graph, m, table=table, schema=schema)
+    qgraph.metadata["quantization"].update({"method": method, "samples": count})
+    path = save_graph(qgraph, model_file_path(cfg, m, build_dir))
+    rpath = Path(range_file) if range_file else path.with_suffix(".ranges")
+    write_range_file(rpath, table)
+    return OneShotResult(ConvertResult(path, qgraph, path.stat().st_size, fallbacks), rpath, count)
+
+
+def export(config: str | Path, output: str | Path, *, model_name: str | None = None,
+           build_dir: str | Path | None = None, fmt: str = "onnx-qdq") -> Path:
+    """The converted model as standard ONNX (QDQ for quantized models), written atomically."""
+    from qmace.api import load_converted
+    from qmace.runtime.lower import to_onnx
+
+    cfg = load_config(config)
+    m = cfg.model(model_name)
+    graph = load_converted(cfg, m, build_dir)
+    if fmt not in ("onnx-qdq", "onnx"):
+        raise QuantizationError(f"unknown export format {fmt!r}")
+    model = to_onnx(graph)
+    out = Path(output)
+    with atomic_write(out, "wb") as f:
+        f.write(model.SerializeToString())
+    return out
