@@ -1,0 +1,98 @@
+"""Reductions (ONNX opset 18+ semantics): ``axes`` is an optional int64 input, ``keepdims`` (default 1)
+keeps reduced dimensions as size 1, and an omitted/empty ``axes`` reduces every axis unless
+``noop_with_empty_axes=1``, which returns the input unchanged.
+
+- ReduceSum: sum in the input type (float32 stays float32, int64 stays int64, wrapping).
+- ReduceMean: float inputs are summed in float64 and divided once, then rounded to the input type;
+  integer inputs divide the integer sum by the count truncating toward zero (ORT's C++ ``/``).
+- ReduceMax / ReduceMin: order-only, so exact on 8-bit codes: ``quant_kernel = "copy"``,
+  ``output_range = "input"`` (the output shares the input's parameters).
+- ReduceMean: ``quant_kernel = "float"`` (dequantize -> mean -> quantize), range from statistics.
+- ReduceSum: no integer kernel (its range grows with the reduced count).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+
+from qmace.ops.base import Op, register
+from qmace.ops.elementwise import optional_input
+
+
+class _Reduce(Op):
+    defaults: ClassVar[dict[str, Any]] = {"keepdims": 1, "noop_with_empty_axes": 0}
+
+    @classmethod
+    def reduce(cls, x: np.ndarray, axes: tuple[int, ...], keepdims: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    @classmethod
+    def run(cls, node, inputs):
+        x = np.asarray(inputs[0])
+        axes_in = optional_input(inputs, 1)
+        axes_list = [] if axes_in is None else [int(a) for a in np.asarray(axes_in).reshape(-1)]
+        if not axes_list:
+            if cls.attr(node, "noop_with_empty_axes"):
+                return [x]
+            axes = tuple(range(x.ndim))
+        else:
+            for a in axes_list:
+                if not -x.ndim <= a < max(x.ndim, 1):
+                    raise ValueError(f"{cls.op_type} node {node.name!r}: axis {a} out of range for rank {x.ndim}")
+            axes = tuple(sorted({a % max(x.ndim, 1) for a in axes_list})) if x.ndim else ()
+        y = cls.reduce(x, axes, bool(cls.attr(node, "keepdims")))
+        return [np.asarray(y).astype(x.dtype, copy=False)]
+
+
+def _extreme(fn: Callable, x: np.ndarray, axes: tuple[int, ...], keepdims: bool) -> np.ndarray:
+    return fn(x, axis=axes, keepdims=keepdims)
+
+
+@register
+class ReduceMax(_Reduce):
+    op_type = "ReduceMax"
+    quant_kernel = "copy"
+    output_range = "input"
+
+    @classmethod
+    def reduce(cls, x, axes, keepdims):
+        return _extreme(np.max, x, axes, keepdims)
+
+
+@register
+class ReduceMin(_Reduce):
+    op_type = "ReduceMin"
+    quant_kernel = "copy"
+    output_range = "input"
+
+    @classmethod
+    def reduce(cls, x, axes, keepdims):
+        return _extreme(np.min, x, axes, keepdims)
+
+
+@register
+class ReduceSum(_Reduce):
+    op_type = "ReduceSum"
+
+    @classmethod
+    def reduce(cls, x, axes, keepdims):
+        return np.sum(x, axis=axes, keepdims=keepdims, dtype=x.dtype)
+
+
+@register
+class ReduceMean(_Reduce):
+    op_type = "ReduceMean"
+    quant_kernel = "float"
+    output_range = "stat"
+
+    @classmethod
+    def reduce(cls, x, axes, keepdims):
+        count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+        if np.issubdtype(x.dtype, np.integer):
+            total = np.sum(x, axis=axes, keepdims=keepdims, dtype=np.int64)
+            q = np.abs(total) // max(count, 1)
+            return np.where(total < 0, -q, q)
+        return np.sum(x, axis=axes, keepdims=keepdims, dtype=np.float64) / count
