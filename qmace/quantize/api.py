@@ -15,6 +15,7 @@ from qmace.errors import InputDataError, QuantizationError
 from qmace.fileio import atomic_write
 from qmace.ir import Graph
 from qmace.quantize.calibration import Calibrator, make_calibrator
+from qmace.quantize.qmath import QuantParams
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph, quantize_large_weights
 from qmace.quantize.ranges import RangeTable, read_range_file, write_range_file
 from qmace.runtime import Session
@@ -71,17 +72,21 @@ def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None =
     model, or ``table``) or with ``quantize_large_weights: 1``."""
     if m.quantize_large_weights and not m.quantize:
         return quantize_large_weights(graph), []
-    ranges: RangeTable = dict(graph.metadata.get("qdq_ranges_table", {}))
+    # Parameters read from QuantizeLinear/DequantizeLinear pairs of the source model (QAT / QDQ import)
+    # win; tensors without one take the range file's range (MACE's "mixing usage").
+    fixed = {k: QuantParams.from_json(v) for k, v in graph.metadata.get("qdq_params", {}).items()}
+    ranges: RangeTable = {}
     if m.quantize_range_file is not None:
-        file_ranges = read_range_file(m.quantize_range_file)
-        ranges.update({k: v for k, v in file_ranges.items() if k not in ranges})
+        ranges.update(read_range_file(m.quantize_range_file))
     if table is not None:
         ranges.update(table)
-    if not ranges:
+    if not ranges and not fixed:
         raise QuantizationError(f"{m.yaml_path}: {m.key}.quantize_range_file: quantize: 1 needs a range file "
                                 "(or a model with QuantizeLinear/DequantizeLinear ranges)")
-    res = quantize_graph(graph, ranges, options_for(m, schema))
-    res.graph.metadata.pop("qdq_ranges_table", None)
+    opts = options_for(m, schema)
+    opts.fixed_params = fixed
+    res = quantize_graph(graph, ranges, opts)
+    res.graph.metadata.pop("qdq_params", None)
     return res.graph, res.fallbacks
 
 

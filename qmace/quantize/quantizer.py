@@ -41,6 +41,9 @@ class QuantizeOptions:
     schema: str = "uint8"
     change_concat_ranges: bool = False
     input_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Parameters fixed by the source (QDQ/fake-quant nodes of an imported model, or QAT): tensor or weight
+    # name -> QuantParams, used as they are instead of being derived from a range or from the weights.
+    fixed_params: dict[str, qmath.QuantParams] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,8 +91,18 @@ class _Planner:
             return Range(lo, hi)
         return self.table.get(name)
 
+    def fixed(self, name: str) -> qmath.QuantParams | None:
+        qp = self.opts.fixed_params.get(name)
+        if qp is not None and not qp.is_per_channel:
+            nudged = qmath.nudged_range(qp)
+            self.used[name] = Range(float(nudged.min), float(nudged.max))
+            self.qp[name] = qp
+        return qp
+
     def params_for(self, name: str, needed_by: str) -> qmath.QuantParams | None:
         if name in self.qp:
+            return self.qp[name]
+        if self.fixed(name) is not None:
             return self.qp[name]
         t = self.g.tensors[name]
         if t.data is not None:  # a float constant used as data: its own range
@@ -151,6 +164,8 @@ class _Planner:
     def output_params(self, node: Node, op, out: str) -> qmath.QuantParams | None:
         rule = op.output_range
         if out in self.qp:
+            return self.qp[out]
+        if rule != "input" and self.fixed(out) is not None:
             return self.qp[out]
         if rule == "input":
             src = node.inputs[0]
@@ -244,7 +259,7 @@ def _rewrite(g: Graph, p: _Planner, opts: QuantizeOptions) -> None:
         for i in _data_inputs(g, node):
             node.inputs[i] = as_quantized(node.inputs[i])
         if op.quant_kernel == "accumulate":
-            _quantize_weights(g, node, op, opts.schema)
+            _quantize_weights(g, node, op, opts.schema, opts.fixed_params)
         for o in node.outputs:
             t = g.tensors.get(o) if o else None
             if t is not None and t.dtype == "float32":
@@ -264,13 +279,15 @@ def _rewrite(g: Graph, p: _Planner, opts: QuantizeOptions) -> None:
     g.remove_unused()
 
 
-def _quantize_weights(g: Graph, node: Node, op, schema: str) -> None:
+def _quantize_weights(g: Graph, node: Node, op, schema: str, fixed: dict) -> None:
     for i, name in enumerate(node.inputs):
         axis = op.weight_axis(node, i) if name else None
         if axis is None:
             continue
         w = g.tensors[name].data.astype(np.float32)
-        if schema == "int8":
+        if name in fixed:
+            qp = fixed[name]
+        elif schema == "int8":
             qp = qmath.params_symmetric(w, axis, "int8")
         else:
             qp = qmath.params_asymmetric_weights(w, None, "uint8")
