@@ -360,3 +360,33 @@ def test_reduce_mean_quantized_is_float_kernel():
     got = get_op("ReduceMean").run_quantized(node, [CODES, i64(-1)], [QP, None], [qy])[0]
     expected = quantize(get_op("ReduceMean").run(node, [dequantize(CODES, QP), i64(-1)])[0], qy)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_reference_executor_runs_qdq_and_copy_ops_on_codes():
+    from qmace.ir import Graph, Tensor
+    from qmace.runtime.reference import execute
+
+    qx = QuantParams(np.float32(0.02), np.int32(128), "uint8")
+    qy = QuantParams(np.float32(0.03), np.int32(100), "uint8")
+    g = Graph(
+        nodes=[
+            Node("q", "QuantizeLinear", ["x"], ["xq"]),
+            Node("r", "Reshape", ["xq", "shape"], ["rq"]),
+            Node("c", "Concat", ["rq", "rq"], ["cq"], {"axis": 0}),
+            Node("dq", "DequantizeLinear", ["cq"], ["y"]),
+        ],
+        tensors={
+            "x": Tensor("x", "float32", (2, 3)),
+            "xq": Tensor("xq", "uint8", (2, 3), quant=qx),
+            "shape": Tensor("shape", "int64", (1,), data=i64(-1)),
+            "rq": Tensor("rq", "uint8", (6,), quant=qx),
+            "cq": Tensor("cq", "uint8", (12,), quant=qy),
+            "y": Tensor("y", "float32", (12,)),
+        },
+        inputs=["x"],
+        outputs=["y"],
+    )
+    x = randf(2, 3)
+    y = execute(g, {"x": x})["y"]
+    codes = quantize(dequantize(quantize(x, qx), qx).reshape(-1), qy)
+    np.testing.assert_array_equal(y, dequantize(np.concatenate([codes, codes]), qy))
