@@ -1,0 +1,122 @@
+"""Gemm and MatMul (ONNX opset 13+ semantics), float and integer kernels; fused activation (``qm_activation``).
+
+Float:
+- Gemm:   ``Y = alpha * A' @ B' + beta * C`` with ``A' = A.T if transA``, ``B' = B.T if transB`` (A', B' 2-D,
+  A' (M, K), B' (K, N)); C (optional) broadcasts unidirectionally to (M, N). float32 BLAS.
+- MatMul: numpy.matmul semantics (N-d batch broadcasting, 1-D operands promoted and squeezed).
+
+Integer (docs/quantization.md; same arithmetic as Conv):
+``acc = bias_q + sum_k (q_a - zp_a) * (q_b - zp_b[n])`` exactly (float64 matmul of centred codes, exact
+while |acc| < 2^53), then ``y_q = clip(rint(float32(acc) * M[n]) + zp_y, qmin, qmax)`` with
+``M = float32(float32(s_a * s_b[n]) / s_y)``; a fused Relu/Clip clamps the codes to its quantized bounds.
+The output channel n is the last axis of Y. Gemm's integer kernel requires alpha == beta == 1 (the quantizer
+folds them into the weights and bias first); C is then the int32 bias (scale s_a * s_b, zero point 0).
+
+Weights (``weight_axis``): the constant input 1 (B), per channel along its output-channel axis:
+Gemm: axis 0 when transB (B is (N, K)) else axis 1 (B is (K, N)); MatMul: axis 1 (B a 2-D (K, N) weight;
+the quantizer treats MatMul's input 1 as a weight only when it is a 2-D constant, otherwise both inputs are
+per-tensor activations and the same kernel applies). Input 0 is always the activation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from qmace.ir import Node
+from qmace.ops.base import Op, register
+from qmace.ops.util import apply_fused_activation, clamp_codes_to_activation
+
+
+def _centered(q: np.ndarray, qp, channel_axis: int | None) -> np.ndarray:
+    """Codes minus zero point as float64 (exact); a per-channel zero point applies along ``channel_axis``."""
+    zp = np.asarray(qp.zero_point, np.float64)
+    if zp.ndim:
+        shape = [1] * q.ndim
+        shape[channel_axis if channel_axis is not None else qp.axis] = -1
+        zp = zp.reshape(shape)
+    return q.astype(np.float64) - zp
+
+
+def _requantize(node: Node, acc: np.ndarray, a_qp, b_qp, y_qp) -> np.ndarray:
+    """float64 exact accumulator (N-d, channels last) -> output codes, fused activation applied."""
+    from qmace.quantize import qmath
+
+    mult = qmath.requant_multiplier(a_qp, b_qp, y_qp)
+    y = qmath.requantize(acc.astype(np.int64).astype(np.int32), mult, y_qp, -1 if np.ndim(mult) else None)
+    return clamp_codes_to_activation(node, y, y_qp)
+
+
+@register
+class Gemm(Op):
+    op_type = "Gemm"
+    defaults: ClassVar[dict[str, Any]] = {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0}
+    quant_kernel = "accumulate"
+    bias_input = 2
+
+    @classmethod
+    def weight_axis(cls, node: Node, index: int) -> int | None:
+        if index != 1:
+            return None
+        return 0 if cls.attr(node, "transB") else 1
+
+    @classmethod
+    def run(cls, node, inputs):
+        a, b = inputs[0], inputs[1]
+        c = inputs[2] if len(inputs) > 2 else None
+        if cls.attr(node, "transA"):
+            a = a.T
+        if cls.attr(node, "transB"):
+            b = b.T
+        y = np.matmul(a, b)
+        alpha, beta = np.float32(cls.attr(node, "alpha")), np.float32(cls.attr(node, "beta"))
+        if alpha != 1:
+            y = y * alpha
+        if c is not None and beta != 0:
+            y = y + (c * beta if beta != 1 else c)
+        return [apply_fused_activation(node, y.astype(a.dtype, copy=False))]
+
+    @classmethod
+    def run_quantized(cls, node, inputs, in_qp, out_qp):
+        a, b = inputs[0], inputs[1]
+        c = inputs[2] if len(inputs) > 2 else None
+        if float(cls.attr(node, "alpha")) != 1.0 or (c is not None and float(cls.attr(node, "beta")) != 1.0):
+            raise NotImplementedError(
+                f"Gemm node {node.name!r}: the integer kernel needs alpha == beta == 1 (fold them into B and C first)"
+            )
+        trans_b = bool(cls.attr(node, "transB"))
+        a_c = _centered(a, in_qp[0], None)
+        b_c = _centered(b, in_qp[1], 0 if trans_b else 1)
+        if cls.attr(node, "transA"):
+            a_c = a_c.T
+        if trans_b:
+            b_c = b_c.T
+        acc = a_c @ b_c  # (M, N), exact integers in float64
+        if c is not None:
+            acc = acc + c.astype(np.float64)
+        return [_requantize(node, acc, in_qp[0], in_qp[1], out_qp[0])]
+
+
+@register
+class MatMul(Op):
+    op_type = "MatMul"
+    defaults: ClassVar[dict[str, Any]] = {}
+    quant_kernel = "accumulate"
+
+    @classmethod
+    def weight_axis(cls, node: Node, index: int) -> int | None:
+        return 1 if index == 1 else None
+
+    @classmethod
+    def run(cls, node, inputs):
+        y = np.matmul(inputs[0], inputs[1])
+        return [apply_fused_activation(node, y)]
+
+    @classmethod
+    def run_quantized(cls, node, inputs, in_qp, out_qp):
+        a, b = inputs[0], inputs[1]
+        a_c = _centered(a, in_qp[0], None)
+        b_c = _centered(b, in_qp[1], -1)  # per-channel B: channels on its last axis (N)
+        acc = np.matmul(a_c, b_c)
+        return [_requantize(node, acc, in_qp[0], in_qp[1], out_qp[0])]

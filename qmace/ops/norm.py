@@ -1,0 +1,83 @@
+"""Normalizations (ONNX opset 15+/17+ semantics); all computed in float64 and returned in X's dtype.
+
+- BatchNormalization (inference, training_mode 0): ``y = (x - mean[c]) / sqrt(var[c] + epsilon) * scale[c]
+  + B[c]`` on (N, C, *S). Output range from statistics; usually folded into the producing Conv by a pass.
+- InstanceNormalization: per (n, c) over the spatial axes, ``y = (x - mu) / sqrt(sigma^2 + epsilon)
+  * scale[c] + B[c]`` (biased variance).
+- LayerNormalization: over the axes ``[axis, rank)``, ``y = (x - mu) * inv_std * Scale + B`` with
+  ``inv_std = 1 / sqrt(sigma^2 + epsilon)``; the optional outputs Mean and InvStdDev (shape
+  ``X.shape[:axis] + (1,) * (rank - axis)``, float32 for stash_type 1) are returned when requested.
+None has an integer kernel (quant_kernel None: they run in float between DequantizeLinear/QuantizeLinear).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from qmace.ops.base import Op, register
+
+
+def _channel(v: np.ndarray, ndim: int) -> np.ndarray:
+    """(C,) -> (1, C, 1, ...) for an ``ndim``-d NC* tensor."""
+    return np.asarray(v, np.float64).reshape(1, -1, *([1] * (ndim - 2)))
+
+
+@register
+class BatchNormalization(Op):
+    op_type = "BatchNormalization"
+    defaults: ClassVar[dict[str, Any]] = {"epsilon": 1e-5, "momentum": 0.9, "training_mode": 0}
+    output_range = "stat"
+
+    @classmethod
+    def run(cls, node, inputs):
+        if cls.attr(node, "training_mode"):
+            raise NotImplementedError(f"BatchNormalization node {node.name!r}: training_mode=1 is not supported")
+        x, scale, b, mean, var = inputs[:5]
+        nd = x.ndim
+        inv = _channel(scale, nd) / np.sqrt(_channel(var, nd) + float(np.float32(cls.attr(node, "epsilon"))))
+        y = (x.astype(np.float64) - _channel(mean, nd)) * inv + _channel(b, nd)
+        return [y.astype(x.dtype)]
+
+
+@register
+class InstanceNormalization(Op):
+    op_type = "InstanceNormalization"
+    defaults: ClassVar[dict[str, Any]] = {"epsilon": 1e-5}
+    output_range = "stat"
+
+    @classmethod
+    def run(cls, node, inputs):
+        x, scale, b = inputs[:3]
+        x64 = x.astype(np.float64)
+        axes = tuple(range(2, x.ndim))
+        mu = x64.mean(axis=axes, keepdims=True)
+        var = ((x64 - mu) ** 2).mean(axis=axes, keepdims=True)
+        eps = float(np.float32(cls.attr(node, "epsilon")))
+        y = (x64 - mu) / np.sqrt(var + eps) * _channel(scale, x.ndim) + _channel(b, x.ndim)
+        return [y.astype(x.dtype)]
+
+
+@register
+class LayerNormalization(Op):
+    op_type = "LayerNormalization"
+    defaults: ClassVar[dict[str, Any]] = {"axis": -1, "epsilon": 1e-5, "stash_type": 1}
+    output_range = "stat"
+
+    @classmethod
+    def run(cls, node, inputs):
+        x, scale = inputs[0], inputs[1]
+        b = inputs[2] if len(inputs) > 2 else None
+        axis = int(cls.attr(node, "axis")) % x.ndim
+        axes = tuple(range(axis, x.ndim))
+        x64 = x.astype(np.float64)
+        mu = x64.mean(axis=axes, keepdims=True)
+        var = ((x64 - mu) ** 2).mean(axis=axes, keepdims=True)
+        inv_std = 1.0 / np.sqrt(var + float(np.float32(cls.attr(node, "epsilon"))))
+        y = (x64 - mu) * inv_std * scale.astype(np.float64)
+        if b is not None:
+            y = y + b.astype(np.float64)
+        stash = np.float32 if int(cls.attr(node, "stash_type")) == 1 else x.dtype
+        results = [y.astype(x.dtype), mu.astype(stash), inv_std.astype(stash)]
+        return results[: max(1, len(node.outputs))]

@@ -1,0 +1,78 @@
+"""Pad (ONNX opset 19+/21 semantics): inputs data, pads, constant_value (optional), axes (optional).
+
+``pads`` (int64) is ``[b_1, ..., b_n, e_1, ..., e_n]`` for the axes listed in ``axes`` (default: all, in
+order; negative axes count from the end). Positive entries add ``b_i``/``e_i`` elements before/after axis i,
+negative ones remove them (applied first). Modes: ``constant`` (``constant_value``, default 0), ``reflect``
+(mirror without repeating the edge), ``edge`` (repeat the edge), ``wrap`` (periodic) — numpy's
+``constant``/``reflect``/``edge``/``wrap`` modes.
+
+Quantized (quant_kernel "copy", output shares the input's parameters): the codes are padded directly and a
+constant is written as ``quantize(constant_value)`` in the data's parameters — the zero point for 0.0, which
+is exact; any other constant is rounded to the nearest code (saturating), as ONNX Runtime's QDQ Pad does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from qmace.ops.base import Op, register
+
+_NUMPY_MODE = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "wrap"}
+
+
+def pad_array(x: np.ndarray, pads: np.ndarray, mode: str, value, axes: np.ndarray | None) -> np.ndarray:
+    if mode not in _NUMPY_MODE:
+        raise ValueError(f"unknown Pad mode {mode!r}")
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    axes_list = list(range(x.ndim)) if axes is None else [int(a) % x.ndim for a in np.asarray(axes).reshape(-1)]
+    n = len(axes_list)
+    if len(pads) != 2 * n:
+        raise ValueError(f"Pad: {len(pads)} pads for {n} axes")
+    width = [(0, 0)] * x.ndim
+    crop = [slice(None)] * x.ndim
+    for i, ax in enumerate(axes_list):
+        b, e = pads[i], pads[i + n]
+        width[ax] = (max(b, 0), max(e, 0))
+        crop[ax] = slice(max(-b, 0), x.shape[ax] - max(-e, 0))
+    x = x[tuple(crop)]
+    if not any(w != (0, 0) for w in width):
+        return x.copy()
+    if mode == "constant":
+        return np.pad(x, width, mode="constant", constant_values=value)
+    return np.pad(x, width, mode=_NUMPY_MODE[mode])
+
+
+@register
+class Pad(Op):
+    op_type = "Pad"
+    defaults: ClassVar[dict[str, Any]] = {"mode": "constant"}
+    quant_kernel = "copy"
+    output_range = "input"
+
+    @classmethod
+    def _args(cls, inputs):
+        value = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+        axes = inputs[3] if len(inputs) > 3 else None
+        return inputs[0], inputs[1], value, axes
+
+    @classmethod
+    def run(cls, node, inputs):
+        x, pads, value, axes = cls._args(inputs)
+        v = np.asarray(value).reshape(()).astype(x.dtype) if value is not None else x.dtype.type(0)
+        return [pad_array(x, pads, cls.attr(node, "mode"), v, axes)]
+
+    @classmethod
+    def run_quantized(cls, node, inputs, in_qp, out_qp):
+        from qmace.quantize import qmath
+
+        x, pads, value, axes = cls._args(inputs)
+        qp = out_qp[0] if out_qp and out_qp[0] is not None else in_qp[0]
+        if value is None:
+            code = np.asarray(qp.zero_point).astype(x.dtype)
+        elif len(in_qp) > 2 and in_qp[2] is not None:  # constant_value given as codes of its own params
+            code = qmath.quantize(qmath.dequantize(np.asarray(value), in_qp[2]), qp)
+        else:
+            code = qmath.quantize(np.asarray(value, np.float32).reshape(()), qp)
+        return [pad_array(x, pads, cls.attr(node, "mode"), code.reshape(()), axes)]

@@ -1,0 +1,163 @@
+"""Pooling (ONNX opset 19+ semantics): MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool; 1-D/2-D/3-D.
+
+Output size per spatial axis, with ``eff = (k - 1) * d + 1`` and ``pb``/``pe`` the begin/end pads:
+``out = floor((in + pb + pe - eff) / s) + 1`` (``ceil`` instead of ``floor`` when ``ceil_mode``; a window
+that would start past ``in + pb`` — i.e. wholly in the end padding — is dropped). ``auto_pad`` SAME_* pads
+to ``out = ceil(in / s)`` (extra pad at the end for SAME_UPPER, at the begin for SAME_LOWER); VALID pads 0.
+
+- MaxPool: ``y[o] = max_k x_pad[o*s + k*d]``; pads and the ceil-mode overhang hold the lowest value of the
+  dtype (-inf, or the lowest integer code), so they never win. On 8-bit codes max commutes with the
+  monotone dequantization, hence quant_kernel "copy" (exact).
+- AveragePool: ``y[o] = sum_k x_pad[o*s + k*d] / count[o]`` with pads 0; ``count`` is the number of taps
+  inside the data (count_include_pad=0) or inside data + explicit pads (count_include_pad=1; the ceil-mode
+  overhang is never counted), as ONNX Runtime. quant_kernel "float" (QLinearAveragePool in ORT).
+- GlobalAveragePool / GlobalMaxPool: mean / max over all spatial axes, keeping them as size 1.
+Loops run over kernel taps only; each tap is one strided numpy slice over all pixels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+
+from qmace.ir import Node
+from qmace.ops.base import Op, register
+from qmace.ops.util import conv_pads
+
+
+def _lowest(dtype: np.dtype):
+    return -np.inf if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).min
+
+
+def _geometry(op: type[Op], node: Node, x: np.ndarray):
+    """Kernel, strides, dilations, begin pads and output size for each spatial axis of ``x`` (N, C, *S)."""
+    spatial = x.shape[2:]
+    nd = len(spatial)
+    kernel = tuple(int(k) for k in op.attr(node, "kernel_shape"))
+    if len(kernel) != nd:
+        raise ValueError(f"{op.op_type} node {node.name!r}: kernel_shape {kernel} for {nd} spatial axes")
+    strides = tuple(op.attr(node, "strides") or [1] * nd)
+    dilations = tuple(op.attr(node, "dilations") or [1] * nd)
+    pads = conv_pads(spatial, kernel, strides, dilations, op.attr(node, "pads"), op.attr(node, "auto_pad"))
+    ceil_mode = bool(op.attr(node, "ceil_mode"))
+    out = []
+    for i, (size, k, s, d) in enumerate(zip(spatial, kernel, strides, dilations)):
+        span = size + pads[i] + pads[i + nd] - ((k - 1) * d + 1)
+        o = (math.ceil(span / s) if ceil_mode else span // s) + 1
+        if ceil_mode and (o - 1) * s >= size + pads[i]:
+            o -= 1
+        out.append(o)
+    return kernel, strides, dilations, pads, tuple(out)
+
+
+def _padded(x: np.ndarray, kernel, strides, dilations, pads, out, value, end_value=None) -> np.ndarray:
+    """x padded with ``value`` by ``pads`` and then with ``end_value`` (default ``value``) up to the extent
+    the output windows read (the ceil-mode overhang), or cropped where they read less."""
+    nd = len(kernel)
+    width = [(0, 0)] * (x.ndim - nd)
+    extra = []
+    for i in range(nd):
+        need = (out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
+        have = x.shape[x.ndim - nd + i] + pads[i] + pads[i + nd]
+        width.append((pads[i], max(0, pads[i + nd])))
+        extra.append(need - have)
+    xp = np.pad(x, width, constant_values=value) if any(w != (0, 0) for w in width) else x
+    if any(e > 0 for e in extra):
+        w2 = [(0, 0)] * (x.ndim - nd) + [(0, max(e, 0)) for e in extra]
+        xp = np.pad(xp, w2, constant_values=value if end_value is None else end_value)
+    return xp
+
+
+def _taps(xp: np.ndarray, kernel, strides, dilations, out):
+    """For every kernel tap, the strided view ``xp[..., o*s + k*d]`` over all outputs o: (N, C, *out)."""
+    nd = len(kernel)
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        index = [slice(None)] * (xp.ndim - nd)
+        for i, k in enumerate(tap):
+            start = k * dilations[i]
+            index.append(slice(start, start + (out[i] - 1) * strides[i] + 1, strides[i]))
+        yield xp[tuple(index)]
+
+
+_POOL_DEFAULTS = {
+    "auto_pad": "NOTSET",
+    "ceil_mode": 0,
+    "dilations": None,
+    "kernel_shape": None,
+    "pads": None,
+    "strides": None,
+}
+
+
+@register
+class MaxPool(Op):
+    op_type = "MaxPool"
+    defaults: ClassVar[dict[str, Any]] = {**_POOL_DEFAULTS, "storage_order": 0}
+    quant_kernel = "copy"
+    output_range = "input"
+
+    @classmethod
+    def run(cls, node, inputs):
+        if len(node.outputs) > 1 and node.outputs[1]:
+            raise NotImplementedError(f"MaxPool node {node.name!r}: the Indices output is not supported")
+        x = inputs[0]
+        kernel, strides, dilations, pads, out = _geometry(cls, node, x)
+        xp = _padded(x, kernel, strides, dilations, pads, out, _lowest(x.dtype))
+        y = None
+        for view in _taps(xp, kernel, strides, dilations, out):
+            y = view.copy() if y is None else np.maximum(y, view, out=y)
+        return [y]
+
+
+@register
+class AveragePool(Op):
+    op_type = "AveragePool"
+    defaults: ClassVar[dict[str, Any]] = {**_POOL_DEFAULTS, "count_include_pad": 0}
+    quant_kernel = "float"
+    output_range = "input"
+
+    @classmethod
+    def run(cls, node, inputs):
+        x = inputs[0]
+        kernel, strides, dilations, pads, out = _geometry(cls, node, x)
+        xp = _padded(x, kernel, strides, dilations, pads, out, 0)
+        total = None
+        for view in _taps(xp, kernel, strides, dilations, out):
+            total = view.astype(np.float32) if total is None else np.add(total, view, out=total)
+        # Divisor: pool a mask of the spatial extent (1 = counted) with the same geometry.
+        mask = np.ones((1, 1, *x.shape[2:]), np.float32)
+        include = float(bool(cls.attr(node, "count_include_pad")))
+        mp = _padded(mask, kernel, strides, dilations, pads, out, include, end_value=0.0)
+        count = None
+        for view in _taps(mp, kernel, strides, dilations, out):
+            count = view.copy() if count is None else count + view
+        return [(total / count).astype(x.dtype, copy=False)]
+
+
+@register
+class GlobalAveragePool(Op):
+    op_type = "GlobalAveragePool"
+    defaults: ClassVar[dict[str, Any]] = {}
+    quant_kernel = "float"
+    output_range = "input"
+
+    @classmethod
+    def run(cls, node, inputs):
+        x = inputs[0]
+        return [x.mean(axis=tuple(range(2, x.ndim)), keepdims=True, dtype=np.float32).astype(x.dtype, copy=False)]
+
+
+@register
+class GlobalMaxPool(Op):
+    op_type = "GlobalMaxPool"
+    defaults: ClassVar[dict[str, Any]] = {}
+    quant_kernel = "copy"
+    output_range = "input"
+
+    @classmethod
+    def run(cls, node, inputs):
+        x = inputs[0]
+        return [x.max(axis=tuple(range(2, x.ndim)), keepdims=True)]

@@ -1,0 +1,227 @@
+"""Resize (ONNX opset 19+ semantics): inputs X, roi, scales, sizes; modes nearest and linear.
+
+Output size: ``sizes`` (with ``keep_aspect_ratio_policy`` stretch / not_larger / not_smaller), or
+``floor(float32(scale) * in)``; ``axes`` restricts roi/scales/sizes to the listed axes. The coordinate of
+output index ``x`` along an axis in the input, ``x_orig``, is computed in float32 exactly as ONNX Runtime does
+(so nearest-mode ties resolve identically; half_pixel_symmetric's tail in float64 as ORT), with ``scale`` the given scale or ``float32(out) / float32(in)``:
+- half_pixel: ``(x + 0.5) / scale - 0.5``;  pytorch_half_pixel: the same, or 0 when out == 1;
+- half_pixel_symmetric: ``in/2 * (1 - out / (scale * in)) + (x + 0.5) / scale - 0.5``;
+- align_corners: ``x * (in - 1) / (out - 1)`` (0 when out == 1);  asymmetric: ``x / scale``;
+- tf_half_pixel_for_nn: ``(x + 0.5) / scale``;
+- tf_crop_and_resize: ``start * (in - 1) + x * (end - start) * (in - 1) / (out - 1)`` (roi start/end), and
+  outputs whose ``x_orig`` falls outside [0, in - 1] are ``extrapolation_value``.
+nearest: ``x[rnd(x_orig)]`` clamped to [0, in - 1], rnd one of round_prefer_floor, round_prefer_ceil, floor,
+ceil. linear: ``x_orig`` clamped to [0, in - 1], ``lo = floor``, ``hi = min(lo + 1, in - 1)``, ``y = (hi -
+x_orig) x[lo] + (x_orig - lo) x[hi]`` (weights 1/2, 1/2 when lo == hi), applied separably on every resized
+axis (N-d: 1-D, bilinear, trilinear). cubic mode and antialias=1 raise NotImplementedError.
+Known difference: half_pixel_symmetric + round_prefer_* at a mathematically exact tie that the float
+formula misses by one ulp (e.g. scale 0.75 on 6 -> 0.49999997) picks the other neighbour than ORT 1.32 does.
+
+Quantization: nearest only moves codes (quant_kernel "copy", output_range "input"); linear blends them
+(treated as "float": dequantize -> run -> quantize; ORT runs it on uint8 too). Since quant_kernel is a
+class attribute, it states the default mode's ("copy"); ``kernel_for(node)`` gives the mode's, and
+``run_quantized`` dispatches on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from qmace.ir import Node
+from qmace.ops.base import Op, register
+
+_F = np.float32
+
+
+def _given(v: np.ndarray | None) -> bool:
+    return v is not None and np.asarray(v).size > 0
+
+
+def _original_coords(mode: str, out_len: int, in_len: int, scale, start, end) -> np.ndarray:
+    """x_orig for x = 0..out_len-1, float32 arithmetic as ONNX Runtime's get_original_coordinate."""
+    x = np.arange(out_len, dtype=_F)
+    s = _F(scale)
+    half = _F(0.5)
+    if mode == "half_pixel":
+        return (x + half) / s - half
+    if mode == "pytorch_half_pixel":
+        return (x + half) / s - half if out_len > 1 else np.zeros(out_len, _F)
+    if mode == "half_pixel_symmetric":
+        adjustment = _F(out_len) / (s * _F(in_len))
+        offset = _F(in_len) / _F(2) * (_F(1) - adjustment)
+        # ORT adds the double literal 0.5 here: the tail is evaluated in float64, then rounded to float32
+        return (offset + (x.astype(np.float64) + 0.5) / np.float64(s) - 0.5).astype(_F)
+    if mode == "align_corners":
+        return x * _F(in_len - 1) / _F(out_len - 1) if out_len > 1 else np.zeros(out_len, _F)
+    if mode == "asymmetric":
+        return x / s
+    if mode == "tf_half_pixel_for_nn":
+        return (x + half) / s
+    if mode == "tf_crop_and_resize":
+        st, en = _F(start), _F(end)
+        if out_len > 1:
+            return st * _F(in_len - 1) + x * (en - st) * _F(in_len - 1) / _F(out_len - 1)
+        return np.full(out_len, 0.5 * np.float64(st + en) * (in_len - 1), _F)  # float64 as ORT
+    raise ValueError(f"Resize: unknown coordinate_transformation_mode {mode!r}")
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    """C ``std::round`` (exact: no ``floor(x + 0.5)``, which rounds 0.49999997 up in float32)."""
+    a = np.abs(x)
+    r = np.floor(a)
+    return np.copysign(r + (a - r >= 0.5), x)
+
+
+def _nearest_index(x_orig: np.ndarray, rule: str) -> np.ndarray:
+    if rule == "round_prefer_floor":
+        fl = np.floor(x_orig)
+        return np.where(x_orig - fl == _F(0.5), fl, _round_half_away(x_orig)).astype(np.int64)
+    if rule == "round_prefer_ceil":
+        return _round_half_away(x_orig).astype(np.int64)
+    if rule == "floor":
+        return np.floor(x_orig).astype(np.int64)
+    if rule == "ceil":
+        return np.ceil(x_orig).astype(np.int64)
+    raise ValueError(f"Resize: unknown nearest_mode {rule!r}")
+
+
+def _out_sizes_and_scales(node: Node, x: np.ndarray, roi, scales, sizes):
+    """Per axis of x: output size, coordinate scale, roi start and end."""
+    op = Resize
+    rank = x.ndim
+    axes = op.attr(node, "axes")
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    out = list(x.shape)
+    scale = [1.0] * rank
+    if _given(scales):
+        sc = np.asarray(scales, _F).reshape(-1)
+        if sc.size != len(axes):
+            raise ValueError(f"Resize: {sc.size} scales for {len(axes)} axes")
+        for a, s in zip(axes, sc):
+            scale[a] = _F(s)
+            out[a] = int(np.floor(_F(s) * _F(x.shape[a])))
+    elif _given(sizes):
+        sz = [int(v) for v in np.asarray(sizes).reshape(-1)]
+        if len(sz) != len(axes):
+            raise ValueError(f"Resize: {len(sz)} sizes for {len(axes)} axes")
+        policy = op.attr(node, "keep_aspect_ratio_policy")
+        if policy == "stretch":
+            for a, v in zip(axes, sz):
+                out[a] = v
+        elif policy in ("not_larger", "not_smaller"):
+            ratios = [_F(v) / _F(x.shape[a]) for a, v in zip(axes, sz)]
+            r = min(ratios) if policy == "not_larger" else max(ratios)
+            for a in axes:
+                out[a] = int(np.floor(r * _F(x.shape[a]) + _F(0.5)))
+                scale[a] = r
+        else:
+            raise ValueError(f"Resize: unknown keep_aspect_ratio_policy {policy!r}")
+        if policy == "stretch":
+            for a in axes:
+                scale[a] = _F(out[a]) / _F(x.shape[a])
+    else:
+        raise ValueError(f"Resize node {node.name!r}: one of scales and sizes must be given")
+    start, end = [0.0] * rank, [1.0] * rank
+    if _given(roi):
+        r = np.asarray(roi, _F).reshape(-1)
+        if r.size != 2 * len(axes):
+            raise ValueError(f"Resize: roi has {r.size} values for {len(axes)} axes")
+        for i, a in enumerate(axes):
+            start[a], end[a] = r[i], r[i + len(axes)]
+    return out, scale, start, end
+
+
+def resize(node: Node, x: np.ndarray, roi, scales, sizes, extrapolation) -> np.ndarray:
+    """The Resize kernel; ``extrapolation`` is the value written outside the crop (tf_crop_and_resize)."""
+    op = Resize
+    mode = op.attr(node, "mode")
+    if mode == "cubic":
+        raise NotImplementedError(f"Resize node {node.name!r}: mode 'cubic' is not supported (nearest, linear are)")
+    if mode not in ("nearest", "linear"):
+        raise ValueError(f"Resize node {node.name!r}: unknown mode {mode!r}")
+    if int(op.attr(node, "antialias")):
+        raise NotImplementedError(f"Resize node {node.name!r}: antialias=1 is not supported")
+    ctm = op.attr(node, "coordinate_transformation_mode")
+    crop = ctm == "tf_crop_and_resize"
+    out, scale, start, end = _out_sizes_and_scales(node, x, roi, scales, sizes)
+    y = x
+    outside = None  # boolean mask over y's resized axes (broadcastable), tf_crop_and_resize only
+    for a in range(x.ndim):
+        in_len = x.shape[a]
+        if out[a] == in_len and scale[a] == 1.0 and not crop:
+            continue  # identity along this axis for every mode
+        xo = _original_coords(ctm, out[a], in_len, scale[a], start[a], end[a])
+        if crop:
+            oob = (xo < 0) | (xo > _F(in_len - 1))
+            shape = [1] * x.ndim
+            shape[a] = out[a]
+            oob = oob.reshape(shape)
+            outside = oob if outside is None else (outside | oob)
+        if mode == "nearest":
+            idx = np.clip(_nearest_index(xo, op.attr(node, "nearest_mode")), 0, in_len - 1)
+            y = np.take(y, idx, axis=a)
+        else:
+            xc = np.clip(xo, _F(0), _F(in_len - 1))
+            lo = np.minimum(xc.astype(np.int64), in_len - 1)
+            hi = np.minimum(lo + 1, in_len - 1)
+            w_hi = np.abs(xc - lo.astype(_F))
+            w_lo = np.abs(xc - hi.astype(_F))
+            same = lo == hi
+            w_lo = np.where(same, _F(0.5), w_lo)
+            w_hi = np.where(same, _F(0.5), w_hi)
+            shape = [1] * x.ndim
+            shape[a] = out[a]
+            y = np.take(y, lo, axis=a) * w_lo.reshape(shape) + np.take(y, hi, axis=a) * w_hi.reshape(shape)
+    if outside is not None:
+        y = np.where(outside, np.asarray(extrapolation).astype(x.dtype), y)
+    return np.ascontiguousarray(y.astype(x.dtype, copy=False))
+
+
+@register
+class Resize(Op):
+    op_type = "Resize"
+    defaults: ClassVar[dict[str, Any]] = {
+        "antialias": 0,
+        "axes": None,
+        "coordinate_transformation_mode": "half_pixel",
+        "cubic_coeff_a": -0.75,
+        "exclude_outside": 0,
+        "extrapolation_value": 0.0,
+        "keep_aspect_ratio_policy": "stretch",
+        "mode": "nearest",
+        "nearest_mode": "round_prefer_floor",
+    }
+    quant_kernel = "copy"  # for the default mode (nearest); see kernel_for
+    output_range = "input"
+
+    @classmethod
+    def kernel_for(cls, node: Node) -> str:
+        """The quant_kernel this node's mode has: "copy" for nearest, "float" for linear (and cubic)."""
+        return "copy" if cls.attr(node, "mode") == "nearest" else "float"
+
+    @staticmethod
+    def _args(inputs):
+        x = inputs[0]
+        roi, scales, sizes = (list(inputs[1:]) + [None, None, None])[:3]
+        return x, roi, scales, sizes
+
+    @classmethod
+    def run(cls, node, inputs):
+        x, roi, scales, sizes = cls._args(inputs)
+        return [resize(node, x, roi, scales, sizes, cls.attr(node, "extrapolation_value"))]
+
+    @classmethod
+    def run_quantized(cls, node, inputs, in_qp, out_qp):
+        from qmace.quantize import qmath
+
+        x, roi, scales, sizes = cls._args(inputs)
+        xq = in_qp[0]
+        yq = out_qp[0] if out_qp[0] is not None else xq
+        extrap = float(cls.attr(node, "extrapolation_value"))
+        if cls.kernel_for(node) == "copy":
+            code = qmath.quantize(np.array(extrap, np.float32), yq)
+            return [resize(node, x, roi, scales, sizes, code)]
+        y = resize(node, qmath.dequantize(x, xq), roi, scales, sizes, extrap)
+        return [qmath.quantize(y, yq)]

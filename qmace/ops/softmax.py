@@ -1,0 +1,48 @@
+"""Softmax and LogSoftmax (ONNX opset 13+ semantics: normalised along the single axis ``axis``, default -1).
+
+``Softmax(x) = exp(x - max) / sum(exp(x - max))`` and ``LogSoftmax(x) = (x - max) - log(sum(exp(x - max)))``
+along ``axis``, in float32. Quantized: quant_kernel "float" (dequantize -> float -> quantize); Softmax's
+output range is fixed to [0, 1]; LogSoftmax's range comes from statistics (it is unbounded below).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from qmace.ops.base import Op, register
+
+
+def _shifted(x: np.ndarray, axis: int) -> np.ndarray:
+    return x - np.max(x, axis=axis, keepdims=True)
+
+
+@register
+class Softmax(Op):
+    op_type = "Softmax"
+    defaults: ClassVar[dict[str, Any]] = {"axis": -1}
+    quant_kernel = "float"
+    output_range = (0.0, 1.0)
+
+    @classmethod
+    def run(cls, node, inputs):
+        x = inputs[0]
+        axis = int(cls.attr(node, "axis"))
+        e = np.exp(_shifted(x, axis))
+        return [(e / np.sum(e, axis=axis, keepdims=True)).astype(x.dtype, copy=False)]
+
+
+@register
+class LogSoftmax(Op):
+    op_type = "LogSoftmax"
+    defaults: ClassVar[dict[str, Any]] = {"axis": -1}
+    quant_kernel = "float"
+    output_range = "stat"
+
+    @classmethod
+    def run(cls, node, inputs):
+        x = inputs[0]
+        axis = int(cls.attr(node, "axis"))
+        s = _shifted(x, axis)
+        return [(s - np.log(np.sum(np.exp(s), axis=axis, keepdims=True))).astype(x.dtype, copy=False)]
