@@ -14,7 +14,8 @@ def remove_identities(graph: Graph) -> int:
     for node in list(graph.nodes):
         if node.op_type not in _NOOPS:
             continue
-        if len(node.outputs) > 1 and node.outputs[1] and node.outputs[1] in consumers | set(graph.outputs):
+        mask = node.outputs[1] if len(node.outputs) > 1 else ""
+        if mask and (mask in consumers or mask in graph.outputs):
             continue  # Dropout mask is read
         src, dst = node.inputs[0], node.outputs[0]
         if dst in graph.outputs:
