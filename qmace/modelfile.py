@@ -54,7 +54,7 @@ def save_graph(graph: Graph, path: str | Path) -> Path:
         key = None
         if t.data is not None:
             key = f"t{len(tensors)}"
-            arrays[key] = np.ascontiguousarray(t.data)
+            arrays[key] = np.asarray(t.data, order="C")
         tensors.append({
             "name": t.name,
             "dtype": t.dtype,

@@ -83,7 +83,7 @@ class _Lowering:
         for name, t in g.tensors.items():
             if t.data is None:
                 continue
-            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(t.data), name))
+            self.inits.append(numpy_helper.from_array(np.asarray(t.data, order="C"), name))
             if t.is_quantized:
                 s, z = self.qparams_inputs(t)
                 self.nodes.append(helper.make_node("DequantizeLinear", [name, s, z], [f"{name}__dq"], name=f"{name}__DQ", **self.q_axis(t)))

@@ -74,6 +74,6 @@ class Session:
         if self._ort is not None:
             if on_tensor is not None or op_times is not None:
                 raise ValueError("per-tensor callbacks and per-op times need the reference backend")
-            res = self._ort.run(wanted, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
+            res = self._ort.run(wanted, {k: np.asarray(v, order="C") for k, v in feeds.items()})
             return dict(zip(wanted, res))
         return reference.execute(self.graph, feeds, outputs=wanted, on_tensor=on_tensor, op_times=op_times)
