@@ -217,8 +217,8 @@ def python_m_qmace(*argv: str | Path, cwd: Path) -> CliResult:
     import subprocess
 
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-m", "qmace", *map(str, argv)], cwd=cwd, capture_output=True,
-                       text=True, env=env, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "qmace", *map(str, argv)], check=False, cwd=cwd,
+                       capture_output=True, text=True, env=env, timeout=120)
     return CliResult(p.returncode, p.stdout, p.stderr)
 
 
