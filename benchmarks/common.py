@@ -1,0 +1,251 @@
+"""Shared helpers for the MobileNetV2 benchmarks (bench_runtime.py, bench_ptq.py).
+
+- the real MobileNetV2 ONNX file (torchvision ImageNet weights, exported once into the qmace cache);
+- the Tux Paint photo stamps: 64 calibration / 233 evaluation images, hand labels;
+- a MACE deployment YAML (with the file's real sha256) written into a temp dir;
+- interleaved median timing, logits metrics, peak-RSS measurement, markdown tables.
+
+Nothing here changes library behaviour; it only drives the public API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from qmace.zoo import (
+    default_cache,
+    export_onnx,
+    imagenet_labels,
+    load_images,
+    load_mobilenet_v2,
+    load_split,
+    stamps_dir,
+)
+
+INPUT, OUTPUT = "input", "output"
+# The preprocessed stamps (ImageNet mean/std) lie inside about [-2.12, 2.64]; MACE's input_ranges must
+# cover them or the model input is clipped when quantized.
+INPUT_RANGE = (-2.1179039478302, 2.640000104904175)
+
+
+# ------------------------------------------------------------------------------------------------ assets
+
+
+def mobilenet_onnx(cache: Path | None = None) -> Path:
+    """The FP32 MobileNetV2 ONNX (dynamic batch) in the cache; exported from the .pth if missing."""
+    cache = Path(cache) if cache else default_cache()
+    path = cache / "mobilenet_v2_fp32.onnx"
+    if not path.is_file():
+        export_onnx(load_mobilenet_v2(cache / "mobilenet_v2-b0353104.pth"), path)
+    return path
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stamp_images(which: str, cache: Path | None = None, data: Path | None = None) -> tuple[np.ndarray, list[str]]:
+    """(N, 3, 224, 224) float32 images of the split `which` ("calib" or "eval") and their paths."""
+    split = load_split(data)
+    paths = list(split[which])
+    return load_images(paths, root=stamps_dir(cache)), paths
+
+
+def labels_for(paths: list[str], data: Path | None = None) -> dict[int, set[int]]:
+    """Index in `paths` -> acceptable ImageNet classes, for the hand-labelled images."""
+    lab = imagenet_labels(data)
+    return {i: set(lab[p]) for i, p in enumerate(paths) if p in lab}
+
+
+# -------------------------------------------------------------------------------------------------- YAML
+
+
+def write_yaml(
+    directory: Path,
+    onnx_path: Path,
+    *,
+    batch: int = 1,
+    name: str = "mobilenet",
+    quantize: bool = False,
+    range_file: Path | None = None,
+    schema: str | None = None,
+    input_range: tuple[float, float] = INPUT_RANGE,
+    filename: str | None = None,
+) -> Path:
+    """A MACE deployment YAML for the MobileNetV2 ONNX (NCHW input of batch `batch`); returns its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"library_name: {name}",
+        "target_abis: [host]",
+        "model_graph_format: file",
+        "model_data_format: file",
+        "models:",
+        f"  {name}:",
+        "    platform: onnx",
+        f"    model_file_path: {Path(onnx_path).resolve()}",
+        f"    model_sha256_checksum: {sha256(Path(onnx_path))}",
+        "    runtime: cpu",
+    ]
+    if quantize:
+        lines.append("    quantize: 1")
+        if range_file is not None:
+            lines.append(f"    quantize_range_file: {Path(range_file).resolve()}")
+    if schema is not None:
+        lines.append(f'    quantize_schema: "{schema}"')
+    lines += [
+        "    subgraphs:",
+        f"      - input_tensors: [{INPUT}]",
+        f"        input_shapes: [{batch},3,224,224]",
+        "        input_data_formats: [NCHW]",
+        f"        input_ranges: [{input_range[0]!r},{input_range[1]!r}]",
+        f"        output_tensors: [{OUTPUT}]",
+        f"        output_shapes: [{batch},1000]",
+        "        output_data_formats: [NONE]",
+    ]
+    path = directory / (filename or f"{name}_b{batch}.yml")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- sessions
+
+
+def ort_session(model: Path | bytes, threads: int):
+    """Plain ONNX Runtime (CPU EP, all graph optimizations) with `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 1) -> np.ndarray:
+    """Apply `fn` (array of `batch` images -> logits) over `x`; the last partial batch is zero-padded."""
+    outs = []
+    for i in range(0, len(x), batch):
+        chunk = x[i : i + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
+        outs.append(np.asarray(fn(np.ascontiguousarray(chunk)))[:n])
+    return np.concatenate(outs)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 3, budget_s: float | None = None
+) -> dict[str, float]:
+    """Median ms per call of each function, calls interleaved round-robin (so machine noise hits all alike).
+
+    `budget_s` stops early (after at least 5 rounds) when the total time spent exceeds it.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    for r in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+        if budget_s is not None and r >= 4 and time.perf_counter() - start > budget_s:
+            break
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
+    ref = np.asarray(ref, np.float64)
+    noise = float(np.sum((ref - np.asarray(x, np.float64)) ** 2))
+    return float("inf") if noise == 0 else float(10 * np.log10(float(np.sum(ref**2)) / noise))
+
+
+def cosine(ref: np.ndarray, x: np.ndarray) -> float:
+    a, b = np.asarray(ref, np.float64).ravel(), np.asarray(x, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def top5(logits: np.ndarray) -> np.ndarray:
+    return np.argsort(-logits, axis=1, kind="stable")[:, :5]
+
+
+def logits_metrics(ref: np.ndarray, x: np.ndarray, labels: dict[int, set[int]]) -> dict[str, float]:
+    """Top-1 agreement and top-5 overlap with `ref`, SQNR over all logits, labelled top-1/top-5 (%)."""
+    t5r, t5x = top5(ref), top5(x)
+    overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(t5r.tolist(), t5x.tolist())])
+    hit1 = sum(int(t5x[i, 0] in ok) for i, ok in labels.items())
+    hit5 = sum(int(bool(ok & set(t5x[i].tolist()))) for i, ok in labels.items())
+    n = max(1, len(labels))
+    return {
+        "agree": 100.0 * float(np.mean(t5r[:, 0] == t5x[:, 0])),
+        "top5_overlap": 100.0 * float(overlap),
+        "sqnr": sqnr_db(ref, x),
+        "cos": cosine(ref, x),
+        "top1": 100.0 * hit1 / n,
+        "top5": 100.0 * hit5 / n,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+def max_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB (ru_maxrss is KiB on Linux)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
+
+
+def current_rss_mb() -> float:
+    """Current resident set size in MB (from /proc; falls back to the peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return max_rss_mb()
+
+
+# -------------------------------------------------------------------------------------------------- text
+
+
+def machine_note() -> str:
+    import onnxruntime as ort
+
+    return (f"{platform.machine()}, {os.cpu_count()} vCPU (shared), Python {platform.python_version()}, "
+            f"numpy {np.__version__}, onnxruntime {ort.__version__}, {time.strftime('%Y-%m-%d')}")
+
+
+def md_table(headers: list[str], rows: list[list[object]]) -> str:
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            if v != v:
+                return "-"
+            return f"{v:.2f}" if abs(v) < 100 else f"{v:.1f}"
+        return str(v)
+
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(out)
