@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "enhance_ratio", type=float, default=10.0)
     _flag(p, "schema", default=None, choices=["uint8", "int8"], help="override the YAML's quantize_schema")
     _flag(p, "range_file", default=None, help="where to write the ranges used (default: beside the model)")
+    _flag(p, "no_bias_correction", action="store_true", help="skip correcting biases for weight rounding")
+    _flag(p, "float_nodes", default="", help="comma-separated node names or op types to keep in float")
     _flag(p, "num_threads", type=int, default=None)
 
     p = sub.add_parser("export", help="export the converted model as standard ONNX")
@@ -193,7 +195,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     res = quantize_one_shot(
         a.config, input_dir=a.input_dir, model_name=a.model_name, build_dir=a.build_dir, method=a.method,
         percentile=a.percentile, enhance=a.enhance, enhance_ratio=a.enhance_ratio, schema=a.schema,
-        range_file=a.range_file, num_threads=a.num_threads, progress=_progress,
+        range_file=a.range_file, num_threads=a.num_threads, bias_correction=not a.no_bias_correction,
+        float_nodes={x for x in a.float_nodes.split(",") if x}, progress=_progress,
     )
     print(res.convert.summary())
     print(f"model file: {res.convert.path}")

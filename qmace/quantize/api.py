@@ -14,6 +14,7 @@ from qmace.config import ModelConfig, load_config
 from qmace.errors import InputDataError, QuantizationError
 from qmace.fileio import atomic_write
 from qmace.ir import Graph
+from qmace.quantize.bias_correction import ChannelMeans, correct_biases, correctable_inputs
 from qmace.quantize.calibration import Calibrator, make_calibrator
 from qmace.quantize.qmath import QuantParams
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph, quantize_large_weights
@@ -29,28 +30,29 @@ def calibrate(
     calibrator: Calibrator,
     num_threads: int | None = None,
     backend: str = "onnxruntime",
+    means: ChannelMeans | None = None,
 ) -> int:
     """Run the float graph on each sample and feed every float op output to ``calibrator``.
 
     Samples stream one at a time: memory holds one sample's tensors plus the calibrator's state.
-    Returns the number of samples seen. Model inputs are observed too (under their own names), so a range
-    table can report how the samples compare with ``input_ranges``.
+    Returns the number of samples seen. ``means`` (optional) accumulates the per-channel means that bias
+    correction needs.
     """
     names = [n for n in graph.activations() if graph.tensors[n].dtype == "float32"]
     session = Session(graph, backend=backend, num_threads=num_threads,
                       extra_outputs=names if backend == "onnxruntime" else None)
     fetch = list(dict.fromkeys(list(graph.outputs) + names))
+    mean_names = set(correctable_inputs(graph)) if means is not None else set()
     count = 0
     for sample in samples:
         for k, v in sample.feeds.items():
             if not np.all(np.isfinite(v)):
                 raise InputDataError(f"sample {sample.name!r}: input {k!r} holds NaN or Inf")
-        if backend == "onnxruntime":
-            outs = session.run(sample.feeds, outputs=fetch)
-            for n in names:
-                calibrator.observe(n, outs[n])
-        else:
-            session.run(sample.feeds, on_tensor=lambda n, v: calibrator.observe(n, v) if n in names else None)
+        outs = session.run(sample.feeds, outputs=fetch)
+        for n in names:
+            calibrator.observe(n, outs[n])
+        for n in mean_names:
+            means.observe(n, sample.feeds[n] if n in sample.feeds else outs[n])
         count += 1
     if count == 0:
         raise InputDataError("no calibration samples")
@@ -67,7 +69,7 @@ def options_for(m: ModelConfig, schema: str | None = None) -> QuantizeOptions:
 
 
 def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None = None,
-                        schema: str | None = None) -> tuple[Graph, list[str]]:
+                        schema: str | None = None, float_nodes: set[str] | None = None) -> tuple[Graph, list[str]]:
     """``convert`` with ``quantize: 1`` (ranges from ``quantize_range_file``, from QDQ nodes of the source
     model, or ``table``) or with ``quantize_large_weights: 1``."""
     if m.quantize_large_weights and not m.quantize:
@@ -85,6 +87,7 @@ def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None =
                                 "(or a model with QuantizeLinear/DequantizeLinear ranges)")
     opts = options_for(m, schema)
     opts.fixed_params = fixed
+    opts.float_nodes = set(float_nodes or ())
     res = quantize_graph(graph, ranges, opts)
     res.graph.metadata.pop("qdq_params", None)
     return res.graph, res.fallbacks
@@ -110,6 +113,8 @@ def quantize_one_shot(
     schema: str | None = None,
     range_file: str | Path | None = None,
     num_threads: int | None = None,
+    bias_correction: bool = True,
+    float_nodes: set[str] | None = None,
     progress: Callable[..., Iterator] | None = None,
 ) -> OneShotResult:
     """MACE's four steps in memory: statistics over ``input_dir`` (streamed), ranges, quantized model."""
@@ -131,10 +136,14 @@ def quantize_one_shot(
     samples = samples_for(m, input_dir, 0)
     if progress is not None:
         samples = progress(samples, total=n, desc="calibration")
-    count = calibrate(graph, samples, calibrator, num_threads)
+    means = ChannelMeans() if bias_correction else None
+    count = calibrate(graph, samples, calibrator, num_threads, means=means)
     table = calibrator.ranges()
-    qgraph, fallbacks = quantize_for_config(graph, m, table=table, schema=schema)
-    qgraph.metadata["quantization"].update({"method": method, "samples": count})
+    corrected = 0
+    if means is not None:
+        graph, corrected = correct_biases(graph, means, schema or m.quantize_schema)
+    qgraph, fallbacks = quantize_for_config(graph, m, table=table, schema=schema, float_nodes=float_nodes)
+    qgraph.metadata["quantization"].update({"method": method, "samples": count, "bias_corrected_layers": corrected})
     path = save_graph(qgraph, model_file_path(cfg, m, build_dir))
     rpath = Path(range_file) if range_file else path.with_suffix(".ranges")
     write_range_file(rpath, table)

@@ -44,6 +44,8 @@ class QuantizeOptions:
     # Parameters fixed by the source (QDQ/fake-quant nodes of an imported model, or QAT): tensor or weight
     # name -> QuantParams, used as they are instead of being derived from a range or from the weights.
     fixed_params: dict[str, qmath.QuantParams] = field(default_factory=dict)
+    # Nodes (by name or op type) the user keeps in float.
+    float_nodes: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -133,7 +135,9 @@ class _Planner:
     def plan_node(self, node: Node) -> None:
         op = get_op(node.op_type)
         reason = None
-        if op.quant_kernel is None:
+        if node.name in self.opts.float_nodes or node.op_type in self.opts.float_nodes:
+            reason = "kept in float by request"
+        elif op.quant_kernel is None:
             reason = "no integer kernel"
         elif not any(_is_float_activation(self.g, i) for i in node.inputs):
             reason = "no float activation input"
