@@ -149,4 +149,14 @@ def to_onnx(graph: Graph, extra_outputs: list[str] | None = None) -> onnx.ModelP
     keep = [n for n in model.graph.node if n.op_type != "DequantizeLinear" or any(o in used for o in n.output)]
     del model.graph.node[:]
     model.graph.node.extend(keep)
+    # Node names must be unique in ONNX; an IR node (e.g. the quantizer's ``T__DQ`` before a float fallback)
+    # can share a name with a node the lowering emits for the same tensor.
+    seen: set[str] = set()
+    for n in model.graph.node:
+        if n.name in seen:
+            i = 1
+            while f"{n.name}_{i}" in seen:
+                i += 1
+            n.name = f"{n.name}_{i}"
+        seen.add(n.name)
     return model
