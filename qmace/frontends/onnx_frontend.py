@@ -156,7 +156,9 @@ def onnx_to_graph(model: onnx.ModelProto, path: str | Path = "<model>") -> Graph
     for o in graph.outputs:
         if o not in graph.tensors:
             raise ModelError(f"{path}: graph output {o!r} is produced by no node")
-    return graph
+    from qmace.frontends.qdq_import import strip_qdq  # QuantizeLinear/DequantizeLinear -> fixed params
+
+    return strip_qdq(graph)
 
 
 def load_onnx(path: str | Path) -> Graph:
