@@ -1,0 +1,185 @@
+"""QAT: the prepared torch module simulates exactly the quantized graph qmace's quantizer produces."""
+
+from __future__ import annotations
+
+import hashlib
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+torch = pytest.importorskip("torch")
+
+from qmace.frontends.onnx_frontend import onnx_to_graph  # noqa: E402
+from qmace.passes import optimize  # noqa: E402
+from qmace.quantize.api import calibrate  # noqa: E402
+from qmace.quantize.calibration import make_calibrator  # noqa: E402
+from qmace.quantize.quantizer import QuantizeOptions  # noqa: E402
+from qmace.runtime.reference import execute  # noqa: E402
+
+INPUT_RANGE = (-1.0, 1.0)
+
+
+def _model(seed: int = 0) -> onnx.ModelProto:
+    """Conv+BN+Relu, depthwise Conv + Clip(0,6), Add residual, MaxPool, Concat, Exp (float fallback),
+    GlobalAveragePool, Flatten, Gemm, Sigmoid; 1x3x12x12 -> 1x5."""
+    rng = np.random.default_rng(seed)
+    inits = []
+
+    def c(name, arr):
+        inits.append(numpy_helper.from_array(np.asarray(arr, np.float32) if np.asarray(arr).dtype.kind == "f"
+                                             else np.asarray(arr), name))
+        return name
+
+    w = lambda *s: rng.normal(0, 0.3, s).astype(np.float32)  # noqa: E731
+    nodes = [
+        helper.make_node("Conv", ["x", c("w1", w(8, 3, 3, 3)), c("b1", w(8))], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", c("g", 1 + 0.1 * w(8)), c("be", w(8)),
+                                                c("mu", 0.1 * w(8)), c("var", 1 + np.abs(w(8)))], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r1"]),
+        helper.make_node("Conv", ["r1", c("wd", w(8, 1, 3, 3)), c("bd", w(8))], ["dw"], pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Clip", ["dw", c("lo", np.float32(0)), c("hi", np.float32(6))], ["r6"]),
+        helper.make_node("Conv", ["r6", c("wp", w(8, 8, 1, 1))], ["pw"]),
+        helper.make_node("Add", ["pw", "r1"], ["res"]),
+        helper.make_node("MaxPool", ["res"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["mp", c("w2", w(4, 8, 3, 3)), c("b2", w(4))], ["c2"], pads=[1, 1, 1, 1], strides=[1, 1]),
+        helper.make_node("Concat", ["mp", "c2"], ["cat"], axis=1),
+        helper.make_node("Exp", [helper.make_node("Mul", ["cat", c("k", np.float32(0.1))], ["catk"]).output[0]], ["ex"]),
+        helper.make_node("GlobalAveragePool", ["ex"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["fl"]),
+        helper.make_node("Gemm", ["fl", c("wf", w(5, 12)), c("bf", w(5))], ["fc"], transB=1),
+        helper.make_node("Sigmoid", ["fc"], ["y"]),
+    ]
+    nodes.insert(10, helper.make_node("Mul", ["cat", "k"], ["catk"]))
+    graph = helper.make_graph(nodes, "qat_test", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _inputs(n, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-1, 1, (1, 3, 12, 12)).astype(np.float32) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = _model()
+    graph = optimize(onnx_to_graph(model))
+    cal = make_calibrator("mace")
+    calibrate(graph, [SimpleNamespace(name=str(i), feeds={"x": x}) for i, x in enumerate(_inputs(8, 7))], cal)
+    return model, graph, cal.ranges()
+
+
+def _prepare(graph, ranges, schema):
+    from qmace.qat import prepare
+
+    return prepare(graph, ranges, QuantizeOptions(schema=schema, input_ranges={"x": INPUT_RANGE}))
+
+
+@pytest.mark.parametrize("schema", ["uint8", "int8"])
+def test_exact_forward_equals_reference(setup, schema):
+    _, graph, ranges = setup
+    m = _prepare(graph, ranges, schema)
+    assert m.fallbacks, "the test model must have a float fallback"
+    ops = {n.op_type for n in m.qgraph.nodes}
+    assert {"Conv", "Add", "MaxPool", "Concat", "GlobalAveragePool", "Flatten", "Gemm", "Sigmoid", "Exp"} <= ops
+    qg = m.quantized_graph()
+    # bit-exact before training, and after the weights and ranges moved
+    for step in range(2):
+        if step == 1:
+            with torch.no_grad():
+                for p in m.weights:
+                    p.add_(0.01 * torch.randn_like(p))
+                m.act_max.mul_(1.1)
+                m.act_min.mul_(0.9)
+            qg = m.quantized_graph()
+        for x in _inputs(6, 3 + step):
+            ref = execute(qg, {"x": x})["y"]
+            got = m(torch.from_numpy(x), exact=True).numpy()
+            np.testing.assert_array_equal(got, ref)
+            # the training-mode simulation agrees to within a few output steps (torch float32 kernels)
+            sim = m(torch.from_numpy(x)).detach().numpy()
+            assert np.max(np.abs(sim - ref)) <= 3 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("schema", ["uint8", "int8"])
+def test_gradients_reach_weights_and_ranges(setup, schema):
+    _, graph, ranges = setup
+    m = _prepare(graph, ranges, schema)
+    x = torch.from_numpy(np.concatenate(_inputs(4, 5)))
+    loss = (m(x) ** 2).sum()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.weights)
+    assert m.act_max.grad is not None and (m.act_max.grad != 0).sum() >= len(m.act_max) // 2
+    assert (m.act_min.grad != 0).any() or (m.act_max.grad != 0).all()
+
+
+def test_distillation_reduces_loss(setup):
+    from qmace.qat import train
+
+    _, graph, ranges = setup
+    m = _prepare(graph, ranges, "uint8")
+    xs = np.concatenate(_inputs(16, 9))
+    batches = [xs[i:i + 8] for i in range(0, 16, 8)]
+    # a teacher the student must move towards: the float model with shifted logits
+    from qmace.qat.train import float_teacher
+
+    base = float_teacher(m)
+
+    def teacher(x):
+        return base(x) * 4.0
+    losses = train(m, batches, epochs=6, lr=3e-3, teacher=teacher)
+    assert losses[-1] < losses[0]
+
+
+def test_ema_mode_tracks_ranges(setup):
+    _, graph, ranges = setup
+    from qmace.qat import prepare
+
+    m = prepare(graph, ranges, QuantizeOptions(input_ranges={"x": INPUT_RANGE}), range_mode="ema")
+    before = m.act_max.clone()
+    m.train()
+    m(torch.from_numpy(np.concatenate(_inputs(4, 5))) * 3)
+    assert not torch.equal(before, m.act_max)
+    x = _inputs(1, 2)[0]
+    np.testing.assert_array_equal(m(torch.from_numpy(x), exact=True).numpy(),
+                                  execute(m.quantized_graph(), {"x": x})["y"])
+
+
+@pytest.mark.parametrize("schema", ["uint8", "int8"])
+def test_export_yaml_convert_reproduces(setup, tmp_path, schema):
+    import yaml
+
+    from qmace.api import convert
+    from qmace.qat import export_qat
+
+    _, graph, ranges = setup
+    m = _prepare(graph, ranges, schema)
+    with torch.no_grad():
+        for p in m.weights:
+            p.add_(0.01 * torch.randn_like(p))
+        m.act_max.mul_(1.05)
+    onnx_path, range_path = export_qat(m, tmp_path / "m_qat.onnx", tmp_path / "m_qat.ranges")
+    cfg = {
+        "library_name": "t", "target_abis": ["host"], "model_graph_format": "file", "model_data_format": "file",
+        "models": {"m": {
+            "platform": "onnx", "model_file_path": onnx_path.name,
+            "model_sha256_checksum": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+            "subgraphs": [{"input_tensors": ["x"], "input_shapes": ["1,3,12,12"], "input_data_formats": ["NCHW"],
+                           "input_ranges": [f"{INPUT_RANGE[0]},{INPUT_RANGE[1]}"], "output_tensors": ["y"],
+                           "output_shapes": ["1,5"]}],
+            "runtime": "cpu", "quantize": 1, "quantize_range_file": range_path.name, "quantize_schema": schema}},
+    }
+    ypath = tmp_path / "m_qat.yml"
+    ypath.write_text(yaml.safe_dump(cfg))
+    res = convert(ypath, build_dir=tmp_path / "build")
+    qg = m.quantized_graph()
+    for x in _inputs(5, 11):
+        a = execute(res.graph, {"x": x})["y"]
+        b = execute(qg, {"x": x})["y"]
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(m(torch.from_numpy(x), exact=True).numpy(), a)
