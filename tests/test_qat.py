@@ -183,3 +183,36 @@ def test_export_yaml_convert_reproduces(setup, tmp_path, schema):
         b = execute(qg, {"x": x})["y"]
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(m(torch.from_numpy(x), exact=True).numpy(), a)
+
+
+def test_cli_qat_end_to_end(tmp_path, capsys):
+    import yaml
+
+    from qmace.api import convert
+    from qmace.cli.main import main
+
+    model = _model()
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    cfg = {
+        "library_name": "t", "target_abis": ["host"], "model_graph_format": "file", "model_data_format": "file",
+        "models": {"m": {
+            "platform": "onnx", "model_file_path": "m.onnx",
+            "model_sha256_checksum": hashlib.sha256((tmp_path / "m.onnx").read_bytes()).hexdigest(),
+            "subgraphs": [{"input_tensors": ["x"], "input_shapes": ["1,3,12,12"], "input_data_formats": ["NCHW"],
+                           "output_tensors": ["y"]}],
+            "runtime": "cpu", "quantize_schema": "int8"}},
+    }
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(cfg))
+    d = tmp_path / "train"
+    d.mkdir()
+    for i, x in enumerate(_inputs(6, 21)):
+        np.save(d / f"x_{i}.npy", x)
+    (tmp_path / "labels.txt").write_text("".join(f"{i % 5}\n" for i in range(6)))
+    out = tmp_path / "out"
+    rc = main(["qat", "--config", str(tmp_path / "m.yml"), "--train_dir", str(d), "--labels",
+               str(tmp_path / "labels.txt"), "--epochs", "1", "--batch_size", "3", "--output_dir", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "m_qat.yml" in text and (out / "m_qat.ranges").is_file() and (out / "m_qat.ckpt").is_file()
+    res = convert(out / "m_qat.yml", build_dir=tmp_path / "build")
+    assert res.graph.metadata["quantization"]["schema"] == "int8"

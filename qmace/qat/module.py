@@ -147,6 +147,8 @@ def _reshape(node, x, shape):
     target = _const_list(shape)
     if not node.attrs.get("allowzero", 0):
         target = [x.shape[i] if s == 0 else s for i, s in enumerate(target)]
+    if target and target[0] == 1 and x.shape[0] > 1:  # a batch-1 shape folded into the graph: keep the batch
+        target[0] = x.shape[0]
     return x.reshape(target)
 
 
