@@ -158,8 +158,6 @@ def test_convert_keeps_qdq_params(tmp_path, per_channel):
     assert _check_file_params(res.graph, qpath, per_channel, _AFTER_POOL) == (5, 3, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="quantizer._Planner.output_params skips fixed params for output_range "
-                   "'input' ops; GlobalAveragePool (quant_kernel 'float') must take its QDQ output params")
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_pooled_params_and_bit_exact_vs_ort(tmp_path, per_channel):
     _, qpath = _qdq_model(tmp_path, per_channel)

@@ -94,11 +94,14 @@ class _Planner:
         return self.table.get(name)
 
     def fixed(self, name: str) -> qmath.QuantParams | None:
+        """Per-tensor parameters fixed by the source for activation ``name`` (per-channel ones are only
+        meaningful for weights and are ignored here)."""
         qp = self.opts.fixed_params.get(name)
-        if qp is not None and not qp.is_per_channel:
-            nudged = qmath.nudged_range(qp)
-            self.used[name] = Range(float(nudged.min), float(nudged.max))
-            self.qp[name] = qp
+        if qp is None or qp.is_per_channel:
+            return None
+        nudged = qmath.nudged_range(qp)
+        self.used[name] = Range(float(nudged.min), float(nudged.max))
+        self.qp[name] = qp
         return qp
 
     def params_for(self, name: str, needed_by: str) -> qmath.QuantParams | None:
@@ -169,7 +172,8 @@ class _Planner:
         rule = op.output_range
         if out in self.qp:
             return self.qp[out]
-        if rule != "input" and self.fixed(out) is not None:
+        # Ops that only move codes must share their input's parameters; any other op takes fixed ones.
+        if (rule != "input" or op.quant_kernel != "copy") and self.fixed(out) is not None:
             return self.qp[out]
         if rule == "input":
             src = node.inputs[0]
