@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qmace: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `qmace ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     except Exception as e:  # an internal error: one line unless --debug
         if a.debug:
             raise
