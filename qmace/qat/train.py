@@ -69,6 +69,7 @@ def train(
     temperature: float = 1.0,
     progress: Callable | None = None,
     checkpoint: str | Path | None = None,
+    range_lr: float | None = None,
 ) -> list[float]:
     """Fine-tune ``module`` (a QATModule) with Adam; returns the mean loss of each epoch.
 
@@ -79,8 +80,14 @@ def train(
     being ``teacher(x) -> logits`` or, by default, the module's original float graph run in ONNX Runtime.
     ``progress(iterable, total=, desc=)`` wraps each epoch (e.g. tqdm); the bar shows the running loss.
     ``checkpoint``: a path written atomically after each epoch (state dict of tensors only).
+    ``range_lr``: learning rate of the LSQ range parameters (default ``lr``).
     """
-    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
+    ranges = [p for n, p in module.named_parameters() if n in ("act_min", "act_max") and p.requires_grad]
+    weights = [p for n, p in module.named_parameters() if n not in ("act_min", "act_max") and p.requires_grad]
+    groups = [{"params": weights, "lr": lr}]
+    if ranges:
+        groups.append({"params": ranges, "lr": range_lr if range_lr is not None else lr})
+    opt = torch.optim.Adam(groups)
     label_list = list(labels) if labels is not None else None
     losses: list[float] = []
     teacher_fn = teacher
