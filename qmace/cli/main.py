@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "schema", default=None, choices=["uint8", "int8"], help="override the YAML's quantize_schema")
     _flag(p, "range_file", default=None, help="where to write the ranges used (default: beside the model)")
     _flag(p, "no_bias_correction", action="store_true", help="skip correcting biases for weight rounding")
+    _flag(p, "adaround", action="store_true",
+          help="choose weight rounding by output reconstruction (AdaRound) + bias correction; slower")
     _flag(p, "float_nodes", default="", help="comma-separated node names or op types to keep in float")
     _flag(p, "num_threads", type=int, default=None)
 
@@ -99,10 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _progress(it, total=None, desc="samples"):
+def _progress(it, total=None, desc="samples", unit="sample"):
     from tqdm import tqdm
 
-    return tqdm(it, total=total, desc=desc, unit="sample", file=sys.stderr, leave=False, disable=None)
+    return tqdm(it, total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=None)
 
 
 @command("convert")
@@ -196,6 +198,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         a.config, input_dir=a.input_dir, model_name=a.model_name, build_dir=a.build_dir, method=a.method,
         percentile=a.percentile, enhance=a.enhance, enhance_ratio=a.enhance_ratio, schema=a.schema,
         range_file=a.range_file, num_threads=a.num_threads, bias_correction=not a.no_bias_correction,
+        adaround=a.adaround,
         float_nodes={x for x in a.float_nodes.split(",") if x}, progress=_progress,
     )
     print(res.convert.summary())

@@ -15,13 +15,17 @@ from qmace.ops.base import Op, register
 from qmace.ops.util import apply_fused_activation, clamp_codes_to_activation, conv_pads, pad_spatial, windows
 
 
-def conv_core(x: np.ndarray, w: np.ndarray, node: Node, pad_value: float, dtype) -> np.ndarray:
-    """Grouped convolution without bias in ``dtype`` arithmetic. x (N, C, *S), w (M, C/g, *K) -> (N, M, *O)."""
+def im2col(x: np.ndarray, w_shape: tuple[int, ...], node: Node, pad_value: float, dtype) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Patches of ``x`` for a grouped convolution with weights of ``w_shape`` (M, C/g, *K).
+
+    x (N, C, *S) -> cols (G, N*Ho*Wo, Cg*kh*kw) and the output spatial shape (Ho, Wo); 1-D convolutions
+    are computed as 2-D with a height of 1.
+    """
     squeeze_1d = x.ndim == 3
     if squeeze_1d:  # (N, C, L) -> (N, C, 1, L)
-        x, w = x[:, :, None, :], w[:, :, None, :]
+        x, w_shape = x[:, :, None, :], (w_shape[0], w_shape[1], 1, w_shape[2])
     nd = x.ndim - 2
-    kernel = tuple(w.shape[2:])
+    kernel = tuple(w_shape[2:])
     strides = tuple(Conv.attr(node, "strides") or [1] * nd) if not squeeze_1d else (1, *(Conv.attr(node, "strides") or [1]))
     dil = Conv.attr(node, "dilations") or [1] * (1 if squeeze_1d else nd)
     dilations = tuple(dil) if not squeeze_1d else (1, *dil)
@@ -34,18 +38,25 @@ def conv_core(x: np.ndarray, w: np.ndarray, node: Node, pad_value: float, dtype)
         pads2 = conv_pads(x.shape[2:], kernel, strides, dilations, pads, auto_pad)
     group = int(Conv.attr(node, "group"))
     n, c = x.shape[:2]
-    m = w.shape[0]
     xp = pad_spatial(x.astype(dtype, copy=False), pads2, pad_value)
     cols = windows(xp, kernel, strides, dilations)  # (N, C, Ho, Wo, kh, kw)
     ho, wo = cols.shape[2], cols.shape[3]
-    cg, mg = c // group, m // group
+    cg = c // group
     kk = int(np.prod(kernel))
     # (N, G, Cg, Ho, Wo, kh, kw) -> (G, N*Ho*Wo, Cg*kh*kw)
     cols = cols.reshape(n, group, cg, ho, wo, kk).transpose(1, 0, 3, 4, 2, 5).reshape(group, n * ho * wo, cg * kk)
-    wg = w.astype(dtype, copy=False).reshape(group, mg, cg * kk).transpose(0, 2, 1)  # (G, Cg*K, Mg)
+    return cols, (ho, wo)
+
+
+def conv_core(x: np.ndarray, w: np.ndarray, node: Node, pad_value: float, dtype) -> np.ndarray:
+    """Grouped convolution without bias in ``dtype`` arithmetic. x (N, C, *S), w (M, C/g, *K) -> (N, M, *O)."""
+    cols, (ho, wo) = im2col(x, w.shape, node, pad_value, dtype)
+    group, n, m = cols.shape[0], x.shape[0], w.shape[0]
+    mg = m // group
+    wg = w.astype(dtype, copy=False).reshape(group, mg, -1).transpose(0, 2, 1)  # (G, Cg*K, Mg)
     out = np.matmul(cols, wg)  # (G, N*Ho*Wo, Mg)
     out = out.reshape(group, n, ho, wo, mg).transpose(1, 0, 4, 2, 3).reshape(n, m, ho, wo)
-    return out[:, :, 0, :] if squeeze_1d else out
+    return out[:, :, 0, :] if x.ndim == 3 else out
 
 
 @register

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +14,9 @@ from qmace.config import ModelConfig, load_config
 from qmace.errors import InputDataError, QuantizationError
 from qmace.fileio import atomic_write
 from qmace.ir import Graph
-from qmace.quantize.bias_correction import ChannelMeans, correct_biases, correctable_inputs
+from qmace.quantize.adaround import InputStatistics
+from qmace.quantize.adaround import adaround as run_adaround
+from qmace.quantize.bias_correction import ChannelMeans, correct_biases
 from qmace.quantize.calibration import Calibrator, make_calibrator
 from qmace.quantize.qmath import QuantParams
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph, quantize_large_weights
@@ -30,19 +32,18 @@ def calibrate(
     calibrator: Calibrator,
     num_threads: int | None = None,
     backend: str = "onnxruntime",
-    means: ChannelMeans | None = None,
+    observers: Sequence = (),
 ) -> int:
     """Run the float graph on each sample and feed every float op output to ``calibrator``.
 
     Samples stream one at a time: memory holds one sample's tensors plus the calibrator's state.
-    Returns the number of samples seen. ``means`` (optional) accumulates the per-channel means that bias
-    correction needs.
+    Returns the number of samples seen. Each of ``observers`` (bias-correction means, AdaRound input
+    statistics) lists ``input_names`` and is fed those tensors with ``observe(name, value)``.
     """
     names = [n for n in graph.activations() if graph.tensors[n].dtype == "float32"]
     session = Session(graph, backend=backend, num_threads=num_threads,
                       extra_outputs=names if backend == "onnxruntime" else None)
     fetch = list(dict.fromkeys(list(graph.outputs) + names))
-    mean_names = set(correctable_inputs(graph)) if means is not None else set()
     count = 0
     for sample in samples:
         for k, v in sample.feeds.items():
@@ -51,8 +52,9 @@ def calibrate(
         outs = session.run(sample.feeds, outputs=fetch)
         for n in names:
             calibrator.observe(n, outs[n])
-        for n in mean_names:
-            means.observe(n, sample.feeds[n] if n in sample.feeds else outs[n])
+        for obs in observers:
+            for n in obs.input_names:
+                obs.observe(n, sample.feeds[n] if n in sample.feeds else outs[n])
         count += 1
     if count == 0:
         raise InputDataError("no calibration samples")
@@ -69,7 +71,8 @@ def options_for(m: ModelConfig, schema: str | None = None) -> QuantizeOptions:
 
 
 def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None = None,
-                        schema: str | None = None, float_nodes: set[str] | None = None) -> tuple[Graph, list[str]]:
+                        schema: str | None = None, float_nodes: set[str] | None = None,
+                        fixed_weights: dict[str, QuantParams] | None = None) -> tuple[Graph, list[str]]:
     """``convert`` with ``quantize: 1`` (ranges from ``quantize_range_file``, from QDQ nodes of the source
     model, or ``table``) or with ``quantize_large_weights: 1``."""
     if m.quantize_large_weights and not m.quantize:
@@ -77,12 +80,13 @@ def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None =
     # Parameters read from QuantizeLinear/DequantizeLinear pairs of the source model (QAT / QDQ import)
     # win; tensors without one take the range file's range (MACE's "mixing usage").
     fixed = {k: QuantParams.from_json(v) for k, v in graph.metadata.get("qdq_params", {}).items()}
+    fixed.update(fixed_weights or {})
     ranges: RangeTable = {}
     if m.quantize_range_file is not None:
         ranges.update(read_range_file(m.quantize_range_file))
     if table is not None:
         ranges.update(table)
-    if not ranges and not fixed:
+    if not ranges and not graph.metadata.get("qdq_params"):
         raise QuantizationError(f"{m.yaml_path}: {m.key}.quantize_range_file: quantize: 1 needs a range file "
                                 "(or a model with QuantizeLinear/DequantizeLinear ranges)")
     opts = options_for(m, schema)
@@ -114,6 +118,8 @@ def quantize_one_shot(
     range_file: str | Path | None = None,
     num_threads: int | None = None,
     bias_correction: bool = True,
+    adaround: bool = False,
+    adaround_iters: int = 400,
     float_nodes: set[str] | None = None,
     progress: Callable[..., Iterator] | None = None,
 ) -> OneShotResult:
@@ -136,14 +142,23 @@ def quantize_one_shot(
     samples = samples_for(m, input_dir, 0)
     if progress is not None:
         samples = progress(samples, total=n, desc="calibration")
-    means = ChannelMeans() if bias_correction else None
-    count = calibrate(graph, samples, calibrator, num_threads, means=means)
+    schema = schema or m.quantize_schema
+    means = ChannelMeans(graph) if bias_correction and not adaround else None
+    moments = InputStatistics(graph) if adaround else None
+    count = calibrate(graph, samples, calibrator, num_threads, observers=[o for o in (means, moments) if o])
     table = calibrator.ranges()
-    corrected = 0
+    corrected, fixed = 0, {}
     if means is not None:
-        graph, corrected = correct_biases(graph, means, schema or m.quantize_schema)
-    qgraph, fallbacks = quantize_for_config(graph, m, table=table, schema=schema, float_nodes=float_nodes)
-    qgraph.metadata["quantization"].update({"method": method, "samples": count, "bias_corrected_layers": corrected})
+        graph, corrected = correct_biases(graph, means, schema)
+    if moments is not None:
+        graph, fixed, reports = run_adaround(graph, moments, schema, iters=adaround_iters, progress=progress)
+        corrected = len(reports)
+        gain = sum(r.nearest_loss for r in reports) / max(sum(r.final_loss for r in reports), 1e-30)
+        log.info("AdaRound: %d layers, reconstruction error %.2fx lower than rounding to nearest", corrected, gain)
+    qgraph, fallbacks = quantize_for_config(graph, m, table=table, schema=schema, float_nodes=float_nodes,
+                                            fixed_weights=fixed)
+    qgraph.metadata["quantization"].update({"method": method, "samples": count, "bias_corrected_layers": corrected,
+                                            "adaround": bool(adaround)})
     path = save_graph(qgraph, model_file_path(cfg, m, build_dir))
     rpath = Path(range_file) if range_file else path.with_suffix(".ranges")
     write_range_file(rpath, table)

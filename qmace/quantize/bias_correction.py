@@ -29,9 +29,11 @@ def correctable_inputs(graph: Graph) -> list[str]:
 
 
 class ChannelMeans:
-    """Running per-channel means (axis 1 for rank >= 3 tensors, the last axis for 2-D ones)."""
+    """Running per-channel means (axis 1 for rank >= 3 tensors, the last axis for 2-D ones) of the
+    inputs of the layers bias correction can correct (a calibration observer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, graph: Graph) -> None:
+        self.input_names = correctable_inputs(graph)
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
 

@@ -1,0 +1,232 @@
+"""Weight rounding by output reconstruction (AdaRound, Nagel et al. 2020) with bias correction, in numpy.
+
+Rounding each weight to the nearest code is not what minimises a layer's output error: for a layer
+y = W x (per group of a grouped conv; x are im2col rows), the output error of rounded weights
+W_q = s * (floor(W / s) + h) (+ zero point) over calibration inputs is
+
+    E[ ||(W_q - W) x||^2 ] = tr(dW C dW^T) + ||dW mu||^2,   C = Cov[x], mu = E[x].
+
+The mean term is removed exactly by correcting the bias (b' = b - dW mu), so AdaRound minimises
+tr(dW C dW^T) over h in {0, 1} per weight. Only C (Kg x Kg per group) and mu are needed, accumulated
+while calibration streams samples, so the optimisation never touches the samples again and costs
+O(iterations * M * K^2) per layer. The relaxation h = clip(sigmoid(V) * 1.2 - 0.1, 0, 1) is optimised with
+Adam on the normalised reconstruction loss plus AdaRound's regulariser sum(1 - |2h - 1|^beta) (beta annealed
+20 -> 2) that drives every h to 0 or 1; the hard rounding (V >= 0) is kept only where it beats rounding to
+nearest on the same loss. The codes are then fixed: the layer's weights become their dequantized values
+and the weight's QuantParams are passed to the quantizer as fixed parameters, so the integer semantics
+(docs/quantization.md) are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from qmace.ir import Graph, Node, Tensor
+from qmace.ops import get_op
+from qmace.ops.conv import im2col
+from qmace.quantize import qmath
+
+log = logging.getLogger(__name__)
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+@dataclass
+class _Layer:
+    node: Node
+    sum_x: np.ndarray  # (G, K)
+    sum_xx: np.ndarray  # (G, K, K)
+    rows: int = 0
+
+
+def _layer_weight(g: Graph, node: Node) -> np.ndarray | None:
+    """The weight as (G, Mg, Kg) float64 (rows = output channels), or None if not handled."""
+    w = g.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None:
+        return None
+    if node.op_type == "Conv":
+        group = int(node.attrs.get("group", 1))
+        return w.astype(np.float64).reshape(group, w.shape[0] // group, -1)
+    if node.op_type == "Gemm" and not node.attrs.get("transA", 0) and float(node.attrs.get("alpha", 1.0)) == 1.0:
+        wm = w if node.attrs.get("transB", 0) else w.T
+        return wm.astype(np.float64)[None]
+    if node.op_type == "MatMul" and w.ndim == 2:
+        return w.T.astype(np.float64)[None]
+    return None
+
+
+class InputStatistics:
+    """Per-layer first and second moments of the im2col rows of every Conv/Gemm/MatMul input."""
+
+    def __init__(self, graph: Graph, max_k: int = 2048):
+        self.graph = graph
+        self.layers: dict[str, _Layer] = {}
+        for n in graph.nodes:
+            w = _layer_weight(graph, n) if n.op_type in ("Conv", "Gemm", "MatMul") else None
+            if w is None or w.shape[2] > max_k:
+                continue
+            gs, _, k = w.shape
+            self.layers[n.name] = _Layer(n, np.zeros((gs, k)), np.zeros((gs, k, k)))
+        self.by_input: dict[str, list[_Layer]] = {}
+        for lay in self.layers.values():
+            self.by_input.setdefault(lay.node.inputs[0], []).append(lay)
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.by_input)
+
+    def observe(self, name: str, x: np.ndarray) -> None:
+        for lay in self.by_input.get(name, []):
+            node = lay.node
+            if node.op_type == "Conv":
+                w = self.graph.constant(node.inputs[1])
+                cols, _ = im2col(np.asarray(x), w.shape, node, 0.0, np.float64)  # (G, R, K)
+            else:
+                cols = np.asarray(x, np.float64).reshape(1, -1, x.shape[-1])
+            lay.sum_x += cols.sum(1)
+            lay.sum_xx += np.matmul(cols.transpose(0, 2, 1), cols)
+            lay.rows += cols.shape[1]
+
+
+@dataclass
+class RoundingReport:
+    node: str
+    nearest_loss: float  # tr(dW C dW^T) with rounding to nearest
+    final_loss: float  # with the chosen rounding
+
+
+def _weight_params(w: np.ndarray, node: Node, schema: str) -> qmath.QuantParams:
+    axis = get_op(node.op_type).weight_axis(node, 1)
+    if schema == "int8":
+        return qmath.params_symmetric(w, axis, "int8")
+    return qmath.params_asymmetric_weights(w, None, "uint8")
+
+
+def _optimise(w: np.ndarray, s: np.ndarray, zp: float, lo: int, hi: int, cov: np.ndarray, iters: int) -> np.ndarray:
+    """Codes (G, Mg, K) minimising tr(dW C dW^T) per group. w (G, Mg, K); s (G, Mg, 1)."""
+    r = w / s
+    base = np.floor(r)
+    rest = r - base
+    # codes must stay in [lo, hi]: base + h + zp within bounds
+    can_up = (base + 1 + zp) <= hi
+    can_down = (base + zp) >= lo
+
+    def loss_grad(h):
+        dw = s * (base + h) - w  # (G, Mg, K)
+        dc = np.matmul(dw, cov)  # (G, Mg, K)
+        return float(np.sum(dw * dc)), 2 * s * dc
+
+    nearest = np.clip(np.round(rest), 0, 1)
+    nearest = np.where(~can_up, 0.0, np.where(~can_down, 1.0, nearest))
+    l_near, _ = loss_grad(nearest)
+    if l_near <= 0 or iters <= 0:
+        return base + nearest + zp
+    p = np.clip((rest - GAMMA) / (ZETA - GAMMA), 1e-4, 1 - 1e-4)
+    v = np.log(p / (1 - p))
+    m1 = np.zeros_like(v)
+    m2 = np.zeros_like(v)
+    lr, b1, b2, lam = 0.01, 0.9, 0.999, 0.01
+    warm = iters // 5
+    for t in range(1, iters + 1):
+        sig = 1 / (1 + np.exp(-v))
+        h = np.clip(sig * (ZETA - GAMMA) + GAMMA, 0, 1)
+        h = np.where(~can_up, np.minimum(h, 0.0), np.where(~can_down, np.maximum(h, 1.0), h))
+        _, grad_h = loss_grad(h)
+        grad_h = grad_h / l_near
+        if t > warm:
+            beta = 2 + (20 - 2) * (1 - (t - warm) / (iters - warm))
+            u = 2 * h - 1
+            grad_h = grad_h + lam * (-beta * np.abs(u) ** (beta - 1) * np.sign(u) * 2)
+        inside = (h > 0) & (h < 1)
+        grad_v = grad_h * sig * (1 - sig) * (ZETA - GAMMA) * inside
+        m1 = b1 * m1 + (1 - b1) * grad_v
+        m2 = b2 * m2 + (1 - b2) * grad_v**2
+        v -= lr * (m1 / (1 - b1**t)) / (np.sqrt(m2 / (1 - b2**t)) + 1e-8)
+    hard = (v >= 0).astype(np.float64)
+    hard = np.where(~can_up, 0.0, np.where(~can_down, 1.0, hard))
+    l_hard, _ = loss_grad(hard)
+    return base + (hard if l_hard < l_near else nearest) + zp
+
+
+def adaround(
+    graph: Graph, stats: InputStatistics, schema: str, iters: int = 400, max_cost: float = 2e8, progress=None
+) -> tuple[Graph, dict[str, qmath.QuantParams], list[RoundingReport]]:
+    """Round the weights of every observed layer by output reconstruction and correct its bias.
+
+    Returns a copy of the graph with the chosen weights (dequantized codes) and corrected biases, the
+    weight QuantParams to fix in the quantizer, and a per-layer report. Layers whose optimisation would
+    cost more than ``max_cost`` multiply-adds per iteration (M * K^2) get rounding to nearest plus bias
+    correction only.
+    """
+    g = graph.copy()
+    fixed: dict[str, qmath.QuantParams] = {}
+    reports: list[RoundingReport] = []
+    items = list(stats.layers.items())
+    if progress is not None:
+        items = progress(items, total=len(items), desc="AdaRound layers")
+    for name, lay in items:
+        if lay.rows == 0:
+            continue
+        node = next(n for n in g.nodes if n.name == name)
+        w3 = _layer_weight(g, node)
+        w_orig = g.constant(node.inputs[1])
+        qp = _weight_params(w_orig.astype(np.float32), node, schema)
+        mu = lay.sum_x / lay.rows  # (G, K)
+        cov = lay.sum_xx / lay.rows - mu[:, :, None] * mu[:, None, :]
+        gs, mg, k = w3.shape
+        # per output-channel scale in (G, Mg, 1) row order
+        if qp.is_per_channel:
+            s = np.asarray(qp.scale, np.float64)
+            if node.op_type == "Conv":
+                s = s.reshape(gs, mg, 1)
+            else:
+                s = s.reshape(1, mg, 1)
+        else:
+            s = np.full((gs, mg, 1), float(qp.scale))
+        zp = float(qp.zero_point) if not qp.is_per_channel else 0.0
+        lo, hi = qp.qmin, qp.qmax
+        if qp.narrow_range:
+            lo = -hi
+        cost = gs * mg * k * k
+        codes = _optimise(w3, s, zp, lo, hi, cov, iters if cost <= max_cost else 0)
+        wq = s * (codes - zp)  # (G, Mg, K) real values on the grid
+        dw = wq - w3
+        near = np.clip(np.round(w3 / s) + zp, lo, hi)
+        dn = s * (near - zp) - w3
+        reports.append(RoundingReport(name, float(np.einsum("gmk,gkl,gml->", dn, cov, dn)),
+                                      float(np.einsum("gmk,gkl,gml->", dw, cov, dw))))
+        # back to the weight's own layout
+        if node.op_type == "Conv":
+            w_new = wq.reshape(w_orig.shape)
+        elif node.op_type == "Gemm" and node.attrs.get("transB", 0):
+            w_new = wq[0]
+        else:
+            w_new = wq[0].T
+        w_new = w_new.astype(np.float32)
+        wname = g.unique_name(f"{node.inputs[1]}__rounded")
+        g.add_tensor(Tensor(wname, "float32", tuple(w_new.shape), w_new))
+        node.inputs[1] = wname
+        fixed[wname] = qp
+        # bias correction: the mean output shift of the chosen rounding
+        delta = np.einsum("gmk,gk->gm", dw, mu).reshape(-1)
+        if node.op_type == "MatMul":
+            continue  # no bias input to absorb it
+        b_name = node.inputs[2] if len(node.inputs) > 2 else ""
+        b = g.constant(b_name) if b_name else np.zeros(len(delta))
+        if b is None or b.ndim > 1:
+            continue
+        b = b.astype(np.float64)
+        if node.op_type == "Gemm":
+            b = b * float(node.attrs.get("beta", 1.0))
+            node.attrs["beta"] = 1.0
+        value = (np.broadcast_to(b, delta.shape) - delta).astype(np.float32)
+        bname = g.unique_name(f"{b_name or node.name + '_bias'}_corrected")
+        g.add_tensor(Tensor(bname, "float32", tuple(value.shape), value))
+        while len(node.inputs) < 3:
+            node.inputs.append("")
+        node.inputs[2] = bname
+    g.remove_unused()
+    return g, fixed, reports

@@ -1,0 +1,73 @@
+"""AdaRound + bias correction: lower layer reconstruction error, codes on the grid and in range, and the
+quantizer keeps exactly the chosen codes."""
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qmace.data import Sample
+from qmace.frontends import onnx_to_graph
+from qmace.passes import optimize
+from qmace.quantize import qmath
+from qmace.quantize.adaround import InputStatistics, adaround
+from qmace.quantize.api import calibrate
+from qmace.quantize.calibration import make_calibrator
+from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
+from qmace.runtime import Session
+
+
+def _model():
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "b1"),
+        numpy_helper.from_array((rng.standard_normal((8, 1, 3, 3)) * 0.5).astype(np.float32), "w2"),
+        numpy_helper.from_array((rng.standard_normal((6, 8, 1, 1)) * 0.3).astype(np.float32), "w3"),
+        numpy_helper.from_array((rng.standard_normal((6, 5)) * 0.3).astype(np.float32), "w4"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Conv", ["c2", "w3"], ["c3"]),
+        helper.make_node("GlobalAveragePool", ["c3"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "w4"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return optimize(onnx_to_graph(model))
+
+
+@pytest.mark.parametrize("schema", ["int8", "uint8"])
+def test_adaround_lowers_error_and_quantizer_keeps_codes(schema):
+    g = _model()
+    rng = np.random.default_rng(0)
+    # Spatially correlated inputs (like images): with white noise, rounding to nearest is already optimal.
+    def smooth():
+        coarse = rng.uniform(-1, 1, (1, 3, 5, 5))
+        return (np.kron(coarse, np.ones((2, 2))) + 0.05 * rng.standard_normal((1, 3, 10, 10))).astype(np.float32)
+
+    samples = [Sample(str(i), {"x": smooth()}) for i in range(16)]
+    stats = InputStatistics(g)
+    cal = make_calibrator("mace")
+    assert calibrate(g, samples, cal, observers=[stats]) == 16
+    g2, fixed, reports = adaround(g, stats, schema, iters=200)
+    assert {r.node for r in reports} == {n.name for n in g.nodes if n.op_type in ("Conv", "Gemm")}
+    for r in reports:
+        assert r.final_loss <= r.nearest_loss + 1e-12
+    assert any(r.final_loss < 0.9 * r.nearest_loss for r in reports), "AdaRound changed nothing anywhere"
+    qg = quantize_graph(g2, cal.ranges(), QuantizeOptions(schema=schema, fixed_params=fixed, input_ranges={"x": (-1.2, 1.2)})).graph
+    for wname, qp in fixed.items():
+        w = g2.constant(wname)
+        codes = qmath.quantize(w, qp)
+        assert codes.min() >= qp.qmin and codes.max() <= qp.qmax
+        np.testing.assert_array_equal(qmath.dequantize(codes, qp), w)  # the weights are on the grid
+        stored = [t for t in qg.tensors.values() if t.data is not None and t.quant == qp and t.shape == w.shape]
+        assert any(np.array_equal(t.data, codes) for t in stored), f"{wname}: the quantizer re-rounded the codes"
+    # and the quantized model still agrees with the float one
+    x = samples[0].feeds
+    ref = Session(g, "reference").run(x)["y"]
+    out = Session(qg, "reference").run(x)["y"]
+    assert np.corrcoef(ref.ravel(), out.ravel())[0, 1] > 0.95
