@@ -2,7 +2,7 @@
 """Benchmark A (labelled QAT): a small CNN trained here on Fashion-MNIST, PTQ vs QAT, both schemas.
 
     python scripts/fetch_assets.py fashion-mnist
-    python benchmarks/qat_fashion_mnist.py [--epochs 3] [--qat-steps 300]
+    python benchmarks/qat_fashion_mnist.py [--epochs 1] [--qat-steps 40]
 
 1. Train a small CNN (Conv-BN-ReLU x3, MaxPool, GlobalAveragePool, Linear) in torch on the 60k train split.
 2. Export ONNX, convert with qmace (BN folding, activation fusion).
@@ -45,10 +45,10 @@ def accuracy_ort(graph, x, y, batch=500) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=3, help="float training epochs")
-    ap.add_argument("--qat-steps", type=int, default=300, help="QAT steps (batch 64)")
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--range-lr", type=float, default=1e-3)
+    ap.add_argument("--epochs", type=int, default=1, help="float training epochs")
+    ap.add_argument("--qat-steps", type=int, default=40, help="QAT steps (batch 64)")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--range-lr", type=float, default=1e-4)
     args = ap.parse_args(argv)
 
     import torch
