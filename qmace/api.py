@@ -80,14 +80,14 @@ class ConvertResult:
         ops = ", ".join(f"{k} x{v}" for k, v in g.op_counts().items())
         kind = g.metadata.get("quantization", {}).get("schema", "float32")
         lines = [
-            f"model {g.metadata.get('model_name', g.name)}: {len(g.nodes)} ops, {g.num_parameters():,} parameters, "
-            f"{kind}, {self.file_size / 1e6:.2f} MB",
+            (f"model {g.metadata.get('model_name', g.name)}: {len(g.nodes)} ops, {g.num_parameters():,} parameters, "
+             f"{kind}, {self.file_size / 1e6:.2f} MB"),
             f"ops: {ops}",
-            f"inputs: {', '.join(f'{i}{list(g.tensors[i].shape or [])}' for i in g.inputs)}; "
-            f"outputs: {', '.join(g.outputs)}",
+            (f"inputs: {', '.join(f'{i}{list(g.tensors[i].shape or [])}' for i in g.inputs)}; "
+             f"outputs: {', '.join(g.outputs)}"),
         ]
         if self.fallbacks:
-            lines.append(f"{len(self.fallbacks)} op(s) run in float (no integer kernel):")
+            lines.append(f"{len(self.fallbacks)} op(s) run in float:")
             lines += [f"  {f}" for f in self.fallbacks]
         return "\n".join(lines)
 

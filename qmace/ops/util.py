@@ -53,7 +53,7 @@ def windows(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], di
     return v[tuple(index)]
 
 
-def pad_spatial(x: np.ndarray, pads: list[int], value: float | int = 0) -> np.ndarray:
+def pad_spatial(x: np.ndarray, pads: list[int], value: float = 0) -> np.ndarray:
     nd = len(pads) // 2
     if not any(pads):
         return x
