@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from qmace.ir import Graph, Node, Tensor
-from qmace.ops import get_op
 from qmace.ops.conv import im2col
 from qmace.quantize import qmath
+from qmace.quantize.bias_correction import shift_bias, weight_params
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +98,6 @@ class RoundingReport:
     final_loss: float  # with the chosen rounding
 
 
-def _weight_params(w: np.ndarray, node: Node, schema: str) -> qmath.QuantParams:
-    axis = get_op(node.op_type).weight_axis(node, 1)
-    if schema == "int8":
-        return qmath.params_symmetric(w, axis, "int8")
-    return qmath.params_asymmetric_weights(w, None, "uint8")
-
-
 def _optimise(w: np.ndarray, s: np.ndarray, zp: float, lo: int, hi: int, cov: np.ndarray, iters: int) -> np.ndarray:
     """Codes (G, Mg, K) minimising tr(dW C dW^T) per group. w (G, Mg, K); s (G, Mg, 1)."""
     r = w / s
@@ -173,7 +166,7 @@ def adaround(
         node = next(n for n in g.nodes if n.name == name)
         w3 = _layer_weight(g, node)
         w_orig = g.constant(node.inputs[1])
-        qp = _weight_params(w_orig.astype(np.float32), node, schema)
+        qp = weight_params(w_orig.astype(np.float32), node, schema)
         mu = lay.sum_x / lay.rows  # (G, K)
         cov = lay.sum_xx / lay.rows - mu[:, :, None] * mu[:, None, :]
         gs, mg, k = w3.shape
@@ -211,22 +204,6 @@ def adaround(
         node.inputs[1] = wname
         fixed[wname] = qp
         # bias correction: the mean output shift of the chosen rounding
-        delta = np.einsum("gmk,gk->gm", dw, mu).reshape(-1)
-        if node.op_type == "MatMul":
-            continue  # no bias input to absorb it
-        b_name = node.inputs[2] if len(node.inputs) > 2 else ""
-        b = g.constant(b_name) if b_name else np.zeros(len(delta))
-        if b is None or b.ndim > 1:
-            continue
-        b = b.astype(np.float64)
-        if node.op_type == "Gemm":
-            b = b * float(node.attrs.get("beta", 1.0))
-            node.attrs["beta"] = 1.0
-        value = (np.broadcast_to(b, delta.shape) - delta).astype(np.float32)
-        bname = g.unique_name(f"{b_name or node.name + '_bias'}_corrected")
-        g.add_tensor(Tensor(bname, "float32", tuple(value.shape), value))
-        while len(node.inputs) < 3:
-            node.inputs.append("")
-        node.inputs[2] = bname
+        shift_bias(g, node, np.einsum("gmk,gk->gm", dw, mu).reshape(-1))
     g.remove_unused()
     return g, fixed, reports

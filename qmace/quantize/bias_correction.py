@@ -50,11 +50,33 @@ class ChannelMeans:
         return self.sums[name] / self.counts[name] if name in self.sums else None
 
 
-def _weight_params(w: np.ndarray, node: Node, schema: str) -> qmath.QuantParams:
+def weight_params(w: np.ndarray, node: Node, schema: str) -> qmath.QuantParams:
+    """The weight parameters the quantizer will choose for input 1 of ``node`` under ``schema``."""
     axis = get_op(node.op_type).weight_axis(node, 1)
     if schema == "int8":
         return qmath.params_symmetric(w, axis, "int8")
     return qmath.params_asymmetric_weights(w, None, "uint8")
+
+
+def shift_bias(g: Graph, node: Node, delta: np.ndarray) -> bool:
+    """Give ``node`` (Conv/Gemm) the bias ``b - delta`` as a new constant; False where no bias can absorb it."""
+    if node.op_type == "MatMul":
+        return False  # no bias input; a following Add could absorb it, not done here
+    b_name = node.inputs[2] if len(node.inputs) > 2 else ""
+    b = g.constant(b_name) if b_name else np.zeros(len(delta))
+    if b is None or b.ndim > 1:
+        return False
+    b = b.astype(np.float64)
+    if node.op_type == "Gemm":
+        b = b * float(node.attrs.get("beta", 1.0))
+        node.attrs["beta"] = 1.0
+    value = (np.broadcast_to(b, delta.shape) - delta).astype(np.float32)
+    name = g.unique_name(f"{b_name or node.name + '_bias'}_corrected")
+    g.add_tensor(Tensor(name, "float32", tuple(value.shape), value))
+    while len(node.inputs) < 3:
+        node.inputs.append("")
+    node.inputs[2] = name
+    return True
 
 
 def correct_biases(graph: Graph, means: ChannelMeans, schema: str) -> tuple[Graph, int]:
@@ -74,7 +96,7 @@ def correct_biases(graph: Graph, means: ChannelMeans, schema: str) -> tuple[Grap
         if n.op_type == "MatMul" and w.ndim != 2:
             continue
         w32 = w.astype(np.float32)
-        qp = _weight_params(w32, n, schema)
+        qp = weight_params(w32, n, schema)
         dw = qmath.dequantize(qmath.quantize(w32, qp), qp).astype(np.float64) - w.astype(np.float64)
         if n.op_type == "Conv":
             group = int(n.attrs.get("group", 1))
@@ -85,24 +107,6 @@ def correct_biases(graph: Graph, means: ChannelMeans, schema: str) -> tuple[Grap
             delta = dw @ e
         else:
             delta = e @ dw
-        bias_index = 2
-        if n.op_type == "MatMul":
-            continue  # no bias input to absorb the shift; a following Add could, not done here
-        b_name = n.inputs[bias_index] if len(n.inputs) > bias_index else ""
-        if b_name and g.constant(b_name) is None:
-            continue
-        b = g.constant(b_name).astype(np.float64) if b_name else np.zeros(len(delta))
-        if b.ndim > 1:
-            continue
-        if n.op_type == "Gemm":
-            b = b * float(n.attrs.get("beta", 1.0))
-            n.attrs["beta"] = 1.0
-        name = g.unique_name(f"{b_name or n.name + '_bias'}_corrected")
-        value = (np.broadcast_to(b, delta.shape) - delta).astype(np.float32)
-        g.add_tensor(Tensor(name, "float32", tuple(value.shape), value))
-        while len(n.inputs) <= bias_index:
-            n.inputs.append("")
-        n.inputs[bias_index] = name
-        done += 1
+        done += shift_bias(g, n, delta)
     g.remove_unused()
     return g, done
