@@ -32,7 +32,7 @@ def model_file_path(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path
 def bind_io(graph: Graph, m: ModelConfig) -> Graph:
     """Check the YAML's inputs/outputs against the model, fix the input shapes, select the outputs."""
     sub = m.subgraph
-    where = f"{m.yaml_path}: {m.key}.{sub.key}"
+    where = f"{m.yaml_path}: {sub.key}"
     unknown = [n for n in sub.input_tensors if n not in graph.inputs]
     if unknown:
         raise ModelError(f"{where}.input_tensors: {', '.join(map(repr, unknown))} not an input of the model; "

@@ -237,7 +237,8 @@ def test_input_and_output_names_not_in_model(tiny, cli):
     tiny.yaml.write_text(text.replace("input_tensors: input", "input_tensors: data"))
     assert_bad(cli("convert", "--config", tiny.yaml), "'data'", "inputs are: input")
     tiny.yaml.write_text(text.replace("output_tensors: output", "output_tensors: prob"))
-    assert_bad(cli("convert", "--config", tiny.yaml), "'prob'", "outputs are: output")
+    assert_bad(cli("convert", "--config", tiny.yaml), f"models.{tiny.name}.subgraphs[0].output_tensors: 'prob'",
+               "outputs are: output")
     _no_model_file(tiny)
 
 
