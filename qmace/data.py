@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 class Sample:
     name: str  # the file-name suffix that identifies the sample ("" for generated inputs)
     feeds: dict[str, np.ndarray]  # input tensor name -> array in the model's layout
+    files: dict[str, Path] = field(default_factory=dict)  # input tensor name -> file it was read from
+
+    def source(self, tensor: str) -> str:
+        """Where the input came from, for messages: its file, or the sample's name."""
+        return str(self.files[tensor]) if tensor in self.files else f"sample {self.name!r}"
 
 
 def to_model_layout(x: np.ndarray, data_format: str) -> np.ndarray:
@@ -83,13 +88,14 @@ def sample_names(input_dir: str | Path, sub: SubgraphConfig) -> list[str]:
 def iter_samples(input_dir: str | Path, sub: SubgraphConfig) -> Iterator[Sample]:
     d = Path(input_dir)
     for suffix in sample_names(d, sub):
-        feeds = {}
+        feeds, files = {}, {}
         for name, shape, fmt in zip(sub.input_tensors, sub.input_shapes, sub.input_data_formats):
             path = d / f"{input_name_format(name)}{suffix}"
             if not path.is_file():
                 raise InputDataError(f"{path}: missing input file for tensor {name!r} of sample {suffix!r}")
             feeds[name] = to_model_layout(_read_file(path, tuple(shape)), fmt)
-        yield Sample(suffix, feeds)
+            files[name] = path
+        yield Sample(suffix, feeds, files)
 
 
 def random_sample(sub: SubgraphConfig, rng: np.random.Generator, name: str = "") -> Sample:

@@ -48,7 +48,7 @@ def calibrate(
     for sample in samples:
         for k, v in sample.feeds.items():
             if not np.all(np.isfinite(v)):
-                raise InputDataError(f"sample {sample.name!r}: input {k!r} holds NaN or Inf")
+                raise InputDataError(f"{sample.source(k)}: input {k!r} holds NaN or Inf; calibration needs finite data")
         outs = session.run(sample.feeds, outputs=fetch)
         for n in names:
             calibrator.observe(n, outs[n])
