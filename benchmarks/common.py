@@ -219,6 +219,32 @@ def max_rss_mb() -> float:
     return r / 1024.0 if sys.platform != "darwin" else r / 2**20
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process's address space (VmHWM), in MB.
+
+    Unlike ``ru_maxrss`` it starts afresh at exec: a child forked from a large parent inherits the parent's
+    ``ru_maxrss``, which would hide the child's own peak. Falls back to ``max_rss_mb``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return max_rss_mb()
+
+
 def current_rss_mb() -> float:
     """Current resident set size in MB (from /proc; falls back to the peak)."""
     try:
