@@ -65,6 +65,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | float, q
 def _with_value(t: torch.Tensor, value: np.ndarray) -> torch.Tensor:
     """``t``'s gradient, ``value``'s exact value (so every scale equals qmath's bit for bit)."""
     v = torch.from_numpy(np.array(value, np.float32))
+    t = t.float()  # ranges are float64 parameters; the simulation runs in float32
     return t + (v - t).detach()
 
 
@@ -352,12 +353,14 @@ class QATModule(nn.Module):
                     self._spec[o] = ("union", srcs, fname)
                 else:
                     self._spec[o] = own(fname)
+        # float64, as RangeTable values: calibrated ranges need not be float32 numbers (histogram quantiles),
+        # and rounding them would change the scales, so the QAT start would not be the PTQ model
         if range_mode == "lsq":
-            self.act_min = nn.Parameter(torch.tensor(lo_init, dtype=torch.float32))
-            self.act_max = nn.Parameter(torch.tensor(hi_init, dtype=torch.float32))
+            self.act_min = nn.Parameter(torch.tensor(lo_init, dtype=torch.float64))
+            self.act_max = nn.Parameter(torch.tensor(hi_init, dtype=torch.float64))
         else:
-            self.register_buffer("act_min", torch.tensor(lo_init, dtype=torch.float32))
-            self.register_buffer("act_max", torch.tensor(hi_init, dtype=torch.float32))
+            self.register_buffer("act_min", torch.tensor(lo_init, dtype=torch.float64))
+            self.register_buffer("act_max", torch.tensor(hi_init, dtype=torch.float64))
         self._producers = producers
 
     @staticmethod
