@@ -54,6 +54,7 @@ from qmace.runtime import Session  # noqa: E402
 ALL_METHODS = {  # label -> (method, options)
     "mace P=0": ("mace", {"percentile": 0.0}),
     "mace P=5": ("mace", {"percentile": 5.0}),
+    "percentile 99.95": ("percentile", {"percentile": 99.95}),
     "percentile 99.99": ("percentile", {"percentile": 99.99}),
     "percentile 99.999": ("percentile", {"percentile": 99.999}),
     "entropy": ("entropy", {}),

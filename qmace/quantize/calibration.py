@@ -235,9 +235,11 @@ class HistogramPercentile(_HistogramMethod):
 
     Signed (not |x|) so that asymmetric tensors keep asymmetric ranges; each tail gets half the clipped
     mass. Resolution: one bin width, 2 max|x| / bins.
+    Default 99.95: on MobileNetV2 with real photos (benchmarks/README.md) it gave 14.8 dB logits SQNR and
+    85.8% top-1 agreement against 13.8 dB / 82.8% at 99.99 and 11.5 dB at 99.999 (int8, bias-corrected).
     """
 
-    percentile: float = 99.99
+    percentile: float = 99.95
     bins: int = 2048
     _hists: dict[str, _Histogram] = field(default_factory=dict, init=False, repr=False)
 
