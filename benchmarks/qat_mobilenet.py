@@ -2,19 +2,30 @@
 """Benchmark B (label-free QAT): MobileNetV2 (torchvision ImageNet weights), PTQ vs QAT, both schemas.
 
     python scripts/fetch_assets.py mobilenet stamps
-    python benchmarks/qat_mobilenet.py [--epochs 6] [--batch 16]
+    python benchmarks/qat_mobilenet.py [--steps 160] [--lr 1e-5] [--range-lr 1e-4]
+    python benchmarks/qat_mobilenet.py --holdout 12 ...   # hyper-parameter selection, never touches the 233
 
-PTQ: MACE min/max ranges from the 64 calibration stamps. QAT: ``qmace.qat.prepare`` from the same ranges,
-then label-free distillation (KL to the FP32 model's softmax) on the 64 calibration stamps with augmentation
-(random resized crops and horizontal flips; never the 233 evaluation stamps). Evaluation on the 233
-evaluation stamps against FP32 (ONNX Runtime): top-1 agreement and logits SQNR. Quantized models run in
+PTQ = the best post-training state we ship, and QAT starts from exactly it: activation ranges from the
+``percentile`` (99.99) calibrator and bias-corrected weights (``correct_biases`` with ``ChannelMeans``
+collected in the same ``calibrate`` pass over the 64 calibration stamps). QAT: ``qmace.qat.prepare`` from that
+state, then label-free distillation from the ORIGINAL FP32 model (not the bias-corrected one) on augmented
+views of the 64 calibration stamps only (random resized crops at several scales, flips, small colour jitter;
+never the 233 evaluation stamps): loss = T^2 KL(softmax(t/T) || softmax(s/T)) + mse * MSE(s, t) on logits,
+Adam with separate learning rates for weights and LSQ ranges, linear warm-up + cosine decay.
+
+Evaluation on the 233 evaluation stamps against FP32 (ONNX Runtime): top-1 agreement, top-5 overlap
+(mean |top5 & top5_fp32| / 5), logits SQNR. Quantized models (PTQ and ``module.quantized_graph()``) run in
 ONNX Runtime (bit-exact with qmace's reference runtime). Target: QAT recovers at least half of the
 agreement PTQ lost, per schema.
+
+``--holdout K``: selection mode. Trains on the first 64-K calibration stamps and reports the same metrics on
+fixed augmented views of the K held-out calibration stamps (PTQ vs QAT); the 233 are not loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +36,7 @@ from qmace.zoo.stamps import CROP, IMAGENET_MEAN, IMAGENET_STD
 
 
 def load_resized(paths, root: Path, short: int = 256) -> list[np.ndarray]:
-    """Images composited on white, shorter side resized to ``short`` (uint8 HWC)."""
+    """Images composited on white, shorter side resized to ``short`` (uint8 HWC), as the evaluation does."""
     from PIL import Image
 
     out = []
@@ -41,16 +52,36 @@ def load_resized(paths, root: Path, short: int = 256) -> list[np.ndarray]:
 
 
 def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random crop (scale 0.5-1 of the shorter side, resized to 224) + horizontal flip -> CHW normalised."""
+    """One augmented view -> CHW normalised float32.
+
+    A quarter of the views are the evaluation's own centre crop; the rest are random resized crops (area
+    10-100% of the image, aspect ratio 3/4-4/3, resized to 224). Then a horizontal flip (p = 0.5) and a
+    small colour jitter (brightness, contrast, saturation each x U(0.85, 1.15))."""
     from PIL import Image
 
     h, w, _ = img.shape
-    side = int(min(h, w) * rng.uniform(0.5, 1.0))
-    top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-    crop = Image.fromarray(img[top:top + side, left:left + side]).resize((CROP, CROP), Image.BILINEAR)
-    x = np.asarray(crop, np.float32) / 255.0
+    if rng.random() < 0.25:
+        top, left = round((h - CROP) / 2.0), round((w - CROP) / 2.0)
+        x = img[top:top + CROP, left:left + CROP].astype(np.float32) / 255.0
+    else:
+        for _ in range(10):
+            area = h * w * rng.uniform(0.1, 1.0)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                break
+        else:
+            ch = cw = min(h, w)
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = Image.fromarray(img[top:top + ch, left:left + cw]).resize((CROP, CROP), Image.BILINEAR)
+        x = np.asarray(crop, np.float32) / 255.0
     if rng.random() < 0.5:
         x = x[:, ::-1]
+    b, c, s = rng.uniform(0.85, 1.15, size=3)
+    x = x * b
+    x = (x - x.mean()) * c + x.mean()
+    grey = x.mean(axis=2, keepdims=True)
+    x = np.clip((x - grey) * s + grey, 0.0, 1.0)
     x = (x - IMAGENET_MEAN) / IMAGENET_STD
     return np.ascontiguousarray(x.transpose(2, 0, 1), np.float32)
 
@@ -59,20 +90,99 @@ def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - x).astype(np.float64) ** 2)))
 
 
-def run_batched(graph, x, batch=1):
+def metrics(ref: np.ndarray, x: np.ndarray) -> tuple[float, float, float]:
+    """Top-1 agreement %, top-5 overlap %, logits SQNR dB against ``ref``."""
+    agree = float((x.argmax(1) == ref.argmax(1)).mean() * 100)
+    t5r, t5x = np.argsort(-ref, 1)[:, :5], np.argsort(-x, 1)[:, :5]
+    overlap = float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(t5r, t5x)]) * 100)
+    return agree, overlap, sqnr_db(ref, x)
+
+
+def run_batched(graph, x, threads=1):
     from qmace.runtime import Session
 
-    s = Session(graph, num_threads=2)
+    s = Session(graph, num_threads=threads)
     name, out = graph.inputs[0], graph.outputs[0]
-    return np.concatenate([s.run({name: x[i:i + batch]})[out] for i in range(0, len(x), batch)])
+    return np.concatenate([s.run({name: x[i:i + 1]})[out] for i in range(len(x))])
+
+
+def depthwise_weights(module) -> set[int]:
+    """Indices (in ``module.weights``) of the weights of depthwise convolutions (group == channels)."""
+    from qmace.ops import get_op
+
+    out = set()
+    for node in module.float_graph.nodes:
+        if node.op_type != "Conv" or int(get_op("Conv").attr(node, "group")) == 1:
+            continue
+        name = node.inputs[1]
+        if name in module._weight_index:
+            out.add(module._weight_index[name])
+    return out
+
+
+def distill(module, views, teacher, *, steps, batch, lr, range_lr, temperature, mse, warmup, freeze_dw, seed,
+            log_every=10):
+    """Adam + linear warm-up + cosine decay; loss T^2 KL + mse * MSE on logits. Returns the loss curve."""
+    import torch
+    import torch.nn.functional as F
+
+    frozen = depthwise_weights(module) if freeze_dw else set()
+    for i, p in enumerate(module.weights):
+        p.requires_grad_(i not in frozen)
+    weights = [p for i, p in enumerate(module.weights) if i not in frozen]
+    ranges = [p for n, p in module.named_parameters() if n in ("act_min", "act_max") and p.requires_grad]
+    opt = torch.optim.Adam([{"params": weights, "lr": lr}, {"params": ranges, "lr": range_lr}])
+    n_warm = max(1, int(warmup * steps))
+
+    def factor(k):
+        if k < n_warm:
+            return (k + 1) / n_warm
+        return 0.5 * (1 + math.cos(math.pi * (k - n_warm) / max(1, steps - n_warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    rng = np.random.default_rng(seed)
+    module.train()
+    curve, run = [], []
+    t0 = time.perf_counter()
+    for k in range(steps):
+        idx = rng.choice(len(views), size=batch, replace=len(views) < batch)
+        x = np.stack([augment(views[j], rng) for j in idx])
+        t = torch.from_numpy(teacher(x))
+        s = module(torch.from_numpy(x))
+        s = s.reshape(t.shape)
+        kl = F.kl_div(F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1),
+                      reduction="batchmean") * temperature**2
+        loss = kl + mse * F.mse_loss(s, t) if mse else kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        run.append(float(loss.detach()))
+        if (k + 1) % log_every == 0 or k + 1 == steps:
+            curve.append(float(np.mean(run)))
+            print(f"  step {k + 1}/{steps}: loss {curve[-1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            run = []
+    module.eval()
+    return curve
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=6, help="passes over the 64 augmented calibration stamps")
+    ap.add_argument("--steps", type=int, default=160, help="optimizer steps per schema")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--range-lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=1e-5, help="weights' peak learning rate")
+    ap.add_argument("--range-lr", type=float, default=1e-4, help="LSQ ranges' peak learning rate")
+    ap.add_argument("--temperature", type=float, default=3.0, help="KL distillation temperature")
+    ap.add_argument("--mse", type=float, default=1.0, help="weight of the MSE-on-logits term (0: KL only)")
+    ap.add_argument("--warmup", type=float, default=0.05, help="share of steps of linear warm-up")
+    ap.add_argument("--freeze-dw", action="store_true", help="keep the BN-folded depthwise weights fixed")
+    ap.add_argument("--percentile", type=float, default=99.99, help="calibration percentile (PTQ = QAT start)")
+    ap.add_argument("--no-bias-correction", action="store_true")
+    ap.add_argument("--holdout", type=int, default=0,
+                    help="selection mode: hold out the last K calibration stamps, evaluate on their views only")
+    ap.add_argument("--holdout-views", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--schemas", default="uint8,int8")
     args = ap.parse_args(argv)
 
@@ -80,15 +190,16 @@ def main(argv=None) -> int:
 
     from qmace.frontends.onnx_frontend import onnx_to_graph, read_onnx
     from qmace.passes import optimize
-    from qmace.qat import prepare, train
-    from qmace.qat.train import float_teacher
+    from qmace.qat import prepare
     from qmace.quantize.api import calibrate
+    from qmace.quantize.bias_correction import ChannelMeans, correct_biases
     from qmace.quantize.calibration import make_calibrator
     from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
+    from qmace.runtime import Session
     from qmace.zoo import default_cache, export_onnx, load_images, load_mobilenet_v2, load_split, stamps_dir
 
     t_start = time.perf_counter()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     cache = default_cache()
     onnx_path = cache / "mobilenet_v2_fp32.onnx"
     if not onnx_path.is_file():
@@ -97,48 +208,70 @@ def main(argv=None) -> int:
     graph.tensors[graph.inputs[0]].shape = (1, 3, 224, 224)
     split = load_split()
     root = stamps_dir(cache)
-    x_cal = load_images(split["calib"], root=root)
-    x_eval = load_images(split["eval"], root=root)
-    resized = load_resized(split["calib"], root)
+    calib = list(split["calib"])
+    train_paths = calib[:len(calib) - args.holdout] if args.holdout else calib
+    x_cal = load_images(calib, root=root)  # calibration (PTQ) always uses all 64
+    resized = load_resized(train_paths, root)
+    if args.holdout:
+        held = load_resized(calib[len(calib) - args.holdout:], root)
+        vrng = np.random.default_rng(12345)
+        x_eval = np.stack([augment(img, vrng) for img in held for _ in range(args.holdout_views)])
+        eval_name = f"{len(x_eval)} augmented views of {args.holdout} held-out calibration stamps"
+    else:
+        x_eval = load_images(split["eval"], root=root)
+        eval_name = "233 evaluation stamps"
 
-    ref = run_batched(graph, x_eval)
-    cal = make_calibrator("mace")
-    calibrate(graph, [SimpleNamespace(name=str(i), feeds={"input": x_cal[i:i + 1]}) for i in range(len(x_cal))], cal)
+    # the teacher is the ORIGINAL FP32 model (bias correction changes the float graph)
+    teacher_session = Session(graph.copy(), num_threads=args.threads)
+    in_name, out_name = graph.inputs[0], graph.outputs[0]
+
+    def teacher(x):
+        return np.concatenate([teacher_session.run({in_name: x[i:i + 1]})[out_name] for i in range(len(x))])
+
+    ref = teacher(x_eval)
+    cal = make_calibrator("percentile", percentile=args.percentile)
+    means = ChannelMeans(graph)
+    calibrate(graph, [SimpleNamespace(name=str(i), feeds={"input": x_cal[i:i + 1]}) for i in range(len(x_cal))],
+              cal, num_threads=args.threads, observers=[] if args.no_bias_correction else [means])
     ranges = cal.ranges()
     in_range = (float(x_cal.min()), float(x_cal.max()))
 
     rows = []
     for schema in args.schemas.split(","):
         opts = QuantizeOptions(schema=schema, input_ranges={"input": in_range})
-        ptq = run_batched(quantize_graph(graph, ranges, opts).graph, x_eval)
+        start = graph if args.no_bias_correction else correct_biases(graph, means, schema)[0]
+        ptq = run_batched(quantize_graph(start, ranges, opts).graph, x_eval, args.threads)
         t0 = time.perf_counter()
-        module = prepare(graph, ranges, opts)
-        teacher = float_teacher(module)
-
-        def batches(epoch, _rng=np.random.default_rng(0)):
-            order = _rng.permutation(len(resized))
-            for i in range(0, len(order), args.batch):
-                yield np.stack([augment(resized[j], _rng) for j in order[i:i + args.batch]])
-
-        losses = train(module, batches, epochs=args.epochs, lr=args.lr, range_lr=args.range_lr, teacher=teacher)
-        qat = run_batched(module.quantized_graph(), x_eval)
+        module = prepare(start, ranges, opts)
+        same = np.array_equal(run_batched(module.quantized_graph(), x_eval[:4], args.threads), ptq[:4])
+        print(f"{schema}: QAT start == PTQ model: {same}", flush=True)
+        distill(module, resized, teacher, steps=args.steps, batch=args.batch, lr=args.lr,
+                        range_lr=args.range_lr, temperature=args.temperature, mse=args.mse, warmup=args.warmup,
+                        freeze_dw=args.freeze_dw, seed=args.seed)
+        t_train = time.perf_counter() - t0
+        qat = run_batched(module.quantized_graph(), x_eval, args.threads)
         t_qat = time.perf_counter() - t0
-        top = ref.argmax(1)
-        rows.append((schema, float((ptq.argmax(1) == top).mean() * 100), float((qat.argmax(1) == top).mean() * 100),
-                     sqnr_db(ref, ptq), sqnr_db(ref, qat), t_qat, losses))
-        print(f"{schema}: distillation loss per epoch {', '.join(f'{v:.4f}' for v in losses)}", flush=True)
+        rows.append((schema, metrics(ref, ptq), metrics(ref, qat), t_train, t_qat))
+        pa, qa = rows[-1][1][0], rows[-1][2][0]
+        print(f"{schema}: agreement PTQ {pa:.1f}% -> QAT {qa:.1f}%, SQNR {rows[-1][1][2]:.2f} -> "
+              f"{rows[-1][2][2]:.2f} dB, train {t_train:.0f} s", flush=True)
 
-    print(f"\nMobileNetV2 (torchvision weights), 233 evaluation stamps vs FP32; PTQ: MACE min/max on the 64 "
-          f"calibration stamps; QAT: {args.epochs} epochs of distillation on the 64 augmented calibration stamps, "
-          f"batch {args.batch}, lr {args.lr:g} (ranges {args.range_lr:g}), LSQ ranges")
-    print("| schema | PTQ top-1 agr. | QAT top-1 agr. | PTQ SQNR | QAT SQNR | recovered | QAT time |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nMobileNetV2 (torchvision weights), {eval_name} vs FP32; PTQ = QAT start: percentile "
+          f"{args.percentile:g} ranges{'' if args.no_bias_correction else ' + bias correction'} from the 64 "
+          f"calibration stamps; QAT: {args.steps} steps x batch {args.batch} of distillation on augmented views of "
+          f"{len(train_paths)} calibration stamps, lr {args.lr:g} (ranges {args.range_lr:g}), warm-up + cosine, "
+          f"T={args.temperature:g} KL + {args.mse:g} x MSE on logits{', depthwise frozen' if args.freeze_dw else ''}, "
+          f"{args.threads} thread(s)")
+    print("| schema | PTQ top-1 agr. | QAT top-1 agr. | PTQ top-5 ovl. | QAT top-5 ovl. | PTQ SQNR | QAT SQNR "
+          "| recovered | QAT time (train + eval) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     ok = True
-    for schema, pa, qa, ps, qs, t, _ in rows:
+    for schema, (pa, p5, ps), (qa, q5, qs), tt, t in rows:
         lost = 100 - pa
         rec = (qa - pa) / lost if lost > 0 else float("nan")
         ok &= lost <= 0 or rec >= 0.5
-        print(f"| {schema} | {pa:.1f}% | {qa:.1f}% | {ps:.2f} dB | {qs:.2f} dB | {rec:.0%} of {lost:.1f} pt | {t:.0f} s |")
+        print(f"| {schema} | {pa:.1f}% | {qa:.1f}% | {p5:.1f}% | {q5:.1f}% | {ps:.2f} dB | {qs:.2f} dB "
+              f"| {rec:.0%} of {lost:.1f} pt | {t:.0f} s ({tt:.0f} + {t - tt:.0f}) |")
     print(f"target (QAT recovers >= half of the agreement PTQ lost, per schema): {'met' if ok else 'NOT met'}")
     print(f"total time: {time.perf_counter() - t_start:.0f} s")
     return 0
