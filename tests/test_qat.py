@@ -216,3 +216,40 @@ def test_cli_qat_end_to_end(tmp_path, capsys):
     assert "m_qat.yml" in text and (out / "m_qat.ranges").is_file() and (out / "m_qat.ckpt").is_file()
     res = convert(out / "m_qat.yml", build_dir=tmp_path / "build")
     assert res.graph.metadata["quantization"]["schema"] == "int8"
+
+
+@pytest.mark.parametrize("schema", ["uint8", "int8"])
+def test_prepared_module_is_the_ptq_model_for_non_float32_ranges(setup, schema):
+    """Ranges that are not float32 numbers (histogram calibrators give such) must reach the module
+    unrounded: its exact forward equals the PTQ model built from the same ranges (regression: ranges stored
+    as float32 changed the scales)."""
+    from qmace.quantize.quantizer import quantize_graph
+    from qmace.quantize.ranges import Range
+
+    _, graph, ranges = setup
+
+    def scale(lo, hi):
+        return np.float32((max(hi, 0.0) - min(lo, 0.0)) / 255.0)
+
+    def odd_range(r):  # move max within one float32 ulp until rounding it to float32 changes the scale
+        ulp = float(np.spacing(np.float32(r.max)))
+        for k in range(1, 400):
+            hi = r.max + k * ulp / 400
+            if scale(r.min, hi) != scale(float(np.float32(r.min)), float(np.float32(hi))):
+                return Range(r.min, hi)
+        return r
+
+    odd = {k: odd_range(r) for k, r in ranges.items()}
+    changed = sum(odd[k] != ranges[k] for k in ranges)
+    assert changed >= len(ranges) // 2, "the test needs ranges whose float32 rounding changes the scale"
+    opts = QuantizeOptions(schema=schema, input_ranges={"x": INPUT_RANGE})
+    ptq = quantize_graph(graph, odd, opts).graph
+    m = _prepare(graph, odd, schema)
+    qg = m.quantized_graph()
+    differing = [k for k, t in ptq.tensors.items() if t.quant is not None and t.data is None
+                 and (k not in qg.tensors or qg.tensors[k].quant != t.quant)]
+    assert not differing, f"activation parameters differ from PTQ's: {differing}"
+    for x in _inputs(3, 11):
+        want = execute(ptq, {"x": x})["y"]
+        np.testing.assert_array_equal(m(torch.from_numpy(x), exact=True).numpy(), want)
+        np.testing.assert_array_equal(execute(qg, {"x": x})["y"], want)
