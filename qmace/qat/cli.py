@@ -101,7 +101,8 @@ def qat_command(args: argparse.Namespace, progress=None) -> int:
     n = count_samples(m, args.train_dir, 0)
     samples = list(progress(samples_for(m, args.train_dir, 0), total=n, desc="loading") if progress
                    else samples_for(m, args.train_dir, 0))
-    cal = make_calibrator("mace")
+    # Start from the better post-training ranges (histogram percentile), not MACE's min/max.
+    cal = make_calibrator("percentile")
     calibrate(graph, samples, cal)
     opts = options_for(m)
     module = prepare(graph, cal.ranges(), opts)

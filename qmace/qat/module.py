@@ -541,7 +541,6 @@ class QATModule(nn.Module):
                 else:
                     ins.append(value(name))
             if quantized and op.quant_kernel == "accumulate":
-                xq = qps[node.inputs[0]]
                 x_scale = scales[node.inputs[0]]
                 for i, name in wn.items():
                     if op.is_weight(node, i):
