@@ -158,6 +158,18 @@ def test_one_shot_quantize_and_export(tiny, cli, tmp_path):
         np.testing.assert_array_equal(got, np.load(tmp_path / "out" / f"output_{i}.npy"))
 
 
+@pytest.mark.parametrize("extra", [["--adaround"], ["--no_bias_correction", "--method", "mse"], ["--float_nodes", "Gemm"]])
+def test_one_shot_quantize_options(tiny, cli, tmp_path, extra):
+    write_samples(tmp_path / "samples", tiny, 4)
+    tiny.write_yaml(quantize_schema="int8")
+    res = cli("quantize", "--config", tiny.yaml, "--input_dir", tmp_path / "samples", *extra)
+    assert res.code == 0, res.err
+    if "--float_nodes" in extra:
+        assert "kept in float by request" in res.out
+    res = cli("run", "--config", tiny.yaml, "--input_dir", tmp_path / "samples", "--validate")
+    assert "validation" in res.out
+
+
 def test_quantize_large_weights_convert_and_validate(tiny, cli):
     tiny.write_yaml(quantize_large_weights=1)
     res = cli("convert", "--config", tiny.yaml)
