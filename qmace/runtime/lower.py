@@ -85,8 +85,7 @@ class _Lowering:
                 continue
             self.inits.append(numpy_helper.from_array(np.asarray(t.data, order="C"), name))
             if t.is_quantized:
-                s, z = self.qparams_inputs(t)
-                self.nodes.append(helper.make_node("DequantizeLinear", [name, s, z], [f"{name}__dq"], name=f"{name}__DQ", **self.q_axis(t)))
+                self.emit_dq(t)
         for node in g.nodes:
             self.lower_node(node)
         inputs = [_value_info(g.tensors[i]) for i in g.inputs]
