@@ -27,7 +27,7 @@ import numpy as np
 from qmace.ir import Graph, Node, Tensor
 from qmace.ops.conv import im2col
 from qmace.quantize import qmath
-from qmace.quantize.bias_correction import shift_bias, weight_params
+from qmace.quantize.bias_correction import layer_weight, shift_bias, weight_params
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +42,6 @@ class _Layer:
     rows: int = 0
 
 
-def _layer_weight(g: Graph, node: Node) -> np.ndarray | None:
-    """The weight as (G, Mg, Kg) float64 (rows = output channels), or None if not handled."""
-    w = g.constant(node.inputs[1]) if len(node.inputs) > 1 else None
-    if w is None:
-        return None
-    if node.op_type == "Conv":
-        group = int(node.attrs.get("group", 1))
-        return w.astype(np.float64).reshape(group, w.shape[0] // group, -1)
-    if node.op_type == "Gemm" and not node.attrs.get("transA", 0) and float(node.attrs.get("alpha", 1.0)) == 1.0:
-        wm = w if node.attrs.get("transB", 0) else w.T
-        return wm.astype(np.float64)[None]
-    if node.op_type == "MatMul" and w.ndim == 2:
-        return w.T.astype(np.float64)[None]
-    return None
-
-
 class InputStatistics:
     """Per-layer first and second moments of the im2col rows of every Conv/Gemm/MatMul input."""
 
@@ -65,7 +49,7 @@ class InputStatistics:
         self.graph = graph
         self.layers: dict[str, _Layer] = {}
         for n in graph.nodes:
-            w = _layer_weight(graph, n) if n.op_type in ("Conv", "Gemm", "MatMul") else None
+            w = layer_weight(graph, n)
             if w is None or w.shape[2] > max_k:
                 continue
             gs, _, k = w.shape
@@ -164,7 +148,7 @@ def adaround(
         if lay.rows == 0:
             continue
         node = next(n for n in g.nodes if n.name == name)
-        w3 = _layer_weight(g, node)
+        w3 = layer_weight(g, node)
         w_orig = g.constant(node.inputs[1])
         qp = weight_params(w_orig.astype(np.float32), node, schema)
         mu = lay.sum_x / lay.rows  # (G, K)

@@ -16,16 +16,32 @@ from qmace.ir import Graph, Node, Tensor
 from qmace.ops import get_op
 from qmace.quantize import qmath
 
-CORRECTED_OPS = ("Conv", "Gemm", "MatMul")
+
+def as_rows(w: np.ndarray, node: Node) -> np.ndarray:
+    """A Conv/Gemm/MatMul weight (in its own layout) as (G, Mg, Kg) float64: one row per output channel."""
+    if node.op_type == "Conv":
+        group = int(node.attrs.get("group", 1))
+        return w.astype(np.float64).reshape(group, w.shape[0] // group, -1)
+    if node.op_type == "Gemm" and node.attrs.get("transB", 0):
+        return w.astype(np.float64)[None]
+    return w.T.astype(np.float64)[None]  # Gemm without transB, MatMul: (K, M)
+
+
+def layer_weight(g: Graph, node: Node) -> np.ndarray | None:
+    """The constant weight of a layer bias correction and AdaRound handle, as rows (``as_rows``), else None."""
+    w = g.constant(node.inputs[1]) if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1 else None
+    if w is None:
+        return None
+    if node.op_type == "Gemm" and (node.attrs.get("transA", 0) or float(node.attrs.get("alpha", 1.0)) != 1.0):
+        return None
+    if node.op_type == "MatMul" and w.ndim != 2:
+        return None
+    return as_rows(w, node)
 
 
 def correctable_inputs(graph: Graph) -> list[str]:
     """Activation inputs whose per-channel means bias correction needs."""
-    names = []
-    for n in graph.nodes:
-        if n.op_type in CORRECTED_OPS and len(n.inputs) > 1 and graph.constant(n.inputs[1]) is not None:
-            names.append(n.inputs[0])
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(n.inputs[0] for n in graph.nodes if layer_weight(graph, n) is not None))
 
 
 class ChannelMeans:
@@ -85,28 +101,16 @@ def correct_biases(graph: Graph, means: ChannelMeans, schema: str) -> tuple[Grap
     g = graph.copy()
     done = 0
     for n in g.nodes:
-        if n.op_type not in CORRECTED_OPS or len(n.inputs) < 2:
+        w3 = layer_weight(g, n)
+        e = means.mean(n.inputs[0]) if w3 is not None else None
+        if e is None:
             continue
-        w = g.constant(n.inputs[1])
-        e = means.mean(n.inputs[0])
-        if w is None or e is None:
-            continue
-        if n.op_type == "Gemm" and (n.attrs.get("transA", 0) or float(n.attrs.get("alpha", 1.0)) != 1.0):
-            continue
-        if n.op_type == "MatMul" and w.ndim != 2:
-            continue
-        w32 = w.astype(np.float32)
+        w32 = g.constant(n.inputs[1]).astype(np.float32)
         qp = weight_params(w32, n, schema)
-        dw = qmath.dequantize(qmath.quantize(w32, qp), qp).astype(np.float64) - w.astype(np.float64)
-        if n.op_type == "Conv":
-            group = int(n.attrs.get("group", 1))
-            m, cg = w.shape[0], w.shape[1]
-            taps = dw.reshape(group, m // group, cg, -1).sum(-1)  # (G, M/G, Cg)
-            delta = np.einsum("gmc,gc->gm", taps, e.reshape(group, cg)).reshape(m)
-        elif n.op_type == "Gemm" and n.attrs.get("transB", 0):
-            delta = dw @ e
-        else:
-            delta = e @ dw
-        done += shift_bias(g, n, delta)
+        dw = as_rows(qmath.dequantize(qmath.quantize(w32, qp), qp), n) - w3  # (G, Mg, K)
+        group, _, k = dw.shape
+        # the mean of each weight's input: its channel's mean, the same for every kernel tap
+        mu = np.repeat(e.reshape(group, -1), k * group // e.size, axis=1)  # (G, K)
+        done += shift_bias(g, n, np.einsum("gmk,gk->gm", dw, mu).reshape(-1))
     g.remove_unused()
     return g, done
