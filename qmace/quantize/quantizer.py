@@ -93,6 +93,12 @@ class _Planner:
             return Range(lo, hi)
         return self.table.get(name)
 
+    def assign(self, name: str, r: Range) -> qmath.QuantParams:
+        """Record ``r`` as the range used for activation ``name`` and give it the asymmetric parameters."""
+        self.used[name] = r
+        self.qp[name] = qmath.params_asymmetric(r.min, r.max, ACT_DTYPE)
+        return self.qp[name]
+
     def fixed(self, name: str) -> qmath.QuantParams | None:
         """Per-tensor parameters fixed by the source for activation ``name`` (per-channel ones are only
         meaningful for weights and are ignored here)."""
@@ -117,9 +123,7 @@ class _Planner:
         if r is None:
             self.missing.setdefault(name, needed_by)
             return None
-        self.used[name] = r
-        self.qp[name] = qmath.params_asymmetric(r.min, r.max, ACT_DTYPE)
-        return self.qp[name]
+        return self.assign(name, r)
 
     def concat_writeback(self) -> None:
         """change_concat_ranges: the union of a Concat's input ranges becomes every producer's range."""
@@ -198,9 +202,7 @@ class _Planner:
         if r is None:
             self.missing.setdefault(out, node.name)
             return None
-        self.used[out] = r
-        self.qp[out] = qmath.params_asymmetric(r.min, r.max, ACT_DTYPE)
-        return self.qp[out]
+        return self.assign(out, r)
 
 
 def quantize_graph(graph: Graph, table: RangeTable, opts: QuantizeOptions) -> QuantizeResult:
