@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qmace.metrics import compare
 from qmace.zoo import (
     default_cache,
     export_onnx,
@@ -179,14 +180,12 @@ def interleaved_medians(
 
 
 def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    ref = np.asarray(ref, np.float64)
-    noise = float(np.sum((ref - np.asarray(x, np.float64)) ** 2))
-    return float("inf") if noise == 0 else float(10 * np.log10(float(np.sum(ref**2)) / noise))
+    """Logits SQNR as `qmace run --validate` computes it (qmace.metrics.compare)."""
+    return compare(ref, x).sqnr_db
 
 
 def cosine(ref: np.ndarray, x: np.ndarray) -> float:
-    a, b = np.asarray(ref, np.float64).ravel(), np.asarray(x, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return compare(ref, x).cosine
 
 
 def top5(logits: np.ndarray) -> np.ndarray:

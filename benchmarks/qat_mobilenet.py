@@ -32,6 +32,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from qmace.metrics import compare
 from qmace.zoo.stamps import CROP, IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -86,16 +87,12 @@ def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1), np.float32)
 
 
-def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - x).astype(np.float64) ** 2)))
-
-
 def metrics(ref: np.ndarray, x: np.ndarray) -> tuple[float, float, float]:
     """Top-1 agreement %, top-5 overlap %, logits SQNR dB against ``ref``."""
     agree = float((x.argmax(1) == ref.argmax(1)).mean() * 100)
     t5r, t5x = np.argsort(-ref, 1)[:, :5], np.argsort(-x, 1)[:, :5]
     overlap = float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(t5r, t5x)]) * 100)
-    return agree, overlap, sqnr_db(ref, x)
+    return agree, overlap, compare(ref, x).sqnr_db
 
 
 def run_batched(graph, x, threads=1):
