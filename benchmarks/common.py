@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from qmace.metrics import compare
+from qmace.runtime.session import ort_session as qmace_ort_session
 from qmace.zoo import (
     default_cache,
     export_onnx,
@@ -127,16 +128,9 @@ def write_yaml(
 
 
 def ort_session(model: Path | bytes, threads: int):
-    """Plain ONNX Runtime (CPU EP, all graph optimizations) with `threads` intra-op threads."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    src = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    """Plain ONNX Runtime (CPU EP, all graph optimizations) with `threads` intra-op threads: the same
+    session options as qmace's own onnxruntime backend."""
+    return qmace_ort_session(model if isinstance(model, bytes) else Path(model).read_bytes(), threads)
 
 
 def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 1) -> np.ndarray:
