@@ -11,6 +11,7 @@ Nothing here changes library behaviour; it only drives the public API.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import platform
 import resource
@@ -260,7 +261,7 @@ def machine_note() -> str:
 def md_table(headers: list[str], rows: list[list[object]]) -> str:
     def cell(v: object) -> str:
         if isinstance(v, float):
-            if v != v:
+            if math.isnan(v):
                 return "-"
             return f"{v:.2f}" if abs(v) < 100 else f"{v:.1f}"
         return str(v)
