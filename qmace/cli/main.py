@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "no_bias_correction", action="store_true", help="skip correcting biases for weight rounding")
     _flag(p, "adaround", action="store_true",
           help="choose weight rounding by output reconstruction (AdaRound) + bias correction; slower")
+    _flag(p, "no_equalization", action="store_true",
+          help="skip rescaling activation channels (equalization) before choosing ranges")
     _flag(p, "float_nodes", default="", help="comma-separated node names or op types to keep in float")
     _flag(p, "num_threads", type=int, default=None)
 
@@ -198,7 +200,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         a.config, input_dir=a.input_dir, model_name=a.model_name, build_dir=a.build_dir, method=a.method,
         percentile=a.percentile, enhance=a.enhance, enhance_ratio=a.enhance_ratio, schema=a.schema,
         range_file=a.range_file, num_threads=a.num_threads, bias_correction=not a.no_bias_correction,
-        adaround=a.adaround,
+        adaround=a.adaround, equalize=not a.no_equalization,
         float_nodes={x for x in a.float_nodes.split(",") if x}, progress=_progress,
     )
     print(res.convert.summary())

@@ -18,6 +18,7 @@ from qmace.quantize.adaround import InputStatistics
 from qmace.quantize.adaround import adaround as run_adaround
 from qmace.quantize.bias_correction import ChannelMeans, correct_biases
 from qmace.quantize.calibration import Calibrator, make_calibrator
+from qmace.quantize.equalize import ChannelMaxima, equalize_activations
 from qmace.quantize.qmath import QuantParams
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph, quantize_large_weights
 from qmace.quantize.ranges import RangeTable, read_range_file, write_range_file
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 def calibrate(
     graph: Graph,
     samples: Iterable,
-    calibrator: Calibrator,
+    calibrator: Calibrator | None,
     num_threads: int | None = None,
     backend: str = "onnxruntime",
     observers: Sequence = (),
@@ -38,12 +39,16 @@ def calibrate(
 
     Samples stream one at a time: memory holds one sample's tensors plus the calibrator's state.
     Returns the number of samples seen. Each of ``observers`` (bias-correction means, AdaRound input
-    statistics) lists ``input_names`` and is fed those tensors with ``observe(name, value)``.
+    statistics, equalization maxima) lists ``input_names`` and is fed those tensors with
+    ``observe(name, value)``. ``calibrator`` None: only the observers are fed.
     """
-    names = [n for n in graph.activations() if graph.tensors[n].dtype == "float32"]
+    floats = [n for n in graph.activations() if graph.tensors[n].dtype == "float32"]
+    names = floats if calibrator is not None else []
+    wanted = set(names) | {n for obs in observers for n in obs.input_names}
+    extra = [n for n in floats if n in wanted]
     session = Session(graph, backend=backend, num_threads=num_threads,
-                      extra_outputs=names if backend == "onnxruntime" else None)
-    fetch = list(dict.fromkeys(list(graph.outputs) + names))
+                      extra_outputs=extra if backend == "onnxruntime" else None)
+    fetch = list(dict.fromkeys(list(graph.outputs) + extra))
     count = 0
     for sample in samples:
         for k, v in sample.feeds.items():
@@ -120,6 +125,7 @@ def quantize_one_shot(
     bias_correction: bool = True,
     adaround: bool = False,
     adaround_iters: int = 400,
+    equalize: bool = True,
     float_nodes: set[str] | None = None,
     progress: Callable[..., Iterator] | None = None,
 ) -> OneShotResult:
@@ -139,10 +145,20 @@ def quantize_one_shot(
         opts = {"percentile": percentile}
     calibrator = make_calibrator(method, **opts)
     n = count_samples(m, input_dir, 0)
+    schema = schema or m.quantize_schema
+    equalized = 0
+    if equalize:
+        # a first pass for per-channel maxima; the ranges must come from the rescaled model, so a second follows
+        maxima = ChannelMaxima(graph)
+        samples = samples_for(m, input_dir, 0)
+        if progress is not None:
+            samples = progress(samples, total=n, desc="equalization statistics")
+        calibrate(graph, samples, None, num_threads, observers=[maxima])
+        graph, groups = equalize_activations(graph, maxima)
+        equalized = sum(len(gr.tensors) for gr in groups)
     samples = samples_for(m, input_dir, 0)
     if progress is not None:
         samples = progress(samples, total=n, desc="calibration")
-    schema = schema or m.quantize_schema
     means = ChannelMeans(graph) if bias_correction and not adaround else None
     moments = InputStatistics(graph) if adaround else None
     count = calibrate(graph, samples, calibrator, num_threads, observers=[o for o in (means, moments) if o])
@@ -158,7 +174,7 @@ def quantize_one_shot(
     qgraph, fallbacks = quantize_for_config(graph, m, table=table, schema=schema, float_nodes=float_nodes,
                                             fixed_weights=fixed)
     qgraph.metadata["quantization"].update({"method": method, "samples": count, "bias_corrected_layers": corrected,
-                                            "adaround": bool(adaround)})
+                                            "adaround": bool(adaround), "equalized_tensors": equalized})
     path = save_graph(qgraph, model_file_path(cfg, m, build_dir))
     rpath = Path(range_file) if range_file else path.with_suffix(".ranges")
     write_range_file(rpath, table)
