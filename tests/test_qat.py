@@ -253,3 +253,50 @@ def test_prepared_module_is_the_ptq_model_for_non_float32_ranges(setup, schema):
         want = execute(ptq, {"x": x})["y"]
         np.testing.assert_array_equal(m(torch.from_numpy(x), exact=True).numpy(), want)
         np.testing.assert_array_equal(execute(qg, {"x": x})["y"], want)
+
+
+def test_cli_qat_equalizes_the_start_unless_disabled(tmp_path, capsys):
+    """`qmace qat` rescales activation channels before the initial calibration (as `qmace quantize`), and
+    `--no_equalization` turns it off: with 0 epochs the exported float models compute the same function, but
+    the equalized one has different weights and ranges."""
+    import yaml
+
+    from qmace.cli.main import main
+    from qmace.quantize.ranges import read_range_file
+    from qmace.runtime import Session
+
+    model = _model()
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    cfg = {
+        "library_name": "t", "target_abis": ["host"], "model_graph_format": "file", "model_data_format": "file",
+        "models": {"m": {
+            "platform": "onnx", "model_file_path": "m.onnx",
+            "model_sha256_checksum": hashlib.sha256((tmp_path / "m.onnx").read_bytes()).hexdigest(),
+            "subgraphs": [{"input_tensors": ["x"], "input_shapes": ["1,3,12,12"], "input_data_formats": ["NCHW"],
+                           "output_tensors": ["y"]}],
+            "runtime": "cpu", "quantize_schema": "int8"}},
+    }
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(cfg))
+    d = tmp_path / "train"
+    d.mkdir()
+    for i, x in enumerate(_inputs(6, 21)):
+        np.save(d / f"x_{i}.npy", x)
+    runs = {}
+    for flag in ([], ["--no_equalization"]):
+        out = tmp_path / ("plain" if flag else "eq")
+        rc = main(["qat", "--config", str(tmp_path / "m.yml"), "--train_dir", str(d), "--epochs", "0",
+                   "--output_dir", str(out), *flag])
+        text = capsys.readouterr().out
+        assert rc == 0
+        assert ("equalization" in text) != bool(flag), text
+        onnx_model = onnx.load(out / "m_qat.onnx")
+        weights = {i.name: numpy_helper.to_array(i) for i in onnx_model.graph.initializer}
+        graph = optimize(onnx_to_graph(onnx_model))
+        ys = [Session(graph).run({"x": x})["y"] for x in _inputs(4, 5)]
+        runs[bool(flag)] = (weights, read_range_file(out / "m_qat.ranges"), ys)
+    (w_eq, r_eq, y_eq), (w_plain, r_plain, y_plain) = runs[False], runs[True]
+    for a, b in zip(y_eq, y_plain):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    same_weights = sorted(w_eq) == sorted(w_plain) and all(np.array_equal(w_eq[k], w_plain[k]) for k in w_eq)
+    assert not same_weights, "equalization did not rescale any weight"
+    assert r_eq != r_plain

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "lr", type=float, default=1e-5)
     _flag(p, "batch_size", type=int, default=16)
     _flag(p, "output_dir", default=None)
+    _flag(p, "no_equalization", action="store_true",
+          help="skip rescaling activation channels (equalization) before the initial calibration")
     return ap
 
 

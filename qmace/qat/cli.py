@@ -92,6 +92,7 @@ def qat_command(args: argparse.Namespace, progress=None) -> int:
     from qmace.qat.train import train
     from qmace.quantize.api import calibrate, options_for
     from qmace.quantize.calibration import make_calibrator
+    from qmace.quantize.equalize import ChannelMaxima, equalize_activations
 
     if args.epochs < 0 or args.batch_size < 1:
         raise ConfigError("--epochs must be >= 0 and --batch_size >= 1")
@@ -101,6 +102,13 @@ def qat_command(args: argparse.Namespace, progress=None) -> int:
     n = count_samples(m, args.train_dir, 0)
     samples = list(progress(samples_for(m, args.train_dir, 0), total=n, desc="loading") if progress
                    else samples_for(m, args.train_dir, 0))
+    if not getattr(args, "no_equalization", False):
+        # as `qmace quantize`: rescale activation channels first (same float function), so the ranges below
+        # come from the equalized graph and training starts from the better post-training state
+        maxima = ChannelMaxima(graph)
+        calibrate(graph, samples, None, observers=[maxima])
+        graph, groups = equalize_activations(graph, maxima)
+        print(f"qat: activation equalization rescaled {sum(len(g.tensors) for g in groups)} tensor(s)")
     # Start from the better post-training ranges (histogram percentile), not MACE's min/max.
     cal = make_calibrator("percentile")
     calibrate(graph, samples, cal)
