@@ -48,6 +48,7 @@ from qmace.quantize.adaround import InputStatistics, adaround  # noqa: E402
 from qmace.quantize.api import calibrate, quantize_for_config  # noqa: E402
 from qmace.quantize.bias_correction import ChannelMeans, correct_biases  # noqa: E402
 from qmace.quantize.calibration import make_calibrator  # noqa: E402
+from qmace.quantize.equalize import ChannelMaxima, equalize_activations  # noqa: E402
 from qmace.quantize.ranges import Range  # noqa: E402
 from qmace.runtime import Session  # noqa: E402
 
@@ -60,8 +61,11 @@ ALL_METHODS = {  # label -> (method, options)
     "entropy": ("entropy", {}),
     "mse": ("mse", {}),
 }
-DEFAULT_METHODS = "mace P=0,mace P=5,percentile 99.99,mse"
-DEFAULT_ADAROUND = "percentile 99.99,mse"
+DEFAULT_METHODS = "mace P=0,mace P=5,percentile 99.95,percentile 99.99,mse"
+DEFAULT_ADAROUND = "percentile 99.95"
+DEFAULT_EQ = "percentile 99.95,percentile 99.99,mse"
+DEFAULT_EQ_ADAROUND = "percentile 99.95"
+EQ_TAG = " +equalization"
 ADAROUND_TAG = " +AdaRound"
 
 
@@ -144,20 +148,27 @@ def ort_quantize(src: Path, dst: Path, xc: np.ndarray, wtype: str, per_channel: 
 
 
 def calib_memory_child(args) -> int:
-    """Child mode: the steps of `qmace quantize` for `--_n` samples with `--_method` (calibration with bias
-    correction's channel means, or with AdaRound's input statistics for a `... +AdaRound` label; then
-    `ranges()` and `correct_biases` / `adaround`); print peak RSS growth as JSON."""
+    """Child mode: the steps of `qmace quantize` for `--_n` samples with `--_method` (for a `... +equalization`
+    label first the channel-maxima pass and `equalize_activations`; calibration with bias correction's channel
+    means, or with AdaRound's input statistics for a `... +AdaRound` label; then `ranges()` and
+    `correct_biases` / `adaround`); print peak RSS growth as JSON."""
     xc = np.load(args._images)
     m = load_config(args._yaml).model()
     g = load_float_graph(m)
     label = args._method
     ar = label.endswith(ADAROUND_TAG)
-    method, opts = ALL_METHODS[label[: -len(ADAROUND_TAG)] if ar else label]
+    label = label[: -len(ADAROUND_TAG)] if ar else label
+    eq = label.endswith(EQ_TAG)
+    method, opts = ALL_METHODS[label[: -len(EQ_TAG)] if eq else label]
     cal = make_calibrator(method, **opts)
     peak_load = common.peak_rss_mb()  # loading the model and images
     reset = common.reset_peak_rss()
     before = common.current_rss_mb()
     t0 = time.perf_counter()
+    if eq:  # the equalization statistics pass, then the rescaled model, as `qmace quantize` does
+        maxima = ChannelMaxima(g)
+        calibrate(g, samples(xc, args._n), None, num_threads=args.threads, observers=[maxima])
+        g, _ = equalize_activations(g, maxima)
     obs = InputStatistics(g) if ar else ChannelMeans(g)
     n = calibrate(g, samples(xc, args._n), cal, num_threads=args.threads, observers=[obs])
     table = cal.ranges()
@@ -307,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated labels of ALL_METHODS")
     ap.add_argument("--adaround-methods", default=DEFAULT_ADAROUND, help="methods that also get AdaRound rows")
     ap.add_argument("--adaround-iters", type=int, default=400)
+    ap.add_argument("--eq-methods", default=DEFAULT_EQ, help="methods that also get rows on the equalized model")
+    ap.add_argument("--eq-adaround-methods", default=DEFAULT_EQ_ADAROUND,
+                    help="methods that also get equalized + AdaRound rows")
     ap.add_argument("--mem-samples", default="100,1000")
-    ap.add_argument("--mem-methods", default="mace P=0,mace P=0 +AdaRound", help=f"labels; suffix '{ADAROUND_TAG}' for AdaRound")
+    ap.add_argument("--mem-methods", default="mace P=0,percentile 99.95 +equalization",
+                    help=f"labels; suffix '{EQ_TAG}' for equalization, then '{ADAROUND_TAG}' for AdaRound")
     ap.add_argument("--mem-adaround-samples", default="100,1000",
                     help="sample counts for the AdaRound memory rows (its statistics cost ~1 s per sample)")
     ap.add_argument("--mem-parallel", type=int, default=2, help="memory child processes at once")
@@ -339,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     T = args.threads
     methods = {k: ALL_METHODS[k] for k in [v.strip() for v in args.methods.split(",") if v.strip()]}
     ar_methods = [v.strip() for v in args.adaround_methods.split(",") if v.strip()]
+    eq_methods = [v.strip() for v in args.eq_methods.split(",") if v.strip()]
+    eq_ar_methods = [v.strip() for v in args.eq_adaround_methods.split(",") if v.strip()]
     out: list[str] = [f"## PTQ benchmark: MobileNetV2 (real weights), Tux Paint stamps\n\n{common.machine_note()}\n",
                       "Command: `python benchmarks/bench_ptq.py " + " ".join(sys.argv[1:]) + "`\n"]
 
@@ -373,16 +390,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
     times[f"ORT quantize_static x{len(ORT_PEERS)} + eval"] = time.perf_counter() - t0
 
-    # ---- qmace: one streamed calibration pass feeding every calibrator and both observers
+    # ---- qmace: one streamed calibration pass feeding every calibrator and the observers
     t0 = time.perf_counter()
     cals = {k: make_calibrator(meth, **opts) for k, (meth, opts) in methods.items()}
     means = ChannelMeans(g1)
     stats = InputStatistics(g1) if ar_methods else None
-    calibrate(g1, samples(xc), FanOut(cals), num_threads=T, observers=[o for o in (means, stats) if o])
+    maxima = ChannelMaxima(g1) if eq_methods else None
+    calibrate(g1, samples(xc), FanOut(cals), num_threads=T, observers=[o for o in (means, stats, maxima) if o])
     tables = {k: c.ranges() for k, c in cals.items()}
     times[f"qmace calibration pass ({len(methods)} calibrators + channel means"
-          + (" + AdaRound statistics" if stats else "") + ")"] = time.perf_counter() - t0
+          + (" + AdaRound statistics" if stats else "") + (" + channel maxima" if maxima else "") + ")"] = \
+        time.perf_counter() - t0
     print(f"  qmace calibration: {time.perf_counter() - t0:.0f} s", flush=True)
+    # equalized: rescale activation channels, then a second calibration pass on the rescaled model
+    if maxima is not None:
+        t0 = time.perf_counter()
+        ge1, groups = equalize_activations(g1, maxima)
+        ge8, _ = equalize_activations(g8, maxima)
+        eq_cals = {k: make_calibrator(ALL_METHODS[k][0], **ALL_METHODS[k][1]) for k in eq_methods}
+        eq_means = ChannelMeans(ge1)
+        eq_stats = InputStatistics(ge1) if eq_ar_methods else None
+        calibrate(ge1, samples(xc), FanOut(eq_cals), num_threads=T,
+                  observers=[o for o in (eq_means, eq_stats) if o])
+        eq_tables = {k: c.ranges() for k, c in eq_cals.items()}
+        times["qmace equalization + its calibration pass"] = time.perf_counter() - t0
+        print(f"  qmace equalization: {len(groups)} groups, {sum(len(x.tensors) for x in groups)} tensors, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
 
     def qrow(label, schema, gq1, gq8, table, fixed=None, latency=True):
         qg1, fb = quantize_for_config(gq1, m1, table=table, schema=schema, fixed_weights=fixed)
@@ -400,34 +433,41 @@ def main(argv: list[str] | None = None) -> int:
     ablation: list[dict] = []
     t_bc = t_ar = 0.0
     t0 = time.perf_counter()
-    for schema in ("int8", "uint8"):
+
+    def schema_rows(schema, tag, ga1, ga8, tabs, mns, sts, ar_ks, with_ablation):
+        nonlocal t_bc, t_ar
         t1 = time.perf_counter()
-        bc1, n_bc = correct_biases(g1, means, schema)
-        bc8, n_bc8 = correct_biases(g8, means, schema)
+        bc1, n_bc = correct_biases(ga1, mns, schema)
+        bc8, n_bc8 = correct_biases(ga8, mns, schema)
         t_bc += time.perf_counter() - t1
-        print(f"  {schema}: bias correction {n_bc} layers (batch 8: {n_bc8}), {time.perf_counter() - t1:.1f} s",
+        print(f"  {schema}{tag}: bias correction {n_bc} layers (batch 8: {n_bc8}), {time.perf_counter() - t1:.1f} s",
               flush=True)
-        for k, table in tables.items():
-            r = qrow(f"qmace {schema}, {k}", schema, bc1, bc8, table)
-            qgraphs[(schema, k)] = r["b1"]
+        for k, table in tabs.items():
+            r = qrow(f"qmace {schema}, {k}{tag}", schema, bc1, bc8, table)
+            qgraphs[(schema, k + tag)] = r["b1"]
             rows.append(r)
-            if schema == "int8":
-                ablation.append(qrow(f"qmace {schema}, {k}, no bias correction", schema, g1, g8, table,
+            if schema == "int8" and with_ablation:
+                ablation.append(qrow(f"qmace {schema}, {k}, no bias correction", schema, ga1, ga8, table,
                                      latency=False))
-        if stats is not None:
+        if sts is not None:
             t1 = time.perf_counter()
-            ar1, fixed, reports = adaround(g1, stats, schema, iters=args.adaround_iters)
-            ar8 = transplant(ar1, g8)
+            ar1, fixed, reports = adaround(ga1, sts, schema, iters=args.adaround_iters)
+            ar8 = transplant(ar1, ga8)
             t_ar += time.perf_counter() - t1
             gain = sum(r.nearest_loss for r in reports) / max(sum(r.final_loss for r in reports), 1e-30)
-            print(f"  {schema}: AdaRound {len(reports)} layers, reconstruction error {gain:.2f}x lower than "
+            print(f"  {schema}{tag}: AdaRound {len(reports)} layers, reconstruction error {gain:.2f}x lower than "
                   f"nearest, {time.perf_counter() - t1:.0f} s", flush=True)
-            for k in ar_methods:
-                rows.append(qrow(f"qmace {schema}, {k}{ADAROUND_TAG}", schema, ar1, ar8, tables[k], fixed))
+            for k in ar_ks:
+                rows.append(qrow(f"qmace {schema}, {k}{tag}{ADAROUND_TAG}", schema, ar1, ar8, tabs[k], fixed))
+
+    for schema in ("int8", "uint8"):
+        schema_rows(schema, "", g1, g8, tables, means, stats, ar_methods, True)
+        if maxima is not None:
+            schema_rows(schema, EQ_TAG, ge1, ge8, eq_tables, eq_means, eq_stats, eq_ar_methods, False)
         print(f"  qmace {schema}: all models {time.perf_counter() - t0:.0f} s", flush=True)
     times["qmace bias correction (2 schemas x 2 batches)"] = t_bc
-    if stats is not None:
-        times[f"qmace AdaRound, {args.adaround_iters} iters (2 schemas)"] = t_ar
+    if stats is not None or (maxima is not None and eq_stats is not None):
+        times[f"qmace AdaRound, {args.adaround_iters} iters"] = t_ar
     times["qmace quantize + eval of all rows (incl. the above)"] = time.perf_counter() - t0
     for r in rows + ablation:
         r["m"] = common.logits_metrics(ref, r["logits"], labels)
@@ -569,6 +609,8 @@ def memory_runs(args, xc, tmp, yaml1, T, times) -> list[str]:
             a, b = results[(meth, ns[0])], results[(meth, ns[-1])]
             what = ("calibrate + AdaRound statistics, adaround()" if meth.endswith(ADAROUND_TAG)
                     else "calibrate + channel means, correct_biases()")
+            if EQ_TAG in meth:
+                what = "channel-maxima pass, equalize, " + what
             mem_rows.append([meth, what, f"{ns[0]} / {ns[-1]}", f"{a['growth']:.1f}", f"{b['growth']:.1f}",
                              f"{100 * (b['growth'] - a['growth']) / a['growth']:+.1f}%",
                              f"{a['peak']:.0f} / {b['peak']:.0f}",

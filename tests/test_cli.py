@@ -170,6 +170,20 @@ def test_one_shot_quantize_options(tiny, cli, tmp_path, extra):
     assert "validation" in res.out
 
 
+def test_one_shot_quantize_equalizes_by_default(tiny, cli, tmp_path):
+    from qmace.modelfile import load_graph
+
+    write_samples(tmp_path / "samples", tiny, 4)
+    tiny.write_yaml(quantize_schema="int8")
+    counts = {}
+    for extra in ([], ["--no_equalization"]):
+        res = cli("quantize", "--config", tiny.yaml, "--input_dir", tmp_path / "samples", *extra)
+        assert res.code == 0, res.err
+        path = res.out.split("model file: ")[1].splitlines()[0].strip()
+        counts[bool(extra)] = load_graph(path).metadata["quantization"]["equalized_tensors"]
+    assert counts[True] == 0 and counts[False] > 0, counts
+
+
 def test_quantize_large_weights_convert_and_validate(tiny, cli):
     tiny.write_yaml(quantize_large_weights=1)
     res = cli("convert", "--config", tiny.yaml)

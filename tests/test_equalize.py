@@ -19,7 +19,7 @@ from qmace.runtime import Session
 C = 8
 
 
-def _model(tail_gap: bool = False):
+def _model(tail: str = "conv"):
     """x -> expand Conv+ReLU6 -> depthwise Conv+ReLU6 -> project Conv -> (+ skip Conv) -> Conv -> y.
 
     Channel scales differ by up to 128x (weight rows scaled) and the next layer's columns compensate, as in
@@ -35,6 +35,7 @@ def _model(tail_gap: bool = False):
                                 "wp"),
         numpy_helper.from_array((rng.standard_normal((C, 3, 1, 1)) * spread).astype(np.float32), "ws"),
         numpy_helper.from_array((rng.standard_normal((4, C, 1, 1)) * 0.5 / sv[None, :, None, None]).astype(np.float32), "wo"),
+        numpy_helper.from_array((rng.standard_normal((4, C)) * 0.5 / sv[None, :]).astype(np.float32), "wg"),
         numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
         numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
     ]
@@ -47,8 +48,13 @@ def _model(tail_gap: bool = False):
         helper.make_node("Conv", ["x", "ws"], ["s"]),
         helper.make_node("Add", ["p", "s"], ["r"]),
     ]
-    if tail_gap:
+    if tail == "gap":  # the residual group ends in a graph output
         nodes.append(helper.make_node("GlobalAveragePool", ["r"], ["y"]))
+    elif tail == "gemm":  # channel-wise ops carry the group to a Gemm
+        nodes += [helper.make_node("MaxPool", ["r"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]),
+                  helper.make_node("GlobalAveragePool", ["mp"], ["gp"]),
+                  helper.make_node("Flatten", ["gp"], ["fl"]),
+                  helper.make_node("Gemm", ["fl", "wg"], ["y"], transB=1)]
     else:
         nodes.append(helper.make_node("Conv", ["r", "wo"], ["y"]))
     graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
@@ -110,11 +116,11 @@ def test_strength_and_cap_bound_the_scales():
 
 
 def test_ineligible_tensors_are_left_alone():
-    g, cal = _model(tail_gap=True), _samples()
+    g, cal = _model(tail="gap"), _samples()
     mx = _maxima(g, cal)
     ge, groups = equalize_activations(g, mx, strength=1.0, free_strength=1.0)
     eq_tensors = {t for gr in groups for t in gr.tensors}
-    # the residual group feeds GlobalAveragePool (no weights to absorb the scale): untouched
+    # the residual group ends in a graph output (nothing downstream can absorb the scale): untouched
     assert not eq_tensors & {"p", "s", "r"}
     assert {"e6", "d6"} <= eq_tensors
     producers = ge.producers()
@@ -144,3 +150,15 @@ def test_equalization_makes_per_tensor_quantization_more_accurate(schema):
     ge, _ = equalize_activations(g, _maxima(g, cal))
     plain, equalized = quantized_sqnr(g), quantized_sqnr(ge)
     assert equalized > plain + 3.0, (plain, equalized)
+
+
+def test_group_follows_channelwise_ops_to_a_gemm():
+    g, cal = _model(tail="gemm"), _samples()
+    mx = _maxima(g, cal)
+    ge, groups = equalize_activations(g, mx, strength=1.0, free_strength=1.0, max_scale=1e6)
+    res = next(gr for gr in groups if "r" in gr.tensors)
+    assert set(res.tensors) == {"p", "s", "r", "mp", "gp", "fl"}
+    assert ge.producers()["y"].name in res.consumers
+    np.testing.assert_allclose(_run(ge, cal), _run(g, cal), rtol=1e-4, atol=1e-5)
+    after = _maxima(ge, cal)
+    np.testing.assert_allclose(after.maxima["r"], mx.maxima["r"].max(), rtol=1e-4)

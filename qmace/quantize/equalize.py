@@ -11,14 +11,16 @@ here in the direction that helps the activation).
 Rules (see docs/quantization.md, "Activation equalization"):
 
 - Tensors joined by an ``Add`` (a residual stream) form one group and share one scale vector, so the sum
-  stays consistent; every producer of the group must be a Conv whose output channels can be scaled (any
-  ``group``; fused Relu; fused Clip only as ``[0, hi]`` with every scaled channel still at most ``hi``, scales
-  at least 1) or an Add inside the group; every consumer must be a Conv reading it as input 0 (any ``group``,
-  where only the columns of that channel change) or an Add inside the group. Graph inputs and outputs and any
-  other reader leave the group alone.
+  stays consistent; so do the outputs of ops that act on each channel alone (``PASSTHROUGH``: pooling, Relu,
+  a Flatten that keeps channels). Every producer of the group must be a Conv whose output channels can be
+  scaled (any ``group``; fused Relu; fused Clip only as ``[0, hi]`` with every rescaled calibration value of
+  its output still at most ``hi``; scales are at least 1), an Add or a channel-wise op inside the group; every consumer must be a Conv
+  reading it as input 0 (any ``group``, where only the columns of that channel change), a Gemm/MatMul with a
+  constant 2-D weight (its rows or columns for that channel), or an Add / channel-wise op inside the group.
+  Graph inputs and outputs and any other reader leave the group alone.
 - ``s_c = min(max_scale, (T / m_c) ** strength)`` with ``m_c`` the channel's calibration max |value| and ``T``
-  the group's widest channel; channels that never moved keep ``s_c = 1``. With a fused ``[0, hi]`` clip and
-  ``T <= hi`` the rescaled float model equals the original on every value inside the calibration ranges, and
+  the group's widest channel; channels that never moved keep ``s_c = 1``. With a fused ``[0, hi]`` clip whose rescaled
+  calibration values stay ``<= hi`` the rescaled float model equals the original on every value inside the calibration ranges, and
   the quantized model, whose range saturates below ``hi`` anyway, is the same function either way.
 - The price is paid by a consumer with ``group == 1``: dividing its input columns makes their weight rounding
   relatively coarser. Depthwise consumers and every producer are per-channel, so for them it is free.
@@ -37,18 +39,22 @@ from qmace.ir import Graph, Node, Tensor
 
 log = logging.getLogger(__name__)
 
+# Ops that act on each channel alone and commute with a positive per-channel scale: a rescaled input gives
+# the same output rescaled, so their outputs join their input's group (Flatten only where it keeps channels).
+PASSTHROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu", "Flatten"}
+
 
 class ChannelMaxima:
-    """Running per-channel max |value| (axis 1) of rank >= 3 activations (a calibration observer)."""
+    """Running per-channel max |value| (axis 1) of rank >= 2 activations (a calibration observer)."""
 
     def __init__(self, graph: Graph) -> None:
         self.input_names = [n for n in graph.activations()
-                            if graph.tensors[n].dtype == "float32" and _rank(graph, n) in (None, 3, 4, 5)]
+                            if graph.tensors[n].dtype == "float32" and _rank(graph, n) in (None, 2, 3, 4, 5)]
         self.maxima: dict[str, np.ndarray] = {}
 
     def observe(self, name: str, v: np.ndarray) -> None:
         v = np.asarray(v)
-        if v.ndim < 3:
+        if v.ndim < 2:
             return
         m = np.abs(np.moveaxis(v, 1, 0).reshape(v.shape[1], -1)).max(axis=1).astype(np.float64)
         prev = self.maxima.get(name)
@@ -85,6 +91,9 @@ def _groups(graph: Graph) -> list[list[str]]:
     for name in order:
         find(name)
     for n in graph.nodes:
+        if _passes_channels(graph, n):
+            parent[find(n.inputs[0])] = find(n.outputs[0])
+            continue
         if n.op_type != "Add" or len(n.inputs) != 2:
             continue
         a, b = n.inputs
@@ -101,6 +110,29 @@ def _groups(graph: Graph) -> list[list[str]]:
     return list(groups.values())
 
 
+def _passes_channels(graph: Graph, node: Node) -> bool:
+    if node.op_type not in PASSTHROUGH or not node.inputs or graph.tensors[node.inputs[0]].is_constant:
+        return False
+    if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1]:
+        return False  # the Indices output would not follow
+    if node.op_type == "Flatten":
+        shape = graph.tensors[node.inputs[0]].shape
+        return (int(node.attrs.get("axis", 1)) == 1 and shape is not None and len(shape) >= 2
+                and all(d == 1 for d in shape[2:]))
+    return True
+
+
+def _dense_weight(graph: Graph, node: Node) -> np.ndarray | None:
+    """The constant 2-D weight of a Gemm (transA 0) or MatMul reading its input 0 channel by channel."""
+    if node.op_type == "Gemm" and not node.attrs.get("transA", 0) and len(node.inputs) > 1:
+        w = graph.constant(node.inputs[1])
+        return w if w is not None and w.ndim == 2 else None
+    if node.op_type == "MatMul" and len(node.inputs) > 1:
+        w = graph.constant(node.inputs[1])
+        return w if w is not None and w.ndim == 2 else None
+    return None
+
+
 def _conv_weight(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray | None] | None:
     if node.op_type != "Conv" or len(node.inputs) < 2:
         return None
@@ -111,7 +143,10 @@ def _conv_weight(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray | Non
     return w, b
 
 
-def _producer_ok(graph: Graph, node: Node, members: set[str], top: float) -> bool:
+def _producer_ok(graph: Graph, node: Node, members: set[str], scaled_max: float) -> bool:
+    """``scaled_max``: the largest rescaled calibration value of the node's output."""
+    if _passes_channels(graph, node):
+        return node.inputs[0] in members
     if node.op_type == "Add":
         return node.outputs[0] in members and all(i in members for i in node.inputs)
     if _conv_weight(graph, node) is None:
@@ -121,13 +156,15 @@ def _producer_ok(graph: Graph, node: Node, members: set[str], top: float) -> boo
         return True
     if act == "Clip":
         lo, hi = node.attrs.get("qm_clip", [-np.inf, np.inf])
-        return lo == 0.0 and top <= hi
+        return lo == 0.0 and scaled_max <= hi * (1 + 1e-6)  # ties at hi (saturated ReLU6) are fine
     return False
 
 
 def _consumer_ok(graph: Graph, node: Node, name: str, members: set[str]) -> bool:
-    if node.op_type == "Add":
+    if node.op_type == "Add" or _passes_channels(graph, node):
         return node.outputs[0] in members
+    if _dense_weight(graph, node) is not None:
+        return node.inputs[0] == name and name not in node.inputs[1:]
     return (_conv_weight(graph, node) is not None and node.inputs[0] == name
             and name not in node.inputs[1:])
 
@@ -155,12 +192,11 @@ def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 
             continue
         prods = [producers[t] for t in members_list]
         cons = [(t, c) for t in members_list for c in consumers.get(t, [])]
-        if not all(_producer_ok(g, p, members, top) for p in prods):
-            continue
         if not cons or not all(_consumer_ok(g, c, t, members) for t, c in cons):
             continue
         # consumers that see one input channel per weight row (depthwise) pay nothing for the rescale
-        free = all(c.op_type == "Add" or g.constant(c.inputs[1]).shape[1] == 1 for _, c in cons)
+        free = all(c.op_type == "Add" or _passes_channels(g, c)
+                   or (c.op_type == "Conv" and g.constant(c.inputs[1]).shape[1] == 1) for _, c in cons)
         alpha = free_strength if free else strength
         if alpha == 0.0:
             continue
@@ -168,6 +204,9 @@ def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 
         live = m > top * 1e-6
         s[live] = np.minimum(max_scale, (top / m[live]) ** alpha)
         if np.allclose(s, 1.0):
+            continue
+        if not all(_producer_ok(g, p, members, float(np.max(s * maxima.maxima[t])))
+                   for t, p in zip(members_list, prods)):
             continue
         report = EqualizedGroup(members_list, len(s), float(s.min()), float(s.max()))
         for p in prods:
@@ -177,6 +216,11 @@ def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 
         for t, c in cons:
             if c.op_type == "Conv":
                 _scale_columns(g, c, 1.0 / s)
+                report.consumers.append(c.name)
+            elif _dense_weight(g, c) is not None:
+                w = _dense_weight(g, c).astype(np.float64)
+                transposed = c.op_type == "Gemm" and c.attrs.get("transB", 0)
+                _replace_constant(g, c, 1, w / s[None, :] if transposed else w / s[:, None])
                 report.consumers.append(c.name)
         done.append(report)
     g.remove_unused()
