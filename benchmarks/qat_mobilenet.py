@@ -5,10 +5,13 @@
     python benchmarks/qat_mobilenet.py [--steps 160] [--lr 1e-5] [--range-lr 1e-4]
     python benchmarks/qat_mobilenet.py --holdout 12 ...   # hyper-parameter selection, never touches the 233
 
-PTQ = the best post-training state we ship, and QAT starts from exactly it: activation ranges from the
-``percentile`` (99.99) calibrator and bias-corrected weights (``correct_biases`` with ``ChannelMeans``
-collected in the same ``calibrate`` pass over the 64 calibration stamps). QAT: ``qmace.qat.prepare`` from that
-state, then label-free distillation from the ORIGINAL FP32 model (not the bias-corrected one) on augmented
+PTQ = the best post-training state we ship, and QAT starts from exactly it, built as ``quantize_one_shot``
+does: activation equalization first (``ChannelMaxima`` over the 64 calibration stamps, then
+``equalize_activations`` on the float graph; ``--no-equalization`` skips it), then activation ranges from the
+``percentile`` (99.95) calibrator and bias-corrected weights (``correct_biases`` with ``ChannelMeans``
+collected in the same second ``calibrate`` pass over the 64 calibration stamps). QAT: ``qmace.qat.prepare``
+from that state, then label-free distillation from the ORIGINAL FP32 model (not the equalized or
+bias-corrected one; equalization leaves the float function unchanged anyway) on augmented
 views of the 64 calibration stamps only (random resized crops at several scales, flips, small colour jitter;
 never the 233 evaluation stamps): loss = T^2 KL(softmax(t/T) || softmax(s/T)) + mse * MSE(s, t) on logits,
 Adam with separate learning rates for weights and LSQ ranges, linear warm-up + cosine decay.
@@ -173,8 +176,11 @@ def main(argv=None) -> int:
     ap.add_argument("--mse", type=float, default=1.0, help="weight of the MSE-on-logits term (0: KL only)")
     ap.add_argument("--warmup", type=float, default=0.05, help="share of steps of linear warm-up")
     ap.add_argument("--freeze-dw", action="store_true", help="keep the BN-folded depthwise weights fixed")
-    ap.add_argument("--percentile", type=float, default=99.99, help="calibration percentile (PTQ = QAT start)")
+    ap.add_argument("--percentile", type=float, default=99.95,
+                    help="calibration percentile (PTQ = QAT start); 99.95 as qmace quantize, chosen with --holdout")
     ap.add_argument("--no-bias-correction", action="store_true")
+    ap.add_argument("--no-equalization", action="store_true",
+                    help="skip activation equalization before the calibration pass")
     ap.add_argument("--holdout", type=int, default=0,
                     help="selection mode: hold out the last K calibration stamps, evaluate on their views only")
     ap.add_argument("--holdout-views", type=int, default=6)
@@ -191,6 +197,7 @@ def main(argv=None) -> int:
     from qmace.quantize.api import calibrate
     from qmace.quantize.bias_correction import ChannelMeans, correct_biases
     from qmace.quantize.calibration import make_calibrator
+    from qmace.quantize.equalize import ChannelMaxima, equalize_activations
     from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
     from qmace.runtime import Session
     from qmace.zoo import default_cache, export_onnx, load_images, load_mobilenet_v2, load_split, stamps_dir
@@ -226,10 +233,18 @@ def main(argv=None) -> int:
         return np.concatenate([teacher_session.run({in_name: x[i:i + 1]})[out_name] for i in range(len(x))])
 
     ref = teacher(x_eval)
+    samples = [SimpleNamespace(name=str(i), feeds={"input": x_cal[i:i + 1]}) for i in range(len(x_cal))]
+    equalized = 0
+    if not args.no_equalization:
+        # as quantize_one_shot: per-channel maxima first, ranges then come from the rescaled float graph
+        maxima = ChannelMaxima(graph)
+        calibrate(graph, samples, None, num_threads=args.threads, observers=[maxima])
+        graph, groups = equalize_activations(graph, maxima)
+        equalized = sum(len(gr.tensors) for gr in groups)
+        print(f"activation equalization: {len(groups)} groups, {equalized} tensors rescaled", flush=True)
     cal = make_calibrator("percentile", percentile=args.percentile)
     means = ChannelMeans(graph)
-    calibrate(graph, [SimpleNamespace(name=str(i), feeds={"input": x_cal[i:i + 1]}) for i in range(len(x_cal))],
-              cal, num_threads=args.threads, observers=[] if args.no_bias_correction else [means])
+    calibrate(graph, samples, cal, num_threads=args.threads, observers=[] if args.no_bias_correction else [means])
     ranges = cal.ranges()
     in_range = (float(x_cal.min()), float(x_cal.max()))
 
@@ -253,8 +268,9 @@ def main(argv=None) -> int:
         print(f"{schema}: agreement PTQ {pa:.1f}% -> QAT {qa:.1f}%, SQNR {rows[-1][1][2]:.2f} -> "
               f"{rows[-1][2][2]:.2f} dB, train {t_train:.0f} s", flush=True)
 
-    print(f"\nMobileNetV2 (torchvision weights), {eval_name} vs FP32; PTQ = QAT start: percentile "
-          f"{args.percentile:g} ranges{'' if args.no_bias_correction else ' + bias correction'} from the 64 "
+    print(f"\nMobileNetV2 (torchvision weights), {eval_name} vs FP32; PTQ = QAT start: "
+          f"{'no equalization' if args.no_equalization else f'activation equalization ({equalized} tensors)'}, "
+          f"percentile {args.percentile:g} ranges{'' if args.no_bias_correction else ' + bias correction'} from the 64 "
           f"calibration stamps; QAT: {args.steps} steps x batch {args.batch} of distillation on augmented views of "
           f"{len(train_paths)} calibration stamps, lr {args.lr:g} (ranges {args.range_lr:g}), warm-up + cosine, "
           f"T={args.temperature:g} KL + {args.mse:g} x MSE on logits{', depthwise frozen' if args.freeze_dw else ''}, "
