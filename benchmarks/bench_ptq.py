@@ -5,12 +5,15 @@ In one run, calibrating on the 64 calibration stamps and evaluating on the 233 e
 - peers: ONNX Runtime `quantize_static` (QDQ, u8 activations, same calibration images): int8 weights with
   MinMax / Percentile x per_channel off / on, and uint8 weights (per-tensor MinMax, per-channel Percentile);
 - qmace, the same steps as `qmace quantize`: schema (`int8`, `uint8`) x calibration method (`mace` P=0 and
-  P=5, histogram `percentile` 99.99, `mse`), each with the default weight bias correction (`ChannelMeans` +
-  `correct_biases`), plus AdaRound rows (`InputStatistics` + `adaround`, `--adaround-iters`, default 400)
-  for `percentile` 99.99 and `mse`. One streamed `calibrate` pass over the 64 images feeds every calibrator
-  and both observers; then `correct_biases` / `adaround` per schema and `quantize_for_config` per row, run on
-  qmace's `onnxruntime` backend. (`entropy` and `percentile` 99.999 were dropped: never best, entropy slow;
-  `--methods` can add them back.) An accuracy-only ablation shows the int8 rows without bias correction.
+  P=5, histogram `percentile` 99.95 and 99.99, `mse`), each with the default weight bias correction
+  (`ChannelMeans` + `correct_biases`), plus AdaRound rows (`InputStatistics` + `adaround`, `--adaround-iters`,
+  default 400) for `--adaround-methods`; then "+equalization" rows for `--eq-methods` (the channel maxima of
+  the same first pass -> `equalize_activations` -> a second calibration pass on the rescaled model, as
+  `qmace quantize` does by default) with AdaRound rows for `--eq-adaround-methods`. One streamed `calibrate`
+  pass over the 64 images feeds every calibrator and the observers; then `correct_biases` / `adaround` per
+  schema and `quantize_for_config` per row, run on qmace's `onnxruntime` backend. (`entropy` and `percentile`
+  99.999 were dropped: never best, entropy slow; `--methods` can add them back.) An accuracy-only ablation
+  shows the int8 rows without bias correction.
 Per row: top-1 agreement with FP32 ORT, top-5 overlap, logits SQNR (all 233x1000 logits), labelled top-1 /
 top-5, latency at batch 1 and 8 (median of interleaved rounds; `--threads` and 1 thread), speed-up vs FP32 ORT
 and ratio to ORT's best-accuracy int8 model at batch 1. Then calibration peak memory at 100 vs 1000 samples
