@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark B (label-free QAT): MobileNetV2 (torchvision ImageNet weights), PTQ vs QAT, both schemas.
 
-    python scripts/fetch_assets.py mobilenet stamps
-    python benchmarks/qat_mobilenet.py [--steps 160] [--lr 1e-5] [--range-lr 1e-4]
+    python scripts/fetch_assets.py mobilenet stamps [extra-photos]
+    python benchmarks/qat_mobilenet.py [--steps 160] [--lr 1e-5] [--range-lr 1e-4] [--extra-photos]
     python benchmarks/qat_mobilenet.py --holdout 12 ...   # hyper-parameter selection, never touches the 233
 
 PTQ = the best post-training state we ship, and QAT starts from exactly it, built as ``quantize_one_shot``
@@ -15,6 +15,11 @@ bias-corrected one; equalization leaves the float function unchanged anyway) on 
 views of the 64 calibration stamps only (random resized crops at several scales, flips, small colour jitter;
 never the 233 evaluation stamps): loss = T^2 KL(softmax(t/T) || softmax(s/T)) + mse * MSE(s, t) on logits,
 Adam with separate learning rates for weights and LSQ ranges, linear warm-up + cosine decay.
+
+``--extra-photos``: the distillation pool also holds the 17 real photos of ``fetch_assets.py extra-photos``
+(12 nature photos of Debian ``mate-backgrounds``, 5 photos of scikit-image's sample data), prepared and
+augmented exactly as the calibration stamps; PTQ (ranges, equalization, bias correction) still uses the 64
+calibration stamps only, so the PTQ row does not change.
 
 Evaluation on the 233 evaluation stamps against FP32 (ONNX Runtime): top-1 agreement, top-5 overlap
 (mean |top5 & top5_fp32| / 5), logits SQNR. Quantized models (PTQ and ``module.quantized_graph()``) run in
@@ -53,6 +58,27 @@ def load_resized(paths, root: Path, short: int = 256) -> list[np.ndarray]:
         size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
         out.append(np.asarray(rgb.resize(size, Image.BILINEAR)))
     return out
+
+
+def extra_photo_paths(cache: Path, eval_paths, stamps_root: Path) -> list[Path]:
+    """The photos listed by ``fetch_assets.py extra-photos``; checked to be none of the evaluation stamps."""
+    import hashlib
+    import json
+
+    manifest = cache / "extra-photos.json"
+    try:
+        paths = [Path(p) for p in json.loads(manifest.read_text())["photos"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--extra-photos: {manifest}: {e}; run python scripts/fetch_assets.py extra-photos")
+
+    def digest(path):
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    evaluation = {digest(stamps_root / p) for p in eval_paths}
+    clash = [p for p in paths if digest(p) in evaluation]
+    if clash:
+        raise SystemExit(f"--extra-photos: {clash[0]} is one of the evaluation stamps")
+    return paths
 
 
 def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -181,6 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bias-correction", action="store_true")
     ap.add_argument("--no-equalization", action="store_true",
                     help="skip activation equalization before the calibration pass")
+    ap.add_argument("--extra-photos", action="store_true",
+                    help="add the 17 photos of fetch_assets.py extra-photos to the distillation pool (not to PTQ)")
     ap.add_argument("--holdout", type=int, default=0,
                     help="selection mode: hold out the last K calibration stamps, evaluate on their views only")
     ap.add_argument("--holdout-views", type=int, default=6)
@@ -216,6 +244,8 @@ def main(argv=None) -> int:
     train_paths = calib[:len(calib) - args.holdout] if args.holdout else calib
     x_cal = load_images(calib, root=root)  # calibration (PTQ) always uses all 64
     resized = load_resized(train_paths, root)
+    extra = extra_photo_paths(cache, split["eval"], root) if args.extra_photos else []
+    resized += load_resized(extra, root)  # absolute paths: root / p == p
     if args.holdout:
         held = load_resized(calib[len(calib) - args.holdout:], root)
         vrng = np.random.default_rng(12345)
@@ -272,7 +302,7 @@ def main(argv=None) -> int:
           f"{'no equalization' if args.no_equalization else f'activation equalization ({equalized} tensors)'}, "
           f"percentile {args.percentile:g} ranges{'' if args.no_bias_correction else ' + bias correction'} from the 64 "
           f"calibration stamps; QAT: {args.steps} steps x batch {args.batch} of distillation on augmented views of "
-          f"{len(train_paths)} calibration stamps, lr {args.lr:g} (ranges {args.range_lr:g}), warm-up + cosine, "
+          f"{len(train_paths)} calibration stamps{f' + {len(extra)} extra photos' if extra else ''}, lr {args.lr:g} (ranges {args.range_lr:g}), warm-up + cosine, "
           f"T={args.temperature:g} KL + {args.mse:g} x MSE on logits{', depthwise frozen' if args.freeze_dw else ''}, "
           f"{args.threads} thread(s)")
     print("| schema | PTQ top-1 agr. | QAT top-1 agr. | PTQ top-5 ovl. | QAT top-5 ovl. | PTQ SQNR | QAT SQNR "
