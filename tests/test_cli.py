@@ -181,6 +181,7 @@ def test_one_shot_quantize_equalizes_by_default(tiny, cli, tmp_path):
         assert res.code == 0, res.err
         path = res.out.split("model file: ")[1].splitlines()[0].strip()
         counts[bool(extra)] = load_graph(path).metadata["quantization"]["equalized_tensors"]
+        assert ("--no_equalization" in res.out) != bool(extra)  # the range-file note only when equalized
     assert counts[True] == 0 and counts[False] > 0, counts
 
 

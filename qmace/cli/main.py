@@ -208,6 +208,9 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     print(res.convert.summary())
     print(f"model file: {res.convert.path}")
     print(f"range file: {res.range_file}")
+    if res.convert.graph.metadata["quantization"].get("equalized_tensors"):
+        print("note: the range file holds the ranges of the activation-equalized model this command built; "
+              "for `convert` with this file on the original model, rerun with --no_equalization")
     return 0
 
 
