@@ -185,14 +185,12 @@ def test_export_yaml_convert_reproduces(setup, tmp_path, schema):
         np.testing.assert_array_equal(m(torch.from_numpy(x), exact=True).numpy(), a)
 
 
-def test_cli_qat_end_to_end(tmp_path, capsys):
+def _qat_workspace(tmp_path):
+    """The test model as m.onnx, its int8 deployment YAML m.yml and 6 training samples in train/ under
+    ``tmp_path``; returns the training directory."""
     import yaml
 
-    from qmace.api import convert
-    from qmace.cli.main import main
-
-    model = _model()
-    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    (tmp_path / "m.onnx").write_bytes(_model().SerializeToString())
     cfg = {
         "library_name": "t", "target_abis": ["host"], "model_graph_format": "file", "model_data_format": "file",
         "models": {"m": {
@@ -207,6 +205,14 @@ def test_cli_qat_end_to_end(tmp_path, capsys):
     d.mkdir()
     for i, x in enumerate(_inputs(6, 21)):
         np.save(d / f"x_{i}.npy", x)
+    return d
+
+
+def test_cli_qat_end_to_end(tmp_path, capsys):
+    from qmace.api import convert
+    from qmace.cli.main import main
+
+    d = _qat_workspace(tmp_path)
     (tmp_path / "labels.txt").write_text("".join(f"{i % 5}\n" for i in range(6)))
     out = tmp_path / "out"
     rc = main(["qat", "--config", str(tmp_path / "m.yml"), "--train_dir", str(d), "--labels",
@@ -259,28 +265,11 @@ def test_cli_qat_equalizes_the_start_unless_disabled(tmp_path, capsys):
     """`qmace qat` rescales activation channels before the initial calibration (as `qmace quantize`), and
     `--no_equalization` turns it off: with 0 epochs the exported float models compute the same function, but
     the equalized one has different weights and ranges."""
-    import yaml
-
     from qmace.cli.main import main
     from qmace.quantize.ranges import read_range_file
     from qmace.runtime import Session
 
-    model = _model()
-    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
-    cfg = {
-        "library_name": "t", "target_abis": ["host"], "model_graph_format": "file", "model_data_format": "file",
-        "models": {"m": {
-            "platform": "onnx", "model_file_path": "m.onnx",
-            "model_sha256_checksum": hashlib.sha256((tmp_path / "m.onnx").read_bytes()).hexdigest(),
-            "subgraphs": [{"input_tensors": ["x"], "input_shapes": ["1,3,12,12"], "input_data_formats": ["NCHW"],
-                           "output_tensors": ["y"]}],
-            "runtime": "cpu", "quantize_schema": "int8"}},
-    }
-    (tmp_path / "m.yml").write_text(yaml.safe_dump(cfg))
-    d = tmp_path / "train"
-    d.mkdir()
-    for i, x in enumerate(_inputs(6, 21)):
-        np.save(d / f"x_{i}.npy", x)
+    d = _qat_workspace(tmp_path)
     runs = {}
     for flag in ([], ["--no_equalization"]):
         out = tmp_path / ("plain" if flag else "eq")
