@@ -48,7 +48,7 @@ from qmace.api import load_float_graph  # noqa: E402
 from qmace.config import load_config  # noqa: E402
 from qmace.data import Sample  # noqa: E402
 from qmace.quantize.adaround import InputStatistics, adaround  # noqa: E402
-from qmace.quantize.api import calibrate, quantize_for_config  # noqa: E402
+from qmace.quantize.api import calibrate, equalize_on, quantize_for_config  # noqa: E402
 from qmace.quantize.bias_correction import ChannelMeans, correct_biases  # noqa: E402
 from qmace.quantize.calibration import make_calibrator  # noqa: E402
 from qmace.quantize.equalize import ChannelMaxima, equalize_activations  # noqa: E402
@@ -169,9 +169,7 @@ def calib_memory_child(args) -> int:
     before = common.current_rss_mb()
     t0 = time.perf_counter()
     if eq:  # the equalization statistics pass, then the rescaled model, as `qmace quantize` does
-        maxima = ChannelMaxima(g)
-        calibrate(g, samples(xc, args._n), None, num_threads=args.threads, observers=[maxima])
-        g, _ = equalize_activations(g, maxima)
+        g, _ = equalize_on(g, samples(xc, args._n), args.threads)
     obs = InputStatistics(g) if ar else ChannelMeans(g)
     n = calibrate(g, samples(xc, args._n), cal, num_threads=args.threads, observers=[obs])
     table = cal.ranges()

@@ -222,10 +222,9 @@ def main(argv=None) -> int:
     from qmace.frontends.onnx_frontend import onnx_to_graph, read_onnx
     from qmace.passes import optimize
     from qmace.qat import prepare
-    from qmace.quantize.api import calibrate
+    from qmace.quantize.api import calibrate, equalize_on
     from qmace.quantize.bias_correction import ChannelMeans, correct_biases
     from qmace.quantize.calibration import make_calibrator
-    from qmace.quantize.equalize import ChannelMaxima, equalize_activations
     from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
     from qmace.runtime import Session
     from qmace.zoo import default_cache, export_onnx, load_images, load_mobilenet_v2, load_split, stamps_dir
@@ -267,9 +266,7 @@ def main(argv=None) -> int:
     equalized = 0
     if not args.no_equalization:
         # as quantize_one_shot: per-channel maxima first, ranges then come from the rescaled float graph
-        maxima = ChannelMaxima(graph)
-        calibrate(graph, samples, None, num_threads=args.threads, observers=[maxima])
-        graph, groups = equalize_activations(graph, maxima)
+        graph, groups = equalize_on(graph, samples, args.threads)
         equalized = sum(len(gr.tensors) for gr in groups)
         print(f"activation equalization: {len(groups)} groups, {equalized} tensors rescaled", flush=True)
     cal = make_calibrator("percentile", percentile=args.percentile)

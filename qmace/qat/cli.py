@@ -90,9 +90,8 @@ def qat_command(args: argparse.Namespace, progress=None) -> int:
     from qmace.config import load_config
     from qmace.qat.module import export_qat, prepare
     from qmace.qat.train import train
-    from qmace.quantize.api import calibrate, options_for
+    from qmace.quantize.api import calibrate, equalize_on, options_for
     from qmace.quantize.calibration import make_calibrator
-    from qmace.quantize.equalize import ChannelMaxima, equalize_activations
 
     if args.epochs < 0 or args.batch_size < 1:
         raise ConfigError("--epochs must be >= 0 and --batch_size >= 1")
@@ -105,9 +104,7 @@ def qat_command(args: argparse.Namespace, progress=None) -> int:
     if not getattr(args, "no_equalization", False):
         # as `qmace quantize`: rescale activation channels first (same float function), so the ranges below
         # come from the equalized graph and training starts from the better post-training state
-        maxima = ChannelMaxima(graph)
-        calibrate(graph, samples, None, observers=[maxima])
-        graph, groups = equalize_activations(graph, maxima)
+        graph, groups = equalize_on(graph, samples)
         print(f"qat: activation equalization rescaled {sum(len(g.tensors) for g in groups)} tensor(s)")
     # Start from the better post-training ranges (histogram percentile), not MACE's min/max.
     cal = make_calibrator("percentile")

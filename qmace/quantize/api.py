@@ -66,6 +66,15 @@ def calibrate(
     return count
 
 
+def equalize_on(graph: Graph, samples: Iterable, num_threads: int | None = None) -> tuple[Graph, list]:
+    """Activation equalization as `qmace quantize` does it: one streamed pass for the per-channel maxima,
+    then ``equalize_activations``. Returns the rescaled copy and its groups; ranges must then be calibrated on
+    that copy (a second pass over the samples)."""
+    maxima = ChannelMaxima(graph)
+    calibrate(graph, samples, None, num_threads, observers=[maxima])
+    return equalize_activations(graph, maxima)
+
+
 def options_for(m: ModelConfig, schema: str | None = None) -> QuantizeOptions:
     sub = m.subgraph
     return QuantizeOptions(
@@ -149,12 +158,10 @@ def quantize_one_shot(
     equalized = 0
     if equalize:
         # a first pass for per-channel maxima; the ranges must come from the rescaled model, so a second follows
-        maxima = ChannelMaxima(graph)
         samples = samples_for(m, input_dir, 0)
         if progress is not None:
             samples = progress(samples, total=n, desc="equalization statistics")
-        calibrate(graph, samples, None, num_threads, observers=[maxima])
-        graph, groups = equalize_activations(graph, maxima)
+        graph, groups = equalize_on(graph, samples, num_threads)
         equalized = sum(len(gr.tensors) for gr in groups)
     samples = samples_for(m, input_dir, 0)
     if progress is not None:
