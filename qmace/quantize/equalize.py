@@ -163,10 +163,8 @@ def _producer_ok(graph: Graph, node: Node, members: set[str], scaled_max: float)
 def _consumer_ok(graph: Graph, node: Node, name: str, members: set[str]) -> bool:
     if node.op_type == "Add" or _passes_channels(graph, node):
         return node.outputs[0] in members
-    if _dense_weight(graph, node) is not None:
-        return node.inputs[0] == name and name not in node.inputs[1:]
-    return (_conv_weight(graph, node) is not None and node.inputs[0] == name
-            and name not in node.inputs[1:])
+    weighted = _conv_weight(graph, node) is not None or _dense_weight(graph, node) is not None
+    return weighted and node.inputs[0] == name and name not in node.inputs[1:]
 
 
 def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 0.25,
@@ -213,14 +211,9 @@ def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 
             if p.op_type == "Conv":
                 _scale_rows(g, p, s)
                 report.producers.append(p.name)
-        for t, c in cons:
-            if c.op_type == "Conv":
+        for _, c in cons:
+            if c.op_type != "Add" and not _passes_channels(g, c):
                 _scale_columns(g, c, 1.0 / s)
-                report.consumers.append(c.name)
-            elif _dense_weight(g, c) is not None:
-                w = _dense_weight(g, c).astype(np.float64)
-                transposed = c.op_type == "Gemm" and c.attrs.get("transB", 0)
-                _replace_constant(g, c, 1, w / s[None, :] if transposed else w / s[:, None])
                 report.consumers.append(c.name)
         done.append(report)
     g.remove_unused()
@@ -245,7 +238,13 @@ def _scale_rows(g: Graph, node: Node, s: np.ndarray) -> None:
 
 
 def _scale_columns(g: Graph, node: Node, inv: np.ndarray) -> None:
-    """Multiply the weights that read input channel c by ``inv[c]`` (grouped Conv: only its group's rows)."""
+    """Multiply the weights that read input channel c by ``inv[c]`` (grouped Conv: only its group's rows;
+    Gemm/MatMul: column c of the (transposed) weight)."""
+    if node.op_type != "Conv":
+        w = _dense_weight(g, node).astype(np.float64)
+        transposed = node.op_type == "Gemm" and node.attrs.get("transB", 0)
+        _replace_constant(g, node, 1, w * inv[None, :] if transposed else w * inv[:, None])
+        return
     w, _ = _conv_weight(g, node)
     group = int(node.attrs.get("group", 1))
     m, kg = w.shape[0], w.shape[1]
