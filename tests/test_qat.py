@@ -150,6 +150,43 @@ def test_ema_mode_tracks_ranges(setup):
                                   execute(m.quantized_graph(), {"x": x})["y"])
 
 
+def test_qdrop_skips_activation_fake_quant_in_training_only(setup):
+    _, graph, ranges = setup
+    m = _prepare(graph, ranges, "int8")
+    x = torch.from_numpy(np.concatenate(_inputs(4, 5)))
+    m.train()
+    quantized = m(x)
+    quantized.square().sum().backward()
+    range_grad = m.act_max.grad.abs().sum() + m.act_min.grad.abs().sum()
+    m.zero_grad()
+    quantized = quantized.detach()
+    # every activation element keeps its float value: the ranges only reach the output through the
+    # int32 bias grid (s_x * s_w), so their gradient collapses and moving them barely moves the output
+    m.act_drop = 1.0
+    dropped = m(x)
+    assert not torch.allclose(dropped, quantized, atol=1e-3)
+    dropped.square().sum().backward()
+    assert m.act_max.grad.abs().sum() + m.act_min.grad.abs().sum() < 1e-3 * range_grad
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.weights)
+    with torch.no_grad():
+        m.act_max.mul_(1.5)
+        torch.testing.assert_close(m(x), dropped, rtol=0, atol=1e-4)
+    m.act_drop = 0.5  # half the elements: between the two, and a fresh mask per call
+    torch.manual_seed(0)
+    a, b = m(x).detach(), m(x).detach()
+    assert not torch.equal(a, b)
+    m.eval()  # never in eval mode, nor in exact mode / the quantized graph
+    np.testing.assert_array_equal(m(x[:1], exact=True).numpy(), execute(m.quantized_graph(), {"x": x[:1].numpy()})["y"])
+    with torch.no_grad():
+        m.act_max.div_(1.5)
+    m.act_drop = 0.0
+    m.train()
+    reference = m(x).detach()
+    m.act_drop = 0.5
+    m.eval()
+    torch.testing.assert_close(m(x).detach(), reference, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("schema", ["uint8", "int8"])
 def test_export_yaml_convert_reproduces(setup, tmp_path, schema):
     import yaml

@@ -269,6 +269,9 @@ class QATModule(nn.Module):
             raise QuantizationError(f"unknown range_mode {range_mode!r} (choose from {', '.join(RANGE_MODES)})")
         self.range_mode = range_mode
         self.ema_momentum = ema_momentum
+        # QDrop (Wei et al., ICLR 2022): in training mode each activation element skips its fake quantization
+        # with this probability (0: off, the default). Exact mode and the quantized graph never drop.
+        self.act_drop = 0.0
         self.opts = opts
         self.float_graph = float_graph
         res = quantize_graph(float_graph, ranges, opts)
@@ -503,7 +506,10 @@ class QATModule(nn.Module):
 
         def fq(name, y):
             qp = qps[name]
-            return fake_quant(y, scales[name], float(qp.zero_point), qp.qmin, qp.qmax)
+            yq = fake_quant(y, scales[name], float(qp.zero_point), qp.qmin, qp.qmax)
+            if self.training and self.act_drop > 0:
+                return torch.where(torch.rand_like(y) < self.act_drop, y, yq)
+            return yq
 
         def value(name):
             if name in env:
