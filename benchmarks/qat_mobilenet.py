@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark B (label-free QAT): MobileNetV2 (torchvision ImageNet weights), PTQ vs QAT, both schemas.
 
-    python scripts/fetch_assets.py mobilenet stamps [extra-photos]
+    python scripts/fetch_assets.py mobilenet stamps [extra-photos] [gcompris-photos]
     python benchmarks/qat_mobilenet.py [--steps 160] [--lr 1e-5] [--range-lr 1e-4] [--extra-photos]
+                                       [--gcompris-photos] [--qdrop P] [--mix P] [--hard W]
     python benchmarks/qat_mobilenet.py --holdout 12 ...   # hyper-parameter selection, never touches the 233
 
 PTQ = the best post-training state we ship, and QAT starts from exactly it, built as ``quantize_one_shot``
@@ -60,16 +61,28 @@ def load_resized(paths, root: Path, short: int = 256) -> list[np.ndarray]:
     return out
 
 
-def extra_photo_paths(cache: Path, eval_paths, stamps_root: Path) -> list[Path]:
-    """The photos listed by ``fetch_assets.py extra-photos``; checked to be none of the evaluation stamps."""
+def _thumbnail(path: Path) -> np.ndarray:
+    """24x24 grey thumbnail (composited on white), zero-mean, unit norm: for near-duplicate checks."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgba = im.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    g = np.asarray(Image.alpha_composite(white, rgba).convert("L").resize((24, 24), Image.BILINEAR), np.float64)
+    g = g.ravel() - g.mean()
+    return g / (np.linalg.norm(g) + 1e-9)
+
+
+def extra_photo_paths(asset: str, manifest: Path, eval_paths, stamps_root: Path) -> list[Path]:
+    """The photos listed by a ``fetch_assets.py`` manifest; checked to be none of the evaluation stamps: not
+    byte-identical (sha256) and no near-duplicate (correlation of 24x24 grey thumbnails > 0.95)."""
     import hashlib
     import json
 
-    manifest = cache / "extra-photos.json"
     try:
         paths = [Path(p) for p in json.loads(manifest.read_text())["photos"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"--extra-photos: {manifest}: {e}; run python scripts/fetch_assets.py extra-photos")
+        raise SystemExit(f"--{asset}: {manifest}: {e}; run python scripts/fetch_assets.py {asset}")
 
     def digest(path):
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -77,7 +90,14 @@ def extra_photo_paths(cache: Path, eval_paths, stamps_root: Path) -> list[Path]:
     evaluation = {digest(stamps_root / p) for p in eval_paths}
     clash = [p for p in paths if digest(p) in evaluation]
     if clash:
-        raise SystemExit(f"--extra-photos: {clash[0]} is one of the evaluation stamps")
+        raise SystemExit(f"--{asset}: {clash[0]} is one of the evaluation stamps")
+    corr = np.stack([_thumbnail(p) for p in paths]) @ np.stack([_thumbnail(stamps_root / p) for p in eval_paths]).T
+    i, j = np.unravel_index(np.argmax(corr), corr.shape)
+    if corr[i, j] > 0.95:
+        raise SystemExit(f"--{asset}: {paths[i]} looks like evaluation stamp {eval_paths[j]} "
+                         f"(thumbnail correlation {corr[i, j]:.3f})")
+    print(f"--{asset}: {len(paths)} photos, none among the evaluation stamps (highest thumbnail correlation "
+          f"{corr.max():.2f})", flush=True)
     return paths
 
 
@@ -147,7 +167,7 @@ def depthwise_weights(module) -> set[int]:
 
 
 def distill(module, views, teacher, *, steps, batch, lr, range_lr, temperature, mse, warmup, freeze_dw, seed,
-            log_every=10):
+            mix=0.0, qdrop=0.0, hard=0.0, log_every=10):
     """Adam + linear warm-up + cosine decay; loss T^2 KL + mse * MSE on logits. Returns the loss curve."""
     import torch
     import torch.nn.functional as F
@@ -167,18 +187,26 @@ def distill(module, views, teacher, *, steps, batch, lr, range_lr, temperature, 
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    module.act_drop = qdrop
     module.train()
     curve, run = [], []
     t0 = time.perf_counter()
     for k in range(steps):
         idx = rng.choice(len(views), size=batch, replace=len(views) < batch)
         x = np.stack([augment(views[j], rng) for j in idx])
+        if mix > 0:  # mixup of two views, taught as such (function matching): the teacher sees the mixed image
+            other = np.stack([augment(views[j], rng) for j in rng.choice(len(views), size=batch)])
+            lam = np.where(rng.random(batch) < mix, rng.uniform(0.0, 1.0, batch), 1.0).astype(np.float32)
+            x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * other
         t = torch.from_numpy(teacher(x))
         s = module(torch.from_numpy(x))
         s = s.reshape(t.shape)
         kl = F.kl_div(F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1),
                       reduction="batchmean") * temperature**2
         loss = kl + mse * F.mse_loss(s, t) if mse else kl
+        if hard:  # cross-entropy towards the teacher's top-1 class: top-1 agreement is what is scored
+            loss = loss + hard * F.cross_entropy(s, t.argmax(1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -188,6 +216,7 @@ def distill(module, views, teacher, *, steps, batch, lr, range_lr, temperature, 
             curve.append(float(np.mean(run)))
             print(f"  step {k + 1}/{steps}: loss {curve[-1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
             run = []
+    module.act_drop = 0.0
     module.eval()
     return curve
 
@@ -201,6 +230,15 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=3.0, help="KL distillation temperature")
     ap.add_argument("--mse", type=float, default=1.0, help="weight of the MSE-on-logits term (0: KL only)")
     ap.add_argument("--warmup", type=float, default=0.05, help="share of steps of linear warm-up")
+    ap.add_argument("--mix", type=float, default=0.0,
+                    help="share of training views mixed (mixup, weight U(0,1)) with a second view")
+    ap.add_argument("--qdrop", type=float, default=0.0,
+                    help="QDrop: probability that an activation element skips fake quantization in training")
+    ap.add_argument("--hard", type=float, default=0.0,
+                    help="weight of a cross-entropy term towards the teacher's top-1 class")
+    ap.add_argument("--soup", type=int, default=1,
+                    help="train K students from the same start (seeds seed..seed+K-1) and average their weights "
+                         "and ranges (a model soup)")
     ap.add_argument("--freeze-dw", action="store_true", help="keep the BN-folded depthwise weights fixed")
     ap.add_argument("--percentile", type=float, default=99.95,
                     help="calibration percentile (PTQ = QAT start); 99.95 as qmace quantize, chosen with --holdout")
@@ -209,6 +247,8 @@ def main(argv=None) -> int:
                     help="skip activation equalization before the calibration pass")
     ap.add_argument("--extra-photos", action="store_true",
                     help="add the 17 photos of fetch_assets.py extra-photos to the distillation pool (not to PTQ)")
+    ap.add_argument("--gcompris-photos", action="store_true",
+                    help="add the 213 photos of fetch_assets.py gcompris-photos to the distillation pool (not to PTQ)")
     ap.add_argument("--holdout", type=int, default=0,
                     help="selection mode: hold out the last K calibration stamps, evaluate on their views only")
     ap.add_argument("--holdout-views", type=int, default=6)
@@ -243,7 +283,10 @@ def main(argv=None) -> int:
     train_paths = calib[:len(calib) - args.holdout] if args.holdout else calib
     x_cal = load_images(calib, root=root)  # calibration (PTQ) always uses all 64
     resized = load_resized(train_paths, root)
-    extra = extra_photo_paths(cache, split["eval"], root) if args.extra_photos else []
+    extra = []
+    for asset, wanted in (("extra-photos", args.extra_photos), ("gcompris-photos", args.gcompris_photos)):
+        if wanted:
+            extra += extra_photo_paths(asset, cache / f"{asset}.json", split["eval"], root)
     resized += load_resized(extra, root)  # absolute paths: root / p == p
     if args.holdout:
         held = load_resized(calib[len(calib) - args.holdout:], root)
@@ -284,9 +327,20 @@ def main(argv=None) -> int:
         module = prepare(start, ranges, opts)
         same = np.array_equal(run_batched(module.quantized_graph(), x_eval[:4], args.threads), ptq[:4])
         print(f"{schema}: QAT start == PTQ model: {same}", flush=True)
-        distill(module, resized, teacher, steps=args.steps, batch=args.batch, lr=args.lr,
-                        range_lr=args.range_lr, temperature=args.temperature, mse=args.mse, warmup=args.warmup,
-                        freeze_dw=args.freeze_dw, seed=args.seed)
+        members = []
+        for k in range(args.soup):  # --soup K: K students from the same start (seeds seed..seed+K-1), averaged
+            if k:
+                module = prepare(start, ranges, opts)
+            distill(module, resized, teacher, steps=args.steps, batch=args.batch, lr=args.lr,
+                    range_lr=args.range_lr, temperature=args.temperature, mse=args.mse, warmup=args.warmup,
+                    freeze_dw=args.freeze_dw, seed=args.seed + k, mix=args.mix, qdrop=args.qdrop, hard=args.hard)
+            members.append({n: v.detach().clone() for n, v in module.state_dict().items()})
+            if args.soup > 1:
+                ma, _, ms = metrics(ref, run_batched(module.quantized_graph(), x_eval, args.threads))
+                print(f"{schema}: soup member {k} (seed {args.seed + k}): agreement {ma:.1f}%, SQNR {ms:.2f} dB",
+                      flush=True)
+        if args.soup > 1:
+            module.load_state_dict({n: sum(m[n] for m in members) / len(members) for n in members[0]})
         t_train = time.perf_counter() - t0
         qat = run_batched(module.quantized_graph(), x_eval, args.threads)
         t_qat = time.perf_counter() - t0
@@ -300,7 +354,10 @@ def main(argv=None) -> int:
           f"percentile {args.percentile:g} ranges{'' if args.no_bias_correction else ' + bias correction'} from the 64 "
           f"calibration stamps; QAT: {args.steps} steps x batch {args.batch} of distillation on augmented views of "
           f"{len(train_paths)} calibration stamps{f' + {len(extra)} extra photos' if extra else ''}, lr {args.lr:g} (ranges {args.range_lr:g}), warm-up + cosine, "
-          f"T={args.temperature:g} KL + {args.mse:g} x MSE on logits{', depthwise frozen' if args.freeze_dw else ''}, "
+          f"T={args.temperature:g} KL + {args.mse:g} x MSE on logits{', depthwise frozen' if args.freeze_dw else ''}"
+          f"{f', mixup {args.mix:g}' if args.mix else ''}{f', QDrop {args.qdrop:g}' if args.qdrop else ''}"
+          f"{f', {args.hard:g} x CE to teacher top-1' if args.hard else ''}"
+          f"{f', soup of {args.soup} seeds' if args.soup > 1 else ''}, "
           f"{args.threads} thread(s)")
     print("| schema | PTQ top-1 agr. | QAT top-1 agr. | PTQ top-5 ovl. | QAT top-5 ovl. | PTQ SQNR | QAT SQNR "
           "| recovered | QAT time (train + eval) |")
