@@ -243,6 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--percentile", type=float, default=99.95,
                     help="calibration percentile (PTQ = QAT start); 99.95 as qmace quantize, chosen with --holdout")
     ap.add_argument("--no-bias-correction", action="store_true")
+    ap.add_argument("--adaround", action="store_true",
+                    help="PTQ = QAT start with AdaRound weights (qmace quantize --adaround) instead of bias correction")
     ap.add_argument("--no-equalization", action="store_true",
                     help="skip activation equalization before the calibration pass")
     ap.add_argument("--extra-photos", action="store_true",
@@ -262,6 +264,8 @@ def main(argv=None) -> int:
     from qmace.frontends.onnx_frontend import onnx_to_graph, read_onnx
     from qmace.passes import optimize
     from qmace.qat import prepare
+    from qmace.quantize.adaround import InputStatistics
+    from qmace.quantize.adaround import adaround as run_adaround
     from qmace.quantize.api import calibrate, equalize_on
     from qmace.quantize.bias_correction import ChannelMeans, correct_biases
     from qmace.quantize.calibration import make_calibrator
@@ -314,14 +318,21 @@ def main(argv=None) -> int:
         print(f"activation equalization: {len(groups)} groups, {equalized} tensors rescaled", flush=True)
     cal = make_calibrator("percentile", percentile=args.percentile)
     means = ChannelMeans(graph)
-    calibrate(graph, samples, cal, num_threads=args.threads, observers=[] if args.no_bias_correction else [means])
+    moments = InputStatistics(graph) if args.adaround else None
+    observers = [moments] if args.adaround else [] if args.no_bias_correction else [means]
+    calibrate(graph, samples, cal, num_threads=args.threads, observers=observers)
     ranges = cal.ranges()
     in_range = (float(x_cal.min()), float(x_cal.max()))
 
     rows = []
     for schema in args.schemas.split(","):
         opts = QuantizeOptions(schema=schema, input_ranges={"input": in_range})
-        start = graph if args.no_bias_correction else correct_biases(graph, means, schema)[0]
+        if args.adaround:  # as qmace quantize --adaround: rounded weights on fixed grids + corrected biases
+            t_ada = time.perf_counter()
+            start, opts.fixed_params, _ = run_adaround(graph, moments, schema)
+            print(f"{schema}: AdaRound {time.perf_counter() - t_ada:.0f} s", flush=True)
+        else:
+            start = graph if args.no_bias_correction else correct_biases(graph, means, schema)[0]
         ptq = run_batched(quantize_graph(start, ranges, opts).graph, x_eval, args.threads)
         t0 = time.perf_counter()
         module = prepare(start, ranges, opts)
@@ -351,7 +362,7 @@ def main(argv=None) -> int:
 
     print(f"\nMobileNetV2 (torchvision weights), {eval_name} vs FP32; PTQ = QAT start: "
           f"{'no equalization' if args.no_equalization else f'activation equalization ({equalized} tensors)'}, "
-          f"percentile {args.percentile:g} ranges{'' if args.no_bias_correction else ' + bias correction'} from the 64 "
+          f"percentile {args.percentile:g} ranges{' + AdaRound' if args.adaround else '' if args.no_bias_correction else ' + bias correction'} from the 64 "
           f"calibration stamps; QAT: {args.steps} steps x batch {args.batch} of distillation on augmented views of "
           f"{len(train_paths)} calibration stamps{f' + {len(extra)} extra photos' if extra else ''}, lr {args.lr:g} (ranges {args.range_lr:g}), warm-up + cosine, "
           f"T={args.temperature:g} KL + {args.mse:g} x MSE on logits{', depthwise frozen' if args.freeze_dw else ''}"
