@@ -174,6 +174,22 @@ def scratch_dir(cache: Path, name: str):
         shutil.rmtree(d, ignore_errors=True)
 
 
+def write_manifest(manifest: Path, content: dict) -> None:
+    """JSON to a temporary file, then renamed over ``manifest`` (never half-written)."""
+    tmp = manifest.with_name(f".{manifest.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=1) + "\n")
+    os.replace(tmp, manifest)
+
+
+def photo_manifest_ok(manifest: Path, count: int) -> bool:
+    """``manifest`` lists ``count`` photos and every one is on disk."""
+    try:
+        paths = [Path(p) for p in json.loads(manifest.read_text())["photos"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return len(paths) == count and all(p.is_file() for p in paths)
+
+
 # --- mobilenet --------------------------------------------------------------------------------------------
 
 
@@ -329,22 +345,11 @@ def fetch_fashion(cache: Path, data_dir: Path) -> tuple[Path, str]:
     if not root.is_dir() or not any(root.rglob("*-ubyte*")):
         extract_deb(cache, get_deb(cache, FASHION_PKG), root)
     paths = locate_fashion(root)
-    tmp = manifest.with_name(f".{manifest.name}.tmp")
-    tmp.write_text(json.dumps({k: str(p) for k, p in paths.items()}, indent=1) + "\n")
-    os.replace(tmp, manifest)
+    write_manifest(manifest, {k: str(p) for k, p in paths.items()})
     return manifest, "fetched"
 
 
 # --- extra-photos ---------------------------------------------------------------------------------------
-
-
-def extra_manifest_ok(manifest: Path) -> bool:
-    try:
-        recorded = json.loads(manifest.read_text())
-        paths = [Path(p) for p in recorded["photos"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return len(paths) == sum(len(v) for v in EXTRA_PHOTOS.values()) and all(p.is_file() for p in paths)
 
 
 def place_checked(src: Path, dest: Path, expected: str) -> None:
@@ -357,7 +362,7 @@ def place_checked(src: Path, dest: Path, expected: str) -> None:
 
 def fetch_extra_photos(cache: Path, data_dir: Path) -> tuple[Path, str]:
     manifest = cache / EXTRA_MANIFEST
-    if extra_manifest_ok(manifest):
+    if photo_manifest_ok(manifest, sum(len(v) for v in EXTRA_PHOTOS.values())):
         return manifest, "cached"
     root = cache / EXTRA_DIR
     with scratch_dir(cache, EXTRA_DIR) as tmp:
@@ -397,9 +402,7 @@ def fetch_extra_photos(cache: Path, data_dir: Path) -> tuple[Path, str]:
             shutil.rmtree(root)
         os.replace(staged, root)
     photos = [str(root / pkg / name) for pkg, files in EXTRA_PHOTOS.items() for name in files]
-    tmp_manifest = manifest.with_name(f".{manifest.name}.tmp")
-    tmp_manifest.write_text(json.dumps({"photos": photos}, indent=1) + "\n")
-    os.replace(tmp_manifest, manifest)
+    write_manifest(manifest, {"photos": photos})
     return manifest, "fetched"
 
 
@@ -443,17 +446,9 @@ def read_rcc(data: bytes, source: Path):
         yield path, blob
 
 
-def gcompris_manifest_ok(manifest: Path) -> bool:
-    try:
-        paths = [Path(p) for p in json.loads(manifest.read_text())["photos"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return len(paths) == GCOMPRIS_COUNT and all(p.is_file() for p in paths)
-
-
 def fetch_gcompris_photos(cache: Path, data_dir: Path) -> tuple[Path, str]:
     manifest = cache / GCOMPRIS_MANIFEST
-    if gcompris_manifest_ok(manifest):
+    if photo_manifest_ok(manifest, GCOMPRIS_COUNT):
         return manifest, "cached"
     root = cache / GCOMPRIS_DIR
     deb = get_deb(cache, GCOMPRIS_PKG)
@@ -488,9 +483,7 @@ def fetch_gcompris_photos(cache: Path, data_dir: Path) -> tuple[Path, str]:
             shutil.rmtree(root)
         os.replace(staged, root)
     photos = sorted(str(root / rel) for _, rel in listed)
-    tmp_manifest = manifest.with_name(f".{manifest.name}.tmp")
-    tmp_manifest.write_text(json.dumps({"photos": photos}, indent=1) + "\n")
-    os.replace(tmp_manifest, manifest)
+    write_manifest(manifest, {"photos": photos})
     return manifest, "fetched"
 
 
