@@ -134,7 +134,6 @@ def test_fetch_assets_rejects_unknown_asset(tmp_path):
     assert proc.returncode != 0 and "unknown asset" in proc.stderr and "Traceback" not in proc.stderr
 
 
-
 def _rcc_bytes(tree: dict, version: int = 2) -> bytes:
     """A Qt .rcc bundle (format 1-2) holding ``tree``: {name: bytes | (bytes, "zlib") | dict}."""
     import struct
@@ -179,13 +178,14 @@ def test_fetch_assets_reads_qt_resource_bundles(tmp_path):
     finally:
         sys.path.pop(0)
     photo, other = bytes(range(256)) * 3, b"x" * 1000
-    data = _rcc_bytes({"gcompris": {"a.jpg": (photo, "zlib"), "sub": {"b.webp": other}}, "top.txt": b"hi"})
+    tree = {"gcompris": {"a.jpg": (photo, "zlib"), "sub": {"b.webp": other}}, "top.txt": b"hi"}
+    data = _rcc_bytes(tree)
     got = dict(fetch_assets.read_rcc(data, tmp_path / "t.rcc"))
-    assert got == dict(fetch_assets.read_rcc(_rcc_bytes(
-        {"gcompris": {"a.jpg": (photo, "zlib"), "sub": {"b.webp": other}}, "top.txt": b"hi"}, version=1), tmp_path))
+    assert got == dict(fetch_assets.read_rcc(_rcc_bytes(tree, version=1), tmp_path))
     assert got == {"/gcompris/a.jpg": photo, "/gcompris/sub/b.webp": other, "/top.txt": b"hi"}
     with pytest.raises(fetch_assets.FetchError, match="t.rcc: not a Qt resource"):
         list(fetch_assets.read_rcc(b"junk" + data[4:], tmp_path / "t.rcc"))
+
 
 # --- MobileNetV2 ----------------------------------------------------------------------------------------
 
