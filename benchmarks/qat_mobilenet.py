@@ -345,8 +345,8 @@ def main(argv=None) -> int:
             distill(module, resized, teacher, steps=args.steps, batch=args.batch, lr=args.lr,
                     range_lr=args.range_lr, temperature=args.temperature, mse=args.mse, warmup=args.warmup,
                     freeze_dw=args.freeze_dw, seed=args.seed + k, mix=args.mix, qdrop=args.qdrop, hard=args.hard)
-            members.append({n: v.detach().clone() for n, v in module.state_dict().items()})
             if args.soup > 1:
+                members.append({n: v.detach().clone() for n, v in module.state_dict().items()})
                 ma, _, ms = metrics(ref, run_batched(module.quantized_graph(), x_eval, args.threads))
                 print(f"{schema}: soup member {k} (seed {args.seed + k}): agreement {ma:.1f}%, SQNR {ms:.2f} dB",
                       flush=True)
