@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: qmace_zoo is not installed
+
 from qmace.metrics import compare
 from qmace.runtime.session import ort_session as qmace_ort_session
-from qmace.zoo import (
+from qmace_zoo import (
     default_cache,
     export_onnx,
     imagenet_labels,

@@ -16,12 +16,15 @@ reference runtime, docs/quantization.md). Target: QAT within 0.5 pt of float and
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: qmace_zoo is not installed
 
 
 def build_cnn():
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
     from qmace.quantize.api import calibrate
     from qmace.quantize.calibration import make_calibrator
     from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
-    from qmace.zoo import fashion_mnist
+    from qmace_zoo import fashion_mnist
 
     t_start = time.perf_counter()
     torch.manual_seed(0)

@@ -35,14 +35,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: qmace_zoo is not installed
+
 from qmace.metrics import compare
-from qmace.zoo.stamps import CROP, IMAGENET_MEAN, IMAGENET_STD
+from qmace_zoo.stamps import CROP, IMAGENET_MEAN, IMAGENET_STD
 
 
 def load_resized(paths, root: Path, short: int = 256) -> list[np.ndarray]:
@@ -271,7 +274,7 @@ def main(argv=None) -> int:
     from qmace.quantize.calibration import make_calibrator
     from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
     from qmace.runtime import Session
-    from qmace.zoo import default_cache, export_onnx, load_images, load_mobilenet_v2, load_split, stamps_dir
+    from qmace_zoo import default_cache, export_onnx, load_images, load_mobilenet_v2, load_split, stamps_dir
 
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)

@@ -14,7 +14,7 @@ import numpy as np
 from qmace.config import DeploymentConfig, ModelConfig, load_config
 from qmace.data import Sample, iter_samples, model_shape, random_sample, sample_names, write_outputs
 from qmace.errors import ModelError
-from qmace.frontends import load_onnx
+from qmace.frontends import Oracle, frontend_for
 from qmace.ir import Graph
 from qmace.metrics import Comparison, compare
 from qmace.modelfile import EXTENSION, load_graph, save_graph
@@ -62,7 +62,7 @@ def bind_io(graph: Graph, m: ModelConfig) -> Graph:
 def load_float_graph(m: ModelConfig) -> Graph:
     """Verify, load and optimize the float model of a YAML model entry."""
     m.verify_model_file()
-    graph = bind_io(load_onnx(m.model_file_path), m)
+    graph = bind_io(frontend_for(m).load(m), m)
     g = optimize(graph)
     g.metadata.update({"model_name": m.name, "source_sha256": m.model_sha256_checksum})
     return g
@@ -142,6 +142,7 @@ class RunReport:
     latencies_ms: list[float]
     checks: list[OutputCheck] = field(default_factory=list)
     threshold: float | None = None
+    oracle: str | None = None  # what --validate compared against
     op_times_ms: dict[str, float] = field(default_factory=dict)  # node name -> mean ms per run
     op_types: dict[str, str] = field(default_factory=dict)  # node name -> op type
     outputs_written: list[Path] = field(default_factory=list)
@@ -155,11 +156,29 @@ class RunReport:
         return {f"p{p}": float(np.percentile(lat, p)) for p in (50, 90, 99)} | {"mean": float(lat.mean())}
 
 
-def source_session(m: ModelConfig, num_threads: int | None = None):
-    """The original ONNX model in plain ONNX Runtime (the validation oracle)."""
-    from qmace.runtime.session import ort_session
+@dataclass
+class _FloatReference:
+    """qmace's own float reference kernels on the imported graph: the oracle when the source framework is
+    not installed."""
 
-    return ort_session(m.model_file_path.read_bytes(), num_threads)
+    session: Session
+    label: str = "qmace's float reference of the imported graph (source framework not installed)"
+
+    def run(self, outputs, feeds):
+        got = self.session.run(feeds)
+        return [got[k] for k in outputs]
+
+
+def source_session(m: ModelConfig, num_threads: int | None = None) -> Oracle:
+    """The original model in its own framework (the validation oracle), or, when that framework is not
+    installed, qmace's float reference of the imported graph (logged with what to install)."""
+    fe = frontend_for(m)
+    oracle = fe.oracle(m, num_threads)
+    if oracle is None:
+        log.warning("%s: the %s framework is not installed (%s); validating against qmace's float reference "
+                    "of the imported graph instead", m.model_file_path, m.platform, fe.install_hint)
+        oracle = _FloatReference(Session(load_float_graph(m), backend="reference"))
+    return oracle
 
 
 def run(
@@ -189,8 +208,9 @@ def run(
     session = Session(graph, backend=backend, num_threads=num_threads, extra_outputs=extra)
     oracle = source_session(m, num_threads) if validate else None
     report = RunReport(backend=backend, samples=0, latencies_ms=[])
-    if validate:
+    if oracle is not None:
         report.threshold = m.threshold_for(quantized)
+        report.oracle = oracle.label
     op_times: dict[str, float] | None = {} if (benchmark and backend == "reference") else None
     formats = dict(zip(m.subgraph.output_tensors, m.subgraph.output_data_formats))
     n = count_samples(m, input_dir, 1)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: qmace_zoo is not installed
+
 REPO = Path(__file__).resolve().parent.parent
 SHOW = 6  # photos whose top-5 is printed
 
@@ -103,8 +105,8 @@ def main() -> None:
     py = sys.executable
 
     sh([py, str(REPO / "scripts" / "fetch_assets.py"), "mobilenet", "stamps"])
-    from qmace.zoo import export_onnx, load_mobilenet_v2
-    from qmace.zoo.stamps import default_cache, load_images, load_split, stamps_dir
+    from qmace_zoo import export_onnx, load_mobilenet_v2
+    from qmace_zoo.stamps import default_cache, load_images, load_split, stamps_dir
 
     onnx_path = work / "mobilenet_v2.onnx"
     if not onnx_path.is_file():

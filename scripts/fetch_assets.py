@@ -12,7 +12,7 @@ package registries are used:
                  installed: its metadata pins ancient deps). Checked: sha256 starts with b0353104.
                  -> <cache>/mobilenet_v2-b0353104.pth
 - stamps         Tux Paint photo stamps, Debian package `tuxpaint-stamps-default` (`apt-get download` +
-                 `dpkg-deb -x`). Checked: every calib/eval path of shared/data/stamps-split.json exists.
+                 `dpkg-deb -x`). Checked: every calib/eval path of data/stamps-split.json exists.
                  -> <cache>/tuxpaint/usr/share/tuxpaint/stamps/
 - fashion-mnist  Debian package `dataset-fashion-mnist`; the 4 IDX files' paths are recorded in
                  <cache>/fashion-mnist.json.
@@ -134,7 +134,7 @@ def default_cache() -> Path:
 
 
 def default_data_dir() -> Path:
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    return Path(__file__).resolve().parent.parent / "data"
 
 
 def run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         "--data",
         type=Path,
         default=None,
-        help="shared data folder with stamps-split.json (default: <repo>/../shared/data)",
+        help="folder with stamps-split.json (default: <repo>/data)",
     )
     args = ap.parse_args(argv)
     unknown = [a for a in args.assets if a not in ASSETS]

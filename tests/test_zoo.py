@@ -1,4 +1,4 @@
-"""Fast tests of qmace.zoo that need no downloads: IDX parsing, stamp preprocessing, MobileNetV2."""
+"""Fast tests of qmace_zoo that need no downloads: IDX parsing, stamp preprocessing, MobileNetV2."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from qmace.errors import InputDataError
-from qmace.zoo import stamps as zstamps
-from qmace.zoo.stamps import IMAGENET_MEAN, IMAGENET_STD, fashion_mnist, load_images, preprocess, read_idx
+from qmace_zoo import stamps as zstamps
+from qmace_zoo.stamps import IMAGENET_MEAN, IMAGENET_STD, fashion_mnist, load_images, preprocess, read_idx
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_shared_data_split_and_labels():
 
 
 def test_import_is_lazy():
-    code = "import sys, qmace.zoo; print('torch' in sys.modules, 'PIL' in sys.modules)"
+    code = "import sys, qmace_zoo; print('torch' in sys.modules, 'PIL' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -193,7 +193,7 @@ def test_fetch_assets_reads_qt_resource_bundles(tmp_path):
 @pytest.fixture(scope="module")
 def mbv2():
     torch = pytest.importorskip("torch")
-    from qmace.zoo import build_mobilenet_v2
+    from qmace_zoo import build_mobilenet_v2
 
     torch.manual_seed(0)
     model = build_mobilenet_v2()
@@ -231,7 +231,7 @@ def test_mobilenet_v2_torchvision_keys(mbv2):
 def test_load_mobilenet_v2_strict_roundtrip(tmp_path, mbv2):
     torch = pytest.importorskip("torch")
     from qmace.errors import ModelError
-    from qmace.zoo import load_mobilenet_v2
+    from qmace_zoo import load_mobilenet_v2
 
     torch.save(mbv2.state_dict(), tmp_path / "w.pth")
     loaded = load_mobilenet_v2(tmp_path / "w.pth")
@@ -251,7 +251,7 @@ def test_load_mobilenet_v2_strict_roundtrip(tmp_path, mbv2):
 def test_export_onnx_matches_torch(tmp_path, mbv2):
     torch = pytest.importorskip("torch")
     ort = pytest.importorskip("onnxruntime")
-    from qmace.zoo import export_onnx
+    from qmace_zoo import export_onnx
 
     path = export_onnx(mbv2, tmp_path / "sub" / "m.onnx")
     assert path.is_file()

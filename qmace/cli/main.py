@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the converted model")
     _common(p)
     _flag(p, "round", type=int, default=1, help="runs per sample")
-    _flag(p, "validate", action="store_true", help="compare with the source model in ONNX Runtime")
+    _flag(p, "validate", action="store_true", help="compare with the source model run by its own framework (ONNX Runtime for ONNX)")
     _flag(p, "input_dir", default=None, help="input samples (MACE file naming; raw float32 or .npy)")
     _flag(p, "output_dir", default=None, help="write outputs here (raw float32 and .npy)")
     _flag(p, "benchmark", action="store_true", help="latency percentiles (and per-op times on the reference backend)")
@@ -138,7 +138,7 @@ def _print_run_report(rep, benchmark: bool) -> None:
         for node, ms in sorted(rep.op_times_ms.items(), key=lambda kv: -kv[1])[:10]:
             print(f"  {node:<40} {rep.op_types[node]:<16} {ms:9.3f}")
     if rep.checks:
-        print(f"validation against the source model (threshold: cosine >= {rep.threshold}):")
+        print(f"validation against {rep.oracle} (threshold: cosine >= {rep.threshold}):")
         print(f"  {'sample':<16} {'output':<24} {'cosine':>10} {'SQNR dB':>9} {'max abs err':>12} {'argmax':>7}")
         for c in rep.checks:
             cmp = c.comparison

@@ -1,5 +1,72 @@
-"""Model frontends: each turns a source model file into an ``ir.Graph``."""
+"""Model frontends: each turns a source model file into an ``ir.Graph``.
 
+One ``Frontend`` per ``platform:`` value of the deployment YAML, registered in ``FRONTENDS``. A frontend
+knows two things: how to read its model files into the IR (``load``), and how to run the original model in
+its own framework for ``run --validate`` (``oracle``; ``None`` when that framework is not installed, in
+which case validation compares with qmace's own float reference of the imported graph and says so).
+Adding a platform = one module here that builds a ``Frontend``, one entry in ``FRONTENDS`` and the platform
+name in ``qmace.config.SUPPORTED_PLATFORMS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from qmace.errors import ConfigError
 from qmace.frontends.onnx_frontend import load_onnx, onnx_to_graph
 
-__all__ = ["load_onnx", "onnx_to_graph"]
+if TYPE_CHECKING:
+    from qmace.config import ModelConfig
+    from qmace.ir import Graph
+
+
+class Oracle(Protocol):
+    """The source framework running the original model: ``run(output names, feeds) -> arrays``."""
+
+    label: str  # what the validation compares against, e.g. "ONNX Runtime on the source file"
+
+    def run(self, outputs: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class Frontend:
+    platform: str
+    load: Callable[[ModelConfig], Graph]  # the model entry's file(s) -> float IR graph (not yet bound to the YAML)
+    oracle: Callable[[ModelConfig, int | None], Oracle | None]  # None: the framework is not installed
+    install_hint: str = ""  # what to install for ``oracle`` when it returns None
+
+
+@dataclass
+class _OrtOracle:
+    session: object
+    label: str = "ONNX Runtime on the source file"
+
+    def run(self, outputs: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(list(outputs), feeds)
+
+
+def _onnx_oracle(m: ModelConfig, num_threads: int | None) -> Oracle:
+    from qmace.runtime.session import ort_session
+
+    return _OrtOracle(ort_session(m.model_file_path.read_bytes(), num_threads))
+
+
+FRONTENDS: dict[str, Frontend] = {
+    "onnx": Frontend("onnx", lambda m: load_onnx(m.model_file_path), _onnx_oracle),
+}
+
+
+def frontend_for(m: ModelConfig) -> Frontend:
+    """The frontend of a YAML model entry's ``platform``; ConfigError naming the key if there is none."""
+    try:
+        return FRONTENDS[m.platform]
+    except KeyError:
+        raise ConfigError(f"{m.yaml_path}: models.{m.name}.platform: platform {m.platform!r} is not supported "
+                          f"(supported: {', '.join(FRONTENDS)})") from None
+
+
+__all__ = ["FRONTENDS", "Frontend", "Oracle", "frontend_for", "load_onnx", "onnx_to_graph"]

@@ -1,8 +1,8 @@
 """Real evaluation data: Tux Paint photo stamps (ImageNet mini set) and Fashion-MNIST.
 
 Assets are fetched by `scripts/fetch_assets.py` into the cache (`~/.cache/qmace`, or `$QMACE_CACHE`, or the
-explicit `cache` argument). The split and hand labels live in the shared data folder
-`<repo>/../shared/data` (see its README.md). numpy only; Pillow is imported lazily by `preprocess`.
+explicit `cache` argument). The split and hand labels live in the repository's
+`data/` folder (see its README.md). numpy only; Pillow is imported lazily by `preprocess`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 RESIZE = 256
 CROP = 224
 
+REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 STAMPS_SUBDIR = Path("tuxpaint/usr/share/tuxpaint/stamps")
 FASHION_SUBDIR = Path("fashion-mnist")
 FASHION_MANIFEST = "fashion-mnist.json"
@@ -42,15 +43,11 @@ def _cache(cache: str | os.PathLike | None) -> Path:
     return Path(cache).expanduser() if cache is not None else default_cache()
 
 
-def shared_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The shared data folder: `data_dir` if given, else `<repo>/../shared/data`."""
-    if data_dir is not None:
-        d = Path(data_dir)
-    else:
-        repo = Path(__file__).resolve().parents[2]
-        d = repo.parent / "shared" / "data"
+def data_dir_of(data_dir: str | os.PathLike | None = None) -> Path:
+    """The split/labels folder: `data_dir` if given, else the repository's `data/`."""
+    d = Path(data_dir) if data_dir is not None else REPO_DATA
     if not (d / "stamps-split.json").is_file():
-        raise InputDataError(f"{d}: shared data folder has no stamps-split.json")
+        raise InputDataError(f"{d}: data folder has no stamps-split.json")
     return d
 
 
@@ -64,7 +61,7 @@ def stamps_dir(cache: str | os.PathLike | None = None) -> Path:
 
 def load_split(data_dir: str | os.PathLike | None = None) -> dict:
     """The parsed `stamps-split.json`: keys `calib` (64 paths), `eval` (233), `excluded`, `rule`, ..."""
-    path = shared_data_dir(data_dir) / "stamps-split.json"
+    path = data_dir_of(data_dir) / "stamps-split.json"
     try:
         split = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -77,7 +74,7 @@ def load_split(data_dir: str | os.PathLike | None = None) -> dict:
 
 def imagenet_labels(data_dir: str | os.PathLike | None = None) -> dict[str, list[int]]:
     """Hand labels: stamp path (relative to the stamps folder) -> acceptable ImageNet-1k class ids."""
-    path = shared_data_dir(data_dir) / "stamps-imagenet-labels.json"
+    path = data_dir_of(data_dir) / "stamps-imagenet-labels.json"
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -86,7 +83,7 @@ def imagenet_labels(data_dir: str | os.PathLike | None = None) -> dict[str, list
 
 
 def preprocess(path: str | os.PathLike) -> np.ndarray:
-    """One image -> (3, 224, 224) float32, exactly as the shared README specifies.
+    """One image -> (3, 224, 224) float32, exactly as data/README.md specifies.
 
     Alpha-composite on white, RGB, resize the shorter side to 256 (bilinear, longer side
     `int(256 * long / short)`), centre crop 224 (torchvision's rounding), /255, ImageNet mean/std, CHW.

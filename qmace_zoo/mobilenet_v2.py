@@ -4,7 +4,7 @@ torchvision is not importable here, so the architecture is written out: `feature
 (Conv-BN-ReLU6), `features.1..17` the inverted residual blocks (attribute `conv`), `features.18` the 1x1
 Conv-BN-ReLU6 to 1280 channels, and `classifier` is `Sequential(Dropout(0.2), Linear(1280, 1000))`.
 
-torch is optional: it is imported inside the functions, so `import qmace.zoo` works without it.
+torch is optional: it is imported inside the functions, so `import qmace_zoo` works without it.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Nothing here imports torch or Pillow at import time: both are optional and impor
 functions that need them.
 """
 
-from qmace.zoo.mobilenet_v2 import build_mobilenet_v2, export_onnx, load_mobilenet_v2
-from qmace.zoo.stamps import (
+from qmace_zoo.mobilenet_v2 import build_mobilenet_v2, export_onnx, load_mobilenet_v2
+from qmace_zoo.stamps import (
+    data_dir_of,
     default_cache,
     fashion_mnist,
     imagenet_labels,
@@ -13,12 +14,12 @@ from qmace.zoo.stamps import (
     load_split,
     preprocess,
     read_idx,
-    shared_data_dir,
     stamps_dir,
 )
 
 __all__ = [
     "build_mobilenet_v2",
+    "data_dir_of",
     "default_cache",
     "export_onnx",
     "fashion_mnist",
@@ -28,6 +29,5 @@ __all__ = [
     "load_split",
     "preprocess",
     "read_idx",
-    "shared_data_dir",
     "stamps_dir",
 ]
