@@ -130,10 +130,13 @@ def write_yaml(
 # ---------------------------------------------------------------------------------------------- sessions
 
 
-def ort_session(model: Path | bytes, threads: int):
+def ort_session(model: Path | bytes, threads: int, exact_int8: bool = False):
     """Plain ONNX Runtime (CPU EP, all graph optimizations) with `threads` intra-op threads: the same
-    session options as qmace's own onnxruntime backend."""
-    return qmace_ort_session(model if isinstance(model, bytes) else Path(model).read_bytes(), threads)
+    session options as qmace's own onnxruntime backend. A peer's model runs as ORT runs it
+    (``exact_int8=False``: on CPUs without VNNI its u8 x s8 kernels saturate, as they do for ORT's users);
+    ``exact_int8=True`` hands int8 weights over as qmace's backend does (uint8 + 128 where needed)."""
+    data = model if isinstance(model, bytes) else Path(model).read_bytes()
+    return qmace_ort_session(data, threads, exact_int8=exact_int8)
 
 
 def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 1) -> np.ndarray:

@@ -92,3 +92,15 @@ def check_op(
         else:
             np.testing.assert_array_equal(g, e, err_msg=f"{op_type} output {k}")
     return got
+
+
+def ort_exact(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as qmace hands it to ONNX Runtime on this host: where ORT's u8 x s8 kernels saturate (x86
+    without VNNI), int8 weights become uint8 + 128 (``qmace.runtime.session.int8_weights_as_uint8``), so the
+    tests compare qmace's integer maths with ORT's exact kernels on every CPU."""
+    from qmace.runtime.session import int8_weights_as_uint8, ort_u8s8_exact
+
+    if not ort_u8s8_exact():
+        int8_weights_as_uint8(model)
+    return model
+

@@ -104,7 +104,7 @@ def test_strength_and_cap_bound_the_scales():
     _, full = equalize_activations(g, mx, strength=1.0, free_strength=1.0, max_scale=1e6)
     _, half = equalize_activations(g, mx, strength=0.5, free_strength=0.5, max_scale=1e6)
     _, capped = equalize_activations(g, mx, strength=1.0, free_strength=1.0, max_scale=4.0)
-    by = lambda groups: {tuple(gr.tensors): gr for gr in groups}  # noqa: E731
+    by = lambda groups: {tuple(gr.tensors): gr for gr in groups}
     for k, gr in by(full).items():
         assert by(half)[k].max_scale == pytest.approx(gr.max_scale ** 0.5, rel=1e-6)
         assert by(capped)[k].max_scale == pytest.approx(min(4.0, gr.max_scale))

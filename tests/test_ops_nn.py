@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qmace.ir import Node
 from qmace.ops import get_op
-from tests.opcheck import check_op, ref_run_node
+from tests.opcheck import check_op, ort_exact, ref_run_node
 
 F32 = np.float32
 
@@ -508,6 +508,7 @@ def _ort_qlinearconv(qx, qw, bias, xp, s_w, yp, attrs) -> np.ndarray:
                               [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
+    ort_exact(model)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -588,6 +589,7 @@ def _ort_qlinearmatmul(qa, qb, ap, s_b, yp) -> np.ndarray:
                               [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
+    ort_exact(model)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(["y"], {"a": qa})[0]

@@ -12,12 +12,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 
-from qmace.frontends.onnx_frontend import onnx_to_graph  # noqa: E402
-from qmace.passes import optimize  # noqa: E402
-from qmace.quantize.api import calibrate  # noqa: E402
-from qmace.quantize.calibration import make_calibrator  # noqa: E402
-from qmace.quantize.quantizer import QuantizeOptions  # noqa: E402
-from qmace.runtime.reference import execute  # noqa: E402
+from qmace.frontends.onnx_frontend import onnx_to_graph
+from qmace.passes import optimize
+from qmace.quantize.api import calibrate
+from qmace.quantize.calibration import make_calibrator
+from qmace.quantize.quantizer import QuantizeOptions
+from qmace.runtime.reference import execute
 
 INPUT_RANGE = (-1.0, 1.0)
 
@@ -33,7 +33,7 @@ def _model(seed: int = 0) -> onnx.ModelProto:
                                              else np.asarray(arr), name))
         return name
 
-    w = lambda *s: rng.normal(0, 0.3, s).astype(np.float32)  # noqa: E731
+    w = lambda *s: rng.normal(0, 0.3, s).astype(np.float32)
     nodes = [
         helper.make_node("Conv", ["x", c("w1", w(8, 3, 3, 3)), c("b1", w(8))], ["c1"], pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c1", c("g", 1 + 0.1 * w(8)), c("be", w(8)),

@@ -33,6 +33,7 @@ from qmace.quantize.qmath import (
     requant_multiplier,
     requantize,
 )
+from tests.opcheck import ort_exact
 
 # ---------------------------------------------------------------------------------------------------------
 # Property tests
@@ -190,6 +191,7 @@ def _session(nodes, inputs, outputs, initializers, opset=21, optimized_path=None
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
     onnx.checker.check_model(model)
+    ort_exact(model)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.log_severity_level = 3

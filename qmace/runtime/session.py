@@ -7,6 +7,8 @@ tensor; the ONNX Runtime backend can expose chosen intermediates as extra output
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -16,9 +18,121 @@ from qmace.ir import Graph
 from qmace.runtime import reference
 
 BACKENDS = ("onnxruntime", "reference")
+log = logging.getLogger(__name__)
+
+# Integer-weight inputs of ONNX ops: op type -> (weight input index, weight zero-point input index).
+_INT_WEIGHT_INPUTS = {
+    "DequantizeLinear": (0, 2),
+    "QLinearConv": (3, 5),
+    "QLinearMatMul": (3, 5),
+    "ConvInteger": (1, 3),
+    "MatMulInteger": (1, 3),
+}
 
 
-def ort_session(model_bytes: bytes, num_threads: int | None = None):
+def _probe_model(k: int):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("MatMulInteger", ["a", "b"], ["y"])
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("a", TensorProto.UINT8, [4, k]),
+                                                helper.make_tensor_value_info("b", TensorProto.INT8, [k, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [4, 16])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+@functools.cache
+def ort_u8s8_exact() -> bool:
+    """Whether this host's ONNX Runtime multiplies u8 x s8 exactly.
+
+    On x86 CPUs without VNNI (AVX2 only), ORT's u8 x s8 GEMM uses ``vpmaddubsw``, which adds two u8 x s8
+    products into a saturating int16: 255 * 127 * 2 = 64770 comes back as 32767 (ORT's docs mention this
+    "saturation issue"). The probe multiplies rows of 255s by columns of 127s with ``MatMulInteger`` and
+    compares with the exact sum.
+    """
+    k = 64
+    a = np.full((4, k), 255, np.uint8)
+    b = np.full((k, 16), 127, np.int8)
+    got = _raw_ort_session(_probe_model(k).SerializeToString(), 1).run(["y"], {"a": a, "b": b})[0]
+    exact = bool(np.all(got == 255 * 127 * k))
+    if not exact:
+        log.info("ONNX Runtime's u8 x s8 kernels saturate on this CPU (no VNNI): int8 weights are given to it "
+                 "as uint8 + 128, which its exact u8 x u8 kernels run")
+    return exact
+
+
+def _fold_weight_quantize(model) -> None:
+    """``QuantizeLinear(float initializer) -> int8`` (PyTorch's fake-quant export) becomes the int8
+    initializer it computes (qmath.quantize: ORT's rounding), so that the rewrite below sees the weight."""
+    from onnx import TensorProto, numpy_helper
+
+    from qmace.quantize.qmath import QuantParams, quantize
+
+    inits = {t.name: t for t in model.graph.initializer}
+    keep = []
+    for node in model.graph.node:
+        names = list(node.input) + [""] * (3 - len(node.input))
+        x, scale, zp = (inits.get(n) if n else None for n in names[:3])
+        if (node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx") or x is None or scale is None
+                or zp is None or zp.data_type != TensorProto.INT8 or x.data_type != TensorProto.FLOAT):
+            keep.append(node)
+            continue
+        s_arr, z_arr = numpy_helper.to_array(scale), numpy_helper.to_array(zp)
+        axis = None
+        if s_arr.ndim == 1:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % len(x.dims)
+        qp = QuantParams(s_arr.astype(np.float32), z_arr.astype(np.int32), "int8", axis)
+        model.graph.initializer.append(numpy_helper.from_array(quantize(numpy_helper.to_array(x), qp),
+                                                               node.output[0]))
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def int8_weights_as_uint8(model) -> bool:
+    """Rewrite ``model`` (an ``onnx.ModelProto``, in place) so that every int8 weight initializer read by
+    DequantizeLinear / QLinearConv / QLinearMatMul / ConvInteger / MatMulInteger is uint8 ``q + 128`` with
+    zero point ``z + 128``: the same real values and the same integer products ``(q_x - z_x)(q_w - z_w)``,
+    but ONNX Runtime runs them with its u8 x u8 kernels, which are exact where u8 x s8 saturates.
+    Returns whether anything changed."""
+    from onnx import TensorProto, numpy_helper
+
+    _fold_weight_quantize(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    added: dict[str, object] = {}
+
+    def as_uint8(name: str, codes: np.ndarray) -> str:
+        new_name = f"{name}__u8"
+        if new_name not in added:
+            added[new_name] = numpy_helper.from_array((codes.astype(np.int16) + 128).astype(np.uint8), new_name)
+        return new_name
+
+    for node in model.graph.node:
+        slots = _INT_WEIGHT_INPUTS.get(node.op_type)
+        if slots is None or node.domain not in ("", "ai.onnx"):
+            continue
+        w_i, z_i = slots
+        w = inits.get(node.input[w_i]) if len(node.input) > w_i else None
+        if w is None or w.data_type != TensorProto.INT8:
+            continue
+        zp_name = node.input[z_i] if len(node.input) > z_i else ""
+        if zp_name and zp_name not in inits:  # a zero point computed at run time: leave the node alone
+            continue
+        if zp_name:
+            zp = numpy_helper.to_array(inits[zp_name])
+        else:  # absent = 0, shaped like DequantizeLinear's scale (per axis) or a scalar
+            scale = inits.get(node.input[1]) if node.op_type == "DequantizeLinear" else None
+            zp = np.zeros(tuple(scale.dims) if scale is not None else (), np.int8)
+            zp_name = f"{w.name}__zero"
+        node.input[w_i] = as_uint8(w.name, numpy_helper.to_array(w))
+        while len(node.input) <= z_i:
+            node.input.append("")
+        node.input[z_i] = as_uint8(zp_name, zp)
+    model.graph.initializer.extend(added.values())
+    return bool(added)
+
+
+def _raw_ort_session(model_bytes: bytes, num_threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -31,6 +145,22 @@ def ort_session(model_bytes: bytes, num_threads: int | None = None):
         return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types; keep the message, one line
         raise ModelError(f"ONNX Runtime could not load the model: {str(e).splitlines()[0]}") from e
+
+
+def ort_session(model_bytes: bytes, num_threads: int | None = None, exact_int8: bool = True):
+    """An ONNX Runtime CPU session. ``exact_int8`` (default): on a host whose u8 x s8 kernels saturate
+    (``ort_u8s8_exact``), int8 weights are handed to ORT as uint8 + 128 (``int8_weights_as_uint8``) so it
+    computes the exact integer products; ``exact_int8=False`` runs the model as plain ORT would (peers)."""
+    if exact_int8 and not ort_u8s8_exact():
+        import onnx
+
+        try:
+            model = onnx.load_model_from_string(model_bytes)
+        except Exception:  # not parseable: let ORT say so below
+            model = None
+        if model is not None and int8_weights_as_uint8(model):
+            model_bytes = model.SerializeToString()
+    return _raw_ort_session(model_bytes, num_threads)
 
 
 class Session:
