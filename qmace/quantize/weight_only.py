@@ -4,7 +4,8 @@ Which weights (MACE's rule, ``transformer.py`` ``quantize_large_tensor``): a flo
 when its only reader is a Conv2D or FullyConnected op. In ONNX terms: input 1 of a ``Conv`` with
 ``group == 1`` (MACE turns depthwise convolutions into its separate DepthwiseConv2d op, so their weights stay
 float), of a ``Gemm`` (MACE's FullyConnected), or of a ``MatMul`` whose right operand is a constant (MACE's
-TensorFlow path turns that into a FullyConnected). MACE's rule leaves ``ConvTranspose`` (its Deconv2D) and any
+TensorFlow converter turns reshape -> MatMul with a constant weight into FullyConnected; qmace takes every
+such MatMul). MACE's rule leaves ``ConvTranspose`` (its Deconv2D) and any
 weight read by several ops in float; so does qmace. qmace adds one rule MACE does not have: a weight with
 fewer than ``min_elements`` elements stays float (it saves less than 3 KB and its scales and dequantize node
 cost part of that back; see docs/quantization.md for the measurement).
