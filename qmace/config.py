@@ -154,7 +154,9 @@ class ModelConfig:
         return f"models.{self.name}"
 
     def threshold_for(self, quantized: bool) -> float:
-        """Minimum cosine similarity for --validate: QUANTIZE's threshold if quantized, else CPU's."""
+        """Minimum cosine similarity for --validate: QUANTIZE's threshold (0.980 by default) for any quantized
+        model, weight-only (`quantize_large_weights: 1`) included, as MACE (its validate_type is QUANTIZE when
+        `quantize` or `quantize_large_weights` is 1); else CPU's."""
         device = "QUANTIZE" if quantized else "CPU"
         return self.validation_threshold.get(device, DEFAULT_VALIDATION_THRESHOLD[device])
 
