@@ -86,6 +86,10 @@ class ConvertResult:
             (f"inputs: {', '.join(f'{i}{list(g.tensors[i].shape or [])}' for i in g.inputs)}; "
              f"outputs: {', '.join(g.outputs)}"),
         ]
+        if kind == "large_weights":
+            from qmace.quantize.weight_only import describe
+
+            lines += describe(g.metadata["quantization"], self.file_size)
         if self.fallbacks:
             lines.append(f"{len(self.fallbacks)} op(s) run in float:")
             lines += [f"  {f}" for f in self.fallbacks]

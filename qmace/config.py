@@ -22,6 +22,9 @@ Where qmace deliberately differs from MACE:
   case-insensitive (`DSP` is an alias of `HEXAGON`, as in MACE).
 - `quantize_schema: uint8` is accepted as the explicit name of MACE's default (empty) schema; the 16-bit
   schemas are not supported yet.
+- `quantize_large_weights_schema` (qmace's own key, `int8` by default) chooses how `quantize_large_weights: 1`
+  stores weights: `int8` symmetric per channel, or `uint8`, MACE's asymmetric per-tensor storage
+  (docs/quantization.md has the measurement behind the default).
 - A one-element list of data formats or data types applies to every tensor, like a single value (MACE
   accepts only the bare value for that). Data formats, data types and platform names are case-insensitive.
 - Shapes and ranges may also be written as YAML lists (`[1, 224, 224, 3]`, `[-1.0, 1.0]`); a tensor name that
@@ -56,6 +59,7 @@ TENSOR_DATA_TYPES = ("float32", "int32")
 MODEL_DATA_TYPES = ("fp32_fp32", "fp16_fp32", "bf16_fp32", "fp16_fp16", "fp32")
 MODEL_FORMATS = ("file", "code")
 QUANTIZE_SCHEMAS = ("uint8", "int8")
+LARGE_WEIGHTS_SCHEMAS = ("int8", "uint8")  # qmace.quantize.weight_only.WEIGHT_SCHEMAS; the first is the default
 DEFAULT_INPUT_RANGE = (-1.0, 1.0)
 DEFAULT_VALIDATION_THRESHOLD = {"CPU": 0.999, "GPU": 0.995, "QUANTIZE": 0.980}
 THRESHOLD_DEVICES = ("CPU", "GPU", "HEXAGON", "HTA", "APU", "QUANTIZE")
@@ -73,7 +77,7 @@ _TOP_KEYS = ("library_name", "target_abis", "model_graph_format", "model_data_fo
 _MODEL_KEYS = (
     "platform", "model_file_path", "model_sha256_checksum", "weight_file_path", "weight_sha256_checksum",
     "subgraphs", "runtime", "data_type", "quantize", "quantize_range_file", "quantize_large_weights",
-    "quantize_schema", "change_concat_ranges", "validation_threshold",
+    "quantize_schema", "quantize_large_weights_schema", "change_concat_ranges", "validation_threshold",
 )
 _SUBGRAPH_KEYS = (
     "input_tensors", "input_shapes", "input_ranges", "input_data_formats", "input_data_types",
@@ -139,6 +143,7 @@ class ModelConfig:
     quantize_range_file: Path | None = None
     quantize_large_weights: bool = False
     quantize_schema: str = "uint8"
+    quantize_large_weights_schema: str = LARGE_WEIGHTS_SCHEMAS[0]
     change_concat_ranges: bool = False
     validation_threshold: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_VALIDATION_THRESHOLD))
     yaml_path: Path | None = None  # the deployment file, for messages
@@ -149,7 +154,9 @@ class ModelConfig:
         return f"models.{self.name}"
 
     def threshold_for(self, quantized: bool) -> float:
-        """Minimum cosine similarity for --validate: QUANTIZE's threshold if quantized, else CPU's."""
+        """Minimum cosine similarity for --validate: QUANTIZE's threshold (0.980 by default) for any quantized
+        model, weight-only (`quantize_large_weights: 1`) included, as MACE (its validate_type is QUANTIZE when
+        `quantize` or `quantize_large_weights` is 1); else CPU's."""
         device = "QUANTIZE" if quantized else "CPU"
         return self.validation_threshold.get(device, DEFAULT_VALIDATION_THRESHOLD[device])
 
@@ -512,12 +519,17 @@ class _Reader:
                                                               f"supported yet (supported: uint8, int8)")
             raise self.error(f"{prefix}.quantize_schema", f"{schema!r} is not one of: "
                                                           f"{', '.join(QUANTIZE_SCHEMAS)} (empty = uint8)")
+        lw_schema = self.string(m, prefix, "quantize_large_weights_schema", LARGE_WEIGHTS_SCHEMAS[0]).lower()
+        if lw_schema not in LARGE_WEIGHTS_SCHEMAS:
+            raise self.error(f"{prefix}.quantize_large_weights_schema",
+                             f"{lw_schema!r} is not one of: {', '.join(LARGE_WEIGHTS_SCHEMAS)}")
 
         return ModelConfig(
             name=name, platform=platform, model_file_path=model_file, model_sha256_checksum=model_sha,
             subgraph=self.subgraph_of(m, prefix), weight_file_path=weight_file,
             weight_sha256_checksum=weight_sha, runtime=runtime, data_type=data_type, quantize=quantize,
             quantize_range_file=range_file, quantize_large_weights=large_weights, quantize_schema=schema,
+            quantize_large_weights_schema=lw_schema,
             change_concat_ranges=self.flag(m, prefix, "change_concat_ranges"),
             validation_threshold=self.thresholds(m.get("validation_threshold"),
                                                  f"{prefix}.validation_threshold"),

@@ -69,6 +69,7 @@ def write_qat_yaml(config_path: Path, m, out_yaml: Path, onnx_path: Path, range_
     entry.pop("weight_file_path", None)
     entry.pop("weight_sha256_checksum", None)
     entry.pop("quantize_large_weights", None)
+    entry.pop("quantize_large_weights_schema", None)
     entry["quantize"] = 1
     entry["quantize_range_file"] = range_path.name
     entry["quantize_schema"] = m.quantize_schema

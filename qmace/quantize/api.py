@@ -20,8 +20,9 @@ from qmace.quantize.bias_correction import ChannelMeans, correct_biases
 from qmace.quantize.calibration import Calibrator, make_calibrator
 from qmace.quantize.equalize import ChannelMaxima, equalize_activations
 from qmace.quantize.qmath import QuantParams
-from qmace.quantize.quantizer import QuantizeOptions, quantize_graph, quantize_large_weights
+from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
 from qmace.quantize.ranges import RangeTable, read_range_file, write_range_file
+from qmace.quantize.weight_only import quantize_large_weights
 from qmace.runtime import Session
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None =
     """``convert`` with ``quantize: 1`` (ranges from ``quantize_range_file``, from QDQ nodes of the source
     model, or ``table``) or with ``quantize_large_weights: 1``."""
     if m.quantize_large_weights and not m.quantize:
-        return quantize_large_weights(graph), []
+        return quantize_large_weights(graph, m.quantize_large_weights_schema), []
     # Parameters read from QuantizeLinear/DequantizeLinear pairs of the source model (QAT / QDQ import)
     # win; tensors without one take the range file's range (MACE's "mixing usage").
     fixed = {k: QuantParams.from_json(v) for k, v in graph.metadata.get("qdq_params", {}).items()}

@@ -313,27 +313,3 @@ def _quantize_weights(g: Graph, node: Node, op, schema: str, fixed: dict) -> Non
             bname = g.unique_name(f"{node.inputs[b]}__quant")
             g.add_tensor(Tensor(bname, "int32", tuple(bias.shape), qmath.quantize_bias(bias, x_qp, w_qp), bqp))
             node.inputs[b] = bname
-
-
-def quantize_large_weights(graph: Graph) -> Graph:
-    """``quantize_large_weights: 1``: Conv/ConvTranspose/Gemm/MatMul weights stored as uint8 (MACE's
-    asymmetric per-tensor rule) and dequantized at load by a DequantizeLinear node; inference stays float."""
-    g = graph.copy()
-    for node in list(g.nodes):
-        op = get_op(node.op_type)
-        if op.quant_kernel != "accumulate" and node.op_type != "ConvTranspose":
-            continue
-        for i, name in enumerate(node.inputs):
-            if not name or not op.is_weight(node, i) or g.tensors[name].data is None:
-                continue
-            w = g.tensors[name].data.astype(np.float32)
-            qp = qmath.params_asymmetric_weights(w, None, "uint8")
-            qname = g.unique_name(f"{name}__quant")
-            fname = g.unique_name(f"{name}__dequant")
-            g.add_tensor(Tensor(qname, "uint8", tuple(w.shape), qmath.quantize(w, qp), qp))
-            g.add_tensor(Tensor(fname, "float32", tuple(w.shape)))
-            g.nodes.insert(g.nodes.index(node), Node(g.unique_name(f"{name}__DQ"), "DequantizeLinear", [qname], [fname]))
-            node.inputs[i] = fname
-    g.remove_unused()
-    g.metadata["quantization"] = {"schema": "large_weights"}
-    return g

@@ -138,6 +138,10 @@ def _raw_ort_session(model_bytes: bytes, num_threads: int | None = None):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # ORT fuses DequantizeLinear(8-bit constant weight) -> MatMul/Gemm into MatMulNBits and by default (level 4)
+    # then quantizes the float activations to int8 inside it. qmace's float ops (weight-only models, float
+    # fallbacks) compute in float, as the reference backend does: level 1 keeps the fused op in fp32.
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if num_threads:
         opts.intra_op_num_threads = int(num_threads)
         opts.inter_op_num_threads = 1
