@@ -86,6 +86,14 @@ class Graph:
         t = self.tensors.get(name)
         return None if t is None else t.data
 
+    def has_fixed_params(self, name: str) -> bool:
+        """Whether the source model fixed tensor ``name``'s quantization (an imported Q/DQ pair): passes must
+        not fuse across it, the rounding there is part of the model's numerics."""
+        return name in self.metadata.get("qdq_params", {})
+
+    def fixed_params_json(self, name: str) -> Any:
+        return self.metadata.get("qdq_params", {}).get(name)
+
     def producers(self) -> dict[str, Node]:
         return {out: n for n in self.nodes for out in n.outputs if out}
 

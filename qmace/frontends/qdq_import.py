@@ -32,6 +32,13 @@ Parameters land in ``graph.metadata["qdq_params"]`` (tensor name -> ``QuantParam
 ``quantize_for_config`` hands to the quantizer as ``QuantizeOptions.fixed_params``; tensors without
 parameters take the range file's range (MACE's "mixing usage").
 
+A float op between its own Q/DQ pairs (ORT's quantizer writes a BatchNormalization after a convolution that
+way when the model was not pre-processed) keeps its numerics: BatchNorm folding and activation fusion do not
+fuse across a tensor with recorded parameters (``Graph.has_fixed_params``), and the quantizer rounds such a
+tensor with its parameters even between two float ops (``DQ(Q(x))``, as the source does). Measured on ORT-made
+QDQ models with unfolded BN, HardSwish, squeeze-excite and Resize: the same codes as ORT running the file
+(tests/test_qdq_faithful.py).
+
 Names the float passes drop: BatchNorm folding replaces a Conv's weight by ``<node>_weight_bnfold`` (the
 recorded weight parameters no longer describe the folded values, so the quantizer derives new ones) and
 drops the pre-BN activation; fusion drops a Conv output read only by a Relu. Those entries are unused;
@@ -60,7 +67,7 @@ __all__ = ["prune_qdq_params", "strip_qdq"]
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _CODE_DTYPES = ("uint8", "int8")
 _FUSE_INTO = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-_NONNEG_OPS = {"Relu", "Sigmoid", "Softmax"}
+_NONNEG_OPS = {"Relu", "Sigmoid", "Softmax", "HardSigmoid"}
 # ops whose output is non-negative when their (listed) data inputs are
 _KEEPS_SIGN_FIRST = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten",
                      "Transpose", "Squeeze", "Unsqueeze", "Resize", "Pad", "Slice", "Gather", "Split",

@@ -3,7 +3,9 @@
 With s = gamma / sqrt(var + eps): Conv weights W'[m] = W[m] * s[m], bias b' = (b - mean) * s + beta.
 ConvTranspose scales axis 1 of W (per output channel of each group). Gemm (y = alpha*A@B + beta*C) gets
 B' = B * s on its output columns and C' = s * (beta*C - mean) + bn_bias with beta' = 1.
-The producer takes over the BatchNormalization's output name (as MACE's fusions do).
+The producer takes over the BatchNormalization's output name (as MACE's fusions do). A BN whose input
+has fixed quantization parameters (an imported Q/DQ pair sits between it and its producer) is not folded:
+the source model rounds there, so the BN stays a float op between those parameters.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def fold_batchnorm(graph: Graph) -> int:
             if prod is None or prod.op_type not in ("Conv", "ConvTranspose", "Gemm") or prod.attrs.get("qm_activation"):
                 continue
             if len(consumers.get(bn.inputs[0], [])) != 1 or bn.inputs[0] in graph.outputs:
+                continue
+            if graph.has_fixed_params(bn.inputs[0]):  # a Q/DQ pair between producer and BN: a rounding to keep
                 continue
             params = [_const(graph, n) for n in bn.inputs[1:5]]
             w = _const(graph, prod.inputs[1])

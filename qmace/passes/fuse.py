@@ -1,6 +1,7 @@
 """Activation fusion: Relu, or Clip with constant bounds (ReLU6), into the producing Conv, ConvTranspose,
 Gemm or MatMul. MACE's naming rule: the fused op takes over the activation's output name, so range logs
-of the float graph and the quantized graph name the same tensors."""
+of the float graph and the quantized graph name the same tensors. Not across an imported Q/DQ pair whose
+parameters differ from the activation output's (the source model rounds twice there)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def fuse_activations(graph: Graph) -> int:
             continue
         if len(consumers.get(src, [])) != 1 or src in graph.outputs:
             continue
+        if graph.has_fixed_params(src) and graph.fixed_params_json(src) != graph.fixed_params_json(act.outputs[0]):
+            continue  # an imported Q/DQ pair between producer and activation rounds differently: keep both
         if act.op_type == "Clip":
             bounds = _clip_bounds(graph, act)
             if bounds is None:

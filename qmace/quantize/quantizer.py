@@ -260,10 +260,17 @@ def _rewrite(g: Graph, p: _Planner, opts: QuantizeOptions) -> None:
             dequantized_names[name] = fname
         return dequantized_names[name]
 
+    def rounded(name: str) -> str:
+        """A float activation whose parameters the source fixed (an imported Q/DQ pair) is rounded there
+        even between two float ops: the source model computes ``DQ(Q(x))``, so does the quantized one."""
+        if name and _is_float_activation(g, name) and p.fixed(name) is not None:
+            return as_quantized(name)
+        return name
+
     for node in g.nodes:
         op = get_op(node.op_type)
         if node.name not in p.quantized:
-            node.inputs = [as_float(i) if i else i for i in node.inputs]
+            node.inputs = [as_float(rounded(i)) if i else i for i in node.inputs]
             new_nodes.append(node)
             continue
         for i in _data_inputs(g, node):
@@ -278,6 +285,16 @@ def _rewrite(g: Graph, p: _Planner, opts: QuantizeOptions) -> None:
     g.nodes = new_nodes
     # Graph outputs keep their names and stay float: the quantized tensor is renamed and dequantized.
     for out in list(g.outputs):
+        if _is_float_activation(g, out) and out not in quantized_names and p.fixed(out) is not None:
+            g.rename_tensor(out, pre := g.unique_name(f"{out}__float"))  # a float op's output the source rounds
+            g.outputs = [out if o == pre else o for o in g.outputs]
+            g.add_tensor(Tensor(out, "float32", g.tensors[pre].shape))
+            qname = g.unique_name(f"{out}__quant")
+            qp = p.qp[out]
+            g.add_tensor(Tensor(qname, qp.dtype, g.tensors[pre].shape, None, qp))
+            g.nodes += [Node(g.unique_name(f"{out}__Q"), "QuantizeLinear", [pre], [qname]),
+                        Node(g.unique_name(f"{out}__DQ"), "DequantizeLinear", [qname], [out])]
+            continue
         t = g.tensors[out]
         if t.is_quantized:
             qname = g.unique_name(f"{out}__quant")
