@@ -9,7 +9,8 @@ kernels (QLinearConv, QLinearMatMul, QLinearAdd, ...):
 - a quantized activation ``T`` is produced in float as ``T__f``, quantized by ``QuantizeLinear`` into ``T``
   (the integer codes, same name as in the IR) and read by consumers through ``DequantizeLinear`` (``T__dq``);
 - explicit IR ``QuantizeLinear``/``DequantizeLinear`` nodes lower to themselves with scale/zero-point
-  initializers taken from the quantized tensor's parameters.
+  initializers taken from the quantized tensor's parameters (nodes that carry their own scale/zero-point
+  inputs, ONNX's form kept by the QDQ import, lower one to one like any float node).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class _Lowering:
 
     def lower_node(self, node: Node) -> None:
         g = self.g
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.inputs) == 1:
             qt = g.tensors[node.outputs[0] if node.op_type == "QuantizeLinear" else node.inputs[0]]
             s, z = self.qparams_inputs(qt)
             src = node.inputs[0]
