@@ -198,6 +198,10 @@ def onnx_to_graph(model: onnx.ModelProto, path: str | Path = "<model>") -> Graph
             if o and o not in graph.tensors:
                 graph.add_tensor(Tensor(o))
     graph.outputs = [o.name for o in g.output]
+    strings = [k for k, t in graph.tensors.items() if t.dtype in ("object", "str")]
+    if strings:
+        raise ModelError(f"{path}: tensor(s) {', '.join(map(repr, strings))} hold strings; qmace supports "
+                         "numeric tensors only")
     for o in graph.outputs:
         if o not in graph.tensors:
             raise ModelError(f"{path}: graph output {o!r} is produced by no node")

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qmace.errors import ModelError
 from qmace.ir import Graph, Node, Tensor
 
 OPSET = 21
@@ -36,20 +37,30 @@ _NP_TO_ONNX = {
 }
 
 
-def onnx_elem_type(dtype: str) -> int:
-    try:
+def onnx_elem_type(dtype: str, tensor: str | None = None) -> int:
+    """The ONNX element type of a NumPy dtype name (ml_dtypes' bfloat16/float8/int4 names included);
+    ModelError naming ``tensor`` for a type ONNX tensors cannot hold here (strings, objects)."""
+    if dtype in _NP_TO_ONNX:
         return _NP_TO_ONNX[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype!r} has no ONNX equivalent") from None
+    try:
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    except (TypeError, KeyError, ValueError):
+        elem = None
+    if elem is None or elem == TensorProto.STRING:
+        where = f"tensor {tensor!r}: " if tensor else ""
+        raise ModelError(f"{where}element type {dtype!r} is not supported (numeric tensors only)")
+    return elem
 
 
 def _value_info(t: Tensor, name: str | None = None, dtype: str | None = None) -> onnx.ValueInfoProto:
     shape = None if t.shape is None else [d if d is not None else "N" for d in t.shape]
-    return helper.make_tensor_value_info(name or t.name, onnx_elem_type(dtype or t.dtype), shape)
+    return helper.make_tensor_value_info(name or t.name, onnx_elem_type(dtype or t.dtype, t.name), shape)
 
 
 def _onnx_attrs(node: Node) -> dict:
-    return {k: v for k, v in node.attrs.items() if not k.startswith("qm_") and v is not None}
+    """ONNX attributes of an IR node; array values (tensor attributes, e.g. ConstantOfShape.value) as tensors."""
+    return {k: numpy_helper.from_array(v) if isinstance(v, np.ndarray) else v
+            for k, v in node.attrs.items() if not k.startswith("qm_") and v is not None}
 
 
 class _Lowering:
@@ -93,7 +104,7 @@ class _Lowering:
         outputs = []
         for o in list(g.outputs) + [x for x in self.extra_outputs if x not in g.outputs]:
             t = g.tensors[o]
-            outputs.append(helper.make_tensor_value_info(o, onnx_elem_type(t.dtype), None))
+            outputs.append(helper.make_tensor_value_info(o, onnx_elem_type(t.dtype, o), None))
         graph = helper.make_graph(self.nodes, g.name, inputs, outputs, initializer=self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qmace")
         model.ir_version = 10
