@@ -342,12 +342,27 @@ def test_resize_nearest_3d_1d():
     _resize(randn(rng("r3"), 1, 2, 3, 4, 5), {"mode": "nearest"}, scales=[1.0, 1.0, 2.0, 0.5, 1.5])
 
 
-def test_resize_unsupported():
+@pytest.mark.parametrize("scales", [(2.0, 2.0), (0.5, 0.6), (1.5, 0.75)])
+@pytest.mark.parametrize("ctm", ["half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel"])
+@pytest.mark.parametrize("exclude_outside", [0, 1])
+def test_resize_cubic(scales, ctm, exclude_outside):
+    x = randn(rng("rcu", scales, ctm, exclude_outside), 1, 2, 7, 6)
+    attrs = {"mode": "cubic", "coordinate_transformation_mode": ctm, "exclude_outside": exclude_outside,
+             "cubic_coeff_a": -0.5 if exclude_outside else -0.75}
+    _resize(x, attrs, scales=[1.0, 1.0, *scales])
+
+
+@pytest.mark.parametrize("mode", ["linear", "cubic"])
+@pytest.mark.parametrize("sizes", [(3, 2), (5, 4), (14, 3)])
+def test_resize_antialias(mode, sizes):
+    x = randn(rng("raa", mode, sizes), 1, 2, 9, 8)
+    _resize(x, {"mode": mode, "antialias": 1}, sizes=[1, 2, *sizes])
+
+
+def test_resize_nearest_antialias_is_refused():
     x = randn(rng("ru"), 1, 1, 4, 4)
-    with pytest.raises(NotImplementedError, match="cubic"):
-        ref_run_node("Resize", [x, None, np.array([1, 1, 2, 2], F32)], {"mode": "cubic"})
     with pytest.raises(NotImplementedError, match="antialias"):
-        ref_run_node("Resize", [x, None, np.array([1, 1, 0.5, 0.5], F32)], {"mode": "linear", "antialias": 1})
+        ref_run_node("Resize", [x, None, np.array([1, 1, 0.5, 0.5], F32)], {"mode": "nearest", "antialias": 1})
 
 
 def test_resize_traits():
