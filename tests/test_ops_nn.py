@@ -176,6 +176,15 @@ def test_batchnorm(shape):
     check_op("BatchNormalization", [randn(r, *shape), randn(r, c), randn(r, c), randn(r, c), var], {"epsilon": 1e-3})
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (3, 2)])
+def test_batchnorm_training_mode(shape):
+    r = rng("bnt", shape)
+    c = shape[1]
+    var = np.abs(randn(r, c)) + F32(0.1)
+    check_op("BatchNormalization", [randn(r, *shape), randn(r, c), randn(r, c), randn(r, c), var],
+             {"epsilon": 1e-3, "momentum": 0.8, "training_mode": 1}, n_outputs=3)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 4, 9)])
 def test_instancenorm(shape):
     r = rng("in", shape)
@@ -244,9 +253,12 @@ def test_maxpool_on_codes_pads_with_lowest_code(case, dtype):
     check_op("MaxPool", [x], attrs)
 
 
-def test_maxpool_indices_output_rejected():
-    with pytest.raises(NotImplementedError, match="Indices"):
-        ref_run_node("MaxPool", [randn(rng("mpi"), 1, 1, 4, 4)], {"kernel_shape": [2, 2]}, n_outputs=2)
+@pytest.mark.parametrize("storage_order", [0, 1])
+@pytest.mark.parametrize("case", [0, 1, 2, 8])
+def test_maxpool_indices_output(case, storage_order):
+    shape, attrs = POOL_CASES[case]
+    x = np.round(randn(rng("mpi", case), *shape) * 2) / 2  # many ties: the first maximum must win
+    check_op("MaxPool", [x], {**attrs, "storage_order": storage_order}, n_outputs=2)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 9), (1, 2, 3, 4, 5)])

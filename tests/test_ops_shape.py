@@ -260,6 +260,12 @@ def test_reduce_int64(op):
     check_op(op, [x, None], {"keepdims": 0})
 
 
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin"])
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_reduce_extreme_over_an_empty_axis(op, dtype):
+    check_op(op, [np.zeros((2, 0, 4), dtype), i64(1)], {"keepdims": 1}, const_inputs=(1,))
+
+
 def test_reduce_defaults():
     for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"):
         assert get_op(op).defaults == {"keepdims": 1, "noop_with_empty_axes": 0}
