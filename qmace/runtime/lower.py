@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qmace.errors import ModelError
 from qmace.ir import Graph, Node, Tensor
+from qmace.ops import get_op, is_supported
 
 OPSET = 21
 _NP_TO_ONNX = {
@@ -106,7 +107,8 @@ class _Lowering:
             t = g.tensors[o]
             outputs.append(helper.make_tensor_value_info(o, onnx_elem_type(t.dtype, o), None))
         graph = helper.make_graph(self.nodes, g.name, inputs, outputs, initializer=self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qmace")
+        opset = max([OPSET] + [get_op(n.op_type).onnx_opset for n in g.nodes if is_supported(n.op_type)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qmace")
         model.ir_version = 10
         return model
 
@@ -153,7 +155,7 @@ class _Lowering:
 
 
 def to_onnx(graph: Graph, extra_outputs: list[str] | None = None) -> onnx.ModelProto:
-    """The graph as an ONNX model (opset 21). ``extra_outputs`` exposes intermediate tensors as outputs."""
+    """The graph as an ONNX model (opset 21, or the newer opset an op needs: ``Op.onnx_opset``). ``extra_outputs`` exposes intermediate tensors as outputs."""
     model = _Lowering(graph, extra_outputs).lower()
     # DequantizeLinear nodes nobody reads (e.g. a quantized graph output) are harmless; keep the model lean.
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
