@@ -1,4 +1,5 @@
-"""Max, Min, ArgMax, ArgMin, GatherElements, Trilu, Einsum, RMSNormalization, DepthToSpace, SpaceToDepth:
+"""Max, Min, ArgMax, ArgMin, GatherElements, Trilu, Einsum, RMSNormalization, GridSample, DepthToSpace,
+SpaceToDepth:
 reference kernels against ONNX Runtime, and the data-movement ones on 8-bit codes."""
 
 from __future__ import annotations
@@ -80,6 +81,22 @@ def test_depth_to_space(mode):
 
 def test_space_to_depth():
     check_op("SpaceToDepth", [randf(2, 3, 6, 4)], {"blocksize": 2})
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear", "cubic"])
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("align", [0, 1])
+def test_grid_sample(mode, padding, align):
+    x = randf(2, 3, 5, 6)
+    grid = RNG.uniform(-1.4, 1.4, (2, 4, 7, 2)).astype(np.float32)  # some points outside [-1, 1]
+    check_op("GridSample", [x, grid], {"mode": mode, "padding_mode": padding, "align_corners": align},
+             rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_grid_sample_volumetric(mode):
+    grid = RNG.uniform(-1.2, 1.2, (1, 2, 3, 4, 3)).astype(np.float32)
+    check_op("GridSample", [randf(1, 2, 3, 4, 5), grid], {"mode": mode, "padding_mode": "border"})
 
 
 QP = QuantParams(np.float32(0.05), np.int32(120), "uint8")
