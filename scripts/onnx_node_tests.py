@@ -19,8 +19,9 @@ with ONNX's backend-test defaults rtol = 1e-3, atol = 1e-7 (NaN matches NaN). Th
 (no opset conversion here).
 
 ``--write-selection`` rewrites tests/onnx_node_selection.json (test -> its ops), which
-tests/test_onnx_node_conformance.py runs and scripts/gen_supported_ops.py counts per op. Prints the
-counts, per backend, as ``passed/selected``.
+tests/test_onnx_node_conformance.py runs and scripts/gen_supported_ops.py counts per op, with
+``EXPECTED_FAILURES`` below (the known failures, each with its reason; the test enforces it both ways).
+Prints the counts, per backend, as ``passed/selected``, and flags failures that are not expected.
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SELECTION_FILE = ROOT / "tests" / "onnx_node_selection.json"
 RTOL, ATOL = 1e-3, 1e-7
 BACKENDS = ("onnxruntime", "reference")
+
+
+# (test, backend) -> why it fails. Every entry is a known, stated limitation, not a wrong number.
+_STRINGS = "string tensors: qmace supports numeric tensors only (the frontend refuses them by name)"
+EXPECTED_FAILURES: dict[tuple[str, str], str] = {
+    # Equal is claimed, but not on strings; the model file and both backends hold numeric tensors only.
+    ("test_equal_string", "onnxruntime"): _STRINGS,
+    ("test_equal_string", "reference"): _STRINGS,
+    ("test_equal_string_broadcast", "onnxruntime"): _STRINGS,
+    ("test_equal_string_broadcast", "reference"): _STRINGS,
+}
 
 
 def default_node_dir() -> Path:
@@ -235,10 +247,13 @@ def main(argv: list[str] | None = None) -> int:
                 if why:
                     failed[case.name] = why
             n = len(selection)
-            print(f"{backend}: {n - len(failed)}/{n} passed ({100 * (n - len(failed)) / max(n, 1):.1f}%)")
+            unexpected = [k for k in failed if (k, backend) not in EXPECTED_FAILURES]
+            print(f"{backend}: {n - len(failed)}/{n} passed ({100 * (n - len(failed)) / max(n, 1):.1f}%), "
+                  f"{len(unexpected)} unexpected failure(s)")
             if args.show_failures:
                 for name, why in failed.items():
-                    print(f"  {backend} {name}: {why}")
+                    mark = "" if (name, backend) in EXPECTED_FAILURES else " [unexpected]"
+                    print(f"  {backend} {name}{mark}: {why}")
     return 0
 
 

@@ -9,7 +9,8 @@ bind_io -> passes -> model file -> Session; rtol 1e-3, atol 1e-7; the model as s
 The data is fetched once, outside the repo, by ``python scripts/fetch_assets.py onnx-node-tests`` (.ci/run
 does it); without it every test here is skipped with that command as the reason.
 
-``EXPECTED_FAILURES`` is enforced both ways: a listed test that passes fails too (remove it from the list).
+``EXPECTED_FAILURES`` (in scripts/onnx_node_tests.py, commented there, each with its reason) is enforced both
+ways: a listed test that passes fails too (remove it from the list).
 """
 
 from __future__ import annotations
@@ -30,9 +31,7 @@ _spec.loader.exec_module(harness)
 NODE_DIR = harness.default_node_dir()
 SELECTION: dict[str, list[str]] = json.loads(harness.SELECTION_FILE.read_text())
 
-# (test, backend) -> why it fails. Every entry is a known, stated limitation, not a wrong number.
-EXPECTED_FAILURES: dict[tuple[str, str], str] = {
-}
+EXPECTED_FAILURES = harness.EXPECTED_FAILURES
 
 # The issue-17 targets, as a floor: the list above may not grow past them.
 MIN_PASS_RATE = {"onnxruntime": 0.98, "reference": 0.95}
