@@ -2,7 +2,7 @@
 
 Older models are first converted to opset 21 with ONNX's version converter, so every kernel implements
 one form of each op. Newer models (22 to 28) are read as they are: for the ops qmace supports, opsets
-22-28 only add element types, except for four attributes that have an opset-21 equivalent and are
+22-28 only add element types, except for five attributes that have an opset-21 equivalent and are
 translated by ``_to_opset21`` (or refused with a named error when their value has none). Initializers and
 Constant nodes become constant tensors; every unsupported op is reported in one error with its node count.
 """
@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qmace.errors import ModelError, UnsupportedOpsError
 from qmace.ir import Graph, Node, Tensor
-from qmace.ops import is_supported
+from qmace.ops import get_op, is_supported
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _constant_node_value(n: onnx.NodeProto) -> np.ndarray:
 
 
 # Attributes added after opset 21 to ops qmace supports: name -> (op types, values meaning the opset-21
-# behaviour). Cast.round_mode only rounds to float8e8m0; Q.precision / DQ.output_dtype name a float type
+# behaviour). Cast.round_mode only rounds to float8e8m0; SpaceToDepth.mode DCR is opset 21's order; Q.precision / DQ.output_dtype name a float type
 # (0 = the scale's, which is float32 here); Range.stash_type is the accumulation precision (float32 or
 # wider: qmace accumulates in the input type, as ORT does).
 _NEWER_ATTRS: dict[str, tuple[tuple[str, ...], tuple]] = {
@@ -113,6 +113,7 @@ _NEWER_ATTRS: dict[str, tuple[tuple[str, ...], tuple]] = {
     "precision": (("QuantizeLinear",), (0, TensorProto.FLOAT)),
     "output_dtype": (("DequantizeLinear",), (0, TensorProto.FLOAT)),
     "stash_type": (("Range",), (0, TensorProto.FLOAT, TensorProto.DOUBLE)),
+    "mode": (("SpaceToDepth",), ("DCR",)),  # opset 28; DCR is the only order before it
 }
 
 
@@ -122,10 +123,9 @@ def _to_opset21(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     for n in model.graph.node:
         if n.domain not in ("", "ai.onnx"):
             continue
-        try:
-            known = set(onnx.defs.get_schema(n.op_type, TARGET_OPSET).attributes)
-        except onnx.defs.SchemaError:
-            continue  # an op newer than opset 21: _check_supported names it
+        if not is_supported(n.op_type):
+            continue  # _check_supported names it
+        known = set(onnx.defs.get_schema(n.op_type, max(TARGET_OPSET, get_op(n.op_type).onnx_opset)).attributes)
         for a in list(n.attribute):
             if a.name in known:
                 continue
