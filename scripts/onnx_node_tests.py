@@ -136,7 +136,7 @@ def mismatch(name: str, want: np.ndarray, got: np.ndarray) -> str | None:
         return f"output {name!r}: dtype {got.dtype}, expected {want.dtype}"
     if got.shape != want.shape:
         return f"output {name!r}: shape {got.shape}, expected {want.shape}"
-    if want.dtype.kind in "fc":
+    if want.dtype.kind in "fc" or want.dtype.name.startswith(("bfloat", "float")):  # ml_dtypes' floats too
         w, g = want.astype(np.float64), got.astype(np.float64)
         with np.errstate(invalid="ignore"):  # inf - inf
             bad = ~((np.abs(g - w) <= ATOL + RTOL * np.abs(w)) | (np.isnan(w) & np.isnan(g)) | (g == w))

@@ -396,3 +396,10 @@ def test_reference_executor_runs_qdq_and_copy_ops_on_codes():
     y = execute(g, {"x": x})["y"]
     codes = quantize(dequantize(quantize(x, qx), qx).reshape(-1), qy)
     np.testing.assert_array_equal(y, dequantize(np.concatenate([codes, codes]), qy))
+
+
+@pytest.mark.parametrize("to", [TensorProto.FLOAT8E4M3FN, TensorProto.INT4, TensorProto.FLOAT4E2M1])
+def test_cast_to_narrow_types_is_refused_by_name(to):
+    node = Node("c", "Cast", ["x"], ["y"], {"to": to})
+    with pytest.raises(NotImplementedError, match="Cast node 'c': casting to .* is not supported"):
+        get_op("Cast").run(node, [randf(3)])
