@@ -50,7 +50,9 @@ def bind_io(graph: Graph, m: ModelConfig) -> Graph:
             raise ModelError(f"{where}.input_shapes[{i}]: {','.join(map(str, shape))}{layout} contradicts the "
                              f"model's input {name!r} of shape {shown}")
         t.shape = tuple(want)
-    missing = [n for n in sub.output_tensors if n not in graph.tensors or graph.tensors[n].data is not None]
+    # Any tensor of the model may be an output, constants included (a graph output produced by a Constant
+    # node, or one that constant folding computes).
+    missing = [n for n in sub.output_tensors if n not in graph.tensors]
     if missing:
         raise ModelError(f"{where}.output_tensors: {', '.join(map(repr, missing))} not in the model; "
                          f"the model's outputs are: {', '.join(graph.outputs)}")

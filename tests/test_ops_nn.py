@@ -176,6 +176,15 @@ def test_batchnorm(shape):
     check_op("BatchNormalization", [randn(r, *shape), randn(r, c), randn(r, c), randn(r, c), var], {"epsilon": 1e-3})
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (3, 2)])
+def test_batchnorm_training_mode(shape):
+    r = rng("bnt", shape)
+    c = shape[1]
+    var = np.abs(randn(r, c)) + F32(0.1)
+    check_op("BatchNormalization", [randn(r, *shape), randn(r, c), randn(r, c), randn(r, c), var],
+             {"epsilon": 1e-3, "momentum": 0.8, "training_mode": 1}, n_outputs=3)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 4, 9)])
 def test_instancenorm(shape):
     r = rng("in", shape)
@@ -244,9 +253,12 @@ def test_maxpool_on_codes_pads_with_lowest_code(case, dtype):
     check_op("MaxPool", [x], attrs)
 
 
-def test_maxpool_indices_output_rejected():
-    with pytest.raises(NotImplementedError, match="Indices"):
-        ref_run_node("MaxPool", [randn(rng("mpi"), 1, 1, 4, 4)], {"kernel_shape": [2, 2]}, n_outputs=2)
+@pytest.mark.parametrize("storage_order", [0, 1])
+@pytest.mark.parametrize("case", [0, 1, 2, 8])
+def test_maxpool_indices_output(case, storage_order):
+    shape, attrs = POOL_CASES[case]
+    x = np.round(randn(rng("mpi", case), *shape) * 2) / 2  # many ties: the first maximum must win
+    check_op("MaxPool", [x], {**attrs, "storage_order": storage_order}, n_outputs=2)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 9), (1, 2, 3, 4, 5)])
@@ -342,12 +354,27 @@ def test_resize_nearest_3d_1d():
     _resize(randn(rng("r3"), 1, 2, 3, 4, 5), {"mode": "nearest"}, scales=[1.0, 1.0, 2.0, 0.5, 1.5])
 
 
-def test_resize_unsupported():
+@pytest.mark.parametrize("scales", [(2.0, 2.0), (0.5, 0.6), (1.5, 0.75)])
+@pytest.mark.parametrize("ctm", ["half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel"])
+@pytest.mark.parametrize("exclude_outside", [0, 1])
+def test_resize_cubic(scales, ctm, exclude_outside):
+    x = randn(rng("rcu", scales, ctm, exclude_outside), 1, 2, 7, 6)
+    attrs = {"mode": "cubic", "coordinate_transformation_mode": ctm, "exclude_outside": exclude_outside,
+             "cubic_coeff_a": -0.5 if exclude_outside else -0.75}
+    _resize(x, attrs, scales=[1.0, 1.0, *scales])
+
+
+@pytest.mark.parametrize("mode", ["linear", "cubic"])
+@pytest.mark.parametrize("sizes", [(3, 2), (5, 4), (14, 3)])
+def test_resize_antialias(mode, sizes):
+    x = randn(rng("raa", mode, sizes), 1, 2, 9, 8)
+    _resize(x, {"mode": mode, "antialias": 1}, sizes=[1, 2, *sizes])
+
+
+def test_resize_nearest_antialias_is_refused():
     x = randn(rng("ru"), 1, 1, 4, 4)
-    with pytest.raises(NotImplementedError, match="cubic"):
-        ref_run_node("Resize", [x, None, np.array([1, 1, 2, 2], F32)], {"mode": "cubic"})
     with pytest.raises(NotImplementedError, match="antialias"):
-        ref_run_node("Resize", [x, None, np.array([1, 1, 0.5, 0.5], F32)], {"mode": "linear", "antialias": 1})
+        ref_run_node("Resize", [x, None, np.array([1, 1, 0.5, 0.5], F32)], {"mode": "nearest", "antialias": 1})
 
 
 def test_resize_traits():

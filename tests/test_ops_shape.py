@@ -260,6 +260,12 @@ def test_reduce_int64(op):
     check_op(op, [x, None], {"keepdims": 0})
 
 
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin"])
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_reduce_extreme_over_an_empty_axis(op, dtype):
+    check_op(op, [np.zeros((2, 0, 4), dtype), i64(1)], {"keepdims": 1}, const_inputs=(1,))
+
+
 def test_reduce_defaults():
     for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"):
         assert get_op(op).defaults == {"keepdims": 1, "noop_with_empty_axes": 0}
@@ -390,3 +396,10 @@ def test_reference_executor_runs_qdq_and_copy_ops_on_codes():
     y = execute(g, {"x": x})["y"]
     codes = quantize(dequantize(quantize(x, qx), qx).reshape(-1), qy)
     np.testing.assert_array_equal(y, dequantize(np.concatenate([codes, codes]), qy))
+
+
+@pytest.mark.parametrize("to", [TensorProto.FLOAT8E4M3FN, TensorProto.INT4, TensorProto.FLOAT4E2M1])
+def test_cast_to_narrow_types_is_refused_by_name(to):
+    node = Node("c", "Cast", ["x"], ["y"], {"to": to})
+    with pytest.raises(NotImplementedError, match="Cast node 'c': casting to .* is not supported"):
+        get_op("Cast").run(node, [randf(3)])

@@ -15,7 +15,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from qmace.api import convert
 from qmace.errors import QuantizationError
-from qmace.frontends import load_onnx
+from qmace.frontends import load_onnx, onnx_to_graph
 from qmace.frontends.qdq_import import prune_qdq_params
 from qmace.passes import optimize
 from qmace.quantize import qmath
@@ -285,3 +285,40 @@ def test_pytorch_style_fake_quant_weights(tmp_path):
     x = _inputs(1)[0]
     diff = np.abs(sess.run({"x": x})["y"] - oracle.run(["y"], {"x": x})[0]).max()
     assert diff <= 0.05 + 1e-6, diff  # one step of y (measured: 0, bit-exact)
+
+
+@pytest.mark.parametrize("case", ["per_tensor_int16", "per_axis_uint8", "blocked_int8", "runtime_scale"])
+def test_standalone_quantize_dequantize_are_ops(case):
+    """Q/DQ nodes that are not a Q->DQ pair (codes leave or enter the model) stay as ops: both backends match
+    ONNX Runtime on the same file, for 16-bit codes, per-axis and blocked scales and run-time scales."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 3, (2, 4, 6)).astype(np.float32)
+    feeds, extra = {"x": x}, []
+    if case == "per_tensor_int16":
+        scale, zp, attrs = np.array(0.01, np.float32), np.array(-7, np.int16), {}
+    elif case == "per_axis_uint8":
+        scale, zp, attrs = rng.uniform(0.02, 0.1, 4).astype(np.float32), np.arange(4).astype(np.uint8), {}
+    elif case == "blocked_int8":
+        scale = rng.uniform(0.02, 0.1, (2, 4, 2)).astype(np.float32)
+        zp, attrs = rng.integers(-3, 3, (2, 4, 2)).astype(np.int8), {"axis": 2, "block_size": 4}
+    else:
+        scale, zp, attrs = np.array(0.05, np.float32), np.array(128, np.uint8), {}
+        feeds["s"] = scale
+        extra = [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])]
+    inits = [numpy_helper.from_array(zp, "z")] + ([] if case == "runtime_scale" else [numpy_helper.from_array(scale, "s")])
+    code = helper.np_dtype_to_tensor_dtype(zp.dtype)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **attrs),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], **attrs),
+             helper.make_node("Mul", ["d", "d"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape), *extra],
+                              [helper.make_tensor_value_info("q", code, x.shape),
+                               helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["q", "y"], feeds)
+    g = optimize(onnx_to_graph(model, "standalone.onnx"))
+    assert [n.op_type for n in g.nodes] == ["QuantizeLinear", "DequantizeLinear", "Mul"]
+    for backend in ("reference", "onnxruntime"):
+        got = Session(g, backend=backend).run(feeds)
+        np.testing.assert_array_equal(got["q"], want[0])
+        np.testing.assert_array_equal(got["y"], want[1])

@@ -1,8 +1,10 @@
-"""ONNX frontend: an ONNX file (opsets 7 to 21) -> ``ir.Graph`` with opset-21 semantics.
+"""ONNX frontend: an ONNX file (opsets 7 to 28) -> ``ir.Graph`` with opset-21 semantics.
 
 Older models are first converted to opset 21 with ONNX's version converter, so every kernel implements
-one form of each op. Initializers and Constant nodes become constant tensors; every unsupported op is
-reported in one error with its node count.
+one form of each op. Newer models (22 to 28) are read as they are: for the ops qmace supports, opsets
+22-28 only add element types, except for five attributes that have an opset-21 equivalent and are
+translated by ``_to_opset21`` (or refused with a named error when their value has none). Initializers and
+Constant nodes become constant tensors; every unsupported op is reported in one error with its node count.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from qmace.errors import ModelError, UnsupportedOpsError
 from qmace.ir import Graph, Node, Tensor
-from qmace.ops import is_supported
+from qmace.ops import get_op, is_supported
 
 log = logging.getLogger(__name__)
 
-MIN_OPSET, MAX_OPSET, TARGET_OPSET = 7, 21, 21
+# MAX_OPSET: the newest opset whose schemas of every supported op were compared with opset 21
+# (tests/test_onnx_frontend_opsets.py fails when the installed onnx changes one of them beyond it).
+MIN_OPSET, MAX_OPSET, TARGET_OPSET = 7, 28, 21
 
 
 def read_onnx(path: str | Path) -> onnx.ModelProto:
@@ -100,12 +104,52 @@ def _constant_node_value(n: onnx.NodeProto) -> np.ndarray:
     raise ModelError(f"Constant node {n.name!r}: attribute {a.name!r} is not supported")
 
 
+# Attributes added after opset 21 to ops qmace supports: name -> (op types, values meaning the opset-21
+# behaviour). Cast.round_mode only rounds to float8e8m0; SpaceToDepth.mode DCR is opset 21's order; Q.precision / DQ.output_dtype name a float type
+# (0 = the scale's, which is float32 here); Range.stash_type is the accumulation precision (float32 or
+# wider: qmace accumulates in the input type, as ORT does).
+_NEWER_ATTRS: dict[str, tuple[tuple[str, ...], tuple]] = {
+    "round_mode": (("Cast",), ("up", "down")),
+    "precision": (("QuantizeLinear",), (0, TensorProto.FLOAT)),
+    "output_dtype": (("DequantizeLinear",), (0, TensorProto.FLOAT)),
+    "stash_type": (("Range",), (0, TensorProto.FLOAT, TensorProto.DOUBLE)),
+    "mode": (("SpaceToDepth",), ("DCR",)),  # opset 28; DCR is the only order before it
+}
+
+
+def _to_opset21(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """A model of opset 22-28 with opset-21 attributes (see ``_NEWER_ATTRS``); the graph is otherwise kept."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        if not is_supported(n.op_type):
+            continue  # _check_supported names it
+        known = set(onnx.defs.get_schema(n.op_type, max(TARGET_OPSET, get_op(n.op_type).onnx_opset)).attributes)
+        for a in list(n.attribute):
+            if a.name in known:
+                continue
+            ops, ok = _NEWER_ATTRS.get(a.name, ((), ()))
+            value = _attr_value(a)
+            if n.op_type not in ops or value not in ok:
+                raise ModelError(f"{path}: {n.op_type} node {n.name!r}: attribute {a.name}={value!r} "
+                                 f"(opset {default_opset(model)}) is not supported")
+            n.attribute.remove(a)
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = TARGET_OPSET
+    return model
+
+
 def upgrade_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """The model at opset-21 semantics: older opsets converted up, 22-28 translated (``_to_opset21``)."""
     opset = default_opset(model)
     if opset < MIN_OPSET or opset > MAX_OPSET:
         raise ModelError(f"{path}: opset {opset} is outside the supported range {MIN_OPSET}-{MAX_OPSET}")
     if opset == TARGET_OPSET:
         return model
+    if opset > TARGET_OPSET:
+        return _to_opset21(model, path)
     try:
         from onnx import version_converter
 
@@ -118,6 +162,7 @@ def onnx_to_graph(model: onnx.ModelProto, path: str | Path = "<model>") -> Graph
     """Convert an in-memory ONNX model to the IR (opset upgrade, op check, constants, shapes)."""
     path = Path(path)
     _check_supported(model, path)
+    source_opset = default_opset(model)
     model = upgrade_opset(model, path)
     _check_supported(model, path)
     try:
@@ -125,7 +170,7 @@ def onnx_to_graph(model: onnx.ModelProto, path: str | Path = "<model>") -> Graph
     except Exception as e:  # shape inference is advisory here; the IR passes re-run it
         log.debug("ONNX shape inference failed on %s: %s", path, e)
     g = model.graph
-    graph = Graph(name=g.name or path.stem, metadata={"source": str(path), "source_opset": default_opset(model)})
+    graph = Graph(name=g.name or path.stem, metadata={"source": str(path), "source_opset": source_opset})
     for init in g.initializer:
         arr = numpy_helper.to_array(init)
         graph.add_tensor(Tensor(init.name, str(arr.dtype), tuple(arr.shape), arr))
@@ -153,6 +198,10 @@ def onnx_to_graph(model: onnx.ModelProto, path: str | Path = "<model>") -> Graph
             if o and o not in graph.tensors:
                 graph.add_tensor(Tensor(o))
     graph.outputs = [o.name for o in g.output]
+    strings = [k for k, t in graph.tensors.items() if t.dtype in ("object", "str")]
+    if strings:
+        raise ModelError(f"{path}: tensor(s) {', '.join(map(repr, strings))} hold strings; qmace supports "
+                         "numeric tensors only")
     for o in graph.outputs:
         if o not in graph.tensors:
             raise ModelError(f"{path}: graph output {o!r} is produced by no node")

@@ -44,8 +44,10 @@ recorded weight parameters no longer describe the folded values, so the quantize
 drops the pre-BN activation; fusion drops a Conv output read only by a Relu. Those entries are unused;
 :func:`prune_qdq_params` removes them and returns their names.
 
-Q/DQ nodes that fit none of these patterns (codes entering or leaving the model, block quantization,
-per-channel activations, 4/16-bit types) are reported in one ModelError.
+Q/DQ nodes that fit none of these patterns (codes entering or leaving the model, parameters computed at
+run time, blocked or 16-bit quantization) stay in the float graph as ops with their explicit
+``[x, scale, zero_point]`` inputs (``qmace.ops.qdq``: ONNX's formulas). Q->DQ pairs whose parameters are
+constants but unsupported as activation parameters (per-channel, not 8-bit) are reported in a ModelError.
 """
 
 from __future__ import annotations
@@ -277,8 +279,8 @@ def strip_qdq(graph: Graph) -> Graph:
 
     left = [f"{n.name} ({n.op_type})" for n in graph.nodes if _is_explicit(n)]
     if left:
-        raise ModelError("QuantizeLinear/DequantizeLinear nodes that are neither an activation Q->DQ pair nor "
-                         f"a constant weight/bias are not supported: {', '.join(left)}")
+        log.info("QuantizeLinear/DequantizeLinear nodes kept as ops (codes entering or leaving the model): %s",
+                 ", ".join(left))
     if conflicts:
         log.warning("tensors with differing parameters in consecutive Q/DQ pairs keep the first: %s",
                     ", ".join(conflicts))

@@ -37,6 +37,9 @@ class Op:
     bias_input: ClassVar[int | None] = None
     # Ops that a producing Conv/Gemm can absorb as its fused activation (MACE's fusion rule).
     fusable_activation: ClassVar[bool] = False
+    # The ONNX opset the ONNX Runtime lowering needs for this op: 21 (the IR's), or the newer opset that
+    # first defines it (RMSNormalization: 23).
+    onnx_opset: ClassVar[int] = 21
 
     @classmethod
     def attr(cls, node: Node, key: str) -> Any:

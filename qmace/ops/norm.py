@@ -2,6 +2,9 @@
 
 - BatchNormalization (inference, training_mode 0): ``y = (x - mean[c]) / sqrt(var[c] + epsilon) * scale[c]
   + B[c]`` on (N, C, *S). Output range from statistics; usually folded into the producing Conv by a pass.
+  training_mode 1 normalizes by the batch's mean and biased variance over (N, *S) instead and returns
+  the running statistics ``input_mean * momentum + batch_mean * (1 - momentum)`` (same for var) as the
+  optional outputs (never folded).
 - InstanceNormalization: per (n, c) over the spatial axes, ``y = (x - mu) / sqrt(sigma^2 + epsilon)
   * scale[c] + B[c]`` (biased variance).
 - LayerNormalization: over the axes ``[axis, rank)``, ``y = (x - mu) * inv_std * Scale + B`` with
@@ -32,13 +35,21 @@ class BatchNormalization(Op):
 
     @classmethod
     def run(cls, node, inputs):
-        if cls.attr(node, "training_mode"):
-            raise NotImplementedError(f"BatchNormalization node {node.name!r}: training_mode=1 is not supported")
         x, scale, b, mean, var = inputs[:5]
         nd = x.ndim
-        inv = _channel(scale, nd) / np.sqrt(_channel(var, nd) + float(np.float32(cls.attr(node, "epsilon"))))
+        eps = float(np.float32(cls.attr(node, "epsilon")))
+        outs = []
+        if int(cls.attr(node, "training_mode")):
+            axes = (0, *range(2, nd))
+            x64 = x.astype(np.float64)
+            batch_mean, batch_var = x64.mean(axis=axes), x64.var(axis=axes)
+            m = float(np.float32(cls.attr(node, "momentum")))
+            outs = [(np.asarray(mean, np.float64) * m + batch_mean * (1 - m)).astype(np.asarray(mean).dtype),
+                    (np.asarray(var, np.float64) * m + batch_var * (1 - m)).astype(np.asarray(var).dtype)]
+            mean, var = batch_mean, batch_var
+        inv = _channel(scale, nd) / np.sqrt(_channel(var, nd) + eps)
         y = (x.astype(np.float64) - _channel(mean, nd)) * inv + _channel(b, nd)
-        return [y.astype(x.dtype)]
+        return [y.astype(x.dtype), *outs[:len(node.outputs) - 1]]
 
 
 @register

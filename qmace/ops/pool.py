@@ -6,7 +6,8 @@ that would start past ``in + pb`` — i.e. wholly in the end padding — is drop
 to ``out = ceil(in / s)`` (extra pad at the end for SAME_UPPER, at the begin for SAME_LOWER); VALID pads 0.
 
 - MaxPool: ``y[o] = max_k x_pad[o*s + k*d]``; pads and the ceil-mode overhang hold the lowest value of the
-  dtype (-inf, or the lowest integer code), so they never win. On 8-bit codes max commutes with the
+  dtype (-inf, or the lowest integer code), so they never win. The optional Indices output holds where
+  each maximum came from (``MaxPool._with_indices``). On 8-bit codes max commutes with the
   monotone dequantization, hence quant_kernel "copy" (exact).
 - AveragePool: ``y[o] = sum_k x_pad[o*s + k*d] / count[o]`` with pads 0; ``count`` is the number of taps
   inside the data (count_include_pad=0) or inside data + explicit pads (count_include_pad=1; the ceil-mode
@@ -101,15 +102,41 @@ class MaxPool(Op):
 
     @classmethod
     def run(cls, node, inputs):
-        if len(node.outputs) > 1 and node.outputs[1]:
-            raise NotImplementedError(f"MaxPool node {node.name!r}: the Indices output is not supported")
         x = inputs[0]
         kernel, strides, dilations, pads, out = _geometry(cls, node, x)
         xp = _padded(x, kernel, strides, dilations, pads, out, _lowest(x.dtype))
+        if len(node.outputs) > 1 and node.outputs[1]:
+            return list(cls._with_indices(node, x, xp, kernel, strides, dilations, pads, out))
         y = None
         for view in _taps(xp, kernel, strides, dilations, out):
             y = view.copy() if y is None else np.maximum(y, view, out=y)
         return [y]
+
+    @classmethod
+    def _with_indices(cls, node, x, xp, kernel, strides, dilations, pads, out):
+        """Max and its int64 index into ``x`` flattened: ``(n * C + c) * prod(S) + flat(position)``, the
+        position flattened row-major (storage_order 0) or column-major (1); the first maximum in scan
+        order wins, as ORT."""
+        spatial = x.shape[2:]
+        nd = len(spatial)
+        col_major = int(cls.attr(node, "storage_order")) == 1
+        mult = [math.prod(spatial[:i]) if col_major else math.prod(spatial[i + 1:]) for i in range(nd)]
+        base = (np.arange(x.shape[0] * x.shape[1], dtype=np.int64) * math.prod(spatial)).reshape(
+            x.shape[0], x.shape[1], *[1] * nd)
+        y = idx = None
+        for tap, view in zip(itertools.product(*(range(k) for k in kernel)),
+                             _taps(xp, kernel, strides, dilations, out)):
+            flat = np.zeros([1] * nd, np.int64)
+            for i in range(nd):
+                coord = np.arange(out[i], dtype=np.int64) * strides[i] + tap[i] * dilations[i] - pads[i]
+                flat = flat + (coord * mult[i]).reshape([-1 if j == i else 1 for j in range(nd)])
+            if y is None:
+                y, idx = view.copy(), np.broadcast_to(base + flat, view.shape).copy()
+            else:
+                better = view > y
+                y = np.where(better, view, y)
+                idx = np.where(better, base + flat, idx)
+        return y, idx
 
 
 @register

@@ -5,7 +5,8 @@ keeps reduced dimensions as size 1, and an omitted/empty ``axes`` reduces every 
 - ReduceSum: sum in the input type (float32 stays float32, int64 stays int64, wrapping).
 - ReduceMean: float inputs are summed in float64 and divided once, then rounded to the input type;
   integer inputs divide the integer sum by the count truncating toward zero (ORT's C++ ``/``).
-- ReduceMax / ReduceMin: order-only, so exact on 8-bit codes: ``quant_kernel = "copy"``,
+- ReduceMax / ReduceMin: over an empty set (a zero-size reduced axis) the lowest / highest value of the
+  type (-inf / +inf for floats). Order-only, so exact on 8-bit codes: ``quant_kernel = "copy"``,
   ``output_range = "input"`` (the output shares the input's parameters).
 - ReduceMean: ``quant_kernel = "float"`` (dequantize -> mean -> quantize), range from statistics.
 - ReduceSum: no integer kernel (its range grows with the reduced count).
@@ -48,7 +49,17 @@ class _Reduce(Op):
 
 
 def _extreme(fn: Callable, x: np.ndarray, axes: tuple[int, ...], keepdims: bool) -> np.ndarray:
-    return fn(x, axis=axes, keepdims=keepdims)
+    """max/min; over an empty set the identity: the lowest (max) or highest (min) value of the dtype."""
+    if x.size:
+        return fn(x, axis=axes, keepdims=keepdims)
+    lowest = fn is np.max
+    if np.issubdtype(x.dtype, np.floating):
+        initial = -np.inf if lowest else np.inf
+    elif x.dtype == np.bool_:
+        initial = not lowest
+    else:
+        initial = np.iinfo(x.dtype).min if lowest else np.iinfo(x.dtype).max
+    return fn(x, axis=axes, keepdims=keepdims, initial=initial)
 
 
 @register

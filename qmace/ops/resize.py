@@ -13,7 +13,9 @@ output index ``x`` along an axis in the input, ``x_orig``, is computed in float3
 nearest: ``x[rnd(x_orig)]`` clamped to [0, in - 1], rnd one of round_prefer_floor, round_prefer_ceil, floor,
 ceil. linear: ``x_orig`` clamped to [0, in - 1], ``lo = floor``, ``hi = min(lo + 1, in - 1)``, ``y = (hi -
 x_orig) x[lo] + (x_orig - lo) x[hi]`` (weights 1/2, 1/2 when lo == hi), applied separably on every resized
-axis (N-d: 1-D, bilinear, trilinear). cubic mode and antialias=1 raise NotImplementedError.
+axis (N-d: 1-D, bilinear, trilinear). cubic, and linear/cubic with antialias=1, weigh taps around
+``x_orig`` as onnx/reference does (``_filter_weights``: Keys' cubic with ``cubic_coeff_a``, edge values,
+``exclude_outside``), separably, in float64.
 Known difference: half_pixel_symmetric + round_prefer_* at a mathematically exact tie that the float
 formula misses by one ulp (e.g. scale 0.75 on 6 -> 0.49999997) picks the other neighbour than ORT 1.32 does.
 
@@ -133,16 +135,58 @@ def _out_sizes_and_scales(node: Node, x: np.ndarray, roi, scales, sizes):
     return out, scale, start, end
 
 
+def _cubic(d: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel with coefficient ``a`` at distance ``d``."""
+    d = np.abs(d)
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
+
+
+def _filter_weights(node: Node, xo: np.ndarray, in_len: int, scale: float) -> np.ndarray:
+    """(out, in) float64 weights of cubic, or antialiased linear/cubic, interpolation (onnx/reference).
+
+    ``base = ceil(x_orig) - 1`` and ``ratio = x_orig - base`` in (0, 1]; taps ``base + i`` for
+    ``i = i0 .. 1 - i0``. Without antialias ``i0 = -1`` (cubic, 4 taps, ``w_i = cubic(i - ratio)``). With
+    antialias the filter is stretched by ``1 / s``, ``s = min(scale, 1)`` (downsampling only):
+    ``i0 = floor(-R / s) + 1``, R = 1 (linear: ``w_i = max(0, 1 - |s (i - ratio)|)``) or 2 (cubic:
+    ``w_i = cubic(s (i - ratio))``), weights normalized to sum 1. Taps outside [0, in) read the edge
+    value, or with ``exclude_outside`` get weight 0 (the rest renormalized).
+    """
+    op = Resize
+    mode = op.attr(node, "mode")
+    a = float(op.attr(node, "cubic_coeff_a"))
+    antialias = bool(int(op.attr(node, "antialias")))
+    s = min(float(scale), 1.0) if antialias else 1.0
+    reach = 2 if mode == "cubic" else 1
+    i0 = int(np.floor(-reach / s) + 1)
+    taps = np.arange(i0, 1 - i0 + 1 if reach == 1 else 2 - i0)
+    xo = xo.astype(np.float64)
+    base = np.ceil(xo) - 1
+    ratio = xo - base
+    dist = (taps[None, :] - ratio[:, None]) * s
+    w = _cubic(dist, a) if mode == "cubic" else np.clip(1 - np.abs(dist), 0, 1)
+    if antialias:
+        w = w / w.sum(axis=1, keepdims=True)
+    idx = base.astype(np.int64)[:, None] + taps[None, :]
+    if int(op.attr(node, "exclude_outside")):
+        w = np.where((idx < 0) | (idx >= in_len), 0.0, w)
+        w = w / w.sum(axis=1, keepdims=True)
+    weights = np.zeros((len(xo), in_len))
+    rows = np.broadcast_to(np.arange(len(xo))[:, None], idx.shape)
+    np.add.at(weights, (rows, np.clip(idx, 0, in_len - 1)), w)
+    return weights
+
+
 def resize(node: Node, x: np.ndarray, roi, scales, sizes, extrapolation) -> np.ndarray:
     """The Resize kernel; ``extrapolation`` is the value written outside the crop (tf_crop_and_resize)."""
     op = Resize
     mode = op.attr(node, "mode")
-    if mode == "cubic":
-        raise NotImplementedError(f"Resize node {node.name!r}: mode 'cubic' is not supported (nearest, linear are)")
-    if mode not in ("nearest", "linear"):
+    if mode not in ("nearest", "linear", "cubic"):
         raise ValueError(f"Resize node {node.name!r}: unknown mode {mode!r}")
-    if int(op.attr(node, "antialias")):
-        raise NotImplementedError(f"Resize node {node.name!r}: antialias=1 is not supported")
+    if mode == "nearest" and int(op.attr(node, "antialias")):
+        raise NotImplementedError(f"Resize node {node.name!r}: antialias=1 applies to linear and cubic only")
+    filtered = mode == "cubic" or int(op.attr(node, "antialias"))
     ctm = op.attr(node, "coordinate_transformation_mode")
     crop = ctm == "tf_crop_and_resize"
     out, scale, start, end = _out_sizes_and_scales(node, x, roi, scales, sizes)
@@ -159,7 +203,10 @@ def resize(node: Node, x: np.ndarray, roi, scales, sizes, extrapolation) -> np.n
             shape[a] = out[a]
             oob = oob.reshape(shape)
             outside = oob if outside is None else (outside | oob)
-        if mode == "nearest":
+        if filtered:
+            w = _filter_weights(node, xo, in_len, scale[a])
+            y = np.moveaxis(np.tensordot(w, np.moveaxis(y, a, 0).astype(np.float64), axes=(1, 0)), 0, a)
+        elif mode == "nearest":
             idx = np.clip(_nearest_index(xo, op.attr(node, "nearest_mode")), 0, in_len - 1)
             y = np.take(y, idx, axis=a)
         else:

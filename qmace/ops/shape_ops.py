@@ -303,9 +303,16 @@ class Tile(_Copy):
 # No integer kernel
 
 
+# Targets whose ONNX conversion (saturate attribute, 2/4-bit packing and clamping) NumPy's astype does not
+# follow: refused by name instead of computed differently. Casting *from* them is exact and allowed.
+_NARROW_TARGETS = {"float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+                   "float4_e2m1fn", "int4", "uint4", "int2", "uint2"}
+
+
 @register
 class Cast(Op):
-    """Converts to the ONNX TensorProto element type ``to`` (float -> int truncates toward zero)."""
+    """Converts to the ONNX TensorProto element type ``to`` (float -> int truncates toward zero). float8,
+    float4 and 2/4-bit integer targets raise NotImplementedError (``_NARROW_TARGETS``)."""
 
     op_type = "Cast"
     defaults: ClassVar[dict[str, Any]] = {"saturate": 1}
@@ -319,6 +326,9 @@ class Cast(Op):
             raise NotImplementedError(f"Cast node {node.name!r}: casting to string is not supported")
         else:
             dtype = helper.tensor_dtype_to_np_dtype(int(to))
+        if np.dtype(dtype).name in _NARROW_TARGETS:
+            raise NotImplementedError(f"Cast node {node.name!r}: casting to {np.dtype(dtype).name} is not supported "
+                                      "(its saturation and rounding rules are not implemented)")
         return [np.asarray(inputs[0]).astype(dtype)]
 
 

@@ -33,7 +33,8 @@ def fold_batchnorm(graph: Graph) -> int:
     while True:
         producers, consumers = graph.producers(), graph.consumers()
         for bn in graph.nodes:
-            if bn.op_type != "BatchNormalization" or len([o for o in bn.outputs if o]) != 1:
+            if (bn.op_type != "BatchNormalization" or len([o for o in bn.outputs if o]) != 1
+                    or int(bn.attrs.get("training_mode", 0))):  # training mode normalizes by batch statistics
                 continue
             prod = producers.get(bn.inputs[0])
             if prod is None or prod.op_type not in ("Conv", "ConvTranspose", "Gemm") or prod.attrs.get("qm_activation"):

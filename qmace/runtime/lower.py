@@ -9,7 +9,8 @@ kernels (QLinearConv, QLinearMatMul, QLinearAdd, ...):
 - a quantized activation ``T`` is produced in float as ``T__f``, quantized by ``QuantizeLinear`` into ``T``
   (the integer codes, same name as in the IR) and read by consumers through ``DequantizeLinear`` (``T__dq``);
 - explicit IR ``QuantizeLinear``/``DequantizeLinear`` nodes lower to themselves with scale/zero-point
-  initializers taken from the quantized tensor's parameters.
+  initializers taken from the quantized tensor's parameters (nodes that carry their own scale/zero-point
+  inputs, ONNX's form kept by the QDQ import, lower one to one like any float node).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qmace.errors import ModelError
 from qmace.ir import Graph, Node, Tensor
+from qmace.ops import get_op, is_supported
 
 OPSET = 21
 _NP_TO_ONNX = {
@@ -35,20 +38,30 @@ _NP_TO_ONNX = {
 }
 
 
-def onnx_elem_type(dtype: str) -> int:
-    try:
+def onnx_elem_type(dtype: str, tensor: str | None = None) -> int:
+    """The ONNX element type of a NumPy dtype name (ml_dtypes' bfloat16/float8/int4 names included);
+    ModelError naming ``tensor`` for a type ONNX tensors cannot hold here (strings, objects)."""
+    if dtype in _NP_TO_ONNX:
         return _NP_TO_ONNX[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype!r} has no ONNX equivalent") from None
+    try:
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    except (TypeError, KeyError, ValueError):
+        elem = None
+    if elem is None or elem == TensorProto.STRING:
+        where = f"tensor {tensor!r}: " if tensor else ""
+        raise ModelError(f"{where}element type {dtype!r} is not supported (numeric tensors only)")
+    return elem
 
 
 def _value_info(t: Tensor, name: str | None = None, dtype: str | None = None) -> onnx.ValueInfoProto:
     shape = None if t.shape is None else [d if d is not None else "N" for d in t.shape]
-    return helper.make_tensor_value_info(name or t.name, onnx_elem_type(dtype or t.dtype), shape)
+    return helper.make_tensor_value_info(name or t.name, onnx_elem_type(dtype or t.dtype, t.name), shape)
 
 
 def _onnx_attrs(node: Node) -> dict:
-    return {k: v for k, v in node.attrs.items() if not k.startswith("qm_") and v is not None}
+    """ONNX attributes of an IR node; array values (tensor attributes, e.g. ConstantOfShape.value) as tensors."""
+    return {k: numpy_helper.from_array(v) if isinstance(v, np.ndarray) else v
+            for k, v in node.attrs.items() if not k.startswith("qm_") and v is not None}
 
 
 class _Lowering:
@@ -92,15 +105,16 @@ class _Lowering:
         outputs = []
         for o in list(g.outputs) + [x for x in self.extra_outputs if x not in g.outputs]:
             t = g.tensors[o]
-            outputs.append(helper.make_tensor_value_info(o, onnx_elem_type(t.dtype), None))
+            outputs.append(helper.make_tensor_value_info(o, onnx_elem_type(t.dtype, o), None))
         graph = helper.make_graph(self.nodes, g.name, inputs, outputs, initializer=self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qmace")
+        opset = max([OPSET] + [get_op(n.op_type).onnx_opset for n in g.nodes if is_supported(n.op_type)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qmace")
         model.ir_version = 10
         return model
 
     def lower_node(self, node: Node) -> None:
         g = self.g
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.inputs) == 1:
             qt = g.tensors[node.outputs[0] if node.op_type == "QuantizeLinear" else node.inputs[0]]
             s, z = self.qparams_inputs(qt)
             src = node.inputs[0]
@@ -141,7 +155,7 @@ class _Lowering:
 
 
 def to_onnx(graph: Graph, extra_outputs: list[str] | None = None) -> onnx.ModelProto:
-    """The graph as an ONNX model (opset 21). ``extra_outputs`` exposes intermediate tensors as outputs."""
+    """The graph as an ONNX model (opset 21, or the newer opset an op needs: ``Op.onnx_opset``). ``extra_outputs`` exposes intermediate tensors as outputs."""
     model = _Lowering(graph, extra_outputs).lower()
     # DequantizeLinear nodes nobody reads (e.g. a quantized graph output) are harmless; keep the model lean.
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}

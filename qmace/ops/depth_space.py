@@ -1,0 +1,68 @@
+"""DepthToSpace and SpaceToDepth (ONNX opset 13+ semantics) on (N, C, H, W) with block size b.
+
+- DepthToSpace: (N, C, H, W) -> (N, C / b^2, H * b, W * b). Mode DCR (default): the input channel of
+  output (c, h * b + i, w * b + j) is ``(i * b + j) * C / b^2 + c``; mode CRD: ``c * b^2 + i * b + j``.
+- SpaceToDepth: the inverse of DCR: (N, C, H, W) -> (N, C * b^2, H / b, W / b), output channel
+  ``(i * b + j) * C + c`` holds input (c, h * b + i, w * b + j).
+
+Pure data movement (a reshape-transpose-reshape): on 8-bit codes it computes exactly what it computes on
+the dequantized floats, so ``quant_kernel = "copy"`` and ``output_range = "input"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from qmace.ops.base import Op, register
+
+
+def _checked(op: type[Op], node, x: np.ndarray) -> int:
+    b = int(op.attr(node, "blocksize"))
+    if x.ndim != 4 or b < 1:
+        raise ValueError(f"{op.op_type} node {node.name!r}: needs a 4-D input and blocksize >= 1 "
+                         f"(got shape {x.shape}, blocksize {b})")
+    return b
+
+
+@register
+class DepthToSpace(Op):
+    op_type = "DepthToSpace"
+    defaults: ClassVar[dict[str, Any]] = {"blocksize": None, "mode": "DCR"}
+    quant_kernel = "copy"
+    output_range = "input"
+
+    @classmethod
+    def run(cls, node, inputs):
+        x = np.asarray(inputs[0])
+        b = _checked(cls, node, x)
+        n, c, h, w = x.shape
+        if c % (b * b):
+            raise ValueError(f"DepthToSpace node {node.name!r}: {c} channels not divisible by blocksize^2 = {b * b}")
+        mode = cls.attr(node, "mode")
+        if mode == "DCR":
+            y = x.reshape(n, b, b, c // (b * b), h, w).transpose(0, 3, 4, 1, 5, 2)
+        elif mode == "CRD":
+            y = x.reshape(n, c // (b * b), b, b, h, w).transpose(0, 1, 4, 2, 5, 3)
+        else:
+            raise ValueError(f"DepthToSpace node {node.name!r}: unknown mode {mode!r}")
+        return [np.ascontiguousarray(y.reshape(n, c // (b * b), h * b, w * b))]
+
+
+@register
+class SpaceToDepth(Op):
+    op_type = "SpaceToDepth"
+    defaults: ClassVar[dict[str, Any]] = {"blocksize": None}
+    quant_kernel = "copy"
+    output_range = "input"
+
+    @classmethod
+    def run(cls, node, inputs):
+        x = np.asarray(inputs[0])
+        b = _checked(cls, node, x)
+        n, c, h, w = x.shape
+        if h % b or w % b:
+            raise ValueError(f"SpaceToDepth node {node.name!r}: spatial size {h}x{w} not divisible by {b}")
+        y = x.reshape(n, c, h // b, b, w // b, b).transpose(0, 3, 5, 1, 2, 4)
+        return [np.ascontiguousarray(y.reshape(n, c * b * b, h // b, w // b))]
