@@ -43,6 +43,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qmace", description="MACE-compatible converter, 8-bit quantizer and CPU runtime")
+    from qmace import __version__
+
+    ap.add_argument("--version", action="version", version=f"qmace {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
