@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +15,8 @@ import numpy as np
 
 from qmace.config import DeploymentConfig, ModelConfig, load_config
 from qmace.data import Sample, iter_samples, model_shape, random_sample, sample_names, write_outputs
-from qmace.errors import ModelError
+from qmace.errors import ModelError, ModelFileError
+from qmace.fileio import check_inside, check_plain_name
 from qmace.frontends import Oracle, frontend_for
 from qmace.ir import Graph
 from qmace.metrics import Comparison, compare
@@ -25,8 +28,15 @@ log = logging.getLogger(__name__)
 
 
 def model_file_path(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path | None = None) -> Path:
-    """MACE's place for the converted model: ``<build_dir>/<library_name>/model/<model_name>.qmace``."""
-    return Path(build_dir or "build") / cfg.library_name / "model" / f"{m.name}{EXTENSION}"
+    """MACE's place for the converted model: ``<build_dir>/<library_name>/model/<model_name>.qmace``.
+
+    Raises PathError if the names would put it outside ``build_dir`` (the YAML reader already insists on
+    plain names; this is the last check before anything is written)."""
+    root = Path(build_dir or "build")
+    path = root / check_plain_name(cfg.library_name, f"{cfg.path}: library_name") / "model" / \
+        f"{check_plain_name(m.name, f'{cfg.path}: models: model name')}{EXTENSION}"
+    check_inside(root, path, "the model file")
+    return path
 
 
 def bind_io(graph: Graph, m: ModelConfig) -> Graph:
@@ -57,6 +67,37 @@ def bind_io(graph: Graph, m: ModelConfig) -> Graph:
     graph.outputs = list(sub.output_tensors)
     graph.remove_unused()
     return graph
+
+
+def build_settings(m: ModelConfig, built_by: str = "convert") -> dict:
+    """What a model file is built from, recorded in its metadata (``built_from``) and compared by ``run`` and
+    ``export``: the source file's sha256, the YAML's inputs/outputs and, for ``convert``, the quantization
+    settings (quantize, quantize_large_weights, schema, range file sha256, input ranges, concat ranges).
+    ``built_by="quantize"``: the one-shot command chose the ranges itself, so the YAML's quantization keys
+    do not apply."""
+    sub = m.subgraph
+    out: dict = {
+        "built_by": built_by,
+        "source_sha256": m.model_sha256_checksum,
+        "weight_sha256": m.weight_sha256_checksum,
+        "input_tensors": sub.input_tensors, "input_shapes": sub.input_shapes,
+        "input_data_formats": sub.input_data_formats, "output_tensors": sub.output_tensors,
+    }
+    if built_by == "convert":
+        out |= {"quantize": m.quantize, "quantize_large_weights": m.quantize_large_weights}
+        if m.quantize:
+            rf = m.quantize_range_file
+            out |= {"quantize_schema": m.quantize_schema, "change_concat_ranges": m.change_concat_ranges,
+                    "input_ranges": sub.input_ranges,
+                    "quantize_range_file_sha256": _sha256_or_none(rf) if rf is not None else None}
+    return json.loads(json.dumps(out, default=str))
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def load_float_graph(m: ModelConfig) -> Graph:
@@ -102,16 +143,42 @@ def convert(config: str | Path, model_name: str | None = None, build_dir: str | 
         from qmace.quantize.api import quantize_for_config
 
         graph, fallbacks = quantize_for_config(graph, m)
+    graph.metadata["built_from"] = build_settings(m)
     path = save_graph(graph, model_file_path(cfg, m, build_dir))
     log.info("wrote %s", path)
     return ConvertResult(path, graph, path.stat().st_size, fallbacks)
 
 
+def rebuild_command(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path | None, verb: str = "convert") -> str:
+    """The command line that (re)builds model ``m`` into ``build_dir``."""
+    cmd = f"qmace {verb} --config {cfg.path}"
+    if len(cfg.models) > 1:
+        cmd += f" --model_name {m.name}"
+    if build_dir is not None:
+        cmd += f" --build_dir {build_dir}"
+    return cmd + (" --input_dir <samples>" if verb == "quantize" else "")
+
+
 def load_converted(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path | None = None) -> Graph:
+    """Load the model file built for ``m``; ModelFileError with the command that rebuilds it when the file was
+    built from another source file or other settings than the YAML now gives (a stale build)."""
     path = model_file_path(cfg, m, build_dir)
     if not path.is_file():
-        raise ModelError(f"{path}: no converted model; run `qmace convert --config {cfg.path}` first")
-    return load_graph(path)
+        raise ModelError(f"{path}: no converted model; run `{rebuild_command(cfg, m, build_dir)}` first")
+    graph = load_graph(path)
+    recorded = graph.metadata.get("built_from")
+    verb = recorded.get("built_by", "convert") if isinstance(recorded, dict) else "convert"
+    verb = verb if verb in ("convert", "quantize") else "convert"
+    now = build_settings(m, verb)
+    if not isinstance(recorded, dict):
+        raise ModelFileError(f"{path}: the file does not record what it was built from; rebuild it: "
+                             f"{rebuild_command(cfg, m, build_dir, verb)}")
+    for key in [*now, *(k for k in recorded if k not in now)]:
+        if now.get(key) != recorded.get(key):
+            raise ModelFileError(f"{path}: stale build: built with {key} = {str(recorded.get(key))[:80]}, "
+                                 f"{cfg.path} now gives {str(now.get(key))[:80]}; rebuild it: "
+                                 f"{rebuild_command(cfg, m, build_dir, verb)}")
+    return graph
 
 
 def samples_for(m: ModelConfig, input_dir: str | Path | None, count: int, seed: int = 0) -> Iterator[Sample]:

@@ -45,7 +45,9 @@ from typing import Any
 
 import yaml
 
-from qmace.errors import ConfigError, ModelError
+from qmace import limits
+from qmace.errors import ConfigError, ModelError, ResourceLimitError
+from qmace.fileio import check_plain_name
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +221,15 @@ def load_config(path: str | Path) -> DeploymentConfig:
         raise ConfigError(f"{path}: is a directory, not a deployment YAML file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read deployment file: {e}") from None
+    if len(text) > limits.MAX_YAML_BYTES:
+        raise ResourceLimitError(f"{path}: {len(text):,} characters, over the limit of {limits.MAX_YAML_BYTES:,} "
+                                 "for a deployment file")
     try:
+        _check_yaml_depth(text, path)
         data = yaml.safe_load(text)
+        _check_expanded_size(data, path)
+    except (ValueError, OverflowError) as e:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{path}: malformed YAML value: {str(e).splitlines()[0][:200]}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e)
@@ -236,6 +245,49 @@ def load_config(path: str | Path) -> DeploymentConfig:
         logger.info("%s: not applicable here (qmace converts for the host CPU and runs there), ignored: %s",
                     path, ", ".join(reader.not_applicable))
     return config
+
+
+def _check_yaml_depth(text: str, path: Path) -> None:
+    """ResourceLimitError when collections nest deeper than ``limits.MAX_YAML_DEPTH`` (checked on the event
+    stream, which does not recurse, before PyYAML's recursive composer sees the text)."""
+    depth = 0
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > limits.MAX_YAML_DEPTH:
+                mark = ev.start_mark
+                raise ResourceLimitError(f"{path}: line {mark.line + 1}: collections nested more than "
+                                         f"{limits.MAX_YAML_DEPTH} deep")
+        elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+def _check_expanded_size(data: Any, path: Path) -> None:
+    """ResourceLimitError when the document, with every alias expanded, has more than
+    ``limits.MAX_YAML_NODES`` values (an alias bomb), or an alias refers to itself. Counted per shared object
+    (memoised), so the bomb is never expanded; its value is never printed."""
+    sizes: dict[int, int] = {}
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (list, dict)):
+            return 1
+        key = id(v)
+        if key in sizes:
+            if sizes[key] < 0:
+                raise ResourceLimitError(f"{path}: a YAML alias refers to itself (recursive value)")
+            return sizes[key]
+        sizes[key] = -1
+        items = list(v.keys()) + list(v.values()) if isinstance(v, dict) else v
+        n = 1
+        for x in items:
+            n += size(x)
+            if n > limits.MAX_YAML_NODES:
+                raise ResourceLimitError(f"{path}: more than {limits.MAX_YAML_NODES:,} values once aliases are "
+                                         "expanded (an alias bomb?)")
+        sizes[key] = n
+        return n
+
+    size(data)
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -266,6 +318,8 @@ class _Reader:
         self.not_applicable: list[str] = []
 
     def error(self, key: str, message: str) -> ConfigError:
+        if len(message) > 400:  # a long value (never more than limits.MAX_YAML_NODES) shown in part
+            message = f"{message[:300]} ... {message[-80:]}"
         return ConfigError(f"{self.path}: {key}: {message}")
 
     def note(self, key: str, value: Any) -> None:
@@ -320,6 +374,8 @@ class _Reader:
         if not isinstance(value, str) or not value.strip():
             raise self.error(key, f"must be a file path, got {value!r}")
         value = value.strip()
+        if "\0" in value:
+            raise self.error(key, "a path cannot contain a NUL character")
         if _URL.match(value):
             raise self.error(key, f"{value} is a URL; qmace works offline: download the {what} and give "
                                   f"its local path (relative paths are relative to the YAML file)")
@@ -394,7 +450,7 @@ class _Reader:
             if len(parts) != 2 or any(isinstance(p, bool) for p in parts):
                 raise ValueError
             lo, hi = float(parts[0]), float(parts[1])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise self.error(key, f"must be a range \"min,max\" of two numbers, got {value!r}") from None
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise self.error(key, f"range bounds must be finite, got {value!r}")
@@ -445,7 +501,7 @@ class _Reader:
 
     def deployment(self, data: Mapping) -> DeploymentConfig:
         self.check_keys(data, "", _TOP_KEYS)
-        library_name = self.string(data, "", "library_name")
+        library_name = check_plain_name(self.string(data, "", "library_name"), f"{self.path}: library_name")
         abis_value = data.get("target_abis")
         abis = self.names(abis_value, "target_abis", "target ABI") if abis_value not in (None, "", []) else ("host",)
         if any(a != "host" for a in abis):
@@ -468,6 +524,7 @@ class _Reader:
 
     def model(self, name: str, value: Any) -> ModelConfig:
         prefix = f"models.{name}"
+        check_plain_name(name, f"{self.path}: models: model name")
         m = self.mapping(value, prefix)
         self.check_keys(m, prefix, _MODEL_KEYS)
 
@@ -574,6 +631,8 @@ class _Reader:
         input_shapes = self.shapes(s["input_shapes"], k("input_shapes"))
         assert input_shapes is not None
         self.count(input_shapes, n_in, k("input_shapes"), "shape", "input tensor")
+        for i, shp in enumerate(input_shapes):
+            limits.check_tensor_bytes(4 * math.prod(shp), f"{self.path}: {k('input_shapes')}[{i}] {shp}")
         input_ranges = self.ranges(s.get("input_ranges"), k("input_ranges"))
         self.count(input_ranges, n_in, k("input_ranges"), "range", "input tensor")
         output_shapes = self.shapes(s.get("output_shapes"), k("output_shapes"))

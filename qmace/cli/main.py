@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"qmace {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("--memory_budget", "--memory-budget", default=None, metavar="SIZE",
+                    help="largest tensor an input may declare (bytes, or 512M, 4G, ...; default 4G or "
+                         "$QMACE_MEMORY_BUDGET); larger ones are refused with a named error")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert the YAML's model (quantized when quantize: 1)")
@@ -233,28 +238,72 @@ def cmd_qat(a: argparse.Namespace) -> int:
     return qat_command(a, progress=_progress)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so every temporary file is removed on the way."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``qmace`` command line; returns the exit code (see docs/errors.md): 0 success, 1 failed
+    validation, 2 bad input or a filesystem/resource fault (one ``qmace: error:`` line), 3 a bug in qmace,
+    130/143 interrupted by SIGINT/SIGTERM."""
+    from qmace import limits
+
     ap = build_parser()
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="qmace: %(levelname)s: %(message)s")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        limits.set_memory_budget(limits.parse_size(a.memory_budget, "--memory_budget") if a.memory_budget else None)
         return COMMANDS[a.command](a)
     except QmaceError as e:
         if a.debug:
             raise
         print(f"qmace: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a filesystem fault outside the wrapped writers: name the file
+        if isinstance(e, BrokenPipeError):  # e.g. `qmace ... | head`: the reader left; not an error of ours
+            sys.stderr.close()
+            return 0
+        if a.debug:
+            raise
+        where = e.filename if e.filename is not None else a.command
+        print(f"qmace: error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except MemoryError as e:
+        if a.debug:
+            raise
+        detail = f": {e}" if str(e) else ""
+        print(f"qmace: error: {getattr(a, 'config', None) or a.command}: out of memory{detail} (lower the input "
+              "sizes, or the memory budget with --memory_budget so this is caught earlier)", file=sys.stderr)
+        return 2
+    except RecursionError as e:
+        if a.debug:
+            raise
+        print(f"qmace: error: {getattr(a, 'config', None) or a.command}: input nested too deeply ({e})",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("qmace: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `qmace ... | head`: the reader left; not an error of ours
-        sys.stderr.close()
-        return 0
+    except Terminated:
+        print("qmace: terminated", file=sys.stderr)
+        return 143
     except Exception as e:  # an internal error: one line unless --debug
         if a.debug:
             raise
-        print(f"qmace: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"qmace: internal error: {type(e).__name__}: {str(e)[:500]} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         return 3
+    finally:
+        limits.set_memory_budget(None)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

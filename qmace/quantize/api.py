@@ -139,7 +139,14 @@ def quantize_one_shot(
     progress: Callable[..., Iterator] | None = None,
 ) -> OneShotResult:
     """MACE's four steps in memory: statistics over ``input_dir`` (streamed), ranges, quantized model."""
-    from qmace.api import ConvertResult, count_samples, load_float_graph, model_file_path, samples_for
+    from qmace.api import (
+        ConvertResult,
+        build_settings,
+        count_samples,
+        load_float_graph,
+        model_file_path,
+        samples_for,
+    )
     from qmace.modelfile import save_graph
 
     cfg = load_config(config)
@@ -182,6 +189,7 @@ def quantize_one_shot(
                                             fixed_weights=fixed)
     qgraph.metadata["quantization"].update({"method": method, "samples": count, "bias_corrected_layers": corrected,
                                             "adaround": bool(adaround), "equalized_tensors": equalized})
+    qgraph.metadata["built_from"] = build_settings(m, "quantize")
     path = save_graph(qgraph, model_file_path(cfg, m, build_dir))
     rpath = Path(range_file) if range_file else path.with_suffix(".ranges")
     write_range_file(rpath, table)

@@ -74,6 +74,10 @@ class Session:
         if self._ort is not None:
             if on_tensor is not None or op_times is not None:
                 raise ValueError("per-tensor callbacks and per-op times need the reference backend")
-            res = self._ort.run(wanted, {k: np.asarray(v, order="C") for k, v in feeds.items()})
+            try:
+                res = self._ort.run(wanted, {k: np.asarray(v, order="C") for k, v in feeds.items()})
+            except Exception as e:  # ORT's own exception types: one line naming the runtime
+                raise ModelError(f"graph {self.graph.name!r}: ONNX Runtime failed: "
+                                 f"{str(e).splitlines()[0][:300]}") from e
             return dict(zip(wanted, res))
         return reference.execute(self.graph, feeds, outputs=wanted, on_tensor=on_tensor, op_times=op_times)
