@@ -15,7 +15,7 @@ import numpy as np
 
 from qmace.config import DeploymentConfig, ModelConfig, load_config
 from qmace.data import Sample, iter_samples, model_shape, random_sample, sample_names, write_outputs
-from qmace.errors import ModelError, ModelFileError
+from qmace.errors import ConfigError, ModelError, ModelFileError
 from qmace.fileio import check_inside, check_plain_name
 from qmace.frontends import Oracle, frontend_for
 from qmace.ir import Graph
@@ -267,9 +267,17 @@ def run(
 
     ``on_tensor(sample, tensor_name, value)`` receives every op output (for ``--quantize_stat``).
     """
+    from qmace.quantize.api import check_threads
+
+    check_threads(num_threads)
+    if rounds < 1:
+        raise ConfigError(f"--round must be >= 1, got {rounds}")
     cfg = load_config(config)
     m = cfg.model(model_name)
     graph = load_converted(cfg, m, build_dir)
+    if on_tensor is not None and input_dir is None:
+        log.warning("%s: range statistics without --input_dir come from one random sample drawn from "
+                    "input_ranges; give --input_dir with real samples for usable ranges", cfg.path)
     quantized = bool(graph.metadata.get("quantization"))
     extra = list(graph.activations()) if (on_tensor is not None and backend == "onnxruntime") else None
     session = Session(graph, backend=backend, num_threads=num_threads, extra_outputs=extra)
@@ -287,7 +295,7 @@ def run(
     for sample in samples:
         report.samples += 1
         outs = None
-        for _ in range(max(1, rounds)):
+        for _ in range(rounds):
             t0 = time.perf_counter()
             if on_tensor is not None and backend == "reference":
                 outs = session.run(sample.feeds, on_tensor=lambda k, v, s=sample.name: on_tensor(s, k, v), op_times=op_times)

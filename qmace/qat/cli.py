@@ -96,6 +96,8 @@ def qat_command(args: argparse.Namespace, progress=None) -> int:
 
     if args.epochs < 0 or args.batch_size < 1:
         raise ConfigError("--epochs must be >= 0 and --batch_size >= 1")
+    if not (args.lr > 0 and np.isfinite(args.lr)):
+        raise ConfigError(f"--lr must be a positive finite number, got {args.lr}")
     cfg = load_config(args.config)
     m = cfg.model(args.model_name)
     graph = load_float_graph(m)

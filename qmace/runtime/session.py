@@ -18,7 +18,9 @@ from qmace.runtime import reference
 BACKENDS = ("onnxruntime", "reference")
 
 
-def ort_session(model_bytes: bytes, num_threads: int | None = None):
+def ort_session(model_bytes: bytes | str, num_threads: int | None = None):
+    """An ONNX Runtime CPU session on serialized model bytes or a model file path (a path lets ORT find
+    external data beside the file). ModelError with ORT's first message line when it cannot load it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
