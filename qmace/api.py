@@ -1,5 +1,13 @@
 """The CLI verbs as plain, typed Python functions: ``convert`` and ``run`` (quantization verbs live in
-``qmace.quantize.api``). They log and return named results; only ``qmace.cli`` prints."""
+``qmace.quantize.api``). They log and return named results; only ``qmace.cli`` prints.
+
+In-memory entry point (no YAML, no files): ``convert_model`` (ONNX model or path -> optimized ``Graph``),
+``run_model`` (graph + numpy arrays -> numpy arrays), ``save_model`` / ``load_model``::
+
+    g = qmace.api.convert_model("m.onnx", input_shapes={"input": (1, 3, 224, 224)})
+    out = qmace.api.run_model(g, {"input": x})["output"]
+
+Every function raises a subclass of ``qmace.errors.QmaceError`` for bad input (docs/errors.md)."""
 
 from __future__ import annotations
 
@@ -134,7 +142,23 @@ class ConvertResult:
 
 
 def convert(config: str | Path, model_name: str | None = None, build_dir: str | Path | None = None) -> ConvertResult:
-    """``qmace convert``: YAML -> optimized (and, with ``quantize: 1``, quantized) model file."""
+    """``qmace convert``: YAML -> optimized (and, with ``quantize: 1``, quantized) model file.
+
+    Args:
+        config: the MACE deployment YAML.
+        model_name: the model under ``models:`` (default: the first).
+        build_dir: root of the build tree (default ``./build``); the file goes to
+            ``<build_dir>/<library_name>/model/<model_name>.qmace`` and records what it was built from.
+
+    Returns:
+        ConvertResult: the path written, the graph, the file size and the ops left in float.
+
+    Raises:
+        ConfigError, PathError: bad YAML, or names that would leave the build folder.
+        ModelError, UnsupportedOpsError: checksum mismatch, unreadable or malformed model, unsupported ops.
+        RangeError, QuantizationError: missing or malformed range file with ``quantize: 1``.
+        FileAccessError, ResourceLimitError: the file cannot be written; a tensor over the memory budget.
+    """
     cfg = load_config(config)
     m = cfg.model(model_name)
     graph = load_float_graph(m)
@@ -160,8 +184,13 @@ def rebuild_command(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path
 
 
 def load_converted(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path | None = None) -> Graph:
-    """Load the model file built for ``m``; ModelFileError with the command that rebuilds it when the file was
-    built from another source file or other settings than the YAML now gives (a stale build)."""
+    """Load the model file built for ``m`` (in ``build_dir``, default ``./build``) and return its graph.
+
+    Raises:
+        ModelError when there is no model file (naming the command that builds it); ModelFileError when it is
+        corrupt or tampered (``load_graph``) or was built from another source file or other settings than
+        the YAML now gives (a stale build; the message names the setting and the command that rebuilds it).
+    """
     path = model_file_path(cfg, m, build_dir)
     if not path.is_file():
         raise ModelError(f"{path}: no converted model; run `{rebuild_command(cfg, m, build_dir)}` first")
@@ -265,7 +294,23 @@ def run(
 ) -> RunReport:
     """``qmace run``: run the converted model on every sample (``rounds`` times each).
 
-    ``on_tensor(sample, tensor_name, value)`` receives every op output (for ``--quantize_stat``).
+    Args:
+        config, model_name, build_dir: as for ``convert``; the model file must be current (built from the
+            YAML's source file and settings) or ModelFileError names the command that rebuilds it.
+        backend: ``"onnxruntime"`` or ``"reference"`` (exact numpy kernels).
+        input_dir: samples in MACE file naming (``qmace.data``); None: one random sample from input_ranges.
+        output_dir: where to write each output (raw float32 and ``.npy``).
+        rounds: runs per sample (>= 1); validate: compare with the source framework (threshold from the
+            YAML); benchmark: per-op times on the reference backend; num_threads: >= 1 or None.
+        on_tensor: ``on_tensor(sample, tensor_name, value)`` receives every op output (``--quantize_stat``).
+        progress: wraps the sample iterator (a progress bar).
+
+    Returns:
+        RunReport: latencies, validation checks (``passed``), per-op times, output files written.
+
+    Raises:
+        ConfigError, ModelError, ModelFileError (missing, tampered or stale model file), InputDataError,
+        FileAccessError, ResourceLimitError.
     """
     from qmace.quantize.api import check_threads
 
@@ -318,3 +363,91 @@ def run(
         report.op_times_ms = {k: v * 1e3 / runs for k, v in op_times.items()}
         report.op_types = {nd.name: nd.op_type for nd in graph.nodes}
     return report
+
+
+# ---- in-memory entry point ------------------------------------------------------------------------------
+
+
+def convert_model(model, *, input_shapes: dict[str, tuple[int, ...]] | None = None,
+                  outputs: list[str] | None = None) -> Graph:
+    """An ONNX model (``onnx.ModelProto``, or the path of an ``.onnx`` file) -> optimized float ``Graph``.
+
+    Args:
+        model: the ONNX model in memory, or its file (external data is read beside it).
+        input_shapes: input name -> shape in the model's own layout (NCHW for most ONNX models); fixes
+            dynamic dimensions. Default: the shapes the model declares.
+        outputs: the outputs to keep (default: the model's).
+
+    Returns:
+        The graph, ready for ``run_model``, ``save_model`` or ``qmace.quantize``.
+
+    Raises:
+        ModelError / UnsupportedOpsError: malformed model, unsupported ops, unknown input or output name, a
+        shape contradicting the model's; ResourceLimitError: a tensor over the memory budget.
+    """
+    from qmace.frontends import load_onnx, onnx_to_graph
+
+    graph = load_onnx(model) if isinstance(model, (str, Path)) else onnx_to_graph(model, "<in-memory model>")
+    for name, shape in (input_shapes or {}).items():
+        if name not in graph.inputs:
+            raise ModelError(f"input_shapes: {name!r} is not an input of the model (inputs: {', '.join(graph.inputs)})")
+        have = graph.tensors[name].shape
+        shape = tuple(int(d) for d in shape)
+        if have is not None and (len(have) != len(shape) or any(h is not None and h != d for h, d in zip(have, shape))):
+            raise ModelError(f"input_shapes: {name!r}: {shape} contradicts the model's shape {have}")
+        graph.tensors[name].shape = shape
+    if outputs is not None:
+        missing = [o for o in outputs if o not in graph.tensors]
+        if missing:
+            raise ModelError(f"outputs: {', '.join(map(repr, missing))} not in the model")
+        graph.outputs = list(outputs)
+        graph.remove_unused()
+    return optimize(graph)
+
+
+def run_model(graph: Graph, feeds: dict[str, np.ndarray], *, backend: str = "onnxruntime",
+              num_threads: int | None = None) -> dict[str, np.ndarray]:
+    """Run a graph once on numpy arrays: ``{input name: array}`` -> ``{output name: array}``.
+
+    Arrays are taken in the graph's own layout (no NHWC transposition) and cast to the input's dtype. Each
+    call builds a session; for many calls, make one ``qmace.runtime.Session(graph)`` and call its ``run``.
+
+    Raises:
+        InputDataError: a missing or unknown input, or an array whose shape contradicts the graph's.
+        ModelError: the kernels fail on the graph.
+    """
+    from qmace.errors import InputDataError
+    from qmace.quantize.api import check_threads
+
+    check_threads(num_threads)
+    missing = [i for i in graph.inputs if i not in feeds]
+    if missing:
+        raise InputDataError(f"missing input(s): {', '.join(missing)} (the graph's inputs: {', '.join(graph.inputs)})")
+    unknown = [k for k in feeds if k not in graph.inputs]
+    if unknown:
+        raise InputDataError(f"unknown input(s): {', '.join(unknown)} (the graph's inputs: {', '.join(graph.inputs)})")
+    ready = {}
+    for name in graph.inputs:
+        t = graph.tensors[name]
+        arr = np.asarray(feeds[name], dtype=np.dtype(t.dtype))
+        if t.shape is not None and (arr.ndim != len(t.shape) or any(
+                d is not None and d != a for d, a in zip(t.shape, arr.shape))):
+            raise InputDataError(f"input {name!r}: shape {arr.shape} does not match the graph's {tuple(t.shape)}")
+        ready[name] = np.ascontiguousarray(arr)
+    return Session(graph, backend=backend, num_threads=num_threads).run(ready)
+
+
+def save_model(graph: Graph, path: str | Path) -> Path:
+    """Write ``graph`` as a ``.qmace`` model file (atomically, with its content hash); returns the path.
+
+    Raises FileAccessError when the file cannot be written."""
+    return save_graph(graph, path)
+
+
+def load_model(path: str | Path) -> Graph:
+    """Read a ``.qmace`` model file, verifying its content hash and header.
+
+    Raises:
+        ModelError / ModelFileError naming the file: missing, truncated, tampered or malformed.
+    """
+    return load_graph(path)

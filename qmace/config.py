@@ -193,7 +193,11 @@ def input_name_format(name: str) -> str:
 
 
 def verify_checksum(path: Path, expected: str, key: str) -> None:
-    """Raise ModelError unless the sha256 of the file at `path` (read in 1 MiB chunks) equals `expected`."""
+    """Check the sha256 of the file at `path` (read in 1 MiB chunks) against `expected` (hex).
+
+    `key` names the YAML key that gave the checksum, for the message.
+    Raises ModelError naming the file when it is missing, unreadable or has another sha256.
+    """
     path = Path(path)
     digest = hashlib.sha256()
     try:
@@ -211,7 +215,19 @@ def verify_checksum(path: Path, expected: str, key: str) -> None:
 
 
 def load_config(path: str | Path) -> DeploymentConfig:
-    """Read and validate a MACE deployment YAML. Raises ConfigError naming the file and key path."""
+    """Read and validate a MACE deployment YAML.
+
+    Args:
+        path: the YAML file; relative paths inside it are resolved against its folder.
+
+    Returns:
+        DeploymentConfig with one ModelConfig per entry of ``models:``.
+
+    Raises:
+        ConfigError naming the file and key path (missing, malformed, inconsistent keys);
+        PathError for a library or model name that is not a plain name; ResourceLimitError for a file over
+        ``qmace.limits`` (size, nesting depth, alias-expanded size, an input shape over the memory budget).
+    """
     path = Path(path).expanduser().resolve()
     try:
         text = path.read_text(encoding="utf-8")

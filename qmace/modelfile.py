@@ -57,6 +57,11 @@ def _decode_attr(v: Any, arrays) -> Any:
 
 
 def save_graph(graph: Graph, path: str | Path) -> Path:
+    """Write ``graph`` to ``path`` in the format above (temporary file + rename, with the content hash).
+
+    Returns the path. Raises FileAccessError naming the path when it cannot be written, and TypeError for
+    metadata that JSON cannot hold (a bug of the caller).
+    """
     path = Path(path)
     arrays: dict[str, np.ndarray] = {}
     tensors = []
@@ -110,8 +115,12 @@ def _json_default(o: Any) -> Any:
 
 
 def load_graph(path: str | Path) -> Graph:
-    """Read, verify and validate a ``.qmace`` file. ModelError/ModelFileError naming the file for a missing,
-    truncated, tampered or malformed file; ResourceLimitError for an array over the memory budget."""
+    """Read, verify and validate a ``.qmace`` file; returns its graph.
+
+    Raises:
+        ModelError / ModelFileError naming the file for a missing, truncated, tampered (content hash) or
+        malformed (header schema, unknown ops, cycles) file; ResourceLimitError for an array over the budget.
+    """
     from qmace.quantize.qmath import QuantParams
 
     path = Path(path)

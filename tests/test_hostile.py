@@ -305,7 +305,7 @@ CASES: list[Case] = [
          ("range_log:2", "'x'", "not finite")),
     Case("stat-log-huge-floats", lambda t, w: ["quantize-stat", "--log_file", _log(
         t, "Tensor range @@x@@-1.7e308,1.7e308\nTensor range @@x@@1.7e308,1.7e308\n"), "--percentile", "25"],
-        ("'x'", "not finite")),
+        ("range_log: tensor 'x'", "not finite")),
     Case("stat-log-empty", lambda t, w: ["quantize-stat", "--log_file", _log(t, "")], ("no 'Tensor range",)),
     Case("stat-log-binary", lambda t, w: ["quantize-stat", "--log_file", _log(t, b"\xff\x00\xfe" * 100)],
          ("no 'Tensor range",)),

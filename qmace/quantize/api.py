@@ -88,7 +88,11 @@ def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None =
                         schema: str | None = None, float_nodes: set[str] | None = None,
                         fixed_weights: dict[str, QuantParams] | None = None) -> tuple[Graph, list[str]]:
     """``convert`` with ``quantize: 1`` (ranges from ``quantize_range_file``, from QDQ nodes of the source
-    model, or ``table``) or with ``quantize_large_weights: 1``."""
+    model, or ``table``) or with ``quantize_large_weights: 1``.
+
+    Returns the quantized graph and one line per op left in float (with the reason).
+    Raises RangeError (range file), QuantizationError (no ranges, unknown ``float_nodes``).
+    """
     if m.quantize_large_weights and not m.quantize:
         return quantize_large_weights(graph), []
     # Parameters read from QuantizeLinear/DequantizeLinear pairs of the source model (QAT / QDQ import)
@@ -163,7 +167,24 @@ def quantize_one_shot(
     float_nodes: set[str] | None = None,
     progress: Callable[..., Iterator] | None = None,
 ) -> OneShotResult:
-    """MACE's four steps in memory: statistics over ``input_dir`` (streamed), ranges, quantized model."""
+    """MACE's four steps in memory: statistics over ``input_dir`` (streamed), ranges, quantized model.
+
+    Args:
+        config, model_name, build_dir: as ``qmace.api.convert``.
+        input_dir: calibration samples (MACE file naming, ``qmace.data``).
+        method: ``mace`` | ``percentile`` | ``entropy`` | ``mse`` (docs/quantization.md); percentile, enhance,
+            enhance_ratio: that method's options. schema: ``uint8``/``int8`` (default: the YAML's).
+        range_file: where to write the ranges used (default: beside the model file).
+        bias_correction, adaround, equalize: the post-training refinements; float_nodes: node names or op
+            types kept in float; num_threads: >= 1 or None; progress: wraps sample iterators.
+
+    Returns:
+        OneShotResult: the ConvertResult of the quantized model, the range file path, the sample count.
+
+    Raises:
+        ConfigError, ModelError, InputDataError (missing/NaN samples), QuantizationError (bad options,
+        unknown float_nodes), FileAccessError; on failure the previous model file is left as it was.
+    """
     from qmace.api import (
         ConvertResult,
         build_settings,
@@ -230,7 +251,13 @@ def quantize_one_shot(
 
 def export(config: str | Path, output: str | Path, *, model_name: str | None = None,
            build_dir: str | Path | None = None, fmt: str = "onnx-qdq") -> Path:
-    """The converted model as standard ONNX (QDQ for quantized models), written atomically."""
+    """The converted model as standard ONNX, written atomically to ``output``; returns that path.
+
+    ``fmt="onnx-qdq"`` (default) needs a quantized model (QuantizeLinear/DequantizeLinear around the integer
+    ops); ``fmt="onnx"`` writes whatever the model is.
+    Raises QuantizationError (unknown format; onnx-qdq of a float model), ModelError/ModelFileError (no,
+    tampered or stale model file), FileAccessError (cannot write ``output``).
+    """
     from qmace.api import load_converted, model_file_path
     from qmace.runtime.lower import to_onnx
 

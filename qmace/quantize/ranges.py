@@ -224,8 +224,10 @@ def read_range_file(path: str | os.PathLike) -> RangeTable:
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RangeError(f"{path}: cannot read range file: {e}") from e
+    except OSError as e:
+        raise RangeError(f"{path}: cannot read range file: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise RangeError(f"{path}: cannot read range file: not UTF-8 text (byte {e.start})") from e
     table: RangeTable = {}
     for lineno, line in enumerate(lines, start=1):
         stripped = line.strip()
