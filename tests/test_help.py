@@ -33,7 +33,7 @@ def test_every_flag_has_help():
 def test_help_lists_each_verb_once(cli):
     res = cli("--help")
     assert res.code == 0
-    listed = re.findall(r"^    (\S+)", res.out, re.M)
+    listed = re.findall(r"^    (\S+)", res.out, re.MULTILINE)
     assert listed == ["convert", "run", "quantize-stat", "quantize", "export", "qat"], res.out
     assert "quantize_stat" in res.out  # the MACE spelling is shown as the alias
     assert cli("quantize_stat", "--help").code == 0
@@ -104,3 +104,30 @@ def test_in_memory_api_errors():
         api.run_model(g, {})
     with pytest.raises(ModelError, match="'nope'"):
         api.convert_model(tiny_cnn(), input_shapes={"nope": (1, 3, 8, 8)})
+
+
+def test_docs_yaml_example_is_complete_and_valid(tmp_path):
+    """The example in docs/deployment-yaml.md loads as written (with a real file and checksum)."""
+    import hashlib
+
+    from qmace.config import load_config
+
+    text = (REPO / "docs" / "deployment-yaml.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    data = tiny_cnn().SerializeToString()
+    (tmp_path / "mobilenet_v2.onnx").write_bytes(data)
+    (tmp_path / "overall_range").write_text("input@@-1,1\n")
+    block = re.sub(r"model_sha256_checksum: \S+.*", f"model_sha256_checksum: {hashlib.sha256(data).hexdigest()}", block)
+    (tmp_path / "m.yml").write_text(block)
+    cfg = load_config(tmp_path / "m.yml")
+    m = cfg.model()
+    assert cfg.library_name == "mobilenet" and m.name == "mobilenet_v2" and m.quantize_schema == "int8"
+    assert m.subgraph.input_ranges == ((-2.1179, 2.64),)
+    m.verify_model_file()
+    errors = (REPO / "docs" / "errors.md").read_text()
+    import qmace.errors as E
+
+    for name in dir(E):
+        obj = getattr(E, name)
+        if isinstance(obj, type) and issubclass(obj, E.QmaceError) and obj is not E.QmaceError:
+            assert f"`{name}`" in errors, f"docs/errors.md does not describe {name}"
