@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=None, help="qmace cache (default: ~/.cache/qmace)")
     ap.add_argument(
-        "--data", type=Path, default=None, help="shared data folder (default: <repo>/../shared/data)"
+        "--data", type=Path, default=None, help="split/labels folder (default: the repository's data/)"
     )
     ap.add_argument(
         "--onnx", type=Path, default=None, help="where to write the FP32 ONNX (default: in cache)"

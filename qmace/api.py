@@ -1,8 +1,18 @@
 """The CLI verbs as plain, typed Python functions: ``convert`` and ``run`` (quantization verbs live in
-``qmace.quantize.api``). They log and return named results; only ``qmace.cli`` prints."""
+``qmace.quantize.api``). They log and return named results; only ``qmace.cli`` prints.
+
+In-memory entry point (no YAML, no files): ``convert_model`` (ONNX model or path -> optimized ``Graph``),
+``run_model`` (graph + numpy arrays -> numpy arrays), ``save_model`` / ``load_model``::
+
+    g = qmace.api.convert_model("m.onnx", input_shapes={"input": (1, 3, 224, 224)})
+    out = qmace.api.run_model(g, {"input": x})["output"]
+
+Every function raises a subclass of ``qmace.errors.QmaceError`` for bad input (docs/errors.md)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +23,8 @@ import numpy as np
 
 from qmace.config import DeploymentConfig, ModelConfig, load_config
 from qmace.data import Sample, iter_samples, model_shape, random_sample, sample_names, write_outputs
-from qmace.errors import ModelError
+from qmace.errors import ConfigError, ModelError, ModelFileError
+from qmace.fileio import check_inside, check_plain_name
 from qmace.frontends import Oracle, frontend_for
 from qmace.ir import Graph
 from qmace.metrics import Comparison, compare
@@ -25,8 +36,15 @@ log = logging.getLogger(__name__)
 
 
 def model_file_path(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path | None = None) -> Path:
-    """MACE's place for the converted model: ``<build_dir>/<library_name>/model/<model_name>.qmace``."""
-    return Path(build_dir or "build") / cfg.library_name / "model" / f"{m.name}{EXTENSION}"
+    """MACE's place for the converted model: ``<build_dir>/<library_name>/model/<model_name>.qmace``.
+
+    Raises PathError if the names would put it outside ``build_dir`` (the YAML reader already insists on
+    plain names; this is the last check before anything is written)."""
+    root = Path(build_dir or "build")
+    path = root / check_plain_name(cfg.library_name, f"{cfg.path}: library_name") / "model" / \
+        f"{check_plain_name(m.name, f'{cfg.path}: models: model name')}{EXTENSION}"
+    check_inside(root, path, "the model file")
+    return path
 
 
 def bind_io(graph: Graph, m: ModelConfig) -> Graph:
@@ -59,6 +77,37 @@ def bind_io(graph: Graph, m: ModelConfig) -> Graph:
     graph.outputs = list(sub.output_tensors)
     graph.remove_unused()
     return graph
+
+
+def build_settings(m: ModelConfig, built_by: str = "convert") -> dict:
+    """What a model file is built from, recorded in its metadata (``built_from``) and compared by ``run`` and
+    ``export``: the source file's sha256, the YAML's inputs/outputs and, for ``convert``, the quantization
+    settings (quantize, quantize_large_weights, schema, range file sha256, input ranges, concat ranges).
+    ``built_by="quantize"``: the one-shot command chose the ranges itself, so the YAML's quantization keys
+    do not apply."""
+    sub = m.subgraph
+    out: dict = {
+        "built_by": built_by,
+        "source_sha256": m.model_sha256_checksum,
+        "weight_sha256": m.weight_sha256_checksum,
+        "input_tensors": sub.input_tensors, "input_shapes": sub.input_shapes,
+        "input_data_formats": sub.input_data_formats, "output_tensors": sub.output_tensors,
+    }
+    if built_by == "convert":
+        out |= {"quantize": m.quantize, "quantize_large_weights": m.quantize_large_weights}
+        if m.quantize:
+            rf = m.quantize_range_file
+            out |= {"quantize_schema": m.quantize_schema, "change_concat_ranges": m.change_concat_ranges,
+                    "input_ranges": sub.input_ranges,
+                    "quantize_range_file_sha256": _sha256_or_none(rf) if rf is not None else None}
+    return json.loads(json.dumps(out, default=str))
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def load_float_graph(m: ModelConfig) -> Graph:
@@ -99,7 +148,23 @@ class ConvertResult:
 
 
 def convert(config: str | Path, model_name: str | None = None, build_dir: str | Path | None = None) -> ConvertResult:
-    """``qmace convert``: YAML -> optimized (and, with ``quantize: 1``, quantized) model file."""
+    """``qmace convert``: YAML -> optimized (and, with ``quantize: 1``, quantized) model file.
+
+    Args:
+        config: the MACE deployment YAML.
+        model_name: the model under ``models:`` (default: the first).
+        build_dir: root of the build tree (default ``./build``); the file goes to
+            ``<build_dir>/<library_name>/model/<model_name>.qmace`` and records what it was built from.
+
+    Returns:
+        ConvertResult: the path written, the graph, the file size and the ops left in float.
+
+    Raises:
+        ConfigError, PathError: bad YAML, or names that would leave the build folder.
+        ModelError, UnsupportedOpsError: checksum mismatch, unreadable or malformed model, unsupported ops.
+        RangeError, QuantizationError: missing or malformed range file with ``quantize: 1``.
+        FileAccessError, ResourceLimitError: the file cannot be written; a tensor over the memory budget.
+    """
     cfg = load_config(config)
     m = cfg.model(model_name)
     graph = load_float_graph(m)
@@ -108,16 +173,47 @@ def convert(config: str | Path, model_name: str | None = None, build_dir: str | 
         from qmace.quantize.api import quantize_for_config
 
         graph, fallbacks = quantize_for_config(graph, m)
+    graph.metadata["built_from"] = build_settings(m)
     path = save_graph(graph, model_file_path(cfg, m, build_dir))
     log.info("wrote %s", path)
     return ConvertResult(path, graph, path.stat().st_size, fallbacks)
 
 
+def rebuild_command(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path | None, verb: str = "convert") -> str:
+    """The command line that (re)builds model ``m`` into ``build_dir``."""
+    cmd = f"qmace {verb} --config {cfg.path}"
+    if len(cfg.models) > 1:
+        cmd += f" --model_name {m.name}"
+    if build_dir is not None:
+        cmd += f" --build_dir {build_dir}"
+    return cmd + (" --input_dir <samples>" if verb == "quantize" else "")
+
+
 def load_converted(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path | None = None) -> Graph:
+    """Load the model file built for ``m`` (in ``build_dir``, default ``./build``) and return its graph.
+
+    Raises:
+        ModelError when there is no model file (naming the command that builds it); ModelFileError when it is
+        corrupt or tampered (``load_graph``) or was built from another source file or other settings than
+        the YAML now gives (a stale build; the message names the setting and the command that rebuilds it).
+    """
     path = model_file_path(cfg, m, build_dir)
     if not path.is_file():
-        raise ModelError(f"{path}: no converted model; run `qmace convert --config {cfg.path}` first")
-    return load_graph(path)
+        raise ModelError(f"{path}: no converted model; run `{rebuild_command(cfg, m, build_dir)}` first")
+    graph = load_graph(path)
+    recorded = graph.metadata.get("built_from")
+    verb = recorded.get("built_by", "convert") if isinstance(recorded, dict) else "convert"
+    verb = verb if verb in ("convert", "quantize") else "convert"
+    now = build_settings(m, verb)
+    if not isinstance(recorded, dict):
+        raise ModelFileError(f"{path}: the file does not record what it was built from; rebuild it: "
+                             f"{rebuild_command(cfg, m, build_dir, verb)}")
+    for key in [*now, *(k for k in recorded if k not in now)]:
+        if now.get(key) != recorded.get(key):
+            raise ModelFileError(f"{path}: stale build: built with {key} = {str(recorded.get(key))[:80]}, "
+                                 f"{cfg.path} now gives {str(now.get(key))[:80]}; rebuild it: "
+                                 f"{rebuild_command(cfg, m, build_dir, verb)}")
+    return graph
 
 
 def samples_for(m: ModelConfig, input_dir: str | Path | None, count: int, seed: int = 0) -> Iterator[Sample]:
@@ -204,11 +300,35 @@ def run(
 ) -> RunReport:
     """``qmace run``: run the converted model on every sample (``rounds`` times each).
 
-    ``on_tensor(sample, tensor_name, value)`` receives every op output (for ``--quantize_stat``).
+    Args:
+        config, model_name, build_dir: as for ``convert``; the model file must be current (built from the
+            YAML's source file and settings) or ModelFileError names the command that rebuilds it.
+        backend: ``"onnxruntime"`` or ``"reference"`` (exact numpy kernels).
+        input_dir: samples in MACE file naming (``qmace.data``); None: one random sample from input_ranges.
+        output_dir: where to write each output (raw float32 and ``.npy``).
+        rounds: runs per sample (>= 1); validate: compare with the source framework (threshold from the
+            YAML); benchmark: per-op times on the reference backend; num_threads: >= 1 or None.
+        on_tensor: ``on_tensor(sample, tensor_name, value)`` receives every op output (``--quantize_stat``).
+        progress: wraps the sample iterator (a progress bar).
+
+    Returns:
+        RunReport: latencies, validation checks (``passed``), per-op times, output files written.
+
+    Raises:
+        ConfigError, ModelError, ModelFileError (missing, tampered or stale model file), InputDataError,
+        FileAccessError, ResourceLimitError.
     """
+    from qmace.quantize.api import check_threads
+
+    check_threads(num_threads)
+    if rounds < 1:
+        raise ConfigError(f"--round must be >= 1, got {rounds}")
     cfg = load_config(config)
     m = cfg.model(model_name)
     graph = load_converted(cfg, m, build_dir)
+    if on_tensor is not None and input_dir is None:
+        log.warning("%s: range statistics without --input_dir come from one random sample drawn from "
+                    "input_ranges; give --input_dir with real samples for usable ranges", cfg.path)
     quantized = bool(graph.metadata.get("quantization"))
     extra = list(graph.activations()) if (on_tensor is not None and backend == "onnxruntime") else None
     session = Session(graph, backend=backend, num_threads=num_threads, extra_outputs=extra)
@@ -226,7 +346,7 @@ def run(
     for sample in samples:
         report.samples += 1
         outs = None
-        for _ in range(max(1, rounds)):
+        for _ in range(rounds):
             t0 = time.perf_counter()
             if on_tensor is not None and backend == "reference":
                 outs = session.run(sample.feeds, on_tensor=lambda k, v, s=sample.name: on_tensor(s, k, v), op_times=op_times)
@@ -249,3 +369,91 @@ def run(
         report.op_times_ms = {k: v * 1e3 / runs for k, v in op_times.items()}
         report.op_types = {nd.name: nd.op_type for nd in graph.nodes}
     return report
+
+
+# ---- in-memory entry point ------------------------------------------------------------------------------
+
+
+def convert_model(model, *, input_shapes: dict[str, tuple[int, ...]] | None = None,
+                  outputs: list[str] | None = None) -> Graph:
+    """An ONNX model (``onnx.ModelProto``, or the path of an ``.onnx`` file) -> optimized float ``Graph``.
+
+    Args:
+        model: the ONNX model in memory, or its file (external data is read beside it).
+        input_shapes: input name -> shape in the model's own layout (NCHW for most ONNX models); fixes
+            dynamic dimensions. Default: the shapes the model declares.
+        outputs: the outputs to keep (default: the model's).
+
+    Returns:
+        The graph, ready for ``run_model``, ``save_model`` or ``qmace.quantize``.
+
+    Raises:
+        ModelError / UnsupportedOpsError: malformed model, unsupported ops, unknown input or output name, a
+        shape contradicting the model's; ResourceLimitError: a tensor over the memory budget.
+    """
+    from qmace.frontends import load_onnx, onnx_to_graph
+
+    graph = load_onnx(model) if isinstance(model, (str, Path)) else onnx_to_graph(model, "<in-memory model>")
+    for name, shape in (input_shapes or {}).items():
+        if name not in graph.inputs:
+            raise ModelError(f"input_shapes: {name!r} is not an input of the model (inputs: {', '.join(graph.inputs)})")
+        have = graph.tensors[name].shape
+        shape = tuple(int(d) for d in shape)
+        if have is not None and (len(have) != len(shape) or any(h is not None and h != d for h, d in zip(have, shape))):
+            raise ModelError(f"input_shapes: {name!r}: {shape} contradicts the model's shape {have}")
+        graph.tensors[name].shape = shape
+    if outputs is not None:
+        missing = [o for o in outputs if o not in graph.tensors]
+        if missing:
+            raise ModelError(f"outputs: {', '.join(map(repr, missing))} not in the model")
+        graph.outputs = list(outputs)
+        graph.remove_unused()
+    return optimize(graph)
+
+
+def run_model(graph: Graph, feeds: dict[str, np.ndarray], *, backend: str = "onnxruntime",
+              num_threads: int | None = None) -> dict[str, np.ndarray]:
+    """Run a graph once on numpy arrays: ``{input name: array}`` -> ``{output name: array}``.
+
+    Arrays are taken in the graph's own layout (no NHWC transposition) and cast to the input's dtype. Each
+    call builds a session; for many calls, make one ``qmace.runtime.Session(graph)`` and call its ``run``.
+
+    Raises:
+        InputDataError: a missing or unknown input, or an array whose shape contradicts the graph's.
+        ModelError: the kernels fail on the graph.
+    """
+    from qmace.errors import InputDataError
+    from qmace.quantize.api import check_threads
+
+    check_threads(num_threads)
+    missing = [i for i in graph.inputs if i not in feeds]
+    if missing:
+        raise InputDataError(f"missing input(s): {', '.join(missing)} (the graph's inputs: {', '.join(graph.inputs)})")
+    unknown = [k for k in feeds if k not in graph.inputs]
+    if unknown:
+        raise InputDataError(f"unknown input(s): {', '.join(unknown)} (the graph's inputs: {', '.join(graph.inputs)})")
+    ready = {}
+    for name in graph.inputs:
+        t = graph.tensors[name]
+        arr = np.asarray(feeds[name], dtype=np.dtype(t.dtype))
+        if t.shape is not None and (arr.ndim != len(t.shape) or any(
+                d is not None and d != a for d, a in zip(t.shape, arr.shape))):
+            raise InputDataError(f"input {name!r}: shape {arr.shape} does not match the graph's {tuple(t.shape)}")
+        ready[name] = np.ascontiguousarray(arr)
+    return Session(graph, backend=backend, num_threads=num_threads).run(ready)
+
+
+def save_model(graph: Graph, path: str | Path) -> Path:
+    """Write ``graph`` as a ``.qmace`` model file (atomically, with its content hash); returns the path.
+
+    Raises FileAccessError when the file cannot be written."""
+    return save_graph(graph, path)
+
+
+def load_model(path: str | Path) -> Graph:
+    """Read a ``.qmace`` model file, verifying its content hash and header.
+
+    Raises:
+        ModelError / ModelFileError naming the file: missing, truncated, tampered or malformed.
+    """
+    return load_graph(path)

@@ -48,7 +48,9 @@ from typing import Any
 
 import yaml
 
-from qmace.errors import ConfigError, ModelError
+from qmace import limits
+from qmace.errors import ConfigError, ModelError, ResourceLimitError
+from qmace.fileio import check_plain_name
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +200,11 @@ def input_name_format(name: str) -> str:
 
 
 def verify_checksum(path: Path, expected: str, key: str) -> None:
-    """Raise ModelError unless the sha256 of the file at `path` (read in 1 MiB chunks) equals `expected`."""
+    """Check the sha256 of the file at `path` (read in 1 MiB chunks) against `expected` (hex).
+
+    `key` names the YAML key that gave the checksum, for the message.
+    Raises ModelError naming the file when it is missing, unreadable or has another sha256.
+    """
     path = Path(path)
     digest = hashlib.sha256()
     try:
@@ -216,7 +222,19 @@ def verify_checksum(path: Path, expected: str, key: str) -> None:
 
 
 def load_config(path: str | Path) -> DeploymentConfig:
-    """Read and validate a MACE deployment YAML. Raises ConfigError naming the file and key path."""
+    """Read and validate a MACE deployment YAML.
+
+    Args:
+        path: the YAML file; relative paths inside it are resolved against its folder.
+
+    Returns:
+        DeploymentConfig with one ModelConfig per entry of ``models:``.
+
+    Raises:
+        ConfigError naming the file and key path (missing, malformed, inconsistent keys);
+        PathError for a library or model name that is not a plain name; ResourceLimitError for a file over
+        ``qmace.limits`` (size, nesting depth, alias-expanded size, an input shape over the memory budget).
+    """
     path = Path(path).expanduser().resolve()
     try:
         text = path.read_text(encoding="utf-8")
@@ -226,8 +244,15 @@ def load_config(path: str | Path) -> DeploymentConfig:
         raise ConfigError(f"{path}: is a directory, not a deployment YAML file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read deployment file: {e}") from None
+    if len(text) > limits.MAX_YAML_BYTES:
+        raise ResourceLimitError(f"{path}: {len(text):,} characters, over the limit of {limits.MAX_YAML_BYTES:,} "
+                                 "for a deployment file")
     try:
+        _check_yaml_depth(text, path)
         data = yaml.safe_load(text)
+        _check_expanded_size(data, path)
+    except (ValueError, OverflowError) as e:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{path}: malformed YAML value: {str(e).splitlines()[0][:200]}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e)
@@ -243,6 +268,49 @@ def load_config(path: str | Path) -> DeploymentConfig:
         logger.info("%s: not applicable here (qmace converts for the host CPU and runs there), ignored: %s",
                     path, ", ".join(reader.not_applicable))
     return config
+
+
+def _check_yaml_depth(text: str, path: Path) -> None:
+    """ResourceLimitError when collections nest deeper than ``limits.MAX_YAML_DEPTH`` (checked on the event
+    stream, which does not recurse, before PyYAML's recursive composer sees the text)."""
+    depth = 0
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > limits.MAX_YAML_DEPTH:
+                mark = ev.start_mark
+                raise ResourceLimitError(f"{path}: line {mark.line + 1}: collections nested more than "
+                                         f"{limits.MAX_YAML_DEPTH} deep")
+        elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+def _check_expanded_size(data: Any, path: Path) -> None:
+    """ResourceLimitError when the document, with every alias expanded, has more than
+    ``limits.MAX_YAML_NODES`` values (an alias bomb), or an alias refers to itself. Counted per shared object
+    (memoised), so the bomb is never expanded; its value is never printed."""
+    sizes: dict[int, int] = {}
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (list, dict)):
+            return 1
+        key = id(v)
+        if key in sizes:
+            if sizes[key] < 0:
+                raise ResourceLimitError(f"{path}: a YAML alias refers to itself (recursive value)")
+            return sizes[key]
+        sizes[key] = -1
+        items = list(v.keys()) + list(v.values()) if isinstance(v, dict) else v
+        n = 1
+        for x in items:
+            n += size(x)
+            if n > limits.MAX_YAML_NODES:
+                raise ResourceLimitError(f"{path}: more than {limits.MAX_YAML_NODES:,} values once aliases are "
+                                         "expanded (an alias bomb?)")
+        sizes[key] = n
+        return n
+
+    size(data)
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -273,6 +341,8 @@ class _Reader:
         self.not_applicable: list[str] = []
 
     def error(self, key: str, message: str) -> ConfigError:
+        if len(message) > 400:  # a long value (never more than limits.MAX_YAML_NODES) shown in part
+            message = f"{message[:300]} ... {message[-80:]}"
         return ConfigError(f"{self.path}: {key}: {message}")
 
     def note(self, key: str, value: Any) -> None:
@@ -327,6 +397,8 @@ class _Reader:
         if not isinstance(value, str) or not value.strip():
             raise self.error(key, f"must be a file path, got {value!r}")
         value = value.strip()
+        if "\0" in value:
+            raise self.error(key, "a path cannot contain a NUL character")
         if _URL.match(value):
             raise self.error(key, f"{value} is a URL; qmace works offline: download the {what} and give "
                                   f"its local path (relative paths are relative to the YAML file)")
@@ -401,7 +473,7 @@ class _Reader:
             if len(parts) != 2 or any(isinstance(p, bool) for p in parts):
                 raise ValueError
             lo, hi = float(parts[0]), float(parts[1])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise self.error(key, f"must be a range \"min,max\" of two numbers, got {value!r}") from None
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise self.error(key, f"range bounds must be finite, got {value!r}")
@@ -452,7 +524,7 @@ class _Reader:
 
     def deployment(self, data: Mapping) -> DeploymentConfig:
         self.check_keys(data, "", _TOP_KEYS)
-        library_name = self.string(data, "", "library_name")
+        library_name = check_plain_name(self.string(data, "", "library_name"), f"{self.path}: library_name")
         abis_value = data.get("target_abis")
         abis = self.names(abis_value, "target_abis", "target ABI") if abis_value not in (None, "", []) else ("host",)
         if any(a != "host" for a in abis):
@@ -475,6 +547,7 @@ class _Reader:
 
     def model(self, name: str, value: Any) -> ModelConfig:
         prefix = f"models.{name}"
+        check_plain_name(name, f"{self.path}: models: model name")
         m = self.mapping(value, prefix)
         self.check_keys(m, prefix, _MODEL_KEYS)
 
@@ -586,6 +659,8 @@ class _Reader:
         input_shapes = self.shapes(s["input_shapes"], k("input_shapes"))
         assert input_shapes is not None
         self.count(input_shapes, n_in, k("input_shapes"), "shape", "input tensor")
+        for i, shp in enumerate(input_shapes):
+            limits.check_tensor_bytes(4 * math.prod(shp), f"{self.path}: {k('input_shapes')}[{i}] {shp}")
         input_ranges = self.ranges(s.get("input_ranges"), k("input_ranges"))
         self.count(input_ranges, n_in, k("input_ranges"), "range", "input tensor")
         output_shapes = self.shapes(s.get("output_shapes"), k("output_shapes"))

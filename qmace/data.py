@@ -53,21 +53,29 @@ def model_shape(yaml_shape: tuple[int, ...], data_format: str) -> tuple[int, ...
 
 
 def _read_file(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    if path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False).astype(np.float32, copy=False)
-        except ValueError as e:
-            raise InputDataError(f"{path}: not a plain .npy array ({e})") from e
-        if arr.size != int(np.prod(shape)):
-            raise InputDataError(f"{path}: {arr.size} values, expected {int(np.prod(shape))} for shape {shape}")
-        arr = arr.reshape(shape)
-    else:
-        size = path.stat().st_size
-        expected = int(np.prod(shape)) * 4
-        if size != expected:
-            raise InputDataError(
-                f"{path}: {size} bytes, expected {expected} (float32 of shape {','.join(map(str, shape))})")
-        arr = np.fromfile(path, dtype=np.float32).reshape(shape)
+    """One input file: ``.npy`` (plain numeric array, no pickle; cast to float32) or raw float32 bytes.
+    InputDataError naming the file for a wrong size, a non-numeric ``.npy`` or a read fault."""
+    try:
+        if path.suffix == ".npy":
+            try:
+                raw = np.load(path, allow_pickle=False, mmap_mode="r")
+            except (ValueError, EOFError) as e:
+                raise InputDataError(f"{path}: not a plain .npy array ({str(e).splitlines()[0][:200]})") from e
+            if raw.dtype.fields is not None or raw.dtype.kind not in "biuf":
+                raise InputDataError(f"{path}: .npy of dtype {raw.dtype} is not a plain numeric array "
+                                     "(save it as float32)")
+            if raw.size != int(np.prod(shape)):
+                raise InputDataError(f"{path}: {raw.size} values, expected {int(np.prod(shape))} for shape {shape}")
+            arr = np.asarray(raw, dtype=np.float32).reshape(shape)
+        else:
+            size = path.stat().st_size
+            expected = int(np.prod(shape)) * 4
+            if size != expected:
+                raise InputDataError(
+                    f"{path}: {size} bytes, expected {expected} (float32 of shape {','.join(map(str, shape))})")
+            arr = np.fromfile(path, dtype=np.float32).reshape(shape)
+    except OSError as e:
+        raise InputDataError(f"{path}: cannot read: {e.strerror or e}") from None
     if not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         log.warning("%s: %d NaN/Inf values in input data", path, bad)
@@ -79,9 +87,19 @@ def sample_names(input_dir: str | Path, sub: SubgraphConfig) -> list[str]:
     if not d.is_dir():
         raise InputDataError(f"{d}: input directory not found")
     prefix = input_name_format(sub.input_tensors[0])
-    names = sorted(p.name[len(prefix):] for p in d.iterdir() if p.is_file() and p.name.startswith(prefix))
+    try:
+        names = sorted(p.name[len(prefix):] for p in d.iterdir() if p.is_file() and p.name.startswith(prefix))
+    except OSError as e:
+        raise InputDataError(f"{d}: cannot list input folder: {e.strerror or e}") from None
     if not names:
         raise InputDataError(f"{d}: no input files named {prefix}<suffix> (for input tensor {sub.input_tensors[0]!r})")
+    seen: dict[str, str] = {}
+    for n in names:  # x_page and x_page.npy would write the same output files
+        key = n.removesuffix(".npy")
+        if key in seen:
+            raise InputDataError(f"{d}: {prefix}{seen[key]} and {prefix}{n} are the same sample "
+                                 f"{key!r} twice (raw and .npy); keep one")
+        seen[key] = n
     return names
 
 

@@ -31,3 +31,20 @@ class RangeError(QmaceError):
 
 class QuantizationError(QmaceError):
     """The quantization plan cannot be built (missing ranges, bad options)."""
+
+
+class FileAccessError(QmaceError):
+    """A file or folder cannot be read or written (missing, permission, read-only, disk full, a folder where a
+    file is expected, ...). Message names the path and the operating system's reason."""
+
+
+class PathError(QmaceError):
+    """A name or path would place output outside the build folder, or read input outside the model's folder."""
+
+
+class ResourceLimitError(QmaceError):
+    """Something declares more memory, depth or size than the configured budget (``qmace.limits``)."""
+
+
+class ModelFileError(ModelError):
+    """A ``.qmace`` model file is corrupt, tampered with, or stale (built from other settings)."""

@@ -1,4 +1,6 @@
-"""Atomic file writing: nothing qmace writes is ever half-written."""
+"""Files qmace writes: atomically (a temporary file beside the target, renamed over it; never half-written),
+with the permissions the user's umask gives a new file (0644 under umask 022), inside the folder they belong
+to, and with every operating-system fault turned into one ``FileAccessError`` naming the path."""
 
 from __future__ import annotations
 
@@ -9,21 +11,96 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from qmace.errors import FileAccessError, PathError
+
+
+def os_reason(e: OSError) -> str:
+    """The operating system's reason for ``e`` in words ("No space left on device")."""
+    return e.strerror or type(e).__name__
+
+
+def file_error(e: OSError, path: str | os.PathLike, doing: str) -> FileAccessError:
+    """``<path>: cannot <doing>: <reason>``, naming ``e.filename`` when it is another path than ``path``."""
+    other = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+    return FileAccessError(f"{path}: cannot {doing}: {os_reason(e)}{other}")
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """``mkdir -p``; FileAccessError naming the folder on any fault (a file in the way, read-only, ...)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FileAccessError(f"{path}: cannot create folder: a file of that name (or of a parent's) exists") from None
+    except OSError as e:
+        raise file_error(e, path, "create folder") from None
+    return path
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temporary file beside `path`; on success rename it over `path`, on error remove it."""
+    """Open a temporary file beside ``path``; on success rename it over ``path``, on any error or interrupt
+    (KeyboardInterrupt, SIGTERM via the CLI's handler) remove it. The file gets mode ``0o666 & ~umask``.
+
+    Raises FileAccessError naming ``path`` for every filesystem fault (read-only, parent is a file, target is a
+    folder, disk full, ...); errors raised by the caller's block propagate unchanged."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise FileAccessError(f"{path}: cannot write: is a folder")
+    ensure_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise file_error(e, path, "write") from None
     binary = "b" in mode
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode, encoding=None if binary else encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise file_error(e, path, "write") from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def check_plain_name(name: str, where: str) -> str:
+    """A name that becomes one path component (library_name, a model name): no separator, not ``.``/``..``,
+    not empty, no NUL or control character. Returns it; PathError naming ``where`` otherwise."""
+    bad = None
+    if not name:
+        bad = "is empty"
+    elif name in (".", ".."):
+        bad = f"{name!r} is not a plain name"
+    elif "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
+        bad = f"{name!r} contains a path separator"
+    elif any(ord(c) < 32 or c == "\x7f" for c in name):
+        bad = f"{name!r} contains a control character"
+    elif name.startswith("~"):
+        bad = f"{name!r} starts with '~'"
+    if bad:
+        raise PathError(f"{where}: {bad}; it names a folder or file inside the build folder, so it must be a "
+                        "plain name (letters, digits, '_', '-', '.')")
+    return name
+
+
+def check_inside(root: str | os.PathLike, path: str | os.PathLike, what: str) -> Path:
+    """``path`` resolved; PathError unless it lies inside ``root`` (symlinks followed)."""
+    root_r = Path(root).resolve()
+    path_r = Path(path).resolve()
+    if path_r != root_r and not path_r.is_relative_to(root_r):
+        raise PathError(f"{path}: {what} would be written outside {root}")
+    return path_r

@@ -16,11 +16,14 @@ Design:
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from qmace.errors import ModelError
 
 if TYPE_CHECKING:
     from qmace.quantize.qmath import QuantParams
@@ -198,3 +201,46 @@ class Graph:
 
 def constants_of(graph: Graph, names: Iterable[str]) -> list[np.ndarray | None]:
     return [graph.constant(n) if n else None for n in names]
+
+
+def check_structure(graph: Graph, path: object) -> None:
+    """Every tensor produced once, every node input defined, no cycle; nodes put in topological order
+    (Kahn's algorithm, iterative: no recursion limit on deep graphs). ModelError naming the node."""
+    constants = {k for k, t in graph.tensors.items() if t.data is not None}
+    producer: dict[str, int] = {}
+    for idx, n in enumerate(graph.nodes):
+        for o in n.outputs:
+            if not o:
+                continue
+            if o in producer or o in constants or o in graph.inputs:
+                raise ModelError(f"{path}: node {n.name!r} ({n.op_type}) writes tensor {o!r}, which is already "
+                                 "an input, an initializer or another node's output")
+            producer[o] = idx
+    readers: dict[int, list[int]] = {}
+    pending = [0] * len(graph.nodes)
+    for idx, n in enumerate(graph.nodes):
+        for i in dict.fromkeys(n.inputs):
+            if not i or i in constants or i in graph.inputs:
+                continue
+            if i not in producer:
+                raise ModelError(f"{path}: node {n.name!r} ({n.op_type}) reads {i!r}, which is no graph input, "
+                                 "initializer or node output")
+            pending[idx] += 1
+            readers.setdefault(producer[i], []).append(idx)
+    if all(src < dst for src, dsts in readers.items() for dst in dsts):
+        return  # already in topological order (as ONNX requires), hence acyclic
+    ready = [idx for idx, c in enumerate(pending) if c == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        idx = heapq.heappop(ready)  # lowest index first: keeps the file's order where it can
+        order.append(idx)
+        for r in readers.get(idx, ()):
+            pending[r] -= 1
+            if pending[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(graph.nodes):
+        stuck = next(graph.nodes[i] for i, c in enumerate(pending) if c > 0)
+        raise ModelError(f"{path}: the graph has a cycle through node {stuck.name!r} ({stuck.op_type}); "
+                         "a graph must be acyclic")
+    graph.nodes = [graph.nodes[i] for i in order]

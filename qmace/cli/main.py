@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -36,47 +38,60 @@ def _flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    _flag(p, "config", required=True, help="MACE deployment YAML")
+    _flag(p, "config", required=True, help="MACE deployment YAML (docs/deployment-yaml.md)")
     _flag(p, "model_name", default=None, help="model in the YAML (default: the first)")
     _flag(p, "build_dir", default=None, help="root of the build tree (default: ./build)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qmace", description="MACE-compatible converter, 8-bit quantizer and CPU runtime")
+    from qmace import __version__
+
+    ap.add_argument("--version", action="version", version=f"qmace {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap.add_argument("--memory_budget", "--memory-budget", default=None, metavar="SIZE",
+                    help="largest tensor an input may declare (bytes, or 512M, 4G, ...; default 4G or "
+                         "$QMACE_MEMORY_BUDGET); larger ones are refused with a named error")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("convert", help="convert the YAML's model (quantized when quantize: 1)")
     _common(p)
 
     p = sub.add_parser("run", help="run the converted model")
     _common(p)
-    _flag(p, "round", type=int, default=1, help="runs per sample")
+    _flag(p, "round", type=int, default=1, help="runs per sample (default 1; latency is measured on every run)")
     _flag(p, "validate", action="store_true", help="compare with the source model run by its own framework (ONNX Runtime for ONNX)")
-    _flag(p, "input_dir", default=None, help="input samples (MACE file naming; raw float32 or .npy)")
-    _flag(p, "output_dir", default=None, help="write outputs here (raw float32 and .npy)")
+    _flag(p, "input_dir", default=None,
+          help="input samples: files <input name><suffix> (non-alphanumerics of the name as '_'), raw float32 "
+               "in the YAML's data format, or .npy; default: one random sample from input_ranges")
+    _flag(p, "output_dir", default=None, help="write outputs here: <output name><suffix> raw float32, plus .npy")
     _flag(p, "benchmark", action="store_true", help="latency percentiles (and per-op times on the reference backend)")
-    _flag(p, "num_threads", type=int, default=None)
+    _flag(p, "num_threads", type=int, default=None, help="intra-op threads (>= 1; default: the runtime's choice)")
     _flag(p, "example", action="store_true", help="accepted for MACE compatibility: runs the model")
-    _flag(p, "quantize_stat", action="store_true", help="print MACE's range log of every op output")
-    _flag(p, "backend", choices=["onnxruntime", "reference"], default="onnxruntime")
+    _flag(p, "quantize_stat", action="store_true",
+          help="print MACE's range log of every op output to stdout (for quantize-stat); use with --input_dir")
+    _flag(p, "backend", choices=["onnxruntime", "reference"], default="onnxruntime",
+          help="onnxruntime: fast path (default); reference: qmace's exact numpy kernels")
 
-    for name in ("quantize-stat", "quantize_stat"):
-        p = sub.add_parser(name, help="range log -> range file (MACE's quantize_stat.py)")
-        _flag(p, "log_file", required=True)
-        _flag(p, "percentile", type=float, default=0.0)
-        _flag(p, "enhance", action="store_true")
-        _flag(p, "enhance_ratio", type=float, default=10.0)
-        _flag(p, "output", default=None, help="write the range file here (default: stdout)")
+    p = sub.add_parser("quantize-stat", aliases=["quantize_stat"],
+                       help="range log -> range file (MACE's quantize_stat.py)")
+    _flag(p, "log_file", required=True, help="range log written by `qmace run --quantize_stat` (or MACE)")
+    _flag(p, "percentile", type=float, default=0.0,
+          help="drop this percentile of per-sample minima/maxima at each end, in [0, 50) (default 0: min/max)")
+    _flag(p, "enhance", action="store_true", help="MACE's outlier walk: narrow ranges past isolated extrema")
+    _flag(p, "enhance_ratio", type=float, default=10.0, help="--enhance's outlier ratio (default 10, > 0)")
+    _flag(p, "output", default=None, help="write the range file here (default: stdout)")
 
     p = sub.add_parser("quantize", help="one-shot: statistics + ranges + quantized model")
     _common(p)
-    _flag(p, "input_dir", required=True)
+    _flag(p, "input_dir", required=True, help="calibration samples (same naming as run --input_dir)")
     _flag(p, "percentile", type=float, default=None, help="MACE percentile over per-sample extrema (default 0)")
-    _flag(p, "method", default="mace", choices=["mace", "percentile", "entropy", "mse"])
-    _flag(p, "enhance", action="store_true")
-    _flag(p, "enhance_ratio", type=float, default=10.0)
+    _flag(p, "method", default="mace", choices=["mace", "percentile", "entropy", "mse"],
+          help="range method: mace (per-sample extrema, as MACE), percentile / entropy / mse (histograms); "
+               "see docs/quantization.md")
+    _flag(p, "enhance", action="store_true", help="with --method mace: MACE's outlier walk")
+    _flag(p, "enhance_ratio", type=float, default=10.0, help="--enhance's outlier ratio (default 10)")
     _flag(p, "schema", default=None, choices=["uint8", "int8"], help="override the YAML's quantize_schema")
     _flag(p, "range_file", default=None, help="where to write the ranges used (default: beside the model)")
     _flag(p, "no_bias_correction", action="store_true", help="skip correcting biases for weight rounding")
@@ -85,21 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "no_equalization", action="store_true",
           help="skip rescaling activation channels (equalization) before choosing ranges")
     _flag(p, "float_nodes", default="", help="comma-separated node names or op types to keep in float")
-    _flag(p, "num_threads", type=int, default=None)
+    _flag(p, "num_threads", type=int, default=None, help="intra-op threads for calibration (>= 1)")
 
     p = sub.add_parser("export", help="export the converted model as standard ONNX")
     _common(p)
-    _flag(p, "format", default="onnx-qdq", choices=["onnx-qdq", "onnx"])
-    p.add_argument("-o", "--output", required=True)
+    _flag(p, "format", default="onnx-qdq", choices=["onnx-qdq", "onnx"],
+          help="onnx-qdq: QuantizeLinear/DequantizeLinear around integer ops (needs a quantized model; "
+               "default); onnx: whatever the model is, float ops as float")
+    p.add_argument("-o", "--output", required=True, help="the ONNX file to write")
 
     p = sub.add_parser("qat", help="quantization-aware fine-tuning (needs qmace[qat])")
     _common(p)
-    _flag(p, "train_dir", required=True)
-    _flag(p, "labels", default=None)
-    _flag(p, "epochs", type=int, default=1)
-    _flag(p, "lr", type=float, default=1e-5)
-    _flag(p, "batch_size", type=int, default=16)
-    _flag(p, "output_dir", default=None)
+    _flag(p, "train_dir", required=True, help="training samples (same naming as run --input_dir)")
+    _flag(p, "labels", default=None,
+          help="labels file: one integer per line in sample order, or '<sample> <label>' lines; "
+               "default: distillation from the float model")
+    _flag(p, "epochs", type=int, default=1, help="passes over the training samples (>= 0; default 1)")
+    _flag(p, "lr", type=float, default=1e-5, help="Adam learning rate (> 0; default 1e-5)")
+    _flag(p, "batch_size", type=int, default=16, help="samples per step (>= 1; default 16)")
+    _flag(p, "output_dir", default=None,
+          help="where the fine-tuned ONNX, range file, checkpoint and YAML go (default: "
+               "<build_dir>/<library_name>/qat)")
     _flag(p, "no_equalization", action="store_true",
           help="skip rescaling activation channels (equalization) before the initial calibration")
     return ap
@@ -183,9 +204,15 @@ def cmd_quantize_stat(a: argparse.Namespace) -> int:
     path = Path(a.log_file)
     if not path.is_file():
         raise RangeError(f"{path}: range log not found")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        log_ = parse_range_log(f, str(path))
-    table = quantize_stat(log_, percentile=a.percentile, enhance=a.enhance, enhance_ratio=a.enhance_ratio)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            log_ = parse_range_log(f, str(path))
+    except OSError as e:
+        raise RangeError(f"{path}: cannot read range log: {e.strerror or e}") from None
+    try:
+        table = quantize_stat(log_, percentile=a.percentile, enhance=a.enhance, enhance_ratio=a.enhance_ratio)
+    except RangeError as e:
+        raise RangeError(f"{path}: {e}") from None
     if a.output:
         write_range_file(a.output, table)
         print(f"wrote {len(table)} ranges to {a.output}", file=sys.stderr)
@@ -230,28 +257,72 @@ def cmd_qat(a: argparse.Namespace) -> int:
     return qat_command(a, progress=_progress)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so every temporary file is removed on the way."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``qmace`` command line; returns the exit code (see docs/errors.md): 0 success, 1 failed
+    validation, 2 bad input or a filesystem/resource fault (one ``qmace: error:`` line), 3 a bug in qmace,
+    130/143 interrupted by SIGINT/SIGTERM."""
+    from qmace import limits
+
     ap = build_parser()
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="qmace: %(levelname)s: %(message)s")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        limits.set_memory_budget(limits.parse_size(a.memory_budget, "--memory_budget") if a.memory_budget else None)
         return COMMANDS[a.command](a)
     except QmaceError as e:
         if a.debug:
             raise
         print(f"qmace: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a filesystem fault outside the wrapped writers: name the file
+        if isinstance(e, BrokenPipeError):  # e.g. `qmace ... | head`: the reader left; not an error of ours
+            sys.stderr.close()
+            return 0
+        if a.debug:
+            raise
+        where = e.filename if e.filename is not None else a.command
+        print(f"qmace: error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except MemoryError as e:
+        if a.debug:
+            raise
+        detail = f": {e}" if str(e) else ""
+        print(f"qmace: error: {getattr(a, 'config', None) or a.command}: out of memory{detail} (lower the input "
+              "sizes, or the memory budget with --memory_budget so this is caught earlier)", file=sys.stderr)
+        return 2
+    except RecursionError as e:
+        if a.debug:
+            raise
+        print(f"qmace: error: {getattr(a, 'config', None) or a.command}: input nested too deeply ({e})",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("qmace: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `qmace ... | head`: the reader left; not an error of ours
-        sys.stderr.close()
-        return 0
+    except Terminated:
+        print("qmace: terminated", file=sys.stderr)
+        return 143
     except Exception as e:  # an internal error: one line unless --debug
         if a.debug:
             raise
-        print(f"qmace: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"qmace: internal error: {type(e).__name__}: {str(e)[:500]} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         return 3
+    finally:
+        limits.set_memory_budget(None)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ class _OrtOracle:
 def _onnx_oracle(m: ModelConfig, num_threads: int | None) -> Oracle:
     from qmace.runtime.session import ort_session
 
-    return _OrtOracle(ort_session(m.model_file_path.read_bytes(), num_threads))
+    # the path, not the bytes: ONNX Runtime then finds external data beside the file
+    return _OrtOracle(ort_session(str(m.model_file_path), num_threads))
 
 
 FRONTENDS: dict[str, Frontend] = {

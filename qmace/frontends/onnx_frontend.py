@@ -10,14 +10,18 @@ Constant nodes become constant tensors; every unsupported op is reported in one 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import math
+import os
+from pathlib import Path, PurePath
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qmace.errors import ModelError, UnsupportedOpsError
-from qmace.ir import Graph, Node, Tensor
+from qmace import limits
+from qmace.errors import FileAccessError, ModelError, PathError, UnsupportedOpsError
+from qmace.fileio import os_reason
+from qmace.ir import Graph, Node, Tensor, check_structure
 from qmace.ops import get_op, is_supported
 
 log = logging.getLogger(__name__)
@@ -28,10 +32,15 @@ MIN_OPSET, MAX_OPSET, TARGET_OPSET = 7, 28, 21
 
 
 def read_onnx(path: str | Path) -> onnx.ModelProto:
+    """Parse an ONNX file; tensors stored as external data are read from files beside it (never from outside
+    its folder). Every declared tensor is checked against the memory budget before anything is allocated."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: model file not found")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FileAccessError(f"{path}: cannot read: {os_reason(e)}") from None
     if not data:
         raise ModelError(f"{path}: model file is empty")
     try:
@@ -40,7 +49,77 @@ def read_onnx(path: str | Path) -> onnx.ModelProto:
         raise ModelError(f"{path}: not an ONNX model, or truncated ({type(e).__name__})") from e
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model, or truncated (no graph nodes)")
+    load_external_data(model, path)
     return model
+
+
+def _all_tensors(model: onnx.ModelProto):
+    """Initializers and tensor-valued node attributes of the main graph, with a label for messages."""
+    for t in model.graph.initializer:
+        yield f"initializer {t.name!r}", t
+    for n in model.graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield f"node {n.name or n.op_type!r} attribute {a.name!r}", a.t
+            elif a.type == onnx.AttributeProto.TENSORS:
+                for t in a.tensors:
+                    yield f"node {n.name or n.op_type!r} attribute {a.name!r}", t
+
+
+def _declared_bytes(t: onnx.TensorProto, where: str) -> int:
+    dims = list(t.dims)
+    if any(d < 0 for d in dims):
+        raise ModelError(f"{where}: negative dimension in {dims}")
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{where}: unknown data type {t.data_type}") from None
+    return math.prod(dims) * itemsize
+
+
+def load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Check every tensor against the memory budget and read external data relative to the model file's
+    folder. PathError for a location that is absolute or leaves the folder; ModelError for a missing file or
+    a block past its end."""
+    base = path.parent.resolve()
+    external = False
+    for label, t in _all_tensors(model):
+        where = f"{path}: {label}"
+        nbytes = _declared_bytes(t, where)
+        limits.check_tensor_bytes(nbytes, where)
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        external = True
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if not loc or "\0" in loc:
+            raise ModelError(f"{where}: external data without a valid location")
+        if os.path.isabs(loc) or PurePath(loc).is_absolute() or ".." in PurePath(loc.replace("\\", "/")).parts:
+            raise PathError(f"{where}: external data location {loc!r} leaves the model's folder {base}")
+        file = (base / loc).resolve()
+        if not file.is_relative_to(base):
+            raise PathError(f"{where}: external data location {loc!r} leaves the model's folder {base}")
+        if not file.is_file():
+            raise ModelError(f"{where}: external data file {file} not found")
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else file.stat().st_size - offset
+        except ValueError:
+            raise ModelError(f"{where}: external data offset/length are not integers") from None
+        size = file.stat().st_size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ModelError(f"{where}: external data block (offset {offset}, length {length}) lies past the "
+                             f"end of {file} ({size} bytes)")
+        if length != nbytes:
+            raise ModelError(f"{where}: external data holds {length} bytes, the tensor's shape "
+                             f"{list(t.dims)} needs {nbytes}")
+    if external:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(model, str(base))
+        except OSError as e:
+            raise FileAccessError(f"{path}: cannot read external data: {os_reason(e)}") from None
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -141,6 +220,15 @@ def _to_opset21(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     return model
 
 
+def _to_array(t: onnx.TensorProto, where: str) -> np.ndarray:
+    """``numpy_helper.to_array`` with a ModelError naming the tensor for data that does not fit its shape."""
+    limits.check_tensor_bytes(_declared_bytes(t, where), where)
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as e:
+        raise ModelError(f"{where}: malformed tensor data ({str(e).splitlines()[0][:200]})") from None
+
+
 def upgrade_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     """The model at opset-21 semantics: older opsets converted up, 22-28 translated (``_to_opset21``)."""
     opset = default_opset(model)
@@ -172,7 +260,7 @@ def onnx_to_graph(model: onnx.ModelProto, path: str | Path = "<model>") -> Graph
     g = model.graph
     graph = Graph(name=g.name or path.stem, metadata={"source": str(path), "source_opset": source_opset})
     for init in g.initializer:
-        arr = numpy_helper.to_array(init)
+        arr = _to_array(init, f"{path}: initializer {init.name!r}")
         graph.add_tensor(Tensor(init.name, str(arr.dtype), tuple(arr.shape), arr))
     for vi in list(g.input):
         if vi.name in graph.tensors:  # old models list initializers as inputs too
@@ -205,6 +293,7 @@ def onnx_to_graph(model: onnx.ModelProto, path: str | Path = "<model>") -> Graph
     for o in graph.outputs:
         if o not in graph.tensors:
             raise ModelError(f"{path}: graph output {o!r} is produced by no node")
+    check_structure(graph, path)
     from qmace.frontends.qdq_import import strip_qdq  # QuantizeLinear/DequantizeLinear -> fixed params
 
     return strip_qdq(graph)

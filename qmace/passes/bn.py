@@ -47,6 +47,8 @@ def fold_batchnorm(graph: Graph) -> int:
             w = _const(graph, prod.inputs[1])
             if w is None or any(p is None for p in params):
                 continue
+            if any(p.ndim != 1 or p.shape != params[0].shape for p in params) or w.ndim < 2:
+                continue  # malformed parameters: leave the BatchNormalization to its kernel's named error
             gamma, beta, mean, var = (p.astype(np.float64) for p in params)
             s = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
             if prod.op_type == "Gemm":
@@ -55,6 +57,9 @@ def fold_batchnorm(graph: Graph) -> int:
             else:
                 m = len(s)
                 b = _const(graph, prod.inputs[2]) if len(prod.inputs) > 2 and prod.inputs[2] else np.zeros(m)
+                if b is None or b.shape != (m,) or (prod.op_type == "Conv" and w.shape[0] != m) or (
+                        prod.op_type == "ConvTranspose" and w.shape[1] * int(prod.attrs.get("group", 1)) != m):
+                    continue
                 if prod.op_type == "Conv":
                     w2 = w.astype(np.float64) * s.reshape(-1, *([1] * (w.ndim - 1)))
                 else:  # ConvTranspose: W (C_in, M/g, k...), output channel = g * M/g + j

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qmace.errors import ModelError
 from qmace.ir import Graph
 from qmace.ops import get_op
 
@@ -24,7 +25,13 @@ def fold_constants(graph: Graph) -> int:
             if shape is not None and all(d is not None for d in shape):
                 value = get_op("Shape").run(node, [np.zeros(shape, np.uint8)])
         elif all(t is None or t.data is not None for t in ins) and node.inputs:
-            value = get_op(node.op_type).run(node, [t.data if t is not None else None for t in ins])
+            try:
+                value = get_op(node.op_type).run(node, [t.data if t is not None else None for t in ins])
+            except (ValueError, IndexError, TypeError, NotImplementedError, ZeroDivisionError, OverflowError) as e:
+                shapes = ", ".join(f"{t.name}{tuple(t.data.shape)}" for t in ins if t is not None)
+                src = graph.metadata.get("source", graph.name)
+                raise ModelError(f"{src}: {node.op_type} node {node.name!r} cannot be evaluated on its constant "
+                                 f"inputs {shapes}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
         if value is None:
             keep.append(node)
             continue

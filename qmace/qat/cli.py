@@ -89,6 +89,7 @@ def qat_command(args: argparse.Namespace, progress=None) -> int:
     _need_torch()
     from qmace.api import count_samples, load_float_graph, samples_for
     from qmace.config import load_config
+    from qmace.fileio import check_inside, check_plain_name, ensure_dir
     from qmace.qat.module import export_qat, prepare
     from qmace.qat.train import train
     from qmace.quantize.api import calibrate, equalize_on, options_for
@@ -96,6 +97,8 @@ def qat_command(args: argparse.Namespace, progress=None) -> int:
 
     if args.epochs < 0 or args.batch_size < 1:
         raise ConfigError("--epochs must be >= 0 and --batch_size >= 1")
+    if not (args.lr > 0 and np.isfinite(args.lr)):
+        raise ConfigError(f"--lr must be a positive finite number, got {args.lr}")
     cfg = load_config(args.config)
     m = cfg.model(args.model_name)
     graph = load_float_graph(m)
@@ -125,8 +128,13 @@ def qat_command(args: argparse.Namespace, progress=None) -> int:
             x = feeds if len(feeds) > 1 else next(iter(feeds.values()))
             yield (x, np.array([labels[j] for j in idx])) if labels is not None else x
 
-    out_dir = Path(args.output_dir or Path(args.build_dir or "build") / cfg.library_name / "qat")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.output_dir:
+        out_dir = Path(args.output_dir)
+    else:
+        root = Path(args.build_dir or "build")
+        out_dir = root / check_plain_name(cfg.library_name, f"{cfg.path}: library_name") / "qat"
+        check_inside(root, out_dir, "the QAT output folder")
+    ensure_dir(out_dir)
     losses = train(module, batches, epochs=args.epochs, lr=args.lr, progress=progress,
                    checkpoint=out_dir / f"{m.name}_qat.ckpt")
     onnx_path, range_path = export_qat(module, out_dir / f"{m.name}_qat.onnx", out_dir / f"{m.name}_qat.ranges")

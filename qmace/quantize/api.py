@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from qmace.config import ModelConfig, load_config
-from qmace.errors import InputDataError, QuantizationError
+from qmace.errors import ConfigError, InputDataError, QuantizationError
 from qmace.fileio import atomic_write
 from qmace.ir import Graph
 from qmace.quantize.adaround import InputStatistics
@@ -89,7 +89,11 @@ def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None =
                         schema: str | None = None, float_nodes: set[str] | None = None,
                         fixed_weights: dict[str, QuantParams] | None = None) -> tuple[Graph, list[str]]:
     """``convert`` with ``quantize: 1`` (ranges from ``quantize_range_file``, from QDQ nodes of the source
-    model, or ``table``) or with ``quantize_large_weights: 1``."""
+    model, or ``table``) or with ``quantize_large_weights: 1``.
+
+    Returns the quantized graph and one line per op left in float (with the reason).
+    Raises RangeError (range file), QuantizationError (no ranges, unknown ``float_nodes``).
+    """
     if m.quantize_large_weights and not m.quantize:
         return quantize_large_weights(graph, m.quantize_large_weights_schema), []
     # Parameters read from QuantizeLinear/DequantizeLinear pairs of the source model (QAT / QDQ import)
@@ -106,10 +110,35 @@ def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None =
                                 "(or a model with QuantizeLinear/DequantizeLinear ranges)")
     opts = options_for(m, schema)
     opts.fixed_params = fixed
-    opts.float_nodes = set(float_nodes or ())
+    opts.float_nodes = check_float_nodes(graph, float_nodes or ())
     res = quantize_graph(graph, ranges, opts)
     res.graph.metadata.pop("qdq_params", None)
     return res.graph, res.fallbacks
+
+
+def check_float_nodes(graph: Graph, wanted: Iterable[str]) -> set[str]:
+    """``--float_nodes``: each entry must be a node name or an op type of the (optimized) graph;
+    QuantizationError listing the unknown ones with the closest names."""
+    import difflib
+
+    wanted = set(wanted)
+    known = {n.name for n in graph.nodes} | {n.op_type for n in graph.nodes}
+    unknown = sorted(wanted - known)
+    if unknown:
+        hints = []
+        for u in unknown:
+            close = difflib.get_close_matches(u, sorted(known), n=1)
+            hints.append(f"{u!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise QuantizationError(f"--float_nodes: no node or op type {', '.join(hints)} in the converted graph "
+                                "(fused activations are part of the Conv/Gemm before them; see the node names "
+                                "with qmace run --benchmark --backend reference)")
+    return wanted
+
+
+def check_threads(num_threads: int | None) -> None:
+    """ConfigError unless ``num_threads`` is None (the runtime's default) or >= 1."""
+    if num_threads is not None and num_threads < 1:
+        raise ConfigError(f"--num_threads must be >= 1, got {num_threads}")
 
 
 @dataclass
@@ -139,10 +168,35 @@ def quantize_one_shot(
     float_nodes: set[str] | None = None,
     progress: Callable[..., Iterator] | None = None,
 ) -> OneShotResult:
-    """MACE's four steps in memory: statistics over ``input_dir`` (streamed), ranges, quantized model."""
-    from qmace.api import ConvertResult, count_samples, load_float_graph, model_file_path, samples_for
+    """MACE's four steps in memory: statistics over ``input_dir`` (streamed), ranges, quantized model.
+
+    Args:
+        config, model_name, build_dir: as ``qmace.api.convert``.
+        input_dir: calibration samples (MACE file naming, ``qmace.data``).
+        method: ``mace`` | ``percentile`` | ``entropy`` | ``mse`` (docs/quantization.md); percentile, enhance,
+            enhance_ratio: that method's options. schema: ``uint8``/``int8`` (default: the YAML's).
+        range_file: where to write the ranges used (default: beside the model file).
+        bias_correction, adaround, equalize: the post-training refinements; float_nodes: node names or op
+            types kept in float; num_threads: >= 1 or None; progress: wraps sample iterators.
+
+    Returns:
+        OneShotResult: the ConvertResult of the quantized model, the range file path, the sample count.
+
+    Raises:
+        ConfigError, ModelError, InputDataError (missing/NaN samples), QuantizationError (bad options,
+        unknown float_nodes), FileAccessError; on failure the previous model file is left as it was.
+    """
+    from qmace.api import (
+        ConvertResult,
+        build_settings,
+        count_samples,
+        load_float_graph,
+        model_file_path,
+        samples_for,
+    )
     from qmace.modelfile import save_graph
 
+    check_threads(num_threads)
     cfg = load_config(config)
     m = cfg.model(model_name)
     graph = load_float_graph(m)
@@ -183,23 +237,40 @@ def quantize_one_shot(
                                             fixed_weights=fixed)
     qgraph.metadata["quantization"].update({"method": method, "samples": count, "bias_corrected_layers": corrected,
                                             "adaround": bool(adaround), "equalized_tensors": equalized})
-    path = save_graph(qgraph, model_file_path(cfg, m, build_dir))
-    rpath = Path(range_file) if range_file else path.with_suffix(".ranges")
-    write_range_file(rpath, table)
+    qgraph.metadata["built_from"] = build_settings(m, "quantize")
+    mpath = model_file_path(cfg, m, build_dir)
+    rpath = Path(range_file) if range_file else mpath.with_suffix(".ranges")
+    write_range_file(rpath, table)  # first: a failure here leaves the previous model file as it was
+    try:
+        path = save_graph(qgraph, mpath)
+    except BaseException:
+        if range_file is None:
+            rpath.unlink(missing_ok=True)
+        raise
     return OneShotResult(ConvertResult(path, qgraph, path.stat().st_size, fallbacks), rpath, count)
 
 
 def export(config: str | Path, output: str | Path, *, model_name: str | None = None,
            build_dir: str | Path | None = None, fmt: str = "onnx-qdq") -> Path:
-    """The converted model as standard ONNX (QDQ for quantized models), written atomically."""
-    from qmace.api import load_converted
+    """The converted model as standard ONNX, written atomically to ``output``; returns that path.
+
+    ``fmt="onnx-qdq"`` (default) needs a quantized model (QuantizeLinear/DequantizeLinear around the integer
+    ops); ``fmt="onnx"`` writes whatever the model is.
+    Raises QuantizationError (unknown format; onnx-qdq of a float model), ModelError/ModelFileError (no,
+    tampered or stale model file), FileAccessError (cannot write ``output``).
+    """
+    from qmace.api import load_converted, model_file_path
     from qmace.runtime.lower import to_onnx
 
     cfg = load_config(config)
     m = cfg.model(model_name)
-    graph = load_converted(cfg, m, build_dir)
     if fmt not in ("onnx-qdq", "onnx"):
-        raise QuantizationError(f"unknown export format {fmt!r}")
+        raise QuantizationError(f"unknown export format {fmt!r} (formats: onnx-qdq, onnx)")
+    graph = load_converted(cfg, m, build_dir)
+    if fmt == "onnx-qdq" and not graph.metadata.get("quantization"):
+        raise QuantizationError(f"{model_file_path(cfg, m, build_dir)}: --format onnx-qdq needs a quantized model, "
+                                "this one is float32 (use --format onnx, or quantize first: quantize: 1 in the "
+                                "YAML, or qmace quantize)")
     model = to_onnx(graph)
     out = Path(output)
     with atomic_write(out, "wb") as f:

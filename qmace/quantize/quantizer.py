@@ -117,6 +117,9 @@ class _Planner:
             return self.qp[name]
         t = self.g.tensors[name]
         if t.data is not None:  # a float constant used as data: its own range
+            if t.data.size and not np.all(np.isfinite(t.data)):
+                raise QuantizationError(f"constant tensor {name!r} (read by {needed_by}) holds NaN or Inf; "
+                                        "it cannot be quantized")
             r = Range(float(t.data.min()), float(t.data.max())) if t.data.size else Range(0.0, 0.0)
         else:
             r = self.range_of(name)

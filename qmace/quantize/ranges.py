@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qmace.errors import RangeError
+from qmace.errors import RangeError, ResourceLimitError
 from qmace.fileio import atomic_write
 
 RANGE_LOG_MARKER = "Tensor range @@"
@@ -107,11 +107,18 @@ def parse_range_log(lines: Iterable[str], source: str) -> RangeLog:
     for a malformed range line, a NaN/Inf bound or min > max (MACE logs FLT_MAX,-FLT_MAX for an empty
     tensor), and when there is no range line at all.
     """
+    from qmace import limits
+
     log: RangeLog = {}
+    count = 0
     for lineno, line in enumerate(lines, start=1):
         at = line.find(RANGE_LOG_MARKER)
         if at < 0:
             continue
+        count += 1
+        if count > limits.MAX_RANGE_LOG_LINES:
+            raise ResourceLimitError(f"{source}:{lineno}: more than {limits.MAX_RANGE_LOG_LINES:,} range lines "
+                                     "(qmace.limits.MAX_RANGE_LOG_LINES)")
         where = f"{source}:{lineno}"
         name, lo, hi = _split_range_line(line[at + len(RANGE_LOG_MARKER) :], where)
         log.setdefault(name, TensorSamples()).append(lo, hi)
@@ -149,6 +156,9 @@ def quantize_stat(
         # MACE: `if not enhance or samples <= 1`; a constant tensor would divide by a zero range.
         if enhance and len(samples.mins) > 1 and lo < hi:
             lo, hi = _enhance(samples, lo, hi, enhance_ratio)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise RangeError(f"tensor {name!r}: its range [{lo!r}, {hi!r}] from the range log is not finite "
+                             "(extrema near the float64 limit)")
         table[name] = Range(lo, hi)
     return table
 
@@ -214,8 +224,10 @@ def read_range_file(path: str | os.PathLike) -> RangeTable:
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RangeError(f"{path}: cannot read range file: {e}") from e
+    except OSError as e:
+        raise RangeError(f"{path}: cannot read range file: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise RangeError(f"{path}: cannot read range file: not UTF-8 text (byte {e.start})") from e
     table: RangeTable = {}
     for lineno, line in enumerate(lines, start=1):
         stripped = line.strip()

@@ -132,7 +132,7 @@ def int8_weights_as_uint8(model) -> bool:
     return bool(added)
 
 
-def _raw_ort_session(model_bytes: bytes, num_threads: int | None = None):
+def _raw_ort_session(model_bytes: bytes | str, num_threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -151,15 +151,19 @@ def _raw_ort_session(model_bytes: bytes, num_threads: int | None = None):
         raise ModelError(f"ONNX Runtime could not load the model: {str(e).splitlines()[0]}") from e
 
 
-def ort_session(model_bytes: bytes, num_threads: int | None = None, exact_int8: bool = True):
-    """An ONNX Runtime CPU session. ``exact_int8`` (default): on a host whose u8 x s8 kernels saturate
-    (``ort_u8s8_exact``), int8 weights are handed to ORT as uint8 + 128 (``int8_weights_as_uint8``) so it
-    computes the exact integer products; ``exact_int8=False`` runs the model as plain ORT would (peers)."""
+def ort_session(model_bytes: bytes | str, num_threads: int | None = None, exact_int8: bool = True):
+    """An ONNX Runtime CPU session on serialized model bytes or a model file path (a path lets ORT find
+    external data beside the file). ModelError with ORT's first message line when it cannot load it.
+
+    ``exact_int8`` (default): on a host whose u8 x s8 kernels saturate (``ort_u8s8_exact``), int8 weights
+    are handed to ORT as uint8 + 128 (``int8_weights_as_uint8``) so it computes the exact integer products;
+    ``exact_int8=False`` runs the model as plain ORT would (peers)."""
     if exact_int8 and not ort_u8s8_exact():
         import onnx
 
         try:
-            model = onnx.load_model_from_string(model_bytes)
+            model = (onnx.load_model_from_string(model_bytes) if isinstance(model_bytes, bytes)
+                     else onnx.load(model_bytes))
         except Exception:  # not parseable: let ORT say so below
             model = None
         if model is not None and int8_weights_as_uint8(model):
@@ -208,6 +212,10 @@ class Session:
         if self._ort is not None:
             if on_tensor is not None or op_times is not None:
                 raise ValueError("per-tensor callbacks and per-op times need the reference backend")
-            res = self._ort.run(wanted, {k: np.asarray(v, order="C") for k, v in feeds.items()})
+            try:
+                res = self._ort.run(wanted, {k: np.asarray(v, order="C") for k, v in feeds.items()})
+            except Exception as e:  # ORT's own exception types: one line naming the runtime
+                raise ModelError(f"graph {self.graph.name!r}: ONNX Runtime failed: "
+                                 f"{str(e).splitlines()[0][:300]}") from e
             return dict(zip(wanted, res))
         return reference.execute(self.graph, feeds, outputs=wanted, on_tensor=on_tensor, op_times=op_times)
