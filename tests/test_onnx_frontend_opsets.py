@@ -29,6 +29,13 @@ def test_every_attribute_added_after_opset_21_is_translated():
     assert not untranslated, f"review these before reading their opset: {untranslated}"
 
 
+def test_max_opset_covers_the_installed_onnx():
+    """Every opset the installed onnx defines is read; a newer onnx needs its new schemas reviewed first."""
+    newest = onnx.defs.onnx_opset_version()
+    assert newest <= MAX_OPSET, (f"onnx {onnx.__version__} defines opset {newest}: review the schemas of the "
+                                 f"supported ops in opsets {MAX_OPSET + 1}-{newest}, then raise MAX_OPSET")
+
+
 def _model(opset: int, nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
     g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ SELECTION: dict[str, list[str]] = json.loads(harness.SELECTION_FILE.read_text())
 
 EXPECTED_FAILURES = harness.EXPECTED_FAILURES
 
-# The issue-17 targets, as a floor: the list above may not grow past them.
+# The issue-17 targets, as a floor: EXPECTED_FAILURES may not grow past them.
 MIN_PASS_RATE = {"onnxruntime": 0.98, "reference": 0.95}
 
 needs_data = pytest.mark.skipif(
@@ -52,7 +53,9 @@ def test_node(name: str, backend: str, tmp_path: Path) -> None:
         assert why is None, f"{name} on {backend}: {why}"
     else:
         assert why is not None, (f"{name} on {backend} now passes; remove it from EXPECTED_FAILURES "
-                                 f"(listed as: {expected})")
+                                 f"(listed as: {expected.reason})")
+        assert re.search(expected.match, why), (f"{name} on {backend} fails differently from EXPECTED_FAILURES "
+                                                f"({expected.match!r}): {why}")
 
 
 @needs_data

@@ -204,7 +204,11 @@ def _to_opset21(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
             continue
         if not is_supported(n.op_type):
             continue  # _check_supported names it
-        known = set(onnx.defs.get_schema(n.op_type, max(TARGET_OPSET, get_op(n.op_type).onnx_opset)).attributes)
+        try:
+            schema = onnx.defs.get_schema(n.op_type, max(TARGET_OPSET, get_op(n.op_type).onnx_opset))
+        except onnx.defs.SchemaError:  # an installed onnx older than the op: shape inference reports it
+            continue
+        known = set(schema.attributes)
         for a in list(n.attribute):
             if a.name in known:
                 continue
