@@ -31,12 +31,14 @@ from qmace.quantize.qmath import QuantParams
 Converter = Callable[[Builder, TflOp], None]
 CONVERTERS: dict[str, Converter] = {}
 CUSTOM_CONVERTERS: dict[str, Converter] = {}
+IR_OPS: dict[str, str] = {}  # TFLite op (custom: "CUSTOM <code>") -> the IR op(s) it becomes (docs/supported-ops.md)
 
 
-def converts(*names: str, custom: bool = False):
+def converts(*names: str, ir: str | dict[str, str], custom: bool = False):
     def deco(fn: Converter) -> Converter:
         for n in names:
             (CUSTOM_CONVERTERS if custom else CONVERTERS)[n] = fn
+            IR_OPS[f"CUSTOM {n}" if custom else n] = ir if isinstance(ir, str) else ir[n]
         return fn
     return deco
 
@@ -134,7 +136,7 @@ def _emit_in_tflite_layout(b: Builder, op: TflOp, op_type: str, inputs: list[str
 
 # ---- convolutions ------------------------------------------------------------------------------------
 
-@converts("CONV_2D")
+@converts("CONV_2D", ir="Conv")
 def conv_2d(b: Builder, op: TflOp) -> None:
     o = _opt(op, b)
     w_shape = b.t(op.inputs[1]).shape  # (O, KH, KW, I)
@@ -150,7 +152,7 @@ def conv_2d(b: Builder, op: TflOp) -> None:
     b.finish_activation(fused, pre, out)
 
 
-@converts("DEPTHWISE_CONV_2D")
+@converts("DEPTHWISE_CONV_2D", ir="Conv (group = channels)")
 def depthwise_conv_2d(b: Builder, op: TflOp) -> None:
     o = _opt(op, b)
     w_shape = b.t(op.inputs[1]).shape  # (1, KH, KW, C*M)
@@ -190,14 +192,14 @@ def _transpose_conv(b: Builder, op: TflOp, x_slot: int, w_slot: int, b_slot: int
     b.finish_activation(fused, pre, out)
 
 
-@converts("TRANSPOSE_CONV")
+@converts("TRANSPOSE_CONV", ir="ConvTranspose")
 def transpose_conv(b: Builder, op: TflOp) -> None:
     o = _opt(op, b)
     fused = o.FusedActivationFunction() if hasattr(o, "FusedActivationFunction") else 0
     _transpose_conv(b, op, 2, 1, 3, o.Padding(), (o.StrideH(), o.StrideW()), fused)
 
 
-@converts("Convolution2DTransposeBias", custom=True)
+@converts("Convolution2DTransposeBias", custom=True, ir="ConvTranspose")
 def conv2d_transpose_bias(b: Builder, op: TflOp) -> None:
     """MediaPipe's custom op: inputs (x, weights (O, KH, KW, I), bias); custom options are the C struct
     ``TfLiteTransposeConvParams {int32 padding (1 SAME, 2 VALID); int32 stride_w; int32 stride_h}``."""
@@ -209,7 +211,7 @@ def conv2d_transpose_bias(b: Builder, op: TflOp) -> None:
     _transpose_conv(b, op, 0, 1, 2, padding - 1, (stride_h, stride_w), 0)
 
 
-@converts("FULLY_CONNECTED")
+@converts("FULLY_CONNECTED", ir="Gemm (transB = 1)")
 def fully_connected(b: Builder, op: TflOp) -> None:
     o = _opt(op, b)
     if o.WeightsFormat() != 0:
@@ -256,20 +258,23 @@ def _pool(b: Builder, op: TflOp, op_type: str) -> None:
     b.finish_activation(fused, pre, out)
 
 
-@converts("MAX_POOL_2D")
+@converts("MAX_POOL_2D", ir="MaxPool")
 def max_pool(b: Builder, op: TflOp) -> None:
     _pool(b, op, "MaxPool")
 
 
-@converts("AVERAGE_POOL_2D")
+@converts("AVERAGE_POOL_2D", ir="AveragePool")
 def average_pool(b: Builder, op: TflOp) -> None:
     """TFLite divides by the number of real (unpadded) inputs: ONNX count_include_pad = 0."""
     _pool(b, op, "AveragePool")
 
 
-@converts("MEAN", "SUM", "REDUCE_MAX", "REDUCE_MIN")
+_REDUCE = {"MEAN": "ReduceMean", "SUM": "ReduceSum", "REDUCE_MAX": "ReduceMax", "REDUCE_MIN": "ReduceMin"}
+
+
+@converts(*_REDUCE, ir=_REDUCE)
 def reduce(b: Builder, op: TflOp) -> None:
-    op_type = {"MEAN": "ReduceMean", "SUM": "ReduceSum", "REDUCE_MAX": "ReduceMax", "REDUCE_MIN": "ReduceMin"}[op.op]
+    op_type = _REDUCE[op.op]
     keep = bool(_opt(op, b).KeepDims())
     rank = b.rank(op.inputs[0])
     axes = sorted({int(a) % rank for a in np.asarray(b.require(op, 1, "axes")).reshape(-1)})
@@ -290,7 +295,7 @@ _BINARY = {"ADD": "Add", "SUB": "Sub", "MUL": "Mul", "DIV": "Div", "MAXIMUM": "M
            "POW": "Pow"}
 
 
-@converts(*_BINARY)
+@converts(*_BINARY, ir=_BINARY)
 def binary(b: Builder, op: TflOp) -> None:
     out_rank = b.rank(op.outputs[0])
     a, c = (b.broadcast_operand(i, out_rank) for i in op.inputs[:2])
@@ -300,7 +305,7 @@ def binary(b: Builder, op: TflOp) -> None:
     b.finish_activation(fused, pre, out)
 
 
-@converts("SQUARED_DIFFERENCE")
+@converts("SQUARED_DIFFERENCE", ir="Sub, Mul")
 def squared_difference(b: Builder, op: TflOp) -> None:
     out_rank = b.rank(op.outputs[0])
     a, c = (b.broadcast_operand(i, out_rank) for i in op.inputs[:2])
@@ -315,12 +320,12 @@ _UNARY = {"LOGISTIC": "Sigmoid", "TANH": "Tanh", "RELU": "Relu", "HARD_SWISH": "
 _CLIPS = {"RELU6": (0.0, 6.0), "RELU_N1_TO_1": (-1.0, 1.0), "RELU_0_TO_1": (0.0, 1.0)}
 
 
-@converts(*_UNARY)
+@converts(*_UNARY, ir=_UNARY)
 def unary(b: Builder, op: TflOp) -> None:
     b.node(_UNARY[op.op], [b.value(op.inputs[0])], [b.output(op.outputs[0])])
 
 
-@converts(*_CLIPS)
+@converts(*_CLIPS, ir="Clip")
 def clip(b: Builder, op: TflOp) -> None:
     lo, hi = _CLIPS[op.op]
     out = b.output(op.outputs[0])
@@ -328,7 +333,7 @@ def clip(b: Builder, op: TflOp) -> None:
            [out])
 
 
-@converts("RSQRT")
+@converts("RSQRT", ir="Sqrt, Div")
 def rsqrt(b: Builder, op: TflOp) -> None:
     out = b.output(op.outputs[0])
     root = b.temp(f"{out}__sqrt")
@@ -336,24 +341,24 @@ def rsqrt(b: Builder, op: TflOp) -> None:
     b.node("Div", [b.const(f"{out}__one", np.float32(1.0)), root], [out])
 
 
-@converts("LEAKY_RELU")
+@converts("LEAKY_RELU", ir="LeakyRelu")
 def leaky_relu(b: Builder, op: TflOp) -> None:
     b.node("LeakyRelu", [b.value(op.inputs[0])], [b.output(op.outputs[0])], alpha=float(_opt(op, b).Alpha()))
 
 
-@converts("PRELU")
+@converts("PRELU", ir="PRelu")
 def prelu(b: Builder, op: TflOp) -> None:
     out_rank = b.rank(op.outputs[0])
     b.node("PRelu", [b.value(op.inputs[0]), b.broadcast_operand(op.inputs[1], out_rank)], [b.output(op.outputs[0])])
 
 
-@converts("GELU")
+@converts("GELU", ir="Gelu")
 def gelu(b: Builder, op: TflOp) -> None:
     approx = "tanh" if _opt(op, b).Approximate() else "none"
     b.node("Gelu", [b.value(op.inputs[0])], [b.output(op.outputs[0])], approximate=approx)
 
 
-@converts("SOFTMAX")
+@converts("SOFTMAX", ir="Softmax (Mul when beta != 1)")
 def softmax(b: Builder, op: TflOp) -> None:
     beta = float(_opt(op, b).Beta())
     x = b.value(op.inputs[0])
@@ -366,7 +371,7 @@ def softmax(b: Builder, op: TflOp) -> None:
 
 # ---- data movement -----------------------------------------------------------------------------------
 
-@converts("RESHAPE", "SQUEEZE", "EXPAND_DIMS")
+@converts("RESHAPE", "SQUEEZE", "EXPAND_DIMS", ir="Reshape")
 def reshape(b: Builder, op: TflOp) -> None:
     """The output's static shape is the target (TFLite's converter always records it)."""
     out_shape = list(b.t(op.outputs[0]).shape)
@@ -381,7 +386,7 @@ def reshape(b: Builder, op: TflOp) -> None:
     _reshape_into(b, op, x, out_shape, b.output(op.outputs[0]))
 
 
-@converts("TRANSPOSE")
+@converts("TRANSPOSE", ir="Transpose")
 def transpose(b: Builder, op: TflOp) -> None:
     perm = [int(p) for p in np.asarray(b.require(op, 1, "perm")).reshape(-1)]
     if len(perm) == 4:  # Y_ir = X_ir . (NCHW->NHWC) . perm . (NHWC->NCHW)
@@ -390,7 +395,7 @@ def transpose(b: Builder, op: TflOp) -> None:
     b.node("Transpose", [b.value(op.inputs[0])], [b.output(op.outputs[0])], perm=perm)
 
 
-@converts("CONCATENATION")
+@converts("CONCATENATION", ir="Concat")
 def concatenation(b: Builder, op: TflOp) -> None:
     o = _opt(op, b)
     rank = b.rank(op.outputs[0])
@@ -400,7 +405,7 @@ def concatenation(b: Builder, op: TflOp) -> None:
     b.finish_activation(fused, pre, out)
 
 
-@converts("PAD", "PADV2", "MIRROR_PAD")
+@converts("PAD", "PADV2", "MIRROR_PAD", ir="Pad")
 def pad(b: Builder, op: TflOp) -> None:
     paddings = np.asarray(b.require(op, 1, "paddings"), np.int64).reshape(-1, 2)
     rank = len(paddings)
@@ -434,29 +439,29 @@ def _resize(b: Builder, op: TflOp, mode: str) -> None:
            coordinate_transformation_mode=ctm, nearest_mode=nearest if mode == "nearest" else None)
 
 
-@converts("RESIZE_BILINEAR")
+@converts("RESIZE_BILINEAR", ir="Resize (linear)")
 def resize_bilinear(b: Builder, op: TflOp) -> None:
     _resize(b, op, "linear")
 
 
-@converts("RESIZE_NEAREST_NEIGHBOR")
+@converts("RESIZE_NEAREST_NEIGHBOR", ir="Resize (nearest)")
 def resize_nearest(b: Builder, op: TflOp) -> None:
     _resize(b, op, "nearest")
 
 
-@converts("DEPTH_TO_SPACE")
+@converts("DEPTH_TO_SPACE", ir="DepthToSpace (DCR)")
 def depth_to_space(b: Builder, op: TflOp) -> None:
     """TensorFlow's depth_to_space is ONNX's DCR order."""
     b.node("DepthToSpace", [b.value(op.inputs[0])], [b.output(op.outputs[0])], blocksize=int(_opt(op, b).BlockSize()),
            mode="DCR")
 
 
-@converts("SPACE_TO_DEPTH")
+@converts("SPACE_TO_DEPTH", ir="SpaceToDepth")
 def space_to_depth(b: Builder, op: TflOp) -> None:
     b.node("SpaceToDepth", [b.value(op.inputs[0])], [b.output(op.outputs[0])], blocksize=int(_opt(op, b).BlockSize()))
 
 
-@converts("SLICE")
+@converts("SLICE", ir="Slice")
 def slice_(b: Builder, op: TflOp) -> None:
     begin = [int(v) for v in np.asarray(b.require(op, 1, "begin")).reshape(-1)]
     size = [int(v) for v in np.asarray(b.require(op, 2, "size")).reshape(-1)]
@@ -473,7 +478,7 @@ def _slice(b: Builder, op: TflOp, begin, end, steps) -> None:
                      b.ints(f"{out}__axes", axes), b.ints(f"{out}__steps", steps)], [out])
 
 
-@converts("STRIDED_SLICE")
+@converts("STRIDED_SLICE", ir="Slice (+ Reshape for shrink_axis_mask)")
 def strided_slice(b: Builder, op: TflOp) -> None:
     o = _opt(op, b)
     if o.EllipsisMask() or o.NewAxisMask() or (hasattr(o, "Offset") and o.Offset()):
@@ -502,7 +507,7 @@ def strided_slice(b: Builder, op: TflOp) -> None:
     _reshape_into(b, op, mid, list(b.t(op.outputs[0]).shape), b.output(op.outputs[0]))
 
 
-@converts("SPLIT", "SPLIT_V")
+@converts("SPLIT", "SPLIT_V", ir="Split")
 def split(b: Builder, op: TflOp) -> None:
     if op.op == "SPLIT":
         axis_slot, x_slot, sizes = 0, 1, None
@@ -518,7 +523,7 @@ def split(b: Builder, op: TflOp) -> None:
     b.node("Split", [b.value(op.inputs[x_slot]), b.ints(f"{outs[0]}__split", sizes)], outs, axis=_axis4(axis, rank))
 
 
-@converts("GATHER")
+@converts("GATHER", ir="Gather")
 def gather(b: Builder, op: TflOp) -> None:
     o = _opt(op, b)
     rank = b.rank(op.inputs[0])
@@ -530,9 +535,18 @@ def gather(b: Builder, op: TflOp) -> None:
                            op.outputs[0], axis=int(o.Axis()) % rank)
 
 
-@converts("CAST")
+@converts("CAST", ir="Cast")
 def cast(b: Builder, op: TflOp) -> None:
     from qmace.runtime.lower import onnx_elem_type
 
     to = b.t(op.outputs[0]).dtype
     b.node("Cast", [b.value(op.inputs[0])], [b.output(op.outputs[0])], to=onnx_elem_type(to))
+
+
+@converts("TILE", ir="Tile")
+def tile(b: Builder, op: TflOp) -> None:
+    reps = [int(v) for v in np.asarray(b.require(op, 1, "multiples")).reshape(-1)]
+    if len(reps) == 4:
+        reps = [reps[p] for p in NCHW_FROM_NHWC]
+    out = b.output(op.outputs[0])
+    b.node("Tile", [b.value(op.inputs[0]), b.ints(f"{out}__repeats", reps)], [out])

@@ -272,7 +272,8 @@ def read_tflite(path: str | Path) -> TflModel:
     except ModelError:
         raise
     except _READ_ERRORS as e:
-        raise ModelError(f"{path}: truncated or corrupt TFLite flatbuffer ({type(e).__name__}: {e})") from e
+        raise ModelError(f"{path}: truncated or corrupt TFLite flatbuffer of {len(data)} bytes "
+                         f"({type(e).__name__}: {e})") from e
     if n_sub > 1:
         used = {op.op for op in ops}
         if used & {"WHILE", "IF", "CALL_ONCE", "CALL"}:
