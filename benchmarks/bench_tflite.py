@@ -224,6 +224,7 @@ def bench_mobilenet(work: Path, tf_python: str, repeats: int) -> dict:
                              "top1_same": float(np.mean(q.argmax(1) == lq.argmax(1)))}
     out["litert_int8"] = logits_metrics(ref_fp32, lq, labels)
     out["qmace_int8"] = logits_metrics(ref_fp32, qq["onnxruntime"], labels)
+    out["qmace_int8_reference"] = logits_metrics(ref_fp32, qq["reference"], labels)
     out["fp32_labels"] = logits_metrics(ref_fp32, ref_fp32, labels)
     feed = {g_f.inputs[0]: x_eval[:1]}
     lat = interleaved_medians({

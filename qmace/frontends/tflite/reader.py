@@ -131,33 +131,31 @@ def densify(values: np.ndarray, shape: tuple[int, ...], sparsity) -> np.ndarray:
         raise ValueError("dim_metadata and traversal_order differ in length")
     block_size = {block_map[b]: dims[order.index(rank + b)].DenseSize() for b in range(len(block_map))}
     dense = np.zeros(shape, values.dtype)
-    coords: list[list[int]] = [[]]
-    positions = [0]  # position of each partial coordinate in its level's storage
+    coords = np.zeros((1, 0), np.int64)  # one row per stored position so far, one column per level
+    positions = np.zeros(1, np.int64)  # position of each row in its level's storage
     for md in dims:
-        new_coords, new_pos = [], []
-        if md.Format() == 0:  # DENSE
-            size = md.DenseSize()
-            for c, p in zip(coords, positions):
-                for i in range(size):
-                    new_coords.append([*c, i])
-                    new_pos.append(p * size + i)
-        else:  # SPARSE_CSR
+        if md.Format() == 0:  # DENSE: every parent position has dense_size children
+            size = int(md.DenseSize())
+            lane = np.tile(np.arange(size, dtype=np.int64), len(positions))
+            coords = np.column_stack([np.repeat(coords, size, axis=0), lane])
+            positions = np.repeat(positions, size) * size + lane
+        else:  # SPARSE_CSR: parent p owns entries segments[p] .. segments[p + 1] of indices
             seg = _union_vector(md.ArraySegmentsType(), md.ArraySegments())
             idx = _union_vector(md.ArrayIndicesType(), md.ArrayIndices())
-            for c, p in zip(coords, positions):
-                for j in range(int(seg[p]), int(seg[p + 1])):
-                    new_coords.append([*c, int(idx[j])])
-                    new_pos.append(j)
-        coords, positions = new_coords, new_pos
+            counts = seg[positions + 1] - seg[positions]
+            parent = np.repeat(np.arange(len(positions)), counts)
+            j = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+            j += np.repeat(seg[positions], counts)
+            coords = np.column_stack([coords[parent], idx[j]])
+            positions = j
     if len(coords) != values.size:
         raise ValueError(f"sparse layout addresses {len(coords)} values, the buffer holds {values.size}")
     index = np.zeros((len(coords), rank), np.int64)
     for k, dim in enumerate(order):
-        col = np.array([c[k] for c in coords], np.int64)
         if dim < rank:
-            index[:, dim] += col * block_size.get(dim, 1)
+            index[:, dim] += coords[:, k] * block_size.get(dim, 1)
         else:
-            index[:, block_map[dim - rank]] += col
+            index[:, block_map[dim - rank]] += coords[:, k]
     dense[tuple(index.T)] = values.reshape(-1)
     return dense
 
