@@ -272,7 +272,7 @@ def test_validate_without_litert_uses_float_reference(tmp_path, monkeypatch):
 
 # ---- bad input ---------------------------------------------------------------------------------------
 
-def _tiny_model(ops: list[tuple[int, str]]) -> bytes:
+def _tiny_model(ops: list[tuple[int, str]], tensor_type: int = 0) -> bytes:
     """A 1x4 float chain through ``ops`` ((builtin code, custom code)), written with the tflite package's
     flatbuffer builders (TensorFlow cannot write unknown custom ops)."""
     b = flatbuffers.Builder(1024)
@@ -294,7 +294,7 @@ def _tiny_model(ops: list[tuple[int, str]]) -> bytes:
         shape = b.EndVector()
         tflite.TensorStart(b)
         tflite.TensorAddShape(b, shape)
-        tflite.TensorAddType(b, 0)
+        tflite.TensorAddType(b, tensor_type)
         tflite.TensorAddName(b, name)
         tensors.append(tflite.TensorEnd(b))
     operators = []
@@ -363,6 +363,13 @@ def test_unknown_custom_and_builtin_ops_are_named_at_once(tmp_path):
     msg = str(e.value)
     assert str(p) in msg and "CUSTOM 'MyCustomOp' (2 operators)" in msg and "CUSTOM 'OtherOp' (1 operator)" in msg
     assert "LSTM (1 operator)" in msg and "RELU" not in msg
+
+
+def test_tensor_types_qmace_cannot_hold_are_named(tmp_path):
+    p = tmp_path / "strings.tflite"
+    p.write_bytes(_tiny_model([(19, "")], tensor_type=5))  # STRING
+    with pytest.raises(ModelError, match=r"strings.tflite: tensors of unsupported types: 't0' \(STRING\)"):
+        load_tflite(p)
 
 
 def _write_cfg(tmp_path: Path, data: bytes) -> Path:

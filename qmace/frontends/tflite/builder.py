@@ -57,7 +57,7 @@ class Builder:
         self.source: dict[int, int] = {}  # DEQUANTIZE/DENSIFY output of a constant -> the constant's index
         self.params: dict[str, dict] = {}  # IR tensor name -> QuantParams.to_json() (fixed by the model)
         self._nhwc: dict[str, str] = {}
-        self._const_names: dict[tuple[int, str], str] = {}
+        self._written: set[str] = set()  # IR names some node already writes
 
     # ---- tensors --------------------------------------------------------------------------------
     def t(self, index: int) -> TflTensor:
@@ -137,7 +137,7 @@ class Builder:
         """IR name for TFLite output tensor ``index`` (registered float32, NCHW shape for rank 4)."""
         t = self.t(index)
         name = self.names[index]
-        if name in self.graph.tensors and self.graph.tensors[name].data is None and self._produced(name):
+        if name in self._written:
             raise ModelError(f"{self.model.path}: tensor {name!r} is written by two operators")
         dtype = "float32" if t.dtype in ("float32", "float16", "int8", "uint8", "int16") else t.dtype
         shape = nchw_shape(_shape_of(t))
@@ -152,14 +152,12 @@ class Builder:
         self.graph.add_tensor(Tensor(name, dtype, None if shape is None else tuple(shape)))
         return name
 
-    def _produced(self, name: str) -> bool:
-        return any(name in n.outputs for n in self.graph.nodes)
-
     # ---- nodes ----------------------------------------------------------------------------------
     def node(self, op_type: str, inputs: list[str], outputs: list[str], hint: str = "", **attrs) -> Node:
         n = Node(self.graph.unique_name(hint or f"{outputs[0]}__{op_type}"), op_type, list(inputs), list(outputs),
                  {k: v for k, v in attrs.items() if v is not None})
         self.graph.nodes.append(n)
+        self._written.update(outputs)
         return n
 
     def activation(self, op: TflOp, fused: int, out_index: int) -> tuple[str, str]:

@@ -29,7 +29,7 @@ import logging
 from qmace.errors import ModelError, UnsupportedOpsError
 from qmace.frontends.tflite.builder import Builder
 from qmace.frontends.tflite.ops import CONVERTERS, CUSTOM_CONVERTERS
-from qmace.frontends.tflite.reader import TflModel, TflOp
+from qmace.frontends.tflite.reader import SUPPORTED_DTYPES, TflModel, TflOp
 from qmace.ir import Graph
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def _check_supported(model: TflModel) -> None:
         items = ", ".join(f"{k} ({v} operator{'s' if v > 1 else ''})" for k, v in sorted(counts.items()))
         raise UnsupportedOpsError(f"{model.path}: unsupported TFLite ops: {items}; see docs/supported-ops.md")
     bad = sorted({f"{model.tensors[i].name!r} ({model.tensors[i].dtype})" for op in model.ops
-                  for i in op.inputs + op.outputs if i >= 0 and model.tensors[i].dtype.isupper()})
+                  for i in op.inputs + op.outputs if i >= 0 and model.tensors[i].dtype not in SUPPORTED_DTYPES})
     if bad:
         raise ModelError(f"{model.path}: tensors of unsupported types: {', '.join(bad)}")
 

@@ -414,6 +414,7 @@ def pad(b: Builder, op: TflOp) -> None:
     ins = [b.value(op.inputs[0]), b.ints(f"{b.names[op.outputs[0]]}__pads", pads)]
     mode = "constant"
     if op.op == "PADV2" and len(op.inputs) > 2 and op.inputs[2] >= 0:
+        b.require(op, 2, "constant value")
         ins.append(b.const(f"{b.names[op.outputs[0]]}__value",
                            np.float32(b.float_data(op.inputs[2]).reshape(()))))
     if op.op == "MIRROR_PAD":

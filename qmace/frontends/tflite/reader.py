@@ -33,6 +33,7 @@ _DTYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 6: "b
 _TYPE_NAMES = {0: "FLOAT32", 1: "FLOAT16", 2: "INT32", 3: "UINT8", 4: "INT64", 5: "STRING", 6: "BOOL",
                7: "INT16", 8: "COMPLEX64", 9: "INT8", 10: "FLOAT64", 11: "COMPLEX128", 12: "UINT64",
                13: "RESOURCE", 14: "VARIANT", 15: "UINT32", 16: "UINT16", 17: "INT4", 18: "BFLOAT16"}
+SUPPORTED_DTYPES = frozenset(_DTYPES.values())
 CUSTOM = 32  # BuiltinOperator.CUSTOM
 # Errors the generated accessors raise on bytes that are not a valid flatbuffer (offsets past the end, ...)
 _READ_ERRORS = (struct.error, IndexError, ValueError, TypeError, UnicodeDecodeError, AttributeError)
@@ -55,7 +56,7 @@ class TflQuant:
 class TflTensor:
     index: int
     name: str
-    dtype: str  # numpy dtype name
+    dtype: str  # numpy dtype name; TFLite's type name (e.g. "STRING") for types qmace cannot hold
     shape: tuple[int, ...]  # static shape as stored (NHWC for images)
     signature: tuple[int, ...]  # shape_signature: -1 marks a dynamic dimension
     data: np.ndarray | None = None  # constants only, already densified, shaped ``shape``
