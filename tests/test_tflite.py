@@ -261,6 +261,18 @@ def test_litert_oracle_reproduces_stored_outputs(tmp_path, name):
             np.testing.assert_allclose(_nhwc(y)[0], ref[f"out{j}"][k], rtol=1e-6, atol=1e-6)
 
 
+def test_oracle_quantizes_int8_io_like_tflite():
+    """For models with int8 inputs/outputs the oracle quantizes float feeds with TFLite's rounding (half
+    away from zero, saturating) and dequantizes its codes."""
+    from qmace.frontends.tflite.oracle import _from_tensor, _to_tensor
+
+    d = {"dtype": np.int8, "quantization": (0.5, -3)}
+    q = _to_tensor(np.array([0.25, -0.25, 0.75, 100.0, -100.0], np.float32), d)
+    assert q.tolist() == [-2, -4, -1, 127, -128]  # 0.5 -> 1 and -0.5 -> -1 (away), 1.5 -> 2
+    np.testing.assert_array_equal(_from_tensor(q, d), (q.astype(np.float32) + 3) * 0.5)
+    assert _to_tensor(np.array([1.5], np.float32), {"dtype": np.float32, "quantization": (0.0, 0)}).dtype == np.float32
+
+
 def test_validate_without_litert_uses_float_reference(tmp_path, monkeypatch):
     import qmace.frontends.tflite.oracle as oracle_mod
 
