@@ -412,3 +412,42 @@ def test_truncated_at_any_point_is_one_model_error(tmp_path):
         with pytest.raises(ModelError) as e:
             load_tflite(p)
         assert str(p) in str(e.value) and "truncated" in str(e.value)
+
+
+# ---- MACE's workflow on a .tflite ----------------------------------------------------------------------
+
+def test_mace_steps_quantize_and_export_on_tflite(tmp_path, cli):
+    """run --quantize_stat, quantize-stat, convert with quantize: 1 + range file, run --validate, then the
+    one-shot `qmace quantize` and the ONNX QDQ export: the same verbs as for ONNX, on the float .tflite."""
+    from qmace.config import input_name_format
+
+    path, ref = _fixture("float_ops")
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(6):  # NHWC raw float32, MACE naming
+        rng.uniform(-1, 1, (1, 8, 8, 3)).astype(np.float32).tofile(samples / f"{input_name_format(INPUT)}_{i}")
+    cfg = _yaml(tmp_path, path)
+    build = tmp_path / "build"
+    assert cli("convert", "--config", cfg, "--build_dir", build).code == 0
+    res = cli("run", "--config", cfg, "--build_dir", build, "--quantize_stat", "--input_dir", samples)
+    assert res.code == 0, res.err
+    assert all(line.startswith("Tensor range @@") for line in res.out.splitlines())
+    (tmp_path / "range_log").write_text(res.out)
+    res = cli("quantize-stat", "--log_file", tmp_path / "range_log")
+    assert res.code == 0, res.err
+    (tmp_path / "overall_range").write_text(res.out)
+    cfg = _yaml(tmp_path, path, quantize=True, extra="    quantize_range_file: overall_range\n")
+    res = cli("convert", "--config", cfg, "--build_dir", build)
+    assert res.code == 0, res.err
+    res = cli("run", "--config", cfg, "--build_dir", build, "--validate", "--input_dir", samples)
+    assert res.code == 0 and "validation passed" in res.out, res.out + res.err
+    res = cli("quantize", "--config", cfg, "--build_dir", build, "--input_dir", samples)
+    assert res.code == 0, res.err
+    res = cli("export", "--config", cfg, "--build_dir", build, "--format", "onnx-qdq", "-o", tmp_path / "q.onnx")
+    assert res.code == 0, res.err
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    probs = sess.run([str(ref["output_names"][1])], {INPUT: np.ascontiguousarray(ref["input"][:1].transpose(0, 3, 1, 2))})[0]
+    assert probs.shape == (1, 5) and abs(float(probs.sum()) - 1.0) < 0.05
