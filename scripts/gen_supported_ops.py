@@ -65,7 +65,29 @@ def render() -> str:
         if getattr(op, "range_without_stats", None) == "interval":
             rng += " (interval arithmetic without statistics)"
         lines.append(f"| {name} | {KERNEL[op.quant_kernel]} | {rng} | {nodes.get(name, '-')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + render_tflite()) + "\n"
+
+
+def render_tflite() -> list[str]:
+    """The TFLite operators `platform: tflite` reads (qmace.frontends.tflite.ops.IR_OPS)."""
+    from qmace.frontends.tflite.ops import IR_OPS
+
+    lines = [
+        "",
+        "## TFLite operators (`platform: tflite`, beyond MACE)",
+        "",
+        "Read from `.tflite` files and converted to the ops above (NHWC -> NCHW; see",
+        "[mace-compatibility.md](mace-compatibility.md)). `QUANTIZE`/`DEQUANTIZE` become fixed quantization",
+        "parameters (or fold float16/int8 constants), `DENSIFY` folds sparse weights. Any other operator,",
+        "builtin or custom, is named in the conversion error.",
+        "",
+        "| TFLite op | qmace op |",
+        "|---|---|",
+        "| DEQUANTIZE, QUANTIZE | fixed quantization parameters; constants folded |",
+        "| DENSIFY | folded (sparse constant -> dense) |",
+    ]
+    lines += [f"| {name} | {ir} |" for name, ir in sorted(IR_OPS.items())]
+    return lines
 
 
 if __name__ == "__main__":

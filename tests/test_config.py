@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from qmace.config import (
+    SUPPORTED_PLATFORMS,
     DeploymentConfig,
     ModelConfig,
     SubgraphConfig,
@@ -313,8 +314,9 @@ def test_bad_range(tmp_path, value, fragment):
 @pytest.mark.parametrize("platform", ["tensorflow", "caffe"])
 def test_unsupported_platform(tmp_path, platform):
     message = error_of(tmp_path, minimal().replace("platform: onnx", f"platform: {platform}"))
-    assert (f"models.net.platform: platform '{platform}' is not supported yet (supported: onnx)"
-            in message)
+    assert (f"models.net.platform: platform '{platform}' is not supported yet (supported: "
+            f"{', '.join(SUPPORTED_PLATFORMS)})" in message)
+    assert "onnx" in SUPPORTED_PLATFORMS and "tflite" in SUPPORTED_PLATFORMS
 
 
 def test_unknown_platform_lists_known(tmp_path):

@@ -403,3 +403,26 @@ def test_cast_to_narrow_types_is_refused_by_name(to):
     node = Node("c", "Cast", ["x"], ["y"], {"to": to})
     with pytest.raises(NotImplementedError, match="Cast node 'c': casting to .* is not supported"):
         get_op("Cast").run(node, [randf(3)])
+
+
+@pytest.mark.parametrize("mode", ["DCR", "CRD"])
+@pytest.mark.parametrize("block", [2, 3])
+def test_depth_to_space(mode, block):
+    check_op("DepthToSpace", [randf(2, 2 * block * block, 3, 4)], {"blocksize": block, "mode": mode})
+
+
+@pytest.mark.parametrize("block", [2, 3])
+def test_space_to_depth_inverts_dcr(block):
+    x = randf(2, 5, 3 * block, 2 * block)
+    (y,) = check_op("SpaceToDepth", [x], {"blocksize": block})
+    (back,) = ref_run_node("DepthToSpace", [y], {"blocksize": block, "mode": "DCR"})
+    np.testing.assert_array_equal(back, x)
+
+
+def test_depth_to_space_moves_codes():
+    """On 8-bit codes DepthToSpace copies codes; the output shares the input's parameters."""
+    op = get_op("DepthToSpace")
+    assert op.quant_kernel == "copy" and op.output_range == "input"
+    q = np.arange(16, dtype=np.uint8).reshape(1, 4, 2, 2)
+    (y,) = op.run_quantized(Node("d", "DepthToSpace", ["x"], ["y"], {"blocksize": 2}), [q], [None], [None])
+    assert sorted(y.ravel().tolist()) == list(range(16)) and y.dtype == np.uint8

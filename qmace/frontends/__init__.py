@@ -56,8 +56,23 @@ def _onnx_oracle(m: ModelConfig, num_threads: int | None) -> Oracle:
     return _OrtOracle(ort_session(str(m.model_file_path), num_threads))
 
 
+def _load_tflite(m: ModelConfig) -> Graph:
+    from qmace.frontends.tflite import load_tflite
+
+    return load_tflite(m.model_file_path)
+
+
+def _tflite_oracle(m: ModelConfig, num_threads: int | None) -> Oracle | None:
+    from qmace.frontends.tflite import litert_oracle
+
+    return litert_oracle(m, num_threads)
+
+
 FRONTENDS: dict[str, Frontend] = {
     "onnx": Frontend("onnx", lambda m: load_onnx(m.model_file_path), _onnx_oracle),
+    # beyond MACE: .tflite read with the tflite package's accessors, validated with the LiteRT interpreter
+    "tflite": Frontend("tflite", _load_tflite, _tflite_oracle,
+                       install_hint="pip install 'qmace[tflite]' (the LiteRT interpreter, ai-edge-litert)"),
 }
 
 

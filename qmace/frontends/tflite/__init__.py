@@ -1,0 +1,20 @@
+"""TFLite frontend (``platform: tflite``, beyond MACE): ``.tflite`` flatbuffers read with the ``tflite``
+package's accessors (no TensorFlow), mapped to the IR in NCHW; validation oracle: the LiteRT interpreter
+(``ai-edge-litert``, the optional extra ``qmace[tflite]``) when it is installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qmace.frontends.tflite.convert import supported_tflite_ops, tflite_to_graph
+from qmace.frontends.tflite.oracle import LITERT_HINT, LiteRTOracle, litert_oracle
+from qmace.frontends.tflite.reader import read_tflite
+from qmace.ir import Graph
+
+
+def load_tflite(path: str | Path) -> Graph:
+    """``.tflite`` file -> float IR graph (with ``metadata["qdq_params"]`` for quantized models)."""
+    return tflite_to_graph(read_tflite(path))
+
+
+__all__ = ["LITERT_HINT", "LiteRTOracle", "litert_oracle", "load_tflite", "read_tflite", "supported_tflite_ops", "tflite_to_graph"]
