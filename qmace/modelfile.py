@@ -206,7 +206,7 @@ def _validate(doc: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) ->
         if t["name"] in tensors:
             raise bad(f"{where} listed twice")
         tensors.add(t["name"])
-        if t.get("dtype") not in _DTYPES:
+        if not isinstance(t.get("dtype"), str) or t["dtype"] not in _DTYPES:
             raise bad(f"{where}: unknown dtype {str(t.get('dtype'))[:40]!r}")
         shape = t.get("shape")
         if shape is not None and (not isinstance(shape, list) or not all(
@@ -248,7 +248,7 @@ def _check_attr(v: Any, arrays: dict[str, np.ndarray], bad, depth: int = 0) -> N
     if depth > 4:
         raise bad("nested too deeply")
     if isinstance(v, dict):
-        if set(v) != {"__ndarray__"} or v["__ndarray__"] not in arrays:
+        if set(v) != {"__ndarray__"} or not isinstance(v["__ndarray__"], str) or v["__ndarray__"] not in arrays:
             raise bad("not a value qmace writes")
     elif isinstance(v, list):
         for x in v:

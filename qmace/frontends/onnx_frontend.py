@@ -164,6 +164,32 @@ def _check_supported(model: onnx.ModelProto, path: Path) -> None:
         raise UnsupportedOpsError(f"{path}: unsupported ops: {items}; see docs/supported-ops.md")
 
 
+def _check_arity(model: onnx.ModelProto, path: Path) -> None:
+    """Each node's input/output count and required attributes against its ONNX schema (at the model's
+    opset): a malformed node is named here instead of failing inside a pass or a kernel."""
+    opset = default_opset(model)
+    for i, n in enumerate(model.graph.node):
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(n.op_type, opset, "")
+        except onnx.defs.SchemaError:
+            continue  # an op unknown to this opset: the upgrade/support checks above have named it
+        where = f"{path}: node {n.name or f'{n.op_type}_{i}'!r} ({n.op_type})"
+        n_in = len(n.input)
+        while n_in and not n.input[n_in - 1]:  # trailing optional inputs may be written as ""
+            n_in -= 1
+        if not schema.min_input <= n_in <= schema.max_input:
+            raise ModelError(f"{where}: {n_in} input(s), the op takes {schema.min_input} to {schema.max_input}")
+        if not schema.min_output <= len(n.output) <= schema.max_output:
+            raise ModelError(f"{where}: {len(n.output)} output(s), the op gives {schema.min_output} to "
+                             f"{schema.max_output}")
+        given = {a.name for a in n.attribute}
+        missing = [k for k, a in schema.attributes.items() if a.required and k not in given]
+        if missing:
+            raise ModelError(f"{where}: required attribute(s) missing: {', '.join(missing)}")
+
+
 def _constant_node_value(n: onnx.NodeProto) -> np.ndarray:
     a = n.attribute[0]
     if a.name == "value":
@@ -208,6 +234,7 @@ def onnx_to_graph(model: onnx.ModelProto, path: str | Path = "<model>") -> Graph
     _check_supported(model, path)
     model = upgrade_opset(model, path)
     _check_supported(model, path)
+    _check_arity(model, path)
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as e:  # shape inference is advisory here; the IR passes re-run it
