@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qmace import limits
-from qmace.errors import FileAccessError, ModelError, PathError, UnsupportedOpsError
+from qmace.errors import FileAccessError, ModelError, PathError, UnsupportedOpsError, first_line
 from qmace.fileio import os_reason
 from qmace.ir import Graph, Node, Tensor, check_structure
 from qmace.ops import is_supported
@@ -211,7 +211,7 @@ def _to_array(t: onnx.TensorProto, where: str) -> np.ndarray:
     try:
         return numpy_helper.to_array(t)
     except Exception as e:
-        raise ModelError(f"{where}: malformed tensor data ({str(e).splitlines()[0][:200]})") from None
+        raise ModelError(f"{where}: malformed tensor data ({first_line(e, 200)})") from None
 
 
 def upgrade_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
@@ -225,7 +225,7 @@ def upgrade_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
 
         return version_converter.convert_version(model, TARGET_OPSET)
     except Exception as e:
-        raise ModelError(f"{path}: could not convert opset {opset} to {TARGET_OPSET}: {str(e).splitlines()[0]}") from e
+        raise ModelError(f"{path}: could not convert opset {opset} to {TARGET_OPSET}: {first_line(e)}") from e
 
 
 def onnx_to_graph(model: onnx.ModelProto, path: str | Path = "<model>") -> Graph:

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from qmace import limits
-from qmace.errors import ModelError
+from qmace.errors import ModelError, first_line
 from qmace.ir import Graph
 from qmace.ops import get_op
 
@@ -40,7 +40,7 @@ def fold_constants(graph: Graph) -> int:
                 shapes = ", ".join(f"{t.name}{tuple(t.data.shape)}" for t in ins if t is not None)
                 src = graph.metadata.get("source", graph.name)
                 raise ModelError(f"{src}: {node.op_type} node {node.name!r} cannot be evaluated on its constant "
-                                 f"inputs {shapes}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
+                                 f"inputs {shapes}: {first_line(e)}") from e
         if value is None:
             keep.append(node)
             continue
