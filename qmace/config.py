@@ -50,7 +50,7 @@ from typing import Any
 import yaml
 
 from qmace import limits
-from qmace.errors import ConfigError, ModelError, ResourceLimitError
+from qmace.errors import ConfigError, ModelError, ResourceLimitError, first_line
 from qmace.fileio import check_plain_name
 
 logger = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def load_config(path: str | Path) -> DeploymentConfig:
         data = yaml.safe_load(text)
         _check_expanded_size(data, path)
     except (ValueError, OverflowError) as e:  # e.g. an integer of more digits than Python converts
-        raise ConfigError(f"{path}: malformed YAML value: {str(e).splitlines()[0][:200]}") from None
+        raise ConfigError(f"{path}: malformed YAML value: {first_line(e, 200)}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e)

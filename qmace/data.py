@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from qmace.config import SubgraphConfig, input_name_format
-from qmace.errors import InputDataError
+from qmace.errors import InputDataError, first_line
 from qmace.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _read_file(path: Path, shape: tuple[int, ...]) -> np.ndarray:
             try:
                 raw = np.load(path, allow_pickle=False, mmap_mode="r")
             except (ValueError, EOFError) as e:
-                raise InputDataError(f"{path}: not a plain .npy array ({str(e).splitlines()[0][:200]})") from e
+                raise InputDataError(f"{path}: not a plain .npy array ({first_line(e, 200)})") from e
             if raw.dtype.fields is not None or raw.dtype.kind not in "biuf":
                 raise InputDataError(f"{path}: .npy of dtype {raw.dtype} is not a plain numeric array "
                                      "(save it as float32)")

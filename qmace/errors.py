@@ -48,3 +48,10 @@ class ResourceLimitError(QmaceError):
 
 class ModelFileError(ModelError):
     """A ``.qmace`` model file is corrupt, tampered with, or stale (built from other settings)."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of ``str(e)`` (at most ``limit`` characters), or the exception's type name when it has
+    no message: for one-line errors that quote a third-party library."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__

@@ -216,6 +216,9 @@ def check_structure(graph: Graph, path: object) -> None:
                 raise ModelError(f"{path}: node {n.name!r} ({n.op_type}) writes tensor {o!r}, which is already "
                                  "an input, an initializer or another node's output")
             producer[o] = idx
+    for o in graph.outputs:
+        if o not in producer and o not in constants and o not in graph.inputs:
+            raise ModelError(f"{path}: graph output {o!r} is produced by no node")
     readers: dict[int, list[int]] = {}
     pending = [0] * len(graph.nodes)
     for idx, n in enumerate(graph.nodes):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from qmace import limits
-from qmace.errors import ModelError, ModelFileError
+from qmace.errors import ModelError, ModelFileError, first_line
 from qmace.fileio import atomic_write
 from qmace.ir import Graph, Node, Tensor, check_structure
 
@@ -133,7 +133,7 @@ def load_graph(path: str | Path) -> Graph:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, KeyError, NotImplementedError) as e:
-        raise ModelFileError(f"{path}: not a qmace model file, or truncated ({str(e).splitlines()[0][:200]})") from e
+        raise ModelFileError(f"{path}: not a qmace model file, or truncated ({first_line(e, 200)})") from e
     except OSError as e:
         raise ModelFileError(f"{path}: cannot read: {e.strerror or e}") from e
     if "__graph__" not in arrays:
@@ -172,7 +172,7 @@ def load_graph(path: str | Path) -> Graph:
     except ModelError:
         raise
     except Exception as e:  # QuantizationError from malformed params, or anything _validate let through
-        raise ModelFileError(f"{path}: invalid graph header: {str(e).splitlines()[0][:200]}") from e
+        raise ModelFileError(f"{path}: invalid graph header: {first_line(e, 200)}") from e
     check_structure(g, path)
     return g
 
@@ -206,7 +206,7 @@ def _validate(doc: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) ->
         if t["name"] in tensors:
             raise bad(f"{where} listed twice")
         tensors.add(t["name"])
-        if t.get("dtype") not in _DTYPES:
+        if not isinstance(t.get("dtype"), str) or t["dtype"] not in _DTYPES:
             raise bad(f"{where}: unknown dtype {str(t.get('dtype'))[:40]!r}")
         shape = t.get("shape")
         if shape is not None and (not isinstance(shape, list) or not all(
@@ -248,7 +248,7 @@ def _check_attr(v: Any, arrays: dict[str, np.ndarray], bad, depth: int = 0) -> N
     if depth > 4:
         raise bad("nested too deeply")
     if isinstance(v, dict):
-        if set(v) != {"__ndarray__"} or v["__ndarray__"] not in arrays:
+        if set(v) != {"__ndarray__"} or not isinstance(v["__ndarray__"], str) or v["__ndarray__"] not in arrays:
             raise bad("not a value qmace writes")
     elif isinstance(v, list):
         for x in v:

@@ -7,6 +7,7 @@ Fixed budget so CI stays fast: derandomized (the same examples every run), few e
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from hypothesis import strategies as st
 from qmace.errors import QmaceError
 from tests.conftest import tiny_cnn, write_tiny_model, yaml_text
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+# QMACE_FUZZ_EXAMPLES=2000 runs a longer, randomized search locally; CI runs the fixed 60.
+_DEEP = int(os.environ.get("QMACE_FUZZ_EXAMPLES", "0"))
+FUZZ = settings(max_examples=_DEEP or 60, deadline=None, derandomize=not _DEEP, database=None,
                 suppress_health_check=list(HealthCheck))
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=True),

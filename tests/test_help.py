@@ -131,3 +131,20 @@ def test_docs_yaml_example_is_complete_and_valid(tmp_path):
         obj = getattr(E, name)
         if isinstance(obj, type) and issubclass(obj, E.QmaceError) and obj is not E.QmaceError:
             assert f"`{name}`" in errors, f"docs/errors.md does not describe {name}"
+
+
+def test_validation_table_stays_aligned_with_long_names(tiny, cli, tmp_path):
+    from tests.conftest import write_samples
+
+    write_samples(tmp_path / "in", tiny, 1)
+    (tmp_path / "in" / "input_0").rename(tmp_path / "in" / "input_a_photo_name_much_longer_than_sixteen")
+    (tmp_path / "in" / "input_1").write_bytes((tmp_path / "in" / "input_a_photo_name_much_longer_than_sixteen").read_bytes())
+    assert cli("convert", "--config", tiny.yaml).code == 0
+    res = cli("run", "--config", tiny.yaml, "--validate", "--input_dir", tmp_path / "in")
+    assert res.code == 0, res.err
+    lines = res.out.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.strip().startswith("sample"))
+    table = lines[start:start + 3]
+    assert len({len(ln) for ln in table}) == 1, table  # every row ends at the same column
+    assert len({ln.index("cosine") + len("cosine") for ln in table[:1]} | {
+        ln.index(" 1.000000") + len(" 1.000000") for ln in table[1:]}) == 1, table

@@ -160,11 +160,13 @@ def _print_run_report(rep, benchmark: bool) -> None:
             print(f"  {node:<40} {rep.op_types[node]:<16} {ms:9.3f}")
     if rep.checks:
         print(f"validation against {rep.oracle} (threshold: cosine >= {rep.threshold}):")
-        print(f"  {'sample':<16} {'output':<24} {'cosine':>10} {'SQNR dB':>9} {'max abs err':>12} {'argmax':>7}")
+        ws = max([6, *(len(c.sample or "-") for c in rep.checks)])  # columns as wide as the longest name
+        wo = max([6, *(len(c.output) for c in rep.checks)])
+        print(f"  {'sample':<{ws}} {'output':<{wo}} {'cosine':>10} {'SQNR dB':>9} {'max abs err':>12} {'argmax':>7}")
         for c in rep.checks:
             cmp = c.comparison
             ok = "" if cmp.passes(rep.threshold) else "  FAIL"
-            print(f"  {c.sample or '-':<16} {c.output:<24} {cmp.cosine:10.6f} {cmp.sqnr_db:9.2f} "
+            print(f"  {c.sample or '-':<{ws}} {c.output:<{wo}} {cmp.cosine:10.6f} {cmp.sqnr_db:9.2f} "
                   f"{cmp.max_abs_error:12.4g} {cmp.argmax_agreement:7.1%}{ok}")
         print("validation " + ("passed" if rep.passed else "FAILED"))
 

@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qmace import limits
-from qmace.errors import FileAccessError, ModelError, PathError, UnsupportedOpsError
+from qmace.errors import FileAccessError, ModelError, PathError, UnsupportedOpsError, first_line
 from qmace.fileio import os_reason
 from qmace.ir import Graph, Node, Tensor, check_structure
 from qmace.ops import get_op, is_supported
@@ -168,6 +168,32 @@ def _check_supported(model: onnx.ModelProto, path: Path) -> None:
         raise UnsupportedOpsError(f"{path}: unsupported ops: {items}; see docs/supported-ops.md")
 
 
+def _check_arity(model: onnx.ModelProto, path: Path) -> None:
+    """Each node's input/output count and required attributes against its ONNX schema (at the model's
+    opset): a malformed node is named here instead of failing inside a pass or a kernel."""
+    opset = default_opset(model)
+    for i, n in enumerate(model.graph.node):
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(n.op_type, opset, "")
+        except onnx.defs.SchemaError:
+            continue  # an op unknown to this opset: the upgrade/support checks above have named it
+        where = f"{path}: node {n.name or f'{n.op_type}_{i}'!r} ({n.op_type})"
+        n_in = len(n.input)
+        while n_in and not n.input[n_in - 1]:  # trailing optional inputs may be written as ""
+            n_in -= 1
+        if not schema.min_input <= n_in <= schema.max_input:
+            raise ModelError(f"{where}: {n_in} input(s), the op takes {schema.min_input} to {schema.max_input}")
+        if not schema.min_output <= len(n.output) <= schema.max_output:
+            raise ModelError(f"{where}: {len(n.output)} output(s), the op gives {schema.min_output} to "
+                             f"{schema.max_output}")
+        given = {a.name for a in n.attribute}
+        missing = [k for k, a in schema.attributes.items() if a.required and k not in given]
+        if missing:
+            raise ModelError(f"{where}: required attribute(s) missing: {', '.join(missing)}")
+
+
 def _constant_node_value(n: onnx.NodeProto) -> np.ndarray:
     a = n.attribute[0]
     if a.name == "value":
@@ -230,7 +256,7 @@ def _to_array(t: onnx.TensorProto, where: str) -> np.ndarray:
     try:
         return numpy_helper.to_array(t)
     except Exception as e:
-        raise ModelError(f"{where}: malformed tensor data ({str(e).splitlines()[0][:200]})") from None
+        raise ModelError(f"{where}: malformed tensor data ({first_line(e, 200)})") from None
 
 
 def upgrade_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
@@ -247,7 +273,7 @@ def upgrade_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
 
         return version_converter.convert_version(model, TARGET_OPSET)
     except Exception as e:
-        raise ModelError(f"{path}: could not convert opset {opset} to {TARGET_OPSET}: {str(e).splitlines()[0]}") from e
+        raise ModelError(f"{path}: could not convert opset {opset} to {TARGET_OPSET}: {first_line(e)}") from e
 
 
 def onnx_to_graph(model: onnx.ModelProto, path: str | Path = "<model>") -> Graph:
@@ -257,6 +283,7 @@ def onnx_to_graph(model: onnx.ModelProto, path: str | Path = "<model>") -> Graph
     source_opset = default_opset(model)
     model = upgrade_opset(model, path)
     _check_supported(model, path)
+    _check_arity(model, path)
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as e:  # shape inference is advisory here; the IR passes re-run it

@@ -3,9 +3,12 @@ evaluated once with the reference kernels and replaced by constant tensors."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from qmace.errors import ModelError
+from qmace import limits
+from qmace.errors import ModelError, first_line
 from qmace.ir import Graph
 from qmace.ops import get_op
 
@@ -25,13 +28,19 @@ def fold_constants(graph: Graph) -> int:
             if shape is not None and all(d is not None for d in shape):
                 value = get_op("Shape").run(node, [np.zeros(shape, np.uint8)])
         elif all(t is None or t.data is not None for t in ins) and node.inputs:
+            for o in node.outputs:  # a shape inference already knows: refuse before allocating
+                shape = graph.tensors[o].shape if o and o in graph.tensors else None
+                if shape is not None and all(isinstance(d, int) for d in shape):
+                    limits.check_tensor_bytes(
+                        math.prod(shape) * np.dtype(graph.tensors[o].dtype).itemsize,
+                        f"{graph.metadata.get('source', graph.name)}: {node.op_type} node {node.name!r} output {o!r}")
             try:
                 value = get_op(node.op_type).run(node, [t.data if t is not None else None for t in ins])
             except (ValueError, IndexError, TypeError, NotImplementedError, ZeroDivisionError, OverflowError) as e:
                 shapes = ", ".join(f"{t.name}{tuple(t.data.shape)}" for t in ins if t is not None)
                 src = graph.metadata.get("source", graph.name)
                 raise ModelError(f"{src}: {node.op_type} node {node.name!r} cannot be evaluated on its constant "
-                                 f"inputs {shapes}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
+                                 f"inputs {shapes}: {first_line(e)}") from e
         if value is None:
             keep.append(node)
             continue

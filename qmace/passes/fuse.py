@@ -15,9 +15,9 @@ FUSE_INTO = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 def _clip_bounds(graph: Graph, node) -> list[float] | None:
     lo = graph.constant(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else np.array(-np.inf)
     hi = graph.constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else np.array(np.inf)
-    if lo is None or hi is None:
-        return None
-    return [float(lo), float(hi)]
+    if lo is None or hi is None or np.size(lo) != 1 or np.size(hi) != 1:
+        return None  # Clip's bounds are scalars; anything else is left to the Clip kernel's named error
+    return [float(np.asarray(lo).reshape(())), float(np.asarray(hi).reshape(()))]
 
 
 def fuse_activations(graph: Graph) -> int:

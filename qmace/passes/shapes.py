@@ -7,6 +7,7 @@ import logging
 
 import onnx
 
+from qmace.errors import first_line
 from qmace.frontends.onnx_frontend import _np_dtype, _shape_of
 from qmace.ir import Graph
 
@@ -21,7 +22,7 @@ def infer_shapes(graph: Graph) -> int:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:
-        log.warning("shape inference failed: %s", str(e).splitlines()[0])
+        log.warning("shape inference failed: %s", first_line(e))
         return 0
     updated = 0
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):

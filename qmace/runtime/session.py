@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qmace.errors import ModelError
+from qmace.errors import ModelError, first_line
 from qmace.ir import Graph
 from qmace.runtime import reference
 
@@ -148,7 +148,7 @@ def _raw_ort_session(model_bytes: bytes | str, num_threads: int | None = None):
     try:
         return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types; keep the message, one line
-        raise ModelError(f"ONNX Runtime could not load the model: {str(e).splitlines()[0]}") from e
+        raise ModelError(f"ONNX Runtime could not load the model: {first_line(e)}") from e
 
 
 def ort_session(model_bytes: bytes | str, num_threads: int | None = None, exact_int8: bool = True):
@@ -216,6 +216,6 @@ class Session:
                 res = self._ort.run(wanted, {k: np.asarray(v, order="C") for k, v in feeds.items()})
             except Exception as e:  # ORT's own exception types: one line naming the runtime
                 raise ModelError(f"graph {self.graph.name!r}: ONNX Runtime failed: "
-                                 f"{str(e).splitlines()[0][:300]}") from e
+                                 f"{first_line(e, 300)}") from e
             return dict(zip(wanted, res))
         return reference.execute(self.graph, feeds, outputs=wanted, on_tensor=on_tensor, op_times=op_times)
