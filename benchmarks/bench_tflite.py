@@ -238,8 +238,9 @@ def bench_mobilenet(work: Path, tf_python: str, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tf-python", default=os.environ.get("QMACE_TF_PYTHON", "/work/venv-tflite/bin/python"),
-                    help="a Python with tensorflow-cpu==2.21.0 (for the MobileNetV2 .tflite files)")
+    ap.add_argument("--tf-python", default=os.environ.get("QMACE_TF_PYTHON", sys.executable),
+                    help="a Python with tensorflow-cpu==2.21.0 (for the MobileNetV2 .tflite files; default: "
+                         "$QMACE_TF_PYTHON, else this Python)")
     ap.add_argument("--skip-mediapipe", action="store_true")
     ap.add_argument("--skip-mobilenet", action="store_true")
     ap.add_argument("--repeats", type=int, default=20)
