@@ -1,4 +1,4 @@
-"""Elementwise ops (ONNX opset 21 semantics): arithmetic, unary maths and activations.
+"""Elementwise ops (ONNX opset 21 semantics): arithmetic (with variadic Max/Min), unary maths and activations.
 
 Binary ops broadcast numpy-style (multidirectional), PRelu's slope broadcasts to X (unidirectional).
 Dtypes follow ONNX Runtime: float32 stays float32, integer arithmetic stays in the input's integer type
@@ -175,6 +175,39 @@ class Div(_Binary):
             negative = (a < 0) != (b < 0)
             return np.where(negative, -q, q)
         return np.divide(a, b)
+
+
+class _Variadic(Op):
+    """``Y = f(X1, ..., Xn)`` elementwise over 1 to 2^31 inputs with multidirectional broadcasting.
+    Float fallback when quantized (ORT has no integer Max/Min)."""
+
+    ufunc: ClassVar[Any] = None
+
+    @classmethod
+    def run(cls, node, inputs):
+        xs = [np.asarray(x) for x in inputs]
+        if any(x.dtype != xs[0].dtype for x in xs):
+            raise TypeError(f"{cls.op_type} node {node.name!r}: input dtypes differ ({', '.join(str(x.dtype) for x in xs)})")
+        y = xs[0]
+        for x in xs[1:]:
+            y = cls.ufunc(y, x)
+        return [_as_dtype(np.broadcast_to(y, np.broadcast_shapes(*(x.shape for x in xs))).copy(), xs[0].dtype)]
+
+
+@register
+class Max(_Variadic):
+    """``max(X1, ..., Xn)``; NaN propagates (numpy ``maximum``, as ORT)."""
+
+    op_type = "Max"
+    ufunc = np.maximum
+
+
+@register
+class Min(_Variadic):
+    """``min(X1, ..., Xn)``; NaN propagates."""
+
+    op_type = "Min"
+    ufunc = np.minimum
 
 
 @register
