@@ -117,6 +117,24 @@ def test_quantize_stat_and_quantized_convert(caffe_model, cli, tmp_path):
     assert "threshold: cosine >= 0.98" in res.out
 
 
+def test_quantize_and_export_verbs(caffe_model, cli, tmp_path):
+    """`qmace quantize` (int8) and export to ONNX QDQ take a Caffe model like an ONNX one (every verb loads
+    the model through the same ``load_float_graph``; `qmace qat` is tested on ONNX in test_qat.py)."""
+    import onnx
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(4):
+        np.save(samples / f"data_{i}.npy", RNG.uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32))
+    res = cli("quantize", "--config", caffe_model, "--input_dir", samples, "--schema", "int8")
+    assert res.code == 0, res.err
+    assert "int8" in res.out
+    res = cli("export", "--config", caffe_model, "--format", "onnx-qdq", "-o", tmp_path / "q.onnx")
+    assert res.code == 0, res.err
+    ops = {n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+
+
 # ---- bad input ----------------------------------------------------------------------------------------------
 
 

@@ -97,10 +97,12 @@ def _conv_geometry(ctx: Context, layer: Layer, nd: int) -> dict[str, list[int]]:
     kernel = _spatial(p.kernel_size, _opt(p, "kernel_h"), _opt(p, "kernel_w"), nd, 0, "kernel", ctx, layer)
     if min(kernel) <= 0:
         raise ctx.fail(layer, "convolution_param needs kernel_size (or kernel_h and kernel_w)")
-    pads = _spatial(p.pad, _opt(p, "pad_h") if p.HasField("pad_h") or p.HasField("pad_w") else None,
-                    _opt(p, "pad_w") if p.HasField("pad_h") or p.HasField("pad_w") else None, nd, 0, "pad", ctx, layer)
+    hw_pad = p.HasField("pad_h") or p.HasField("pad_w")  # then both count, 0 when not given (as Caffe)
+    pads = _spatial(p.pad, p.pad_h if hw_pad else None, p.pad_w if hw_pad else None, nd, 0, "pad", ctx, layer)
     strides = _spatial(p.stride, _opt(p, "stride_h"), _opt(p, "stride_w"), nd, 1, "stride", ctx, layer)
     dilations = _spatial(p.dilation, None, None, nd, 1, "dilation", ctx, layer)
+    if min(strides) <= 0 or min(dilations) <= 0:
+        raise ctx.fail(layer, f"strides {strides} and dilations {dilations} must be positive")
     return {"kernel_shape": kernel, "pads": pads + pads, "strides": strides, "dilations": dilations}
 
 
@@ -187,6 +189,8 @@ def _pooling(ctx: Context, layer: Layer, ins: list[str], outs: list[str]) -> Non
         raise ctx.fail(layer, "pooling_param needs kernel_size (or kernel_h and kernel_w), or global_pooling")
     pads = [p.pad_h, p.pad_w] if (p.HasField("pad_h") or p.HasField("pad_w")) else [p.pad, p.pad]
     strides = [p.stride_h, p.stride_w] if (p.HasField("stride_h") or p.HasField("stride_w")) else [p.stride] * 2
+    if min(strides) <= 0:
+        raise ctx.fail(layer, f"strides {list(strides)} must be positive (give both stride_h and stride_w)")
     ceil = p.round_mode == 0
     spatial, ceil_needed = [], False
     for i in range(2):
