@@ -92,6 +92,52 @@ def test_opencv_matches_every_layer_version(tmp_path):
         np.testing.assert_allclose(ours[name], ref, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+MANY = input_layer((1, 4, 7, 6)) + """
+layer { name: "up" type: "Deconvolution" bottom: "data" top: "up"
+        convolution_param { num_output: 4 kernel_size: 3 stride: 2 pad: 1 group: 2 } }
+layer { name: "dil" type: "Convolution" bottom: "up" top: "dil"
+        convolution_param { num_output: 6 kernel_size: 3 dilation: 2 pad: 2 group: 2 } }
+layer { name: "prelu" type: "PReLU" bottom: "dil" top: "dil" }
+layer { name: "ave" type: "Pooling" bottom: "dil" top: "ave" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "max" type: "Pooling" bottom: "dil" top: "max" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "sl" type: "Slice" bottom: "ave" top: "a0" top: "a1" slice_param { slice_point: 2 } }
+layer { name: "cat" type: "Concat" bottom: "a1" bottom: "a0" bottom: "max" top: "cat" }
+layer { name: "crop" type: "Crop" bottom: "cat" bottom: "max" top: "crop" crop_param { axis: 1 offset: 3 offset: 0 offset: 0 } }
+layer { name: "pw" type: "Power" bottom: "crop" top: "pw" power_param { power: 2 scale: 0.5 shift: 1 } }
+layer { name: "mx" type: "Eltwise" bottom: "pw" bottom: "max" top: "mx" eltwise_param { operation: MAX } }
+layer { name: "ws" type: "Eltwise" bottom: "mx" bottom: "max" top: "ws" eltwise_param { coeff: 0.5 coeff: -2 } }
+layer { name: "sig" type: "Sigmoid" bottom: "ws" top: "sig" }
+layer { name: "flat" type: "Flatten" bottom: "sig" top: "flat" }
+layer { name: "fc" type: "InnerProduct" bottom: "flat" top: "fc" inner_product_param { num_output: 5 } }
+layer { name: "tanh" type: "TanH" bottom: "fc" top: "tanh" }
+"""
+
+
+def test_opencv_agrees_on_more_layers(tmp_path):
+    """A second implementation of Caffe's semantics (OpenCV DNN) on the layers beyond NET."""
+    pytest.importorskip("cv2")
+    from types import SimpleNamespace
+
+    from qmace.frontends.caffe import caffe_oracle, load_caffe_files
+    from qmace.runtime import Session
+
+    f = np.float32
+    blobs = {"up": [RNG.standard_normal((4, 2, 3, 3)).astype(f) * 0.3, RNG.standard_normal(4).astype(f)],
+             "dil": [RNG.standard_normal((6, 2, 3, 3)).astype(f) * 0.3, RNG.standard_normal(6).astype(f)],
+             "prelu": [RNG.uniform(0, 0.5, 6).astype(f)],
+             "fc": [RNG.standard_normal((5, 252)).astype(f) * 0.1, RNG.standard_normal(5).astype(f)]}
+    proto, model = write_caffe_files(tmp_path, MANY, blobs)
+    g = load_caffe_files(proto, model)
+    names = ["up", "dil", "ave", "max", "a0", "a1", "cat", "crop", "pw", "mx", "ws", "fc", "tanh"]
+    g.outputs = names
+    x = RNG.uniform(-1, 1, (1, 4, 7, 6)).astype(np.float32)
+    ours = Session(g, backend="onnxruntime").run({"data": x})
+    oracle = caffe_oracle(SimpleNamespace(model_file_path=proto, weight_file_path=model))
+    for name, ref in zip(names, oracle.run(names, {"data": x})):
+        assert ours[name].shape == ref.shape, name
+        np.testing.assert_allclose(ours[name], ref, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 def test_quantize_stat_and_quantized_convert(caffe_model, cli, tmp_path):
     """MACE's four steps on a Caffe model: range log, quantize_stat, quantize: 1 convert, run."""
     samples = tmp_path / "samples"

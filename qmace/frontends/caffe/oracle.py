@@ -1,7 +1,9 @@
 """``run --validate`` oracle for Caffe models: OpenCV's DNN module runs the prototxt + caffemodel without
 Caffe (OpenCV 4.x; OpenCV 5 dropped the Caffe importer). Layer fusion and Winograd convolution are turned
 off so OpenCV computes each layer as written. OpenCV names a layer's outputs by the layer, so a tensor is
-asked for by the layer that wrote it (the last writer, for an in-place blob's final version)."""
+asked for by the layer that wrote it (the last writer, for an in-place blob's final version). OpenCV's memory
+reuse keeps only the first output of each requested layer intact, so a layer whose later outputs are wanted
+runs in a forward pass of its own."""
 
 from __future__ import annotations
 
@@ -47,7 +49,13 @@ class OpenCvOracle:
         if missing:
             raise ModelError(f"OpenCV oracle: no Caffe layer writes {', '.join(map(repr, missing))}")
         layers = list(dict.fromkeys(self.writers[o][0] for o in outputs))
-        got = dict(zip(layers, self.net.forwardAndRetrieve(layers)))
+        # OpenCV keeps only the first output of each requested layer out of its memory reuse: a layer whose
+        # later outputs are wanted (Slice, Split) gets a forward pass of its own.
+        multi = {self.writers[o][0] for o in outputs if self.writers[o][1] > 0}
+        single = [la for la in layers if la not in multi]
+        got = dict(zip(single, self.net.forwardAndRetrieve(single))) if single else {}
+        for la in multi:
+            got[la] = self.net.forwardAndRetrieve([la])[0]
         return [np.array(got[self.writers[o][0]][self.writers[o][1]]) for o in outputs]
 
 
