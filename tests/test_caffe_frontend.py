@@ -56,6 +56,19 @@ def test_convert_run_validate_against_opencv(caffe_model, cli):
     assert "validation against OpenCV" in res.out and "validation passed" in res.out
 
 
+def test_intermediate_in_place_version_as_yaml_output(tmp_path, cli, monkeypatch):
+    """A YAML output naming an earlier version of an in-place blob (BatchNorm's, before Scale and ReLU)
+    is kept and validated against the layer that wrote it."""
+    pytest.importorskip("cv2")
+    monkeypatch.chdir(tmp_path)
+    proto, model = write_caffe_files(tmp_path / "models", NET, _blobs())
+    path = caffe_yaml(tmp_path, proto, model, "data", "1,3,8,8", "[conv1/bn1, prob]")
+    assert cli("convert", "--config", path).code == 0
+    res = cli("run", "--config", path, "--validate")
+    assert res.code == 0, res.err
+    assert "conv1/bn1" in res.out and "validation passed" in res.out
+
+
 def test_validate_without_opencv_uses_labelled_float_reference(caffe_model, cli, monkeypatch):
     import builtins
 
@@ -82,8 +95,8 @@ def test_opencv_matches_every_layer_version(tmp_path):
     from qmace.runtime import Session
 
     proto, model = write_caffe_files(tmp_path, NET, _blobs())
-    g = load_caffe_files(proto, model)
     names = ["conv1/conv1", "conv1/bn1", "conv1/scale1", "conv1", "pool1", "add", "prob"]
+    g = load_caffe_files(proto, model, keep=names)  # kept: no BatchNorm + Scale merge
     g.outputs = names
     x = RNG.uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32)
     ours = Session(g, backend="reference").run({"data": x})

@@ -141,8 +141,24 @@ layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
     _check(net, blobs, {"data": x}, {"conv": want})
     g = convert(net, blobs)
     assert g.outputs == ["conv"]
-    assert [n.outputs[0] for n in g.nodes] == ["conv/conv", "conv/bn", "conv/scale", "conv"]
+    assert [n.outputs[0] for n in g.nodes] == ["conv/conv", "conv/scale", "conv"]  # Scale merged into BatchNorm
     assert optimize(g).op_counts() == {"Conv": 1}
+
+
+def test_batchnorm_scale_pair_without_conv_is_one_node():
+    """BatchNorm + Scale after an Eltwise (nothing to fold into): merged into one BatchNormalization."""
+    a, b = _rand(1, 3, 4, 4), _rand(1, 3, 4, 4)
+    mean, var, gamma, beta = _rand(3), (RNG.random(3) + 0.5).astype(np.float32), _rand(3), _rand(3)
+    net = input_layer((1, 3, 4, 4), "a") + input_layer((1, 3, 4, 4), "b") + """
+layer { name: "add" type: "Eltwise" bottom: "a" bottom: "b" top: "add" }
+layer { name: "bn" type: "BatchNorm" bottom: "add" top: "add" }
+layer { name: "sc" type: "Scale" bottom: "add" top: "add" scale_param { bias_term: true } }
+"""
+    blobs = {"bn": [mean, var, np.ones(1, np.float32)], "sc": [gamma, beta]}
+    c = lambda v: v.reshape(1, 3, 1, 1)
+    want = (a + b - c(mean)) / np.sqrt(c(var) + 1e-5) * c(gamma) + c(beta)
+    _check(net, blobs, {"a": a, "b": b}, {"add": want})
+    assert convert(net, blobs).op_counts() == {"Add": 1, "BatchNormalization": 1}
 
 
 def test_batchnorm_zero_scale_factor_and_scale_on_other_axes():

@@ -15,11 +15,11 @@ __all__ = ["caffe_oracle", "caffe_to_graph", "load_caffe", "load_caffe_files", "
            "read_caffemodel", "read_prototxt"]
 
 
-def load_caffe_files(prototxt, caffemodel=None, yaml_shapes=None):
-    """Read and convert a prototxt (+ caffemodel) to the float IR."""
+def load_caffe_files(prototxt, caffemodel=None, yaml_shapes=None, keep=()):
+    """Read and convert a prototxt (+ caffemodel) to the float IR (``keep``: tensors that must survive)."""
     net = read_prototxt(prototxt)
     weights = read_caffemodel(caffemodel) if caffemodel is not None else None
-    return caffe_to_graph(net, weights, prototxt, caffemodel, yaml_shapes)
+    return caffe_to_graph(net, weights, prototxt, caffemodel, yaml_shapes, keep)
 
 
 def load_caffe(m):
@@ -29,4 +29,5 @@ def load_caffe(m):
     sub = m.subgraph
     shapes = {n: tuple(model_shape(tuple(s), f)) for n, s, f in
               zip(sub.input_tensors, sub.input_shapes, sub.input_data_formats)}
-    return load_caffe_files(m.model_file_path, m.weight_file_path, shapes)
+    return load_caffe_files(m.model_file_path, m.weight_file_path, shapes,
+                            keep=(*sub.output_tensors, *sub.check_tensors))

@@ -14,7 +14,8 @@ nodes to the graph and records the tops' static shapes. Shapes follow Caffe's la
   not): ONNX ``count_include_pad = 1``. Global pooling -> GlobalMaxPool / GlobalAveragePool.
 - BatchNorm: mean = blob0 / s, var = blob1 / s with s = blob2[0] (0 when s = 0) -> BatchNormalization
   with scale 1 and bias 0; a following Scale becomes a second BatchNormalization (mean 0, var 1, eps 0,
-  so ``y = gamma x + beta`` exactly), and the optimizer folds both into the convolution before them.
+  so ``y = gamma x + beta`` exactly) that ``net.merge_affine_batchnorms`` merges into the first; the
+  optimizer folds the result into a convolution before it.
 - Scale / Bias with a blob over axes [axis, axis + num_axes) -> Mul / Add with the blob reshaped to
   broadcast (the BatchNormalization form above when axis = 1 and num_axes = 1); with a second bottom the
   factor is that blob, reshaped the same way.

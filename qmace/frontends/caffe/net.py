@@ -6,14 +6,14 @@ TEST, level 0, no stages); attach every layer's weight blobs from the caffemodel
 tensor name of its own (SSA): a blob written in place by several layers (``bottom == top``: BatchNorm,
 Scale, ReLU after a convolution) keeps its Caffe name for its last version, the versions before it are
 named ``<blob>/<layer that wrote it>``; then convert layer by layer (``qmace.frontends.caffe.layers``)
-tracking static shapes. Every unsupported layer type is reported at once, with its layer count.
+tracking static shapes, and merge each Scale into the BatchNorm it follows. Every unsupported layer type is reported at once, with its layer count.
 Graph outputs: the blobs no later layer reads (Caffe's net outputs).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,10 +234,11 @@ def _net_inputs(net: Any, layers: list[Layer], yaml_shapes: dict[str, tuple[int,
 
 
 def caffe_to_graph(net: Any, weights: Any | None, path: str | Path, weight_path: str | Path | None = None,
-                   yaml_shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
+                   yaml_shapes: dict[str, tuple[int, ...]] | None = None, keep: Iterable[str] = ()) -> Graph:
     """Convert a parsed prototxt (``NetParameter``) with its caffemodel (``NetParameter`` holding blobs, or
     None when the prototxt carries its own blobs) to the float IR. ``yaml_shapes`` (model layout) fill in
-    input shapes the prototxt does not declare."""
+    input shapes the prototxt does not declare; tensors in ``keep`` (the YAML's outputs and check tensors)
+    survive the BatchNorm + Scale merge."""
     from qmace.frontends.caffe.layers import CONVERTERS, IGNORED
 
     path = Path(path)
@@ -285,7 +286,48 @@ def caffe_to_graph(net: Any, weights: Any | None, path: str | Path, weight_path:
         for top, name in zip(layer.tops, outs):
             current[top] = name
     graph.outputs = [t for t in dict.fromkeys(current.values()) if t not in read_after and t not in graph.inputs]
+    merge_affine_batchnorms(graph, set(keep))
     return graph
+
+
+def merge_affine_batchnorms(graph: Graph, keep: set[str] = frozenset()) -> int:
+    """Merge a BatchNormalization that is a pure affine map (a Caffe Scale: mean 0, var 1, epsilon 0) into
+    the BatchNormalization before it (a Caffe BatchNorm) when it is that one's only reader:
+    ``s2 (s1 (x - m) / sqrt(v + e) + b1) + b2 = (s2 s1)(x - m) / sqrt(v + e) + (s2 b1 + b2)``.
+    A BatchNorm + Scale pair that follows no convolution then stays one node (one range, one float op)."""
+    merged = 0
+    readers: dict[str, int] = {}
+    for n in graph.nodes:
+        for i in n.inputs:
+            readers[i] = readers.get(i, 0) + 1
+    producers = graph.producers()
+    for node in list(graph.nodes):
+        if node.op_type != "BatchNormalization" or float(node.attrs.get("epsilon", 1e-5)) != 0.0:
+            continue
+        s2, b2, mean2, var2 = (graph.constant(n) for n in node.inputs[1:5])
+        if mean2 is None or var2 is None or np.any(mean2 != 0) or np.any(var2 != 1):
+            continue
+        first = producers.get(node.inputs[0])
+        if (first is None or first.op_type != "BatchNormalization" or readers.get(node.inputs[0]) != 1
+                or node.inputs[0] in graph.outputs or node.inputs[0] in keep):
+            continue
+        s1, b1 = graph.constant(first.inputs[1]), graph.constant(first.inputs[2])
+        first.inputs[1] = _replace_const(graph, first.inputs[1], (s2 * s1).astype(np.float32))
+        first.inputs[2] = _replace_const(graph, first.inputs[2], (s2 * b1 + b2).astype(np.float32))
+        graph.tensors.pop(first.outputs[0], None)
+        first.outputs[0] = node.outputs[0]
+        graph.nodes.remove(node)
+        producers = graph.producers()
+        merged += 1
+    if merged:
+        graph.remove_unused()
+    return merged
+
+
+def _replace_const(graph: Graph, name: str, value: np.ndarray) -> str:
+    new = graph.unique_name(f"{name}_merged")
+    graph.add_tensor(Tensor(new, "float32", tuple(value.shape), value))
+    return new
 
 
 def net_layers_all(net: Any) -> list[Layer]:
