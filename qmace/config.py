@@ -14,8 +14,9 @@ Where qmace deliberately differs from MACE:
   `validation_outputs_data`) are resolved against the YAML file's directory, not the working directory, so a
   command gives the same result wherever it is run from. `~` is expanded.
 - qmace works offline: a URL where MACE would download a file is a ConfigError asking for a local path.
-- Supported platforms: `onnx`, and `tflite` (beyond MACE: `.tflite` files); `tensorflow`, `caffe`, ... are
-  rejected when the file is read.
+- Supported platforms: `onnx`, `caffe` (needs `weight_file_path`, the .caffemodel, and its
+  `weight_sha256_checksum`) and `tflite` (beyond MACE: `.tflite` files); `tensorflow`, ... are rejected
+  when the file is read.
 - Everything runs on the host CPU: a `runtime` other than `cpu`, `target_abis` other than `host`, a
   `data_type` other than fp32, `model_graph_format`/`model_data_format: code`, and GPU/DSP/APU/HTA/OpenCL,
   obfuscation and build settings are accepted and reported as not applicable (MACE would act on them).
@@ -55,7 +56,7 @@ from qmace.fileio import check_plain_name
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_PLATFORMS = ("onnx", "tflite")
+SUPPORTED_PLATFORMS = ("onnx", "caffe", "tflite")
 MACE_PLATFORMS = ("tensorflow", "caffe", "onnx", "megengine", "keras", "pytorch")
 EXTRA_PLATFORMS = ("tflite",)  # platforms qmace reads beyond MACE's
 DATA_FORMATS = ("NHWC", "NCHW", "NONE")
@@ -567,6 +568,8 @@ class _Reader:
         model_file = self.path_value(m["model_file_path"], f"{prefix}.model_file_path", "model file")
         model_sha = self.sha256(m, prefix, "model_sha256_checksum")
         weight_file = weight_sha = None
+        if platform == "caffe" and m.get("weight_file_path") in (None, ""):
+            raise self.error(f"{prefix}.weight_file_path", "missing (required for platform caffe: the .caffemodel)")
         if m.get("weight_file_path") not in (None, ""):
             weight_file = self.path_value(m["weight_file_path"], f"{prefix}.weight_file_path", "weight file")
             weight_sha = self.sha256(m, prefix, "weight_sha256_checksum")

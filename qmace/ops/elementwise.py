@@ -1,4 +1,4 @@
-"""Elementwise ops (ONNX opset 21 semantics): arithmetic, unary maths and activations.
+"""Elementwise ops (ONNX opset 21 semantics): arithmetic (with variadic Max/Min), unary maths and activations.
 
 Binary ops broadcast numpy-style (multidirectional), PRelu's slope broadcasts to X (unidirectional).
 Dtypes follow ONNX Runtime: float32 stays float32, integer arithmetic stays in the input's integer type
