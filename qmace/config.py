@@ -58,7 +58,7 @@ DATA_FORMATS = ("NHWC", "NCHW", "NONE")
 TENSOR_DATA_TYPES = ("float32", "int32")
 MODEL_DATA_TYPES = ("fp32_fp32", "fp16_fp32", "bf16_fp32", "fp16_fp16", "fp32")
 MODEL_FORMATS = ("file", "code")
-QUANTIZE_SCHEMAS = ("uint8", "int8")
+QUANTIZE_SCHEMAS = ("uint8", "int8", "int8_w7")  # qmace.quantize.qmath.SCHEMAS
 LARGE_WEIGHTS_SCHEMAS = ("int8", "uint8")  # qmace.quantize.weight_only.WEIGHT_SCHEMAS; the first is the default
 DEFAULT_INPUT_RANGE = (-1.0, 1.0)
 DEFAULT_VALIDATION_THRESHOLD = {"CPU": 0.999, "GPU": 0.995, "QUANTIZE": 0.980}
@@ -128,7 +128,7 @@ class SubgraphConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One entry of `models:`. Paths are absolute; `quantize_schema` is "uint8" or "int8"."""
+    """One entry of `models:`. Paths are absolute; `quantize_schema` is "uint8", "int8" or "int8_w7"."""
 
     name: str
     platform: str

@@ -130,3 +130,24 @@ def test_fused_qlinear_add_within_one_step_of_reference(scales):
     steps = np.abs(ref.astype(np.int32) - got.astype(np.int32))
     assert steps.max() <= 1
     assert np.mean(steps > 0) <= 1e-4
+
+
+def test_seven_bit_weights_stay_int8_and_are_exact_on_the_fast_kernels():
+    """Weights of ``quantize_schema: int8_w7`` (codes in [-63, 63]; AdaRound may reach 64) are left int8 by
+    the rewrite, and plain ORT's u8 x s8 kernels multiply them exactly on every CPU (255 * 64 * 2 < 2^15),
+    with activations at the extreme codes."""
+    from qmace.quantize.qmath import quantize, weight_params
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((256, 40)).astype(np.float32)
+    qp = weight_params(w, 1, "int8_w7")
+    b = quantize(w, qp)
+    assert np.abs(b.astype(np.int32)).max(axis=0).tolist() == [63] * 40
+    b = b.copy()
+    b[:2, :] = 64  # the bound itself
+    a = rng.choice(np.array([0, 255], np.uint8), (16, 256))
+    model = _matmul_integer(a, b, None)
+    got = _raw_ort_session(model.SerializeToString()).run(["y"], {"a": a})[0]
+    np.testing.assert_array_equal(got, a.astype(np.int64) @ b.astype(np.int64))
+    assert not int8_weights_as_uint8(model)
+    assert model.graph.initializer[0].data_type == TensorProto.INT8

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "method", default="mace", choices=["mace", "percentile", "entropy", "mse"])
     _flag(p, "enhance", action="store_true")
     _flag(p, "enhance_ratio", type=float, default=10.0)
-    _flag(p, "schema", default=None, choices=["uint8", "int8"], help="override the YAML's quantize_schema")
+    _flag(p, "schema", default=None, choices=["uint8", "int8", "int8_w7"],
+          help="override the YAML's quantize_schema")
     _flag(p, "range_file", default=None, help="where to write the ranges used (default: beside the model)")
     _flag(p, "no_bias_correction", action="store_true", help="skip correcting biases for weight rounding")
     _flag(p, "adaround", action="store_true",
