@@ -247,3 +247,65 @@ def run(
         report.op_times_ms = {k: v * 1e3 / runs for k, v in op_times.items()}
         report.op_types = {nd.name: nd.op_type for nd in graph.nodes}
     return report
+
+
+@dataclass
+class BackendComparison:
+    """``run --benchmark`` over several backends: one report per backend (latencies, and checks against the
+    source model with ``--validate``) plus each backend's outputs compared with the first backend's."""
+
+    reports: list[RunReport]
+    versus_first: dict[str, list[OutputCheck]]  # backend -> checks against reports[0]'s outputs
+
+    def median_ms(self, backend: str) -> float:
+        rep = next(r for r in self.reports if r.backend == backend)
+        return float(np.median(rep.latencies_ms))
+
+
+def run_backends(
+    config: str | Path,
+    backends: list[str],
+    *,
+    model_name: str | None = None,
+    build_dir: str | Path | None = None,
+    input_dir: str | Path | None = None,
+    rounds: int = 1,
+    validate: bool = False,
+    num_threads: int | None = None,
+    progress: Callable[[Iterator], Iterator] | None = None,
+) -> BackendComparison:
+    """``qmace run --backend a,b,...``: the converted model on every sample by each backend in turn
+    (interleaved sample by sample and round by round, so that the backends share the machine's state and
+    their latencies can be compared as ratios). Each backend's outputs are compared with the first one's."""
+    if len(set(backends)) != len(backends) or not backends:
+        raise ValueError(f"backends must be distinct and non-empty, got {backends}")
+    cfg = load_config(config)
+    m = cfg.model(model_name)
+    graph = load_converted(cfg, m, build_dir)
+    sessions = {b: Session(graph, backend=b, num_threads=num_threads) for b in backends}
+    oracle = source_session(m, num_threads) if validate else None
+    reports = {b: RunReport(backend=b, samples=0, latencies_ms=[]) for b in backends}
+    if oracle is not None:
+        for rep in reports.values():
+            rep.threshold = m.threshold_for(bool(graph.metadata.get("quantization")))
+            rep.oracle = oracle.label
+    versus: dict[str, list[OutputCheck]] = {b: [] for b in backends[1:]}
+    samples = samples_for(m, input_dir, 1)
+    if progress is not None:
+        samples = progress(samples, total=count_samples(m, input_dir, 1))
+    for sample in samples:
+        outs: dict[str, dict[str, np.ndarray]] = {}
+        for _ in range(max(1, rounds)):
+            for b, session in sessions.items():
+                t0 = time.perf_counter()
+                outs[b] = session.run(sample.feeds)
+                reports[b].latencies_ms.append((time.perf_counter() - t0) * 1e3)
+        ref = dict(zip(graph.outputs, oracle.run(list(graph.outputs), sample.feeds))) if oracle is not None else None
+        for b in backends:
+            reports[b].samples += 1
+            if ref is not None:
+                reports[b].checks += [OutputCheck(sample.name, k, compare(ref[k], outs[b][k])) for k in graph.outputs]
+            if b in versus:
+                versus[b] += [OutputCheck(sample.name, k, compare(outs[backends[0]][k], outs[b][k]))
+                              for k in graph.outputs]
+    return BackendComparison([reports[b] for b in backends], versus)

@@ -61,6 +61,25 @@ def test_run_validate(tiny, cli, backend):
     assert "validation passed" in res.out and "threshold: cosine >= 0.999" in res.out
 
 
+def test_run_compares_backends_in_one_run(tiny, cli):
+    """--backend a,b: both backends on every sample in turn, latency ratio and outputs vs the first."""
+    assert cli("convert", "--config", tiny.yaml).code == 0
+    res = cli("run", "--config", tiny.yaml, "--validate", "--benchmark", "--round", "2",
+              "--backend", "onnxruntime,reference")
+    assert res.code == 0, res.err
+    assert "onnxruntime: 1 sample(s), 2 run(s)" in res.out and "reference: 1 sample(s), 2 run(s)" in res.out
+    assert "median latency relative to onnxruntime" in res.out
+    line = next(ln for ln in res.out.splitlines() if ln.strip().startswith("reference") and "outputs vs" in ln)
+    cos = float(re.search(r"min cosine ([0-9.]+)", line).group(1))
+    assert cos > 0.99999  # the float model: both backends compute the same float32 function
+    assert res.out.count("validation passed") == 2
+
+
+def test_run_unknown_backend(tiny, cli):
+    res = cli("run", "--config", tiny.yaml, "--backend", "onnxruntime,tvm")
+    assert res.code == 2 and "tvm" in res.err and "Traceback" not in res.err
+
+
 def test_run_input_dir_output_dir_nhwc(tiny, cli, tmp_path):
     xs = write_samples(tmp_path / "in", tiny, 3)
     assert cli("convert", "--config", tiny.yaml).code == 0

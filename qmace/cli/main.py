@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "num_threads", type=int, default=None)
     _flag(p, "example", action="store_true", help="accepted for MACE compatibility: runs the model")
     _flag(p, "quantize_stat", action="store_true", help="print MACE's range log of every op output")
-    _flag(p, "backend", choices=["onnxruntime", "reference"], default="onnxruntime")
+    _flag(p, "backend", type=_backends, default=["onnxruntime"],
+          help="onnxruntime (default), openvino (pip install 'qmace[openvino]') or reference; a comma list "
+               "(e.g. onnxruntime,openvino) runs them in turn on every sample and compares latency and outputs")
 
     for name in ("quantize-stat", "quantize_stat"):
         p = sub.add_parser(name, help="range log -> range file (MACE's quantize_stat.py)")
@@ -104,6 +106,31 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "no_equalization", action="store_true",
           help="skip rescaling activation channels (equalization) before the initial calibration")
     return ap
+
+
+def _backends(text: str) -> list[str]:
+    from qmace.runtime.session import BACKENDS
+
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in BACKENDS]
+    if bad or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct names from {', '.join(BACKENDS)}")
+    return names
+
+
+def _print_backend_comparison(cmp) -> None:
+    first = cmp.reports[0].backend
+    for rep in cmp.reports:
+        _print_run_report(rep, True)
+    print(f"median latency relative to {first} (interleaved runs):")
+    for rep in cmp.reports:
+        line = f"  {rep.backend:<12} {cmp.median_ms(rep.backend):9.3f} ms  {cmp.median_ms(first) / cmp.median_ms(rep.backend):5.2f}x"
+        checks = cmp.versus_first.get(rep.backend)
+        if checks:
+            worst = min(checks, key=lambda c: c.comparison.cosine).comparison
+            line += (f"  outputs vs {first}: min cosine {worst.cosine:.6f}, "
+                     f"max abs diff {max(c.comparison.max_abs_error for c in checks):.4g}")
+        print(line)
 
 
 def _progress(it, total=None, desc="samples", unit="sample"):
@@ -161,8 +188,18 @@ def cmd_run(a: argparse.Namespace) -> int:
             if value.size and np.issubdtype(value.dtype, np.floating):
                 print(format_range_log_line(name, float(value.min()), float(value.max())))
 
+    if len(a.backend) > 1:
+        from qmace.api import run_backends
+
+        if a.quantize_stat or a.output_dir:
+            raise QmaceError("--quantize_stat and --output_dir take one --backend")
+        cmp = run_backends(a.config, a.backend, model_name=a.model_name, build_dir=a.build_dir,
+                           input_dir=a.input_dir, rounds=a.round, validate=a.validate, num_threads=a.num_threads,
+                           progress=_progress)
+        _print_backend_comparison(cmp)
+        return 0 if all(r.passed for r in cmp.reports) else 1
     rep = run(
-        a.config, model_name=a.model_name, build_dir=a.build_dir, backend=a.backend, input_dir=a.input_dir,
+        a.config, model_name=a.model_name, build_dir=a.build_dir, backend=a.backend[0], input_dir=a.input_dir,
         output_dir=a.output_dir, rounds=a.round, validate=a.validate, benchmark=a.benchmark,
         num_threads=a.num_threads, on_tensor=on_tensor, progress=_progress,
     )

@@ -1,8 +1,9 @@
 """One session API over both backends.
 
-``Session(graph, backend="onnxruntime" | "reference", num_threads=N)``; ``run(feeds)`` returns the graph
-outputs by name. The reference backend can also return (or stream to a callback) every intermediate
-tensor; the ONNX Runtime backend can expose chosen intermediates as extra outputs.
+``Session(graph, backend="onnxruntime" | "openvino" | "reference", num_threads=N)``; ``run(feeds)`` returns
+the graph outputs by name. The reference backend can also return (or stream to a callback) every
+intermediate tensor; the ONNX Runtime and OpenVINO backends run the lowered ONNX model
+(``qmace.runtime.lower``) and can expose chosen intermediates as extra outputs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from qmace.errors import ModelError
 from qmace.ir import Graph
 from qmace.runtime import reference
 
-BACKENDS = ("onnxruntime", "reference")
+BACKENDS = ("onnxruntime", "openvino", "reference")
 log = logging.getLogger(__name__)
 
 # Integer-weight inputs of ONNX ops: op type -> (weight input index, weight zero-point input index).
@@ -199,11 +200,16 @@ class Session:
         self.num_threads = num_threads
         self.extra_outputs = list(extra_outputs or [])
         self._ort = None
-        if backend == "onnxruntime":
+        if backend != "reference":
             from qmace.runtime.lower import to_onnx
 
-            model = to_onnx(graph, extra_outputs=self.extra_outputs)
-            self._ort = ort_session(model.SerializeToString(), num_threads)
+            model = to_onnx(graph, extra_outputs=self.extra_outputs).SerializeToString()
+            if backend == "onnxruntime":
+                self._ort = ort_session(model, num_threads)
+            else:
+                from qmace.runtime.openvino_backend import OpenVINOSession
+
+                self._ort = OpenVINOSession(model, num_threads)
 
     @property
     def input_names(self) -> list[str]:
