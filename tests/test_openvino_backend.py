@@ -76,3 +76,11 @@ def test_openvino_within_one_step_of_reference(graphs, schema):
     if schema == "int8" and not ort_u8s8_exact():
         pytest.skip(f"u8 x s8 saturates on this CPU (no VNNI): openvino differs by up to {steps.max()} steps")
     assert steps.max() <= 1
+
+
+def test_run_compares_onnxruntime_and_openvino(tiny, cli):
+    assert cli("convert", "--config", tiny.yaml).code == 0
+    res = cli("run", "--config", tiny.yaml, "--benchmark", "--validate", "--backend", "onnxruntime,openvino")
+    assert res.code == 0, res.err
+    assert "openvino: 1 sample(s)" in res.out and "median latency relative to onnxruntime" in res.out
+    assert res.out.count("validation passed") == 2
