@@ -426,3 +426,20 @@ def test_quantize_with_quantize_large_weights(tiny, cli):
     tiny.write_yaml(quantize=1, quantize_large_weights=1, quantize_range_file="overall_range")
     assert_bad(cli("convert", "--config", tiny.yaml), "quantize_large_weights", tiny.yaml.name)
     _no_model_file(tiny)
+
+
+@pytest.mark.parametrize("schema", ["int8", "int8_w7"])
+def test_quantize_schema_int8_w7_and_the_slow_path_warning(tiny, cli, tmp_path, schema):
+    """int8_w7 quantizes and validates like int8; only full-range int8 weights on a CPU whose u8 x s8 kernels
+    saturate take ONNX Runtime's slow exact path, and the run says so once, naming int8_w7."""
+    from qmace.runtime.session import _warn_slow_exact_path, ort_u8s8_exact
+
+    write_samples(tmp_path / "samples", tiny, 4)
+    tiny.write_yaml(quantize_schema=schema)
+    res = cli("quantize", "--config", tiny.yaml, "--input_dir", tmp_path / "samples")
+    assert res.code == 0, res.err
+    _warn_slow_exact_path.cache_clear()
+    res = cli("run", "--config", tiny.yaml, "--input_dir", tmp_path / "samples", "--validate")
+    assert res.code == 0, res.err
+    warned = "int8_w7 (7-bit weights) is exact on the fast kernels" in res.err
+    assert warned == (schema == "int8" and not ort_u8s8_exact()), res.err
