@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable
 
@@ -166,13 +167,18 @@ def _print_run_report(rep, benchmark: bool) -> None:
         for node, ms in sorted(rep.op_times_ms.items(), key=lambda kv: -kv[1])[:10]:
             print(f"  {node:<40} {rep.op_types[node]:<16} {ms:9.3f}")
     if rep.checks:
-        print(f"validation against {rep.oracle} (threshold: cosine >= {rep.threshold}):")
-        print(f"  {'sample':<16} {'output':<24} {'cosine':>10} {'SQNR dB':>9} {'max abs err':>12} {'argmax':>7}")
+        print(f"validation against {rep.oracle} (threshold: cosine >= {rep.threshold}); where the reference "
+              f"is ~0, relative error <= {math.sqrt(2 * max(0.0, 1 - rep.threshold)):.3g} decides:")
+        argmax = any(not math.isnan(c.comparison.argmax_agreement) for c in rep.checks)  # classifier outputs only
+        print(f"  {'sample':<16} {'output':<24} {'cosine':>10} {'SQNR dB':>9} {'max abs err':>12} {'rel err':>9} "
+              f"{'decided by':>10}" + (f" {'argmax':>7}" if argmax else ""))
         for c in rep.checks:
             cmp = c.comparison
             ok = "" if cmp.passes(rep.threshold) else "  FAIL"
-            print(f"  {c.sample or '-':<16} {c.output:<24} {cmp.cosine:10.6f} {cmp.sqnr_db:9.2f} "
-                  f"{cmp.max_abs_error:12.4g} {cmp.argmax_agreement:7.1%}{ok}")
+            sqnr = "ref~0" if cmp.sqnr_db is None else f"{cmp.sqnr_db:.2f}"
+            agree = "-" if math.isnan(cmp.argmax_agreement) else f"{cmp.argmax_agreement:.1%}"
+            print(f"  {c.sample or '-':<16} {c.output:<24} {cmp.cosine:10.6f} {sqnr:>9} {cmp.max_abs_error:12.4g} "
+                  f"{cmp.rel_error:9.3g} {cmp.criterion:>10}" + (f" {agree:>7}" if argmax else "") + ok)
         print("validation " + ("passed" if rep.passed else "FAILED"))
 
 
