@@ -137,6 +137,12 @@ class OutputCheck:
     sample: str
     output: str
     comparison: Comparison
+    metric: str = "cosine"  # what --validate judges this output by (the YAML's validation_outputs_metric)
+    threshold: float | None = None  # None: not judged (e.g. backend-vs-backend comparisons)
+
+    @property
+    def passed(self) -> bool:
+        return self.threshold is None or self.comparison.judge(self.metric, self.threshold)
 
 
 @dataclass
@@ -153,7 +159,7 @@ class RunReport:
 
     @property
     def passed(self) -> bool:
-        return self.threshold is None or all(c.comparison.passes(self.threshold) for c in self.checks)
+        return self.threshold is None or all(c.passed for c in self.checks)
 
     def latency_percentiles(self) -> dict[str, float]:
         lat = np.asarray(self.latencies_ms)
@@ -171,6 +177,19 @@ class _FloatReference:
     def run(self, outputs, feeds):
         got = self.session.run(feeds)
         return [got[k] for k in outputs]
+
+
+def output_criteria(m: ModelConfig, quantized: bool) -> dict[str, tuple[str, float]]:
+    """Output name -> (metric, threshold) for --validate: the YAML's validation_outputs_metric /
+    validation_outputs_threshold, a missing threshold being the one equivalent to the model's cosine
+    threshold (``qmace.metrics.default_threshold``)."""
+    from qmace.metrics import default_threshold
+
+    cos = m.threshold_for(quantized)
+    sg = m.subgraph
+    return {name: (metric, t if t is not None else default_threshold(metric, cos))
+            for name, metric, t in zip(sg.output_tensors, sg.validation_outputs_metric,
+                                       sg.validation_outputs_threshold)}
 
 
 def source_session(m: ModelConfig, num_threads: int | None = None) -> Oracle:
@@ -215,6 +234,7 @@ def run(
     if oracle is not None:
         report.threshold = m.threshold_for(quantized)
         report.oracle = oracle.label
+    criteria = output_criteria(m, quantized)
     op_times: dict[str, float] | None = {} if (benchmark and backend == "reference") else None
     formats = dict(zip(m.subgraph.output_tensors, m.subgraph.output_data_formats))
     n = count_samples(m, input_dir, 1)
@@ -241,7 +261,8 @@ def run(
         if oracle is not None:
             ref = oracle.run(list(graph.outputs), sample.feeds)
             for name, r in zip(graph.outputs, ref):
-                report.checks.append(OutputCheck(sample.name, name, compare(r, outs[name])))
+                report.checks.append(OutputCheck(sample.name, name, compare(r, outs[name]),
+                                                 *criteria.get(name, ("cosine", report.threshold))))
     if op_times is not None:
         runs = max(1, len(report.latencies_ms))
         report.op_times_ms = {k: v * 1e3 / runs for k, v in op_times.items()}
@@ -289,6 +310,7 @@ def run_backends(
         for rep in reports.values():
             rep.threshold = m.threshold_for(bool(graph.metadata.get("quantization")))
             rep.oracle = oracle.label
+    criteria = output_criteria(m, bool(graph.metadata.get("quantization")))
     versus: dict[str, list[OutputCheck]] = {b: [] for b in backends[1:]}
     samples = samples_for(m, input_dir, 1)
     if progress is not None:
@@ -304,7 +326,9 @@ def run_backends(
         for b in backends:
             reports[b].samples += 1
             if ref is not None:
-                reports[b].checks += [OutputCheck(sample.name, k, compare(ref[k], outs[b][k])) for k in graph.outputs]
+                reports[b].checks += [OutputCheck(sample.name, k, compare(ref[k], outs[b][k]),
+                                                  *criteria.get(k, ("cosine", reports[b].threshold)))
+                                      for k in graph.outputs]
             if b in versus:
                 versus[b] += [OutputCheck(sample.name, k, compare(outs[backends[0]][k], outs[b][k]))
                               for k in graph.outputs]

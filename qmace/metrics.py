@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: Per-output metrics a YAML can choose (``validation_outputs_metric``); the first is the default.
+METRICS = ("cosine", "sqnr", "rel_error", "max_abs_error")
+
 #: Root-mean-square below which a reference output counts as zero (float32 outputs of real models are
 #: probabilities, logits or feature values of order 1e-3..1e2; 1e-5 is far below any of them).
 ABS_FLOOR = 1e-5
@@ -35,9 +38,39 @@ class Comparison:
         return "rel-error" if self.reference_near_zero else "cosine"
 
     def passes(self, threshold: float) -> bool:
+        """MACE's criterion, ``cosine >= threshold``, or where the reference is ~0 the relative error that
+        threshold allows."""
         if self.reference_near_zero:
-            return bool(self.rel_error <= math.sqrt(2.0 * max(0.0, 1.0 - threshold)))
+            return bool(self.rel_error <= rel_error_for_cosine(threshold))
         return bool(self.cosine >= threshold)
+
+    def judge(self, metric: str, threshold: float) -> bool:
+        """Whether the output passes ``metric`` at ``threshold``: cosine (as :meth:`passes`), sqnr (dB, from
+        the floored relative error: ``-20 log10(rel_error) >= threshold``), rel_error (``<=``) or
+        max_abs_error (``<=``)."""
+        if metric == "cosine":
+            return self.passes(threshold)
+        if metric == "sqnr":
+            return bool(self.rel_error == 0 or -20.0 * math.log10(self.rel_error) >= threshold)
+        if metric == "rel_error":
+            return bool(self.rel_error <= threshold)
+        if metric == "max_abs_error":
+            return bool(self.max_abs_error <= threshold)
+        raise ValueError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")
+
+
+def rel_error_for_cosine(threshold: float) -> float:
+    """The relative error a cosine threshold allows for an error orthogonal to the reference:
+    ``sqrt(2 (1 - threshold))`` (0.2 for MACE's 0.98, 0.045 for 0.999)."""
+    return math.sqrt(2.0 * max(0.0, 1.0 - threshold))
+
+
+def default_threshold(metric: str, cosine_threshold: float) -> float | None:
+    """The threshold of ``metric`` equivalent to a cosine threshold (None for max_abs_error, which has no
+    scale-free equivalent and needs one in the YAML)."""
+    e = rel_error_for_cosine(cosine_threshold)
+    return {"cosine": cosine_threshold, "rel_error": e,
+            "sqnr": -20.0 * math.log10(e) if e > 0 else math.inf}.get(metric)
 
 
 def compare(reference: np.ndarray, x: np.ndarray) -> Comparison:

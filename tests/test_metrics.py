@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from qmace.metrics import ABS_FLOOR, compare
 
@@ -41,3 +42,32 @@ def test_ordinary_output_decided_by_cosine():
     assert c.argmax_agreement == 1.0
     assert compare(ref, -ref).passes(0.5) is False
     assert np.sqrt(np.mean(ref**2)) > ABS_FLOOR
+
+
+def _yaml_with(tiny, *lines: str):
+    from tests.conftest import yaml_text
+
+    tiny.yaml.write_text(yaml_text(tiny) + "".join(f"        {line}\n" for line in lines))
+
+
+@pytest.mark.parametrize("threshold, code", [(60, 0), (400, 1)])
+def test_yaml_chooses_metric_and_threshold_per_output(tiny, cli, threshold, code):
+    """validation_outputs_metric / validation_outputs_threshold: the float model on the reference backend
+    vs ONNX Runtime (float32 rounding: SQNR far above 60 dB, never 400 dB unless identical)."""
+    _yaml_with(tiny, "validation_outputs_metric: sqnr", f"validation_outputs_threshold: {threshold}")
+    assert cli("convert", "--config", tiny.yaml).code == 0
+    res = cli("run", "--config", tiny.yaml, "--validate", "--backend", "reference")
+    row = next(ln for ln in res.out.splitlines() if f"sqnr>={threshold}" in ln)
+    cmp_sqnr = float(row.split()[3]) if row.split()[3] != "inf" else math.inf
+    assert res.code == (0 if cmp_sqnr >= threshold else 1) == code, res.out
+
+
+@pytest.mark.parametrize("lines, needle", [
+    (["validation_outputs_metric: psnr"], "validation_outputs_metric"),
+    (["validation_outputs_metric: max_abs_error"], "needs a threshold"),
+    (["validation_outputs_threshold: [0.9, 0.8]"], "2 thresholds for 1 output tensor"),
+])
+def test_bad_validation_metric_keys(tiny, cli, lines, needle):
+    _yaml_with(tiny, *lines)
+    res = cli("convert", "--config", tiny.yaml)
+    assert res.code == 2 and needle in res.err and "Traceback" not in res.err, res.err

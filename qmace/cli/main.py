@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _criterion(check) -> str:
+    """What decided a --validate row: the YAML's metric and threshold, or MACE's cosine (rel-error where the
+    reference is ~0)."""
+    if check.metric == "cosine":
+        return check.comparison.criterion
+    return f"{check.metric}{'>=' if check.metric == 'sqnr' else '<='}{check.threshold:.3g}"
+
+
 def _backends(text: str) -> list[str]:
     from qmace.runtime.session import BACKENDS
 
@@ -174,11 +182,11 @@ def _print_run_report(rep, benchmark: bool) -> None:
               f"{'decided by':>10}" + (f" {'argmax':>7}" if argmax else ""))
         for c in rep.checks:
             cmp = c.comparison
-            ok = "" if cmp.passes(rep.threshold) else "  FAIL"
+            ok = "" if c.passed else "  FAIL"
             sqnr = "ref~0" if cmp.sqnr_db is None else f"{cmp.sqnr_db:.2f}"
             agree = "-" if math.isnan(cmp.argmax_agreement) else f"{cmp.argmax_agreement:.1%}"
             print(f"  {c.sample or '-':<16} {c.output:<24} {cmp.cosine:10.6f} {sqnr:>9} {cmp.max_abs_error:12.4g} "
-                  f"{cmp.rel_error:9.3g} {cmp.criterion:>10}" + (f" {agree:>7}" if argmax else "") + ok)
+                  f"{cmp.rel_error:9.3g} {_criterion(c):>10}" + (f" {agree:>7}" if argmax else "") + ok)
         print("validation " + ("passed" if rep.passed else "FAILED"))
 
 
