@@ -443,3 +443,11 @@ def test_quantize_schema_int8_w7_and_the_slow_path_warning(tiny, cli, tmp_path, 
     assert res.code == 0, res.err
     warned = "int8_w7 (7-bit weights) is exact on the fast kernels" in res.err
     assert warned == (schema == "int8" and not ort_u8s8_exact()), res.err
+
+
+def test_run_openvino_without_the_package(tiny, cli, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import fails as if not installed
+    assert cli("convert", "--config", tiny.yaml).code == 0
+    assert_bad(cli("run", "--config", tiny.yaml, "--backend", "openvino"), "qmace[openvino]")
