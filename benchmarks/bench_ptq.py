@@ -135,14 +135,15 @@ ORT_PEERS = [  # label, weight type, per_channel, method
 ]
 
 
-def ort_quantize(src: Path, dst: Path, xc: np.ndarray, wtype: str, per_channel: bool, method: str) -> Path:
+def ort_quantize(src: Path, dst: Path, xc: np.ndarray, wtype: str, per_channel: bool, method: str,
+                 reduce_range: bool = False) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     quantize_static(
         str(src), str(dst), _Reader(xc), quant_format=QuantFormat.QDQ, per_channel=per_channel,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8 if wtype == "int8" else QuantType.QUInt8,
-        calibrate_method=getattr(CalibrationMethod, method),
+        calibrate_method=getattr(CalibrationMethod, method), reduce_range=reduce_range,
     )
     return dst
 

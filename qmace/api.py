@@ -235,6 +235,12 @@ class OutputCheck:
     sample: str
     output: str
     comparison: Comparison
+    metric: str = "cosine"  # what --validate judges this output by (the YAML's validation_outputs_metric)
+    threshold: float | None = None  # None: not judged (e.g. backend-vs-backend comparisons)
+
+    @property
+    def passed(self) -> bool:
+        return self.threshold is None or self.comparison.judge(self.metric, self.threshold)
 
 
 @dataclass
@@ -251,7 +257,7 @@ class RunReport:
 
     @property
     def passed(self) -> bool:
-        return self.threshold is None or all(c.comparison.passes(self.threshold) for c in self.checks)
+        return self.threshold is None or all(c.passed for c in self.checks)
 
     def latency_percentiles(self) -> dict[str, float]:
         lat = np.asarray(self.latencies_ms)
@@ -269,6 +275,19 @@ class _FloatReference:
     def run(self, outputs, feeds):
         got = self.session.run(feeds)
         return [got[k] for k in outputs]
+
+
+def output_criteria(m: ModelConfig, quantized: bool) -> dict[str, tuple[str, float]]:
+    """Output name -> (metric, threshold) for --validate: the YAML's validation_outputs_metric /
+    validation_outputs_threshold, a missing threshold being the one equivalent to the model's cosine
+    threshold (``qmace.metrics.default_threshold``)."""
+    from qmace.metrics import default_threshold
+
+    cos = m.threshold_for(quantized)
+    sg = m.subgraph
+    return {name: (metric, t if t is not None else default_threshold(metric, cos))
+            for name, metric, t in zip(sg.output_tensors, sg.validation_outputs_metric,
+                                       sg.validation_outputs_threshold)}
 
 
 def source_session(m: ModelConfig, num_threads: int | None = None) -> Oracle:
@@ -337,6 +356,7 @@ def run(
     if oracle is not None:
         report.threshold = m.threshold_for(quantized)
         report.oracle = oracle.label
+    criteria = output_criteria(m, quantized)
     op_times: dict[str, float] | None = {} if (benchmark and backend == "reference") else None
     formats = dict(zip(m.subgraph.output_tensors, m.subgraph.output_data_formats))
     n = count_samples(m, input_dir, 1)
@@ -363,7 +383,8 @@ def run(
         if oracle is not None:
             ref = oracle.run(list(graph.outputs), sample.feeds)
             for name, r in zip(graph.outputs, ref):
-                report.checks.append(OutputCheck(sample.name, name, compare(r, outs[name])))
+                report.checks.append(OutputCheck(sample.name, name, compare(r, outs[name]),
+                                                 *criteria.get(name, ("cosine", report.threshold))))
     if op_times is not None:
         runs = max(1, len(report.latencies_ms))
         report.op_times_ms = {k: v * 1e3 / runs for k, v in op_times.items()}
@@ -457,3 +478,68 @@ def load_model(path: str | Path) -> Graph:
         ModelError / ModelFileError naming the file: missing, truncated, tampered or malformed.
     """
     return load_graph(path)
+
+
+@dataclass
+class BackendComparison:
+    """``run --benchmark`` over several backends: one report per backend (latencies, and checks against the
+    source model with ``--validate``) plus each backend's outputs compared with the first backend's."""
+
+    reports: list[RunReport]
+    versus_first: dict[str, list[OutputCheck]]  # backend -> checks against reports[0]'s outputs
+
+    def median_ms(self, backend: str) -> float:
+        rep = next(r for r in self.reports if r.backend == backend)
+        return float(np.median(rep.latencies_ms))
+
+
+def run_backends(
+    config: str | Path,
+    backends: list[str],
+    *,
+    model_name: str | None = None,
+    build_dir: str | Path | None = None,
+    input_dir: str | Path | None = None,
+    rounds: int = 1,
+    validate: bool = False,
+    num_threads: int | None = None,
+    progress: Callable[[Iterator], Iterator] | None = None,
+) -> BackendComparison:
+    """``qmace run --backend a,b,...``: the converted model on every sample by each backend in turn
+    (interleaved sample by sample and round by round, so that the backends share the machine's state and
+    their latencies can be compared as ratios). Each backend's outputs are compared with the first one's."""
+    if len(set(backends)) != len(backends) or not backends:
+        raise ValueError(f"backends must be distinct and non-empty, got {backends}")
+    cfg = load_config(config)
+    m = cfg.model(model_name)
+    graph = load_converted(cfg, m, build_dir)
+    sessions = {b: Session(graph, backend=b, num_threads=num_threads) for b in backends}
+    oracle = source_session(m, num_threads) if validate else None
+    reports = {b: RunReport(backend=b, samples=0, latencies_ms=[]) for b in backends}
+    if oracle is not None:
+        for rep in reports.values():
+            rep.threshold = m.threshold_for(bool(graph.metadata.get("quantization")))
+            rep.oracle = oracle.label
+    criteria = output_criteria(m, bool(graph.metadata.get("quantization")))
+    versus: dict[str, list[OutputCheck]] = {b: [] for b in backends[1:]}
+    samples = samples_for(m, input_dir, 1)
+    if progress is not None:
+        samples = progress(samples, total=count_samples(m, input_dir, 1))
+    for sample in samples:
+        outs: dict[str, dict[str, np.ndarray]] = {}
+        for _ in range(max(1, rounds)):
+            for b, session in sessions.items():
+                t0 = time.perf_counter()
+                outs[b] = session.run(sample.feeds)
+                reports[b].latencies_ms.append((time.perf_counter() - t0) * 1e3)
+        ref = dict(zip(graph.outputs, oracle.run(list(graph.outputs), sample.feeds))) if oracle is not None else None
+        for b in backends:
+            reports[b].samples += 1
+            if ref is not None:
+                reports[b].checks += [OutputCheck(sample.name, k, compare(ref[k], outs[b][k]),
+                                                  *criteria.get(k, ("cosine", reports[b].threshold)))
+                                      for k in graph.outputs]
+            if b in versus:
+                versus[b] += [OutputCheck(sample.name, k, compare(outs[backends[0]][k], outs[b][k]))
+                              for k in graph.outputs]
+    return BackendComparison([reports[b] for b in backends], versus)

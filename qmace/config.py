@@ -24,6 +24,10 @@ Where qmace deliberately differs from MACE:
   case-insensitive (`DSP` is an alias of `HEXAGON`, as in MACE).
 - `quantize_schema: uint8` is accepted as the explicit name of MACE's default (empty) schema; the 16-bit
   schemas are not supported yet.
+- `validation_outputs_metric` / `validation_outputs_threshold` (qmace's own subgraph keys, one per output or
+  one for all, like `output_data_formats`): the `--validate` metric per output (`cosine`, MACE's, the default;
+  `sqnr` in dB; `rel_error`; `max_abs_error`) and its threshold (default: the one equivalent to the model's
+  cosine `validation_threshold`, qmace.metrics.default_threshold; `max_abs_error` needs one).
 - `quantize_large_weights_schema` (qmace's own key, `int8` by default) chooses how `quantize_large_weights: 1`
   stores weights: `int8` symmetric per channel, or `uint8`, MACE's asymmetric per-tensor storage
   (docs/quantization.md has the measurement behind the default).
@@ -63,7 +67,7 @@ DATA_FORMATS = ("NHWC", "NCHW", "NONE")
 TENSOR_DATA_TYPES = ("float32", "int32")
 MODEL_DATA_TYPES = ("fp32_fp32", "fp16_fp32", "bf16_fp32", "fp16_fp16", "fp32")
 MODEL_FORMATS = ("file", "code")
-QUANTIZE_SCHEMAS = ("uint8", "int8")
+QUANTIZE_SCHEMAS = ("uint8", "int8", "int8_w7")  # qmace.quantize.qmath.SCHEMAS
 LARGE_WEIGHTS_SCHEMAS = ("int8", "uint8")  # qmace.quantize.weight_only.WEIGHT_SCHEMAS; the first is the default
 DEFAULT_INPUT_RANGE = (-1.0, 1.0)
 DEFAULT_VALIDATION_THRESHOLD = {"CPU": 0.999, "GPU": 0.995, "QUANTIZE": 0.980}
@@ -87,8 +91,10 @@ _MODEL_KEYS = (
 _SUBGRAPH_KEYS = (
     "input_tensors", "input_shapes", "input_ranges", "input_data_formats", "input_data_types",
     "output_tensors", "output_shapes", "output_data_formats", "output_data_types", "check_tensors",
-    "check_shapes", "validation_inputs_data", "validation_outputs_data",
+    "check_shapes", "validation_inputs_data", "validation_outputs_data", "validation_outputs_metric",
+    "validation_outputs_threshold",
 )
+VALIDATION_METRICS = ("cosine", "sqnr", "rel_error", "max_abs_error")  # qmace.metrics.METRICS
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -116,6 +122,10 @@ class SubgraphConfig:
     check_shapes: tuple[Shape, ...] | None = None
     validation_inputs_data: tuple[Path, ...] = ()
     validation_outputs_data: tuple[Path, ...] = ()
+    # qmace's own: per output, the --validate metric (cosine = MACE's) and its threshold (None = the one
+    # equivalent to the model's cosine validation_threshold, qmace.metrics.default_threshold)
+    validation_outputs_metric: tuple[str, ...] = ()
+    validation_outputs_threshold: tuple[float | None, ...] = ()
     key: str = "subgraphs[0]"  # key path in the YAML, for messages
 
     def __post_init__(self) -> None:
@@ -126,6 +136,8 @@ class SubgraphConfig:
             ("input_data_types", "float32", n_in),
             ("output_data_formats", "NHWC", n_out),
             ("output_data_types", "float32", n_out),
+            ("validation_outputs_metric", "cosine", n_out),
+            ("validation_outputs_threshold", None, n_out),
         ):
             if not getattr(self, name):
                 object.__setattr__(self, name, (default,) * n)
@@ -133,7 +145,7 @@ class SubgraphConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One entry of `models:`. Paths are absolute; `quantize_schema` is "uint8" or "int8"."""
+    """One entry of `models:`. Paths are absolute; `quantize_schema` is "uint8", "int8" or "int8_w7"."""
 
     name: str
     platform: str
@@ -512,6 +524,22 @@ class _Reader:
             raise self.error(key, f"{_plural(len(out), noun)} for {_plural(count, tensors)}")
         return tuple(out)
 
+    def output_thresholds(self, value: Any, key: str, metrics: tuple[str, ...]) -> tuple[float | None, ...]:
+        """Per-output validation thresholds (a bare number applies to every output); max_abs_error needs one."""
+        items = [None] * len(metrics) if value in (None, "", []) else value if isinstance(value, list) else [value]
+        if len(items) == 1:
+            items = items * len(metrics)
+        if len(items) != len(metrics):
+            raise self.error(key, f"{_plural(len(items), 'threshold')} for {_plural(len(metrics), 'output tensor')}")
+        out: list[float | None] = []
+        for i, (v, metric) in enumerate(zip(items, metrics)):
+            if v is None and metric == "max_abs_error":
+                raise self.error(key, f"output {i} uses max_abs_error, which needs a threshold")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise self.error(f"{key}[{i}]" if isinstance(value, list) else key, f"{v!r} is not a number")
+            out.append(None if v is None else float(v))
+        return tuple(out)
+
     def paths(self, value: Any, key: str) -> tuple[Path, ...]:
         if value is None or value == "":
             return ()
@@ -677,6 +705,8 @@ class _Reader:
         if check_shapes is not None:
             self.count(check_shapes, len(checks), k("check_shapes"), "shape", "check tensor")
 
+        metrics = self.per_tensor(s.get("validation_outputs_metric"), k("validation_outputs_metric"),
+                                  VALIDATION_METRICS, "cosine", n_out, "metric", "output tensor")
         return SubgraphConfig(
             input_tensors=inputs,
             input_shapes=input_shapes,
@@ -697,5 +727,8 @@ class _Reader:
             validation_inputs_data=self.paths(s.get("validation_inputs_data"), k("validation_inputs_data")),
             validation_outputs_data=self.paths(s.get("validation_outputs_data"),
                                                k("validation_outputs_data")),
+            validation_outputs_metric=metrics,
+            validation_outputs_threshold=self.output_thresholds(s.get("validation_outputs_threshold"),
+                                                                k("validation_outputs_threshold"), metrics),
             key=prefix,
         )

@@ -61,6 +61,25 @@ def test_run_validate(tiny, cli, backend):
     assert "validation passed" in res.out and "threshold: cosine >= 0.999" in res.out
 
 
+def test_run_compares_backends_in_one_run(tiny, cli):
+    """--backend a,b: both backends on every sample in turn, latency ratio and outputs vs the first."""
+    assert cli("convert", "--config", tiny.yaml).code == 0
+    res = cli("run", "--config", tiny.yaml, "--validate", "--benchmark", "--round", "2",
+              "--backend", "onnxruntime,reference")
+    assert res.code == 0, res.err
+    assert "onnxruntime: 1 sample(s), 2 run(s)" in res.out and "reference: 1 sample(s), 2 run(s)" in res.out
+    assert "median latency relative to onnxruntime" in res.out
+    line = next(ln for ln in res.out.splitlines() if ln.strip().startswith("reference") and "outputs vs" in ln)
+    cos = float(re.search(r"min cosine ([0-9.]+)", line).group(1))
+    assert cos > 0.99999  # the float model: both backends compute the same float32 function
+    assert res.out.count("validation passed") == 2
+
+
+def test_run_unknown_backend(tiny, cli):
+    res = cli("run", "--config", tiny.yaml, "--backend", "onnxruntime,tvm")
+    assert res.code == 2 and "tvm" in res.err and "Traceback" not in res.err
+
+
 def test_run_input_dir_output_dir_nhwc(tiny, cli, tmp_path):
     xs = write_samples(tmp_path / "in", tiny, 3)
     assert cli("convert", "--config", tiny.yaml).code == 0
@@ -407,3 +426,28 @@ def test_quantize_with_quantize_large_weights(tiny, cli):
     tiny.write_yaml(quantize=1, quantize_large_weights=1, quantize_range_file="overall_range")
     assert_bad(cli("convert", "--config", tiny.yaml), "quantize_large_weights", tiny.yaml.name)
     _no_model_file(tiny)
+
+
+@pytest.mark.parametrize("schema", ["int8", "int8_w7"])
+def test_quantize_schema_int8_w7_and_the_slow_path_warning(tiny, cli, tmp_path, schema):
+    """int8_w7 quantizes and validates like int8; only full-range int8 weights on a CPU whose u8 x s8 kernels
+    saturate take ONNX Runtime's slow exact path, and the run says so once, naming int8_w7."""
+    from qmace.runtime.session import _warn_slow_exact_path, ort_u8s8_exact
+
+    write_samples(tmp_path / "samples", tiny, 4)
+    tiny.write_yaml(quantize_schema=schema)
+    res = cli("quantize", "--config", tiny.yaml, "--input_dir", tmp_path / "samples")
+    assert res.code == 0, res.err
+    _warn_slow_exact_path.cache_clear()
+    res = cli("run", "--config", tiny.yaml, "--input_dir", tmp_path / "samples", "--validate")
+    assert res.code == 0, res.err
+    warned = "int8_w7 (7-bit weights) is exact on the fast kernels" in res.err
+    assert warned == (schema == "int8" and not ort_u8s8_exact()), res.err
+
+
+def test_run_openvino_without_the_package(tiny, cli, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import fails as if not installed
+    assert cli("convert", "--config", tiny.yaml).code == 0
+    assert_bad(cli("run", "--config", tiny.yaml, "--backend", "openvino"), "qmace[openvino]")

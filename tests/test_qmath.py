@@ -486,3 +486,23 @@ def test_qlinearmatmul_exact_ties_and_large_accumulators(w_dtype):
     assert np.count_nonzero(np.modf(np.abs(acc.astype(np.float32) * m))[0] == 0.5) > 50  # real ties
     acc, _, _, _ = results[1]
     assert np.abs(acc).max() > 2**24 and np.any(acc.astype(np.float32).astype(np.int64) != acc)
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_weight_params_per_schema(axis):
+    """One definition per schema: uint8 asymmetric per tensor; int8 / int8_w7 symmetric per channel with
+    codes reaching exactly 127 / 63 on the widest value of each channel."""
+    from qmace.quantize.qmath import weight_params
+
+    w = np.random.default_rng(4).standard_normal((6, 5, 3)).astype(np.float32) * np.arange(1, 7)[:, None, None]
+    assert weight_params(w, axis, "uint8") == params_asymmetric_weights(w, None, "uint8")
+    assert weight_params(w, axis, "int8") == params_symmetric(w, axis)
+    qp = weight_params(w, axis, "int8_w7")
+    assert qp.is_symmetric and qp.narrow_range and qp.dtype == "int8" and qp.axis == axis
+    codes = np.abs(quantize(w, qp).astype(np.int32))
+    if axis == 0:
+        assert codes.max(axis=(1, 2)).tolist() == [63] * 6
+    assert codes.max() == 63
+    np.testing.assert_allclose(qp.scale, params_symmetric(w, axis).scale * 127 / 63, rtol=1e-6)
+    with pytest.raises(QuantizationError):
+        weight_params(w, axis, "int7")

@@ -78,7 +78,7 @@ def _params(res, name):
     return res.graph.tensors[name].quant
 
 
-SCHEMAS = ["uint8", "int8"]
+SCHEMAS = ["uint8", "int8", "int8_w7"]
 
 
 @pytest.mark.parametrize("schema", SCHEMAS)
@@ -106,6 +106,9 @@ def test_node_status(float_graph, table, schema):
     else:
         assert w.dtype == "int8" and w.quant.is_per_channel and w.quant.is_symmetric
         np.testing.assert_array_equal(np.asarray(w.quant.zero_point), 0)
+        # every output channel uses its full code range: 127 (8-bit weights) or 63 (int8_w7)
+        np.testing.assert_array_equal(np.abs(w.data.astype(np.int32)).max(axis=(1, 2, 3)),
+                                      63 if schema == "int8_w7" else 127)
     assert b.dtype == "int32"
     np.testing.assert_allclose(np.asarray(b.quant.scale), np.asarray(x_qp.scale) * np.asarray(w.quant.scale),
                                rtol=1e-6)

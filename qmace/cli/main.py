@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -71,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "example", action="store_true", help="accepted for MACE compatibility: runs the model")
     _flag(p, "quantize_stat", action="store_true",
           help="print MACE's range log of every op output to stdout (for quantize-stat); use with --input_dir")
-    _flag(p, "backend", choices=["onnxruntime", "reference"], default="onnxruntime",
-          help="onnxruntime: fast path (default); reference: qmace's exact numpy kernels")
+    _flag(p, "backend", type=_backends, default=["onnxruntime"],
+          help="onnxruntime (default), openvino (pip install 'qmace[openvino]') or reference; a comma list "
+               "(e.g. onnxruntime,openvino) runs them in turn on every sample and compares latency and outputs")
 
     p = sub.add_parser("quantize-stat", aliases=["quantize_stat"],
                        help="range log -> range file (MACE's quantize_stat.py)")
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                "see docs/quantization.md")
     _flag(p, "enhance", action="store_true", help="with --method mace: MACE's outlier walk")
     _flag(p, "enhance_ratio", type=float, default=10.0, help="--enhance's outlier ratio (default 10)")
-    _flag(p, "schema", default=None, choices=["uint8", "int8"], help="override the YAML's quantize_schema")
+    _flag(p, "schema", default=None, choices=["uint8", "int8", "int8_w7"], help="override the YAML's quantize_schema")
     _flag(p, "range_file", default=None, help="where to write the ranges used (default: beside the model)")
     _flag(p, "no_bias_correction", action="store_true", help="skip correcting biases for weight rounding")
     _flag(p, "adaround", action="store_true",
@@ -124,6 +126,39 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "no_equalization", action="store_true",
           help="skip rescaling activation channels (equalization) before the initial calibration")
     return ap
+
+
+def _criterion(check) -> str:
+    """What decided a --validate row: the YAML's metric and threshold, or MACE's cosine (rel-error where the
+    reference is ~0)."""
+    if check.metric == "cosine":
+        return check.comparison.criterion
+    return f"{check.metric}{'>=' if check.metric == 'sqnr' else '<='}{check.threshold:.3g}"
+
+
+def _backends(text: str) -> list[str]:
+    from qmace.runtime.session import BACKENDS
+
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in BACKENDS]
+    if bad or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct names from {', '.join(BACKENDS)}")
+    return names
+
+
+def _print_backend_comparison(cmp) -> None:
+    first = cmp.reports[0].backend
+    for rep in cmp.reports:
+        _print_run_report(rep, True)
+    print(f"median latency relative to {first} (interleaved runs):")
+    for rep in cmp.reports:
+        line = f"  {rep.backend:<12} {cmp.median_ms(rep.backend):9.3f} ms  {cmp.median_ms(first) / cmp.median_ms(rep.backend):5.2f}x"
+        checks = cmp.versus_first.get(rep.backend)
+        if checks:
+            worst = min(checks, key=lambda c: c.comparison.cosine).comparison
+            line += (f"  outputs vs {first}: min cosine {worst.cosine:.6f}, "
+                     f"max abs diff {max(c.comparison.max_abs_error for c in checks):.4g}")
+        print(line)
 
 
 def _progress(it, total=None, desc="samples", unit="sample"):
@@ -159,15 +194,20 @@ def _print_run_report(rep, benchmark: bool) -> None:
         for node, ms in sorted(rep.op_times_ms.items(), key=lambda kv: -kv[1])[:10]:
             print(f"  {node:<40} {rep.op_types[node]:<16} {ms:9.3f}")
     if rep.checks:
-        print(f"validation against {rep.oracle} (threshold: cosine >= {rep.threshold}):")
+        print(f"validation against {rep.oracle} (threshold: cosine >= {rep.threshold}); where the reference "
+              f"is ~0, relative error <= {math.sqrt(2 * max(0.0, 1 - rep.threshold)):.3g} decides:")
+        argmax = any(not math.isnan(c.comparison.argmax_agreement) for c in rep.checks)  # classifier outputs only
         ws = max([6, *(len(c.sample or "-") for c in rep.checks)])  # columns as wide as the longest name
         wo = max([6, *(len(c.output) for c in rep.checks)])
-        print(f"  {'sample':<{ws}} {'output':<{wo}} {'cosine':>10} {'SQNR dB':>9} {'max abs err':>12} {'argmax':>7}")
+        print(f"  {'sample':<{ws}} {'output':<{wo}} {'cosine':>10} {'SQNR dB':>9} {'max abs err':>12} {'rel err':>9} "
+              f"{'decided by':>10}" + (f" {'argmax':>7}" if argmax else ""))
         for c in rep.checks:
             cmp = c.comparison
-            ok = "" if cmp.passes(rep.threshold) else "  FAIL"
-            print(f"  {c.sample or '-':<{ws}} {c.output:<{wo}} {cmp.cosine:10.6f} {cmp.sqnr_db:9.2f} "
-                  f"{cmp.max_abs_error:12.4g} {cmp.argmax_agreement:7.1%}{ok}")
+            ok = "" if c.passed else "  FAIL"
+            sqnr = "ref~0" if cmp.sqnr_db is None else f"{cmp.sqnr_db:.2f}"
+            agree = "-" if math.isnan(cmp.argmax_agreement) else f"{cmp.argmax_agreement:.1%}"
+            print(f"  {c.sample or '-':<{ws}} {c.output:<{wo}} {cmp.cosine:10.6f} {sqnr:>9} {cmp.max_abs_error:12.4g} "
+                  f"{cmp.rel_error:9.3g} {_criterion(c):>10}" + (f" {agree:>7}" if argmax else "") + ok)
         print("validation " + ("passed" if rep.passed else "FAILED"))
 
 
@@ -183,8 +223,18 @@ def cmd_run(a: argparse.Namespace) -> int:
             if value.size and np.issubdtype(value.dtype, np.floating):
                 print(format_range_log_line(name, float(value.min()), float(value.max())))
 
+    if len(a.backend) > 1:
+        from qmace.api import run_backends
+
+        if a.quantize_stat or a.output_dir:
+            raise QmaceError("--quantize_stat and --output_dir take one --backend")
+        cmp = run_backends(a.config, a.backend, model_name=a.model_name, build_dir=a.build_dir,
+                           input_dir=a.input_dir, rounds=a.round, validate=a.validate, num_threads=a.num_threads,
+                           progress=_progress)
+        _print_backend_comparison(cmp)
+        return 0 if all(r.passed for r in cmp.reports) else 1
     rep = run(
-        a.config, model_name=a.model_name, build_dir=a.build_dir, backend=a.backend, input_dir=a.input_dir,
+        a.config, model_name=a.model_name, build_dir=a.build_dir, backend=a.backend[0], input_dir=a.input_dir,
         output_dir=a.output_dir, rounds=a.round, validate=a.validate, benchmark=a.benchmark,
         num_threads=a.num_threads, on_tensor=on_tensor, progress=_progress,
     )

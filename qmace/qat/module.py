@@ -463,9 +463,7 @@ class QATModule(nn.Module):
         op = get_op(node.op_type)
         if self.weight_names(node).get(index) in self.opts.fixed_params:
             return self.opts.fixed_params[self.weight_names(node)[index]]
-        if self.opts.schema == "int8":
-            return qmath.params_symmetric(w, op.weight_axis(node, index), "int8")
-        return qmath.params_asymmetric_weights(w, None, "uint8")
+        return qmath.weight_params(w, op.weight_axis(node, index), self.opts.schema)
 
     def weight_names(self, node: Node) -> dict[int, str]:
         return self._node_weights.get(node.name, {})

@@ -69,9 +69,7 @@ class ChannelMeans:
 def weight_params(w: np.ndarray, node: Node, schema: str) -> qmath.QuantParams:
     """The weight parameters the quantizer will choose for input 1 of ``node`` under ``schema``."""
     axis = get_op(node.op_type).weight_axis(node, 1)
-    if schema == "int8":
-        return qmath.params_symmetric(w, axis, "int8")
-    return qmath.params_asymmetric_weights(w, None, "uint8")
+    return qmath.weight_params(w, axis, schema)
 
 
 def shift_bias(g: Graph, node: Node, delta: np.ndarray) -> bool:

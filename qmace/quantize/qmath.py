@@ -23,6 +23,7 @@ from qmace.errors import QuantizationError
 
 __all__ = [
     "MIN_SCALE",
+    "SCHEMAS",
     "NudgedRange",
     "QuantParams",
     "bias_params",
@@ -36,6 +37,7 @@ __all__ = [
     "quantize_bias",
     "requant_multiplier",
     "requantize",
+    "weight_params",
 ]
 
 #: Smallest scale qmace ever produces (2**-40, about 9.1e-13). Ranges narrower than 255 * MIN_SCALE are
@@ -234,12 +236,16 @@ def _reduce_axes(w: np.ndarray, axis: int | None) -> tuple[int, ...]:
     return tuple(i for i in range(w.ndim) if i != axis)
 
 
-def params_symmetric(w: Any, axis: int | None, dtype: str = "int8") -> QuantParams:
+def params_symmetric(w: Any, axis: int | None, dtype: str = "int8", bits: int = 8) -> QuantParams:
     """Symmetric (zero point 0, narrow range) parameters from a weight array, per channel along ``axis``
-    or per tensor when ``axis`` is None: ``scale = float32(max|w| / qmax)`` (float64 arithmetic; 127 for
-    int8), codes clipped to [-qmax, qmax]. An all-zero channel gets scale 1.0."""
+    or per tensor when ``axis`` is None: ``scale = float32(max|w| / qmax)`` (float64 arithmetic) with
+    ``qmax = 2**(bits-1) - 1`` (127 for 8 bits, 63 for 7 bits), codes clipped to [-127, 127] (the codes of
+    ``bits`` < 8 stay within [-qmax, qmax] by construction; rounding choices such as AdaRound's can reach
+    ``qmax + 1``). An all-zero channel gets scale 1.0."""
     if dtype_bounds(dtype)[0] >= 0:
         raise QuantizationError(f"symmetric quantization needs a signed dtype, got {dtype!r}")
+    if not 2 <= bits <= 8:
+        raise QuantizationError(f"symmetric weight bits must be in [2, 8], got {bits}")
     w = np.asarray(w, dtype=np.float64)
     if not np.all(np.isfinite(w)):
         raise QuantizationError("weights contain NaN or Inf; cannot choose a scale")
@@ -247,9 +253,31 @@ def params_symmetric(w: Any, axis: int | None, dtype: str = "int8") -> QuantPara
         raise QuantizationError("cannot choose a scale for an empty weight tensor")
     axis = None if axis is None else _normalize_axis(axis, w.ndim)
     amax = np.max(np.abs(w), axis=_reduce_axes(w, axis))
-    qmax = dtype_bounds(dtype, narrow=True)[1]
+    qmax = min(dtype_bounds(dtype, narrow=True)[1], 2 ** (bits - 1) - 1)
     scale = _finalize_scale(amax / float(qmax), amax == 0)
     return QuantParams(scale, np.zeros(scale.shape, np.int32), dtype, axis, narrow_range=True)
+
+
+#: The quantization schemas (``quantize_schema``) and how each chooses weight parameters; activations are
+#: asymmetric per-tensor uint8 in all of them.
+#: - ``uint8`` (MACE's default): asymmetric per-tensor uint8 weights;
+#: - ``int8``: symmetric per-channel int8 weights, codes in [-127, 127];
+#: - ``int8_w7``: the same with 7-bit weights, codes in [-63, 63] (ONNX Runtime's ``reduce_range``). The
+#:   model is still int8 (same file format and kernels on every device), but no pair of u8 x s8 products can
+#:   exceed int16 (255 * 64 * 2 = 32640 < 32767), so x86 kernels built on ``vpmaddubsw`` (AVX2 without VNNI)
+#:   are exact on it, at the cost of one bit of weight resolution.
+SCHEMAS = ("uint8", "int8", "int8_w7")
+_SYMMETRIC_WEIGHT_BITS = {"int8": 8, "int8_w7": 7}
+
+
+def weight_params(w: Any, axis: int | None, schema: str) -> QuantParams:
+    """The parameters ``schema`` gives weight ``w`` (``axis``: its output-channel axis, used by the
+    per-channel schemas); the one place the quantizer, bias correction, AdaRound and QAT take them from."""
+    if schema == "uint8":
+        return params_asymmetric_weights(w, None, "uint8")
+    if schema not in _SYMMETRIC_WEIGHT_BITS:
+        raise QuantizationError(f"unknown quantize_schema {schema!r} (choose from {', '.join(SCHEMAS)})")
+    return params_symmetric(w, axis, "int8", bits=_SYMMETRIC_WEIGHT_BITS[schema])
 
 
 def params_asymmetric_weights(w: Any, axis: int | None = None, dtype: str = "uint8") -> QuantParams:

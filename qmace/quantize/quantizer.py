@@ -30,7 +30,7 @@ from qmace.quantize.ranges import Range, RangeTable
 
 log = logging.getLogger(__name__)
 
-SCHEMAS = ("uint8", "int8")
+SCHEMAS = qmath.SCHEMAS
 ACT_DTYPE = "uint8"  # activations are asymmetric uint8 in both schemas (ORT's fastest u8 x s8 kernels)
 # Ops whose float constant inputs are data (quantized with their own range), not parameters.
 _CONST_DATA_OPS = {"Add", "Sub", "Mul", "Div", "Concat"}
@@ -317,10 +317,8 @@ def _quantize_weights(g: Graph, node: Node, op, schema: str, fixed: dict) -> Non
         w = g.tensors[name].data.astype(np.float32)
         if name in fixed:
             qp = fixed[name]
-        elif schema == "int8":
-            qp = qmath.params_symmetric(w, axis, "int8")
         else:
-            qp = qmath.params_asymmetric_weights(w, None, "uint8")
+            qp = qmath.weight_params(w, axis, schema)
         qname = g.unique_name(f"{name}__quant")
         g.add_tensor(Tensor(qname, qp.dtype, tuple(w.shape), qmath.quantize(w, qp), qp))
         node.inputs[i] = qname

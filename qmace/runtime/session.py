@@ -1,8 +1,9 @@
 """One session API over both backends.
 
-``Session(graph, backend="onnxruntime" | "reference", num_threads=N)``; ``run(feeds)`` returns the graph
-outputs by name. The reference backend can also return (or stream to a callback) every intermediate
-tensor; the ONNX Runtime backend can expose chosen intermediates as extra outputs.
+``Session(graph, backend="onnxruntime" | "openvino" | "reference", num_threads=N)``; ``run(feeds)`` returns
+the graph outputs by name. The reference backend can also return (or stream to a callback) every
+intermediate tensor; the ONNX Runtime and OpenVINO backends run the lowered ONNX model
+(``qmace.runtime.lower``) and can expose chosen intermediates as extra outputs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from qmace.errors import ModelError, first_line
 from qmace.ir import Graph
 from qmace.runtime import reference
 
-BACKENDS = ("onnxruntime", "reference")
+BACKENDS = ("onnxruntime", "openvino", "reference")
 log = logging.getLogger(__name__)
 
 # Integer-weight inputs of ONNX ops: op type -> (weight input index, weight zero-point input index).
@@ -89,11 +90,17 @@ def _fold_weight_quantize(model) -> None:
     model.graph.node.extend(keep)
 
 
+#: |int8 weight code| up to which ORT's u8 x s8 kernels cannot saturate: 255 * 64 * 2 = 32640 <= 32767.
+U8S8_SAFE_WEIGHT_CODE = 64
+
+
 def int8_weights_as_uint8(model) -> bool:
     """Rewrite ``model`` (an ``onnx.ModelProto``, in place) so that every int8 weight initializer read by
     DequantizeLinear / QLinearConv / QLinearMatMul / ConvInteger / MatMulInteger is uint8 ``q + 128`` with
     zero point ``z + 128``: the same real values and the same integer products ``(q_x - z_x)(q_w - z_w)``,
     but ONNX Runtime runs them with its u8 x u8 kernels, which are exact where u8 x s8 saturates.
+    Weights whose codes all lie in [-64, 64] (7-bit weights, ``quantize_schema: int8_w7``) cannot saturate
+    (``vpmaddubsw`` adds two u8 x s8 products: 255 * 64 * 2 < 2^15) and stay int8 on ORT's fast kernels.
     Returns whether anything changed."""
     from onnx import TensorProto, numpy_helper
 
@@ -115,6 +122,9 @@ def int8_weights_as_uint8(model) -> bool:
         w = inits.get(node.input[w_i]) if len(node.input) > w_i else None
         if w is None or w.data_type != TensorProto.INT8:
             continue
+        codes = numpy_helper.to_array(w)
+        if codes.size == 0 or int(np.abs(codes.astype(np.int16)).max()) <= U8S8_SAFE_WEIGHT_CODE:
+            continue
         zp_name = node.input[z_i] if len(node.input) > z_i else ""
         if zp_name and zp_name not in inits:  # a zero point computed at run time: leave the node alone
             continue
@@ -124,7 +134,7 @@ def int8_weights_as_uint8(model) -> bool:
             scale = inits.get(node.input[1]) if node.op_type == "DequantizeLinear" else None
             zp = np.zeros(tuple(scale.dims) if scale is not None else (), np.int8)
             zp_name = f"{w.name}__zero"
-        node.input[w_i] = as_uint8(w.name, numpy_helper.to_array(w))
+        node.input[w_i] = as_uint8(w.name, codes)
         while len(node.input) <= z_i:
             node.input.append("")
         node.input[z_i] = as_uint8(zp_name, zp)
@@ -151,6 +161,13 @@ def _raw_ort_session(model_bytes: bytes | str, num_threads: int | None = None):
         raise ModelError(f"ONNX Runtime could not load the model: {first_line(e)}") from e
 
 
+@functools.cache
+def _warn_slow_exact_path() -> None:
+    log.warning("this CPU has no VNNI: ONNX Runtime's fast u8 x s8 kernels would saturate on full-range int8 "
+                "weights, so they run exactly through its u8 x u8 kernels (no faster than float here); "
+                "quantize_schema: int8_w7 (7-bit weights) is exact on the fast kernels")
+
+
 def ort_session(model_bytes: bytes | str, num_threads: int | None = None, exact_int8: bool = True):
     """An ONNX Runtime CPU session on serialized model bytes or a model file path (a path lets ORT find
     external data beside the file). ModelError with ORT's first message line when it cannot load it.
@@ -168,6 +185,7 @@ def ort_session(model_bytes: bytes | str, num_threads: int | None = None, exact_
             model = None
         if model is not None and int8_weights_as_uint8(model):
             model_bytes = model.SerializeToString()
+            _warn_slow_exact_path()
     return _raw_ort_session(model_bytes, num_threads)
 
 
@@ -186,11 +204,16 @@ class Session:
         self.num_threads = num_threads
         self.extra_outputs = list(extra_outputs or [])
         self._ort = None
-        if backend == "onnxruntime":
+        if backend != "reference":
             from qmace.runtime.lower import to_onnx
 
-            model = to_onnx(graph, extra_outputs=self.extra_outputs)
-            self._ort = ort_session(model.SerializeToString(), num_threads)
+            model = to_onnx(graph, extra_outputs=self.extra_outputs).SerializeToString()
+            if backend == "onnxruntime":
+                self._ort = ort_session(model, num_threads)
+            else:
+                from qmace.runtime.openvino_backend import OpenVINOSession
+
+                self._ort = OpenVINOSession(model, num_threads)
 
     @property
     def input_names(self) -> list[str]:
