@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
-from qmace.quantize.api import export, quantize_one_shot  # noqa: E402
-from qmace.runtime import Session  # noqa: E402
-from qmace.runtime.session import ort_u8s8_exact  # noqa: E402
+from qmace.quantize.api import export, quantize_one_shot
+from qmace.runtime import Session
+from qmace.runtime.session import ort_u8s8_exact
 
 
 def _write_samples(directory: Path, images: np.ndarray) -> Path:

@@ -42,18 +42,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
-from qmace.api import load_float_graph  # noqa: E402
-from qmace.config import load_config  # noqa: E402
-from qmace.data import Sample  # noqa: E402
-from qmace.quantize.adaround import InputStatistics, adaround  # noqa: E402
-from qmace.quantize.api import calibrate, equalize_on, quantize_for_config  # noqa: E402
-from qmace.quantize.bias_correction import ChannelMeans, correct_biases  # noqa: E402
-from qmace.quantize.calibration import make_calibrator  # noqa: E402
-from qmace.quantize.equalize import ChannelMaxima, equalize_activations  # noqa: E402
-from qmace.quantize.ranges import Range  # noqa: E402
-from qmace.runtime import Session  # noqa: E402
+from qmace.api import load_float_graph
+from qmace.config import load_config
+from qmace.data import Sample
+from qmace.quantize.adaround import InputStatistics, adaround
+from qmace.quantize.api import calibrate, equalize_on, quantize_for_config
+from qmace.quantize.bias_correction import ChannelMeans, correct_biases
+from qmace.quantize.calibration import make_calibrator
+from qmace.quantize.equalize import ChannelMaxima, equalize_activations
+from qmace.quantize.ranges import Range
+from qmace.runtime import Session
 
 ALL_METHODS = {  # label -> (method, options)
     "mace P=0": ("mace", {"percentile": 0.0}),
@@ -271,7 +271,7 @@ class QDQSurgery:
                 continue
             src = n.input[0]
             if src in q_by_out:
-                name = src[: -len("__quant")] if src.endswith("__quant") else src
+                name = src.removesuffix("__quant")
                 name = {"input": common.INPUT}.get(name, name)
                 if src == "output__quant":
                     name = common.OUTPUT
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         dst = ort_quantize(onnx_path, tmp / f"ort_{wtype}_{int(pc)}_{method}.onnx", xc, wtype, pc, method)
         s = common.ort_session(dst, T)
         rows.append({"label": label, "kind": "ort", "b1": dst, "b8": dst,
-                     "logits": common.run_batched(lambda a: s.run([common.OUTPUT], {common.INPUT: a})[0], xe)})
+                     "logits": common.run_batched(lambda a, s=s: s.run([common.OUTPUT], {common.INPUT: a})[0], xe)})
         print(f"  {label}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
     times[f"ORT quantize_static x{len(ORT_PEERS)} + eval"] = time.perf_counter() - t0
 
@@ -489,10 +489,10 @@ def main(argv: list[str] | None = None) -> int:
                     src = r[f"b{b}"]
                     if isinstance(src, Path):
                         s = common.ort_session(src, threads)
-                        fns[i] = lambda s=s: s.run([common.OUTPUT], feeds)
+                        fns[i] = lambda s=s, feeds=feeds: s.run([common.OUTPUT], feeds)
                     else:
                         s = Session(src, backend="onnxruntime", num_threads=threads)
-                        fns[i] = lambda s=s: s.run(feeds)
+                        fns[i] = lambda s=s, feeds=feeds: s.run(feeds)
                 reps = args.repeats if b == 1 else args.repeats_b8
                 med = common.interleaved_medians(fns, repeats=reps, warmup=3)
                 for i, r in enumerate(lat_rows):
@@ -618,10 +618,10 @@ def memory_runs(args, xc, tmp, yaml1, T, times) -> list[str]:
                              f"{a['peak']:.0f} / {b['peak']:.0f}",
                              f"{100 * (b['peak'] - a['peak']) / a['peak']:+.1f}%",
                              f"{a['seconds']:.0f} / {b['seconds']:.0f}"])
-        mt = ["", "### Calibration peak memory (64 images cycled to N samples; fresh process each; "
-              f"{args.mem_parallel} at a time)", "",
-              "Growth = peak RSS during the measured steps minus RSS just before them (includes building the ORT "
-              "session with every activation as an output).", "",
+        mt = ["", ("### Calibration peak memory (64 images cycled to N samples; fresh process each; "
+                   f"{args.mem_parallel} at a time)"), "",
+              ("Growth = peak RSS during the measured steps minus RSS just before them (includes building the ORT "
+               "session with every activation as an output)."), "",
               common.md_table(["method", "measured steps", "samples N1 / N2", "growth MB @N1", "growth MB @N2",
                                "growth change", "process peak MB", "process peak change", "seconds"], mem_rows)]
         times["calibration memory runs"] = time.perf_counter() - t0
@@ -647,8 +647,8 @@ def diagnose(args, g1, gbc, m1, tables, qgraphs, xe, ref, labels, T) -> list[str
             rows.append([i, kinds.get(name, "?"), name.replace("/features/", "").replace("_output_0", ""),
                          f"{per[name][0]:.1f}", f"{per[name][1]:.2f}",
                          f"[{r.min:.2f}, {r.max:.2f}]" if r is not None else "input_ranges"])
-    out += [f"Cumulative SQNR of each quantized activation, reference backend (exact integer kernels), "
-            f"{args.diag_images} eval images, vs the float graph:", "",
+    out += [(f"Cumulative SQNR of each quantized activation, reference backend (exact integer kernels), "
+             f"{args.diag_images} eval images, vs the float graph:"), "",
             common.md_table(["#", "kind", "tensor", "SQNR dB", "max|float|", "range used"], rows), ""]
     print("\n".join(out), flush=True)
 
@@ -693,8 +693,8 @@ def diagnose(args, g1, gbc, m1, tables, qgraphs, xe, ref, labels, T) -> list[str
     by_kind: dict[str, float] = {}
     for s, a in single:
         by_kind[kinds.get(a, "?")] = by_kind.get(kinds.get(a, "?"), 0.0) + 10 ** (-s / 10)
-    out += ["The 12 activations whose quantization alone (weights float, everything else float) costs the most, "
-            "32 images (logits SQNR dB):", "",
+    out += [("The 12 activations whose quantization alone (weights float, everything else float) costs the most, "
+             "32 images (logits SQNR dB):"), "",
             common.md_table(["SQNR dB alone", "kind", "tensor", "range used"], rows), "",
             "Share of the summed single-tensor noise power by kind: "
             + ", ".join(f"{k} {100 * v / noise:.0f}%" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])), ""]

@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
-from qmace.api import convert  # noqa: E402
-from qmace.modelfile import load_graph  # noqa: E402
-from qmace.runtime import Session  # noqa: E402
+from qmace.api import convert
+from qmace.modelfile import load_graph
+from qmace.runtime import Session
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for backend in ("onnxruntime", "reference"):
         s = Session(graphs[1], backend=backend, num_threads=args.threads)
         t0 = time.perf_counter()
-        got = common.run_batched(lambda a: s.run({common.INPUT: a})[common.OUTPUT], x_eval)
+        got = common.run_batched(lambda a, s=s: s.run({common.INPUT: a})[common.OUTPUT], x_eval)
         dt = time.perf_counter() - t0
         acc_rows.append([f"qmace {backend}", f"{float(np.abs(got - ref_logits).max()):.3g}",
                          f"{common.cosine(ref_logits, got):.9f}",
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, extra in (("random inputs from input_ranges", []), ("8 real photos (--input_dir)", ["--input_dir", str(in_dir)])):
         cmd = [sys.executable, "-m", "qmace", "run", "--config", str(yamls[1]), "--build_dir", str(build),
                "--validate", "--num_threads", str(args.threads), *extra]
-        pr = subprocess.run(cmd, capture_output=True, text=True)
-        cos = [float(m.group(1)) for m in re.finditer(r"^\s*\S+\s+output\s+([0-9.]+)\s", pr.stdout, re.M)]
+        pr = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        cos = [float(m.group(1)) for m in re.finditer(r"^\s*\S+\s+output\s+([0-9.]+)\s", pr.stdout, re.MULTILINE)]
         cli_rows.append([label, pr.returncode, f"{min(cos):.6f}" if cos else "?",
                          "passed" if "validation passed" in pr.stdout else (pr.stdout + pr.stderr).strip().splitlines()[-1]])
 

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     d = fashion_mnist()
-    norm = lambda a: ((a.astype(np.float32) / 255.0 - 0.2860) / 0.3530)[:, None]  # noqa: E731
+    norm = lambda a: ((a.astype(np.float32) / 255.0 - 0.2860) / 0.3530)[:, None]
     xtr, ytr = norm(d["train_images"]), d["train_labels"].astype(np.int64)
     xte, yte = norm(d["test_images"]), d["test_labels"].astype(np.int64)
 
@@ -131,8 +131,8 @@ def main(argv=None) -> int:
     print(f"\nFashion-MNIST small CNN ({sum(p.numel() for p in model.parameters()):,} params; float trained "
           f"{args.epochs} epochs in {t_train:.0f} s); test split 10,000 images; PTQ: MACE min/max on 512 train "
           f"images; QAT: {args.qat_steps} steps x 64 train images, cross-entropy, LSQ ranges")
-    print(f"| schema | float | PTQ | QAT | QAT - float | QAT - PTQ | QAT time |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| schema | float | PTQ | QAT | QAT - float | QAT - PTQ | QAT time |")
+    print("|---|---|---|---|---|---|---|")
     for schema, p, q, t, _ in rows:
         print(f"| {schema} | {acc_float:.2f}% | {p:.2f}% | {q:.2f}% | {q - acc_float:+.2f} | {q - p:+.2f} | {t:.0f} s |")
     ok = all(q >= acc_float - 0.5 and q >= p for _, p, q, _, _ in rows)

@@ -85,7 +85,7 @@ def extra_photo_paths(asset: str, manifest: Path, eval_paths, stamps_root: Path)
     try:
         paths = [Path(p) for p in json.loads(manifest.read_text())["photos"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"--{asset}: {manifest}: {e}; run python scripts/fetch_assets.py {asset}")
+        raise SystemExit(f"--{asset}: {manifest}: {e}; run python scripts/fetch_assets.py {asset}") from None
 
     def digest(path):
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
