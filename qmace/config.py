@@ -14,7 +14,8 @@ Where qmace deliberately differs from MACE:
   `validation_outputs_data`) are resolved against the YAML file's directory, not the working directory, so a
   command gives the same result wherever it is run from. `~` is expanded.
 - qmace works offline: a URL where MACE would download a file is a ConfigError asking for a local path.
-- Only `platform: onnx` is supported for now; `tensorflow`, `caffe`, ... are rejected when the file is read.
+- `platform: onnx` and `platform: tensorflow` (frozen GraphDef `.pb`) are supported; `caffe`, ... are rejected
+  when the file is read.
 - Everything runs on the host CPU: a `runtime` other than `cpu`, `target_abis` other than `host`, a
   `data_type` other than fp32, `model_graph_format`/`model_data_format: code`, and GPU/DSP/APU/HTA/OpenCL,
   obfuscation and build settings are accepted and reported as not applicable (MACE would act on them).
@@ -49,7 +50,7 @@ from qmace.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_PLATFORMS = ("onnx",)
+SUPPORTED_PLATFORMS = ("onnx", "tensorflow")
 MACE_PLATFORMS = ("tensorflow", "caffe", "onnx", "megengine", "keras", "pytorch")
 DATA_FORMATS = ("NHWC", "NCHW", "NONE")
 TENSOR_DATA_TYPES = ("float32", "int32")
@@ -156,6 +157,14 @@ class ModelConfig:
     def verify_model_file(self) -> None:
         """Check the model file (and the weight file, if any) against the YAML's sha256 checksums."""
         where = f" in {self.yaml_path}" if self.yaml_path else ""
+        if self.model_file_path.is_dir():
+            hint = ""
+            if (self.model_file_path / "saved_model.pb").is_file():
+                hint = (": a TensorFlow SavedModel; freeze it into one GraphDef .pb first (e.g. "
+                        "convert_variables_to_constants_v2 on its serving function, then "
+                        "graph_def.SerializeToString())")
+            raise ModelError(f"{self.model_file_path}: a directory, not a model file ({self.key}.model_file_path"
+                             f"{where}){hint}")
         verify_checksum(self.model_file_path, self.model_sha256_checksum,
                         f"{self.key}.model_sha256_checksum{where}")
         if self.weight_file_path is not None and self.weight_sha256_checksum is not None:

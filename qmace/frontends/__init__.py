@@ -55,8 +55,15 @@ def _onnx_oracle(m: ModelConfig, num_threads: int | None) -> Oracle:
     return _OrtOracle(ort_session(m.model_file_path.read_bytes(), num_threads))
 
 
+def _tensorflow() -> Frontend:
+    from qmace.frontends.tensorflow import INSTALL_HINT, load_tensorflow, tf_oracle
+
+    return Frontend("tensorflow", load_tensorflow, tf_oracle, INSTALL_HINT)
+
+
 FRONTENDS: dict[str, Frontend] = {
     "onnx": Frontend("onnx", lambda m: load_onnx(m.model_file_path), _onnx_oracle),
+    "tensorflow": _tensorflow(),
 }
 
 
