@@ -280,3 +280,12 @@ def test_ir_op_table_covers_every_emitter():
 
     assert set(EMITTERS) == set(IR_OPS)
     assert all(is_supported(op) for ops in IR_OPS.values() for op in ops)
+
+
+@pytest.mark.parametrize("out", ["Relu", "Relu:0"])
+def test_rank4_output_comes_back_in_the_yaml_layout(tmp_path, out):
+    """An NHWC output of rank 4 is channels-first in the IR (the model layout) whichever name spelling."""
+    yml = write_model(tmp_path, DATA / "convnet.pb", outputs=out)
+    g = api.convert(yml, build_dir=tmp_path / "build").graph
+    assert g.outputs == [out] and g.tensors[out].shape == (1, 8, 4, 4)
+    assert "Transpose" not in g.op_counts()

@@ -214,6 +214,11 @@ def graphdef_to_graph(graph_def, path: str | Path, input_tensors: list[str], out
         if graph.constant(src) is not None:
             raise b.error(f"output {yaml_name!r} is a constant")
         if _channels_first(fmt, rank):
+            if src == yaml_name:  # the YAML spells the internal name (node:0): that one becomes the NHWC copy
+                graph.rename_tensor(src, f"{src}/nhwc")
+                if src in b.params:
+                    b.params[f"{src}/nhwc"] = b.params[src]
+                src = f"{src}/nhwc"
             b.emit1("Transpose", [src], {"perm": list(TO_NCHW)}, out=yaml_name)
         elif src != yaml_name:
             b.emit1("Identity", [src], out=yaml_name)
