@@ -29,21 +29,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     INPUT_RANGE,
     interleaved_medians,
+    labels_for,
     logits_metrics,
     md_table,
     mobilenet_onnx,
     sha256,
     stamp_images,
-    labels_for,
 )
-from qmace import api  # noqa: E402
-from qmace.config import input_name_format  # noqa: E402
-from qmace.quantize.api import quantize_one_shot  # noqa: E402
-from qmace.runtime import Session  # noqa: E402
-from qmace_zoo import default_cache  # noqa: E402
+from qmace import api
+from qmace.config import input_name_format
+from qmace.quantize.api import quantize_one_shot
+from qmace.runtime import Session
+from qmace_zoo import default_cache
 
 
 def write_yaml(d: Path, model: Path, platform: str, inp: str, out: str, nhwc: bool, name: str,
@@ -145,8 +145,8 @@ def bench_qat(model: Path, inp: str, out: str, ref: np.ndarray, xe, tmp: Path, t
     print(f"qat: convert {t_conv:.1f} s, step {step:.4g}, max off {off.max():.2f} steps, >1 step {100 * frac:.3f}%, "
           f"any step {100 * frac_any:.2f}%, top-1 same {top1:.1f}%, fallbacks {len(conv.fallbacks)}", flush=True)
     return ["tfmot QAT (.pb, quantize: 1 + input_ranges)", f"{t_conv:.1f} s",
-            f"vs TF fake-quant: {100 * frac:.3f}% of logits > 1 step (max {off.max():.2f}), "
-            f"{100 * frac_any:.2f}% differ at all; top-1 same {top1:.1f}%", "-", "-", "-"]
+            (f"vs TF fake-quant: {100 * frac:.3f}% of logits > 1 step (max {off.max():.2f}), "
+             f"{100 * frac_any:.2f}% differ at all; top-1 same {top1:.1f}%"), "-", "-", "-"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: qmace_zoo is not installed
 
-from qmace_zoo import default_cache, load_images, load_split, stamps_dir  # noqa: E402
-from qmace_zoo.mobilenet_v2 import INVERTED_RESIDUAL_SETTING  # noqa: E402
+from qmace_zoo import default_cache, load_images, load_split, stamps_dir
+from qmace_zoo.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
 
 
 def state_dict(cache: Path) -> dict[str, np.ndarray]:

@@ -186,9 +186,12 @@ def sink_transposes(graph: Graph) -> int:
             break
     for node in list(graph.nodes):  # identity permutations left by frontends
         p = _perm(node) if node.op_type == "Transpose" else None
-        if p is not None and p == tuple(range(len(p))) and node.outputs[0] not in graph.outputs:
-            graph.nodes.remove(node)
-            graph.replace_uses(node.outputs[0], node.inputs[0])
+        if p is not None and p == tuple(range(len(p))):
+            if node.outputs[0] in graph.outputs:  # the identity pass hands the name to the producer
+                node.op_type, node.attrs = "Identity", {}
+            else:
+                graph.nodes.remove(node)
+                graph.replace_uses(node.outputs[0], node.inputs[0])
             total += 1
     graph.remove_unused()
     return total
