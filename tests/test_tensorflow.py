@@ -289,3 +289,43 @@ def test_rank4_output_comes_back_in_the_yaml_layout(tmp_path, out):
     g = api.convert(yml, build_dir=tmp_path / "build").graph
     assert g.outputs == [out] and g.tensors[out].shape == (1, 8, 4, 4)
     assert "Transpose" not in g.op_counts()
+
+
+def _mixed_graph() -> bytes:
+    """input -> FakeQuant -> Conv2D (constant filter) -> Relu -> output: the Relu output has no FakeQuant."""
+    def strides(a):
+        a.list.i.extend([1, 1, 1, 1])
+
+    def same(a):
+        a.s = b"SAME"
+
+    def shape(a):
+        for d in (1, 4, 4, 2):
+            a.shape.dim.add(size=d)
+
+    w = np.random.default_rng(5).normal(0, 0.5, (3, 3, 2, 3)).astype(np.float32)
+    return _graph(("input", "Placeholder", [], {"shape": shape}),
+                  ("mn", "Const", [], {"value": _const(-1.0)}), ("mx", "Const", [], {"value": _const(1.0)}),
+                  ("fq", "FakeQuantWithMinMaxVars", ["input", "mn", "mx"], {}),
+                  ("w", "Const", [], {"value": _const(w)}),
+                  ("conv", "Conv2D", ["fq", "w"], {"strides": strides, "padding": same}),
+                  ("output", "Relu", ["conv"], {}))
+
+
+def test_fake_quant_ranges_mix_with_the_range_file(tmp_path, cli):
+    """MACE's "mixing usage": tensors without a FakeQuant take the range file's range; without one, a single
+    error names them."""
+    pb = _mixed_graph()
+    yml = write_model(tmp_path, pb, shape="1,4,4,2", quantize=1, quantize_schema="int8")
+    r = cli("convert", "--config", yml, "--build_dir", tmp_path / "build")
+    assert r.code == 2 and len(r.err_lines) == 1 and "output" in r.err and "no quantization range" in r.err
+    (tmp_path / "ranges.txt").write_text("output@@0.0,3.0\n")
+    yml = write_model(tmp_path, pb, shape="1,4,4,2", quantize=1, quantize_schema="int8",
+                      quantize_range_file="ranges.txt")
+    g = api.convert(yml, build_dir=tmp_path / "build").graph
+    conv = next(n for n in g.nodes if n.op_type == "Conv")
+    x_qp = g.tensors[conv.inputs[0]].quant
+    # TensorFlow nudges (-1, 1) to (-0.9960785, 1.0039216) in float32: zero point 127, not 128
+    assert x_qp is not None and int(x_qp.zero_point) == 127 and np.isclose(float(x_qp.scale), 2 / 255)
+    y_qp = g.tensors[conv.outputs[0]].quant
+    assert np.isclose(float(y_qp.scale), 3 / 255)  # from the range file
