@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-mace-steps", action="store_true")
+    ap.add_argument("--models", default="onnx,tf1,keras3,qat", help="comma-separated subset to run")
     args = ap.parse_args(argv)
     cache = default_cache()
     tfdir = cache / "tf"
@@ -162,15 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        onnx_path = mobilenet_onnx()
-        ref_onnx = None
-        import onnxruntime as ort
+        wanted = set(args.models.split(","))
+        if "onnx" in wanted:
+            import onnxruntime as ort
 
-        s = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        ref_onnx = np.concatenate([s.run(None, {"input": xe[i:i + 1]})[0] for i in range(len(xe))])
-        rows.append(bench_model("mobilenet_v2 ONNX", "onnx", onnx_path, "input", "output", ref_onnx, xe, xc, labels,
-                                tmp, args.threads, not args.skip_mace_steps))
-        for name in ("mobilenet_v2_tf1", "mobilenet_v2_keras3"):
+            onnx_path = mobilenet_onnx()
+            s = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+            ref_onnx = np.concatenate([s.run(None, {"input": xe[i:i + 1]})[0] for i in range(len(xe))])
+            rows.append(bench_model("mobilenet_v2 ONNX", "onnx", onnx_path, "input", "output", ref_onnx, xe, xc,
+                                    labels, tmp, args.threads, not args.skip_mace_steps))
+        for name in [f"mobilenet_v2_{k}" for k in ("tf1", "keras3") if k in wanted]:
             pb = tfdir / f"{name}.pb"
             if not pb.is_file():
                 print(f"{pb}: missing; run benchmarks/make_tf_mobilenet.py first", file=sys.stderr)
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_model(f"{name} (.pb)", "tensorflow", pb, inp, out, ref, xe, xc, labels, tmp,
                                     args.threads, not args.skip_mace_steps))
         pb = tfdir / "mobilenet_v2_qat.pb"
-        if pb.is_file():
+        if "qat" in wanted and pb.is_file():
             with np.load(tfdir / "mobilenet_v2_qat.npz", allow_pickle=False) as z:
                 ref, inp, out = z["y"], str(z["input_name"]), str(z["output_name"])
             rows.append(bench_qat(pb, inp, out, ref, xe, tmp, args.threads))
