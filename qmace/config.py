@@ -14,8 +14,9 @@ Where qmace deliberately differs from MACE:
   `validation_outputs_data`) are resolved against the YAML file's directory, not the working directory, so a
   command gives the same result wherever it is run from. `~` is expanded.
 - qmace works offline: a URL where MACE would download a file is a ConfigError asking for a local path.
-- Supported platforms: `onnx`, `caffe` (needs `weight_file_path`, the .caffemodel, and its
-  `weight_sha256_checksum`) and `tflite` (beyond MACE: `.tflite` files); `tensorflow`, ... are rejected
+- Supported platforms: `onnx`, `tensorflow` (frozen GraphDef `.pb`), `caffe` (needs `weight_file_path`,
+  the .caffemodel, and its `weight_sha256_checksum`) and `tflite` (beyond MACE: `.tflite` files); other
+  MACE platforms (megengine, ...) are rejected
   when the file is read.
 - Everything runs on the host CPU: a `runtime` other than `cpu`, `target_abis` other than `host`, a
   `data_type` other than fp32, `model_graph_format`/`model_data_format: code`, and GPU/DSP/APU/HTA/OpenCL,
@@ -60,7 +61,7 @@ from qmace.fileio import check_plain_name
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_PLATFORMS = ("onnx", "caffe", "tflite")
+SUPPORTED_PLATFORMS = ("onnx", "tensorflow", "caffe", "tflite")
 MACE_PLATFORMS = ("tensorflow", "caffe", "onnx", "megengine", "keras", "pytorch")
 EXTRA_PLATFORMS = ("tflite",)  # platforms qmace reads beyond MACE's
 DATA_FORMATS = ("NHWC", "NCHW", "NONE")
@@ -180,6 +181,14 @@ class ModelConfig:
     def verify_model_file(self) -> None:
         """Check the model file (and the weight file, if any) against the YAML's sha256 checksums."""
         where = f" in {self.yaml_path}" if self.yaml_path else ""
+        if self.model_file_path.is_dir():
+            hint = ""
+            if (self.model_file_path / "saved_model.pb").is_file():
+                hint = (": a TensorFlow SavedModel; freeze it into one GraphDef .pb first (e.g. "
+                        "convert_variables_to_constants_v2 on its serving function, then "
+                        "graph_def.SerializeToString())")
+            raise ModelError(f"{self.model_file_path}: a directory, not a model file ({self.key}.model_file_path"
+                             f"{where}){hint}")
         verify_checksum(self.model_file_path, self.model_sha256_checksum,
                         f"{self.key}.model_sha256_checksum{where}")
         if self.weight_file_path is not None and self.weight_sha256_checksum is not None:

@@ -132,7 +132,8 @@ def load_graph(path: str | Path) -> Graph:
                 limits.check_tensor_bytes(info.file_size, f"{path}: array {info.filename!r}")
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, KeyError, NotImplementedError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, KeyError, NotImplementedError,
+            RuntimeError) as e:  # RuntimeError: zipfile on a flipped "encrypted" flag bit
         raise ModelFileError(f"{path}: not a qmace model file, or truncated ({first_line(e, 200)})") from e
     except OSError as e:
         raise ModelFileError(f"{path}: cannot read: {e.strerror or e}") from e

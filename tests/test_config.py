@@ -317,6 +317,7 @@ def test_unsupported_platform(tmp_path, platform):
     assert (f"models.net.platform: platform '{platform}' is not supported yet (supported: "
             f"{', '.join(SUPPORTED_PLATFORMS)})" in message)
     assert "onnx" in SUPPORTED_PLATFORMS and "tflite" in SUPPORTED_PLATFORMS and "caffe" in SUPPORTED_PLATFORMS
+    assert "tensorflow" in SUPPORTED_PLATFORMS
 
 
 def test_unknown_platform_lists_known(tmp_path):

@@ -310,7 +310,7 @@ def test_optimize_pipeline_preserves_outputs():
 def _many_ops_model():
     rng = np.random.default_rng(9)
     inits = {
-        "w1": rand(rng, 8, 3, 3, 3), "b1": rand(rng, 8), "w2": rand(rng, 8, 1, 3, 3), "mulc": rand(rng, 1, 8, 1, 1),
+        "w1": rand(rng, 8, 3, 3, 3), "b1": rand(rng, 8), "w2": rand(rng, 8, 1, 3, 3), "mulc": rand(rng, 1, 1, 8, 1),  # per row: a per-channel Mul would fold into the conv
         "scales": np.array([1, 1, 2, 2], np.float32), "shape": np.array([1, -1], np.int64),
         "fc": rand(rng, 10, 8 * 4 * 4 * 2 // 4), "fcb": rand(rng, 10),
     }
@@ -364,3 +364,46 @@ def test_reference_backend_streams_every_intermediate_and_ort_exposes_them():
     fast = Session(g, backend="onnxruntime", extra_outputs=names).run(feeds, outputs=names)
     for k in names:
         np.testing.assert_allclose(fast[k], seen[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_transpose_sinking_and_pad_folding_keep_outputs():
+    """x -> T(NHWC) -> Relu -> Mul(c[C]) -> ReduceMean(H,W keepdims) ... and a T pair, a zero Pad before a
+    Conv: after optimize no Transpose or Pad is left and the outputs are unchanged."""
+    from qmace.ir import Graph, Node, Tensor
+    from qmace.passes import optimize
+    from qmace.runtime import Session
+
+    rng = np.random.default_rng(0)
+    g = Graph()
+    g.add_tensor(Tensor("x", "float32", (1, 3, 6, 6)))
+    g.inputs = ["x"]
+
+    def const(name, v):
+        v = np.asarray(v)
+        g.add_tensor(Tensor(name, str(v.dtype), v.shape, v))
+
+    const("c", rng.normal(size=3).astype(np.float32))
+    const("pads", np.array([0, 1, 1, 0, 0, 1, 1, 0], np.int64))  # NHWC pads on H, W
+    const("w", rng.normal(size=(4, 3, 3, 3)).astype(np.float32))
+    const("axes", np.array([1, 2], np.int64))
+    nodes = [
+        Node("t1", "Transpose", ["x"], ["a"], {"perm": [0, 2, 3, 1]}),
+        Node("r", "Relu", ["a"], ["b"]),
+        Node("m", "Mul", ["b", "c"], ["d"]),
+        Node("p", "Pad", ["d", "pads"], ["e"]),
+        Node("t2", "Transpose", ["e"], ["f"], {"perm": [0, 3, 1, 2]}),
+        Node("conv", "Conv", ["f", "w"], ["y"], {"strides": [1, 1]}),
+        Node("mean", "ReduceMean", ["d", "axes"], ["z"], {"keepdims": 0}),
+    ]
+    for n in nodes:
+        g.nodes.append(n)
+        for o in n.outputs:
+            g.add_tensor(Tensor(o))
+    g.outputs = ["y", "z"]
+    x = rng.normal(size=(1, 3, 6, 6)).astype(np.float32)
+    before = Session(g, backend="reference").run({"x": x})
+    opt = optimize(g)
+    after = Session(opt, backend="reference").run({"x": x})
+    for k in ("y", "z"):
+        np.testing.assert_allclose(after[k], before[k], rtol=1e-5, atol=1e-5)
+    assert "Transpose" not in opt.op_counts() and "Pad" not in opt.op_counts(), opt.op_counts()

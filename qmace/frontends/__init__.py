@@ -70,8 +70,15 @@ def _tflite_oracle(m: ModelConfig, num_threads: int | None) -> Oracle | None:
     return litert_oracle(m, num_threads)
 
 
+def _tensorflow() -> Frontend:
+    from qmace.frontends.tensorflow import INSTALL_HINT, load_tensorflow, tf_oracle
+
+    return Frontend("tensorflow", load_tensorflow, tf_oracle, INSTALL_HINT)
+
+
 FRONTENDS: dict[str, Frontend] = {
     "onnx": Frontend("onnx", lambda m: load_onnx(m.model_file_path), _onnx_oracle),
+    "tensorflow": _tensorflow(),
     "caffe": Frontend("caffe", load_caffe, caffe_oracle, CAFFE_INSTALL_HINT),
     # beyond MACE: .tflite read with the tflite package's accessors, validated with the LiteRT interpreter
     "tflite": Frontend("tflite", _load_tflite, _tflite_oracle,

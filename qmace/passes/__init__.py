@@ -6,20 +6,23 @@ from __future__ import annotations
 import logging
 
 from qmace.ir import Graph
+from qmace.passes.affine import fold_affine
 from qmace.passes.bn import fold_batchnorm
 from qmace.passes.cleanup import remove_identities
 from qmace.passes.fold import fold_constants
 from qmace.passes.fuse import fuse_activations
+from qmace.passes.pad import fold_pads
 from qmace.passes.shapes import infer_shapes
+from qmace.passes.transpose import sink_transposes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fold_batchnorm", "fold_constants", "fuse_activations", "infer_shapes", "optimize", "remove_identities"]
+__all__ = ["fold_affine", "fold_batchnorm", "fold_constants", "fold_pads", "fuse_activations", "infer_shapes", "optimize", "remove_identities", "sink_transposes"]
 
 
 def optimize(graph: Graph, fuse: bool = True) -> Graph:
-    """Identity removal, shape inference + constant folding to a fixed point, BatchNorm folding,
-    activation fusion, dead-node removal, final shape inference."""
+    """Identity removal, shape inference + constant folding to a fixed point, transpose sinking,
+    BatchNorm and per-channel Mul/Add folding, zero Pad into Conv, activation fusion, dead-node removal, final shape inference."""
     g = graph.copy()
     stats = {"identities": remove_identities(g)}
     folded = 0
@@ -31,11 +34,17 @@ def optimize(graph: Graph, fuse: bool = True) -> Graph:
             break
     g.remove_unused()
     stats["constants"] = folded
+    stats["transposes"] = sink_transposes(g)
+    if stats["transposes"]:
+        stats["identities"] += remove_identities(g)
+        infer_shapes(g)
     stats["batchnorms"] = fold_batchnorm(g)
+    stats["affine"] = fold_affine(g)
+    stats["pads"] = fold_pads(g)
     stats["activations"] = fuse_activations(g) if fuse else 0
     g.remove_unused()
     infer_shapes(g)
     log.info("passes: removed %(identities)d identities, folded %(constants)d constant nodes, "
-             "%(batchnorms)d batchnorms, fused %(activations)d activations", stats)
+             "%(transposes)d transpose rewrites, %(batchnorms)d batchnorms, %(affine)d affine ops, %(pads)d pads, fused %(activations)d activations", stats)
     g.metadata["passes"] = stats
     return g

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from qmace.ir import Graph, Node, Tensor
+from qmace.passes.weight_params import rescale_weight_params
 
 
 def _const(graph: Graph, name: str) -> np.ndarray | None:
@@ -67,7 +68,10 @@ def fold_batchnorm(graph: Graph) -> int:
                     cin, mg = w.shape[0], w.shape[1]
                     sg = s.reshape(group, 1, mg, *([1] * (w.ndim - 2)))
                     w2 = (w.astype(np.float64).reshape(group, cin // group, mg, *w.shape[2:]) * sg).reshape(w.shape)
+                old_w = prod.inputs[1]
                 _set_const(graph, prod, 1, w2, "weight_bnfold")
+                if prod.op_type == "Conv":
+                    rescale_weight_params(graph, old_w, prod.inputs[1], s)
                 _set_const(graph, prod, 2, (b.astype(np.float64) - mean) * s + beta, "bias_bnfold")
             old = prod.outputs[0]
             graph.nodes.remove(bn)
