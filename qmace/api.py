@@ -570,7 +570,8 @@ def run_model(graph: Graph, feeds: dict[str, np.ndarray], *, backend: str = "onn
 
     Raises:
         InputDataError: a missing or unknown input, or an array whose shape contradicts the graph's.
-        ConfigError: ``num_threads`` < 1 or an unknown backend.
+        ConfigError: ``num_threads`` < 1.
+        ValueError: an unknown backend name.
         ModelError: the kernels fail on the graph.
     """
     from qmace.errors import InputDataError
