@@ -445,8 +445,10 @@ def run(
         backend: ``"onnxruntime"`` or ``"reference"`` (exact numpy kernels).
         input_dir: samples in MACE file naming (``qmace.data``); None: one random sample from input_ranges.
         output_dir: where to write each output (raw float32 and ``.npy``).
-        rounds: runs per sample (>= 1); validate: compare with the source framework (threshold from the
-            YAML); benchmark: per-op times on the reference backend; num_threads: >= 1 or None.
+        rounds: runs per sample (>= 1).
+        validate: compare with the source framework (threshold from the YAML).
+        benchmark: per-op times on the reference backend.
+        num_threads: >= 1 or None.
         on_tensor: ``on_tensor(sample, tensor_name, value)`` receives every op output (``--quantize_stat``).
         progress: wraps the sample iterator (a progress bar).
 

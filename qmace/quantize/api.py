@@ -241,11 +241,16 @@ def quantize_one_shot(
     Args:
         config, model_name, build_dir: as ``qmace.api.convert``.
         input_dir: calibration samples (MACE file naming, ``qmace.data``).
-        method: ``mace`` | ``percentile`` | ``entropy`` | ``mse`` (docs/quantization.md); percentile, enhance,
-            enhance_ratio: that method's options. schema: ``uint8``/``int8`` (default: the YAML's).
+        method: ``mace`` | ``percentile`` | ``entropy`` | ``mse`` (docs/quantization.md).
+        percentile, enhance, enhance_ratio: the method's options (``mace``: MACE's quantize_stat percentile
+            and outlier walk; ``percentile``: the histogram percentile).
+        schema: ``uint8`` / ``int8`` / ``int8_w7`` (default: the YAML's).
         range_file: where to write the ranges used (default: beside the model file).
-        bias_correction, adaround, equalize: the post-training refinements; float_nodes: node names or op
-            types kept in float; num_threads: >= 1 or None; progress: wraps sample iterators.
+        num_threads: >= 1 or None.
+        bias_correction, adaround, equalize: the post-training refinements.
+        adaround_iters: AdaRound's optimisation iterations per layer.
+        float_nodes: node names or op types kept in float.
+        progress: wraps sample iterators (a progress bar).
 
     Returns:
         OneShotResult: the ConvertResult of the quantized model, the range file path, the sample count.
