@@ -11,6 +11,9 @@ Exemptions (the only ones, both checked, not assumed):
   hook of the elementwise bases, ``reduce`` of the reductions) needs no docstring of its own for that
   override: it implements the documented interface, and the subclass's own docstring (required) states the
   op's formula/semantics. The test requires the overridden base method to be documented (Args included).
+- TFLite operator converters. The functions registered with ``qmace.frontends.tflite.ops.converts`` all
+  take ``(b, op)`` (the Builder and the operator) and return nothing; ``converts`` documents that interface
+  once (checked). Each converter still needs its own docstring, saying what the operator becomes.
 - Attributes that merely hold a function defined elsewhere (``fn = staticmethod(np.argmax)``) are not
   methods written in that class and are skipped.
 
@@ -51,6 +54,7 @@ COVERED = [
     "qmace.frontends.caffe.net",
     "qmace.frontends.caffe.oracle",
     "qmace.frontends.caffe.proto",
+    "qmace.quantize",
     "qmace.quantize.adaround",
     "qmace.quantize.api",
     "qmace.quantize.bias_correction",
@@ -65,6 +69,7 @@ COVERED = [
     "qmace.runtime.openvino_backend",
     "qmace.runtime.reference",
     "qmace.runtime.session",
+    "qmace.ops",
     "qmace.ops.base",
     "qmace.ops.util",
     "qmace.ops.argminmax",
@@ -88,6 +93,9 @@ COVERED = [
     "qmace.ops.softmax",
     "qmace.ops.trilu",
 ]
+
+# Packages covered as a whole: each of their modules must be listed above (a new module is not skipped silently).
+COVERED_PACKAGES = ["qmace.quantize", "qmace.runtime", "qmace.ops", "qmace.frontends.tflite", "qmace.frontends.caffe"]
 
 
 def _own_doc(obj: object) -> str | None:
@@ -182,8 +190,16 @@ def _check_class(cls: type, where: str, problems: list[str]) -> None:
         _check_function(fn, f"{where}.{name}", problems, is_method=True)
 
 
+def _tflite_converters() -> set[int]:
+    """The functions registered as TFLite operator converters (by id)."""
+    from qmace.frontends.tflite import ops
+
+    return {id(fn) for fn in [*ops.CONVERTERS.values(), *ops.CUSTOM_CONVERTERS.values()]}
+
+
 def _problems(modname: str) -> list[str]:
     mod = importlib.import_module(modname)
+    converters = _tflite_converters() if modname.startswith("qmace.frontends.tflite.ops") else set()
     problems: list[str] = []
     if not _own_doc(mod):
         problems.append(f"{modname}: no module docstring")
@@ -192,6 +208,9 @@ def _problems(modname: str) -> list[str]:
             continue
         if inspect.isclass(obj):
             _check_class(obj, f"{modname}.{name}", problems)
+        elif inspect.isfunction(obj) and id(obj) in converters:
+            if not (_own_doc(obj) or "").strip():  # (b, op): documented once, on converts (tested below)
+                problems.append(f"{modname}.{name}: no docstring")
         elif inspect.isfunction(obj):
             _check_function(obj, f"{modname}.{name}", problems)
     return problems
@@ -201,6 +220,26 @@ def _problems(modname: str) -> list[str]:
 def test_public_api_documented(modname: str) -> None:
     problems = _problems(modname)
     assert not problems, f"{len(problems)} undocumented public item(s):\n" + "\n".join(problems)
+
+
+def test_covered_packages_fully_listed() -> None:
+    import pkgutil
+
+    found = set()
+    for pkg in COVERED_PACKAGES:
+        found.add(pkg)
+        path = importlib.import_module(pkg).__path__
+        found.update(m.name for m in pkgutil.walk_packages(path, prefix=f"{pkg}."))
+    assert sorted(found - set(COVERED)) == []
+
+
+def test_converter_interface_documented() -> None:
+    """The converters' shared arguments are documented where they are registered, and there are some."""
+    from qmace.frontends.tflite import ops
+
+    assert len(_tflite_converters()) > 10
+    doc = inspect.getdoc(ops.converts) or ""
+    assert "fn(b, op)" in doc and "Builder" in doc and "TflOp" in doc
 
 
 def test_checker_catches_missing_docs() -> None:
