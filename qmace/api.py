@@ -38,8 +38,18 @@ log = logging.getLogger(__name__)
 def model_file_path(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path | None = None) -> Path:
     """MACE's place for the converted model: ``<build_dir>/<library_name>/model/<model_name>.qmace``.
 
-    Raises PathError if the names would put it outside ``build_dir`` (the YAML reader already insists on
-    plain names; this is the last check before anything is written)."""
+    Args:
+        cfg: the deployment YAML (gives ``library_name``).
+        m: the model entry (gives the model name).
+        build_dir: the build folder; None means ``./build``.
+
+    Returns:
+        The model file's path (not checked for existence).
+
+    Raises:
+        PathError: the names would put the file outside ``build_dir`` (the YAML reader already insists on
+            plain names; this is the last check before anything is written).
+    """
     root = Path(build_dir or "build")
     path = root / check_plain_name(cfg.library_name, f"{cfg.path}: library_name") / "model" / \
         f"{check_plain_name(m.name, f'{cfg.path}: models: model name')}{EXTENSION}"
@@ -48,7 +58,19 @@ def model_file_path(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path
 
 
 def bind_io(graph: Graph, m: ModelConfig) -> Graph:
-    """Check the YAML's inputs/outputs against the model, fix the input shapes, select the outputs."""
+    """Check the YAML's inputs/outputs against the model, fix the input shapes, select the outputs.
+
+    Args:
+        graph: the imported graph; changed in place (input shapes set, outputs replaced, unused nodes removed).
+        m: the YAML model entry whose subgraph names the input/output tensors, shapes and data formats.
+
+    Returns:
+        ``graph`` itself.
+
+    Raises:
+        ModelError: an input tensor the model does not have (or a model input the YAML leaves unfed), a YAML
+            input shape that contradicts the model's, or an output tensor not in the model.
+    """
     sub = m.subgraph
     where = f"{m.yaml_path}: {sub.key}"
     unknown = [n for n in sub.input_tensors if n not in graph.inputs]
@@ -80,11 +102,23 @@ def bind_io(graph: Graph, m: ModelConfig) -> Graph:
 
 
 def build_settings(m: ModelConfig, built_by: str = "convert") -> dict:
-    """What a model file is built from, recorded in its metadata (``built_from``) and compared by ``run`` and
-    ``export``: the source file's sha256, the YAML's inputs/outputs and, for ``convert``, the quantization
-    settings (quantize, quantize_large_weights, schema, range file sha256, input ranges, concat ranges).
-    ``built_by="quantize"``: the one-shot command chose the ranges itself, so the YAML's quantization keys
-    do not apply."""
+    """What a model file is built from, recorded in its metadata (``built_from``).
+
+    ``run`` and ``export`` compare it with the YAML: the source file's sha256, the YAML's inputs/outputs and,
+    for ``convert``, the quantization settings (quantize, quantize_large_weights, schema, range file sha256,
+    input ranges, concat ranges).
+
+    Args:
+        m: the YAML model entry.
+        built_by: ``"convert"``, or ``"quantize"``: the one-shot command chose the ranges itself, so the
+            YAML's quantization keys do not apply.
+
+    Returns:
+        A JSON-serializable dict of the settings that matter.
+
+    Raises:
+        FileAccessError: the range file cannot be read for its sha256.
+    """
     sub = m.subgraph
     out: dict = {
         "built_by": built_by,
@@ -111,7 +145,19 @@ def _sha256_or_none(path: Path) -> str | None:
 
 
 def load_float_graph(m: ModelConfig) -> Graph:
-    """Verify, load and optimize the float model of a YAML model entry."""
+    """Verify, load and optimize the float model of a YAML model entry.
+
+    Args:
+        m: the YAML model entry.
+
+    Returns:
+        The optimized float graph, its metadata naming the model and the source sha256.
+
+    Raises:
+        ModelError: the source file is missing, its sha256 differs from the YAML's, the frontend rejects it,
+            or the YAML's inputs/outputs contradict it (``bind_io``).
+        ResourceLimitError: declared shapes or initializers exceed the memory budget.
+    """
     m.verify_model_file()
     graph = bind_io(frontend_for(m).load(m), m)
     g = optimize(graph)
@@ -121,12 +167,14 @@ def load_float_graph(m: ModelConfig) -> Graph:
 
 @dataclass
 class ConvertResult:
+    """What ``convert`` built: the model file, its graph, its size and the ops that fall back to float."""
     path: Path
     graph: Graph
     file_size: int
     fallbacks: list[str] = field(default_factory=list)  # one line per op that runs in float, with the reason
 
     def summary(self) -> str:
+        """The lines ``qmace convert`` prints: op counts, parameters, schema, size, inputs/outputs, fallbacks."""
         g = self.graph
         ops = ", ".join(f"{k} x{v}" for k, v in g.op_counts().items())
         kind = g.metadata.get("quantization", {}).get("schema", "float32")
@@ -180,7 +228,17 @@ def convert(config: str | Path, model_name: str | None = None, build_dir: str | 
 
 
 def rebuild_command(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path | None, verb: str = "convert") -> str:
-    """The command line that (re)builds model ``m`` into ``build_dir``."""
+    """The command line that (re)builds model ``m`` into ``build_dir``.
+
+    Args:
+        cfg: the deployment YAML (its path goes into the command).
+        m: the model entry (named with ``--model_name`` when the YAML has several).
+        build_dir: the build folder; None leaves ``--build_dir`` out.
+        verb: ``"convert"`` or ``"quantize"``, whichever built the model.
+
+    Returns:
+        A shell command line, e.g. ``qmace convert --config m.yml``.
+    """
     cmd = f"qmace {verb} --config {cfg.path}"
     if len(cfg.models) > 1:
         cmd += f" --model_name {m.name}"
@@ -190,12 +248,21 @@ def rebuild_command(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path
 
 
 def load_converted(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path | None = None) -> Graph:
-    """Load the model file built for ``m`` (in ``build_dir``, default ``./build``) and return its graph.
+    """Load the model file built for ``m`` and return its graph.
+
+    Args:
+        cfg: the deployment YAML.
+        m: the model entry.
+        build_dir: the build folder; None means ``./build``.
+
+    Returns:
+        The converted graph, checked to be current.
 
     Raises:
-        ModelError when there is no model file (naming the command that builds it); ModelFileError when it is
-        corrupt or tampered (``load_graph``) or was built from another source file or other settings than
-        the YAML now gives (a stale build; the message names the setting and the command that rebuilds it).
+        ModelError: there is no model file (the message names the command that builds it).
+        ModelFileError: the file is corrupt or tampered (``load_graph``), or was built from another source
+            file or other settings than the YAML now gives (a stale build; the message names the setting
+            and the command that rebuilds it).
     """
     path = model_file_path(cfg, m, build_dir)
     if not path.is_file():
@@ -217,7 +284,20 @@ def load_converted(cfg: DeploymentConfig, m: ModelConfig, build_dir: str | Path 
 
 
 def samples_for(m: ModelConfig, input_dir: str | Path | None, count: int, seed: int = 0) -> Iterator[Sample]:
-    """Samples from ``input_dir`` (MACE file naming), else ``count`` random ones from ``input_ranges``."""
+    """Samples from ``input_dir`` (MACE file naming), else ``count`` random ones from ``input_ranges``.
+
+    Args:
+        m: the YAML model entry (its subgraph gives the input names, shapes, formats and ranges).
+        input_dir: folder of input files, or None for random samples.
+        count: how many random samples when ``input_dir`` is None.
+        seed: seed of the random generator.
+
+    Returns:
+        An iterator of ``Sample`` in the model's layout.
+
+    Raises:
+        InputDataError: the folder or a file is missing, unreadable or of the wrong size/shape.
+    """
     if input_dir is not None:
         yield from iter_samples(input_dir, m.subgraph)
         return
@@ -227,11 +307,25 @@ def samples_for(m: ModelConfig, input_dir: str | Path | None, count: int, seed: 
 
 
 def count_samples(m: ModelConfig, input_dir: str | Path | None, count: int) -> int:
+    """How many samples ``samples_for`` will yield, without reading them.
+
+    Args:
+        m: the YAML model entry.
+        input_dir: folder of input files, or None.
+        count: the number of random samples used when ``input_dir`` is None.
+
+    Returns:
+        The number of samples.
+
+    Raises:
+        InputDataError: ``input_dir`` is missing, unreadable or holds no input files.
+    """
     return len(sample_names(input_dir, m.subgraph)) if input_dir is not None else count
 
 
 @dataclass
 class OutputCheck:
+    """One output of one sample compared with the oracle, and whether it passes its metric's threshold."""
     sample: str
     output: str
     comparison: Comparison
@@ -240,11 +334,13 @@ class OutputCheck:
 
     @property
     def passed(self) -> bool:
+        """True when not judged (``threshold`` None) or ``comparison`` meets ``threshold`` by ``metric``."""
         return self.threshold is None or self.comparison.judge(self.metric, self.threshold)
 
 
 @dataclass
 class RunReport:
+    """What ``run`` measured: backend, samples, latencies, validation checks, per-op times, files written."""
     backend: str
     samples: int
     latencies_ms: list[float]
@@ -257,9 +353,11 @@ class RunReport:
 
     @property
     def passed(self) -> bool:
+        """True when not validated, or every check passed."""
         return self.threshold is None or all(c.passed for c in self.checks)
 
     def latency_percentiles(self) -> dict[str, float]:
+        """Latency summary in ms: ``{"p50", "p90", "p99", "mean"}`` over all runs."""
         lat = np.asarray(self.latencies_ms)
         return {f"p{p}": float(np.percentile(lat, p)) for p in (50, 90, 99)} | {"mean": float(lat.mean())}
 
@@ -278,9 +376,18 @@ class _FloatReference:
 
 
 def output_criteria(m: ModelConfig, quantized: bool) -> dict[str, tuple[str, float]]:
-    """Output name -> (metric, threshold) for --validate: the YAML's validation_outputs_metric /
-    validation_outputs_threshold, a missing threshold being the one equivalent to the model's cosine
-    threshold (``qmace.metrics.default_threshold``)."""
+    """Output name -> (metric, threshold) for ``--validate``.
+
+    The YAML's validation_outputs_metric / validation_outputs_threshold, a missing threshold being the one
+    equivalent to the model's cosine threshold (``qmace.metrics.default_threshold``).
+
+    Args:
+        m: the YAML model entry.
+        quantized: whether the model file is quantized (selects the default threshold).
+
+    Returns:
+        ``{output name: (metric name, threshold)}``.
+    """
     from qmace.metrics import default_threshold
 
     cos = m.threshold_for(quantized)
@@ -291,8 +398,21 @@ def output_criteria(m: ModelConfig, quantized: bool) -> dict[str, tuple[str, flo
 
 
 def source_session(m: ModelConfig, num_threads: int | None = None) -> Oracle:
-    """The original model in its own framework (the validation oracle), or, when that framework is not
-    installed, qmace's float reference of the imported graph (logged with what to install)."""
+    """The validation oracle: the original model in its own framework.
+
+    When that framework is not installed, qmace's float reference of the imported graph is used instead
+    (logged with what to install); the oracle's ``label`` says which.
+
+    Args:
+        m: the YAML model entry.
+        num_threads: threads for the framework's session, or None for its default.
+
+    Returns:
+        An ``Oracle`` with ``run(feeds) -> outputs`` and ``label``.
+
+    Raises:
+        ModelError: the source model cannot be loaded.
+    """
     fe = frontend_for(m)
     oracle = fe.oracle(m, num_threads)
     if oracle is None:
@@ -325,8 +445,10 @@ def run(
         backend: ``"onnxruntime"`` or ``"reference"`` (exact numpy kernels).
         input_dir: samples in MACE file naming (``qmace.data``); None: one random sample from input_ranges.
         output_dir: where to write each output (raw float32 and ``.npy``).
-        rounds: runs per sample (>= 1); validate: compare with the source framework (threshold from the
-            YAML); benchmark: per-op times on the reference backend; num_threads: >= 1 or None.
+        rounds: runs per sample (>= 1).
+        validate: compare with the source framework (threshold from the YAML).
+        benchmark: per-op times on the reference backend.
+        num_threads: >= 1 or None.
         on_tensor: ``on_tensor(sample, tensor_name, value)`` receives every op output (``--quantize_stat``).
         progress: wraps the sample iterator (a progress bar).
 
@@ -439,8 +561,19 @@ def run_model(graph: Graph, feeds: dict[str, np.ndarray], *, backend: str = "onn
     Arrays are taken in the graph's own layout (no NHWC transposition) and cast to the input's dtype. Each
     call builds a session; for many calls, make one ``qmace.runtime.Session(graph)`` and call its ``run``.
 
+    Args:
+        graph: a float or quantized graph (``convert_model``, ``load_model``).
+        feeds: one array per graph input, by name.
+        backend: ``"onnxruntime"``, ``"reference"`` (exact numpy kernels) or ``"openvino"``.
+        num_threads: intra-op threads (>= 1), or None for the backend's default.
+
+    Returns:
+        ``{output name: array}`` for every graph output.
+
     Raises:
         InputDataError: a missing or unknown input, or an array whose shape contradicts the graph's.
+        ConfigError: ``num_threads`` < 1.
+        ValueError: an unknown backend name.
         ModelError: the kernels fail on the graph.
     """
     from qmace.errors import InputDataError
@@ -465,17 +598,32 @@ def run_model(graph: Graph, feeds: dict[str, np.ndarray], *, backend: str = "onn
 
 
 def save_model(graph: Graph, path: str | Path) -> Path:
-    """Write ``graph`` as a ``.qmace`` model file (atomically, with its content hash); returns the path.
+    """Write ``graph`` as a ``.qmace`` model file (atomically, with its content hash).
 
-    Raises FileAccessError when the file cannot be written."""
+    Args:
+        graph: the graph to save.
+        path: the file to write.
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileAccessError: the file cannot be written.
+    """
     return save_graph(graph, path)
 
 
 def load_model(path: str | Path) -> Graph:
     """Read a ``.qmace`` model file, verifying its content hash and header.
 
+    Args:
+        path: the model file.
+
+    Returns:
+        The graph.
+
     Raises:
-        ModelError / ModelFileError naming the file: missing, truncated, tampered or malformed.
+        ModelError, ModelFileError: naming the file: missing, truncated, tampered or malformed.
     """
     return load_graph(path)
 
@@ -489,6 +637,14 @@ class BackendComparison:
     versus_first: dict[str, list[OutputCheck]]  # backend -> checks against reports[0]'s outputs
 
     def median_ms(self, backend: str) -> float:
+        """Median latency in ms of ``backend`` over all its runs.
+
+        Args:
+            backend: one of the compared backends' names.
+
+        Returns:
+            The median latency in milliseconds.
+        """
         rep = next(r for r in self.reports if r.backend == backend)
         return float(np.median(rep.latencies_ms))
 
@@ -505,9 +661,24 @@ def run_backends(
     num_threads: int | None = None,
     progress: Callable[[Iterator], Iterator] | None = None,
 ) -> BackendComparison:
-    """``qmace run --backend a,b,...``: the converted model on every sample by each backend in turn
-    (interleaved sample by sample and round by round, so that the backends share the machine's state and
-    their latencies can be compared as ratios). Each backend's outputs are compared with the first one's."""
+    """``qmace run --backend a,b,...``: the converted model on every sample by each backend in turn.
+
+    The backends are interleaved sample by sample and round by round, so that they share the machine's
+    state and their latencies can be compared as ratios. Each backend's outputs are compared with the first
+    one's.
+
+    Args:
+        config, model_name, build_dir, input_dir, validate, num_threads, progress: as for ``run``.
+        backends: distinct backend names; the first is the reference for ``versus_first``.
+        rounds: runs per sample per backend (>= 1).
+
+    Returns:
+        BackendComparison: one RunReport per backend and each later backend's checks against the first.
+
+    Raises:
+        ValueError: ``backends`` empty or repeated.
+        ConfigError, ModelError, ModelFileError, InputDataError: as for ``run``.
+    """
     if len(set(backends)) != len(backends) or not backends:
         raise ValueError(f"backends must be distinct and non-empty, got {backends}")
     cfg = load_config(config)

@@ -26,26 +26,61 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sample:
+    """One set of model inputs: a name (the file-name suffix shared by its files, ``""`` for generated inputs),
+    the arrays in the model's layout by input tensor name, and the file each was read from.
+    """
     name: str  # the file-name suffix that identifies the sample ("" for generated inputs)
     feeds: dict[str, np.ndarray]  # input tensor name -> array in the model's layout
     files: dict[str, Path] = field(default_factory=dict)  # input tensor name -> file it was read from
 
     def source(self, tensor: str) -> str:
-        """Where the input came from, for messages: its file, or the sample's name."""
+        """Where an input came from, for messages.
+
+        Args:
+            tensor: the input tensor name.
+
+        Returns:
+            Its file's path, or the sample's name for generated inputs.
+        """
         return str(self.files[tensor]) if tensor in self.files else f"sample {self.name!r}"
 
 
 def to_model_layout(x: np.ndarray, data_format: str) -> np.ndarray:
-    """(N, H, W, C) -> (N, C, H, W) for NHWC rank-4 data; anything else is already in the model's layout."""
+    """(N, H, W, C) -> (N, C, H, W) for NHWC rank-4 data; anything else is already in the model's layout.
+
+    Args:
+        x: the input as given (YAML layout).
+        data_format: the YAML's input_data_formats entry (``"NHWC"``, ``"NCHW"``, ``"NONE"``, ...).
+
+    Returns:
+        The array in the model's (NCHW) layout.
+    """
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if data_format == "NHWC" and x.ndim == 4 else x
 
 
 def from_model_layout(x: np.ndarray, data_format: str) -> np.ndarray:
-    """(N, C, H, W) -> (N, H, W, C) for NHWC rank-4 outputs."""
+    """(N, C, H, W) -> (N, H, W, C) for NHWC rank-4 outputs; the inverse of ``to_model_layout``.
+
+    Args:
+        x: an output in the model's layout.
+        data_format: the YAML's output_data_formats entry.
+
+    Returns:
+        The array in the YAML's layout.
+    """
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if data_format == "NHWC" and x.ndim == 4 else x
 
 
 def model_shape(yaml_shape: tuple[int, ...], data_format: str) -> tuple[int, ...]:
+    """A YAML input shape in the model's layout: NHWC rank 4 (N, H, W, C) -> (N, C, H, W), else unchanged.
+
+    Args:
+        yaml_shape: the shape as the YAML gives it.
+        data_format: the input's data format.
+
+    Returns:
+        The shape in the model's layout.
+    """
     if data_format == "NHWC" and len(yaml_shape) == 4:
         n, h, w, c = yaml_shape
         return (n, c, h, w)
@@ -83,6 +118,22 @@ def _read_file(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def sample_names(input_dir: str | Path, sub: SubgraphConfig) -> list[str]:
+    """The samples in ``input_dir``: the file-name suffixes after MACE's prefix of the first input tensor.
+
+    MACE's naming: the file of input tensor ``t`` for sample ``s`` is ``<input_name_format(t)><s>``
+    (raw float32 bytes, or ``.npy`` when the name ends in ``.npy``).
+
+    Args:
+        input_dir: the input folder.
+        sub: the YAML subgraph (input tensor names).
+
+    Returns:
+        The suffixes, sorted.
+
+    Raises:
+        InputDataError: the folder is missing or unreadable, holds no input files, or holds two files
+            (``x_page`` and ``x_page.npy``) that would write the same outputs.
+    """
     d = Path(input_dir)
     if not d.is_dir():
         raise InputDataError(f"{d}: input directory not found")
@@ -104,6 +155,19 @@ def sample_names(input_dir: str | Path, sub: SubgraphConfig) -> list[str]:
 
 
 def iter_samples(input_dir: str | Path, sub: SubgraphConfig) -> Iterator[Sample]:
+    """Read every sample of ``input_dir`` (see ``sample_names`` for the file naming).
+
+    Args:
+        input_dir: the input folder.
+        sub: the YAML subgraph (input names, shapes, data formats).
+
+    Returns:
+        An iterator of ``Sample`` in the model's layout, read lazily one sample at a time.
+
+    Raises:
+        InputDataError: naming the file: missing for some input, of the wrong size, not a plain numeric
+            ``.npy``, or unreadable (NaN/Inf values are only logged).
+    """
     d = Path(input_dir)
     for suffix in sample_names(d, sub):
         feeds, files = {}, {}
@@ -117,7 +181,16 @@ def iter_samples(input_dir: str | Path, sub: SubgraphConfig) -> Iterator[Sample]
 
 
 def random_sample(sub: SubgraphConfig, rng: np.random.Generator, name: str = "") -> Sample:
-    """Inputs drawn uniformly from each input's ``input_ranges`` (MACE's default -1,1)."""
+    """Inputs drawn uniformly from each input's ``input_ranges`` (MACE's default -1,1).
+
+    Args:
+        sub: the YAML subgraph (input names, shapes, formats, ranges).
+        rng: the random generator.
+        name: the sample's name.
+
+    Returns:
+        A Sample in the model's layout.
+    """
     feeds = {}
     for tname, shape, (lo, hi), fmt in zip(sub.input_tensors, sub.input_shapes, sub.input_ranges, sub.input_data_formats):
         feeds[tname] = to_model_layout(rng.uniform(lo, hi, size=shape).astype(np.float32), fmt)
@@ -125,6 +198,20 @@ def random_sample(sub: SubgraphConfig, rng: np.random.Generator, name: str = "")
 
 
 def write_outputs(output_dir: str | Path, sample: str, outputs: dict[str, np.ndarray], formats: dict[str, str]) -> list[Path]:
+    """Write one sample's outputs in MACE's naming, each as raw float32 and as ``.npy``, atomically.
+
+    Args:
+        output_dir: the output folder (created).
+        sample: the sample's name (a ``.npy`` suffix is dropped).
+        outputs: output tensor name -> array in the model's layout.
+        formats: output tensor name -> data format (NHWC outputs are transposed back).
+
+    Returns:
+        The raw files written (each has a ``.npy`` beside it).
+
+    Raises:
+        FileAccessError: a file cannot be written.
+    """
     d = Path(output_dir)
     sample = sample.removesuffix(".npy")
     written = []

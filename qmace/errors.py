@@ -51,7 +51,14 @@ class ModelFileError(ModelError):
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
-    """The first line of ``str(e)`` (at most ``limit`` characters), or the exception's type name when it has
-    no message: for one-line errors that quote a third-party library."""
+    """The first line of ``str(e)``, for one-line errors that quote a third-party library.
+
+    Args:
+        e: the exception.
+        limit: the most characters kept.
+
+    Returns:
+        The first line (at most ``limit`` characters), or the exception's type name when it has no message.
+    """
     lines = str(e).strip().splitlines()
     return lines[0][:limit] if lines else type(e).__name__

@@ -15,12 +15,28 @@ from qmace.errors import FileAccessError, PathError
 
 
 def os_reason(e: OSError) -> str:
-    """The operating system's reason for ``e`` in words ("No space left on device")."""
+    """The operating system's reason for ``e`` in words ("No space left on device").
+
+    Args:
+        e: the OS error.
+
+    Returns:
+        ``e.strerror``, or the exception type's name when the error carries no strerror.
+    """
     return e.strerror or type(e).__name__
 
 
 def file_error(e: OSError, path: str | os.PathLike, doing: str) -> FileAccessError:
-    """``<path>: cannot <doing>: <reason>``, naming ``e.filename`` when it is another path than ``path``."""
+    """The named error for a filesystem fault: ``<path>: cannot <doing>: <reason>``.
+
+    Args:
+        e: the OS error caught.
+        path: the file the caller was working on.
+        doing: the action, e.g. ``"write"``, ``"read"``.
+
+    Returns:
+        A FileAccessError (to raise), also naming ``e.filename`` when that is another path than ``path``.
+    """
     other = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
     return FileAccessError(f"{path}: cannot {doing}: {os_reason(e)}{other}")
 
@@ -33,7 +49,17 @@ def current_umask() -> int:
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:
-    """``mkdir -p``; FileAccessError naming the folder on any fault (a file in the way, read-only, ...)."""
+    """``mkdir -p``.
+
+    Args:
+        path: the folder to create (parents included); an existing folder is fine.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        FileAccessError: naming the folder on any fault (a file in the way, read-only, ...).
+    """
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -46,11 +72,23 @@ def ensure_dir(path: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success rename it over ``path``, on any error or interrupt
-    (KeyboardInterrupt, SIGTERM via the CLI's handler) remove it. The file gets mode ``0o666 & ~umask``.
+    """Open a temporary file beside ``path``; on success rename it over ``path``.
 
-    Raises FileAccessError naming ``path`` for every filesystem fault (read-only, parent is a file, target is a
-    folder, disk full, ...); errors raised by the caller's block propagate unchanged."""
+    On any error or interrupt (KeyboardInterrupt, SIGTERM via the CLI's handler) the temporary file is removed
+    and ``path`` keeps its previous content. The file gets mode ``0o666 & ~umask``.
+
+    Args:
+        path: the file to write; its folder is created.
+        mode: ``open`` mode, ``"w"`` or ``"wb"``.
+        encoding: text encoding (ignored in binary mode).
+
+    Returns:
+        A context manager yielding the open temporary file.
+
+    Raises:
+        FileAccessError: naming ``path`` for every filesystem fault (read-only, parent is a file, target is a
+            folder, disk full, ...); errors raised by the caller's block propagate unchanged.
+    """
     path = Path(path)
     if path.is_dir():
         raise FileAccessError(f"{path}: cannot write: is a folder")
@@ -78,8 +116,20 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
 
 
 def check_plain_name(name: str, where: str) -> str:
-    """A name that becomes one path component (library_name, a model name): no separator, not ``.``/``..``,
-    not empty, no NUL or control character. Returns it; PathError naming ``where`` otherwise."""
+    """A name that becomes one path component (library_name, a model name).
+
+    No separator, not ``.``/``..``, not empty, no NUL or control character.
+
+    Args:
+        name: the name to check.
+        where: what names it, for the message (e.g. ``"m.yml: library_name"``).
+
+    Returns:
+        ``name`` unchanged.
+
+    Raises:
+        PathError: naming ``where`` when the name is not plain.
+    """
     bad = None
     if not name:
         bad = "is empty"
@@ -98,7 +148,19 @@ def check_plain_name(name: str, where: str) -> str:
 
 
 def check_inside(root: str | os.PathLike, path: str | os.PathLike, what: str) -> Path:
-    """``path`` resolved; PathError unless it lies inside ``root`` (symlinks followed)."""
+    """``path`` resolved, checked to lie inside ``root`` (symlinks followed).
+
+    Args:
+        root: the folder that must contain the path (e.g. ``--build_dir``).
+        path: the path to check.
+        what: what the path is, for the message.
+
+    Returns:
+        The resolved path.
+
+    Raises:
+        PathError: the path escapes ``root``.
+    """
     root_r = Path(root).resolve()
     path_r = Path(path).resolve()
     if path_r != root_r and not path_r.is_relative_to(root_r):

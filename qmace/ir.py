@@ -43,10 +43,12 @@ class Tensor:
 
     @property
     def is_constant(self) -> bool:
+        """True when the tensor holds data (an initializer/weight)."""
         return self.data is not None
 
     @property
     def is_quantized(self) -> bool:
+        """True when the tensor is stored as integer codes (uint8/int8/int32) with quantization parameters."""
         return self.quant is not None and self.dtype in ("uint8", "int8", "int32")
 
 
@@ -61,11 +63,26 @@ class Node:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def attr(self, key: str, default: Any = None) -> Any:
+        """Attribute ``key`` as set on this node, else ``default`` (no op defaults: see ``Op.attr`` for those).
+
+        Args:
+            key: the attribute name.
+            default: returned when the node does not set it.
+
+        Returns:
+            The attribute's value or ``default``.
+        """
         return self.attrs.get(key, default)
 
 
 @dataclass
 class Graph:
+    """A model: nodes in execution order over named tensors (ONNX op names at opset-21 semantics, NCHW).
+
+    ``tensors`` maps every tensor name (inputs, constants, intermediates, outputs) to its ``Tensor``;
+    ``inputs``/``outputs`` name the graph's I/O; ``metadata`` is free-form provenance (source file, sha256,
+    quantization schema, fallbacks, fixed Q/DQ parameters, ...).
+    """
     name: str = "graph"
     nodes: list[Node] = field(default_factory=list)
     tensors: dict[str, Tensor] = field(default_factory=dict)
@@ -76,31 +93,76 @@ class Graph:
 
     # ---- lookup ---------------------------------------------------------------------------------
     def tensor(self, name: str) -> Tensor:
+        """The tensor called ``name``.
+
+        Args:
+            name: the tensor name.
+
+        Returns:
+            The Tensor.
+
+        Raises:
+            KeyError: no such tensor in the graph.
+        """
         try:
             return self.tensors[name]
         except KeyError:
             raise KeyError(f"tensor {name!r} is not in graph {self.name!r}") from None
 
     def add_tensor(self, tensor: Tensor) -> Tensor:
+        """Add (or replace) ``tensor`` under its name.
+
+        Args:
+            tensor: the tensor to add.
+
+        Returns:
+            ``tensor``.
+        """
         self.tensors[tensor.name] = tensor
         return tensor
 
     def constant(self, name: str) -> np.ndarray | None:
+        """The data of tensor ``name``.
+
+        Args:
+            name: the tensor name.
+
+        Returns:
+            Its array when it is a constant, None when it is computed or unknown.
+        """
         t = self.tensors.get(name)
         return None if t is None else t.data
 
     def has_fixed_params(self, name: str) -> bool:
-        """Whether the source model fixed tensor ``name``'s quantization (an imported Q/DQ pair): passes must
-        not fuse across it, the rounding there is part of the model's numerics."""
+        """Whether the source model fixed tensor ``name``'s quantization (an imported Q/DQ pair).
+
+        Passes must not fuse across such a tensor: the rounding there is part of the model's numerics.
+
+        Args:
+            name: the tensor name.
+
+        Returns:
+            True when ``metadata["qdq_params"]`` holds parameters for it.
+        """
         return name in self.metadata.get("qdq_params", {})
 
     def fixed_params_json(self, name: str) -> Any:
+        """The imported (fixed) quantization parameters of tensor ``name`` as stored in the metadata.
+
+        Args:
+            name: the tensor name.
+
+        Returns:
+            The JSON value from ``metadata["qdq_params"]``, or None when the tensor has none.
+        """
         return self.metadata.get("qdq_params", {}).get(name)
 
     def producers(self) -> dict[str, Node]:
+        """Tensor name -> the node that produces it."""
         return {out: n for n in self.nodes for out in n.outputs if out}
 
     def consumers(self) -> dict[str, list[Node]]:
+        """Tensor name -> the nodes that read it (in node order)."""
         result: dict[str, list[Node]] = {}
         for n in self.nodes:
             for i in n.inputs:
@@ -116,6 +178,14 @@ class Graph:
                     yield o
 
     def unique_name(self, base: str) -> str:
+        """A tensor/node name not used in the graph yet.
+
+        Args:
+            base: the wanted name.
+
+        Returns:
+            ``base`` if free, else ``base_1``, ``base_2``, ...
+        """
         names = set(self.tensors) | {n.name for n in self.nodes}
         if base not in names:
             return base
@@ -138,7 +208,12 @@ class Graph:
         self.tensors = {k: v for k, v in self.tensors.items() if k in live}
 
     def rename_tensor(self, old: str, new: str) -> None:
-        """Rename a tensor everywhere it is produced, read, or listed as a graph output."""
+        """Rename a tensor everywhere it is produced, read, or listed as a graph output.
+
+        Args:
+            old: the current name.
+            new: the new name (must be free).
+        """
         t = self.tensors.pop(old)
         t.name = new
         self.tensors[new] = t
@@ -149,12 +224,22 @@ class Graph:
         self.outputs = [new if o == old else o for o in self.outputs]
 
     def replace_uses(self, old: str, new: str) -> None:
-        """Make every reader of ``old`` read ``new`` instead (graph outputs included)."""
+        """Make every reader of ``old`` read ``new`` instead (graph outputs included).
+
+        Args:
+            old: the tensor whose readers move.
+            new: the tensor they read from now on.
+        """
         for n in self.nodes:
             n.inputs = [new if i == old else i for i in n.inputs]
         self.outputs = [new if o == old else o for o in self.outputs]
 
     def toposort(self) -> None:
+        """Put the nodes in topological order (depth-first over the nodes in their current order, producers first).
+
+        Raises:
+            ValueError: the graph has a cycle (naming a node on it).
+        """
         produced_by = self.producers()
         available = set(self.inputs) | {k for k, t in self.tensors.items() if t.is_constant} | {""}
         order: list[Node] = []
@@ -189,23 +274,44 @@ class Graph:
         )
 
     def op_counts(self) -> dict[str, int]:
+        """Op type -> number of nodes, most frequent first."""
         counts: dict[str, int] = {}
         for n in self.nodes:
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def num_parameters(self) -> int:
+        """The number of elements of all constants that some node reads."""
         used = {i for n in self.nodes for i in n.inputs}
         return int(sum(t.data.size for k, t in self.tensors.items() if t.is_constant and k in used))
 
 
 def constants_of(graph: Graph, names: Iterable[str]) -> list[np.ndarray | None]:
+    """The constant data of each named tensor.
+
+    Args:
+        graph: the graph.
+        names: tensor names; ``""`` is an omitted optional input.
+
+    Returns:
+        One entry per name: its array, or None for computed tensors and omitted inputs.
+    """
     return [graph.constant(n) if n else None for n in names]
 
 
 def check_structure(graph: Graph, path: object) -> None:
-    """Every tensor produced once, every node input defined, no cycle; nodes put in topological order
-    (Kahn's algorithm, iterative: no recursion limit on deep graphs). ModelError naming the node."""
+    """Validate a loaded graph's wiring and put its nodes in topological order.
+
+    Every tensor produced once, every node input defined, no cycle (Kahn's algorithm, iterative: no
+    recursion limit on deep graphs).
+
+    Args:
+        graph: the graph; its ``nodes`` are reordered in place.
+        path: the file it came from, for messages.
+
+    Raises:
+        ModelError: naming the file and the node at fault.
+    """
     constants = {k for k, t in graph.tensors.items() if t.data is not None}
     producer: dict[str, int] = {}
     for idx, n in enumerate(graph.nodes):

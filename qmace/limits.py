@@ -26,7 +26,18 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_size(text: str, what: str = "size") -> int:
-    """``"512M"`` -> 536870912; plain integers are bytes. ConfigError for anything else or <= 0."""
+    """A byte size: ``"512M"`` -> 536870912; plain integers are bytes (K/M/G/T suffixes are powers of 1024).
+
+    Args:
+        text: the size as written.
+        what: the setting it came from, for the message.
+
+    Returns:
+        The size in bytes (> 0).
+
+    Raises:
+        ConfigError: not a size, or <= 0.
+    """
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(text), re.IGNORECASE)
     if not m:
         raise ConfigError(f"{what}: {text!r} is not a size (bytes, or a number with K, M, G or T)")
@@ -37,7 +48,11 @@ def parse_size(text: str, what: str = "size") -> int:
 
 
 def set_memory_budget(nbytes: int | None) -> None:
-    """Override the budget for this process (None: back to the environment/default)."""
+    """Override the budget for this process.
+
+    Args:
+        nbytes: the budget in bytes; None goes back to ``QMACE_MEMORY_BUDGET`` or the default.
+    """
     global _override
     _override = nbytes
 
@@ -51,6 +66,14 @@ def memory_budget() -> int:
 
 
 def human(nbytes: float) -> str:
+    """A byte count for messages: ``1536`` -> ``"1.5 KiB"``.
+
+    Args:
+        nbytes: the number of bytes.
+
+    Returns:
+        The count in B, KiB, MiB, ... (one decimal above bytes).
+    """
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if abs(nbytes) < 1024 or unit == "PiB":
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
@@ -59,7 +82,15 @@ def human(nbytes: float) -> str:
 
 
 def check_tensor_bytes(nbytes: int, where: str) -> None:
-    """ResourceLimitError naming ``where`` when one tensor would take more than the memory budget."""
+    """Refuse one tensor that would take more than the memory budget.
+
+    Args:
+        nbytes: the bytes the tensor would take (declared shape x dtype size).
+        where: the file and tensor, for the message.
+
+    Raises:
+        ResourceLimitError: naming ``where``, the size and the budget, when ``nbytes`` > ``memory_budget()``.
+    """
     budget = memory_budget()
     if nbytes > budget:
         raise ResourceLimitError(f"{where}: declares {human(nbytes)}, over the memory budget of {human(budget)} "

@@ -25,6 +25,15 @@ ABS_FLOOR = 1e-5
 
 @dataclass(frozen=True)
 class Comparison:
+    """How one output ``x`` compares with its reference ``ref`` (both flattened).
+
+    - ``cosine`` = ``<ref, x> / (|ref| |x|)`` (MACE's validation metric; 1.0 = same direction);
+    - ``sqnr_db`` = ``10 log10(sum(ref^2) / sum((ref - x)^2))``, inf when identical, None when ``ref`` ~ 0;
+    - ``max_abs_error`` = ``max |ref - x|``;
+    - ``argmax_agreement``: share of rows (last axis) whose argmax agrees, nan where meaningless;
+    - ``rel_error`` = ``rms(x - ref) / max(rms(ref), ABS_FLOOR)``;
+    - ``reference_near_zero``: ``rms(ref) < ABS_FLOOR``, so rel_error decides instead of cosine.
+    """
     cosine: float  # cosine similarity of the flattened outputs (1.0 = same direction)
     sqnr_db: float | None  # 10*log10(sum(ref^2) / sum((ref - x)^2)); inf when identical; None when ref ~ 0
     max_abs_error: float
@@ -38,16 +47,36 @@ class Comparison:
         return "rel-error" if self.reference_near_zero else "cosine"
 
     def passes(self, threshold: float) -> bool:
-        """MACE's criterion, ``cosine >= threshold``, or where the reference is ~0 the relative error that
-        threshold allows."""
+        """MACE's criterion, ``cosine >= threshold``.
+
+        Where the reference is ~0, the relative error that threshold allows (``rel_error_for_cosine``) decides.
+
+        Args:
+            threshold: the cosine threshold (MACE's default 0.98 float, 0.999 ...).
+
+        Returns:
+            Whether the output passes.
+        """
         if self.reference_near_zero:
             return bool(self.rel_error <= rel_error_for_cosine(threshold))
         return bool(self.cosine >= threshold)
 
     def judge(self, metric: str, threshold: float) -> bool:
-        """Whether the output passes ``metric`` at ``threshold``: cosine (as :meth:`passes`), sqnr (dB, from
-        the floored relative error: ``-20 log10(rel_error) >= threshold``), rel_error (``<=``) or
-        max_abs_error (``<=``)."""
+        """Whether the output passes ``metric`` at ``threshold``.
+
+        cosine (as :meth:`passes`), sqnr (dB, from the floored relative error: ``-20 log10(rel_error) >=
+        threshold``), rel_error (``<=``) or max_abs_error (``<=``).
+
+        Args:
+            metric: ``"cosine"``, ``"sqnr"``, ``"rel_error"`` or ``"max_abs_error"``.
+            threshold: the metric's threshold.
+
+        Returns:
+            Whether the output passes.
+
+        Raises:
+            ValueError: an unknown metric (the YAML reader rejects those first).
+        """
         if metric == "cosine":
             return self.passes(threshold)
         if metric == "sqnr":
@@ -60,22 +89,48 @@ class Comparison:
 
 
 def rel_error_for_cosine(threshold: float) -> float:
-    """The relative error a cosine threshold allows for an error orthogonal to the reference:
-    ``sqrt(2 (1 - threshold))`` (0.2 for MACE's 0.98, 0.045 for 0.999)."""
+    """The relative error a cosine threshold allows for an error orthogonal to the reference.
+
+    ``sqrt(2 (1 - threshold))`` (0.2 for MACE's 0.98, 0.045 for 0.999).
+
+    Args:
+        threshold: a cosine threshold in (0, 1].
+
+    Returns:
+        The equivalent relative error.
+    """
     return math.sqrt(2.0 * max(0.0, 1.0 - threshold))
 
 
 def default_threshold(metric: str, cosine_threshold: float) -> float | None:
-    """The threshold of ``metric`` equivalent to a cosine threshold (None for max_abs_error, which has no
-    scale-free equivalent and needs one in the YAML)."""
+    """The threshold of ``metric`` equivalent to a cosine threshold.
+
+    Args:
+        metric: ``"cosine"``, ``"sqnr"``, ``"rel_error"`` or ``"max_abs_error"``.
+        cosine_threshold: the model's cosine threshold.
+
+    Returns:
+        The equivalent threshold (sqnr: ``-20 log10(rel_error_for_cosine(t))`` dB), or None for
+        max_abs_error, which has no scale-free equivalent and needs one in the YAML.
+    """
     e = rel_error_for_cosine(cosine_threshold)
     return {"cosine": cosine_threshold, "rel_error": e,
             "sqnr": -20.0 * math.log10(e) if e > 0 else math.inf}.get(metric)
 
 
 def compare(reference: np.ndarray, x: np.ndarray) -> Comparison:
-    """Compare ``x`` with ``reference``. The argmax agreement is computed only for classifier-like outputs,
-    (N, C) or (C,) with C > 1; for dense outputs (rank >= 3, e.g. probability maps) it is nan."""
+    """Compare ``x`` with ``reference`` (see ``Comparison`` for the formulas).
+
+    The argmax agreement is computed only for classifier-like outputs, (N, C) or (C,) with C > 1; for dense
+    outputs (rank >= 3, e.g. probability maps) it is nan.
+
+    Args:
+        reference: the oracle's output.
+        x: the output under test, same number of elements.
+
+    Returns:
+        The Comparison.
+    """
     ref = np.asarray(reference, np.float64).ravel()
     got = np.asarray(x, np.float64).ravel()
     if ref.shape != got.shape:

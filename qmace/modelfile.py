@@ -59,8 +59,16 @@ def _decode_attr(v: Any, arrays) -> Any:
 def save_graph(graph: Graph, path: str | Path) -> Path:
     """Write ``graph`` to ``path`` in the format above (temporary file + rename, with the content hash).
 
-    Returns the path. Raises FileAccessError naming the path when it cannot be written, and TypeError for
-    metadata that JSON cannot hold (a bug of the caller).
+    Args:
+        graph: the graph to save (tensors, nodes, quantization parameters, metadata).
+        path: the file to write.
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileAccessError: naming the path when it cannot be written.
+        TypeError: metadata that JSON cannot hold (a bug of the caller).
     """
     path = Path(path)
     arrays: dict[str, np.ndarray] = {}
@@ -94,7 +102,17 @@ def save_graph(graph: Graph, path: str | Path) -> Path:
 
 
 def content_sha256(header: np.ndarray, arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over the header bytes, then per array (sorted by key): key, dtype, shape, C-order bytes."""
+    """The model file's content hash.
+
+    sha256 over the header bytes, then per array (sorted by key): key, dtype, shape, C-order bytes.
+
+    Args:
+        header: the JSON header as a uint8 array (with the hash field left empty).
+        arrays: the stored arrays by key.
+
+    Returns:
+        The hex digest.
+    """
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(header).tobytes())
     for key in sorted(arrays):
@@ -115,11 +133,18 @@ def _json_default(o: Any) -> Any:
 
 
 def load_graph(path: str | Path) -> Graph:
-    """Read, verify and validate a ``.qmace`` file; returns its graph.
+    """Read, verify and validate a ``.qmace`` file.
+
+    Args:
+        path: the model file.
+
+    Returns:
+        Its graph.
 
     Raises:
-        ModelError / ModelFileError naming the file for a missing, truncated, tampered (content hash) or
-        malformed (header schema, unknown ops, cycles) file; ResourceLimitError for an array over the budget.
+        ModelError, ModelFileError: naming the file for a missing, truncated, tampered (content hash) or
+            malformed (header schema, unknown ops, cycles) file.
+        ResourceLimitError: an array over the memory budget.
     """
     from qmace.quantize.qmath import QuantParams
 

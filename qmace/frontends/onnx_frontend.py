@@ -32,8 +32,23 @@ MIN_OPSET, MAX_OPSET, TARGET_OPSET = 7, 28, 21
 
 
 def read_onnx(path: str | Path) -> onnx.ModelProto:
-    """Parse an ONNX file; tensors stored as external data are read from files beside it (never from outside
-    its folder). Every declared tensor is checked against the memory budget before anything is allocated."""
+    """Parse an ONNX file, with its external data.
+
+    Tensors stored as external data are read from files beside it (never from outside its folder). Every
+    declared tensor is checked against the memory budget before anything is allocated.
+
+    Args:
+        path: the ``.onnx`` file.
+
+    Returns:
+        The ``onnx.ModelProto`` with all tensor data loaded.
+
+    Raises:
+        ModelError: missing, empty, truncated or not ONNX; bad tensor declarations or external data.
+        PathError: external data located outside the model's folder.
+        FileAccessError: the file or its external data cannot be read.
+        ResourceLimitError: a tensor over the memory budget.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: model file not found")
@@ -78,9 +93,18 @@ def _declared_bytes(t: onnx.TensorProto, where: str) -> int:
 
 
 def load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """Check every tensor against the memory budget and read external data relative to the model file's
-    folder. PathError for a location that is absolute or leaves the folder; ModelError for a missing file or
-    a block past its end."""
+    """Check every tensor against the memory budget and read external data relative to the model file's folder.
+
+    Args:
+        model: the parsed model; its external-data tensors are filled in place.
+        path: the model file (its folder is where external data must live).
+
+    Raises:
+        PathError: a location that is absolute or leaves the folder.
+        ModelError: a missing file, a block past its end, a size that contradicts the shape, bad metadata.
+        FileAccessError: the data file cannot be read.
+        ResourceLimitError: a tensor over the memory budget.
+    """
     base = path.parent.resolve()
     external = False
     for label, t in _all_tensors(model):
@@ -123,6 +147,14 @@ def load_external_data(model: onnx.ModelProto, path: Path) -> None:
 
 
 def default_opset(model: onnx.ModelProto) -> int:
+    """The model's opset of the default ONNX domain.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The version imported for ``""``/``ai.onnx``, 1 when none is.
+    """
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             return imp.version
@@ -260,7 +292,18 @@ def _to_array(t: onnx.TensorProto, where: str) -> np.ndarray:
 
 
 def upgrade_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
-    """The model at opset-21 semantics: older opsets converted up, 22-28 translated (``_to_opset21``)."""
+    """The model at opset-21 semantics: older opsets converted up, 22-28 translated (``_to_opset21``).
+
+    Args:
+        model: the model as read.
+        path: its file, for messages.
+
+    Returns:
+        The model at opset 21.
+
+    Raises:
+        ModelError: the version converter fails, or an opset-22+ attribute has no opset-21 equivalent.
+    """
     opset = default_opset(model)
     if opset < MIN_OPSET or opset > MAX_OPSET:
         raise ModelError(f"{path}: opset {opset} is outside the supported range {MIN_OPSET}-{MAX_OPSET}")
@@ -277,7 +320,21 @@ def upgrade_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
 
 
 def onnx_to_graph(model: onnx.ModelProto, path: str | Path = "<model>") -> Graph:
-    """Convert an in-memory ONNX model to the IR (opset upgrade, op check, constants, shapes)."""
+    """Convert an in-memory ONNX model to the IR (opset upgrade, op check, constants, shapes).
+
+    Args:
+        model: the model (its tensors already loaded).
+        path: its file, for messages.
+
+    Returns:
+        The float (or QDQ-stripped) Graph at opset-21 semantics.
+
+    Raises:
+        UnsupportedOpsError: ops qmace has no kernel for (listed with counts).
+        ModelError: malformed nodes (input/output counts, required attributes), cycles, shape inference
+            failures, invalid Q/DQ patterns.
+        ResourceLimitError: a declared shape over the memory budget.
+    """
     path = Path(path)
     _check_supported(model, path)
     source_opset = default_opset(model)
@@ -331,5 +388,17 @@ def onnx_to_graph(model: onnx.ModelProto, path: str | Path = "<model>") -> Graph
 
 
 def load_onnx(path: str | Path) -> Graph:
+    """Read an ONNX file and convert it to the IR (``read_onnx`` then ``onnx_to_graph``).
+
+    Args:
+        path: the ``.onnx`` file.
+
+    Returns:
+        The Graph.
+
+    Raises:
+        ModelError, UnsupportedOpsError, PathError, FileAccessError, ResourceLimitError: as for
+            ``read_onnx`` and ``onnx_to_graph``.
+    """
     path = Path(path)
     return onnx_to_graph(read_onnx(path), path)

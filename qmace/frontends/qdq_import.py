@@ -197,10 +197,19 @@ class _Sign:
 
 
 def strip_qdq(graph: Graph) -> Graph:
-    """Remove ONNX-style Q/DQ nodes (see the module docstring), in place; returns ``graph``.
+    """Remove ONNX-style Q/DQ nodes (see the module docstring), in place.
 
-    Records ``graph.metadata["qdq_params"]`` (tensor name -> ``QuantParams.to_json()``) when the model
-    held any Q/DQ node. Raises ModelError listing every Q/DQ node that fits no supported pattern.
+    Records ``graph.metadata["qdq_params"]`` (tensor name -> ``QuantParams.to_json()``) when the model held
+    any Q/DQ node.
+
+    Args:
+        graph: the imported graph.
+
+    Returns:
+        ``graph``.
+
+    Raises:
+        ModelError: listing every Q/DQ node that fits no supported pattern.
     """
     if not any(_is_explicit(n) for n in graph.nodes):
         return graph
@@ -292,8 +301,17 @@ def strip_qdq(graph: Graph) -> Graph:
 
 
 def prune_qdq_params(graph: Graph) -> list[str]:
-    """Drop ``qdq_params`` entries whose tensor is no longer in ``graph`` (after the float passes: a Conv
-    output fused with its Relu, a weight replaced by BatchNorm folding). Returns the dropped names."""
+    """Drop ``qdq_params`` entries whose tensor is no longer in ``graph``.
+
+    After the float passes a tensor may be gone: a Conv output fused with its Relu, a weight replaced by
+    BatchNorm folding.
+
+    Args:
+        graph: the optimized graph; its metadata is changed in place.
+
+    Returns:
+        The dropped names.
+    """
     params = graph.metadata.get("qdq_params")
     if not params:
         return []

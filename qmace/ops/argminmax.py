@@ -37,11 +37,17 @@ class _ArgExtreme(Op):
 
 @register
 class ArgMax(_ArgExtreme):
+    """The int64 index of the largest element along ``axis`` (first index on ties, last with
+    ``select_last_index``).
+    """
     op_type = "ArgMax"
     fn = staticmethod(np.argmax)
 
 
 @register
 class ArgMin(_ArgExtreme):
+    """The int64 index of the smallest element along ``axis`` (first index on ties, last with
+    ``select_last_index``).
+    """
     op_type = "ArgMin"
     fn = staticmethod(np.argmin)

@@ -30,6 +30,12 @@ _REGISTRY: dict[str, type[Op]] = {}
 
 
 class Op:
+    """One ONNX op: its attribute defaults, numpy reference kernel and quantization traits (module docstring).
+
+    Subclasses are never instantiated: every member is a class attribute or classmethod, and ``@register``
+    makes the class the op's implementation. A subclass's docstring states the op's formula/semantics; its
+    ``run``/``run_quantized`` overrides implement the interface documented here.
+    """
     op_type: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     quant_kernel: ClassVar[str | None] = None
@@ -43,6 +49,18 @@ class Op:
 
     @classmethod
     def attr(cls, node: Node, key: str) -> Any:
+        """Attribute ``key`` of ``node``, else the op's default (ONNX spec, opset 21).
+
+        Args:
+            node: a node of this op type.
+            key: the attribute name.
+
+        Returns:
+            The attribute's value.
+
+        Raises:
+            KeyError: the node does not set it and the op has no default (a required attribute).
+        """
         if key in node.attrs:
             return node.attrs[key]
         if key not in cls.defaults:
@@ -51,11 +69,41 @@ class Op:
 
     @classmethod
     def run(cls, node: Node, inputs: list[np.ndarray | None]) -> list[np.ndarray]:
+        """The numpy reference kernel on float (or integer-typed, for Shape/Gather/...) values.
+
+        Args:
+            node: the node (attributes; its name for messages).
+            inputs: the input arrays in node order, None for omitted optional inputs.
+
+        Returns:
+            The output arrays in node order.
+
+        Raises:
+            NotImplementedError: the op has no reference kernel.
+            ValueError, TypeError, IndexError: inputs or attributes the op's spec does not allow; the reference
+                executor turns them into ModelError naming the node.
+        """
         raise NotImplementedError(f"{cls.op_type} has no reference kernel")
 
     @classmethod
     def run_quantized(cls, node: Node, inputs: list[np.ndarray | None], in_qp: list, out_qp: list) -> list[np.ndarray]:
-        """Run on integer codes. ``in_qp``/``out_qp`` hold QuantParams (None for float/int64 tensors)."""
+        """Run on integer codes with the tensors' quantization parameters.
+
+        ``"copy"`` ops move codes unchanged (``run`` on the codes); ``"float"`` ops compute
+        ``quantize(run(dequantize(x)))``; ``"accumulate"`` ops override this with their exact int32 kernel.
+
+        Args:
+            node: the node.
+            inputs: the input codes (or float/int64 values where a tensor is not quantized), None for omitted ones.
+            in_qp: QuantParams per input (None for float/int64 tensors).
+            out_qp: QuantParams per output (None for float/int64 tensors).
+
+        Returns:
+            The output codes (or values) in node order.
+
+        Raises:
+            NotImplementedError: the op has no integer kernel.
+        """
         from qmace.quantize import qmath
 
         if cls.quant_kernel == "copy":
@@ -68,15 +116,43 @@ class Op:
 
     @classmethod
     def weight_axis(cls, node: Node, index: int) -> int | None:
-        """Per-channel axis if input ``index`` is a quantizable weight, else None. Weights are constants."""
+        """Per-channel axis if input ``index`` is a quantizable weight, else None. Weights are constants.
+
+        Args:
+            node: the node.
+            index: the input's position.
+
+        Returns:
+            The output-channel axis of the weight (e.g. 0 for Conv's W), or None when the input is not a weight.
+        """
         return None
 
     @classmethod
     def is_weight(cls, node: Node, index: int) -> bool:
+        """Whether input ``index`` of ``node`` is a quantizable weight (``weight_axis`` is not None).
+
+        Args:
+            node: the node.
+            index: the input's position.
+
+        Returns:
+            True for a weight input.
+        """
         return cls.weight_axis(node, index) is not None
 
 
 def register(cls: type[Op]) -> type[Op]:
+    """Class decorator: make ``cls`` the implementation of its ``op_type``.
+
+    Args:
+        cls: an Op subclass with ``op_type`` set.
+
+    Returns:
+        ``cls``.
+
+    Raises:
+        ValueError: no ``op_type``, or the op type is already registered.
+    """
     if not cls.op_type:
         raise ValueError(f"{cls.__name__} has no op_type")
     if cls.op_type in _REGISTRY:
@@ -86,6 +162,17 @@ def register(cls: type[Op]) -> type[Op]:
 
 
 def get_op(op_type: str) -> type[Op]:
+    """The Op class of an op type (importing every op module first).
+
+    Args:
+        op_type: the ONNX op name, e.g. ``"Conv"``.
+
+    Returns:
+        The registered Op subclass.
+
+    Raises:
+        KeyError: qmace has no such op.
+    """
     _load_all()
     try:
         return _REGISTRY[op_type]
@@ -94,11 +181,20 @@ def get_op(op_type: str) -> type[Op]:
 
 
 def supported_ops() -> list[str]:
+    """Every registered op type, sorted."""
     _load_all()
     return sorted(_REGISTRY)
 
 
 def is_supported(op_type: str) -> bool:
+    """Whether qmace has a kernel for ``op_type``.
+
+    Args:
+        op_type: the ONNX op name.
+
+    Returns:
+        True when it is registered.
+    """
     _load_all()
     return op_type in _REGISTRY
 

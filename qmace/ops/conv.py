@@ -20,6 +20,19 @@ def im2col(x: np.ndarray, w_shape: tuple[int, ...], node: Node, pad_value: float
 
     x (N, C, *S) -> cols (G, N*Ho*Wo, Cg*kh*kw) and the output spatial shape (Ho, Wo); 1-D convolutions
     are computed as 2-D with a height of 1.
+
+    Args:
+        x: the input (N, C, *S), 1-D or 2-D spatial.
+        w_shape: the weight's shape (M, C/g, *K).
+        node: the Conv node (strides, dilations, pads, auto_pad, group).
+        pad_value: the value padded in (0.0 for floats and centred codes).
+        dtype: the arithmetic dtype of the patches.
+
+    Returns:
+        ``(cols, (Ho, Wo))``.
+
+    Raises:
+        ValueError: pads or auto_pad the spec does not allow.
     """
     squeeze_1d = x.ndim == 3
     if squeeze_1d:  # (N, C, L) -> (N, C, 1, L)
@@ -49,7 +62,18 @@ def im2col(x: np.ndarray, w_shape: tuple[int, ...], node: Node, pad_value: float
 
 
 def conv_core(x: np.ndarray, w: np.ndarray, node: Node, pad_value: float, dtype) -> np.ndarray:
-    """Grouped convolution without bias in ``dtype`` arithmetic. x (N, C, *S), w (M, C/g, *K) -> (N, M, *O)."""
+    """Grouped convolution without bias in ``dtype`` arithmetic. x (N, C, *S), w (M, C/g, *K) -> (N, M, *O).
+
+    Args:
+        x: the input (N, C, *S).
+        w: the weight (M, C/g, *K).
+        node: the Conv node (its attributes).
+        pad_value: the value padded in.
+        dtype: the arithmetic dtype (float32 for the float kernel, float64 for exact integer sums).
+
+    Returns:
+        The output (N, M, *O) in ``dtype``.
+    """
     cols, (ho, wo) = im2col(x, w.shape, node, pad_value, dtype)
     group, n, m = cols.shape[0], x.shape[0], w.shape[0]
     mg = m // group
@@ -61,6 +85,10 @@ def conv_core(x: np.ndarray, w: np.ndarray, node: Node, pad_value: float, dtype)
 
 @register
 class Conv(Op):
+    """Convolution (module docstring): ``y[n, m, o] = b[m] + sum_{c in group(m), k} x_pad[n, c, o*s + k*d] *
+    w[m, c, k]``, then the fused activation. Integer kernel: exact int32 accumulation of centred codes and
+    requantization with ``M = s_x s_w[m] / s_y``; weights per channel along axis 0, bias input 2.
+    """
     op_type = "Conv"
     defaults = {"auto_pad": "NOTSET", "dilations": None, "group": 1, "kernel_shape": None, "pads": None, "strides": None}
     quant_kernel = "accumulate"

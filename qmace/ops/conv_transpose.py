@@ -57,7 +57,21 @@ def _geometry(node: Node, in_spatial, kernel):
 
 
 def conv_transpose_core(x: np.ndarray, w: np.ndarray, node: Node, dtype) -> np.ndarray:
-    """Grouped transposed convolution without bias in ``dtype`` arithmetic: (N, C, *S) -> (N, M, *O)."""
+    """Grouped transposed convolution without bias in ``dtype`` arithmetic: (N, C, *S) -> (N, M, *O).
+
+    Args:
+        x: the input (N, C, *S).
+        w: the weight (C, M/g, *K).
+        node: the ConvTranspose node (strides, dilations, pads, output_padding, output_shape, auto_pad, group).
+        dtype: the arithmetic dtype.
+
+    Returns:
+        The output (N, M, *O) in ``dtype``.
+
+    Raises:
+        ValueError: an unknown auto_pad.
+        NotImplementedError: negative pads.
+    """
     op = ConvTranspose
     group = int(op.attr(node, "group"))
     n, c = x.shape[:2]
@@ -90,6 +104,9 @@ def conv_transpose_core(x: np.ndarray, w: np.ndarray, node: Node, dtype) -> np.n
 
 @register
 class ConvTranspose(Op):
+    """Transposed convolution (module docstring): the full output ``F[n, g*Mg + m, i*s + k*d] += x[n, c, i] *
+    w[c, m, k]`` cropped by the pads, plus ``b``; the fused activation applied. Float only.
+    """
     op_type = "ConvTranspose"
     defaults: ClassVar[dict[str, Any]] = {
         "auto_pad": "NOTSET",

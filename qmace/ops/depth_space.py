@@ -28,6 +28,7 @@ def _checked(op: type[Op], node, x: np.ndarray) -> int:
 
 @register
 class DepthToSpace(Op):
+    """(N, C, H, W) -> (N, C / b^2, H b, W b); DCR or CRD channel order (module docstring). Copies codes."""
     op_type = "DepthToSpace"
     defaults: ClassVar[dict[str, Any]] = {"blocksize": None, "mode": "DCR"}
     quant_kernel = "copy"
@@ -52,6 +53,7 @@ class DepthToSpace(Op):
 
 @register
 class SpaceToDepth(Op):
+    """(N, C, H, W) -> (N, C b^2, H / b, W / b), the inverse of DCR DepthToSpace. Copies codes."""
     op_type = "SpaceToDepth"
     defaults: ClassVar[dict[str, Any]] = {"blocksize": None}
     quant_kernel = "copy"

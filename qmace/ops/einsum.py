@@ -17,6 +17,7 @@ from qmace.ops.base import Op, register
 
 @register
 class Einsum(Op):
+    """Einstein summation by ``equation`` as ``numpy.einsum``; floats accumulated in float64 and rounded once."""
     op_type = "Einsum"
     defaults: ClassVar[dict[str, Any]] = {"equation": None}
 

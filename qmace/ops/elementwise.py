@@ -35,7 +35,15 @@ from qmace.ops.base import Op, register
 
 
 def optional_input(inputs: list[np.ndarray | None], index: int) -> np.ndarray | None:
-    """Input ``index``, or None when it is omitted ("" in the node) or beyond the list."""
+    """Input ``index``, or None when it is omitted ("" in the node) or beyond the list.
+
+    Args:
+        inputs: a node's input arrays (None for omitted ones).
+        index: the input's position.
+
+    Returns:
+        The array or None.
+    """
     return inputs[index] if index < len(inputs) else None
 
 
@@ -70,8 +78,17 @@ def _erfc_tail(y: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 
 def erf(x: np.ndarray) -> np.ndarray:
-    """erf(x) in float64 (|error| < 1e-16 relative): Cody's approximation on |x| <= 0.46875 (erf directly),
-    0.46875 < |x| <= 4 and |x| > 4 (erfc, then erf = sign(x) * (1 - erfc(|x|)))."""
+    """erf(x) in float64 (|error| < 1e-16 relative), by Cody's approximation on three intervals.
+
+    |x| <= 0.46875: erf directly; 0.46875 < |x| <= 4 and |x| > 4: erfc, then
+    ``erf = sign(x) * (1 - erfc(|x|))``. NaN stays NaN.
+
+    Args:
+        x: any real array.
+
+    Returns:
+        erf(x) as float64.
+    """
     x = np.asarray(x, dtype=np.float64)
     y = np.abs(x)
     out = np.empty_like(x)
@@ -117,6 +134,15 @@ class _Binary(Op):
 
     @classmethod
     def compute(cls, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The op's formula on two broadcast-compatible arrays of the same dtype.
+
+        Args:
+            a: input A.
+            b: input B.
+
+        Returns:
+            ``A <op> B`` (cast back to A's dtype by ``run``).
+        """
         raise NotImplementedError
 
     @classmethod
@@ -130,6 +156,9 @@ class _Binary(Op):
 
 @register
 class Add(_Binary):
+    """``C = A + B``; integers wrap on overflow. Quantized: ORT's QLinearAdd; without statistics the output
+    range is the interval sum ``[a0 + b0, a1 + b1]``.
+    """
     op_type = "Add"
     quant_kernel = "float"
     output_range = "stat"
@@ -142,6 +171,9 @@ class Add(_Binary):
 
 @register
 class Sub(_Binary):
+    """``C = A - B``; integers wrap on overflow. Without statistics the output range is
+    ``[a0 - b1, a1 - b0]``. No integer kernel.
+    """
     op_type = "Sub"
     output_range = "stat"
     range_without_stats: ClassVar[str] = "interval"
@@ -153,6 +185,7 @@ class Sub(_Binary):
 
 @register
 class Mul(_Binary):
+    """``C = A * B``; integers wrap on overflow. Quantized: ORT's QLinearMul."""
     op_type = "Mul"
     quant_kernel = "float"
     output_range = "stat"
@@ -206,6 +239,15 @@ class _Unary(Op):
 
     @classmethod
     def compute(cls, node, x: np.ndarray) -> np.ndarray:
+        """The op's formula ``f(X)`` elementwise.
+
+        Args:
+            node: the node (for attributes such as ``alpha``).
+            x: input X (float64 for ``float64_math`` ops).
+
+        Returns:
+            ``f(X)`` (rounded to X's dtype by ``run``).
+        """
         raise NotImplementedError
 
     @classmethod
@@ -218,6 +260,7 @@ class _Unary(Op):
 
 @register
 class Sqrt(_Unary):
+    """``Y = sqrt(X)`` (NaN for X < 0)."""
     op_type = "Sqrt"
 
     @classmethod
@@ -227,6 +270,7 @@ class Sqrt(_Unary):
 
 @register
 class Neg(_Unary):
+    """``Y = -X`` (integers wrap: ``-INT_MIN == INT_MIN``)."""
     op_type = "Neg"
 
     @classmethod
@@ -236,6 +280,7 @@ class Neg(_Unary):
 
 @register
 class Abs(_Unary):
+    """``Y = |X|``."""
     op_type = "Abs"
 
     @classmethod
@@ -245,6 +290,7 @@ class Abs(_Unary):
 
 @register
 class Exp(_Unary):
+    """``Y = exp(X)``, in float64 rounded once to X's dtype."""
     op_type = "Exp"
     float64_math = True
 
@@ -255,6 +301,7 @@ class Exp(_Unary):
 
 @register
 class Log(_Unary):
+    """``Y = log(X)`` (natural logarithm; -inf at 0, NaN below), in float64 rounded once."""
     op_type = "Log"
     float64_math = True
 
@@ -265,6 +312,7 @@ class Log(_Unary):
 
 @register
 class Erf(_Unary):
+    """``Y = erf(X)`` (Cody's approximation, float64, rounded once)."""
     op_type = "Erf"
     float64_math = True
 
@@ -275,6 +323,7 @@ class Erf(_Unary):
 
 @register
 class Tanh(_Unary):
+    """``Y = tanh(X)``, in float64 rounded once; fixed output range (-1, 1)."""
     op_type = "Tanh"
     float64_math = True
     output_range = (-1.0, 1.0)
@@ -323,6 +372,7 @@ class Gelu(_Unary):
 
 @register
 class Relu(_Unary):
+    """``Y = max(X, 0)``; fusable into a producing Conv/Gemm."""
     op_type = "Relu"
     quant_kernel = "float"
     fusable_activation = True

@@ -18,6 +18,7 @@ from qmace.ops.base import Op, register
 
 @register
 class GatherElements(Op):
+    """``out[i][j][k] = data[index[i][j][k]][j][k]`` for ``axis=0`` (likewise for other axes). Copies codes."""
     op_type = "GatherElements"
     defaults: ClassVar[dict[str, Any]] = {"axis": 0}
     quant_kernel = "copy"

@@ -50,6 +50,10 @@ def _requantize(node: Node, acc: np.ndarray, a_qp, b_qp, y_qp) -> np.ndarray:
 
 @register
 class Gemm(Op):
+    """``Y = alpha * A' @ B' + beta * C`` (module docstring), then the fused activation. Integer kernel (alpha ==
+    beta == 1): exact accumulation of centred codes plus the int32 bias, requantized with
+    ``M = s_a s_b[n] / s_y``; weight B per channel (axis 0 if transB else 1), bias input 2.
+    """
     op_type = "Gemm"
     defaults: ClassVar[dict[str, Any]] = {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0}
     quant_kernel = "accumulate"
@@ -100,6 +104,9 @@ class Gemm(Op):
 
 @register
 class MatMul(Op):
+    """``Y = A @ B`` with numpy.matmul semantics, then the fused activation. Integer kernel as Gemm's, per-channel
+    B along its last axis.
+    """
     op_type = "MatMul"
     defaults: ClassVar[dict[str, Any]] = {}
     quant_kernel = "accumulate"

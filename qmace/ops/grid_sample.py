@@ -54,6 +54,7 @@ def _keys_cubic(t: np.ndarray, a: float = -0.75) -> list[np.ndarray]:
 
 @register
 class GridSample(Op):
+    """Sample X at the normalized grid coordinates (module docstring for modes, padding and align_corners)."""
     op_type = "GridSample"
     defaults: ClassVar[dict[str, Any]] = {"align_corners": 0, "mode": "linear", "padding_mode": "zeros"}
 

@@ -31,11 +31,13 @@ class _Extreme(Op):
 
 @register
 class Max(_Extreme):
+    """``Y = max(X_1, ..., X_n)`` elementwise with multidirectional broadcasting; NaN propagates."""
     op_type = "Max"
     fn = staticmethod(np.maximum)
 
 
 @register
 class Min(_Extreme):
+    """``Y = min(X_1, ..., X_n)`` elementwise with multidirectional broadcasting; NaN propagates."""
     op_type = "Min"
     fn = staticmethod(np.minimum)

@@ -29,6 +29,9 @@ def _channel(v: np.ndarray, ndim: int) -> np.ndarray:
 
 @register
 class BatchNormalization(Op):
+    """``y = (x - mean[c]) / sqrt(var[c] + epsilon) * scale[c] + B[c]`` (inference); training_mode 1 uses the
+    batch statistics and returns the running ones (module docstring).
+    """
     op_type = "BatchNormalization"
     defaults: ClassVar[dict[str, Any]] = {"epsilon": 1e-5, "momentum": 0.9, "training_mode": 0}
     output_range = "stat"
@@ -54,6 +57,7 @@ class BatchNormalization(Op):
 
 @register
 class InstanceNormalization(Op):
+    """Per (n, c) over the spatial axes: ``y = (x - mu) / sqrt(sigma^2 + epsilon) * scale[c] + B[c]``."""
     op_type = "InstanceNormalization"
     defaults: ClassVar[dict[str, Any]] = {"epsilon": 1e-5}
     output_range = "stat"
@@ -72,6 +76,9 @@ class InstanceNormalization(Op):
 
 @register
 class LayerNormalization(Op):
+    """Over the axes ``[axis, rank)``: ``y = (x - mu) / sqrt(sigma^2 + epsilon) * Scale + B``; optional Mean
+    and InvStdDev outputs.
+    """
     op_type = "LayerNormalization"
     defaults: ClassVar[dict[str, Any]] = {"axis": -1, "epsilon": 1e-5, "stash_type": 1}
     output_range = "stat"

@@ -23,6 +23,21 @@ _NUMPY_MODE = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wr
 
 
 def pad_array(x: np.ndarray, pads: np.ndarray, mode: str, value, axes: np.ndarray | None) -> np.ndarray:
+    """Pad (or, for negative pads, crop) ``x`` as the module docstring states.
+
+    Args:
+        x: the data.
+        pads: ``[b_1, ..., b_n, e_1, ..., e_n]`` for the axes in ``axes``.
+        mode: ``"constant"``, ``"reflect"``, ``"edge"`` or ``"wrap"``.
+        value: the constant for ``"constant"`` mode (in x's dtype).
+        axes: the padded axes (negative counts from the end); None: all axes in order.
+
+    Returns:
+        The padded array.
+
+    Raises:
+        ValueError: an unknown mode, or a pads length that is not twice the number of axes.
+    """
     if mode not in _NUMPY_MODE:
         raise ValueError(f"unknown Pad mode {mode!r}")
     pads = [int(p) for p in np.asarray(pads).reshape(-1)]
@@ -46,6 +61,9 @@ def pad_array(x: np.ndarray, pads: np.ndarray, mode: str, value, axes: np.ndarra
 
 @register
 class Pad(Op):
+    """Pad/crop the data by ``pads`` along ``axes`` in one of four modes (module docstring). Copies codes; a
+    constant is padded as its code in the data's parameters.
+    """
     op_type = "Pad"
     defaults: ClassVar[dict[str, Any]] = {"mode": "constant"}
     quant_kernel = "copy"

@@ -95,6 +95,9 @@ _POOL_DEFAULTS = {
 
 @register
 class MaxPool(Op):
+    """``y[o] = max_k x_pad[o*s + k*d]`` (module docstring for output size, ceil mode and the optional int64
+    Indices output). Copies codes.
+    """
     op_type = "MaxPool"
     defaults: ClassVar[dict[str, Any]] = {**_POOL_DEFAULTS, "storage_order": 0}
     quant_kernel = "copy"
@@ -141,6 +144,9 @@ class MaxPool(Op):
 
 @register
 class AveragePool(Op):
+    """``y[o] = sum_k x_pad[o*s + k*d] / count[o]`` with pads 0 and ``count`` per ``count_include_pad``
+    (module docstring).
+    """
     op_type = "AveragePool"
     defaults: ClassVar[dict[str, Any]] = {**_POOL_DEFAULTS, "count_include_pad": 0}
     quant_kernel = "float"
@@ -166,6 +172,7 @@ class AveragePool(Op):
 
 @register
 class GlobalAveragePool(Op):
+    """Mean over all spatial axes, which stay as size 1."""
     op_type = "GlobalAveragePool"
     defaults: ClassVar[dict[str, Any]] = {}
     quant_kernel = "float"
@@ -179,6 +186,7 @@ class GlobalAveragePool(Op):
 
 @register
 class GlobalMaxPool(Op):
+    """Max over all spatial axes, which stay as size 1. Copies codes."""
     op_type = "GlobalMaxPool"
     defaults: ClassVar[dict[str, Any]] = {}
     quant_kernel = "copy"

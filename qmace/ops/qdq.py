@@ -76,7 +76,20 @@ def _along(param, shape: tuple[int, ...], axis: int, block_size: int) -> np.ndar
 
 
 def quantize_explicit(node, inputs, axis: int, block_size: int) -> np.ndarray:
-    """``saturate(rint(x / scale) + zero_point)`` in the code type (NaN -> qmin, as ORT's x86 kernels)."""
+    """``saturate(rint(x / scale) + zero_point)`` in the code type (NaN -> qmin, as ORT's x86 kernels).
+
+    Args:
+        node: the QuantizeLinear node (its ``output_dtype`` attribute, its name for messages).
+        inputs: ``[x, scale, zero_point (optional)]``.
+        axis: the per-channel / blocked axis.
+        block_size: the block size B, 0 for per tensor / per axis.
+
+    Returns:
+        The codes.
+
+    Raises:
+        NotImplementedError: a code type other than 8/16-bit integers.
+    """
     x = np.asarray(inputs[0])
     dtype = _code_dtype(node, inputs)
     info = np.iinfo(dtype)
@@ -91,7 +104,20 @@ def quantize_explicit(node, inputs, axis: int, block_size: int) -> np.ndarray:
 
 
 def dequantize_explicit(node, inputs, axis: int, block_size: int) -> np.ndarray:
-    """``(q - zero_point) * scale`` in the scale's float type."""
+    """``(q - zero_point) * scale`` in the scale's float type.
+
+    Args:
+        node: the DequantizeLinear node.
+        inputs: ``[q, scale, zero_point (optional)]``.
+        axis: the per-channel / blocked axis.
+        block_size: the block size B, 0 for per tensor / per axis.
+
+    Returns:
+        The real values.
+
+    Raises:
+        NotImplementedError: an unsupported code type.
+    """
     q = np.asarray(inputs[0])
     _code_dtype(node, inputs)
     scale = np.asarray(inputs[1])
@@ -111,6 +137,7 @@ def _param(params, node, which: str):
 
 @register
 class QuantizeLinear(Op):
+    """``q = clip(rint(x / scale) + zero_point, qmin, qmax)`` (module docstring for the parameter layouts)."""
     op_type = "QuantizeLinear"
     defaults: ClassVar[dict[str, Any]] = {"axis": 1, "saturate": 1, "block_size": 0, "output_dtype": 0}
 
@@ -134,6 +161,7 @@ class QuantizeLinear(Op):
 
 @register
 class DequantizeLinear(Op):
+    """``x = (q - zero_point) * scale`` (module docstring for the parameter layouts)."""
     op_type = "DequantizeLinear"
     defaults: ClassVar[dict[str, Any]] = {"axis": 1, "block_size": 0}
 

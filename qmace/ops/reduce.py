@@ -28,6 +28,16 @@ class _Reduce(Op):
 
     @classmethod
     def reduce(cls, x: np.ndarray, axes: tuple[int, ...], keepdims: bool) -> np.ndarray:
+        """The reduction over ``axes``.
+
+        Args:
+            x: the data.
+            axes: the (non-negative) axes to reduce.
+            keepdims: keep them as size 1.
+
+        Returns:
+            The reduced array in the rules of the module docstring.
+        """
         raise NotImplementedError
 
     @classmethod
@@ -64,6 +74,7 @@ def _extreme(fn: Callable, x: np.ndarray, axes: tuple[int, ...], keepdims: bool)
 
 @register
 class ReduceMax(_Reduce):
+    """Max over ``axes``; over an empty set the dtype's lowest value."""
     op_type = "ReduceMax"
     quant_kernel = "copy"
     output_range = "input"
@@ -75,6 +86,7 @@ class ReduceMax(_Reduce):
 
 @register
 class ReduceMin(_Reduce):
+    """Min over ``axes``; over an empty set the dtype's highest value."""
     op_type = "ReduceMin"
     quant_kernel = "copy"
     output_range = "input"
@@ -86,6 +98,7 @@ class ReduceMin(_Reduce):
 
 @register
 class ReduceSum(_Reduce):
+    """Sum over ``axes`` in the input's type."""
     op_type = "ReduceSum"
 
     @classmethod
@@ -95,6 +108,7 @@ class ReduceSum(_Reduce):
 
 @register
 class ReduceMean(_Reduce):
+    """Mean over ``axes`` (floats summed in float64, divided once, rounded to the input type)."""
     op_type = "ReduceMean"
     quant_kernel = "float"
     output_range = "stat"

@@ -179,7 +179,24 @@ def _filter_weights(node: Node, xo: np.ndarray, in_len: int, scale: float) -> np
 
 
 def resize(node: Node, x: np.ndarray, roi, scales, sizes, extrapolation) -> np.ndarray:
-    """The Resize kernel; ``extrapolation`` is the value written outside the crop (tf_crop_and_resize)."""
+    """The Resize kernel; ``extrapolation`` is the value written outside the crop (tf_crop_and_resize).
+
+    Args:
+        node: the Resize node (mode, coordinate_transformation_mode, nearest_mode, cubic_coeff_a, antialias,
+            exclude_outside, axes, keep_aspect_ratio_policy).
+        x: the input.
+        roi: the optional roi input (tf_crop_and_resize), or None.
+        scales: the optional scales input, or None.
+        sizes: the optional sizes input, or None.
+        extrapolation: the value written outside the crop.
+
+    Returns:
+        The resized array in x's dtype.
+
+    Raises:
+        ValueError: an unknown mode or transformation, or scales/sizes that do not fit the input.
+        NotImplementedError: antialias with nearest mode.
+    """
     op = Resize
     mode = op.attr(node, "mode")
     if mode not in ("nearest", "linear", "cubic"):
@@ -228,6 +245,9 @@ def resize(node: Node, x: np.ndarray, roi, scales, sizes, extrapolation) -> np.n
 
 @register
 class Resize(Op):
+    """Resize X by ``scales`` or to ``sizes`` with nearest, linear or cubic interpolation (module docstring for
+    the coordinate transformations). Nearest copies codes; linear/cubic run as "float".
+    """
     op_type = "Resize"
     defaults: ClassVar[dict[str, Any]] = {
         "antialias": 0,
@@ -245,7 +265,14 @@ class Resize(Op):
 
     @classmethod
     def kernel_for(cls, node: Node) -> str:
-        """The quant_kernel this node's mode has: "copy" for nearest, "float" for linear (and cubic)."""
+        """The quant_kernel this node's mode has: "copy" for nearest, "float" for linear (and cubic).
+
+        Args:
+            node: a Resize node.
+
+        Returns:
+            ``"copy"`` or ``"float"``.
+        """
         return "copy" if cls.attr(node, "mode") == "nearest" else "float"
 
     @staticmethod

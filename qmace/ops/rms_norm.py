@@ -16,6 +16,7 @@ from qmace.ops.base import Op, register
 
 @register
 class RMSNormalization(Op):
+    """Over the axes ``[axis, rank)``: ``Y = X / sqrt(mean(X^2) + epsilon) * scale`` (float64, rounded once)."""
     op_type = "RMSNormalization"
     defaults: ClassVar[dict[str, Any]] = {"axis": -1, "epsilon": 1e-5, "stash_type": 1}
     onnx_opset = 23

@@ -133,6 +133,9 @@ class Unsqueeze(_Copy):
 
 @register
 class Concat(Op):
+    """Concatenate the inputs along ``axis``; on codes, inputs with other parameters than the output are
+    requantized into the output's first (module docstring).
+    """
     op_type = "Concat"
     quant_kernel = "copy"
     output_range = "union"
@@ -246,6 +249,7 @@ class Gather(_Copy):
 
 @register
 class Identity(_Copy):
+    """``Y = X``."""
     op_type = "Identity"
 
     @classmethod
@@ -288,6 +292,7 @@ class Expand(_Copy):
 
 @register
 class Tile(_Copy):
+    """Repeat the input ``repeats[i]`` times along each axis i."""
     op_type = "Tile"
 
     @classmethod
@@ -396,6 +401,7 @@ class Range(Op):
 
 @register
 class Equal(Op):
+    """``A == B`` elementwise with multidirectional broadcasting, as bool."""
     op_type = "Equal"
 
     @classmethod

@@ -20,6 +20,7 @@ def _shifted(x: np.ndarray, axis: int) -> np.ndarray:
 
 @register
 class Softmax(Op):
+    """``exp(x - max) / sum(exp(x - max))`` along ``axis``; fixed output range [0, 1]."""
     op_type = "Softmax"
     defaults: ClassVar[dict[str, Any]] = {"axis": -1}
     quant_kernel = "float"
@@ -35,6 +36,7 @@ class Softmax(Op):
 
 @register
 class LogSoftmax(Op):
+    """``(x - max) - log(sum(exp(x - max)))`` along ``axis``; output range from statistics."""
     op_type = "LogSoftmax"
     defaults: ClassVar[dict[str, Any]] = {"axis": -1}
     quant_kernel = "float"

@@ -18,6 +18,7 @@ from qmace.ops.elementwise import optional_input
 
 @register
 class Trilu(Op):
+    """Keep the upper (``j - i >= k``) or lower (``j - i <= k``) triangle of the last two axes, zero the rest."""
     op_type = "Trilu"
     defaults: ClassVar[dict[str, Any]] = {"upper": 1}
 

@@ -15,7 +15,25 @@ def conv_pads(
     pads: list[int] | None,
     auto_pad: str,
 ) -> list[int]:
-    """ONNX pads [x1_begin, x2_begin, ..., x1_end, x2_end, ...] resolved from ``auto_pad``."""
+    """ONNX pads ``[x1_begin, x2_begin, ..., x1_end, x2_end, ...]`` resolved from ``auto_pad``.
+
+    SAME_*: ``out = ceil(in / s)``, ``total = max(0, (out - 1) s + (k - 1) d + 1 - in)``, the odd element at
+    the end (SAME_UPPER) or the begin (SAME_LOWER); VALID: 0; NOTSET: ``pads`` (default 0).
+
+    Args:
+        in_spatial: the input's spatial sizes.
+        kernel: the kernel's spatial sizes.
+        strides: per spatial axis.
+        dilations: per spatial axis.
+        pads: the node's explicit pads, or None.
+        auto_pad: ``"NOTSET"``, ``"VALID"``, ``"SAME_UPPER"`` or ``"SAME_LOWER"``.
+
+    Returns:
+        The begin pads followed by the end pads.
+
+    Raises:
+        ValueError: an unknown auto_pad.
+    """
     nd = len(in_spatial)
     if auto_pad in ("NOTSET", "", None):
         return list(pads) if pads else [0] * (2 * nd)
@@ -40,7 +58,16 @@ def conv_pads(
 def windows(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], dilations: tuple[int, ...]) -> np.ndarray:
     """Sliding windows over the trailing len(kernel) axes of an already padded ``x``.
 
-    (N, C, *S) -> (N, C, *O, *K): ``out[..., o, k] = x[..., o * stride + k * dilation]``.
+    (N, C, *S) -> (N, C, *O, *K): ``out[..., o, k] = x[..., o * stride + k * dilation]`` (a view, no copy).
+
+    Args:
+        x: the padded input.
+        kernel: the kernel's spatial sizes.
+        strides: per spatial axis.
+        dilations: per spatial axis.
+
+    Returns:
+        The strided window view.
     """
     nd = len(kernel)
     eff = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))
@@ -54,6 +81,16 @@ def windows(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], di
 
 
 def pad_spatial(x: np.ndarray, pads: list[int], value: float = 0) -> np.ndarray:
+    """Constant-pad the trailing ``len(pads) // 2`` axes of ``x``.
+
+    Args:
+        x: the input (N, C, *S).
+        pads: ONNX order, begins then ends.
+        value: the fill value.
+
+    Returns:
+        The padded array (``x`` itself when every pad is 0).
+    """
     nd = len(pads) // 2
     if not any(pads):
         return x
@@ -62,7 +99,17 @@ def pad_spatial(x: np.ndarray, pads: list[int], value: float = 0) -> np.ndarray:
 
 
 def activation_bounds(node: Node) -> tuple[float, float] | None:
-    """The clamp a fused activation applies (``qm_activation`` Relu or Clip), or None."""
+    """The clamp a fused activation applies (``qm_activation`` Relu or Clip).
+
+    Args:
+        node: a Conv/Gemm/MatMul node.
+
+    Returns:
+        ``(lo, hi)`` (Relu: ``(0, inf)``; Clip: its ``qm_clip``), or None without a fused activation.
+
+    Raises:
+        ValueError: an unknown fused activation.
+    """
     act = node.attrs.get("qm_activation")
     if act is None:
         return None
@@ -75,6 +122,18 @@ def activation_bounds(node: Node) -> tuple[float, float] | None:
 
 
 def apply_fused_activation(node: Node, y: np.ndarray) -> np.ndarray:
+    """Apply the node's fused activation to its float output: ``clip(y, lo, hi)``.
+
+    Args:
+        node: the producing node.
+        y: its output before the activation.
+
+    Returns:
+        The activated output, y's dtype.
+
+    Raises:
+        ValueError: an unknown fused activation.
+    """
     bounds = activation_bounds(node)
     if bounds is None:
         return y
@@ -83,7 +142,16 @@ def apply_fused_activation(node: Node, y: np.ndarray) -> np.ndarray:
 
 
 def clamp_codes_to_activation(node: Node, codes: np.ndarray, qp) -> np.ndarray:
-    """A fused activation on quantized output: clamp the codes to the quantized activation bounds."""
+    """A fused activation on quantized output: clamp the codes to ``[quantize(lo), quantize(hi)]``.
+
+    Args:
+        node: the producing node.
+        codes: its output codes.
+        qp: the output's QuantParams.
+
+    Returns:
+        The clamped codes.
+    """
     bounds = activation_bounds(node)
     if bounds is None:
         return codes
@@ -96,7 +164,16 @@ def clamp_codes_to_activation(node: Node, codes: np.ndarray, qp) -> np.ndarray:
 
 
 def broadcast_per_channel(v: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
-    """Shape a per-channel vector to broadcast along ``axis`` of an ``ndim``-d array (scalar: unchanged)."""
+    """Shape a per-channel vector to broadcast along ``axis`` of an ``ndim``-d array.
+
+    Args:
+        v: a (C,) vector or a scalar.
+        axis: the channel axis, or None.
+        ndim: the rank of the array it will broadcast against.
+
+    Returns:
+        ``v`` reshaped to ``(1, ..., C, ..., 1)``; scalars and ``axis`` None unchanged.
+    """
     v = np.asarray(v)
     if axis is None or v.ndim == 0:
         return v

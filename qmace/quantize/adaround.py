@@ -60,9 +60,19 @@ class InputStatistics:
 
     @property
     def input_names(self) -> list[str]:
+        """The tensors this observer wants from calibration: the inputs of the observed layers."""
         return list(self.by_input)
 
     def observe(self, name: str, x: np.ndarray) -> None:
+        """Accumulate one sample of tensor ``name`` into every layer reading it.
+
+        For each layer with im2col rows ``x`` (Conv) or rows of the last axis (Gemm/MatMul):
+        ``sum_x += sum(x)``, ``sum_xx += x^T x``, ``rows += count``.
+
+        Args:
+            name: the tensor (an ``input_names`` entry; others are ignored).
+            x: its value for one sample.
+        """
         for lay in self.by_input.get(name, []):
             node = lay.node
             if node.op_type == "Conv":
@@ -77,6 +87,9 @@ class InputStatistics:
 
 @dataclass
 class RoundingReport:
+    """AdaRound's result for one layer: the output-reconstruction loss ``tr(dW C dW^T)`` (``C`` the input's
+    second-moment matrix) with rounding to nearest and with the chosen rounding.
+    """
     node: str
     nearest_loss: float  # tr(dW C dW^T) with rounding to nearest
     final_loss: float  # with the chosen rounding
@@ -137,6 +150,20 @@ def adaround(
     weight QuantParams to fix in the quantizer, and a per-layer report. Layers whose optimisation would
     cost more than ``max_cost`` multiply-adds per iteration (M * K^2) get rounding to nearest plus bias
     correction only.
+
+    Args:
+        graph: the float graph.
+        stats: the layers' input statistics gathered during calibration.
+        schema: the quantization schema that gives the weight parameters (``qmath.weight_params``).
+        iters: optimisation iterations per layer.
+        max_cost: the per-iteration multiply-add budget of a layer.
+        progress: wraps the layer list (a progress bar), or None.
+
+    Returns:
+        ``(graph copy, {weight name: QuantParams}, [RoundingReport per layer])``.
+
+    Raises:
+        QuantizationError: an unknown schema.
     """
     g = graph.copy()
     fixed: dict[str, qmath.QuantParams] = {}

@@ -39,9 +39,23 @@ def calibrate(
     """Run the float graph on each sample and feed every float op output to ``calibrator``.
 
     Samples stream one at a time: memory holds one sample's tensors plus the calibrator's state.
-    Returns the number of samples seen. Each of ``observers`` (bias-correction means, AdaRound input
-    statistics, equalization maxima) lists ``input_names`` and is fed those tensors with
-    ``observe(name, value)``. ``calibrator`` None: only the observers are fed.
+
+    Args:
+        graph: the optimized float graph.
+        samples: an iterable of ``qmace.data.Sample``.
+        calibrator: receives ``observe(name, value)`` for every float activation; None: only the observers
+            are fed.
+        num_threads: intra-op threads (>= 1), or None.
+        backend: the backend that runs the float graph.
+        observers: objects (bias-correction means, AdaRound input statistics, equalization maxima) listing
+            ``input_names``; each is fed those tensors with ``observe(name, value)``.
+
+    Returns:
+        The number of samples seen.
+
+    Raises:
+        InputDataError: a sample holds NaN or Inf, or there is no sample at all.
+        ModelError: the backend fails on the graph.
     """
     floats = [n for n in graph.activations() if graph.tensors[n].dtype == "float32"]
     names = floats if calibrator is not None else []
@@ -68,15 +82,37 @@ def calibrate(
 
 
 def equalize_on(graph: Graph, samples: Iterable, num_threads: int | None = None) -> tuple[Graph, list]:
-    """Activation equalization as `qmace quantize` does it: one streamed pass for the per-channel maxima,
-    then ``equalize_activations``. Returns the rescaled copy and its groups; ranges must then be calibrated on
-    that copy (a second pass over the samples)."""
+    """Activation equalization as ``qmace quantize`` does it.
+
+    One streamed pass for the per-channel maxima, then ``equalize_activations``; ranges must then be
+    calibrated on the returned copy (a second pass over the samples).
+
+    Args:
+        graph: the optimized float graph (not changed).
+        samples: an iterable of ``qmace.data.Sample``.
+        num_threads: intra-op threads, or None.
+
+    Returns:
+        The rescaled copy of the graph and its equalization groups.
+
+    Raises:
+        InputDataError: as for ``calibrate``.
+    """
     maxima = ChannelMaxima(graph)
     calibrate(graph, samples, None, num_threads, observers=[maxima])
     return equalize_activations(graph, maxima)
 
 
 def options_for(m: ModelConfig, schema: str | None = None) -> QuantizeOptions:
+    """The quantizer's options from a YAML model entry (schema, change_concat_ranges, input_ranges).
+
+    Args:
+        m: the YAML model entry.
+        schema: overrides the YAML's ``quantize_schema`` when given.
+
+    Returns:
+        The QuantizeOptions (no fixed parameters, no float nodes).
+    """
     sub = m.subgraph
     return QuantizeOptions(
         schema=schema or m.quantize_schema,
@@ -88,11 +124,25 @@ def options_for(m: ModelConfig, schema: str | None = None) -> QuantizeOptions:
 def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None = None,
                         schema: str | None = None, float_nodes: set[str] | None = None,
                         fixed_weights: dict[str, QuantParams] | None = None) -> tuple[Graph, list[str]]:
-    """``convert`` with ``quantize: 1`` (ranges from ``quantize_range_file``, from QDQ nodes of the source
-    model, or ``table``) or with ``quantize_large_weights: 1``.
+    """``convert`` with ``quantize: 1`` or with ``quantize_large_weights: 1``.
 
-    Returns the quantized graph and one line per op left in float (with the reason).
-    Raises RangeError (range file), QuantizationError (no ranges, unknown ``float_nodes``).
+    Ranges come from ``quantize_range_file``, from QDQ nodes of the source model, and from ``table``;
+    parameters fixed by the source model's QDQ pairs win over ranges.
+
+    Args:
+        graph: the optimized float graph (its metadata may hold imported ``qdq_params``).
+        m: the YAML model entry.
+        table: extra ranges (tensor name -> (min, max)), e.g. from one-shot calibration.
+        schema: overrides the YAML's ``quantize_schema``.
+        float_nodes: node names or op types kept in float (``--float_nodes``).
+        fixed_weights: weight name -> QuantParams fixed by the caller (AdaRound).
+
+    Returns:
+        The quantized graph and one line per op left in float (with the reason).
+
+    Raises:
+        RangeError: the range file is unreadable or malformed.
+        QuantizationError: no ranges at all, a tensor without a range, or unknown ``float_nodes``.
     """
     if m.quantize_large_weights and not m.quantize:
         return quantize_large_weights(graph, m.quantize_large_weights_schema), []
@@ -117,8 +167,18 @@ def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None =
 
 
 def check_float_nodes(graph: Graph, wanted: Iterable[str]) -> set[str]:
-    """``--float_nodes``: each entry must be a node name or an op type of the (optimized) graph;
-    QuantizationError listing the unknown ones with the closest names."""
+    """Check ``--float_nodes``: each entry must be a node name or an op type of the (optimized) graph.
+
+    Args:
+        graph: the optimized graph.
+        wanted: the names/op types given.
+
+    Returns:
+        ``wanted`` as a set.
+
+    Raises:
+        QuantizationError: listing the unknown entries with the closest names.
+    """
     import difflib
 
     wanted = set(wanted)
@@ -136,13 +196,21 @@ def check_float_nodes(graph: Graph, wanted: Iterable[str]) -> set[str]:
 
 
 def check_threads(num_threads: int | None) -> None:
-    """ConfigError unless ``num_threads`` is None (the runtime's default) or >= 1."""
+    """Check a ``--num_threads`` value.
+
+    Args:
+        num_threads: None (the runtime's default) or a thread count.
+
+    Raises:
+        ConfigError: ``num_threads`` < 1.
+    """
     if num_threads is not None and num_threads < 1:
         raise ConfigError(f"--num_threads must be >= 1, got {num_threads}")
 
 
 @dataclass
 class OneShotResult:
+    """What ``qmace quantize`` produced: the conversion result, the range file it wrote, the samples calibrated on."""
     convert: object  # qmace.api.ConvertResult
     range_file: Path
     samples: int
@@ -173,11 +241,16 @@ def quantize_one_shot(
     Args:
         config, model_name, build_dir: as ``qmace.api.convert``.
         input_dir: calibration samples (MACE file naming, ``qmace.data``).
-        method: ``mace`` | ``percentile`` | ``entropy`` | ``mse`` (docs/quantization.md); percentile, enhance,
-            enhance_ratio: that method's options. schema: ``uint8``/``int8`` (default: the YAML's).
+        method: ``mace`` | ``percentile`` | ``entropy`` | ``mse`` (docs/quantization.md).
+        percentile, enhance, enhance_ratio: the method's options (``mace``: MACE's quantize_stat percentile
+            and outlier walk; ``percentile``: the histogram percentile).
+        schema: ``uint8`` / ``int8`` / ``int8_w7`` (default: the YAML's).
         range_file: where to write the ranges used (default: beside the model file).
-        bias_correction, adaround, equalize: the post-training refinements; float_nodes: node names or op
-            types kept in float; num_threads: >= 1 or None; progress: wraps sample iterators.
+        num_threads: >= 1 or None.
+        bias_correction, adaround, equalize: the post-training refinements.
+        adaround_iters: AdaRound's optimisation iterations per layer.
+        float_nodes: node names or op types kept in float.
+        progress: wraps sample iterators (a progress bar).
 
     Returns:
         OneShotResult: the ConvertResult of the quantized model, the range file path, the sample count.
@@ -252,12 +325,26 @@ def quantize_one_shot(
 
 def export(config: str | Path, output: str | Path, *, model_name: str | None = None,
            build_dir: str | Path | None = None, fmt: str = "onnx-qdq") -> Path:
-    """The converted model as standard ONNX, written atomically to ``output``; returns that path.
+    """The converted model as standard ONNX, written atomically to ``output``.
 
     ``fmt="onnx-qdq"`` (default) needs a quantized model (QuantizeLinear/DequantizeLinear around the integer
     ops); ``fmt="onnx"`` writes whatever the model is.
-    Raises QuantizationError (unknown format; onnx-qdq of a float model), ModelError/ModelFileError (no,
-    tampered or stale model file), FileAccessError (cannot write ``output``).
+
+    Args:
+        config: the deployment YAML.
+        output: the ``.onnx`` file to write.
+        model_name: the YAML model to export (needed when it has several).
+        build_dir: the build folder holding the converted model; None means ``./build``.
+        fmt: ``"onnx-qdq"`` or ``"onnx"``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ConfigError: the YAML is invalid.
+        QuantizationError: unknown format; onnx-qdq of a float model.
+        ModelError, ModelFileError: no, tampered or stale model file.
+        FileAccessError: cannot write ``output``.
     """
     from qmace.api import load_converted, model_file_path
     from qmace.runtime.lower import to_onnx

@@ -18,7 +18,15 @@ from qmace.quantize import qmath
 
 
 def as_rows(w: np.ndarray, node: Node) -> np.ndarray:
-    """A Conv/Gemm/MatMul weight (in its own layout) as (G, Mg, Kg) float64: one row per output channel."""
+    """A Conv/Gemm/MatMul weight (in its own layout) as (G, Mg, Kg) float64: one row per output channel.
+
+    Args:
+        w: the weight array.
+        node: its layer (gives the op type, ``group`` and Gemm's ``transB``).
+
+    Returns:
+        The weight as (groups, output channels per group, inputs per output channel).
+    """
     if node.op_type == "Conv":
         group = int(node.attrs.get("group", 1))
         return w.astype(np.float64).reshape(group, w.shape[0] // group, -1)
@@ -28,7 +36,15 @@ def as_rows(w: np.ndarray, node: Node) -> np.ndarray:
 
 
 def layer_weight(g: Graph, node: Node) -> np.ndarray | None:
-    """The constant weight of a layer bias correction and AdaRound handle, as rows (``as_rows``), else None."""
+    """The constant weight of a layer that bias correction and AdaRound handle, as rows (``as_rows``).
+
+    Args:
+        g: the graph.
+        node: any node.
+
+    Returns:
+        The (G, Mg, Kg) rows for a Conv/Gemm/MatMul with a constant weight, else None.
+    """
     w = g.constant(node.inputs[1]) if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1 else None
     if w is None:
         return None
@@ -40,7 +56,14 @@ def layer_weight(g: Graph, node: Node) -> np.ndarray | None:
 
 
 def correctable_inputs(graph: Graph) -> list[str]:
-    """Activation inputs whose per-channel means bias correction needs."""
+    """Activation inputs whose per-channel means bias correction needs.
+
+    Args:
+        graph: the float graph.
+
+    Returns:
+        The input tensor names of the layers ``layer_weight`` handles, without repeats.
+    """
     return list(dict.fromkeys(n.inputs[0] for n in graph.nodes if layer_weight(graph, n) is not None))
 
 
@@ -54,6 +77,12 @@ class ChannelMeans:
         self.counts: dict[str, int] = {}
 
     def observe(self, name: str, v: np.ndarray) -> None:
+        """Add one sample of tensor ``name`` to its per-channel sums.
+
+        Args:
+            name: the tensor.
+            v: its value for one sample (channels on axis 1 for rank >= 3, else the last axis).
+        """
         v = np.asarray(v, np.float64)
         if v.ndim >= 3:
             flat = np.moveaxis(v, 1, -1).reshape(-1, v.shape[1])
@@ -63,17 +92,47 @@ class ChannelMeans:
         self.counts[name] = self.counts.get(name, 0) + flat.shape[0]
 
     def mean(self, name: str) -> np.ndarray | None:
+        """The per-channel mean ``E[x]`` of tensor ``name`` over everything observed.
+
+        Args:
+            name: the tensor.
+
+        Returns:
+            The (C,) means, or None when the tensor was never observed.
+        """
         return self.sums[name] / self.counts[name] if name in self.sums else None
 
 
 def weight_params(w: np.ndarray, node: Node, schema: str) -> qmath.QuantParams:
-    """The weight parameters the quantizer will choose for input 1 of ``node`` under ``schema``."""
+    """The weight parameters the quantizer will choose for input 1 of ``node`` under ``schema``.
+
+    Args:
+        w: the float32 weight.
+        node: its layer (gives the output-channel axis).
+        schema: the quantization schema.
+
+    Returns:
+        The weight's QuantParams (``qmath.weight_params``).
+
+    Raises:
+        QuantizationError: an unknown schema.
+    """
     axis = get_op(node.op_type).weight_axis(node, 1)
     return qmath.weight_params(w, axis, schema)
 
 
 def shift_bias(g: Graph, node: Node, delta: np.ndarray) -> bool:
-    """Give ``node`` (Conv/Gemm) the bias ``b - delta`` as a new constant; False where no bias can absorb it."""
+    """Give ``node`` (Conv/Gemm) the bias ``b - delta`` as a new constant.
+
+    Args:
+        g: the graph, changed in place (a new bias tensor; a layer without a bias gets one).
+        node: the layer; a Gemm's ``beta`` is folded into the new bias.
+        delta: (M,) per output channel.
+
+    Returns:
+        True when done; False where no bias can absorb it (MatMul, or a non-constant or multi-dimensional
+        bias).
+    """
     if node.op_type == "MatMul":
         return False  # no bias input; a following Add could absorb it, not done here
     b_name = node.inputs[2] if len(node.inputs) > 2 else ""
@@ -94,8 +153,22 @@ def shift_bias(g: Graph, node: Node, delta: np.ndarray) -> bool:
 
 
 def correct_biases(graph: Graph, means: ChannelMeans, schema: str) -> tuple[Graph, int]:
-    """A copy of ``graph`` with biases corrected for the weight rounding of ``schema``; returns it and the
-    number of layers corrected."""
+    """A copy of ``graph`` with biases corrected for the weight rounding of ``schema``.
+
+    With ``dW = dequantize(quantize(W)) - W`` and ``E[x]`` the input's per-channel mean, each layer's bias
+    becomes ``b - dW E[x]``: the expected output error of the rounding is removed.
+
+    Args:
+        graph: the float graph (not changed).
+        means: the layer inputs' per-channel means.
+        schema: the quantization schema.
+
+    Returns:
+        The corrected copy and the number of layers corrected.
+
+    Raises:
+        QuantizationError: an unknown schema.
+    """
     g = graph.copy()
     done = 0
     for n in g.nodes:

@@ -34,14 +34,36 @@ _MSE_CANDIDATES = 128  # clipping candidates per side for MSE: bound = k/128 of 
 
 
 class Calibrator(Protocol):
+    """What every calibration method implements: observe tensors sample by sample, merge with another
+    calibrator of the same method and options, and give one (min, max) range per tensor.
+    """
     def observe(self, name: str, values: np.ndarray) -> None:
-        """Statistics of one tensor for one sample."""
+        """Statistics of one tensor for one sample.
+
+        Args:
+            name: the tensor name.
+            values: its value for this sample.
+
+        Raises:
+            RangeError: NaN or Inf values (naming the tensor).
+        """
 
     def merge(self, other: Calibrator) -> None:
-        """Absorb `other` (same class and options); as if this object had also observed its samples."""
+        """Absorb ``other`` (same class and options), as if this object had also observed its samples.
+
+        Args:
+            other: a calibrator of the same method and options.
+
+        Raises:
+            QuantizationError: the calibrators differ in method or options.
+        """
 
     def ranges(self) -> RangeTable:
-        """One range per observed tensor, first-seen order."""
+        """One range per observed tensor, first-seen order.
+
+        Returns:
+            Tensor name -> (min, max).
+        """
 
 
 def _extrema(name: str, values: np.ndarray) -> tuple[float, float] | None:
@@ -93,11 +115,28 @@ class ExtremaPercentile:
             )
 
     def observe(self, name: str, values: np.ndarray) -> None:
+        """Record the tensor's (min, max) for this sample (``Calibrator.observe``).
+
+        Args:
+            name: the tensor name.
+            values: its value for this sample (empty tensors are skipped).
+
+        Raises:
+            RangeError: NaN or Inf values.
+        """
         ext = _extrema(name, values)
         if ext is not None:
             self.log.setdefault(name, TensorSamples()).append(*ext)
 
     def merge(self, other: ExtremaPercentile) -> None:
+        """Append ``other``'s per-sample extrema (``Calibrator.merge``; exact).
+
+        Args:
+            other: an ExtremaPercentile with the same options.
+
+        Raises:
+            QuantizationError: the options differ.
+        """
         _check_mergeable(self, other)
         for name, s in other.log.items():
             mine = self.log.setdefault(name, TensorSamples())
@@ -105,6 +144,14 @@ class ExtremaPercentile:
             mine.maxs.extend(s.maxs)
 
     def ranges(self) -> RangeTable:
+        """The ranges by MACE's rule (``ranges.quantize_stat`` on ``log``).
+
+        Returns:
+            Tensor name -> (min, max).
+
+        Raises:
+            RangeError: a range that is not finite.
+        """
         return quantize_stat(self.log, self.percentile, self.enhance, self.enhance_ratio)
 
 
@@ -213,16 +260,38 @@ class _HistogramMethod:
             raise QuantizationError(f"{type(self).__name__}: bins must be an even integer >= {minimum}")
 
     def observe(self, name: str, values: np.ndarray) -> None:
+        """Add the tensor's values for this sample to its histogram (``Calibrator.observe``).
+
+        Args:
+            name: the tensor name.
+            values: its value for this sample (empty tensors are skipped).
+
+        Raises:
+            RangeError: NaN or Inf values.
+        """
         ext = _extrema(name, values)
         if ext is not None:
             self._hists.setdefault(name, _Histogram(self.bins)).add(np.asarray(values), *ext)
 
     def merge(self, other: _HistogramMethod) -> None:
+        """Merge ``other``'s histograms into this one's (``Calibrator.merge``).
+
+        Args:
+            other: a calibrator of the same class and options.
+
+        Raises:
+            QuantizationError: the class or options differ.
+        """
         _check_mergeable(self, other)
         for name, h in other._hists.items():
             self._hists.setdefault(name, _Histogram(self.bins)).merge(h)
 
     def ranges(self) -> RangeTable:
+        """One range per tensor from its histogram (the subclass's rule).
+
+        Returns:
+            Tensor name -> (min, max).
+        """
         return {name: self._range(h) for name, h in self._hists.items()}
 
     def _range(self, h: _Histogram) -> Range:
@@ -370,7 +439,19 @@ CALIBRATORS: dict[str, type] = {
 
 
 def make_calibrator(method: str = "mace", **opts: object) -> Calibrator:
-    """The calibrator for `method` built with `opts`; QuantizationError for an unknown method or option."""
+    """The calibrator for ``method`` built with ``opts``.
+
+    Args:
+        method: ``"mace"`` (per-sample extrema + percentile, MACE's quantize_stat), ``"percentile"``,
+            ``"entropy"`` or ``"mse"`` (histogram methods).
+        **opts: the method's options (e.g. ``percentile``, ``enhance``, ``bins``).
+
+    Returns:
+        A fresh Calibrator.
+
+    Raises:
+        QuantizationError: an unknown method, an unknown option, or an invalid option value.
+    """
     cls = CALIBRATORS.get(method)
     if cls is None:
         raise QuantizationError(

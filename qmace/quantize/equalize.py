@@ -53,6 +53,12 @@ class ChannelMaxima:
         self.maxima: dict[str, np.ndarray] = {}
 
     def observe(self, name: str, v: np.ndarray) -> None:
+        """Fold one sample into tensor ``name``'s running per-channel ``max |v|`` (axis 1).
+
+        Args:
+            name: the tensor.
+            v: its value for one sample (rank < 2 is ignored).
+        """
         v = np.asarray(v)
         if v.ndim < 2:
             return
@@ -68,6 +74,9 @@ def _rank(graph: Graph, name: str) -> int | None:
 
 @dataclass
 class EqualizedGroup:
+    """One rescaled group: its tensors, channel count, the smallest and largest scale ``s_c`` applied, and the
+    nodes whose weights were multiplied (producers) or divided (consumers).
+    """
     tensors: list[str]
     channels: int
     min_scale: float
@@ -169,8 +178,23 @@ def _consumer_ok(graph: Graph, node: Node, name: str, members: set[str]) -> bool
 
 def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 0.25,
                          max_scale: float = 16.0, free_strength: float = 1.0) -> tuple[Graph, list[EqualizedGroup]]:
-    """A copy of ``graph`` with every eligible activation group rescaled (module docstring); returns it and
-    what was done. The float function is unchanged inside the calibration ranges."""
+    """A copy of ``graph`` with every eligible activation group rescaled (rules in the module docstring).
+
+    The float function is unchanged inside the calibration ranges.
+
+    Args:
+        graph: the float graph (not changed).
+        maxima: the activations' per-channel max |value| from a calibration pass.
+        strength: ``s_c = min(max_scale, (T / m_c) ** strength)`` for groups with a ``group == 1`` consumer.
+        max_scale: the largest scale applied to a channel.
+        free_strength: the strength where every consumer is per-channel (the rescaling costs nothing).
+
+    Returns:
+        The rescaled copy and one EqualizedGroup per group rescaled.
+
+    Raises:
+        ValueError: ``strength`` or ``free_strength`` outside [0, 1].
+    """
     for v in (strength, free_strength):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"equalization strength must be in [0, 1], got {v}")

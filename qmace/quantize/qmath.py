@@ -54,7 +54,18 @@ _DTYPES: dict[str, tuple[int, int]] = {
 
 def dtype_bounds(dtype: str, narrow: bool = False) -> tuple[int, int]:
     """(qmin, qmax) of an integer code type; ``narrow`` drops the most negative code of a signed type
-    (int8 -> [-127, 127], the symmetric weight range), and is a no-op for uint8."""
+    (int8 -> [-127, 127], the symmetric weight range), and is a no-op for uint8.
+
+    Args:
+        dtype: ``"uint8"``, ``"int8"``, ``"int32"`` ...
+        narrow: use the narrow (symmetric) range.
+
+    Returns:
+        ``(qmin, qmax)``.
+
+    Raises:
+        QuantizationError: an unsupported dtype.
+    """
     if dtype not in _DTYPES:
         raise QuantizationError(f"unsupported quantized dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
     qmin, qmax = _DTYPES[dtype]
@@ -105,18 +116,22 @@ class QuantParams:
 
     @property
     def qmin(self) -> int:
+        """The smallest code (``dtype_bounds(dtype, narrow_range)[0]``)."""
         return dtype_bounds(self.dtype, self.narrow_range)[0]
 
     @property
     def qmax(self) -> int:
+        """The largest code (``dtype_bounds(dtype, narrow_range)[1]``)."""
         return dtype_bounds(self.dtype, self.narrow_range)[1]
 
     @property
     def is_per_channel(self) -> bool:
+        """True when there is one scale/zero point per channel along ``axis``."""
         return self.axis is not None
 
     @property
     def is_symmetric(self) -> bool:
+        """True when every zero point is 0."""
         return bool(np.all(self.zero_point == 0))
 
     def __eq__(self, other: object) -> bool:
@@ -146,7 +161,17 @@ class QuantParams:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> QuantParams:
-        """Inverse of :meth:`to_json`; scales may also be ``float.hex`` strings."""
+        """Inverse of :meth:`to_json`; scales may also be ``float.hex`` strings.
+
+        Args:
+            data: a dict as written by ``to_json``.
+
+        Returns:
+            The QuantParams.
+
+        Raises:
+            QuantizationError: missing keys, wrong types or invalid values (scale <= 0, zero point out of range).
+        """
         try:
             scale = [float.fromhex(s) if isinstance(s, str) else float(s) for s in data["scale"]]
             zero_point = [int(z) for z in data["zero_point"]]
@@ -204,6 +229,19 @@ def params_asymmetric(
     ``zero_point = qmin + round_half_away((qmax - qmin) * -min / (max - min))``, i.e. it is widened
     around its zero point's relative position).
     ``rmin``/``rmax`` are scalars, or 1-D arrays with ``axis`` set for per-channel parameters.
+
+    Args:
+        rmin: the range's minimum (scalar, or (C,) per channel).
+        rmax: the range's maximum, same shape.
+        dtype: the code type (``"uint8"``, ``"int8"``).
+        axis: the channel axis for per-channel parameters, None per tensor.
+
+    Returns:
+        The QuantParams.
+
+    Raises:
+        QuantizationError: shapes that do not fit ``axis``, a non-finite range, min > max, or a range too
+            large for a float32 scale.
     """
     lo = np.asarray(rmin, dtype=np.float64)
     hi = np.asarray(rmax, dtype=np.float64)
@@ -241,7 +279,21 @@ def params_symmetric(w: Any, axis: int | None, dtype: str = "int8", bits: int = 
     or per tensor when ``axis`` is None: ``scale = float32(max|w| / qmax)`` (float64 arithmetic) with
     ``qmax = 2**(bits-1) - 1`` (127 for 8 bits, 63 for 7 bits), codes clipped to [-127, 127] (the codes of
     ``bits`` < 8 stay within [-qmax, qmax] by construction; rounding choices such as AdaRound's can reach
-    ``qmax + 1``). An all-zero channel gets scale 1.0."""
+    ``qmax + 1``). An all-zero channel gets scale 1.0.
+
+    Args:
+        w: the weight array.
+        axis: its output-channel axis, or None for one scale.
+        dtype: the code type (int8).
+        bits: weight bits (8, or 7 for ``int8_w7``).
+
+    Returns:
+        The QuantParams (narrow range).
+
+    Raises:
+        QuantizationError: an unsigned dtype, bits outside [2, 8], non-finite or empty weights, or an invalid
+            axis.
+    """
     if dtype_bounds(dtype)[0] >= 0:
         raise QuantizationError(f"symmetric quantization needs a signed dtype, got {dtype!r}")
     if not 2 <= bits <= 8:
@@ -272,7 +324,20 @@ _SYMMETRIC_WEIGHT_BITS = {"int8": 8, "int8_w7": 7}
 
 def weight_params(w: Any, axis: int | None, schema: str) -> QuantParams:
     """The parameters ``schema`` gives weight ``w`` (``axis``: its output-channel axis, used by the
-    per-channel schemas); the one place the quantizer, bias correction, AdaRound and QAT take them from."""
+    per-channel schemas); the one place the quantizer, bias correction, AdaRound and QAT take them from.
+
+    Args:
+        w: the float weight array.
+        axis: its output-channel axis.
+        schema: ``"uint8"`` (MACE's asymmetric per-tensor weights), ``"int8"`` (per channel, symmetric) or
+            ``"int8_w7"`` (7-bit symmetric per channel).
+
+    Returns:
+        The weight's QuantParams.
+
+    Raises:
+        QuantizationError: an unknown schema or an empty weight.
+    """
     if schema == "uint8":
         return params_asymmetric_weights(w, None, "uint8")
     if schema not in _SYMMETRIC_WEIGHT_BITS:
@@ -282,7 +347,19 @@ def weight_params(w: Any, axis: int | None, schema: str) -> QuantParams:
 
 def params_asymmetric_weights(w: Any, axis: int | None = None, dtype: str = "uint8") -> QuantParams:
     """MACE-style asymmetric weight parameters from ``w.min()``/``w.max()`` (per channel along ``axis``
-    when given), with the rule of :func:`params_asymmetric`."""
+    when given), with the rule of :func:`params_asymmetric`.
+
+    Args:
+        w: the float weight array.
+        axis: the channel axis, or None per tensor.
+        dtype: the code type.
+
+    Returns:
+        The QuantParams.
+
+    Raises:
+        QuantizationError: an empty weight tensor (or see :func:`params_asymmetric`).
+    """
     w = np.asarray(w, dtype=np.float64)
     if w.size == 0:
         raise QuantizationError("cannot choose a scale for an empty weight tensor")
@@ -293,7 +370,18 @@ def params_asymmetric_weights(w: Any, axis: int | None = None, dtype: str = "uin
 
 def bias_params(x_qp: QuantParams, w_qp: QuantParams) -> QuantParams:
     """int32 bias parameters: ``scale = float32(s_x) * float32(s_w)`` (float32 product), zero point 0.
-    Per channel (axis 0 of the 1-D bias) when the weights are per channel."""
+    Per channel (axis 0 of the 1-D bias) when the weights are per channel.
+
+    Args:
+        x_qp: the (per-tensor) input activation's parameters.
+        w_qp: the weight's parameters.
+
+    Returns:
+        The int32 bias QuantParams.
+
+    Raises:
+        QuantizationError: per-channel activation parameters.
+    """
     if x_qp.is_per_channel:
         raise QuantizationError("activation params must be per tensor to derive a bias scale")
     scale = np.multiply(x_qp.scale, w_qp.scale, dtype=np.float32)
@@ -304,7 +392,19 @@ def bias_params(x_qp: QuantParams, w_qp: QuantParams) -> QuantParams:
 def quantize_bias(b: Any, x_qp: QuantParams, w_qp: QuantParams) -> np.ndarray:
     """int32 bias codes as ORT's quantizer writes them:
     ``clip(rint(float64(b) / float64(bias_scale)), int32)`` with the float32 bias scale of
-    :func:`bias_params`. Saturates instead of wrapping."""
+    :func:`bias_params`. Saturates instead of wrapping.
+
+    Args:
+        b: the float bias.
+        x_qp: the input activation's parameters.
+        w_qp: the weight's parameters.
+
+    Returns:
+        The int32 bias codes.
+
+    Raises:
+        QuantizationError: as for :func:`bias_params`, or a bias whose length is not the weights' channel count.
+    """
     qp = bias_params(x_qp, w_qp)
     b64 = np.asarray(b, dtype=np.float32).astype(np.float64)
     if qp.is_per_channel and (b64.ndim != 1 or b64.shape[0] != qp.scale.shape[0]):
@@ -349,7 +449,18 @@ def quantize(x: Any, qp: QuantParams) -> np.ndarray:
     """``clip(rint(float32(x) / scale) + zero_point, qmin, qmax)`` as ``qp.dtype`` codes.
 
     float32 division, round half to even, saturation (ORT QuantizeLinear). +-Inf saturate; NaN maps to
-    qmin, as ORT's x86 kernels do (their float clamp returns the bound for NaN)."""
+    qmin, as ORT's x86 kernels do (their float clamp returns the bound for NaN).
+
+    Args:
+        x: real values.
+        qp: the parameters (per channel along ``qp.axis``).
+
+    Returns:
+        The codes, dtype ``qp.dtype``.
+
+    Raises:
+        QuantizationError: per-channel parameters that do not fit ``x``'s shape.
+    """
     x = np.asarray(x, dtype=np.float32)
     _check_channels(x, qp)
     scale = _along(qp.scale, x.ndim, qp.axis)
@@ -361,7 +472,18 @@ def quantize(x: Any, qp: QuantParams) -> np.ndarray:
 
 
 def dequantize(q: Any, qp: QuantParams) -> np.ndarray:
-    """``float32(q - zero_point) * scale`` in float32 (ORT DequantizeLinear)."""
+    """``float32(q - zero_point) * scale`` in float32 (ORT DequantizeLinear).
+
+    Args:
+        q: integer codes.
+        qp: their parameters (per channel along ``qp.axis``).
+
+    Returns:
+        float32 real values.
+
+    Raises:
+        QuantizationError: non-integer codes, or per-channel parameters that do not fit ``q``'s shape.
+    """
     q = np.asarray(q)
     if not np.issubdtype(q.dtype, np.integer):
         raise QuantizationError(f"dequantize needs integer codes, got {q.dtype}")
@@ -373,7 +495,14 @@ def dequantize(q: Any, qp: QuantParams) -> np.ndarray:
 
 def nudged_range(qp: QuantParams) -> NudgedRange:
     """The representable real interval ``[(qmin - zp) * scale, (qmax - zp) * scale]`` (float32, shaped
-    like ``qp.scale``): dequantize(qmin) and dequantize(qmax)."""
+    like ``qp.scale``): dequantize(qmin) and dequantize(qmax).
+
+    Args:
+        qp: the parameters.
+
+    Returns:
+        NudgedRange ``(min, max)``.
+    """
     lo = (np.int64(qp.qmin) - qp.zero_point).astype(np.float32) * qp.scale
     hi = (np.int64(qp.qmax) - qp.zero_point).astype(np.float32) * qp.scale
     return NudgedRange(lo, hi)
@@ -381,7 +510,16 @@ def nudged_range(qp: QuantParams) -> NudgedRange:
 
 def requant_multiplier(x_qp: QuantParams, w_qp: QuantParams, y_qp: QuantParams) -> np.ndarray:
     """float32 multiplier ``M = (s_x * s_w) / s_y``, each operation rounded to float32 in this order, as
-    ORT's QLinearConv/QLinearMatMul compute it. Shape () or (C,) (per-channel weights)."""
+    ORT's QLinearConv/QLinearMatMul compute it. Shape () or (C,) (per-channel weights).
+
+    Args:
+        x_qp: the input activation's parameters.
+        w_qp: the weight's parameters.
+        y_qp: the output's parameters.
+
+    Returns:
+        The float32 multiplier ``M``.
+    """
     if x_qp.is_per_channel or y_qp.is_per_channel:
         raise QuantizationError("input and output activation params must be per tensor")
     product = np.multiply(x_qp.scale, w_qp.scale, dtype=np.float32)
@@ -397,7 +535,21 @@ def requantize(
 
     ``multiplier`` is float32, shape () or (C,); a per-channel multiplier applies along
     ``axis_of_channels`` of ``acc_int32`` (e.g. 1 for NCHW conv outputs, -1 for MatMul outputs).
-    Fused ReLU/ReLU6 act only through ``y_qp`` (its range starts at 0, so its zero point is qmin)."""
+    Fused ReLU/ReLU6 act only through ``y_qp`` (its range starts at 0, so its zero point is qmin).
+
+    Args:
+        acc_int32: the integer accumulator (any integer dtype).
+        multiplier: ``M`` from :func:`requant_multiplier`.
+        y_qp: the output's per-tensor parameters.
+        axis_of_channels: the channel axis of ``acc_int32`` for a per-channel multiplier.
+
+    Returns:
+        The output codes, dtype ``y_qp.dtype``.
+
+    Raises:
+        QuantizationError: a non-integer accumulator, a multiplier of rank > 1, per-channel output
+            parameters, or a per-channel multiplier without ``axis_of_channels``.
+    """
     acc = np.asarray(acc_int32)
     if not np.issubdtype(acc.dtype, np.integer):
         raise QuantizationError(f"requantize needs an integer accumulator, got {acc.dtype}")

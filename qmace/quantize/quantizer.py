@@ -38,6 +38,11 @@ _CONST_DATA_OPS = {"Add", "Sub", "Mul", "Div", "Concat"}
 
 @dataclass
 class QuantizeOptions:
+    """How ``quantize_graph`` quantizes: the schema (``uint8``, ``int8``, ``int8_w7``: how weights are
+    quantized; activations are asymmetric per-tensor uint8 in all of them), MACE's ``change_concat_ranges``,
+    the graph inputs' ranges, parameters fixed by the source model (QDQ/fake-quant nodes, QAT) and the nodes
+    the user keeps in float (by name or op type).
+    """
     schema: str = "uint8"
     change_concat_ranges: bool = False
     input_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -50,6 +55,9 @@ class QuantizeOptions:
 
 @dataclass
 class QuantizeResult:
+    """What ``quantize_graph`` produced: the quantized graph, one ``"node (op): reason"`` line per op left in
+    float, the ranges actually used per quantized activation, and the range-table names not in the graph.
+    """
     graph: Graph
     fallbacks: list[str]  # "node (op): reason"
     ranges: RangeTable  # the ranges actually used, per quantized activation
@@ -209,8 +217,20 @@ class _Planner:
 
 
 def quantize_graph(graph: Graph, table: RangeTable, opts: QuantizeOptions) -> QuantizeResult:
-    """Quantize a float graph with the given ranges. Raises QuantizationError listing every tensor that
-    a quantized op needs but that has no range."""
+    """Quantize a float graph with the given ranges (the plan and rewrite described above).
+
+    Args:
+        graph: the optimized float graph (not changed; a copy is quantized).
+        table: activation tensor name -> (min, max).
+        opts: schema, input ranges, fixed parameters, float nodes.
+
+    Returns:
+        The QuantizeResult.
+
+    Raises:
+        QuantizationError: listing every tensor that a quantized op needs but that has no range; invalid
+            ranges or parameters.
+    """
     g = graph.copy()
     p = _Planner(g, table, opts)
     if opts.change_concat_ranges:

@@ -68,6 +68,12 @@ class TensorSamples:
     maxs: list[float] = field(default_factory=list)
 
     def append(self, lo: float, hi: float) -> None:
+        """Record one inference's extrema.
+
+        Args:
+            lo: the tensor's minimum in that inference.
+            hi: its maximum.
+        """
         self.mins.append(float(lo))
         self.maxs.append(float(hi))
 
@@ -80,14 +86,33 @@ RangeLog = dict[str, TensorSamples]
 
 
 def format_range_log_line(name: str, min: float, max: float) -> str:
-    """`Tensor range @@<name>@@<min>,<max>` with full precision (`repr(float)`), no trailing newline."""
+    """``Tensor range @@<name>@@<min>,<max>`` with full precision (``repr(float)``), no trailing newline.
+
+    Args:
+        name: the tensor name.
+        min: its minimum.
+        max: its maximum.
+
+    Returns:
+        The log line.
+
+    Raises:
+        RangeError: a name that cannot be written (empty or containing a newline).
+    """
     if not name or "\n" in name or "\r" in name:
         raise RangeError(f"tensor name {name!r} cannot be written to a range log (empty or newline)")
     return f"{RANGE_LOG_MARKER}{name}{SEPARATOR}{float(min)!r},{float(max)!r}"
 
 
 def format_range_log(log: RangeLog) -> str:
-    """The whole log as MACE prints it: inference by inference, each tensor in first-seen order."""
+    """The whole log as MACE prints it: inference by inference, each tensor in first-seen order.
+
+    Args:
+        log: tensor name -> TensorSamples.
+
+    Returns:
+        The log text, one line per tensor and inference.
+    """
     samples = max((len(s.mins) for s in log.values()), default=0)
     lines = [
         format_range_log_line(name, s.mins[k], s.maxs[k])
@@ -99,13 +124,23 @@ def format_range_log(log: RangeLog) -> str:
 
 
 def parse_range_log(lines: Iterable[str], source: str) -> RangeLog:
-    """Collect per-inference extrema from MACE's `run --quantize_stat` output.
+    """Collect per-inference extrema from MACE's ``run --quantize_stat`` output.
 
     Only lines containing ``Tensor range @@`` count; anything before the marker (log prefix) and every
     other line is ignored. The name is the text between the marker and the last ``@@`` (MACE splits on every
-    ``@@``, so it cannot read names containing one; qmace can, as bounds never contain ``@@``). Raises RangeError naming `source:lineno`
-    for a malformed range line, a NaN/Inf bound or min > max (MACE logs FLT_MAX,-FLT_MAX for an empty
-    tensor), and when there is no range line at all.
+    ``@@``, so it cannot read names containing one; qmace can, as bounds never contain ``@@``).
+
+    Args:
+        lines: the log's lines.
+        source: the file name, for messages.
+
+    Returns:
+        Tensor name -> TensorSamples, in first-seen order.
+
+    Raises:
+        RangeError: naming ``source:lineno`` for a malformed range line, a NaN/Inf bound or min > max (MACE
+            logs FLT_MAX,-FLT_MAX for an empty tensor), and when there is no range line at all.
+        ResourceLimitError: more range lines than ``limits.MAX_RANGE_LOG_LINES``.
     """
     from qmace import limits
 
@@ -140,6 +175,19 @@ def quantize_stat(
         min = numpy.percentile(mins, P),  max = numpy.percentile(maxs, 100 - P)   (linear interpolation)
 
     `enhance` then runs MACE's outlier walk (see `_enhance`). Tensors keep first-seen order.
+
+    Args:
+        log: tensor name -> per-inference extrema (``parse_range_log``).
+        percentile: P in [0, 50).
+        enhance: run MACE's outlier walk.
+        enhance_ratio: the walk's ratio (> 0).
+
+    Returns:
+        Tensor name -> (min, max).
+
+    Raises:
+        RangeError: percentile or enhance_ratio out of range, a tensor with no or unequal minima/maxima, or
+            a resulting range that is not finite (naming the tensor).
     """
     if not (0.0 <= percentile < 50.0):
         raise RangeError(f"percentile must be in [0, 50), got {percentile!r}")
@@ -200,7 +248,17 @@ def _enhance(samples: TensorSamples, lo: float, hi: float, ratio: float) -> tupl
 
 
 def format_range_file(table: RangeTable) -> str:
-    """One `name@@min,max` line per tensor, table order, full precision (`repr(float)`)."""
+    """One ``name@@min,max`` line per tensor, table order, full precision (``repr(float)``).
+
+    Args:
+        table: tensor name -> (min, max).
+
+    Returns:
+        The file's text.
+
+    Raises:
+        RangeError: a name that cannot be read back (empty, a newline, leading/trailing blank, leading ``#``).
+    """
     out = []
     for name, rng in table.items():
         _check_name(name, "range file")
@@ -209,17 +267,35 @@ def format_range_file(table: RangeTable) -> str:
 
 
 def write_range_file(path: str | os.PathLike, table: RangeTable) -> None:
-    """Write `format_range_file(table)` atomically (never half-written)."""
+    """Write ``format_range_file(table)`` atomically (never half-written).
+
+    Args:
+        path: the range file.
+        table: tensor name -> (min, max).
+
+    Raises:
+        RangeError: as for ``format_range_file``.
+        FileAccessError: the file cannot be written.
+    """
     text = format_range_file(table)
     with atomic_write(path) as f:
         f.write(text)
 
 
 def read_range_file(path: str | os.PathLike) -> RangeTable:
-    """Read a range file written by qmace or by MACE's quantize_stat (`%f`).
+    """Read a range file written by qmace or by MACE's quantize_stat (``%f``).
 
-    Blank lines and lines starting with `#` are ignored. Raises RangeError naming `file:line` for a line
-    that is not `name@@min,max`, NaN/Inf, min > max or a repeated name, and for a file with no ranges.
+    Blank lines and lines starting with ``#`` are ignored.
+
+    Args:
+        path: the range file.
+
+    Returns:
+        Tensor name -> (min, max), in file order.
+
+    Raises:
+        RangeError: naming ``file:line`` for a line that is not ``name@@min,max``, NaN/Inf, min > max or a
+            repeated name; naming the file when it is unreadable, not UTF-8 text, or has no ranges.
     """
     try:
         with open(path, encoding="utf-8") as f:

@@ -74,6 +74,17 @@ def quantize_large_weights(graph: Graph, weight_schema: str = DEFAULT_WEIGHT_SCH
     ``min_elements``, ``quantized_weights`` (count), ``float_weights`` (reason -> tensor names) and
     ``weight_bytes`` (``float``: 4 bytes per element of the stored weights; ``stored``: their codes plus
     their parameters as the model file writes them, JSON text of about 25 bytes per channel).
+
+    Args:
+        graph: the optimized float graph (not changed).
+        weight_schema: ``"int8"`` or ``"uint8"`` (module docstring).
+        min_elements: weights with fewer elements stay float.
+
+    Returns:
+        The weight-only quantized copy.
+
+    Raises:
+        QuantizationError: an unknown ``weight_schema`` or a negative ``min_elements``.
     """
     if weight_schema not in WEIGHT_SCHEMAS:
         raise QuantizationError(f"unknown weight schema {weight_schema!r}; expected one of {', '.join(WEIGHT_SCHEMAS)}")
@@ -126,7 +137,16 @@ def describe(meta: dict, file_size: int, max_names: int = 4) -> list[str]:
     the weights that stayed float grouped by reason (at most ``max_names`` names per reason).
 
     The float size is ``file_size - stored + float`` with ``weight_bytes`` from the metadata: exact up to the
-    few hundred bytes of the dequantize nodes."""
+    few hundred bytes of the dequantize nodes.
+
+    Args:
+        meta: the model's ``metadata["quantization"]`` (as ``quantize_large_weights`` writes it).
+        file_size: the model file's size in bytes.
+        max_names: the most weight names listed per reason.
+
+    Returns:
+        The summary lines.
+    """
     wb = meta.get("weight_bytes", {})
     storage = ("int8 symmetric per channel" if meta.get("weight_schema") == "int8"
                else "uint8 asymmetric per tensor (MACE's storage)")

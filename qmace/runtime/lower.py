@@ -39,8 +39,18 @@ _NP_TO_ONNX = {
 
 
 def onnx_elem_type(dtype: str, tensor: str | None = None) -> int:
-    """The ONNX element type of a NumPy dtype name (ml_dtypes' bfloat16/float8/int4 names included);
-    ModelError naming ``tensor`` for a type ONNX tensors cannot hold here (strings, objects)."""
+    """The ONNX element type of a NumPy dtype name (ml_dtypes' bfloat16/float8/int4 names included).
+
+    Args:
+        dtype: the dtype name, e.g. ``"float32"``.
+        tensor: the tensor it belongs to, for the message.
+
+    Returns:
+        The ``onnx.TensorProto`` element type.
+
+    Raises:
+        ModelError: naming ``tensor`` for a type ONNX tensors cannot hold here (strings, objects).
+    """
     if dtype in _NP_TO_ONNX:
         return _NP_TO_ONNX[dtype]
     try:
@@ -155,7 +165,18 @@ class _Lowering:
 
 
 def to_onnx(graph: Graph, extra_outputs: list[str] | None = None) -> onnx.ModelProto:
-    """The graph as an ONNX model (opset 21, or the newer opset an op needs: ``Op.onnx_opset``). ``extra_outputs`` exposes intermediate tensors as outputs."""
+    """The graph as an ONNX model (opset 21, or the newer opset an op needs: ``Op.onnx_opset``).
+
+    Args:
+        graph: a float or quantized graph.
+        extra_outputs: intermediate tensors to expose as outputs too.
+
+    Returns:
+        The ``onnx.ModelProto``.
+
+    Raises:
+        ModelError: a tensor type ONNX cannot hold.
+    """
     model = _Lowering(graph, extra_outputs).lower()
     # DequantizeLinear nodes nobody reads (e.g. a quantized graph output) are harmless; keep the model lean.
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}

@@ -27,7 +27,15 @@ def available() -> bool:
 
 
 class OpenVINOSession:
-    """A compiled OpenVINO CPU model with ONNX Runtime's ``run(output_names, feeds)`` interface."""
+    """A compiled OpenVINO CPU model with ONNX Runtime's ``run(output_names, feeds)`` interface.
+
+    Args:
+        model_bytes: a serialized ONNX model.
+        num_threads: inference threads, or None for OpenVINO's default.
+
+    Raises:
+        ModelError: openvino is not installed, or it cannot read/compile the model.
+    """
 
     def __init__(self, model_bytes: bytes, num_threads: int | None = None):
         try:
@@ -47,5 +55,14 @@ class OpenVINOSession:
         self._outputs = {name: i for i, o in enumerate(self._compiled.outputs) for name in o.get_names()}
 
     def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run once.
+
+        Args:
+            output_names: the outputs wanted, in order.
+            feeds: input name -> array.
+
+        Returns:
+            One array per name in ``output_names``.
+        """
         res = self._request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
         return [np.array(res[self._compiled.outputs[self._outputs[n]]]) for n in output_names]

@@ -27,6 +27,19 @@ def _uses_integer_kernel(graph: Graph, node: Node) -> bool:
 
 
 def run_node(graph: Graph, node: Node, values: list[np.ndarray | None]) -> list[np.ndarray]:
+    """Run one node with qmace's numpy kernels.
+
+    Quantized nodes whose op has an integer kernel run on codes (``Op.run_quantized`` with the tensors'
+    QuantParams); everything else runs ``Op.run`` on float (or integer-typed) values.
+
+    Args:
+        graph: the graph (gives the tensors' quantization parameters).
+        node: the node.
+        values: its input arrays, None for omitted optional inputs.
+
+    Returns:
+        Its output arrays.
+    """
     op = get_op(node.op_type)
     if _uses_integer_kernel(graph, node):
         in_qp = [graph.tensors[i].quant if i else None for i in node.inputs]
@@ -44,12 +57,23 @@ def execute(
     keep_all: bool = False,
     op_times: dict[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run ``graph`` on ``feeds`` (graph input name -> array).
+    """Run ``graph`` on ``feeds`` with the reference kernels.
 
-    Returns the requested ``outputs`` (default: the graph outputs), or every tensor when ``keep_all``.
-    ``on_tensor(name, value)`` is called for every node output as soon as it is computed. Tensors are freed
-    as soon as their last reader has run, so memory stays at the model's working set.
-    ``op_times`` (if given) accumulates seconds per node name.
+    Tensors are freed as soon as their last reader has run, so memory stays at the model's working set.
+
+    Args:
+        graph: the graph.
+        feeds: graph input name -> array.
+        outputs: the tensors wanted (default: the graph outputs).
+        on_tensor: ``on_tensor(name, value)`` is called for every node output as soon as it is computed.
+        keep_all: return every tensor instead of ``outputs``.
+        op_times: if given, accumulates seconds per node name.
+
+    Returns:
+        Tensor name -> array.
+
+    Raises:
+        ModelError: a graph input missing from ``feeds``, or a kernel failing on a node (naming it).
     """
     wanted = list(outputs or graph.outputs)
     missing = [i for i in graph.inputs if i not in feeds]

@@ -95,13 +95,21 @@ U8S8_SAFE_WEIGHT_CODE = 64
 
 
 def int8_weights_as_uint8(model) -> bool:
-    """Rewrite ``model`` (an ``onnx.ModelProto``, in place) so that every int8 weight initializer read by
-    DequantizeLinear / QLinearConv / QLinearMatMul / ConvInteger / MatMulInteger is uint8 ``q + 128`` with
-    zero point ``z + 128``: the same real values and the same integer products ``(q_x - z_x)(q_w - z_w)``,
-    but ONNX Runtime runs them with its u8 x u8 kernels, which are exact where u8 x s8 saturates.
-    Weights whose codes all lie in [-64, 64] (7-bit weights, ``quantize_schema: int8_w7``) cannot saturate
-    (``vpmaddubsw`` adds two u8 x s8 products: 255 * 64 * 2 < 2^15) and stay int8 on ORT's fast kernels.
-    Returns whether anything changed."""
+    """Hand int8 weights to ONNX Runtime as uint8 so that its exact u8 x u8 kernels compute them.
+
+    Every int8 weight initializer read by DequantizeLinear / QLinearConv / QLinearMatMul / ConvInteger /
+    MatMulInteger becomes uint8 ``q + 128`` with zero point ``z + 128``: the same real values and the same
+    integer products ``(q_x - z_x)(q_w - z_w)``, but ORT runs them with its u8 x u8 kernels, which are exact
+    where u8 x s8 saturates. Weights whose codes all lie in [-64, 64] (7-bit weights,
+    ``quantize_schema: int8_w7``) cannot saturate (``vpmaddubsw`` adds two u8 x s8 products:
+    255 * 64 * 2 < 2^15) and stay int8 on ORT's fast kernels.
+
+    Args:
+        model: an ``onnx.ModelProto``, rewritten in place.
+
+    Returns:
+        Whether anything changed.
+    """
     from onnx import TensorProto, numpy_helper
 
     _fold_weight_quantize(model)
@@ -169,12 +177,23 @@ def _warn_slow_exact_path() -> None:
 
 
 def ort_session(model_bytes: bytes | str, num_threads: int | None = None, exact_int8: bool = True):
-    """An ONNX Runtime CPU session on serialized model bytes or a model file path (a path lets ORT find
-    external data beside the file). ModelError with ORT's first message line when it cannot load it.
+    """An ONNX Runtime CPU session on serialized model bytes or a model file path.
 
     ``exact_int8`` (default): on a host whose u8 x s8 kernels saturate (``ort_u8s8_exact``), int8 weights
-    are handed to ORT as uint8 + 128 (``int8_weights_as_uint8``) so it computes the exact integer products;
-    ``exact_int8=False`` runs the model as plain ORT would (peers)."""
+    are handed to ORT as uint8 + 128 (``int8_weights_as_uint8``) so it computes the exact integer products.
+
+    Args:
+        model_bytes: a serialized ONNX model, or its file path (a path lets ORT find external data beside
+            the file).
+        num_threads: intra-op threads, or None for ORT's default.
+        exact_int8: False runs the model as plain ORT would (peers).
+
+    Returns:
+        The ``onnxruntime.InferenceSession``.
+
+    Raises:
+        ModelError: with ORT's first message line when it cannot load the model.
+    """
     if exact_int8 and not ort_u8s8_exact():
         import onnx
 
@@ -190,6 +209,19 @@ def ort_session(model_bytes: bytes | str, num_threads: int | None = None, exact_
 
 
 class Session:
+    """One graph ready to run on one backend; ``run(feeds)`` returns the outputs by name.
+
+    Args:
+        graph: the graph to run (float or quantized).
+        backend: ``"onnxruntime"``, ``"openvino"`` (both run the lowered ONNX model) or ``"reference"``
+            (qmace's exact numpy kernels; every intermediate tensor is visible).
+        num_threads: intra-op threads, or None for the backend's default.
+        extra_outputs: intermediate tensors the ONNX backends also expose as outputs.
+
+    Raises:
+        ValueError: an unknown backend.
+        ModelError: the backend cannot load the lowered model.
+    """
     def __init__(
         self,
         graph: Graph,
@@ -217,10 +249,12 @@ class Session:
 
     @property
     def input_names(self) -> list[str]:
+        """The graph's input names."""
         return list(self.graph.inputs)
 
     @property
     def output_names(self) -> list[str]:
+        """The graph's output names."""
         return list(self.graph.outputs)
 
     def run(
@@ -230,7 +264,22 @@ class Session:
         on_tensor: Callable[[str, np.ndarray], None] | None = None,
         op_times: dict[str, float] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run once. ``on_tensor``/``op_times`` need the reference backend (every node is visible there)."""
+        """Run once.
+
+        Args:
+            feeds: input name -> array (in the graph's layout and dtype).
+            outputs: the tensors wanted (default: the graph outputs; on the ONNX backends a graph output or an
+                ``extra_outputs`` tensor).
+            on_tensor: ``on_tensor(name, value)`` for every node output (reference backend only).
+            op_times: accumulates seconds per node name (reference backend only).
+
+        Returns:
+            Tensor name -> array for every wanted tensor.
+
+        Raises:
+            ValueError: ``on_tensor``/``op_times`` on a backend other than the reference.
+            ModelError: the backend fails on the inputs (ORT's first message line, or the failing node).
+        """
         wanted = outputs or self.output_names
         if self._ort is not None:
             if on_tensor is not None or op_times is not None:

@@ -25,14 +25,37 @@ __all__ = ["caffe_oracle", "caffe_to_graph", "load_caffe", "load_caffe_files", "
 
 def load_caffe_files(prototxt: str | Path, caffemodel: str | Path | None = None,
                      yaml_shapes: dict[str, tuple[int, ...]] | None = None, keep: Iterable[str] = ()) -> Graph:
-    """Read and convert a prototxt (+ caffemodel) to the float IR (``keep``: tensors that must survive)."""
+    """Read and convert a prototxt (+ caffemodel) to the float IR.
+
+    Args:
+        prototxt: the ``.prototxt`` file.
+        caffemodel: the ``.caffemodel`` weights, or None when the prototxt carries its own blobs.
+        yaml_shapes: input shapes (model layout) the prototxt does not declare.
+        keep: tensors that must survive the BatchNorm + Scale merge.
+
+    Returns:
+        The float Graph.
+
+    Raises:
+        ModelError: a missing or malformed file, an unsupported layer, weights of the wrong shape.
+    """
     net = read_prototxt(prototxt)
     weights = read_caffemodel(caffemodel) if caffemodel is not None else None
     return caffe_to_graph(net, weights, prototxt, caffemodel, yaml_shapes, keep)
 
 
 def load_caffe(m: ModelConfig) -> Graph:
-    """The Caffe files of a YAML model entry -> float IR (input shapes the prototxt lacks come from the YAML)."""
+    """The Caffe files of a YAML model entry -> float IR (input shapes the prototxt lacks come from the YAML).
+
+    Args:
+        m: the YAML model entry (platform caffe).
+
+    Returns:
+        The float Graph.
+
+    Raises:
+        ModelError: as for ``load_caffe_files``.
+    """
     from qmace.data import model_shape
 
     sub = m.subgraph

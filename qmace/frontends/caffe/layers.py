@@ -47,6 +47,14 @@ IGNORED = {"Silence"}  # layers without outputs that inference skips
 
 
 def converts(*types: str) -> Callable[[Converter], Converter]:
+    """Decorator: register ``fn`` as the converter of the given Caffe layer types.
+
+    Args:
+        *types: Caffe layer type names (``"Convolution"``, ...).
+
+    Returns:
+        The decorator, which returns ``fn`` unchanged.
+    """
     def deco(fn: Converter) -> Converter:
         for t in types:
             CONVERTERS[t] = fn
@@ -163,7 +171,18 @@ def _inner_product(ctx: Context, layer: Layer, ins: list[str], outs: list[str]) 
 
 
 def caffe_pool_size(size: int, kernel: int, stride: int, pad: int, ceil: bool) -> int:
-    """Caffe's PoolingLayer output size along one axis (see the module docstring)."""
+    """Caffe's PoolingLayer output size along one axis (see the module docstring).
+
+    Args:
+        size: the input size.
+        kernel: the window size.
+        stride: the stride.
+        pad: the padding on each side.
+        ceil: Caffe's default ceil rounding (else floor).
+
+    Returns:
+        The output size.
+    """
     span = size + 2 * pad - kernel
     out = (-(-span // stride) if ceil else span // stride) + 1
     if pad and (out - 1) * stride >= size + pad:

@@ -80,7 +80,14 @@ def _layer_type(msg: Any, v1: bool) -> str:
 
 
 def net_layers(net: Any) -> list[Layer]:
-    """The TEST-phase layers of a NetParameter (new ``layer`` format, or V1 ``layers``), in order."""
+    """The TEST-phase layers of a NetParameter (new ``layer`` format, or V1 ``layers``), in order.
+
+    Args:
+        net: a parsed ``NetParameter``.
+
+    Returns:
+        The layers as ``Layer``.
+    """
     out = []
     for msgs, v1 in ((net.layers, True), (net.layer, False)):
         for i, msg in enumerate(msgs):
@@ -92,21 +99,44 @@ def net_layers(net: Any) -> list[Layer]:
 
 
 def blob_array(blob: Any) -> np.ndarray:
-    """A BlobProto's values (``data``, else ``double_data``) as float32, shaped by ``shape`` or, in old
-    files, by the legacy (num, channels, height, width)."""
+    """A BlobProto's values (``data``, else ``double_data``) as float32.
+
+    Shaped by ``shape`` or, in old files, by the legacy (num, channels, height, width).
+
+    Args:
+        blob: a ``BlobProto``.
+
+    Returns:
+        The array.
+    """
     data = np.asarray(blob.data, np.float32) if len(blob.data) else np.asarray(blob.double_data, np.float32)
     return data.reshape(blob_shape(blob)) if data.size == int(np.prod(blob_shape(blob))) else data
 
 
 def blob_shape(blob: Any) -> tuple[int, ...]:
+    """A BlobProto's shape: ``shape.dim``, else the legacy (num, channels, height, width).
+
+    Args:
+        blob: a ``BlobProto``.
+
+    Returns:
+        The shape.
+    """
     if blob.HasField("shape"):
         return tuple(int(d) for d in blob.shape.dim)
     return (blob.num, blob.channels, blob.height, blob.width)
 
 
 def shape_matches(blob: Any, expected: Sequence[int]) -> bool:
-    """Caffe's Blob::ShapeEquals: exact shape, or for a legacy 4-D blob the expected shape left-padded
-    with 1s to 4 axes."""
+    """Caffe's Blob::ShapeEquals: exact shape, or for a legacy 4-D blob the expected shape left-padded with 1s.
+
+    Args:
+        blob: a ``BlobProto``.
+        expected: the shape the layer needs.
+
+    Returns:
+        Whether they match.
+    """
     if blob.HasField("shape"):
         return blob_shape(blob) == tuple(expected)
     if len(expected) > 4:
@@ -124,24 +154,75 @@ class Context:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def fail(self, layer: Layer, message: str) -> ModelError:
+        """The error for a layer the converter rejects (raise it).
+
+        Args:
+            layer: the layer.
+            message: what is wrong.
+
+        Returns:
+            A ModelError ``<prototxt>: <layer>: <message>``.
+        """
         return ModelError(f"{self.path}: {layer}: {message}")
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The static shape of tensor ``name``.
+
+        Args:
+            name: the tensor.
+
+        Returns:
+            Its shape.
+
+        Raises:
+            KeyError: the shape is not known.
+        """
         return self.shapes[name]
 
     def const(self, base: str, value: np.ndarray, dtype: Any = np.float32) -> str:
+        """Add a constant tensor to the graph under a fresh name.
+
+        Args:
+            base: the wanted name.
+            value: its data.
+            dtype: the dtype it is stored in.
+
+        Returns:
+            The tensor's name.
+        """
         value = np.ascontiguousarray(np.asarray(value, dtype))
         name = self.graph.unique_name(base)
         self.graph.add_tensor(Tensor(name, str(value.dtype), tuple(value.shape), value))
         return name
 
     def tmp(self, base: str) -> str:
+        """Add an intermediate tensor (no data, unknown shape) under a fresh name.
+
+        Args:
+            base: the wanted name.
+
+        Returns:
+            The tensor's name.
+        """
         name = self.graph.unique_name(base)
         self.graph.add_tensor(Tensor(name))
         return name
 
     def node(self, op_type: str, inputs: list[str], outputs: list[str], name: str,
              shapes: Sequence[Sequence[int]] | None = None, **attrs: Any) -> Node:
+        """Append a node to the graph and declare its float32 outputs.
+
+        Args:
+            op_type: the IR (ONNX) op.
+            inputs: its input tensor names.
+            outputs: its output tensor names.
+            name: the node's name (made unique if taken).
+            shapes: the outputs' static shapes, if known.
+            **attrs: the node's attributes.
+
+        Returns:
+            The node.
+        """
         node = Node(self.graph.unique_name(name) if any(n.name == name for n in self.graph.nodes) else name,
                     op_type, list(inputs), list(outputs), attrs)
         self.graph.nodes.append(node)
@@ -153,7 +234,18 @@ class Context:
         return node
 
     def weights(self, layer: Layer, expected: Sequence[tuple[str, Sequence[int]]]) -> list[np.ndarray]:
-        """The layer's blobs, checked against ``expected`` (role, shape) in count and shape."""
+        """The layer's blobs, checked against ``expected`` (role, shape) in count and shape.
+
+        Args:
+            layer: the layer.
+            expected: ``(role, shape)`` per blob, e.g. ``("weights", (M, C, kh, kw))``.
+
+        Returns:
+            The blobs as float32 arrays.
+
+        Raises:
+            ModelError: naming the layer and the weight file when blobs are missing or of the wrong shape.
+        """
         source = self.weight_path or self.path
         if not layer.blobs and expected:
             raise ModelError(f"{source}: {layer}: no weights for this layer (expected "
@@ -238,7 +330,22 @@ def caffe_to_graph(net: Any, weights: Any | None, path: str | Path, weight_path:
     """Convert a parsed prototxt (``NetParameter``) with its caffemodel (``NetParameter`` holding blobs, or
     None when the prototxt carries its own blobs) to the float IR. ``yaml_shapes`` (model layout) fill in
     input shapes the prototxt does not declare; tensors in ``keep`` (the YAML's outputs and check tensors)
-    survive the BatchNorm + Scale merge."""
+    survive the BatchNorm + Scale merge.
+
+    Args:
+        net: the parsed prototxt.
+        weights: the parsed caffemodel, or None.
+        path: the prototxt's path, for messages.
+        weight_path: the caffemodel's path, for messages.
+        yaml_shapes: input name -> shape (model layout).
+        keep: tensor names to keep.
+
+    Returns:
+        The float Graph.
+
+    Raises:
+        ModelError: naming the file and layer for anything unsupported or inconsistent.
+    """
     from qmace.frontends.caffe.layers import CONVERTERS, IGNORED
 
     path = Path(path)
@@ -294,7 +401,15 @@ def merge_affine_batchnorms(graph: Graph, keep: set[str] = frozenset()) -> int:
     """Merge a BatchNormalization that is a pure affine map (a Caffe Scale: mean 0, var 1, epsilon 0) into
     the BatchNormalization before it (a Caffe BatchNorm) when it is that one's only reader:
     ``s2 (s1 (x - m) / sqrt(v + e) + b1) + b2 = (s2 s1)(x - m) / sqrt(v + e) + (s2 b1 + b2)``.
-    A BatchNorm + Scale pair that follows no convolution then stays one node (one range, one float op)."""
+    A BatchNorm + Scale pair that follows no convolution then stays one node (one range, one float op).
+
+    Args:
+        graph: the graph, changed in place.
+        keep: tensors that must survive (not merged away).
+
+    Returns:
+        The number of merges.
+    """
     merged = 0
     readers: dict[str, int] = {}
     for n in graph.nodes:
@@ -331,7 +446,14 @@ def _replace_const(graph: Graph, name: str, value: np.ndarray) -> str:
 
 
 def net_layers_all(net: Any) -> list[Layer]:
-    """Every layer of a caffemodel NetParameter (both formats, any phase): weights are found by name."""
+    """Every layer of a caffemodel NetParameter (both formats, any phase): weights are found by name.
+
+    Args:
+        net: a parsed ``NetParameter``.
+
+    Returns:
+        The layers as ``Layer``.
+    """
     out = []
     for msgs, v1 in ((net.layers, True), (net.layer, False)):
         for msg in msgs:

@@ -22,7 +22,17 @@ INSTALL_HINT = "pip install 'qmace[caffe]' (OpenCV 4.x DNN runs Caffe models)"
 
 
 def tensor_writers(prototxt: str) -> dict[str, tuple[str, int]]:
-    """qmace tensor name -> (Caffe layer name, output index): the same SSA names as the converter."""
+    """qmace tensor name -> (Caffe layer name, output index): the same SSA names as the converter.
+
+    Args:
+        prototxt: the ``.prototxt`` path.
+
+    Returns:
+        The mapping.
+
+    Raises:
+        ModelError: the prototxt cannot be read or parsed.
+    """
     from qmace.frontends.caffe.net import _ssa_names, net_layers
     from qmace.frontends.caffe.proto import read_prototxt
 
@@ -38,11 +48,24 @@ def tensor_writers(prototxt: str) -> dict[str, tuple[str, int]]:
 
 @dataclass
 class OpenCvOracle:
+    """The source Caffe model run by OpenCV's dnn module (the validation oracle for platform caffe)."""
     net: Any
     writers: dict[str, tuple[str, int]]
     label: str
 
     def run(self, outputs: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run once and fetch the wanted tensors.
+
+        Args:
+            outputs: qmace tensor names to return.
+            feeds: input name -> array.
+
+        Returns:
+            One array per name in ``outputs``.
+
+        Raises:
+            ModelError: a tensor no Caffe layer writes.
+        """
         for name, value in feeds.items():
             self.net.setInput(np.ascontiguousarray(value, np.float32), name)
         missing = [o for o in outputs if o not in self.writers]
@@ -60,6 +83,18 @@ class OpenCvOracle:
 
 
 def caffe_oracle(m: ModelConfig, num_threads: int | None = None) -> OpenCvOracle | None:
+    """The validation oracle for a Caffe model entry.
+
+    Args:
+        m: the YAML model entry.
+        num_threads: OpenCV threads, or None.
+
+    Returns:
+        An OpenCvOracle, or None when OpenCV (with dnn) is not installed.
+
+    Raises:
+        ModelError: OpenCV cannot load the model.
+    """
     try:
         import cv2
     except ImportError:

@@ -381,7 +381,18 @@ def net_parameter() -> Any:
 
 def parse_prototxt(text: str, path: str | Path = "<prototxt>") -> Any:
     """A ``.prototxt`` text -> ``NetParameter``. Syntax errors raise ModelError with ``file:line:column``;
-    fields outside qmace's Caffe subset are skipped with one warning each (line and field)."""
+    fields outside qmace's Caffe subset are skipped with one warning each (line and field).
+
+    Args:
+        text: the prototxt's text.
+        path: its file, for messages.
+
+    Returns:
+        The ``NetParameter``.
+
+    Raises:
+        ModelError: a syntax error, with ``file:line:column``.
+    """
     net = net_parameter()
     try:
         text_format.Parse(text, net)
@@ -438,6 +449,17 @@ def _blank_field(line: str, column: int) -> str:
 
 
 def read_prototxt(path: str | Path) -> Any:
+    """Read a ``.prototxt`` file (``parse_prototxt``).
+
+    Args:
+        path: the file.
+
+    Returns:
+        The ``NetParameter``.
+
+    Raises:
+        ModelError: the file is missing, not UTF-8 text, or malformed.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: model file (prototxt) not found")
@@ -450,7 +472,17 @@ def read_prototxt(path: str | Path) -> Any:
 
 
 def read_caffemodel(path: str | Path) -> Any:
-    """A binary ``.caffemodel`` -> ``NetParameter`` (its layers carry the ``blobs``)."""
+    """A binary ``.caffemodel`` -> ``NetParameter`` (its layers carry the ``blobs``).
+
+    Args:
+        path: the file.
+
+    Returns:
+        The ``NetParameter``.
+
+    Raises:
+        ModelError: the file is missing, empty, truncated or not a binary caffemodel.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: weight file (caffemodel) not found")

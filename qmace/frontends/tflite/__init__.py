@@ -13,7 +13,18 @@ from qmace.ir import Graph
 
 
 def load_tflite(path: str | Path) -> Graph:
-    """``.tflite`` file -> float IR graph (with ``metadata["qdq_params"]`` for quantized models)."""
+    """``.tflite`` file -> float IR graph (with ``metadata["qdq_params"]`` for quantized models).
+
+    Args:
+        path: the ``.tflite`` file.
+
+    Returns:
+        The float Graph.
+
+    Raises:
+        ModelError: the file is missing, malformed, or wrong at some tensor/operator (named).
+        UnsupportedOpsError: operators qmace cannot convert (listed).
+    """
     return tflite_to_graph(read_tflite(path))
 
 

@@ -106,8 +106,18 @@ def _absorb_identities(graph: Graph, params: dict[str, dict]) -> None:
 
 
 def tflite_to_graph(model: TflModel) -> Graph:
-    """Convert a read ``.tflite`` model (see the module docstring). Raises UnsupportedOpsError listing
-    every unsupported op, ModelError naming the operator or tensor otherwise."""
+    """Convert a read ``.tflite`` model (see the module docstring).
+
+    Args:
+        model: the model from ``read_tflite``.
+
+    Returns:
+        The float Graph, with ``metadata["qdq_params"]`` for quantized models.
+
+    Raises:
+        UnsupportedOpsError: listing every unsupported op.
+        ModelError: naming the operator or tensor otherwise.
+    """
     _check_supported(model)
     b = Builder(model)
     for i in model.inputs:

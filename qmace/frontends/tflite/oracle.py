@@ -38,6 +38,19 @@ def _interpreter_class():
 
 
 class LiteRTOracle:
+    """The source ``.tflite`` model run by the LiteRT interpreter (the validation oracle for platform tflite).
+
+    Takes and returns tensors in the IR's layout (NCHW for rank 4) and float; quantized model inputs and
+    outputs are quantized/dequantized with the model's own parameters.
+
+    Args:
+        path: the ``.tflite`` file.
+        num_threads: interpreter threads (None: 1).
+        outputs: IR tensor names that will be fetched (internal ones need the interpreter to keep them).
+
+    Raises:
+        ModelError: the interpreter is not installed, or cannot load the model.
+    """
     label = "the LiteRT interpreter on the source file"
 
     def __init__(self, path: str | Path, num_threads: int | None = None, outputs: Sequence[str] = ()):
@@ -62,6 +75,18 @@ class LiteRTOracle:
         return self.details[self.index[name]]
 
     def run(self, outputs: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run once.
+
+        Args:
+            outputs: IR tensor names to return.
+            feeds: input name -> array (IR layout).
+
+        Returns:
+            One float array per name in ``outputs`` (IR layout).
+
+        Raises:
+            ModelError: a tensor that is not in the model.
+        """
         resized = False
         for name, x in feeds.items():
             d = self._detail(name)
@@ -111,7 +136,18 @@ def _from_tensor(y: np.ndarray, d: dict) -> np.ndarray:
 
 
 def litert_oracle(m: ModelConfig, num_threads: int | None = None) -> LiteRTOracle | None:
-    """The LiteRT oracle of a YAML model entry, or None (logged by the caller) without ai-edge-litert."""
+    """The LiteRT oracle of a YAML model entry, or None (logged by the caller) without ai-edge-litert.
+
+    Args:
+        m: the YAML model entry.
+        num_threads: interpreter threads, or None.
+
+    Returns:
+        A LiteRTOracle, or None.
+
+    Raises:
+        ModelError: LiteRT cannot load the model.
+    """
     if _interpreter_class() is None:
         return None
     return LiteRTOracle(m.model_file_path, num_threads, m.subgraph.output_tensors)

@@ -49,11 +49,15 @@ class TflQuant:
 
     @property
     def per_axis(self) -> bool:
+        """True when there is one scale per index of ``axis``."""
         return self.scale.size > 1
 
 
 @dataclass
 class TflTensor:
+    """One tensor of a ``.tflite`` subgraph: index, name, dtype, static (NHWC) shape and shape signature (-1:
+    dynamic), data for constants (densified), quantization parameters.
+    """
     index: int
     name: str
     dtype: str  # numpy dtype name; TFLite's type name (e.g. "STRING") for types qmace cannot hold
@@ -65,6 +69,9 @@ class TflTensor:
 
 @dataclass
 class TflOp:
+    """One operator: builtin name (or ``CUSTOM`` with its code and options), input/output tensor indices
+    (-1: omitted optional input), and the parsed options table.
+    """
     index: int
     op: str  # builtin name ("CONV_2D") or "CUSTOM"
     inputs: list[int]  # tensor indices, -1 = omitted optional input
@@ -75,11 +82,15 @@ class TflOp:
 
     @property
     def label(self) -> str:
+        """The operator's name for messages (``CONV_2D``, ``CUSTOM 'name'``)."""
         return f"CUSTOM {self.custom_code!r}" if self.op == "CUSTOM" else self.op
 
 
 @dataclass
 class TflModel:
+    """A read ``.tflite`` file: its path, schema version, description, the main subgraph's tensors, operators and
+    input/output indices, and its metadata entries.
+    """
     path: Path
     version: int
     description: str
@@ -123,6 +134,17 @@ def densify(values: np.ndarray, shape: tuple[int, ...], sparsity) -> np.ndarray:
     segments[p + 1]]`` below parent position ``p``). Values are stored in traversal order. A block
     dimension ``b`` (``block_map[b - rank]`` = the tensor dimension it splits) adds ``i_b`` to
     ``i_d * block_size``.
+
+    Args:
+        values: the stored values, in traversal order.
+        shape: the dense shape.
+        sparsity: the tflite package's ``SparsityParameters``.
+
+    Returns:
+        The dense array.
+
+    Raises:
+        ValueError: sparsity metadata that does not fit the values (``read_tflite`` turns it into ModelError).
     """
     rank = len(shape)
     order = [int(x) for x in sparsity.TraversalOrderAsNumpy()]
@@ -219,8 +241,18 @@ def _read_tensor(model, data: bytes, sg, i: int, path: Path) -> TflTensor:
 
 
 def read_tflite(path: str | Path) -> TflModel:
-    """Read and check a ``.tflite`` file (see the module docstring). ModelError names the file and the
-    tensor or operator that is wrong."""
+    """Read and check a ``.tflite`` file (see the module docstring).
+
+    Args:
+        path: the file.
+
+    Returns:
+        The TflModel.
+
+    Raises:
+        ModelError: naming the file and the tensor or operator that is wrong (or the file missing, not a
+            flatbuffer, with several subgraphs, ...).
+    """
     path = Path(path)
     if _tfl is None:  # pragma: no cover
         raise ModelError(f"{path}: reading .tflite files needs the 'tflite' package (pip install tflite)")

@@ -35,6 +35,21 @@ IR_OPS: dict[str, str] = {}  # TFLite op (custom: "CUSTOM <code>") -> the IR op(
 
 
 def converts(*names: str, ir: str | dict[str, str], custom: bool = False):
+    """Decorator: register ``fn`` as the converter of TFLite builtin (or, with ``custom``, custom) operators.
+
+    A converter ``fn(b, op)`` takes the :class:`Builder` ``b`` and the operator ``op`` (a ``TflOp``), emits
+    IR nodes through ``b`` (reading inputs with ``b.value``, writing outputs named by ``b.output``) and
+    returns nothing; it raises ModelError naming the operator (``b.where(op)``) for options or inputs it
+    cannot convert. The registered converters document only what they map to; these are their arguments.
+
+    Args:
+        *names: TFLite builtin operator names (``"CONV_2D"``) or custom codes.
+        ir: the IR op(s) each becomes, one string for all names or a dict per name (docs/supported-ops.md).
+        custom: register custom codes instead of builtin names.
+
+    Returns:
+        The decorator, which returns ``fn`` unchanged.
+    """
     def deco(fn: Converter) -> Converter:
         for n in names:
             (CUSTOM_CONVERTERS if custom else CONVERTERS)[n] = fn
@@ -46,13 +61,35 @@ def converts(*names: str, ir: str | dict[str, str], custom: bool = False):
 # ---- helpers -----------------------------------------------------------------------------------------
 
 def options(op: TflOp, b: Builder):
+    """The operator's builtin options table.
+
+    Args:
+        op: the operator.
+        b: the builder (for the message).
+
+    Returns:
+        The ``tflite`` package's options object.
+
+    Raises:
+        ModelError: the options are missing.
+    """
     if op.options is None:
         raise ModelError(f"{b.where(op)}: builtin options are missing")
     return op.options
 
 
 def samepads_attr(in_hw, k_hw, s_hw, d_hw) -> list[int]:
-    """ONNX pads [top, left, bottom, right] of TFLite's SAME padding (see the module docstring)."""
+    """ONNX pads [top, left, bottom, right] of TFLite's SAME padding (see the module docstring).
+
+    Args:
+        in_hw: input (height, width).
+        k_hw: kernel (height, width).
+        s_hw: strides.
+        d_hw: dilations.
+
+    Returns:
+        The four pads.
+    """
     begins, ends = [], []
     for size, k, s, d in zip(in_hw, k_hw, s_hw, d_hw):
         out = -(-size // s)
@@ -63,6 +100,23 @@ def samepads_attr(in_hw, k_hw, s_hw, d_hw) -> list[int]:
 
 
 def pads_attr(b: Builder, op: TflOp, padding: int, x_index: int, k_hw, s_hw, d_hw) -> dict:
+    """The ``pads`` attribute for TFLite's padding code (0 SAME, 1 VALID) of a 2-D window op.
+
+    Args:
+        b: the builder.
+        op: the operator.
+        padding: TFLite's padding code.
+        x_index: the input tensor (NHWC, for its spatial size).
+        k_hw: kernel (height, width).
+        s_hw: strides.
+        d_hw: dilations.
+
+    Returns:
+        ``{"pads": [top, left, bottom, right]}``.
+
+    Raises:
+        ModelError: an unknown padding code, or SAME padding of an input that is not 4-D.
+    """
     if padding == 1:  # VALID
         return {"pads": [0, 0, 0, 0]}
     if padding != 0:
@@ -87,7 +141,21 @@ def _weight_params(b: Builder, index: int, axis_map: dict[int, int]) -> QuantPar
 
 def weight(b: Builder, op: TflOp, slot: int, perm: tuple[int, ...], what: str = "weights") -> str:
     """Constant weights of input ``slot``, transposed by ``perm`` into the IR layout; per-axis parameters
-    follow the permutation (IR axis = position of the TFLite dimension in ``perm``)."""
+    follow the permutation (IR axis = position of the TFLite dimension in ``perm``).
+
+    Args:
+        b: the builder.
+        op: the operator.
+        slot: the weight's input position.
+        perm: TFLite -> IR axis permutation.
+        what: what the input is, for messages.
+
+    Returns:
+        The IR name of the float32 weight constant (its fixed quantization parameters recorded if quantized).
+
+    Raises:
+        ModelError: the weight is not a constant.
+    """
     b.require(op, slot, what)
     index = op.inputs[slot]
     w = np.ascontiguousarray(b.float_data(index).transpose(perm))
@@ -99,6 +167,19 @@ def weight(b: Builder, op: TflOp, slot: int, perm: tuple[int, ...], what: str = 
 
 
 def bias(b: Builder, op: TflOp, slot: int) -> list[str]:
+    """The operator's optional bias input as a float32 constant (int32 codes dequantized).
+
+    Args:
+        b: the builder.
+        op: the operator.
+        slot: the bias's input position.
+
+    Returns:
+        ``[name]``, or ``[]`` when there is no bias.
+
+    Raises:
+        ModelError: the bias is not a constant.
+    """
     if slot >= len(op.inputs) or op.inputs[slot] < 0:
         return []
     b.require(op, slot, "bias")
@@ -107,13 +188,30 @@ def bias(b: Builder, op: TflOp, slot: int) -> list[str]:
 
 
 def ir_axis(axis: int, rank: int) -> int:
+    """A TFLite axis in the IR layout (rank 4: NHWC -> NCHW position).
+
+    Args:
+        axis: the TFLite axis (negative counts from the end).
+        rank: the tensor's rank.
+
+    Returns:
+        The IR axis.
+    """
     axis = axis % rank if rank else 0
     return NHWC_TO_NCHW_AXIS[axis] if rank == 4 else axis
 
 
 
 def as_nhwc(b: Builder, index: int) -> str:
-    """IR name of TFLite tensor ``index`` in TFLite's own layout (NHWC for rank 4)."""
+    """IR name of TFLite tensor ``index`` in TFLite's own layout (NHWC for rank 4).
+
+    Args:
+        b: the builder.
+        index: the TFLite tensor index.
+
+    Returns:
+        The IR name (a cached NHWC view for rank-4 tensors).
+    """
     name = b.value(index)
     if b.rank(index) != 4:
         return name
@@ -121,7 +219,16 @@ def as_nhwc(b: Builder, index: int) -> str:
 
 
 def emit_in_tflite_layout(b: Builder, op: TflOp, op_type: str, inputs: list[str], out_index: int, **attrs) -> None:
-    """Emit ``op_type`` on TFLite-layout inputs; a rank-4 output is laid out NCHW afterwards."""
+    """Emit ``op_type`` on TFLite-layout inputs; a rank-4 output is laid out NCHW afterwards.
+
+    Args:
+        b: the builder.
+        op: the operator.
+        op_type: the IR op.
+        inputs: its inputs, in TFLite layout.
+        out_index: the TFLite output tensor index.
+        **attrs: the node's attributes.
+    """
     if b.rank(out_index) != 4:
         b.node(op_type, inputs, [b.output(out_index)], **attrs)
         return
@@ -131,6 +238,15 @@ def emit_in_tflite_layout(b: Builder, op: TflOp, op_type: str, inputs: list[str]
     b.to_nchw(mid, shape, b.output(out_index))
 
 def reshape_into(b: Builder, op: TflOp, src: str, shape_nhwc: list[int], out: str) -> None:
+    """Reshape ``src`` (TFLite layout) to ``shape_nhwc`` and write it to ``out`` (NCHW when the result is 4-D).
+
+    Args:
+        b: the builder.
+        op: the operator being converted (not read by the reshape itself).
+        src: the source tensor in TFLite layout.
+        shape_nhwc: the target shape in TFLite layout.
+        out: the IR output tensor.
+    """
     if len(shape_nhwc) == 4:
         mid = b.temp(f"{out}__nhwc", shape_nhwc)
         b.node("Reshape", [src, b.ints(f"{out}__shape", shape_nhwc)], [mid])

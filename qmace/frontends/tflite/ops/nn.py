@@ -25,6 +25,8 @@ from qmace.frontends.tflite.reader import TflOp
 
 @converts("CONV_2D", ir="Conv")
 def conv_2d(b: Builder, op: TflOp) -> None:
+    """CONV_2D -> Conv: weights (O, KH, KW, I) -> (O, I, KH, KW), group = C_in / I, SAME/VALID pads, fused activation.
+    """
     o = options(op, b)
     w_shape = b.t(op.inputs[1]).shape  # (O, KH, KW, I)
     c_in = b.t(op.inputs[0]).shape[3]
@@ -41,6 +43,7 @@ def conv_2d(b: Builder, op: TflOp) -> None:
 
 @converts("DEPTHWISE_CONV_2D", ir="Conv (group = channels)")
 def depthwise_conv_2d(b: Builder, op: TflOp) -> None:
+    """DEPTHWISE_CONV_2D -> Conv with group = C_in: weights (1, KH, KW, C·M) -> (C·M, 1, KH, KW)."""
     o = options(op, b)
     w_shape = b.t(op.inputs[1]).shape  # (1, KH, KW, C*M)
     c_in = b.t(op.inputs[0]).shape[3]
@@ -81,6 +84,7 @@ def _transpose_conv(b: Builder, op: TflOp, x_slot: int, w_slot: int, b_slot: int
 
 @converts("TRANSPOSE_CONV", ir="ConvTranspose")
 def transpose_conv(b: Builder, op: TflOp) -> None:
+    """TRANSPOSE_CONV -> ConvTranspose: inputs (output_shape, weights (O, KH, KW, I), x, bias)."""
     o = options(op, b)
     fused = o.FusedActivationFunction() if hasattr(o, "FusedActivationFunction") else 0
     _transpose_conv(b, op, 2, 1, 3, o.Padding(), (o.StrideH(), o.StrideW()), fused)
@@ -100,6 +104,9 @@ def conv2d_transpose_bias(b: Builder, op: TflOp) -> None:
 
 @converts("FULLY_CONNECTED", ir="Gemm (transB = 1)")
 def fully_connected(b: Builder, op: TflOp) -> None:
+    """FULLY_CONNECTED -> Gemm(transB=1) on the input flattened to (-1, depth) in NHWC order (keep_num_dims:
+    reshaped back).
+    """
     o = options(op, b)
     if o.WeightsFormat() != 0:
         raise ModelError(f"{b.where(op)}: weights format {o.WeightsFormat()} (shuffled) is not supported")
@@ -140,6 +147,7 @@ def _pool(b: Builder, op: TflOp, op_type: str) -> None:
 
 @converts("MAX_POOL_2D", ir="MaxPool")
 def max_pool(b: Builder, op: TflOp) -> None:
+    """MAX_POOL_2D -> MaxPool with SAME/VALID pads and fused activation."""
     _pool(b, op, "MaxPool")
 
 
@@ -154,6 +162,9 @@ _REDUCE = {"MEAN": "ReduceMean", "SUM": "ReduceSum", "REDUCE_MAX": "ReduceMax", 
 
 @converts(*_REDUCE, ir=_REDUCE)
 def reduce(b: Builder, op: TflOp) -> None:
+    """MEAN / SUM / REDUCE_MAX / REDUCE_MIN -> ReduceMean / ReduceSum / ReduceMax / ReduceMin over the constant
+    ``axes`` (mapped to the IR layout), ``keepdims`` from the options.
+    """
     op_type = _REDUCE[op.op]
     keep = bool(options(op, b).KeepDims())
     rank = b.rank(op.inputs[0])

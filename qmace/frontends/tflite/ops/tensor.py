@@ -24,6 +24,9 @@ _BINARY = {"ADD": "Add", "SUB": "Sub", "MUL": "Mul", "DIV": "Div", "MAXIMUM": "M
 
 @converts(*_BINARY, ir=_BINARY)
 def binary(b: Builder, op: TflOp) -> None:
+    """ADD, SUB, MUL, DIV, MAXIMUM, MINIMUM, POW -> the ONNX op, operands broadcast in the IR layout, fused
+    activation.
+    """
     out_rank = b.rank(op.outputs[0])
     a, c = (b.broadcast_operand(i, out_rank) for i in op.inputs[:2])
     fused = op.options.FusedActivationFunction() if hasattr(op.options, "FusedActivationFunction") else 0
@@ -34,6 +37,7 @@ def binary(b: Builder, op: TflOp) -> None:
 
 @converts("SQUARED_DIFFERENCE", ir="Sub, Mul")
 def squared_difference(b: Builder, op: TflOp) -> None:
+    """SQUARED_DIFFERENCE -> ``d = a - b; d * d``."""
     out_rank = b.rank(op.outputs[0])
     a, c = (b.broadcast_operand(i, out_rank) for i in op.inputs[:2])
     out = b.output(op.outputs[0])
@@ -49,11 +53,13 @@ _CLIPS = {"RELU6": (0.0, 6.0), "RELU_N1_TO_1": (-1.0, 1.0), "RELU_0_TO_1": (0.0,
 
 @converts(*_UNARY, ir=_UNARY)
 def unary(b: Builder, op: TflOp) -> None:
+    """LOGISTIC, TANH, RELU, HARD_SWISH, EXP, LOG, SQRT, ABS, NEG -> the ONNX op of the same function."""
     b.node(_UNARY[op.op], [b.value(op.inputs[0])], [b.output(op.outputs[0])])
 
 
 @converts(*_CLIPS, ir="Clip")
 def clip(b: Builder, op: TflOp) -> None:
+    """RELU6, RELU_N1_TO_1, RELU_0_TO_1 -> Clip with bounds (0, 6), (-1, 1), (0, 1)."""
     lo, hi = _CLIPS[op.op]
     out = b.output(op.outputs[0])
     b.node("Clip", [b.value(op.inputs[0]), b.const(f"{out}__lo", np.float32(lo)), b.const(f"{out}__hi", np.float32(hi))],
@@ -62,6 +68,7 @@ def clip(b: Builder, op: TflOp) -> None:
 
 @converts("RSQRT", ir="Sqrt, Div")
 def rsqrt(b: Builder, op: TflOp) -> None:
+    """RSQRT -> ``1 / Sqrt(x)``."""
     out = b.output(op.outputs[0])
     root = b.temp(f"{out}__sqrt")
     b.node("Sqrt", [b.value(op.inputs[0])], [root])
@@ -70,23 +77,27 @@ def rsqrt(b: Builder, op: TflOp) -> None:
 
 @converts("LEAKY_RELU", ir="LeakyRelu")
 def leaky_relu(b: Builder, op: TflOp) -> None:
+    """LEAKY_RELU -> LeakyRelu(alpha)."""
     b.node("LeakyRelu", [b.value(op.inputs[0])], [b.output(op.outputs[0])], alpha=float(options(op, b).Alpha()))
 
 
 @converts("PRELU", ir="PRelu")
 def prelu(b: Builder, op: TflOp) -> None:
+    """PRELU -> PRelu, the slope broadcast in the IR layout."""
     out_rank = b.rank(op.outputs[0])
     b.node("PRelu", [b.value(op.inputs[0]), b.broadcast_operand(op.inputs[1], out_rank)], [b.output(op.outputs[0])])
 
 
 @converts("GELU", ir="Gelu")
 def gelu(b: Builder, op: TflOp) -> None:
+    """GELU -> Gelu (``approximate`` "tanh" when the options say so, else "none")."""
     approx = "tanh" if options(op, b).Approximate() else "none"
     b.node("Gelu", [b.value(op.inputs[0])], [b.output(op.outputs[0])], approximate=approx)
 
 
 @converts("SOFTMAX", ir="Softmax (Mul when beta != 1)")
 def softmax(b: Builder, op: TflOp) -> None:
+    """SOFTMAX -> Softmax over the channel axis (``softmax(beta x)``: a Mul by beta first when beta != 1)."""
     beta = float(options(op, b).Beta())
     x = b.value(op.inputs[0])
     if beta != 1.0:
@@ -115,6 +126,7 @@ def reshape(b: Builder, op: TflOp) -> None:
 
 @converts("TRANSPOSE", ir="Transpose")
 def transpose(b: Builder, op: TflOp) -> None:
+    """TRANSPOSE -> Transpose, a rank-4 ``perm`` rewritten for NCHW tensors."""
     perm = [int(p) for p in np.asarray(b.require(op, 1, "perm")).reshape(-1)]
     if len(perm) == 4:  # Y_ir = X_ir . (NCHW->NHWC) . perm . (NHWC->NCHW)
         inv = (0, 2, 3, 1)
@@ -124,6 +136,7 @@ def transpose(b: Builder, op: TflOp) -> None:
 
 @converts("CONCATENATION", ir="Concat")
 def concatenation(b: Builder, op: TflOp) -> None:
+    """CONCATENATION -> Concat on the IR axis, fused activation."""
     o = options(op, b)
     rank = b.rank(op.outputs[0])
     fused = o.FusedActivationFunction()
@@ -134,6 +147,7 @@ def concatenation(b: Builder, op: TflOp) -> None:
 
 @converts("PAD", "PADV2", "MIRROR_PAD", ir="Pad")
 def pad(b: Builder, op: TflOp) -> None:
+    """PAD, PADV2 (constant value), MIRROR_PAD (REFLECT only) -> Pad with ONNX-ordered pads."""
     paddings = np.asarray(b.require(op, 1, "paddings"), np.int64).reshape(-1, 2)
     rank = len(paddings)
     order = [NHWC_TO_NCHW_AXIS.index(a) for a in range(4)] if rank == 4 else list(range(rank))
@@ -169,11 +183,13 @@ def _resize(b: Builder, op: TflOp, mode: str) -> None:
 
 @converts("RESIZE_BILINEAR", ir="Resize (linear)")
 def resize_bilinear(b: Builder, op: TflOp) -> None:
+    """RESIZE_BILINEAR -> Resize(linear): align_corners, half_pixel or asymmetric coordinates as the options say."""
     _resize(b, op, "linear")
 
 
 @converts("RESIZE_NEAREST_NEIGHBOR", ir="Resize (nearest)")
 def resize_nearest(b: Builder, op: TflOp) -> None:
+    """RESIZE_NEAREST_NEIGHBOR -> Resize(nearest) with TensorFlow's coordinate and rounding rule."""
     _resize(b, op, "nearest")
 
 
@@ -186,11 +202,13 @@ def depth_to_space(b: Builder, op: TflOp) -> None:
 
 @converts("SPACE_TO_DEPTH", ir="SpaceToDepth")
 def space_to_depth(b: Builder, op: TflOp) -> None:
+    """SPACE_TO_DEPTH -> SpaceToDepth(blocksize)."""
     b.node("SpaceToDepth", [b.value(op.inputs[0])], [b.output(op.outputs[0])], blocksize=int(options(op, b).BlockSize()))
 
 
 @converts("SLICE", ir="Slice")
 def slice_(b: Builder, op: TflOp) -> None:
+    """SLICE (begin, size; size -1: to the end) -> Slice."""
     begin = [int(v) for v in np.asarray(b.require(op, 1, "begin")).reshape(-1)]
     size = [int(v) for v in np.asarray(b.require(op, 2, "size")).reshape(-1)]
     shape = b.t(op.inputs[0]).shape
@@ -208,6 +226,9 @@ def _slice(b: Builder, op: TflOp, begin, end, steps) -> None:
 
 @converts("STRIDED_SLICE", ir="Slice (+ Reshape for shrink_axis_mask)")
 def strided_slice(b: Builder, op: TflOp) -> None:
+    """STRIDED_SLICE -> Slice with begin/end masks resolved (+ Reshape for shrink_axis_mask); ellipsis and
+    new-axis masks are refused.
+    """
     o = options(op, b)
     if o.EllipsisMask() or o.NewAxisMask() or (hasattr(o, "Offset") and o.Offset()):
         raise ModelError(f"{b.where(op)}: ellipsis_mask / new_axis_mask / offset are not supported")
@@ -237,6 +258,7 @@ def strided_slice(b: Builder, op: TflOp) -> None:
 
 @converts("SPLIT", "SPLIT_V", ir="Split")
 def split(b: Builder, op: TflOp) -> None:
+    """SPLIT (equal parts) and SPLIT_V (size_splits) -> Split on the IR axis."""
     if op.op == "SPLIT":
         axis_slot, x_slot, sizes = 0, 1, None
     else:
@@ -253,6 +275,7 @@ def split(b: Builder, op: TflOp) -> None:
 
 @converts("GATHER", ir="Gather")
 def gather(b: Builder, op: TflOp) -> None:
+    """GATHER (constant indices, no batch_dims) -> Gather in the TFLite layout."""
     o = options(op, b)
     rank = b.rank(op.inputs[0])
     if o.BatchDims():
@@ -265,6 +288,7 @@ def gather(b: Builder, op: TflOp) -> None:
 
 @converts("CAST", ir="Cast")
 def cast(b: Builder, op: TflOp) -> None:
+    """CAST -> Cast to the output tensor's type."""
     from qmace.runtime.lower import onnx_elem_type
 
     to = b.t(op.outputs[0]).dtype
@@ -273,6 +297,7 @@ def cast(b: Builder, op: TflOp) -> None:
 
 @converts("TILE", ir="Tile")
 def tile(b: Builder, op: TflOp) -> None:
+    """TILE -> Tile, rank-4 multiples mapped to NCHW."""
     reps = [int(v) for v in np.asarray(b.require(op, 1, "multiples")).reshape(-1)]
     if len(reps) == 4:
         reps = [reps[p] for p in NCHW_FROM_NHWC]
