@@ -546,7 +546,7 @@ class QATModule(nn.Module):
                     ins.append(value(name))
             if quantized and op.quant_kernel == "accumulate":
                 x_scale = scales[node.inputs[0]]
-                for i, name in wn.items():
+                for i, _name in wn.items():
                     if op.is_weight(node, i):
                         w = ins[i]
                         wqp = self._weight_qp(node, i, w.detach().numpy())
