@@ -48,6 +48,15 @@ class TfNode:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def attr(self, key: str, default: Any = None) -> Any:
+        """An attribute's value.
+
+        Args:
+            key: the TF attribute name (``strides``, ``data_format``, ...).
+            default: the value when the node does not set it.
+
+        Returns:
+            The attribute as a Python value, or ``default``.
+        """
         return self.attrs.get(key, default)
 
 
@@ -56,6 +65,20 @@ EMITTERS: dict[str, Emitter] = {}
 
 
 def emits(*ops: str) -> Callable[[Emitter], Emitter]:
+    """Register the decorated function as the emitter of the given TF op types (in ``EMITTERS``).
+
+    Every emitter has the interface ``fn(b, n, ins) -> outputs``: ``b`` is the :class:`Builder` of the
+    graph under construction (its ``node_name`` is ``n.name``), ``n`` the :class:`TfNode` being converted,
+    ``ins`` the IR names of its data inputs in TF's order; it adds IR nodes with ``b.emit``/``b.emit1``
+    and returns the IR names of the node's outputs (output k of the TF node is ``outputs[k]``). It raises
+    ModelError (made by ``b.error``, naming the file and node) for a node it cannot convert.
+
+    Args:
+        *ops: the TF op types the emitter converts.
+
+    Returns:
+        The decorator (it returns the function unchanged).
+    """
     def deco(fn: Emitter) -> Emitter:
         for op in ops:
             EMITTERS[op] = fn
