@@ -174,7 +174,14 @@ class ModelConfig:
     def threshold_for(self, quantized: bool) -> float:
         """Minimum cosine similarity for --validate: QUANTIZE's threshold (0.980 by default) for any quantized
         model, weight-only (`quantize_large_weights: 1`) included, as MACE (its validate_type is QUANTIZE when
-        `quantize` or `quantize_large_weights` is 1); else CPU's."""
+        `quantize` or `quantize_large_weights` is 1); else CPU's.
+
+        Args:
+            quantized: whether the model is quantized (fully or weight-only).
+
+        Returns:
+            The threshold: the YAML's `validation_threshold` for that device, else MACE's default.
+        """
         device = "QUANTIZE" if quantized else "CPU"
         return self.validation_threshold.get(device, DEFAULT_VALIDATION_THRESHOLD[device])
 
@@ -208,7 +215,17 @@ class DeploymentConfig:
     model_data_format: str = "file"
 
     def model(self, name: str | None = None) -> ModelConfig:
-        """The model called `name`; None means the only (or first) model."""
+        """The model called `name`; None means the only (or first) model.
+
+        Args:
+            name: the model's key under `models`, or None.
+
+        Returns:
+            Its configuration.
+
+        Raises:
+            ConfigError: no model of that name (the message lists the models).
+        """
         if name is None:
             return next(iter(self.models.values()))
         try:
@@ -219,15 +236,27 @@ class DeploymentConfig:
 
 
 def input_name_format(name: str) -> str:
-    """MACE's file-name form of a tensor name: every non-alphanumeric character becomes `_`."""
+    """MACE's file-name form of a tensor name: every non-alphanumeric character becomes `_`.
+
+    Args:
+        name: the tensor name.
+
+    Returns:
+        The name with each non-alphanumeric character replaced by `_` (same length).
+    """
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def verify_checksum(path: Path, expected: str, key: str) -> None:
     """Check the sha256 of the file at `path` (read in 1 MiB chunks) against `expected` (hex).
 
-    `key` names the YAML key that gave the checksum, for the message.
-    Raises ModelError naming the file when it is missing, unreadable or has another sha256.
+    Args:
+        path: the file.
+        expected: the sha256 the YAML states (hex; case and surrounding blanks ignored).
+        key: the YAML key that gave the checksum, for the message.
+
+    Raises:
+        ModelError: naming the file when it is missing, unreadable or has another sha256.
     """
     path = Path(path)
     digest = hashlib.sha256()

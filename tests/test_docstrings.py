@@ -14,11 +14,14 @@ Exemptions (the only ones, both checked, not assumed):
 - TFLite operator converters. The functions registered with ``qmace.frontends.tflite.ops.converts`` all
   take ``(b, op)`` (the Builder and the operator) and return nothing; ``converts`` documents that interface
   once (checked). Each converter still needs its own docstring, saying what the operator becomes.
+- TensorFlow op emitters. The functions registered with ``qmace.frontends.tensorflow.ops.emits`` are
+  private (``_conv``, ...) and all take ``(b, n, ins)`` and return the IR names of the node's outputs;
+  ``emits`` documents that interface once (checked). Each emitter still needs its own docstring, saying what
+  its ops become (checked, although they are private).
 - Attributes that merely hold a function defined elsewhere (``fn = staticmethod(np.argmax)``) are not
   methods written in that class and are skipped.
 
-The covered modules are listed explicitly; modules outside this list (qat, cli, config, passes, the TensorFlow
-frontend, the frontend registry) are not checked here yet.
+The covered modules are listed explicitly; modules outside this list (qat, cli) are not checked here yet.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import pytest
 
 COVERED = [
     "qmace.api",
+    "qmace.config",
     "qmace.data",
     "qmace.errors",
     "qmace.fileio",
@@ -39,6 +43,7 @@ COVERED = [
     "qmace.limits",
     "qmace.metrics",
     "qmace.modelfile",
+    "qmace.frontends",
     "qmace.frontends.onnx_frontend",
     "qmace.frontends.qdq_import",
     "qmace.frontends.tflite",
@@ -54,6 +59,23 @@ COVERED = [
     "qmace.frontends.caffe.net",
     "qmace.frontends.caffe.oracle",
     "qmace.frontends.caffe.proto",
+    "qmace.frontends.tensorflow",
+    "qmace.frontends.tensorflow.builder",
+    "qmace.frontends.tensorflow.convert",
+    "qmace.frontends.tensorflow.fakequant",
+    "qmace.frontends.tensorflow.graphdef",
+    "qmace.frontends.tensorflow.ops",
+    "qmace.frontends.tensorflow.oracle",
+    "qmace.passes",
+    "qmace.passes.affine",
+    "qmace.passes.bn",
+    "qmace.passes.cleanup",
+    "qmace.passes.fold",
+    "qmace.passes.fuse",
+    "qmace.passes.pad",
+    "qmace.passes.shapes",
+    "qmace.passes.transpose",
+    "qmace.passes.weight_params",
     "qmace.quantize",
     "qmace.quantize.adaround",
     "qmace.quantize.api",
@@ -95,7 +117,7 @@ COVERED = [
 ]
 
 # Packages covered as a whole: each of their modules must be listed above (a new module is not skipped silently).
-COVERED_PACKAGES = ["qmace.quantize", "qmace.runtime", "qmace.ops", "qmace.frontends.tflite", "qmace.frontends.caffe"]
+COVERED_PACKAGES = ["qmace.quantize", "qmace.runtime", "qmace.ops", "qmace.frontends", "qmace.passes"]
 
 
 def _own_doc(obj: object) -> str | None:
@@ -240,6 +262,18 @@ def test_converter_interface_documented() -> None:
     assert len(_tflite_converters()) > 10
     doc = inspect.getdoc(ops.converts) or ""
     assert "fn(b, op)" in doc and "Builder" in doc and "TflOp" in doc
+
+
+def test_tf_emitter_interface_documented() -> None:
+    """The TensorFlow emitters' shared interface is documented where they are registered, there are some,
+    and each says what its ops become."""
+    from qmace.frontends.tensorflow import ops
+
+    assert len(set(map(id, ops.EMITTERS.values()))) > 10
+    doc = inspect.getdoc(ops.emits) or ""
+    assert "fn(b, n, ins)" in doc and "Builder" in doc and "TfNode" in doc
+    undocumented = sorted({fn.__name__ for fn in ops.EMITTERS.values() if not (_own_doc(fn) or "").strip()})
+    assert undocumented == []
 
 
 def test_checker_catches_missing_docs() -> None:

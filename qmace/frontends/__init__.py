@@ -31,11 +31,28 @@ class Oracle(Protocol):
 
     label: str  # what the validation compares against, e.g. "ONNX Runtime on the source file"
 
-    def run(self, outputs: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+    def run(self, outputs: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the original model.
+
+        Args:
+            outputs: the YAML output tensor names to return.
+            feeds: YAML input tensor name -> value, in the layout of qmace's graph (channels-first for
+                rank-4 tensors with an NHWC/NCHW data format).
+
+        Returns:
+            The outputs' values, in the order of ``outputs`` and in the layout of qmace's graph.
+        """
 
 
 @dataclass(frozen=True)
 class Frontend:
+    """One ``platform:``: its name, how to load its model files, how to run them in their own framework.
+
+    ``load(m)`` reads the model entry's file(s) into a float IR graph (not yet bound to the YAML);
+    ``oracle(m, num_threads)`` returns the source framework running the model, or None when that framework
+    is not installed (``install_hint`` then says what to install).
+    """
+
     platform: str
     load: Callable[[ModelConfig], Graph]  # the model entry's file(s) -> float IR graph (not yet bound to the YAML)
     oracle: Callable[[ModelConfig, int | None], Oracle | None]  # None: the framework is not installed
@@ -87,7 +104,17 @@ FRONTENDS: dict[str, Frontend] = {
 
 
 def frontend_for(m: ModelConfig) -> Frontend:
-    """The frontend of a YAML model entry's ``platform``; ConfigError naming the key if there is none."""
+    """The frontend of a YAML model entry's ``platform``; ConfigError naming the key if there is none.
+
+    Args:
+        m: the YAML model entry.
+
+    Returns:
+        The registered frontend of its platform.
+
+    Raises:
+        ConfigError: no frontend for that platform.
+    """
     try:
         return FRONTENDS[m.platform]
     except KeyError:

@@ -22,7 +22,19 @@ __all__ = ["fold_affine", "fold_batchnorm", "fold_constants", "fold_pads", "fuse
 
 def optimize(graph: Graph, fuse: bool = True) -> Graph:
     """Identity removal, shape inference + constant folding to a fixed point, transpose sinking,
-    BatchNorm and per-channel Mul/Add folding, zero Pad into Conv, activation fusion, dead-node removal, final shape inference."""
+    BatchNorm and per-channel Mul/Add folding, zero Pad into Conv, activation fusion, dead-node removal, final shape inference.
+
+    Args:
+        graph: the float graph (not modified).
+        fuse: fuse Relu/Clip activations into their producers (False keeps them as separate nodes).
+
+    Returns:
+        The optimized copy; its ``metadata["passes"]`` holds each pass's count of changes.
+
+    Raises:
+        ModelError: constant folding cannot evaluate a node on its constant inputs.
+        ResourceLimitError: a folded constant would exceed the memory budget.
+    """
     g = graph.copy()
     stats = {"identities": remove_identities(g)}
     folded = 0

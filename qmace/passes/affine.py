@@ -75,7 +75,16 @@ def _matmul_bias(graph: Graph, mm: Node, add: Node, const_index: int) -> bool:
 
 
 def fold_affine(graph: Graph) -> int:
-    """Fold Mul/Add/Sub by per-channel constants into Convs and bias Adds into Gemms; returns the count."""
+    """Fold Mul/Add/Sub by per-channel constants into Convs and bias Adds into Gemms; returns the count.
+
+    Formulas in the module docstring.
+
+    Args:
+        graph: the graph, edited in place.
+
+    Returns:
+        The number of ops folded.
+    """
     folded = 0
     changed = True
     while changed:

@@ -30,6 +30,18 @@ def _set_const(graph: Graph, node: Node, index: int, value: np.ndarray, suffix: 
 
 
 def fold_batchnorm(graph: Graph) -> int:
+    """Fold inference-mode BatchNormalizations into the Conv, ConvTranspose or Gemm producing their input.
+
+    With ``s = gamma / sqrt(var + eps)``: ``W'[m] = W[m] * s[m]``, ``b' = (b - mean) * s + beta`` (formulas
+    per producer in the module docstring). Left alone: a producer with other readers, a fused activation or
+    non-constant weights, malformed parameters, an input with fixed quantization parameters.
+
+    Args:
+        graph: the graph, edited in place.
+
+    Returns:
+        The number of BatchNormalizations folded.
+    """
     folded = 0
     while True:
         producers, consumers = graph.producers(), graph.consumers()

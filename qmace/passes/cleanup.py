@@ -8,6 +8,15 @@ _NOOPS = {"Identity", "Dropout"}
 
 
 def remove_identities(graph: Graph) -> int:
+    """Remove Identity and Dropout nodes (a Dropout only when its mask output is unread): readers read the
+    input instead; when the output is a graph output, the producer takes over that name (if it can).
+
+    Args:
+        graph: the graph, edited in place.
+
+    Returns:
+        The number of nodes removed.
+    """
     removed = 0
     producers = graph.producers()
     consumers = graph.consumers()

@@ -16,6 +16,20 @@ _NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear"}
 
 
 def fold_constants(graph: Graph) -> int:
+    """Evaluate every node whose inputs are all constants (and Shape of a fully static shape) with the
+    reference kernels, once; its outputs become constants and the node is removed. Quantize/Dequantize
+    nodes are never folded.
+
+    Args:
+        graph: the graph, edited in place.
+
+    Returns:
+        The number of nodes folded.
+
+    Raises:
+        ModelError: a kernel rejects a node's constant inputs (naming the node and the input shapes).
+        ResourceLimitError: an output whose inferred shape exceeds the memory budget.
+    """
     folded = 0
     keep = []
     for node in graph.nodes:

@@ -21,6 +21,16 @@ def _clip_bounds(graph: Graph, node) -> list[float] | None:
 
 
 def fuse_activations(graph: Graph) -> int:
+    """Fuse each Relu, or Clip with constant scalar bounds, into the Conv/ConvTranspose/Gemm/MatMul that
+    produces its input when the activation is that output's only reader (attributes ``qm_activation`` and
+    ``qm_clip``); the producer takes the activation's output name.
+
+    Args:
+        graph: the graph, edited in place.
+
+    Returns:
+        The number of activations fused.
+    """
     fused = 0
     producers, consumers = graph.producers(), graph.consumers()
     for act in list(graph.nodes):

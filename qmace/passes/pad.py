@@ -15,6 +15,14 @@ from qmace.ir import Graph
 
 
 def fold_pads(graph: Graph) -> int:
+    """Fold zero constant Pads on the spatial axes into the Convs reading them (see the module docstring).
+
+    Args:
+        graph: the graph, edited in place.
+
+    Returns:
+        The number of Pads folded.
+    """
     folded = 0
     consumers = graph.consumers()
     for pad in list(graph.nodes):

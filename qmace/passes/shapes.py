@@ -15,7 +15,17 @@ log = logging.getLogger(__name__)
 
 
 def infer_shapes(graph: Graph) -> int:
-    """Fill ``Tensor.shape``/``dtype`` from ONNX shape inference. Returns the number of tensors updated."""
+    """Fill ``Tensor.shape``/``dtype`` from ONNX shape inference. Returns the number of tensors updated.
+
+    Constants and quantized tensors are left as they are; when ONNX shape inference fails, a warning is
+    logged and nothing changes.
+
+    Args:
+        graph: the graph, edited in place.
+
+    Returns:
+        The number of tensors whose shape changed.
+    """
     from qmace.runtime.lower import to_onnx
 
     model = to_onnx(graph)

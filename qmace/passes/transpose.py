@@ -169,7 +169,14 @@ def _rewrite(graph: Graph, node: Node, producers: dict[str, Node]) -> bool:
 
 
 def sink_transposes(graph: Graph) -> int:
-    """Sink and cancel Transposes (see the module docstring); returns the number of rewrites."""
+    """Sink and cancel Transposes (see the module docstring); returns the number of rewrites.
+
+    Args:
+        graph: the graph, edited in place.
+
+    Returns:
+        The number of rewrites (merged pairs and ops moved across).
+    """
     total = 0
     while True:
         changed = _merge_pairs(graph)

@@ -21,7 +21,17 @@ log = logging.getLogger(__name__)
 
 
 def rescale_weight_params(graph: Graph, old: str, new: str, s: np.ndarray) -> None:
-    """Record parameters for ``new = old * s[m]`` (per output channel, axis 0) if ``old`` had any."""
+    """Record parameters for ``new = old * s[m]`` (per output channel, axis 0) if ``old`` had any.
+
+    Symmetric parameters become per channel along axis 0 with scales ``scale * |s|`` (module docstring);
+    asymmetric ones, or a zero factor, are not carried over (logged).
+
+    Args:
+        graph: the graph whose ``metadata["qdq_params"]`` is updated.
+        old: the weight before rescaling.
+        new: the rescaled weight.
+        s: the per-output-channel factors.
+    """
     params = graph.metadata.get("qdq_params")
     if not params or old not in params:
         return

@@ -44,7 +44,18 @@ FREEZE_HINT = ("freeze it first: tf.compat.v1.graph_util.convert_variables_to_co
 
 
 def read_graphdef(path: str | Path):
-    """Read a binary frozen GraphDef; ModelError naming the file for anything else."""
+    """Read a binary frozen GraphDef; ModelError naming the file for anything else.
+
+    Args:
+        path: the ``.pb`` file.
+
+    Returns:
+        The parsed ``tensorflow.GraphDef`` message.
+
+    Raises:
+        ModelError: a missing, empty, text-format, truncated or non-GraphDef file, a directory or a
+            SavedModel.
+    """
     path = Path(path)
     if path.is_dir():
         if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
@@ -156,7 +167,27 @@ def _channels_first(fmt: str, rank: int | None) -> bool:
 def graphdef_to_graph(graph_def, path: str | Path, input_tensors: list[str], output_tensors: list[str],
                       input_formats: list[str], output_formats: list[str], output_ranks: list[int | None],
                       keep_weight_grid: bool = True) -> Graph:
-    """Convert the part of a GraphDef between the given inputs and outputs (see the module docstring)."""
+    """Convert the part of a GraphDef between the given inputs and outputs (see the module docstring).
+
+    Args:
+        graph_def: the parsed GraphDef.
+        path: the model file (for messages).
+        input_tensors: the YAML input tensor names (``node`` or ``node:k``), the graph's input names.
+        output_tensors: the YAML output tensor names, the graph's output names.
+        input_formats: each input's YAML data format (``NHWC``, ``NCHW``, ``NONE``); a rank-4 input
+            whose format is not ``NONE`` is channels-first in the graph and transposed to NHWC inside.
+        output_formats: each output's data format, with the same rule (transposed back to NCHW).
+        output_ranks: each output's rank if the YAML states its shape, else None (inferred).
+        keep_weight_grid: record FakeQuant weight parameters (int8 schema); False re-quantizes them.
+
+    Returns:
+        The float IR graph; FakeQuant parameters in ``graph.metadata["qdq_params"]``.
+
+    Raises:
+        ModelError: a named tensor or node is missing, control flow, unfrozen variables, a cycle, an
+            output that is a constant, or a node an emitter rejects.
+        UnsupportedOpsError: ops the frontend does not convert (all listed).
+    """
     path = Path(path)
     nodes = _tf_nodes(graph_def)
     in_nodes = {tensor_ref(t).rpartition(":")[0]: t for t in input_tensors}
@@ -248,7 +279,18 @@ def _ranks_of(graph: Graph, b: Builder, outputs: list[str], ranks: list[int | No
 
 
 def load_tensorflow(m: ModelConfig) -> Graph:
-    """The frontend's ``load``: the YAML model entry's frozen graph -> float IR graph."""
+    """The frontend's ``load``: the YAML model entry's frozen graph -> float IR graph.
+
+    Args:
+        m: the YAML model entry (``platform: tensorflow``).
+
+    Returns:
+        The float IR graph (see :func:`graphdef_to_graph`).
+
+    Raises:
+        ModelError: as for :func:`read_graphdef` and :func:`graphdef_to_graph`.
+        UnsupportedOpsError: as for :func:`graphdef_to_graph`.
+    """
     sub = m.subgraph
     ranks = [len(s) if s is not None else None for s in (sub.output_shapes or [None] * len(sub.output_tensors))]
     graph_def = read_graphdef(m.model_file_path)

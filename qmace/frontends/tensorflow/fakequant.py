@@ -34,7 +34,18 @@ FAKE_QUANT_OPS = ("FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxArgs", "FakeQua
 
 
 def tf_nudge(min_: np.ndarray, max_: np.ndarray, num_bits: int, narrow_range: bool) -> dict[str, np.ndarray]:
-    """TF's nudged scale, zero point (in TF's unsigned codes), nudged min and max, in float32."""
+    """TF's nudged scale, zero point (in TF's unsigned codes), nudged min and max, in float32.
+
+    Formulas as in the module docstring.
+
+    Args:
+        min_, max_: the range (a scalar, or one value per channel).
+        num_bits: the code width (``qmax = 2**num_bits - 1``).
+        narrow_range: ``qmin = 1`` instead of 0.
+
+    Returns:
+        ``{"scale", "zero_point" (int64), "nudged_min", "nudged_max"}``, each shaped like ``min_``.
+    """
     qmin = 1 if narrow_range else 0
     qmax = 2**num_bits - 1
     min_ = np.asarray(min_, np.float32)
@@ -48,7 +59,18 @@ def tf_nudge(min_: np.ndarray, max_: np.ndarray, num_bits: int, narrow_range: bo
 
 
 def tf_fake_quant(x: np.ndarray, nudged: dict[str, np.ndarray], axis: int | None) -> np.ndarray:
-    """TF's FakeQuant output for ``x`` with parameters from :func:`tf_nudge` (per channel along ``axis``)."""
+    """TF's FakeQuant output for ``x`` with parameters from :func:`tf_nudge` (per channel along ``axis``).
+
+    ``out = floor((clip(x, nudged_min, nudged_max) - nudged_min) / scale + 0.5) * scale + nudged_min``.
+
+    Args:
+        x: the values.
+        nudged: the parameters from :func:`tf_nudge`.
+        axis: the channel axis of per-channel parameters, None for scalar ones.
+
+    Returns:
+        The fake-quantized values, float32, shaped like ``x``.
+    """
     shape = [1] * x.ndim
     if axis is not None:
         shape[axis] = -1
@@ -66,7 +88,21 @@ def _min_max(b: Builder, op: str, attrs: dict[str, Any], ins: list[str]) -> tupl
 
 
 def emit_fake_quant(b: Builder, op: str, attrs: dict[str, Any], ins: list[str]) -> str:
-    """Record the node's parameters (see the module docstring); returns the IR name of its output."""
+    """Record the node's parameters (see the module docstring); returns the IR name of its output.
+
+    Args:
+        b: the builder (its ``params`` receive the parameters).
+        op: the FakeQuant op type.
+        attrs: the node's attributes (``num_bits``, ``narrow_range``, and ``min``/``max`` for the Args form).
+        ins: IR names of its inputs (``x``, and constant ``min``, ``max`` for the Vars forms).
+
+    Returns:
+        The IR name standing for its output: ``x`` itself on an activation, the folded weight otherwise.
+
+    Raises:
+        ModelError: ``num_bits`` other than 8, non-constant, mismatched, inverted or empty ranges,
+            per-channel ranges on an activation or not matching the weight's last axis.
+    """
     num_bits = int(attrs.get("num_bits", 8))
     narrow = bool(attrs.get("narrow_range", False))
     if num_bits != 8:

@@ -109,25 +109,60 @@ def message_classes() -> dict[str, Any]:
 
 
 def parse_graphdef(data: bytes):
-    """Parse serialized bytes into a ``tensorflow.GraphDef`` message (raises protobuf's DecodeError)."""
+    """Parse serialized bytes into a ``tensorflow.GraphDef`` message (raises protobuf's DecodeError).
+
+    Args:
+        data: a binary (serialized) GraphDef.
+
+    Returns:
+        The GraphDef message.
+
+    Raises:
+        google.protobuf.message.DecodeError: ``data`` is not a valid serialized message.
+    """
     graph = message_classes()["GraphDef"]()
     graph.ParseFromString(data)
     return graph
 
 
 def dtype_name(dtype: int) -> str:
+    """TF's name of a DataType (reference types ``dtype + 100`` named as their base type), for messages.
+
+    Args:
+        dtype: a ``tensorflow.DataType`` enum value.
+
+    Returns:
+        Its name (``"DT_FLOAT"``, ...), or ``"DataType(<n>)"`` for an unknown value.
+    """
     return DATA_TYPES.get(dtype % 100, f"DataType({dtype})")
 
 
 def shape_of(shape_proto) -> tuple[int | None, ...] | None:
-    """TensorShapeProto -> shape with None for unknown (-1) dimensions; None for an unknown rank."""
+    """TensorShapeProto -> shape with None for unknown (-1) dimensions; None for an unknown rank.
+
+    Args:
+        shape_proto: a ``tensorflow.TensorShapeProto`` message.
+
+    Returns:
+        The dimensions (None where unknown), or None when the rank is unknown.
+    """
     if shape_proto.unknown_rank:
         return None
     return tuple(int(d.size) if d.size >= 0 else None for d in shape_proto.dim)
 
 
 def tensor_to_numpy(t) -> np.ndarray:
-    """TensorProto -> numpy array (``tensorflow::Tensor::FromProto`` rules; see the module docstring)."""
+    """TensorProto -> numpy array (``tensorflow::Tensor::FromProto`` rules; see the module docstring).
+
+    Args:
+        t: a ``tensorflow.TensorProto`` message.
+
+    Returns:
+        Its value, with the TF dtype's numpy equivalent and the proto's shape.
+
+    Raises:
+        ValueError: an unsupported dtype, or a value count that does not fit the shape.
+    """
     if t.dtype not in NUMPY_DTYPES:
         raise ValueError(f"tensor of type {dtype_name(t.dtype)} is not supported")
     dtype = np.dtype(NUMPY_DTYPES[t.dtype])

@@ -48,6 +48,15 @@ class TfNode:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def attr(self, key: str, default: Any = None) -> Any:
+        """An attribute's value.
+
+        Args:
+            key: the TF attribute name (``strides``, ``data_format``, ...).
+            default: the value when the node does not set it.
+
+        Returns:
+            The attribute as a Python value, or ``default``.
+        """
         return self.attrs.get(key, default)
 
 
@@ -56,6 +65,20 @@ EMITTERS: dict[str, Emitter] = {}
 
 
 def emits(*ops: str) -> Callable[[Emitter], Emitter]:
+    """Register the decorated function as the emitter of the given TF op types (in ``EMITTERS``).
+
+    Every emitter has the interface ``fn(b, n, ins) -> outputs``: ``b`` is the :class:`Builder` of the
+    graph under construction (its ``node_name`` is ``n.name``), ``n`` the :class:`TfNode` being converted,
+    ``ins`` the IR names of its data inputs in TF's order; it adds IR nodes with ``b.emit``/``b.emit1``
+    and returns the IR names of the node's outputs (output k of the TF node is ``outputs[k]``). It raises
+    ModelError (made by ``b.error``, naming the file and node) for a node it cannot convert.
+
+    Args:
+        *ops: the TF op types the emitter converts.
+
+    Returns:
+        The decorator (it returns the function unchanged).
+    """
     def deco(fn: Emitter) -> Emitter:
         for op in ops:
             EMITTERS[op] = fn
@@ -155,6 +178,8 @@ def _weight(b: Builder, w: str, depthwise: bool) -> str:
 
 @emits("Conv2D", "DepthwiseConv2dNative")
 def _conv(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Conv2D / DepthwiseConv2dNative -> ``Conv`` on channels-first data, the filter as an OIHW constant
+    (depthwise: ``group = C``)."""
     fmt = _fmt(n)
     depthwise = n.op == "DepthwiseConv2dNative"
     w = _weight(b, ins[1], depthwise)
@@ -168,6 +193,7 @@ def _conv(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("MaxPool", "AvgPool")
 def _pool(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """MaxPool / AvgPool -> ``MaxPool`` / ``AveragePool`` on channels-first data."""
     fmt = _fmt(n)
     attrs = {"kernel_shape": _spatial(n.attr("ksize"), fmt), "strides": _spatial(n.attr("strides"), fmt),
              **_padding(b, n, fmt)}
@@ -177,6 +203,7 @@ def _pool(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
 def _batchnorm(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """FusedBatchNorm (inference mode only) -> ``BatchNormalization`` on channels-first data."""
     if n.attr("is_training", False):
         raise b.error("FusedBatchNorm with is_training=true: export the graph in inference mode")
     fmt = _fmt(n)
@@ -187,6 +214,7 @@ def _batchnorm(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("ResizeBilinear", "ResizeNearestNeighbor")
 def _resize(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """ResizeBilinear / ResizeNearestNeighbor -> ``Resize`` to ``(N, C, *size)`` with TF's coordinate rule."""
     x = b.transpose(ins[0], TO_NCHW)
     nc = b.emit1("Shape", [x], {"start": 0, "end": 2})
     sizes = b.emit1("Concat", [nc, b.int64(ins[1])], {"axis": 0})
@@ -204,6 +232,7 @@ def _resize(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("BiasAdd", "BiasAddV1")
 def _bias_add(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """BiasAdd -> ``Add`` (the bias unsqueezed to ``(C, 1, 1)`` for NCHW data)."""
     bias = ins[1]
     if _fmt(n) == "NCHW":  # (C,) -> (C, 1, 1) against (N, C, H, W)
         bias = b.emit1("Unsqueeze", [bias, b.add_const(np.array([1, 2], np.int64))])
@@ -217,16 +246,19 @@ _UNARY = {"Relu": "Relu", "Sigmoid": "Sigmoid", "Tanh": "Tanh", "Sqrt": "Sqrt", 
 
 @emits(*_BINARY)
 def _binary(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Add / AddV2 / Sub / Mul / RealDiv / Div -> the ONNX op of the same broadcasting arithmetic."""
     return [b.emit1(_BINARY[n.op], ins[:2])]
 
 
 @emits(*_UNARY)
 def _unary(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Relu, Sigmoid, Tanh, Sqrt, Neg, Abs, Exp, Log, Erf -> the ONNX op of the same name."""
     return [b.emit1(_UNARY[n.op], ins[:1])]
 
 
 @emits("AddN")
 def _add_n(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """AddN -> a chain of ``Add``: ``((x0 + x1) + x2) + ...``."""
     y = ins[0]
     for x in ins[1:]:
         y = b.emit1("Add", [y, x])
@@ -235,16 +267,20 @@ def _add_n(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("Relu6")
 def _relu6(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Relu6 -> ``Clip(x, 0, 6)``."""
     return [b.emit1("Clip", [ins[0], b.add_const(np.array(0, np.float32)), b.add_const(np.array(6, np.float32))])]
 
 
 @emits("LeakyRelu")
 def _leaky(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """LeakyRelu -> ``LeakyRelu`` with TF's ``alpha`` (default 0.2)."""
     return [b.emit1("LeakyRelu", ins[:1], {"alpha": float(n.attr("alpha", 0.2))})]
 
 
 @emits("Rsqrt", "Reciprocal", "Inv", "Square", "SquaredDifference")
 def _arith(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Rsqrt -> ``1 / Sqrt(x)``; Reciprocal / Inv -> ``1 / x``; Square -> ``x * x``;
+    SquaredDifference -> ``(a - b) * (a - b)``."""
     one = b.add_const(np.array(1, np.float32))
     if n.op == "Rsqrt":
         return [b.emit1("Div", [one, b.emit1("Sqrt", ins[:1])])]
@@ -256,11 +292,13 @@ def _arith(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("Softmax")
 def _softmax(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Softmax -> ``Softmax`` over the last axis."""
     return [b.emit1("Softmax", ins[:1], {"axis": -1})]
 
 
 @emits("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
 def _matmul(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """MatMul / BatchMatMul -> ``MatMul``, transpose/adjoint flags as a ``Transpose`` of the last two axes."""
     a, c = ins[0], ins[1]
     ta = n.attr("transpose_a", n.attr("adj_x", False))
     tb = n.attr("transpose_b", n.attr("adj_y", False))
@@ -281,6 +319,8 @@ def _matmul(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("Mean", "Sum", "Max", "Min")
 def _reduce(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Mean / Sum / Max / Min -> ``ReduceMean`` / ``ReduceSum`` / ``ReduceMax`` / ``ReduceMin`` over constant
+    axes, keeping them if ``keep_dims``."""
     op = {"Mean": "ReduceMean", "Sum": "ReduceSum", "Max": "ReduceMax", "Min": "ReduceMin"}[n.op]
     axes = b.add_const(np.asarray(b.const(ins[1], "reduction axes"), np.int64).reshape(-1))
     return [b.emit1(op, [ins[0], axes], {"keepdims": int(bool(n.attr("keep_dims", False)))})]
@@ -288,6 +328,8 @@ def _reduce(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("Pad", "PadV2", "MirrorPad")
 def _pad(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Pad / PadV2 / MirrorPad (REFLECT) -> ``Pad``; TF's paddings ``[[begin, end], ...]`` become ONNX's
+    ``[begins..., ends...]``."""
     # TF paddings (rank, 2) [[begin, end], ...] -> ONNX pads [begins..., ends...]
     pads = b.emit1("Reshape", [b.emit1("Transpose", [b.int64(ins[1])], {"perm": [1, 0]}),
                                b.add_const(np.array([-1], np.int64))])
@@ -302,17 +344,20 @@ def _pad(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("ConcatV2")
 def _concat(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """ConcatV2 -> ``Concat`` along its constant last input."""
     axis = int(b.const(ins[-1], "concat axis"))
     return [b.emit1("Concat", ins[:-1], {"axis": axis})]
 
 
 @emits("Reshape")
 def _reshape(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Reshape -> ``Reshape`` (shape as int64)."""
     return [b.emit1("Reshape", [ins[0], b.int64(ins[1])])]
 
 
 @emits("Squeeze")
 def _squeeze(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Squeeze -> ``Squeeze`` of ``squeeze_dims`` (all size-1 axes when empty)."""
     dims = n.attr("squeeze_dims") or []
     axes = [b.add_const(np.array(dims, np.int64))] if dims else []
     return [b.emit1("Squeeze", [ins[0], *axes])]
@@ -320,18 +365,21 @@ def _squeeze(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("ExpandDims")
 def _expand_dims(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """ExpandDims -> ``Unsqueeze`` at the constant ``dim``."""
     axis = np.asarray(b.const(ins[1], "dim"), np.int64).reshape(1)
     return [b.emit1("Unsqueeze", [ins[0], b.add_const(axis)])]
 
 
 @emits("Transpose")
 def _transpose(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Transpose -> ``Transpose`` with the constant ``perm``."""
     perm = [int(p) for p in np.asarray(b.const(ins[1], "perm")).reshape(-1)]
     return [b.transpose(ins[0], tuple(perm))]
 
 
 @emits("Shape")
 def _shape(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Shape -> ``Shape`` (int64), cast to ``out_type`` unless that is int64."""
     y = b.emit1("Shape", ins[:1])
     out_type = int(n.attr("out_type", 3))
     return [b.emit1("Cast", [y], {"to": ONNX_TYPES[out_type]}) if out_type != 9 else y]
@@ -339,6 +387,7 @@ def _shape(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("Cast")
 def _cast(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Cast -> ``Cast`` to the ONNX type of ``DstT``."""
     dst = int(n.attr("DstT", 1))
     if dst not in ONNX_TYPES:
         raise b.error(f"Cast to DataType {dst} is not supported")
@@ -347,6 +396,7 @@ def _cast(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("StridedSlice")
 def _strided_slice(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """StridedSlice -> ``Slice`` (begin/end masks as open bounds), then ``Squeeze`` of the shrunk axes."""
     begin, end, strides = (np.asarray(b.const(i, w), np.int64).reshape(-1)
                            for i, w in zip(ins[1:4], ("begin", "end", "strides")))
     if int(n.attr("ellipsis_mask", 0)) or int(n.attr("new_axis_mask", 0)):
@@ -373,6 +423,7 @@ def _strided_slice(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("Slice")
 def _slice(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Slice -> ``Slice`` with ``ends = begin + size`` (to the end where ``size < 0``)."""
     begin = np.asarray(b.const(ins[1], "begin"), np.int64).reshape(-1)
     size = np.asarray(b.const(ins[2], "size"), np.int64).reshape(-1)
     ends = np.where(size < 0, INT64_MAX, begin + size)
@@ -382,6 +433,7 @@ def _slice(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("Pack")
 def _pack(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Pack -> ``Unsqueeze`` of each input at ``axis``, then ``Concat`` along it."""
     axis = int(n.attr("axis", 0))
     ax = b.add_const(np.array([axis], np.int64))
     parts = [b.emit1("Unsqueeze", [x, ax]) for x in ins]
@@ -390,6 +442,7 @@ def _pack(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("Fill")
 def _fill(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Fill -> a constant ``full(dims, value)`` (both inputs must be constants)."""
     dims = b.const(ins[0], "dims")
     value = b.const(ins[1], "value")
     return [b.add_const(np.full([int(d) for d in dims.reshape(-1)], value, value.dtype))]
@@ -397,11 +450,13 @@ def _fill(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("Tile")
 def _tile(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Tile -> ``Tile`` (multiples as int64)."""
     return [b.emit1("Tile", [ins[0], b.int64(ins[1])])]
 
 
 @emits("Split")
 def _split(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """Split -> ``Split`` into ``num_split`` equal parts along the constant ``split_dim``."""
     axis = int(b.const(ins[0], "split_dim"))
     k = int(n.attr("num_split", 1))
     return b.emit("Split", [ins[1]], {"axis": axis, "num_outputs": k}, k)
@@ -409,6 +464,7 @@ def _split(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("SplitV")
 def _split_v(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """SplitV -> ``Split`` with the given ``size_splits`` along the constant ``split_dim``."""
     axis = int(b.const(ins[2], "split_dim"))
     sizes = b.int64(ins[1])
     k = int(n.attr("num_split", len(b.const(sizes, "size_splits"))))
@@ -417,10 +473,12 @@ def _split_v(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
 
 @emits("GatherV2", "Gather")
 def _gather(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """GatherV2 / Gather -> ``Gather`` along the constant axis (0 for Gather)."""
     axis = int(b.const(ins[2], "axis")) if n.op == "GatherV2" else 0
     return [b.emit1("Gather", [ins[0], ins[1]], {"axis": axis})]
 
 
 @emits(*FAKE_QUANT_OPS)
 def _fake_quant(b: Builder, n: TfNode, ins: list[str]) -> list[str]:
+    """FakeQuant* -> nothing or a folded weight, with fixed quantization parameters (see ``fakequant``)."""
     return [emit_fake_quant(b, n.op, n.attrs, ins)]

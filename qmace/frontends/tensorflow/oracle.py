@@ -43,7 +43,15 @@ class _TfOracle:
 
 
 def tf_oracle(m: ModelConfig, num_threads: int | None = None) -> _TfOracle | None:
-    """TensorFlow running ``m``'s frozen graph, or None when TensorFlow is not installed."""
+    """TensorFlow running ``m``'s frozen graph, or None when TensorFlow is not installed.
+
+    Args:
+        m: the YAML model entry (its model file, tensor names and data formats).
+        num_threads: TensorFlow's intra-op thread count, or None for its default.
+
+    Returns:
+        An oracle whose ``run(outputs, feeds)`` returns TensorFlow's outputs in the model's layout, or None.
+    """
     try:
         import tensorflow as tf
     except ImportError:
