@@ -93,7 +93,7 @@ class EpochReport:
 
     epoch: int  # 1-based
     epochs: int
-    loss: float  # mean training loss of this process's batches
+    loss: float  # mean training loss over the epoch's batches (all ranks)
     metric: float | None  # validation metric of the quantized model after the epoch (None: no validation)
     best: bool  # the best metric so far (the state kept)
 
@@ -279,6 +279,12 @@ def fit(
             count += 1
             if hasattr(it, "set_postfix"):
                 it.set_postfix(loss=f"{total / count:.4f}")
+        if world > 1:  # the epoch's mean loss over all ranks' batches
+            import torch.distributed as dist
+
+            sums = torch.tensor([total, float(count)], dtype=torch.float64, device=dev)
+            dist.all_reduce(sums)
+            total, count = float(sums[0]), int(sums[1])
         res.losses.append(total / max(count, 1))
         metric = score()
         better = metric is not None and (res.best_metric is None or metric > res.best_metric)
