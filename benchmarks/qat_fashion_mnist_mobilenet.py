@@ -9,7 +9,8 @@
    ReLU6, linear bottlenecks, residual adds; 50k parameters; 28x28 grey input) trained with cross-entropy on
    the full labelled train split (60k, random horizontal flips), AdamW + one-cycle. The trained weights are
    cached per seed and configuration in ``~/.cache/qmace/qat_fmnist_mobilenet/`` (a torch state dict of
-   tensors, loaded with ``weights_only=True``), so a re-run skips the training.
+   tensors, loaded with ``weights_only=True``), so a re-run skips the training; an interrupted training
+   continues from its per-epoch checkpoint (``*.partial``) when the same command is run again.
 2. Export ONNX, convert with qmace (BatchNorm folding, ReLU6 fusion).
 3. PTQ on ``--calib`` (1000) random train images:
    - ``mace p0`` / ``mace p5``: MACE's own steps: ``quantize-stat`` ranges (per-sample min/max, percentile
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root:
 
 # (expansion t, output channels c, repeats n, first stride s), MobileNetV2's table at reduced width/depth
 ARCHS = {
-    "mbv2-50k": dict(stem=16, blocks=[(1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 1), (4, 64, 1, 2)], last=128),
+    "mbv2-50k": {"stem": 16, "blocks": [(1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 1), (4, 64, 1, 2)], "last": 128},
 }
 STARTS = ("mace_p0", "mace_p5", "qmace")
 SCHEMAS = ("uint8", "int8")
@@ -83,8 +84,11 @@ def build_net(arch: str):
     return nn.Sequential(*layers)
 
 
-def train_float(arch, xtr, ytr, *, epochs, lr, seed, batch=128):
-    """AdamW (wd 1e-4) + one-cycle to ``lr``, cross-entropy, random horizontal flips. Returns the model."""
+def train_float(arch, xtr, ytr, *, epochs, lr, seed, batch=128, resume: Path | None = None):
+    """AdamW (wd 1e-4) + one-cycle to ``lr``, cross-entropy, random horizontal flips. Returns the model.
+
+    ``resume``: a per-epoch checkpoint (model, optimizer, schedule, data-order RNG), written atomically after
+    every epoch and continued from if present, so an interrupted run goes on where it stopped."""
     import torch
     import torch.nn.functional as F
 
@@ -94,9 +98,18 @@ def train_float(arch, xtr, ytr, *, epochs, lr, seed, batch=128):
     per_epoch = len(xtr) // batch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * per_epoch)
     rng = np.random.default_rng(seed)
+    first = 0
+    if resume is not None and resume.is_file():
+        ck = torch.load(resume, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["schedule"])
+        rng.bit_generator.state = json.loads(ck["rng"])
+        first = int(ck["epoch"])
+        print(f"  float training resumed after epoch {first} from {resume}", flush=True)
     model.train()
     t0 = time.perf_counter()
-    for e in range(epochs):
+    for e in range(first, epochs):
         order = rng.permutation(len(xtr))
         run = 0.0
         for i in range(per_epoch):
@@ -112,6 +125,11 @@ def train_float(arch, xtr, ytr, *, epochs, lr, seed, batch=128):
             run += float(loss.detach())
         print(f"  float epoch {e + 1}/{epochs}: loss {run / per_epoch:.4f} ({time.perf_counter() - t0:.0f} s)",
               flush=True)
+        if resume is not None:
+            tmp = resume.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                        "rng": json.dumps(rng.bit_generator.state), "epoch": e + 1}, tmp)
+            tmp.replace(resume)
     model.eval()
     return model
 
@@ -178,7 +196,7 @@ def run_seed(args) -> dict:
     torch.set_num_threads(args.threads)
     seed = args.seed
     d = fashion_mnist()
-    norm = lambda a: ((a.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]  # noqa: E731
+    norm = lambda a: ((a.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]
     xtr, ytr = norm(d["train_images"]), d["train_labels"].astype(np.int64)
     xte, yte = norm(d["test_images"]), d["test_labels"].astype(np.int64)
     out = {"seed": seed, "arch": args.arch, "epochs": args.epochs, "lr": args.lr, "calib": args.calib,
@@ -202,7 +220,8 @@ def run_seed(args) -> dict:
         model.eval()
         print(f"seed {seed}: float weights from {wpath}", flush=True)
     else:
-        model = train_float(args.arch, xtr, ytr, epochs=args.epochs, lr=args.lr, seed=seed)
+        model = train_float(args.arch, xtr, ytr, epochs=args.epochs, lr=args.lr, seed=seed,
+                            resume=wpath.with_suffix(".partial"))
         tmp = wpath.with_suffix(".tmp")
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
         tmp.replace(wpath)
