@@ -125,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
                "<build_dir>/<library_name>/qat)")
     _flag(p, "no_equalization", action="store_true",
           help="skip rescaling activation channels (equalization) before the initial calibration")
+    _flag(p, "range_lr", type=float, default=None, help="learning rate of the LSQ ranges (default: --lr)")
+    _flag(p, "lr_schedule", default="cosine", choices=["cosine", "constant"])
+    _flag(p, "warmup", type=float, default=0.0, help="share of the steps with linear learning-rate warm-up")
+    _flag(p, "val_dir", default=None, help="validation samples: the quantized model is scored after every epoch")
+    _flag(p, "val_labels", default=None, help="labels of --val_dir (needed with --labels)")
+    _flag(p, "patience", type=int, default=None,
+          help="stop after this many epochs without a better validation score (needs --val_dir)")
+    _flag(p, "device", default="cpu", help="cpu or cuda (one GPU per process)")
+    _flag(p, "nproc", type=int, default=1,
+          help="data-parallel processes on this machine (torch.distributed; several machines: torchrun)")
+    _flag(p, "workers", type=int, default=0, help="DataLoader worker processes per training process")
+    _flag(p, "resume", action="store_true", help="continue from the checkpoint in the output directory")
+    _flag(p, "seed", type=int, default=0, help="seed of the data order")
+    _flag(p, "threads", type=int, default=None, help="torch threads per process")
     return ap
 
 
@@ -304,7 +318,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 @command("qat")
 def cmd_qat(a: argparse.Namespace) -> int:
-    from qmace.qat.cli import qat_command
+    from qmace.cli.qat import qat_command
 
     return qat_command(a, progress=_progress)
 

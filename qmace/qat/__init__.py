@@ -7,7 +7,7 @@ import torch; the functions below import it on first use.
 
 from __future__ import annotations
 
-__all__ = ["QATModule", "export_qat", "prepare", "train"]
+__all__ = ["QATJob", "QATModule", "export_qat", "fit", "prepare", "run_qat", "train"]
 
 
 def __getattr__(name: str):
@@ -15,8 +15,12 @@ def __getattr__(name: str):
         from qmace.qat import module
 
         return getattr(module, name)
-    if name == "train":
-        from qmace.qat.train import train
+    if name in ("train", "fit"):
+        from qmace.qat.train import fit, train
 
-        return train
+        return fit if name == "fit" else train
+    if name in ("QATJob", "run_qat"):
+        from qmace.qat.job import QATJob, run_qat
+
+        return QATJob if name == "QATJob" else run_qat
     raise AttributeError(name)

@@ -64,8 +64,8 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | float, q
 
 def _with_value(t: torch.Tensor, value: np.ndarray) -> torch.Tensor:
     """``t``'s gradient, ``value``'s exact value (so every scale equals qmath's bit for bit)."""
-    v = torch.from_numpy(np.array(value, np.float32))
-    t = t.float()  # ranges are float64 parameters; the simulation runs in float32
+    t = t.float()
+    v = torch.from_numpy(np.array(value, np.float32)).to(t.device)  # ranges are float64 parameters; the simulation runs in float32
     return t + (v - t).detach()
 
 
@@ -249,7 +249,8 @@ def run_torch_op(node: Node, inputs: list) -> list[torch.Tensor]:
         raise NotImplementedError(f"QAT: op {node.op_type} (node {node.name!r}) has no torch kernel; it runs "
                                   "its numpy kernel, which cannot pass gradients")
     outs = get_op(node.op_type).run(node, [_np(x) if x is not None else None for x in inputs])
-    return [torch.from_numpy(np.ascontiguousarray(o)) for o in outs]
+    dev = next((x.device for x in inputs if isinstance(x, torch.Tensor)), None)
+    return [torch.from_numpy(np.ascontiguousarray(o)).to(dev) for o in outs]
 
 
 # ------------------------------------------------------------------------------------------- the module
@@ -272,6 +273,9 @@ class QATModule(nn.Module):
         # QDrop (Wei et al., ICLR 2022): in training mode each activation element skips its fake quantization
         # with this probability (0: off, the default). Exact mode and the quantized graph never drop.
         self.act_drop = 0.0
+        # EMA mode under data parallelism: (batch_min, batch_max) -> the global batch's (min, max); set by
+        # qmace.qat.distributed so every rank moves its ranges identically. None: this process's batch.
+        self.batch_range_reduce = None
         self.opts = opts
         self.float_graph = float_graph
         res = quantize_graph(float_graph, ranges, opts)
@@ -387,8 +391,9 @@ class QATModule(nn.Module):
     # ---- parameters of the current state --------------------------------------------------------------
     def _act_params(self) -> tuple[dict[str, qmath.QuantParams], dict[str, torch.Tensor]]:
         """QuantParams (qmath, exact) and differentiable torch scales of every quantized activation."""
-        lo = self.act_min.detach().numpy()
-        hi = self.act_max.detach().numpy()
+        lo = self.act_min.detach().cpu().numpy()
+        hi = self.act_max.detach().cpu().numpy()
+        dev = self.act_min.device
         owner_qp, owner_scale = {}, {}
         qps: dict[str, qmath.QuantParams] = {}
         scales: dict[str, torch.Tensor] = {}
@@ -411,11 +416,11 @@ class QATModule(nn.Module):
             if spec[0] == "learn":
                 qp, s = owner(spec[1])
             elif spec[0] == "fixed":
-                qp, s = spec[1], torch.tensor(np.float32(spec[1].scale))
+                qp, s = spec[1], torch.tensor(np.float32(spec[1].scale), device=dev)
             elif spec[0] == "same":
                 src = spec[1]
                 qp, s = (resolve(src) if src in self._spec else (self.qgraph.tensors[src].quant,
-                                                                  torch.tensor(self.qgraph.tensors[src].quant.scale)))
+                                                                  torch.tensor(self.qgraph.tensors[src].quant.scale, device=dev)))
             else:  # union of the inputs' effective ranges (the quantizer's rule for Concat)
                 parts = [resolve(x) for x in spec[1]]
                 ks = [self._owner_of(x) for x in spec[1]]
@@ -491,16 +496,20 @@ class QATModule(nn.Module):
             return
         k, m = spec[1], self.ema_momentum
         v = value.detach()
+        lo, hi = v.min(), v.max()
+        if self.batch_range_reduce is not None:  # data-parallel: the global batch's min/max on every rank
+            lo, hi = self.batch_range_reduce(lo, hi)
         with torch.no_grad():
-            self.act_min[k] = (1 - m) * self.act_min[k] + m * v.min()
-            self.act_max[k] = (1 - m) * self.act_max[k] + m * v.max()
+            self.act_min[k] = (1 - m) * self.act_min[k] + m * lo
+            self.act_max[k] = (1 - m) * self.act_max[k] + m * hi
 
     def _forward_train(self, feeds: dict) -> dict:
         g = self.qgraph
+        dev = self.act_min.device
         qps, scales = self._act_params()
         env: dict = {}
         for k, v in feeds.items():
-            env[k] = torch.as_tensor(np.asarray(v, np.float32)) if not isinstance(v, torch.Tensor) else v.float()
+            env[k] = (torch.as_tensor(np.asarray(v, np.float32)) if not isinstance(v, torch.Tensor) else v.float()).to(dev)
 
         def fq(name, y):
             qp = qps[name]
@@ -516,9 +525,9 @@ class QATModule(nn.Module):
             if t.data is None:
                 raise KeyError(name)
             if t.is_quantized:
-                v = torch.from_numpy(np.array(qmath.dequantize(t.data, t.quant), np.float32))
+                v = torch.from_numpy(np.array(qmath.dequantize(t.data, t.quant), np.float32)).to(dev)
             else:
-                v = torch.from_numpy(np.array(t.data))
+                v = torch.from_numpy(np.array(t.data)).to(dev)
             env[name] = v
             return v
 
@@ -549,15 +558,15 @@ class QATModule(nn.Module):
                 for i, _name in wn.items():
                     if op.is_weight(node, i):
                         w = ins[i]
-                        wqp = self._weight_qp(node, i, w.detach().numpy())
+                        wqp = self._weight_qp(node, i, w.detach().cpu().numpy())
                         ax = qmath._normalize_axis(wqp.axis, w.ndim) if wqp.axis is not None else None
                         shape = [1] * w.ndim
                         if ax is not None:
                             shape[ax] = -1
-                        ws = torch.from_numpy(np.array(wqp.scale, np.float32)).reshape(shape)
-                        wz = torch.from_numpy(np.array(wqp.zero_point, np.float32)).reshape(shape)
+                        ws = torch.from_numpy(np.array(wqp.scale, np.float32)).reshape(shape).to(dev)
+                        wz = torch.from_numpy(np.array(wqp.zero_point, np.float32)).reshape(shape).to(dev)
                         ins[i] = fake_quant(w, ws, wz, wqp.qmin, wqp.qmax)
-                        w_scale = torch.from_numpy(np.array(wqp.scale, np.float32))
+                        w_scale = torch.from_numpy(np.array(wqp.scale, np.float32)).to(dev)
                 b = op.bias_input
                 if b is not None and b in wn:
                     bias_scale = x_scale * w_scale  # float32 product, differentiable in s_x
@@ -602,7 +611,7 @@ class QATModule(nn.Module):
                 out_qp = [qp_of(o) if o else None for o in node.outputs]
                 outs = op.run_quantized(node, ins, in_qp, out_qp)
             else:
-                ins = [self.weight(wn[i]).detach().numpy() if i in wn else v for i, v in enumerate(ins)]
+                ins = [self.weight(wn[i]).detach().cpu().numpy() if i in wn else v for i, v in enumerate(ins)]
                 outs = op.run(node, ins)
             for o, y in zip(node.outputs, outs):
                 if o:
@@ -613,13 +622,13 @@ class QATModule(nn.Module):
         """Integer accumulation (float64 torch, exact) + requantization (qmath)."""
         xq, yq = qp_of(node.inputs[0]), qp_of(node.outputs[0])
         w_idx = next(i for i in range(len(node.inputs)) if op.is_weight(node, i))
-        w_f = self.weight(wn[w_idx]).detach().numpy()
+        w_f = self.weight(wn[w_idx]).detach().cpu().numpy()
         wq = self._weight_qp(node, w_idx, w_f)
         w_codes = qmath.quantize(w_f, wq)
         b = op.bias_input
         bias = None
         if b is not None and b in wn:
-            bias = qmath.quantize_bias(self.weight(wn[b]).detach().numpy(), xq, wq).astype(np.float64)
+            bias = qmath.quantize_bias(self.weight(wn[b]).detach().cpu().numpy(), xq, wq).astype(np.float64)
         x = torch.from_numpy(ins[0].astype(np.float64) - float(xq.zero_point))
         zp = wq.zero_point.astype(np.float64)
         if zp.ndim:
@@ -652,8 +661,8 @@ class QATModule(nn.Module):
     def learned_ranges(self) -> RangeTable:
         """The plan's ranges with every learned (min, max) in place (keys: float graph tensor names)."""
         table: RangeTable = dict(self._base_ranges)
-        lo = self.act_min.detach().numpy()
-        hi = self.act_max.detach().numpy()
+        lo = self.act_min.detach().cpu().numpy()
+        hi = self.act_max.detach().cpu().numpy()
         for k, names in enumerate(self._owner_names):
             l, h = float(lo[k]), float(hi[k])
             if l > h:
@@ -678,7 +687,7 @@ class QATModule(nn.Module):
         """The float graph with the fine-tuned weights."""
         fg = self.float_graph.copy()
         for name, i in self._weight_index.items():
-            fg.tensors[name].data = self.weights[i].detach().numpy().astype(np.float32).copy()
+            fg.tensors[name].data = self.weights[i].detach().cpu().numpy().astype(np.float32).copy()
         return fg
 
     def quantized_graph(self) -> Graph:

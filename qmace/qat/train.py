@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qmace.errors import InputDataError
 from qmace.fileio import atomic_write
+
+log = logging.getLogger(__name__)
+SCHEDULES = ("constant", "cosine")
 
 
 def float_teacher(module) -> Callable[[np.ndarray], np.ndarray]:
@@ -30,14 +37,21 @@ def float_teacher(module) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def save_checkpoint(module, path: str | Path) -> Path:
-    """``torch.save`` of the state dict (tensors only), written atomically."""
+def save_checkpoint(module, path: str | Path, extra: dict | None = None) -> Path:
+    """``torch.save`` of ``{"model": state dict, **extra}`` (tensors and plain values, readable with
+    ``weights_only=True``), written atomically (a killed run leaves the previous checkpoint intact)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    state = {"model": _state(module), **(extra or {})}
     with atomic_write(path, "wb") as f:
         torch.save(state, f)
     return path
+
+
+def _to(x, dev):
+    if isinstance(x, dict):
+        return {k: v.to(dev) for k, v in x.items()}
+    return x.to(dev)
 
 
 def _split(batch):
@@ -55,7 +69,248 @@ def _as_tensor(x):
 def _as_numpy(x):
     if isinstance(x, dict):
         return {k: _as_numpy(v) for k, v in x.items()}
-    return x.detach().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
+
+
+def lr_factor(step: int, total: int, schedule: str = "constant", warmup: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based) of ``total``.
+
+    Warm-up: the first ``n_w = round(warmup * total)`` steps rise linearly, ``(step + 1) / n_w``. After it,
+    ``constant``: 1; ``cosine``: ``0.5 * (1 + cos(pi * (step - n_w) / (total - n_w)))`` (1 down to ~0)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
+    n_w = round(warmup * total)
+    if step < n_w:
+        return (step + 1) / n_w
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - n_w) / max(1, total - n_w)))
+    return 1.0
+
+
+@dataclass
+class EpochReport:
+    """What one epoch did (the ``on_epoch`` callback receives it; rank 0 only under data parallelism)."""
+
+    epoch: int  # 1-based
+    epochs: int
+    loss: float  # mean training loss over the epoch's batches (all ranks)
+    metric: float | None  # validation metric of the quantized model after the epoch (None: no validation)
+    best: bool  # the best metric so far (the state kept)
+
+
+@dataclass
+class FitResult:
+    losses: list[float]  # mean loss per epoch run (resumed epochs included)
+    metrics: list[float] = field(default_factory=list)  # validation metric per epoch run
+    start_metric: float | None = None  # the validation metric before training (the PTQ start)
+    best_metric: float | None = None
+    best_epoch: int = 0  # 0: the start was best (its state is kept)
+    stopped_early: bool = False
+    epochs_run: int = 0
+
+
+CHECKPOINT_FORMAT = "qmace-qat-checkpoint-2"
+
+
+def _state(module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by :func:`fit` (``torch.load(weights_only=True)``: tensors and plain values)."""
+    path = Path(path)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise InputDataError(f"{path}: cannot read the QAT checkpoint: {e}") from e
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise InputDataError(f"{path}: not a resumable QAT checkpoint (format {CHECKPOINT_FORMAT})")
+    return ck
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def fit(
+    module,
+    batches: Iterable | Callable[[int], Iterable],
+    *,
+    epochs: int,
+    lr: float,
+    labels: Iterable | None = None,
+    teacher: Callable | None = None,
+    temperature: float = 1.0,
+    range_lr: float | None = None,
+    schedule: str = "constant",
+    warmup: float = 0.0,
+    device: str | torch.device | None = None,
+    validate: Callable | None = None,
+    patience: int | None = None,
+    checkpoint: str | Path | None = None,
+    resume: str | Path | None = None,
+    progress: Callable | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+) -> FitResult:
+    """Fine-tune ``module`` (a QATModule) with Adam; see :func:`train` for ``batches``, ``labels``, ``teacher``,
+    ``temperature``, ``range_lr``.
+
+    ``schedule``/``warmup``: the learning rate of step ``k`` is the peak one times :func:`lr_factor`.
+    ``device``: where the module, optimizer state and batches live (default: the module's device).
+    ``validate(module) -> float`` (higher is better): scored before training and after every epoch on the
+    quantized model; the best state is kept and restored at the end (the start included, so the result is
+    never worse on it than the PTQ start), and ``patience`` epochs without a better score stop training.
+    ``checkpoint``: written atomically after each epoch (rank 0): module, optimizer, epoch, scores, best state.
+    ``resume``: a checkpoint to continue from (its epoch count, scores and best state); the data order
+    depends only on the epoch, so a resumed run ends as the uninterrupted one.
+
+    Data parallelism: when ``torch.distributed`` is initialized with more than one process, the module is
+    wrapped in ``DistributedDataParallel`` (gradients averaged over ranks) and rank 0's ranges are broadcast
+    after each step, so every rank holds the same ranges; only rank 0 validates (its score is broadcast) and
+    writes the checkpoint. ``batches`` must then be this rank's shard (:func:`qmace.qat.data.make_loader`)."""
+    rank, world = _distributed()
+    if device is not None:
+        module.to(torch.device(device))
+    dev = next(module.parameters()).device
+    ranges = [p for n, p in module.named_parameters() if n in ("act_min", "act_max") and p.requires_grad]
+    weights = [p for n, p in module.named_parameters() if n not in ("act_min", "act_max") and p.requires_grad]
+    groups = [{"params": weights, "lr": lr}]
+    if ranges:
+        groups.append({"params": ranges, "lr": range_lr if range_lr is not None else lr})
+    peak = [g["lr"] for g in groups]
+    opt = torch.optim.Adam(groups)
+    net = module
+    if world > 1:
+        from qmace.qat.distributed import data_parallel
+
+        net = data_parallel(module)
+    label_list = list(labels) if labels is not None else None
+    res = FitResult(losses=[])
+    teacher_fn = teacher
+    first, step, best_state, bad = 0, 0, None, 0
+    if resume is not None:
+        ck = load_checkpoint(resume) if rank == 0 else None
+        if world > 1:
+            import torch.distributed as dist
+
+            box = [ck]
+            dist.broadcast_object_list(box, src=0)
+            ck = box[0]
+        try:
+            module.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise InputDataError(f"{resume}: the checkpoint does not match this model: {e}") from e
+        first, step = int(ck["epoch"]), int(ck["step"])
+        res.losses, res.metrics = list(ck["losses"]), list(ck["metrics"])
+        res.start_metric, res.best_metric = ck["start_metric"], ck["best_metric"]
+        res.best_epoch, bad, best_state = int(ck["best_epoch"]), int(ck["bad_epochs"]), ck["best_model"]
+        if int(ck["epochs"]) != epochs:
+            log.warning("%s: resuming a run planned for %s epochs with %s epochs (schedule changes)", resume,
+                        ck["epochs"], epochs)
+        log.info("resumed from %s after epoch %d", resume, first)
+
+    def score() -> float | None:
+        if validate is None:
+            return None
+        value = torch.zeros(1, dtype=torch.float64)
+        if rank == 0:
+            module.eval()
+            with torch.no_grad():
+                value[0] = float(validate(module))
+            module.train()
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast(value.to(dev) if dist.get_backend() == "nccl" else value, src=0)
+        return float(value[0])
+
+    if validate is not None and resume is None:
+        res.start_metric = res.best_metric = score()
+        best_state = _state(module)
+    module.train()
+    stop = validate is not None and patience is not None and bad >= patience
+    for epoch in range(first, epochs):
+        if stop:
+            break
+        items = batches(epoch) if callable(batches) else batches
+        sampler = getattr(items, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        if not hasattr(items, "__len__"):
+            items = list(items)
+        per_epoch = len(items)
+        it = items
+        if progress is not None and rank == 0:
+            it = progress(items, total=per_epoch, desc=f"qat epoch {epoch + 1}/{epochs}")
+        total, count = 0.0, 0
+        for i, batch in enumerate(it):
+            x, y = _split(batch)
+            if y is None and label_list is not None:
+                y = label_list[i]
+            for g, p in zip(opt.param_groups, peak):
+                g["lr"] = p * lr_factor(step, epochs * per_epoch, schedule, warmup)
+            student = net(_to(_as_tensor(x), dev))
+            if y is not None:
+                target = torch.as_tensor(np.asarray(_as_numpy(y)), dtype=torch.long).reshape(-1).to(dev)
+                loss = F.cross_entropy(student.reshape(len(target), -1), target)
+            else:
+                if teacher_fn is None:
+                    teacher_fn = float_teacher(module)
+                t = teacher(x) if teacher is not None and isinstance(teacher, torch.nn.Module) else teacher_fn(_as_numpy(x))
+                t = _as_tensor(t).to(dev).reshape(student.shape).detach()
+                n = student.shape[0]
+                log_p = F.log_softmax(student.reshape(n, -1) / temperature, dim=-1)
+                q = F.softmax(t.reshape(n, -1) / temperature, dim=-1)
+                loss = F.kl_div(log_p, q, reduction="batchmean") * temperature**2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if world > 1:
+                from qmace.qat.distributed import sync_ranges
+
+                sync_ranges(module)
+            step += 1
+            total += float(loss.detach())
+            count += 1
+            if hasattr(it, "set_postfix"):
+                it.set_postfix(loss=f"{total / count:.4f}")
+        if world > 1:  # the epoch's mean loss over all ranks' batches
+            import torch.distributed as dist
+
+            sums = torch.tensor([total, float(count)], dtype=torch.float64, device=dev)
+            dist.all_reduce(sums)
+            total, count = float(sums[0]), int(sums[1])
+        res.losses.append(total / max(count, 1))
+        metric = score()
+        better = metric is not None and (res.best_metric is None or metric > res.best_metric)
+        if metric is not None:
+            res.metrics.append(metric)
+            if better:
+                res.best_metric, res.best_epoch, best_state, bad = metric, epoch + 1, _state(module), 0
+            else:
+                bad += 1
+            stop = patience is not None and bad >= patience
+        log.info("qat epoch %d/%d: loss %.4f%s", epoch + 1, epochs, res.losses[-1],
+                 "" if metric is None else f", validation {metric:.4f}")
+        if checkpoint is not None and rank == 0:
+            save_checkpoint(module, checkpoint, extra={
+                "format": CHECKPOINT_FORMAT, "optimizer": opt.state_dict(), "epoch": epoch + 1, "epochs": epochs,
+                "step": step, "losses": res.losses, "metrics": res.metrics, "start_metric": res.start_metric,
+                "best_metric": res.best_metric, "best_epoch": res.best_epoch, "bad_epochs": bad,
+                "best_model": best_state})
+        if on_epoch is not None and rank == 0:
+            on_epoch(EpochReport(epoch + 1, epochs, res.losses[-1], metric, better))
+    res.epochs_run = len(res.losses)
+    res.stopped_early = res.epochs_run < epochs
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    return res
 
 
 def train(
@@ -70,62 +325,22 @@ def train(
     progress: Callable | None = None,
     checkpoint: str | Path | None = None,
     range_lr: float | None = None,
+    **kwargs,
 ) -> list[float]:
     """Fine-tune ``module`` (a QATModule) with Adam; returns the mean loss of each epoch.
 
     ``batches``: a re-iterable of inputs (arrays, tensors or feed dicts), of ``(x, y)`` pairs, or a callable
-    ``epoch -> iterable`` (fresh augmentation each epoch). ``labels``: integer class labels aligned with
-    ``batches`` (one array per batch), or None. With labels (from either place) the loss is cross-entropy;
-    without, it is distillation: ``KL(softmax(teacher(x)/T) || softmax(student(x)/T)) * T^2``, the teacher
-    being ``teacher(x) -> logits`` or, by default, the module's original float graph run in ONNX Runtime.
-    ``progress(iterable, total=, desc=)`` wraps each epoch (e.g. tqdm); the bar shows the running loss.
-    ``checkpoint``: a path written atomically after each epoch (state dict of tensors only).
-    ``range_lr``: learning rate of the LSQ range parameters (default ``lr``).
+    ``epoch -> iterable`` (fresh augmentation each epoch), or a DataLoader. ``labels``: integer class labels
+    aligned with ``batches`` (one array per batch), or None. With labels (from either place) the loss is
+    cross-entropy; without, it is distillation: ``KL(softmax(teacher(x)/T) || softmax(student(x)/T)) * T^2``,
+    the teacher being ``teacher(x) -> logits`` or, by default, the module's original float graph run in ONNX
+    Runtime. ``progress(iterable, total=, desc=)`` wraps each epoch (e.g. tqdm); the bar shows the running loss.
+    ``checkpoint``: a path written atomically after each epoch (tensors and plain values only).
+    ``range_lr``: learning rate of the LSQ range parameters (default ``lr``). Other keywords (schedule,
+    warm-up, device, validation, early stopping, resume): :func:`fit`.
     """
-    ranges = [p for n, p in module.named_parameters() if n in ("act_min", "act_max") and p.requires_grad]
-    weights = [p for n, p in module.named_parameters() if n not in ("act_min", "act_max") and p.requires_grad]
-    groups = [{"params": weights, "lr": lr}]
-    if ranges:
-        groups.append({"params": ranges, "lr": range_lr if range_lr is not None else lr})
-    opt = torch.optim.Adam(groups)
-    label_list = list(labels) if labels is not None else None
-    losses: list[float] = []
-    teacher_fn = teacher
-    module.train()
-    for epoch in range(epochs):
-        items = batches(epoch) if callable(batches) else batches
-        items = list(items)
-        it = progress(items, total=len(items), desc=f"qat epoch {epoch + 1}/{epochs}") if progress else items
-        total, count = 0.0, 0
-        for i, batch in enumerate(it):
-            x, y = _split(batch)
-            if y is None and label_list is not None:
-                y = label_list[i]
-            student = module(_as_tensor(x))
-            if y is not None:
-                target = torch.as_tensor(np.asarray(_as_numpy(y)), dtype=torch.long).reshape(-1)
-                loss = F.cross_entropy(student.reshape(len(target), -1), target)
-            else:
-                if teacher_fn is None:
-                    teacher_fn = float_teacher(module)
-                t = teacher(x) if teacher is not None and isinstance(teacher, torch.nn.Module) else teacher_fn(_as_numpy(x))
-                t = _as_tensor(t).reshape(student.shape).detach()
-                n = student.shape[0]
-                log_p = F.log_softmax(student.reshape(n, -1) / temperature, dim=-1)
-                q = F.softmax(t.reshape(n, -1) / temperature, dim=-1)
-                loss = F.kl_div(log_p, q, reduction="batchmean") * temperature**2
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            count += 1
-            if hasattr(it, "set_postfix"):
-                it.set_postfix(loss=f"{total / count:.4f}")
-        losses.append(total / max(count, 1))
-        if checkpoint is not None:
-            save_checkpoint(module, checkpoint)
-    module.eval()
-    return losses
+    return fit(module, batches, epochs=epochs, lr=lr, labels=labels, teacher=teacher, temperature=temperature,
+               progress=progress, checkpoint=checkpoint, range_lr=range_lr, **kwargs).losses
 
 
 class _CallableModule(__import__("types").ModuleType):

@@ -1,0 +1,348 @@
+#!/usr/bin/env python3
+"""Benchmark C (labelled QAT where PTQ hurts): a MobileNetV2-style net trained here on Fashion-MNIST.
+
+    python scripts/fetch_assets.py fashion-mnist
+    python benchmarks/qat_fashion_mnist_mobilenet.py --seed 0 [--epochs 6] [--qat-steps 300]   # one seed
+    python benchmarks/qat_fashion_mnist_mobilenet.py --report                                 # table
+
+1. Float: a MobileNetV2-style net (3x3 stride-2 stem, inverted residuals with depthwise 3x3 convolutions and
+   ReLU6, linear bottlenecks, residual adds; 50k parameters; 28x28 grey input) trained with cross-entropy on
+   the full labelled train split (60k, random horizontal flips), AdamW + one-cycle. The trained weights are
+   cached per seed and configuration in ``~/.cache/qmace/qat_fmnist_mobilenet/`` (a torch state dict of
+   tensors, loaded with ``weights_only=True``), so a re-run skips the training; an interrupted training
+   continues from its per-epoch checkpoint (``*.partial``) when the same command is run again.
+2. Export ONNX, convert with qmace (BatchNorm folding, ReLU6 fusion).
+3. PTQ on ``--calib`` (1000) random train images:
+   - ``mace p0`` / ``mace p5``: MACE's own steps: ``quantize-stat`` ranges (per-sample min/max, percentile
+     0 and 5 over the samples), nothing else;
+   - ``qmace``: qmace's best PTQ: activation equalization, histogram-percentile (99.95) ranges, AdaRound
+     (with its bias correction), as ``qmace quantize --adaround``.
+   each in the ``uint8`` (per-tensor asymmetric weights, MACE's default) and ``int8`` (per-channel symmetric)
+   schema.
+4. QAT from each PTQ start: ``qmace.qat.prepare`` from exactly that state, cross-entropy with labels on
+   random train batches (``--qat-steps`` x ``--qat-batch``), Adam with linear warm-up (5%) + cosine decay,
+   weights ``--qat-lr``, LSQ ranges ``--qat-range-lr``.
+Every accuracy is on the official 10k test split (never used for training, calibration or any choice); the
+quantized models run on qmace's integer runtime (ONNX Runtime backend, exact integer kernels, bit-exact with
+the reference runtime: docs/quantization.md). Each seed writes a JSON file (``--results``); ``--report``
+prints mean +- sd over the seeds found. Targets (issue 13): uint8 QAT from MACE's start within 0.5 pt of
+float; QAT never below its own PTQ start by more than the seed spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: qmace_zoo is not installed
+
+# (expansion t, output channels c, repeats n, first stride s), MobileNetV2's table at reduced width/depth
+ARCHS = {
+    "mbv2-50k": {"stem": 16, "blocks": [(1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 1), (4, 64, 1, 2)], "last": 128},
+}
+STARTS = ("mace_p0", "mace_p5", "qmace")
+SCHEMAS = ("uint8", "int8")
+MEAN, STD = 0.2860, 0.3530
+
+
+def build_net(arch: str):
+    from torch import nn
+
+    spec = ARCHS[arch]
+
+    def cbr(i, o, k=3, s=1, g=1):
+        return [nn.Conv2d(i, o, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(o), nn.ReLU6()]
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, i, o, stride, t):
+            super().__init__()
+            h = i * t
+            layers = cbr(i, h, 1) if t != 1 else []
+            layers += cbr(h, h, 3, stride, h) + [nn.Conv2d(h, o, 1, bias=False), nn.BatchNorm2d(o)]
+            self.body = nn.Sequential(*layers)
+            self.residual = stride == 1 and i == o
+
+        def forward(self, x):
+            y = self.body(x)
+            return x + y if self.residual else y
+
+    layers = cbr(1, spec["stem"], 3, 2)
+    c = spec["stem"]
+    for t, o, n, s in spec["blocks"]:
+        for k in range(n):
+            layers.append(InvertedResidual(c, o, s if k == 0 else 1, t))
+            c = o
+    layers += cbr(c, spec["last"], 1) + [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(spec["last"], 10)]
+    return nn.Sequential(*layers)
+
+
+def train_float(arch, xtr, ytr, *, epochs, lr, seed, batch=128, resume: Path | None = None):
+    """AdamW (wd 1e-4) + one-cycle to ``lr``, cross-entropy, random horizontal flips. Returns the model.
+
+    ``resume``: a per-epoch checkpoint (model, optimizer, schedule, data-order RNG), written atomically after
+    every epoch and continued from if present, so an interrupted run goes on where it stopped."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    model = build_net(arch)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    per_epoch = len(xtr) // batch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * per_epoch)
+    rng = np.random.default_rng(seed)
+    first = 0
+    if resume is not None and resume.is_file():
+        ck = torch.load(resume, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["schedule"])
+        rng.bit_generator.state = json.loads(ck["rng"])
+        first = int(ck["epoch"])
+        print(f"  float training resumed after epoch {first} from {resume}", flush=True)
+    model.train()
+    t0 = time.perf_counter()
+    for e in range(first, epochs):
+        order = rng.permutation(len(xtr))
+        run = 0.0
+        for i in range(per_epoch):
+            idx = order[i * batch:(i + 1) * batch]
+            xb = xtr[idx].copy()
+            flip = rng.random(len(idx)) < 0.5
+            xb[flip] = xb[flip][..., ::-1]
+            loss = F.cross_entropy(model(torch.from_numpy(xb)), torch.from_numpy(ytr[idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            run += float(loss.detach())
+        print(f"  float epoch {e + 1}/{epochs}: loss {run / per_epoch:.4f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+        if resume is not None:
+            tmp = resume.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                        "rng": json.dumps(rng.bit_generator.state), "epoch": e + 1}, tmp)
+            tmp.replace(resume)
+    model.eval()
+    return model
+
+
+def accuracy(graph, x, y, batch=500) -> float:
+    """Top-1 % on (x, y) with qmace's runtime (ONNX Runtime backend; integer kernels for quantized graphs)."""
+    from qmace.runtime import Session
+
+    s = Session(graph, num_threads=1)
+    name, out = graph.inputs[0], graph.outputs[0]
+    pred = np.concatenate([s.run({name: x[i:i + batch]})[out].argmax(1) for i in range(0, len(x), batch)])
+    return float((pred == y).mean() * 100)
+
+
+def qat(start, ranges, opts, xtr, ytr, *, steps, batch, lr, range_lr, seed):
+    """Labelled QAT from exactly the PTQ state (``prepare``): Adam, 5% warm-up + cosine, cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+
+    from qmace.qat import prepare
+
+    torch.manual_seed(seed)
+    module = prepare(start, ranges, opts)
+    ranges_p = [p for n, p in module.named_parameters() if n in ("act_min", "act_max")]
+    weights = [p for n, p in module.named_parameters() if n not in ("act_min", "act_max")]
+    opt = torch.optim.Adam([{"params": weights, "lr": lr}, {"params": ranges_p, "lr": range_lr}])
+    warm = max(1, round(0.05 * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: (k + 1) / warm if k < warm else 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, steps - warm))))
+    rng = np.random.default_rng(seed + 1000)
+    module.train()
+    run, t0 = [], time.perf_counter()
+    for k in range(steps):
+        idx = rng.choice(len(xtr), batch, replace=False)
+        xb = xtr[idx].copy()
+        flip = rng.random(batch) < 0.5
+        xb[flip] = xb[flip][..., ::-1]
+        loss = F.cross_entropy(module(torch.from_numpy(xb)), torch.from_numpy(ytr[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        run.append(float(loss.detach()))
+        if (k + 1) % 50 == 0 or k + 1 == steps:
+            print(f"    qat step {k + 1}/{steps}: loss {np.mean(run):.4f} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+            run = []
+    module.eval()
+    return module
+
+
+def run_seed(args) -> dict:
+    import torch
+
+    from qmace.frontends.onnx_frontend import onnx_to_graph, read_onnx
+    from qmace.passes import optimize
+    from qmace.quantize.adaround import InputStatistics
+    from qmace.quantize.adaround import adaround as run_adaround
+    from qmace.quantize.api import calibrate, equalize_on
+    from qmace.quantize.calibration import make_calibrator
+    from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
+    from qmace_zoo import default_cache, fashion_mnist
+
+    torch.set_num_threads(args.threads)
+    seed = args.seed
+    d = fashion_mnist()
+    norm = lambda a: ((a.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]
+    xtr, ytr = norm(d["train_images"]), d["train_labels"].astype(np.int64)
+    xte, yte = norm(d["test_images"]), d["test_labels"].astype(np.int64)
+    out = {"seed": seed, "arch": args.arch, "epochs": args.epochs, "lr": args.lr, "calib": args.calib,
+           "qat_steps": args.qat_steps, "qat_batch": args.qat_batch, "qat_lr": args.qat_lr,
+           "qat_range_lr": args.qat_range_lr, "ptq": {}, "qat": {}, "time": {}}
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    res_path = results / f"{args.arch}_e{args.epochs}_seed{seed}.json"
+
+    def save():
+        res_path.write_text(json.dumps(out, indent=1))
+
+    # 1. float (cached per arch / epochs / lr / seed)
+    cache = default_cache() / "qat_fmnist_mobilenet"
+    cache.mkdir(parents=True, exist_ok=True)
+    wpath = cache / f"{args.arch}_e{args.epochs}_lr{args.lr:g}_seed{seed}.pt"
+    model = build_net(args.arch)
+    t0 = time.perf_counter()
+    if wpath.is_file():
+        model.load_state_dict(torch.load(wpath, weights_only=True))
+        model.eval()
+        print(f"seed {seed}: float weights from {wpath}", flush=True)
+    else:
+        model = train_float(args.arch, xtr, ytr, epochs=args.epochs, lr=args.lr, seed=seed,
+                            resume=wpath.with_suffix(".partial"))
+        tmp = wpath.with_suffix(".tmp")
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
+        tmp.replace(wpath)
+    out["time"]["float_train"] = time.perf_counter() - t0
+    out["params"] = sum(p.numel() for p in model.parameters())
+
+    # 2. export + convert
+    onnx_path = Path(tempfile.mkdtemp()) / "fmnist_mbv2.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(onnx_path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    graph = optimize(onnx_to_graph(read_onnx(onnx_path), onnx_path))
+    out["float"] = accuracy(graph, xte, yte)
+    print(f"seed {seed}: float {out['float']:.2f}%", flush=True)
+    save()
+
+    # 3. PTQ starts
+    cal_idx = np.random.default_rng(seed + 1).choice(len(xtr), args.calib, replace=False)
+    samples = [SimpleNamespace(name=str(i), feeds={"input": xtr[i:i + 1]}) for i in cal_idx]
+    in_range = (float(xtr.min()), float(xtr.max()))
+    t0 = time.perf_counter()
+    mace = {}
+    for p in (0, 5):
+        cal = make_calibrator("mace", percentile=float(p))
+        calibrate(graph, samples, cal, num_threads=1)
+        mace[p] = cal.ranges()
+    eq_graph, _ = equalize_on(graph, samples, 1)
+    pcal = make_calibrator("percentile")
+    moments = InputStatistics(eq_graph)
+    calibrate(eq_graph, samples, pcal, num_threads=1, observers=[moments])
+    out["time"]["calibration"] = time.perf_counter() - t0
+    starts = {}
+    for schema in args.schemas.split(","):
+        for p in (0, 5):
+            starts[(f"mace_p{p}", schema)] = (graph, mace[p], QuantizeOptions(schema=schema, input_ranges={"input": in_range}))
+        ada_graph, fixed, _ = run_adaround(eq_graph, moments, schema)
+        opts = QuantizeOptions(schema=schema, input_ranges={"input": in_range})
+        opts.fixed_params = fixed
+        starts[("qmace", schema)] = (ada_graph, pcal.ranges(), opts)
+    for (name, schema), (g, r, o) in starts.items():
+        out["ptq"][f"{name}/{schema}"] = accuracy(quantize_graph(g, r, o).graph, xte, yte)
+        print(f"seed {seed}: PTQ {name} {schema}: {out['ptq'][f'{name}/{schema}']:.2f}%", flush=True)
+    save()
+
+    # 4. QAT from each start
+    for (name, schema), (g, r, o) in starts.items():
+        if name not in args.qat_starts.split(","):
+            continue
+        t0 = time.perf_counter()
+        module = qat(g, r, o, xtr, ytr, steps=args.qat_steps, batch=args.qat_batch, lr=args.qat_lr,
+                     range_lr=args.qat_range_lr, seed=seed)
+        key = f"{name}/{schema}"
+        out["qat"][key] = accuracy(module.quantized_graph(), xte, yte)
+        out["time"][f"qat {key}"] = time.perf_counter() - t0
+        print(f"seed {seed}: QAT from {name} {schema}: {out['ptq'][key]:.2f}% -> {out['qat'][key]:.2f}% "
+              f"({out['time'][f'qat {key}']:.0f} s)", flush=True)
+        save()
+    return out
+
+
+def _ms(values) -> str:
+    v = np.asarray(values, np.float64)
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+
+
+def report(args) -> int:
+    runs = [json.loads(p.read_text()) for p in sorted(Path(args.results).glob(f"{args.arch}_e{args.epochs}_seed*.json"))]
+    runs = [r for r in runs if "float" in r]
+    if not runs:
+        print(f"no results in {args.results}")
+        return 1
+    fl = [r["float"] for r in runs]
+    print(f"{args.arch} ({runs[0].get('params', '?')} params), float trained {args.epochs} epochs; seeds "
+          f"{', '.join(str(r['seed']) for r in runs)}; test split 10,000 images; mean ± sd (ddof 1) over seeds")
+    print(f"float: {_ms(fl)}%  (per seed: {', '.join(f'{v:.2f}' for v in fl)})")
+    print("| schema | PTQ start | n | PTQ | QAT (n) | QAT - float | QAT - PTQ | PTQ - float |")
+    print("|---|---|---|---|---|---|---|---|")
+    for schema in SCHEMAS:
+        for name in STARTS:
+            key = f"{name}/{schema}"
+            have = [r for r in runs if key in r["ptq"]]
+            if not have:
+                continue
+            p = [r["ptq"][key] for r in have]
+            both = [r for r in have if key in r["qat"]]
+            if both:
+                q = [r["qat"][key] for r in both]
+                dq = [r["qat"][key] - r["float"] for r in both]
+                dp = [r["qat"][key] - r["ptq"][key] for r in both]
+                qs = f"{_ms(q)}% ({len(q)}) | {_ms(dq)} | {_ms(dp)}"
+            else:
+                qs = "- | - | -"
+            print(f"| {schema} | {name.replace('_', ' ')} | {len(p)} | {_ms(p)}% | {qs} | "
+                  f"{_ms([r['ptq'][key] - r['float'] for r in have])} |")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="mbv2-50k", choices=sorted(ARCHS))
+    ap.add_argument("--epochs", type=int, default=6, help="float training epochs")
+    ap.add_argument("--lr", type=float, default=4e-3, help="float one-cycle peak learning rate")
+    ap.add_argument("--calib", type=int, default=1000, help="calibration images (train split)")
+    ap.add_argument("--qat-steps", type=int, default=300)
+    ap.add_argument("--qat-batch", type=int, default=64)
+    ap.add_argument("--qat-lr", type=float, default=3e-5)
+    ap.add_argument("--qat-range-lr", type=float, default=3e-4)
+    ap.add_argument("--qat-starts", default=",".join(STARTS))
+    ap.add_argument("--schemas", default=",".join(SCHEMAS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--results", default=str(Path.home() / ".cache/qmace/qat_fmnist_mobilenet/results"))
+    ap.add_argument("--report", action="store_true", help="print the table over the seeds in --results")
+    args = ap.parse_args(argv)
+    if args.report:
+        return report(args)
+    t = time.perf_counter()
+    run_seed(args)
+    print(f"total time: {time.perf_counter() - t:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

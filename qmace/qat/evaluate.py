@@ -1,0 +1,51 @@
+"""Validation metrics of QAT: the deployed (integer) model scored on held-out samples.
+
+With labels: top-1 accuracy in % (``argmax`` of the first output over its non-batch elements). Without:
+SQNR in dB of the quantized model's first output against the float model's,
+``10 log10(sum(ref^2) / sum((ref - x)^2))`` over all samples (higher is better for both). The quantized
+model is ``module.quantized_graph()`` run by qmace's runtime (bit-exact with ``module(x, exact=True)``),
+sample by sample, since converted graphs carry the YAML's (usually batch-1) shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from qmace.ir import Graph
+
+
+def outputs(graph: Graph, samples: Sequence, threads: int | None = 1) -> np.ndarray:
+    """The first output of ``graph`` on each sample, stacked as (samples, elements)."""
+    from qmace.runtime import Session
+
+    session = Session(graph, num_threads=threads)
+    out = graph.outputs[0]
+    return np.stack([np.asarray(session.run(s.feeds)[out]).reshape(-1) for s in samples])
+
+
+def accuracy(logits: np.ndarray, labels: Sequence[int]) -> float:
+    return float((logits.argmax(1) == np.asarray(labels)).mean() * 100)
+
+
+def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
+    noise = float(np.sum((ref.astype(np.float64) - x) ** 2))
+    signal = float(np.sum(ref.astype(np.float64) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(signal / max(noise, 1e-300))
+
+
+def validator(float_graph: Graph, samples: Sequence, labels: Sequence[int] | None,
+              threads: int | None = 1) -> tuple[str, float | None, Callable]:
+    """``(metric name, float model's metric or None, validate(module) -> metric of its quantized model)``."""
+    if labels is not None:
+        def validate(module) -> float:
+            return accuracy(outputs(module.quantized_graph(), samples, threads), labels)
+
+        return "accuracy %", accuracy(outputs(float_graph, samples, threads), labels), validate
+    ref = outputs(float_graph, samples, threads)
+
+    def validate_sqnr(module) -> float:
+        return sqnr_db(ref, outputs(module.quantized_graph(), samples, threads))
+
+    return "SQNR dB vs float", None, validate_sqnr

@@ -1,0 +1,315 @@
+"""``qmace qat`` as a library call: calibrate on the training samples, fine-tune with fake quantization (one
+process, ``nproc`` local processes, or one rank of a ``torchrun`` job), write a float ONNX model + learned
+range file + a ready ``quantize: 1`` YAML (docs/qat.md). Logs; never prints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from qmace.errors import ConfigError, InputDataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QATJob:
+    """Everything one ``qmace qat`` run needs (the CLI flags of the same names)."""
+
+    config: Path
+    train_dir: Path
+    model_name: str | None = None
+    labels: Path | None = None
+    val_dir: Path | None = None
+    val_labels: Path | None = None
+    epochs: int = 1
+    lr: float = 1e-5
+    range_lr: float | None = None
+    batch_size: int = 16  # global batch: split over the processes
+    output_dir: Path | None = None
+    build_dir: Path | None = None
+    equalization: bool = True
+    device: str = "cpu"
+    nproc: int = 1
+    workers: int = 0  # DataLoader worker processes per rank
+    schedule: str = "cosine"
+    warmup: float = 0.0
+    patience: int | None = None
+    resume: bool = False
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads per process (None: torch's default)
+
+
+@dataclass
+class QATOutputs:
+    onnx: Path
+    ranges: Path
+    checkpoint: Path
+    yaml: Path
+    summary: Path
+    samples: int
+    val_samples: int
+    objective: str
+    equalized_tensors: int
+    world: int
+    losses: list[float] = field(default_factory=list)
+    metric: str | None = None  # name of the validation metric
+    metrics: list[float] = field(default_factory=list)
+    float_metric: float | None = None
+    ptq_metric: float | None = None
+    qat_metric: float | None = None
+    best_epoch: int = 0
+    epochs_run: int = 0
+    stopped_early: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> QATOutputs:
+        d = json.loads(text)
+        for k in ("onnx", "ranges", "checkpoint", "yaml", "summary"):
+            d[k] = Path(d[k])
+        return cls(**d)
+
+
+def read_labels(path: str | Path, sample_names: list[str]) -> list[int]:
+    """Labels file: one integer per line in sample order, or ``name label`` pairs (``name`` = the sample's
+    file-name suffix, or the whole file name). Blank lines and ``#`` comments are ignored."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise InputDataError(f"{path}: cannot read labels: {e}") from e
+    rows = [ln.split() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    try:
+        if rows and all(len(r) == 1 for r in rows):
+            labels = [int(r[0]) for r in rows]
+            if len(labels) != len(sample_names):
+                raise InputDataError(f"{path}: {len(labels)} labels for {len(sample_names)} samples")
+            return labels
+        by_name = {}
+        for r in rows:
+            if len(r) != 2:
+                raise InputDataError(f"{path}: expected 'label' or 'name label' lines, got {' '.join(r)!r}")
+            by_name[r[0]] = int(r[1])
+    except ValueError as e:
+        raise InputDataError(f"{path}: labels must be integers: {e}") from e
+    out = []
+    for s in sample_names:
+        hit = by_name.get(s)
+        if hit is None:
+            hit = next((v for k, v in by_name.items() if k.endswith(s) or s.endswith(k)), None)
+        if hit is None:
+            raise InputDataError(f"{path}: no label for sample {s!r}")
+        out.append(hit)
+    return out
+
+
+def write_qat_yaml(config_path: Path, m, out_yaml: Path, onnx_path: Path, range_path: Path,
+                   input_ranges: list[tuple[float, float]]) -> Path:
+    """The source YAML's entry for model ``m`` pointing at the QAT float model, with ``quantize: 1``."""
+    import yaml
+
+    from qmace.fileio import atomic_write
+
+    raw = yaml.safe_load(Path(config_path).read_text())
+    entry = dict(raw["models"][m.name])
+    entry["model_file_path"] = onnx_path.name
+    entry["model_sha256_checksum"] = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    entry.pop("weight_file_path", None)
+    entry.pop("weight_sha256_checksum", None)
+    entry.pop("quantize_large_weights", None)
+    entry.pop("quantize_large_weights_schema", None)
+    entry["quantize"] = 1
+    entry["quantize_range_file"] = range_path.name
+    entry["quantize_schema"] = m.quantize_schema
+    subs = entry["subgraphs"]
+    first = subs[0] if isinstance(subs, list) else next(iter(subs.values()))
+    first = dict(first)
+    first["input_ranges"] = [f"{lo!r},{hi!r}" for lo, hi in input_ranges]
+    entry["subgraphs"] = [first]
+    doc = {k: v for k, v in raw.items() if k != "models"}
+    doc["models"] = {m.name: entry}
+    with atomic_write(out_yaml) as f:
+        f.write(yaml.safe_dump(doc, sort_keys=False))
+    return out_yaml
+
+
+def output_dir(job: QATJob) -> tuple[Path, str]:
+    """(output directory, model name) of ``job``; reads the config. The default folder,
+    ``<build_dir>/<library_name>/qat``, is checked to stay inside the build folder (PathError)."""
+    from qmace.config import load_config
+    from qmace.fileio import check_inside, check_plain_name
+
+    cfg = load_config(job.config)
+    m = cfg.model(job.model_name)
+    if job.output_dir:
+        return Path(job.output_dir), m.name
+    root = Path(job.build_dir or "build")
+    out = root / check_plain_name(cfg.library_name, f"{cfg.path}: library_name") / "qat"
+    check_inside(root, out, "the QAT output folder")
+    return out, m.name
+
+
+def check_job(job: QATJob) -> None:
+    """ConfigError for flags that cannot work, before any process is started."""
+    from qmace.qat.distributed import check_device, launched_by_torchrun
+    from qmace.qat.train import SCHEDULES
+
+    if job.epochs < 0 or job.batch_size < 1:
+        raise ConfigError("--epochs must be >= 0 and --batch_size >= 1")
+    if not math.isfinite(job.lr) or job.lr <= 0 or (
+            job.range_lr is not None and (not math.isfinite(job.range_lr) or job.range_lr <= 0)):
+        raise ConfigError(f"--lr and --range_lr must be positive finite numbers, got {job.lr}, {job.range_lr}")
+    if job.schedule not in SCHEDULES:
+        raise ConfigError(f"--lr_schedule {job.schedule}: choose from {', '.join(SCHEDULES)}")
+    if not 0.0 <= job.warmup <= 1.0:
+        raise ConfigError(f"--warmup {job.warmup}: a share of the steps in [0, 1]")
+    if job.patience is not None and (job.patience < 1 or job.val_dir is None):
+        raise ConfigError("--patience needs --val_dir and must be >= 1")
+    if job.workers < 0:
+        raise ConfigError("--workers must be >= 0")
+    if job.nproc > 1 and launched_by_torchrun():
+        raise ConfigError("--nproc with torchrun: torchrun starts the processes (use --nproc 1, the default)")
+    check_device(job.device, job.nproc)
+    world = job.nproc
+    if launched_by_torchrun():
+        import os
+
+        world = int(os.environ["WORLD_SIZE"])
+    if job.batch_size % world:
+        raise ConfigError(f"--batch_size {job.batch_size} must be a multiple of the number of processes ({world})")
+    if job.labels is not None and job.val_dir is not None and job.val_labels is None:
+        raise ConfigError("--labels with --val_dir needs --val_labels (labels of the validation samples)")
+    if job.val_labels is not None and job.val_dir is None:
+        raise ConfigError("--val_labels needs --val_dir")
+    if job.resume:
+        out, name = output_dir(job)
+        if not (out / f"{name}_qat.ckpt").is_file():
+            raise ConfigError(f"--resume: no checkpoint {out / f'{name}_qat.ckpt'}")
+
+
+def run_qat(job: QATJob, progress=None, on_epoch=None) -> QATOutputs | None:
+    """Run ``job``: in this process, in ``job.nproc`` spawned local processes, or as this rank of a torchrun
+    job. Returns the outputs (None on ranks other than 0 of a torchrun job)."""
+    from qmace.qat import distributed as D
+
+    check_job(job)
+    if D.launched_by_torchrun():
+        rank, world, local = D.init(job.device)
+        try:
+            return _run_rank(job, rank, world, local, progress, on_epoch)
+        finally:
+            D.shutdown()
+    if job.nproc > 1:
+        import torch.multiprocessing as mp
+
+        out, name = output_dir(job)
+        summary = out / f"{name}_qat.json"
+        summary.unlink(missing_ok=True)
+        try:
+            D.spawn(_worker, job.nproc, (job, D.free_port(), progress, on_epoch))
+        except mp.ProcessException as e:  # a rank failed: its last line is the error
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            raise ConfigError(f"qat process failed: {lines[-1] if lines else e}") from None
+        return QATOutputs.from_json(summary.read_text())
+    return _run_rank(job, 0, 1, 0, progress, on_epoch)
+
+
+def _worker(rank: int, job: QATJob, port: int, progress, on_epoch) -> None:
+    from qmace.qat import distributed as D
+
+    D.init(job.device, rank, job.nproc, port)
+    try:
+        _run_rank(job, rank, job.nproc, rank, progress, on_epoch)
+    finally:
+        D.shutdown()
+
+
+def _load_samples(m, directory, progress, label: str, show: bool) -> list:
+    from qmace.api import count_samples, samples_for
+
+    n = count_samples(m, directory, 0)
+    it = samples_for(m, directory, 0)
+    return list(progress(it, total=n, desc=label) if progress and show else it)
+
+
+def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch) -> QATOutputs | None:
+    import torch
+
+    from qmace.api import load_float_graph
+    from qmace.config import load_config
+    from qmace.fileio import atomic_write
+    from qmace.qat.data import SampleDataset, make_loader
+    from qmace.qat.distributed import rank_device
+    from qmace.qat.evaluate import validator
+    from qmace.qat.module import export_qat, prepare
+    from qmace.qat.train import fit
+    from qmace.quantize.api import calibrate, equalize_on, options_for
+    from qmace.quantize.calibration import make_calibrator
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    torch.manual_seed(job.seed)
+    cfg = load_config(job.config)
+    m = cfg.model(job.model_name)
+    original = load_float_graph(m)
+    graph = original
+    samples = _load_samples(m, job.train_dir, progress, "loading", rank == 0)
+    equalized = 0
+    if job.equalization:
+        # as `qmace quantize`: rescale activation channels first (same float function), so the ranges below
+        # come from the equalized graph and training starts from the better post-training state
+        graph, groups = equalize_on(graph, samples)
+        equalized = sum(len(g.tensors) for g in groups)
+        log.info("activation equalization rescaled %d tensor(s)", equalized)
+    # Start from the better post-training ranges (histogram percentile), not MACE's min/max. Every rank
+    # computes the same start; DistributedDataParallel also broadcasts rank 0's parameters.
+    cal = make_calibrator("percentile")
+    calibrate(graph, samples, cal)
+    opts = options_for(m)
+    dev = rank_device(job.device, local)
+    module = prepare(graph, cal.ranges(), opts).to(dev)
+    labels = read_labels(job.labels, [s.name for s in samples]) if job.labels else None
+    loader = make_loader(SampleDataset(samples, labels), global_batch=job.batch_size, rank=rank, world=world,
+                         seed=job.seed, workers=job.workers)
+    val_samples, metric, float_metric, validate = [], None, None, None
+    if job.val_dir is not None and rank == 0:
+        val_samples = _load_samples(m, job.val_dir, progress, "validation samples", True)
+        val_labels = read_labels(job.val_labels, [s.name for s in val_samples]) if job.val_labels else None
+        metric, float_metric, validate = validator(original, val_samples, val_labels)
+    elif job.val_dir is not None:
+        validate = _never_called  # only rank 0 scores; the others receive its score
+    out_dir, _ = output_dir(job)
+    ckpt = out_dir / f"{m.name}_qat.ckpt"
+    if rank == 0:
+        from qmace.fileio import ensure_dir
+
+        ensure_dir(out_dir)
+    res = fit(module, loader, epochs=job.epochs, lr=job.lr, range_lr=job.range_lr, schedule=job.schedule,
+              warmup=job.warmup, device=dev, validate=validate, patience=job.patience, checkpoint=ckpt,
+              resume=ckpt if job.resume else None, progress=progress, on_epoch=on_epoch)
+    if rank != 0:
+        return None
+    module.to("cpu")
+    onnx_path, range_path = export_qat(module, out_dir / f"{m.name}_qat.onnx", out_dir / f"{m.name}_qat.ranges")
+    yml = write_qat_yaml(Path(job.config), m, out_dir / f"{m.name}_qat.yml", onnx_path, range_path,
+                         list(opts.input_ranges.values()))
+    outputs = QATOutputs(
+        onnx=onnx_path, ranges=range_path, checkpoint=ckpt, yaml=yml, summary=out_dir / f"{m.name}_qat.json",
+        samples=len(samples), val_samples=len(val_samples),
+        objective="cross-entropy" if labels is not None else "distillation from the float model",
+        equalized_tensors=equalized, world=world, losses=res.losses, metric=metric, metrics=res.metrics,
+        float_metric=float_metric, ptq_metric=res.start_metric, qat_metric=res.best_metric,
+        best_epoch=res.best_epoch, epochs_run=res.epochs_run, stopped_early=res.stopped_early)
+    with atomic_write(outputs.summary) as f:
+        f.write(outputs.to_json())
+    return outputs
+
+
+def _never_called(module) -> float:
+    raise AssertionError("validation runs on rank 0 only")
