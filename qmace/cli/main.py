@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "no_equalization", action="store_true",
           help="skip rescaling activation channels (equalization) before the initial calibration")
     _flag(p, "range_lr", type=float, default=None, help="learning rate of the LSQ ranges (default: --lr)")
-    _flag(p, "lr_schedule", default="cosine", choices=["cosine", "constant"])
+    _flag(p, "lr_schedule", default="cosine", choices=["cosine", "constant"],
+          help="learning-rate schedule after the warm-up: cosine decay to 0 (default) or constant")
     _flag(p, "warmup", type=float, default=0.0, help="share of the steps with linear learning-rate warm-up")
     _flag(p, "val_dir", default=None, help="validation samples: the quantized model is scored after every epoch")
     _flag(p, "val_labels", default=None, help="labels of --val_dir (needed with --labels)")
