@@ -22,6 +22,15 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
 def command(name: str, *aliases: str):
+    """Register the decorated ``cmd_*`` function in ``COMMANDS`` under ``name`` and each alias.
+
+    Args:
+        name: the subcommand as typed (``quantize-stat``).
+        *aliases: further spellings of the same subcommand (``quantize_stat``).
+
+    Returns:
+        The decorator; it returns the function unchanged.
+    """
     def deco(fn):
         for n in (name, *aliases):
             COMMANDS[n] = fn
@@ -45,6 +54,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``qmace`` argument parser: global flags and one subparser per command (MACE's flag spellings,
+    dashed forms accepted too).
+
+    Returns:
+        The parser; ``parse_args`` leaves the subcommand in ``.command``.
+    """
     ap = argparse.ArgumentParser(prog="qmace", description="MACE-compatible converter, 8-bit quantizer and CPU runtime")
     from qmace import __version__
 
@@ -184,6 +199,17 @@ def _progress(it, total=None, desc="samples", unit="sample"):
 
 @command("convert")
 def cmd_convert(a: argparse.Namespace) -> int:
+    """``qmace convert``: convert (and quantize, with ``quantize: 1``) the YAML's model; print its summary.
+
+    Args:
+        a: the parsed command line (:func:`build_parser`).
+
+    Returns:
+        0.
+
+    Raises:
+        QmaceError: bad YAML, model or ranges (a subclass naming the file and key/node).
+    """
     from qmace.api import convert
 
     res = convert(a.config, model_name=a.model_name, build_dir=a.build_dir)
@@ -228,6 +254,18 @@ def _print_run_report(rep, benchmark: bool) -> None:
 
 @command("run")
 def cmd_run(a: argparse.Namespace) -> int:
+    """``qmace run``: run the converted model on the inputs (one or several backends), optionally validate
+    it against the framework oracle, benchmark it or log tensor ranges (``--quantize_stat``).
+
+    Args:
+        a: the parsed command line (:func:`build_parser`).
+
+    Returns:
+        0 when validation passed (or was not asked for), 1 when it failed.
+
+    Raises:
+        QmaceError: several ``--backend`` with ``--quantize_stat``/``--output_dir``, or bad inputs/model.
+    """
     from qmace.api import run
 
     on_tensor = None
@@ -263,6 +301,18 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 @command("quantize-stat", "quantize_stat")
 def cmd_quantize_stat(a: argparse.Namespace) -> int:
+    """``qmace quantize-stat``: reduce a ``run --quantize_stat`` range log to a range file (per-tensor
+    min/max, or the ``--percentile`` of the logged values, optionally enhanced).
+
+    Args:
+        a: the parsed command line (:func:`build_parser`).
+
+    Returns:
+        0.
+
+    Raises:
+        RangeError: the log is missing, unreadable or malformed (the message names the file).
+    """
     from pathlib import Path
 
     from qmace.errors import RangeError
@@ -290,6 +340,18 @@ def cmd_quantize_stat(a: argparse.Namespace) -> int:
 
 @command("quantize")
 def cmd_quantize(a: argparse.Namespace) -> int:
+    """``qmace quantize``: one-shot post-training quantization (calibrate on ``--input_dir``, write the range
+    file and the quantized model).
+
+    Args:
+        a: the parsed command line (:func:`build_parser`).
+
+    Returns:
+        0.
+
+    Raises:
+        QmaceError: bad YAML, inputs, ranges or flags (a subclass naming the file/key).
+    """
     from qmace.quantize.api import quantize_one_shot
 
     res = quantize_one_shot(
@@ -310,6 +372,17 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 @command("export")
 def cmd_export(a: argparse.Namespace) -> int:
+    """``qmace export``: write the converted model in another format (``--format``) to ``--output``.
+
+    Args:
+        a: the parsed command line (:func:`build_parser`).
+
+    Returns:
+        0.
+
+    Raises:
+        QmaceError: bad YAML or model, or an unsupported format.
+    """
     from qmace.quantize.api import export
 
     path = export(a.config, a.output, model_name=a.model_name, build_dir=a.build_dir, fmt=a.format)
@@ -319,6 +392,17 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 @command("qat")
 def cmd_qat(a: argparse.Namespace) -> int:
+    """``qmace qat``: quantization-aware training (:func:`qmace.cli.qat.qat_command`) with a progress bar.
+
+    Args:
+        a: the parsed command line (:func:`build_parser`).
+
+    Returns:
+        0.
+
+    Raises:
+        QmaceError: PyTorch missing, or a bad job (see :func:`qmace.qat.job.check_job`).
+    """
     from qmace.cli.qat import qat_command
 
     return qat_command(a, progress=_progress)
@@ -335,7 +419,14 @@ def _on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     """Run one ``qmace`` command line; returns the exit code (see docs/errors.md): 0 success, 1 failed
     validation, 2 bad input or a filesystem/resource fault (one ``qmace: error:`` line), 3 a bug in qmace,
-    130/143 interrupted by SIGINT/SIGTERM."""
+    130/143 interrupted by SIGINT/SIGTERM.
+
+    Args:
+        argv: the arguments after ``qmace`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code. Errors are printed, not raised (``--debug`` re-raises them).
+    """
     from qmace import limits
 
     ap = build_parser()

@@ -10,7 +10,7 @@ from qmace.errors import QmaceError
 
 
 class TorchMissing(QmaceError):
-    pass
+    """``qmace qat`` was asked for but PyTorch is not installed (exit 2 with the install hint)."""
 
 
 def _need_torch() -> None:
@@ -25,6 +25,14 @@ def _path(v) -> Path | None:
 
 
 def job_from_args(a: argparse.Namespace):
+    """The :class:`qmace.qat.job.QATJob` the ``qmace qat`` flags describe (no checks here: ``run_qat`` checks).
+
+    Args:
+        a: the parsed ``qmace qat`` command line.
+
+    Returns:
+        The job.
+    """
     from qmace.qat.job import QATJob
 
     return QATJob(
@@ -38,7 +46,11 @@ def job_from_args(a: argparse.Namespace):
 
 def print_epoch(rep) -> None:
     """One line per epoch: loss and the validation metric of the quantized model (module-level: picklable
-    for spawned ranks)."""
+    for spawned ranks).
+
+    Args:
+        rep: the epoch report (``epoch``, ``epochs``, ``loss``, ``metric``, ``best``).
+    """
     metric = "" if rep.metric is None else f", validation {rep.metric:.4f}{' (best)' if rep.best else ''}"
     print(f"qat epoch {rep.epoch}/{rep.epochs}: loss {rep.loss:.4f}{metric}", flush=True)
 
@@ -48,7 +60,14 @@ def _fmt(v) -> str:
 
 
 def summary_line(o) -> str:
-    """float / PTQ / QAT metric on the validation set in one line."""
+    """float / PTQ / QAT metric on the validation set in one line.
+
+    Args:
+        o: the run's :class:`qmace.qat.job.QATOutputs`.
+
+    Returns:
+        The line (without a newline).
+    """
     if o.metric is None:
         return (f"qat summary: no --val_dir, no validation metric; {o.epochs_run} epoch(s), final loss "
                 f"{o.losses[-1]:.4f}" if o.losses else "qat summary: 0 epochs")
@@ -60,6 +79,20 @@ def summary_line(o) -> str:
 
 
 def qat_command(a: argparse.Namespace, progress=None) -> int:
+    """Run ``qmace qat``: build the job from the flags, train, print one line per epoch, the output paths
+    and the float/PTQ/QAT summary (rank 0 only).
+
+    Args:
+        a: the parsed ``qmace qat`` command line.
+        progress: optional ``tqdm``-like wrapper for the per-batch progress bar.
+
+    Returns:
+        0.
+
+    Raises:
+        TorchMissing: PyTorch is not installed.
+        QmaceError: a bad job (see :func:`qmace.qat.job.check_job`) or bad inputs.
+    """
     _need_torch()
     from qmace.qat.job import run_qat
 

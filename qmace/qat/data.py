@@ -33,7 +33,14 @@ class SampleDataset(Dataset):
 
 def collate(items: list):
     """Stack a list of items into ``feeds`` (dict of batched tensors) or ``(feeds, labels)`` -- a tuple, which
-    the trainer reads as an input/label pair."""
+    the trainer reads as an input/label pair.
+
+    Args:
+        items: dataset items, all ``feeds`` dicts or all ``(feeds, label)`` pairs.
+
+    Returns:
+        ``{name: tensor of shape (len(items), ...)}``, or that and a ``long`` tensor of the labels.
+    """
     if isinstance(items[0], tuple):
         feeds = collate([f for f, _ in items])
         return feeds, torch.tensor([y for _, y in items], dtype=torch.long)
@@ -48,7 +55,23 @@ def make_loader(dataset: Dataset, *, global_batch: int, rank: int = 0, world: in
     With ``world`` ranks, global step ``k`` of an epoch draws the samples ``perm[k*B:(k+1)*B]`` of the
     sampler's permutation ``perm`` (epoch-seeded), rank ``r`` the ones at positions ``r, r + world, ...``: the
     union over ranks is the one-process batch. Call ``loader.sampler.set_epoch(e)`` each epoch (the trainer
-    does)."""
+    does).
+
+    Args:
+        dataset: the samples (e.g. :class:`SampleDataset`).
+        global_batch: samples per step over all ranks ``B``.
+        rank: this process's rank.
+        world: number of processes.
+        shuffle: draw an epoch-seeded permutation (else the dataset order).
+        seed: the sampler's seed.
+        workers: ``DataLoader`` worker processes (0: load in this process).
+
+    Returns:
+        The loader, batches of ``global_batch // world`` samples collated by :func:`collate`.
+
+    Raises:
+        ValueError: ``global_batch`` is not a multiple of ``world``.
+    """
     if global_batch % world:
         raise ValueError(f"batch size {global_batch} is not a multiple of the number of processes {world}")
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)

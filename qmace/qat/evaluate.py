@@ -17,7 +17,16 @@ from qmace.ir import Graph
 
 
 def outputs(graph: Graph, samples: Sequence, threads: int | None = 1) -> np.ndarray:
-    """The first output of ``graph`` on each sample, stacked as (samples, elements)."""
+    """The first output of ``graph`` on each sample, stacked as (samples, elements).
+
+    Args:
+        graph: the model (float or quantized).
+        samples: samples with ``feeds`` (input name -> array).
+        threads: runtime threads (None: the runtime's default).
+
+    Returns:
+        Array of shape (len(samples), output elements).
+    """
     from qmace.runtime import Session
 
     session = Session(graph, num_threads=threads)
@@ -26,10 +35,28 @@ def outputs(graph: Graph, samples: Sequence, threads: int | None = 1) -> np.ndar
 
 
 def accuracy(logits: np.ndarray, labels: Sequence[int]) -> float:
+    """Top-1 accuracy in %: ``100 * mean(argmax(logits[i]) == labels[i])``.
+
+    Args:
+        logits: (samples, classes) scores.
+        labels: the true class of each sample.
+
+    Returns:
+        The accuracy in percent.
+    """
     return float((logits.argmax(1) == np.asarray(labels)).mean() * 100)
 
 
 def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
+    """SQNR of ``x`` against ``ref``: ``10 log10(sum(ref^2) / sum((ref - x)^2))`` (float64 sums).
+
+    Args:
+        ref: the reference (float model) outputs.
+        x: the outputs to score, same shape.
+
+    Returns:
+        The SQNR in dB; ``inf`` when ``x == ref``.
+    """
     noise = float(np.sum((ref.astype(np.float64) - x) ** 2))
     signal = float(np.sum(ref.astype(np.float64) ** 2))
     return float("inf") if noise == 0 else 10 * np.log10(signal / max(noise, 1e-300))
@@ -37,7 +64,17 @@ def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
 
 def validator(float_graph: Graph, samples: Sequence, labels: Sequence[int] | None,
               threads: int | None = 1) -> tuple[str, float | None, Callable]:
-    """``(metric name, float model's metric or None, validate(module) -> metric of its quantized model)``."""
+    """``(metric name, float model's metric or None, validate(module) -> metric of its quantized model)``.
+
+    Args:
+        float_graph: the float model (the SQNR reference without labels).
+        samples: the validation samples.
+        labels: their classes (accuracy), or None (SQNR against the float model).
+        threads: runtime threads.
+
+    Returns:
+        The triple above; the float metric is None for SQNR (the float model is the reference).
+    """
     if labels is not None:
         def validate(module) -> float:
             return accuracy(outputs(module.quantized_graph(), samples, threads), labels)

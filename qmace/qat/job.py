@@ -46,6 +46,10 @@ class QATJob:
 
 @dataclass
 class QATOutputs:
+    """What a ``qmace qat`` run wrote and measured: the fine-tuned float ONNX model, the learned range file,
+    the checkpoint, the ``quantize: 1`` YAML and this summary's JSON; sample counts, the objective, the
+    per-epoch losses and validation metrics, and the float / PTQ / QAT metrics (None without validation)."""
+
     onnx: Path
     ranges: Path
     checkpoint: Path
@@ -67,10 +71,23 @@ class QATOutputs:
     stopped_early: bool = False
 
     def to_json(self) -> str:
+        """These outputs as JSON (paths as strings); :meth:`from_json` reads it back.
+
+        Returns:
+            The JSON text.
+        """
         return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> QATOutputs:
+        """Outputs written by :meth:`to_json` (how spawned ranks hand rank 0's result to the parent).
+
+        Args:
+            text: the JSON text.
+
+        Returns:
+            The outputs, paths as Paths.
+        """
         d = json.loads(text)
         for k in ("onnx", "ranges", "checkpoint", "yaml", "summary"):
             d[k] = Path(d[k])
@@ -79,7 +96,19 @@ class QATOutputs:
 
 def read_labels(path: str | Path, sample_names: list[str]) -> list[int]:
     """Labels file: one integer per line in sample order, or ``name label`` pairs (``name`` = the sample's
-    file-name suffix, or the whole file name). Blank lines and ``#`` comments are ignored."""
+    file-name suffix, or the whole file name). Blank lines and ``#`` comments are ignored.
+
+    Args:
+        path: the labels file.
+        sample_names: the samples' names, in sample order.
+
+    Returns:
+        One integer label per sample, in sample order.
+
+    Raises:
+        InputDataError: unreadable file, wrong count, malformed line, non-integer label or a sample without
+            a label (the message names the file).
+    """
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as e:
@@ -111,7 +140,19 @@ def read_labels(path: str | Path, sample_names: list[str]) -> list[int]:
 
 def write_qat_yaml(config_path: Path, m, out_yaml: Path, onnx_path: Path, range_path: Path,
                    input_ranges: list[tuple[float, float]]) -> Path:
-    """The source YAML's entry for model ``m`` pointing at the QAT float model, with ``quantize: 1``."""
+    """The source YAML's entry for model ``m`` pointing at the QAT float model, with ``quantize: 1``.
+
+    Args:
+        config_path: the source deployment YAML.
+        m: the model's config (its ``name`` and ``quantize_schema`` are used).
+        out_yaml: the YAML to write (atomically).
+        onnx_path: the fine-tuned float ONNX model (its name and SHA-256 go into the entry).
+        range_path: the learned range file (its name goes into the entry).
+        input_ranges: ``(min, max)`` of each model input, written as the first subgraph's ``input_ranges``.
+
+    Returns:
+        ``out_yaml``.
+    """
     import yaml
 
     from qmace.fileio import atomic_write
@@ -141,7 +182,18 @@ def write_qat_yaml(config_path: Path, m, out_yaml: Path, onnx_path: Path, range_
 
 def output_dir(job: QATJob) -> tuple[Path, str]:
     """(output directory, model name) of ``job``; reads the config. The default folder,
-    ``<build_dir>/<library_name>/qat``, is checked to stay inside the build folder (PathError)."""
+    ``<build_dir>/<library_name>/qat``, is checked to stay inside the build folder (PathError).
+
+    Args:
+        job: the QAT job.
+
+    Returns:
+        ``(output directory, model name)``.
+
+    Raises:
+        ConfigError: a bad YAML or an unknown model name.
+        PathError: ``library_name`` is not a plain name or the folder leaves the build folder.
+    """
     from qmace.config import load_config
     from qmace.fileio import check_inside, check_plain_name
 
@@ -156,7 +208,16 @@ def output_dir(job: QATJob) -> tuple[Path, str]:
 
 
 def check_job(job: QATJob) -> None:
-    """ConfigError for flags that cannot work, before any process is started."""
+    """ConfigError for flags that cannot work, before any process is started.
+
+    Args:
+        job: the QAT job.
+
+    Raises:
+        ConfigError: bad epochs/batch size/learning rates/schedule/warm-up/patience/workers, an unusable
+            device or process count, a batch not divisible by the processes, inconsistent label flags, or
+            ``resume`` without a checkpoint.
+    """
     from qmace.qat.distributed import check_device, launched_by_torchrun
     from qmace.qat.train import SCHEDULES
 
@@ -195,7 +256,21 @@ def check_job(job: QATJob) -> None:
 
 def run_qat(job: QATJob, progress=None, on_epoch=None) -> QATOutputs | None:
     """Run ``job``: in this process, in ``job.nproc`` spawned local processes, or as this rank of a torchrun
-    job. Returns the outputs (None on ranks other than 0 of a torchrun job)."""
+    job. Returns the outputs (None on ranks other than 0 of a torchrun job).
+
+    Args:
+        job: the QAT job.
+        progress: optional ``tqdm``-like wrapper for progress bars (rank 0).
+        on_epoch: optional callback receiving each :class:`qmace.qat.train.EpochReport` (rank 0; picklable
+            for ``nproc > 1``).
+
+    Returns:
+        The :class:`QATOutputs`, or None on a torchrun rank other than 0.
+
+    Raises:
+        ConfigError: a bad job (:func:`check_job`) or a spawned process failed (its last error line).
+        QmaceError: bad YAML, model, samples or labels (a subclass naming the file).
+    """
     from qmace.qat import distributed as D
 
     check_job(job)

@@ -50,6 +50,14 @@ class _RoundSTE(torch.autograd.Function):
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``rint(x)`` (half to even) forward, identity backward (straight-through estimator).
+
+    Args:
+        x: the values to round.
+
+    Returns:
+        The rounded tensor, differentiable as if it were ``x``.
+    """
     return _RoundSTE.apply(x)
 
 
@@ -57,7 +65,17 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | float, q
     """``(clip(rint(x / scale) + zp, qmin, qmax) - zp) * scale`` in float32 = dequantize(quantize(x)).
 
     Straight-through for the rounding; the clip passes no gradient outside the range; the gradient to
-    ``scale`` is LSQ's (``q - zp - x / scale`` inside, the clipped code outside)."""
+    ``scale`` is LSQ's (``q - zp - x / scale`` inside, the clipped code outside).
+
+    Args:
+        x: the float values.
+        scale: the quantization scale (scalar or broadcastable per channel).
+        zp: the zero point.
+        qmin, qmax: the integer code range (e.g. 0, 255 for uint8).
+
+    Returns:
+        The fake-quantized float32 tensor, same shape as ``x``.
+    """
     q = torch.clamp(round_ste(x / scale) + zp, qmin, qmax)
     return (q - zp) * scale
 
@@ -237,7 +255,18 @@ TORCH_OPS = {
 
 def run_torch_op(node: Node, inputs: list) -> list[torch.Tensor]:
     """Float32 torch kernel of ``node`` (differentiable); ops without one run their numpy ``run`` with no
-    gradient (an error if a gradient would be needed)."""
+    gradient (an error if a gradient would be needed).
+
+    Args:
+        node: the IR node.
+        inputs: its input values (torch tensors or numpy arrays), in the node's input order.
+
+    Returns:
+        The node's outputs.
+
+    Raises:
+        NotImplementedError: the op has no torch kernel and one of its inputs needs a gradient.
+    """
     fn = TORCH_OPS.get(node.op_type)
     if fn is not None:
         y = fn(node, inputs)
@@ -471,9 +500,28 @@ class QATModule(nn.Module):
         return qmath.weight_params(w, op.weight_axis(node, index), self.opts.schema)
 
     def weight_names(self, node: Node) -> dict[int, str]:
+        """The trainable weights ``node`` reads.
+
+        Args:
+            node: a node of the module's graph.
+
+        Returns:
+            ``{input index: weight tensor name}`` (empty when the node has none).
+        """
         return self._node_weights.get(node.name, {})
 
     def weight(self, name: str) -> torch.Tensor:
+        """The trainable float weight ``name`` (a parameter of this module).
+
+        Args:
+            name: the weight's tensor name in the float graph.
+
+        Returns:
+            The parameter.
+
+        Raises:
+            KeyError: ``name`` is not a trainable weight.
+        """
         return self.weights[self._weight_index[name]]
 
     # ---- forward -----------------------------------------------------------------------------------
@@ -485,6 +533,19 @@ class QATModule(nn.Module):
         return {self.qgraph.inputs[0]: x}
 
     def forward(self, x, exact: bool = False):
+        """Run the simulated quantized model.
+
+        Args:
+            x: the input tensor (single-input models) or ``{input name: tensor}``, batched.
+            exact: run the integer-exact simulation (bit-exact with ``quantized_graph()``, no gradient)
+                instead of the differentiable fake-quant one.
+
+        Returns:
+            The output tensor, or a tuple of them for several outputs.
+
+        Raises:
+            ValueError: a bare tensor for a model with several inputs.
+        """
         feeds = self._feeds(x)
         outs = self._forward_exact(feeds) if exact else self._forward_train(feeds)
         vals = [outs[o] for o in self.qgraph.outputs]
@@ -703,7 +764,17 @@ def prepare(float_graph: Graph, ranges: RangeTable, opts: QuantizeOptions | None
     """A torch module simulating the quantized model of ``float_graph`` with ``ranges`` under ``opts``.
 
     ``range_mode``: ``"lsq"`` (default) learns each activation's (min, max) by gradient (LSQ-style, through
-    the scale); ``"ema"`` tracks running min/max of the float values in training mode instead."""
+    the scale); ``"ema"`` tracks running min/max of the float values in training mode instead.
+
+    Args:
+        float_graph: the float model (equalized/folded as for PTQ).
+        ranges: the starting activation ranges (e.g. PTQ's calibration).
+        opts: quantization options (schema, input ranges, fixed parameters); default options when None.
+        range_mode: ``"lsq"`` or ``"ema"``.
+
+    Returns:
+        The :class:`QATModule`.
+    """
     return QATModule(float_graph, ranges, opts or QuantizeOptions(), range_mode)
 
 
@@ -711,7 +782,16 @@ def export_qat(module: QATModule, onnx_path: str | Path, range_path: str | Path)
     """Write the fine-tuned FLOAT model as ONNX and the learned ranges as a MACE range file (full precision).
 
     A YAML with ``quantize: 1``, ``quantize_range_file: <range_path>`` and the module's ``input_ranges``
-    converts them into ``module.quantized_graph()`` through the normal ``qmace convert``."""
+    converts them into ``module.quantized_graph()`` through the normal ``qmace convert``.
+
+    Args:
+        module: the trained module.
+        onnx_path: where to write the float ONNX model (written atomically).
+        range_path: where to write the range file.
+
+    Returns:
+        ``(onnx_path, range_path)`` as paths.
+    """
     from qmace.fileio import atomic_write
     from qmace.quantize.ranges import write_range_file
     from qmace.runtime.lower import to_onnx

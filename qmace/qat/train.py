@@ -20,7 +20,14 @@ SCHEDULES = ("constant", "cosine")
 
 
 def float_teacher(module) -> Callable[[np.ndarray], np.ndarray]:
-    """The original float graph (before fine-tuning) in ONNX Runtime: x -> logits."""
+    """The original float graph (before fine-tuning) in ONNX Runtime: x -> logits.
+
+    Args:
+        module: the QATModule (its ``float_graph`` is the teacher).
+
+    Returns:
+        ``run(x)``: ``x`` a batched array or feed dict, the first output for each sample, concatenated.
+    """
     from qmace.runtime import Session
 
     session = Session(module.float_graph.copy())
@@ -39,7 +46,16 @@ def float_teacher(module) -> Callable[[np.ndarray], np.ndarray]:
 
 def save_checkpoint(module, path: str | Path, extra: dict | None = None) -> Path:
     """``torch.save`` of ``{"model": state dict, **extra}`` (tensors and plain values, readable with
-    ``weights_only=True``), written atomically (a killed run leaves the previous checkpoint intact)."""
+    ``weights_only=True``), written atomically (a killed run leaves the previous checkpoint intact).
+
+    Args:
+        module: the module whose state dict is saved (detached, on the CPU).
+        path: the checkpoint file (parent folders are created).
+        extra: further entries (optimizer state, epoch, scores, ...).
+
+    Returns:
+        ``path`` as a Path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"model": _state(module), **(extra or {})}
@@ -76,7 +92,20 @@ def lr_factor(step: int, total: int, schedule: str = "constant", warmup: float =
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based) of ``total``.
 
     Warm-up: the first ``n_w = round(warmup * total)`` steps rise linearly, ``(step + 1) / n_w``. After it,
-    ``constant``: 1; ``cosine``: ``0.5 * (1 + cos(pi * (step - n_w) / (total - n_w)))`` (1 down to ~0)."""
+    ``constant``: 1; ``cosine``: ``0.5 * (1 + cos(pi * (step - n_w) / (total - n_w)))`` (1 down to ~0).
+
+    Args:
+        step: the optimizer step, 0-based.
+        total: the number of steps of the whole run.
+        schedule: ``constant`` or ``cosine``.
+        warmup: the share of ``total`` spent warming up, in [0, 1].
+
+    Returns:
+        The factor, in (0, 1].
+
+    Raises:
+        ValueError: an unknown ``schedule``.
+    """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
     n_w = round(warmup * total)
@@ -100,6 +129,9 @@ class EpochReport:
 
 @dataclass
 class FitResult:
+    """What :func:`fit` did: per-epoch losses and validation metrics, the start (PTQ) metric, the best
+    metric and its epoch (whose state the module holds afterwards), and whether patience stopped it early."""
+
     losses: list[float]  # mean loss per epoch run (resumed epochs included)
     metrics: list[float] = field(default_factory=list)  # validation metric per epoch run
     start_metric: float | None = None  # the validation metric before training (the PTQ start)
@@ -117,7 +149,17 @@ def _state(module) -> dict:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by :func:`fit` (``torch.load(weights_only=True)``: tensors and plain values)."""
+    """A checkpoint written by :func:`fit` (``torch.load(weights_only=True)``: tensors and plain values).
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        Its dict (``model``, ``optimizer``, ``epoch``, scores, ``best_model``, ...).
+
+    Raises:
+        InputDataError: the file cannot be read or is not a resumable QAT checkpoint of this format.
+    """
     path = Path(path)
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -171,7 +213,34 @@ def fit(
     Data parallelism: when ``torch.distributed`` is initialized with more than one process, the module is
     wrapped in ``DistributedDataParallel`` (gradients averaged over ranks) and rank 0's ranges are broadcast
     after each step, so every rank holds the same ranges; only rank 0 validates (its score is broadcast) and
-    writes the checkpoint. ``batches`` must then be this rank's shard (:func:`qmace.qat.data.make_loader`)."""
+    writes the checkpoint. ``batches`` must then be this rank's shard (:func:`qmace.qat.data.make_loader`).
+
+    Args:
+        module: the QATModule to fine-tune (in place).
+        batches: the training batches, or ``epoch -> batches`` (see :func:`train`).
+        epochs: epochs to run in total (resumed ones included).
+        lr: the peak learning rate of the weights.
+        labels: class labels aligned with ``batches``, or None (see :func:`train`).
+        teacher: ``x -> logits`` for distillation (default: :func:`float_teacher`).
+        temperature: the distillation temperature ``T``.
+        range_lr: the peak learning rate of the LSQ range parameters (default ``lr``).
+        schedule: ``constant`` or ``cosine`` (:func:`lr_factor`).
+        warmup: the warm-up share of the steps.
+        device: where training runs (default: the module's device).
+        validate: ``validate(module) -> float``, higher is better, or None.
+        patience: epochs without a better score before stopping (needs ``validate``), or None.
+        checkpoint: the checkpoint path written after each epoch, or None.
+        resume: a checkpoint to continue from, or None.
+        progress: ``progress(iterable, total=, desc=)`` wrapping each epoch, or None.
+        on_epoch: called with an :class:`EpochReport` after each epoch (rank 0), or None.
+
+    Returns:
+        The :class:`FitResult`; the module holds the best state, in eval mode.
+
+    Raises:
+        InputDataError: ``resume`` is unreadable or does not match this model.
+        ValueError: an unknown ``schedule``.
+    """
     rank, world = _distributed()
     if device is not None:
         module.to(torch.device(device))
@@ -338,6 +407,25 @@ def train(
     ``checkpoint``: a path written atomically after each epoch (tensors and plain values only).
     ``range_lr``: learning rate of the LSQ range parameters (default ``lr``). Other keywords (schedule,
     warm-up, device, validation, early stopping, resume): :func:`fit`.
+
+    Args:
+        module: the QATModule to fine-tune (in place).
+        batches: the training batches, as above.
+        epochs: number of epochs.
+        lr: the learning rate of the weights.
+        labels: class labels aligned with ``batches``, or None.
+        teacher: ``x -> logits`` for distillation, or None (the float graph).
+        temperature: the distillation temperature ``T``.
+        progress: a wrapper of each epoch's batches, or None.
+        checkpoint: the checkpoint path, or None.
+        range_lr: the learning rate of the LSQ ranges (default ``lr``).
+        **kwargs: passed to :func:`fit`.
+
+    Returns:
+        The mean loss of each epoch.
+
+    Raises:
+        InputDataError: an unreadable or mismatched ``resume`` checkpoint (via :func:`fit`).
     """
     return fit(module, batches, epochs=epochs, lr=lr, labels=labels, teacher=teacher, temperature=temperature,
                progress=progress, checkpoint=checkpoint, range_lr=range_lr, **kwargs).losses
