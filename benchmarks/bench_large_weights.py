@@ -36,12 +36,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
+from qmace import qmath
 from qmace.api import load_float_graph
 from qmace.config import load_config
 from qmace.ir import Graph, Node, Tensor
 from qmace.metrics import compare
 from qmace.modelfile import save_graph
-from qmace.quantize import qmath
 from qmace.quantize.bias_correction import weight_params
 from qmace.quantize.weight_only import MIN_ELEMENTS, quantize_large_weights
 from qmace.runtime import Session

@@ -221,7 +221,7 @@ def tensor_kinds(g) -> dict[str, str]:
 def per_layer_reference(g_float, qg, x: np.ndarray) -> dict[str, tuple[float, float]]:
     """Cumulative SQNR of every quantized activation on the reference backend: dequantized codes of the
     integer graph vs the float graph's tensor of the same name. name -> (SQNR dB, max|float|)."""
-    from qmace.quantize.qmath import dequantize
+    from qmace.qmath import dequantize
     from qmace.runtime import reference
 
     sig: dict[str, float] = {}

@@ -26,7 +26,7 @@ import numpy as np
 from qmace.errors import ModelError
 
 if TYPE_CHECKING:
-    from qmace.quantize.qmath import QuantParams
+    from qmace.qmath import QuantParams
 
 Shape = tuple[int | None, ...]
 

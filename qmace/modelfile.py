@@ -146,7 +146,7 @@ def load_graph(path: str | Path) -> Graph:
             malformed (header schema, unknown ops, cycles) file.
         ResourceLimitError: an array over the memory budget.
     """
-    from qmace.quantize.qmath import QuantParams
+    from qmace.qmath import QuantParams
 
     path = Path(path)
     if not path.is_file():

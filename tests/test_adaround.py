@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qmace import qmath
 from qmace.data import Sample
 from qmace.frontends import onnx_to_graph
 from qmace.passes import optimize
-from qmace.quantize import qmath
 from qmace.quantize.adaround import InputStatistics, adaround
 from qmace.quantize.api import calibrate
 from qmace.quantize.calibration import make_calibrator

@@ -94,7 +94,7 @@ COVERED = [
     "qmace.quantize.bias_correction",
     "qmace.quantize.calibration",
     "qmace.quantize.equalize",
-    "qmace.quantize.qmath",
+    "qmace.qmath",
     "qmace.quantize.quantizer",
     "qmace.quantize.ranges",
     "qmace.quantize.weight_only",

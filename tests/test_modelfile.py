@@ -8,10 +8,10 @@ import zipfile
 import numpy as np
 import pytest
 
+from qmace import qmath
 from qmace.errors import ModelError
 from qmace.ir import Graph, Node, Tensor
 from qmace.modelfile import VERSION, load_graph, save_graph
-from qmace.quantize import qmath
 from qmace.runtime import Session
 
 

@@ -15,7 +15,7 @@ import pytest
 from qmace.ir import Node
 from qmace.ops import get_op
 from qmace.ops.elementwise import erf
-from qmace.quantize.qmath import QuantParams, dequantize, quantize
+from qmace.qmath import QuantParams, dequantize, quantize
 from tests.opcheck import check_op, ort_run_node
 
 RNG = np.random.default_rng(1234)

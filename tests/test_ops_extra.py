@@ -9,7 +9,7 @@ import pytest
 
 from qmace.ir import Node
 from qmace.ops import get_op
-from qmace.quantize.qmath import QuantParams, dequantize, quantize
+from qmace.qmath import QuantParams, dequantize, quantize
 from tests.opcheck import check_op
 
 RNG = np.random.default_rng(17)

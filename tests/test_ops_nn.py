@@ -428,7 +428,7 @@ def test_pad_on_codes(mode):
 
 
 def _qp(scale, zero_point, dtype, axis=None, narrow=False):
-    from qmace.quantize.qmath import QuantParams
+    from qmace.qmath import QuantParams
 
     return QuantParams(np.asarray(scale, F32), np.asarray(zero_point, np.int32), dtype, axis, narrow)
 
@@ -657,7 +657,7 @@ def test_matmul_integer_two_activations():
 
 
 def test_quantized_copy_and_float_kernels():
-    from qmace.quantize import qmath
+    from qmace import qmath
 
     qp = _qp(0.05, 20, "uint8")
     q = rng("qcopy").integers(0, 256, (1, 2, 5, 6)).astype(np.uint8)

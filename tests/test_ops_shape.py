@@ -12,7 +12,7 @@ from onnx import TensorProto, numpy_helper
 
 from qmace.ir import Node
 from qmace.ops import get_op
-from qmace.quantize.qmath import QuantParams, dequantize, quantize
+from qmace.qmath import QuantParams, dequantize, quantize
 from tests.opcheck import check_op, ref_run_node
 
 RNG = np.random.default_rng(99)

@@ -121,7 +121,7 @@ def test_fused_qlinear_add_within_one_step_of_reference(scales):
     logits of 11 of the 233 evaluation photos (top-1 and SQNR unchanged): benchmarks/README.md."""
     from qmace.ir import Node
     from qmace.ops import get_op
-    from qmace.quantize.qmath import QuantParams
+    from qmace.qmath import QuantParams
 
     qa, qb, qc = (QuantParams(np.float32(s), np.int32(z), "uint8") for s, z in scales)
     a, b = (m.astype(np.uint8).reshape(1, 256, 256) for m in np.meshgrid(np.arange(256), np.arange(256)))
@@ -136,7 +136,7 @@ def test_seven_bit_weights_stay_int8_and_are_exact_on_the_fast_kernels():
     """Weights of ``quantize_schema: int8_w7`` (codes in [-63, 63]; AdaRound may reach 64) are left int8 by
     the rewrite, and plain ORT's u8 x s8 kernels multiply them exactly on every CPU (255 * 64 * 2 < 2^15),
     with activations at the extreme codes."""
-    from qmace.quantize.qmath import quantize, weight_params
+    from qmace.qmath import quantize, weight_params
 
     rng = np.random.default_rng(3)
     w = rng.standard_normal((256, 40)).astype(np.float32)

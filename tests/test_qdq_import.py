@@ -13,13 +13,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+from qmace import qmath
 from qmace.api import convert
 from qmace.errors import QuantizationError
 from qmace.frontends import load_onnx, onnx_to_graph
 from qmace.frontends.qdq_import import prune_qdq_params
 from qmace.passes import optimize
-from qmace.quantize import qmath
-from qmace.quantize.qmath import QuantParams
+from qmace.qmath import QuantParams
 from qmace.runtime import Session
 from qmace.runtime.session import ort_session
 

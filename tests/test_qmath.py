@@ -1,4 +1,4 @@
-"""qmace.quantize.qmath: property tests of the quantization maths, and bit-exactness against ONNX Runtime.
+"""qmace.qmath: property tests of the quantization maths, and bit-exactness against ONNX Runtime.
 
 The ORT tests build one-node models with onnx.helper and compare ORT's codes with qmath's formulas
 (plus exact integer accumulation). Where ORT is not bit-exact the bound docs/quantization.md states is
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from qmace.errors import QuantizationError
-from qmace.quantize.qmath import (
+from qmace.qmath import (
     MIN_SCALE,
     QuantParams,
     bias_params,
@@ -492,7 +492,7 @@ def test_qlinearmatmul_exact_ties_and_large_accumulators(w_dtype):
 def test_weight_params_per_schema(axis):
     """One definition per schema: uint8 asymmetric per tensor; int8 / int8_w7 symmetric per channel with
     codes reaching exactly 127 / 63 on the widest value of each channel."""
-    from qmace.quantize.qmath import weight_params
+    from qmace.qmath import weight_params
 
     w = np.random.default_rng(4).standard_normal((6, 5, 3)).astype(np.float32) * np.arange(1, 7)[:, None, None]
     assert weight_params(w, axis, "uint8") == params_asymmetric_weights(w, None, "uint8")

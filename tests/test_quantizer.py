@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
+from qmace import qmath
 from qmace.data import Sample
 from qmace.errors import QuantizationError
 from qmace.frontends.onnx_frontend import onnx_to_graph
@@ -16,7 +17,6 @@ from qmace.ir import Graph
 from qmace.metrics import compare
 from qmace.modelfile import load_graph, save_graph
 from qmace.passes import optimize
-from qmace.quantize import qmath
 from qmace.quantize.api import calibrate
 from qmace.quantize.calibration import make_calibrator
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
+from qmace import qmath
 from qmace.api import ConvertResult
 from qmace.config import load_config
 from qmace.errors import ConfigError
@@ -15,7 +16,6 @@ from qmace.frontends.onnx_frontend import onnx_to_graph
 from qmace.metrics import compare
 from qmace.modelfile import load_graph, save_graph
 from qmace.passes import optimize
-from qmace.quantize import qmath
 from qmace.quantize.weight_only import DECONV, DEPTHWISE, SHARED, describe, quantize_large_weights
 from qmace.runtime import Session
 from tests.conftest import make_onnx, rand

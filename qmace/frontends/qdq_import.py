@@ -57,10 +57,10 @@ import logging
 import numpy as np
 from onnx import helper
 
+from qmace import qmath
 from qmace.errors import ModelError, QuantizationError
 from qmace.ir import Graph, Node, Tensor
-from qmace.quantize import qmath
-from qmace.quantize.qmath import QuantParams
+from qmace.qmath import QuantParams
 
 log = logging.getLogger(__name__)
 

@@ -104,7 +104,7 @@ class Op:
         Raises:
             NotImplementedError: the op has no integer kernel.
         """
-        from qmace.quantize import qmath
+        from qmace import qmath
 
         if cls.quant_kernel == "copy":
             return cls.run(node, inputs)

@@ -109,7 +109,7 @@ class Conv(Op):
 
     @classmethod
     def run_quantized(cls, node, inputs, in_qp, out_qp):
-        from qmace.quantize import qmath
+        from qmace import qmath
 
         x, w = inputs[0], inputs[1]
         b = inputs[2] if len(inputs) > 2 else None

@@ -41,7 +41,7 @@ def _centered(q: np.ndarray, qp, channel_axis: int | None) -> np.ndarray:
 
 def _requantize(node: Node, acc: np.ndarray, a_qp, b_qp, y_qp) -> np.ndarray:
     """float64 exact accumulator (N-d, channels last) -> output codes, fused activation applied."""
-    from qmace.quantize import qmath
+    from qmace import qmath
 
     mult = qmath.requant_multiplier(a_qp, b_qp, y_qp)
     y = qmath.requantize(acc.astype(np.int64).astype(np.int32), mult, y_qp, -1 if np.ndim(mult) else None)

@@ -83,7 +83,7 @@ class Pad(Op):
 
     @classmethod
     def run_quantized(cls, node, inputs, in_qp, out_qp):
-        from qmace.quantize import qmath
+        from qmace import qmath
 
         x, pads, value, axes = cls._args(inputs)
         qp = out_qp[0] if out_qp and out_qp[0] is not None else in_qp[0]

@@ -3,7 +3,7 @@
 
 In the IR these nodes have a single input: the parameters belong to the quantized tensor (QuantizeLinear:
 its output's ``quant``; DequantizeLinear: its input's), so the reference runtime always runs them through
-``run_quantized`` with the formulas of ``qmace.quantize.qmath`` (ORT's arithmetic, bit-exact):
+``run_quantized`` with the formulas of ``qmace.qmath`` (ORT's arithmetic, bit-exact):
 ``quantize(x) = clip(rint(x / scale) + zero_point, qmin, qmax)``, ``dequantize(q) = (q - zero_point) * scale``.
 
 ``run`` also accepts the ONNX form with explicit ``scale``/``zero_point`` inputs, which is how a float
@@ -34,7 +34,7 @@ def _explicit_params(cls: type[Op], node, inputs):
     scale = optional_input(inputs, 1)
     if scale is None:
         return None
-    from qmace.quantize.qmath import QuantParams
+    from qmace.qmath import QuantParams
 
     zp = optional_input(inputs, 2)
     scale = np.asarray(scale, np.float32)
@@ -153,7 +153,7 @@ class QuantizeLinear(Op):
 
     @classmethod
     def run_quantized(cls, node, inputs, in_qp, out_qp):
-        from qmace.quantize import qmath
+        from qmace import qmath
 
         qp = _explicit_params(cls, node, inputs) or _param(out_qp[0], node, "output")
         return [qmath.quantize(inputs[0], qp)]
@@ -177,7 +177,7 @@ class DequantizeLinear(Op):
 
     @classmethod
     def run_quantized(cls, node, inputs, in_qp, out_qp):
-        from qmace.quantize import qmath
+        from qmace import qmath
 
         qp = _explicit_params(cls, node, inputs) or _param(in_qp[0], node, "input")
         return [qmath.dequantize(inputs[0], qp)]

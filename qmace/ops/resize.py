@@ -288,7 +288,7 @@ class Resize(Op):
 
     @classmethod
     def run_quantized(cls, node, inputs, in_qp, out_qp):
-        from qmace.quantize import qmath
+        from qmace import qmath
 
         x, roi, scales, sizes = cls._args(inputs)
         xq = in_qp[0]

@@ -150,7 +150,7 @@ class Concat(Op):
     def run_quantized(cls, node, inputs, in_qp, out_qp):
         """Codes are concatenated as they are where the input's parameters equal the output's; any other
         input (other parameters, or float) is brought to the output's parameters first."""
-        from qmace.quantize import qmath
+        from qmace import qmath
 
         yq = out_qp[0]
         if yq is None:  # float output: dequantize whatever is quantized

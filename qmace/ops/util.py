@@ -155,7 +155,7 @@ def clamp_codes_to_activation(node: Node, codes: np.ndarray, qp) -> np.ndarray:
     bounds = activation_bounds(node)
     if bounds is None:
         return codes
-    from qmace.quantize import qmath
+    from qmace import qmath
 
     lo, hi = bounds
     qlo = qmath.quantize(np.array(lo, np.float32), qp) if np.isfinite(lo) else None

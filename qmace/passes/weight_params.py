@@ -15,7 +15,7 @@ import logging
 import numpy as np
 
 from qmace.ir import Graph
-from qmace.quantize.qmath import QuantParams
+from qmace.qmath import QuantParams
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qmace import qmath
 from qmace.errors import QuantizationError
 from qmace.ir import Graph, Node
 from qmace.ops import get_op
 from qmace.ops.util import activation_bounds, clamp_codes_to_activation, conv_pads
-from qmace.quantize import qmath
 from qmace.quantize.quantizer import ACT_DTYPE, QuantizeOptions, quantize_graph
 from qmace.quantize.ranges import Range, RangeTable
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qmace import qmath
 from qmace.ir import Graph, Node, Tensor
 from qmace.ops.conv import im2col
-from qmace.quantize import qmath
 from qmace.quantize.bias_correction import layer_weight, shift_bias, weight_params
 
 log = logging.getLogger(__name__)

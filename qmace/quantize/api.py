@@ -14,12 +14,12 @@ from qmace.config import ModelConfig, load_config
 from qmace.errors import ConfigError, InputDataError, QuantizationError
 from qmace.fileio import atomic_write
 from qmace.ir import Graph
+from qmace.qmath import QuantParams
 from qmace.quantize.adaround import InputStatistics
 from qmace.quantize.adaround import adaround as run_adaround
 from qmace.quantize.bias_correction import ChannelMeans, correct_biases
 from qmace.quantize.calibration import Calibrator, make_calibrator
 from qmace.quantize.equalize import ChannelMaxima, equalize_activations
-from qmace.quantize.qmath import QuantParams
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
 from qmace.quantize.ranges import RangeTable, read_range_file, write_range_file
 from qmace.quantize.weight_only import quantize_large_weights

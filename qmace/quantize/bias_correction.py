@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from qmace import qmath
 from qmace.ir import Graph, Node, Tensor
 from qmace.ops import get_op
-from qmace.quantize import qmath
 
 
 def as_rows(w: np.ndarray, node: Node) -> np.ndarray:

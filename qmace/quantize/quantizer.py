@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qmace import qmath
 from qmace.errors import QuantizationError
 from qmace.ir import Graph, Node, Tensor
 from qmace.ops import get_op
-from qmace.quantize import qmath
 from qmace.quantize.ranges import Range, RangeTable
 
 log = logging.getLogger(__name__)

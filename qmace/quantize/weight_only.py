@@ -27,10 +27,10 @@ import logging
 
 import numpy as np
 
+from qmace import qmath
 from qmace.config import LARGE_WEIGHTS_SCHEMAS
 from qmace.errors import QuantizationError
 from qmace.ir import Graph, Node, Tensor
-from qmace.quantize import qmath
 from qmace.quantize.bias_correction import weight_params
 
 log = logging.getLogger(__name__)

@@ -68,7 +68,7 @@ def _fold_weight_quantize(model) -> None:
     initializer it computes (qmath.quantize: ORT's rounding), so that the rewrite below sees the weight."""
     from onnx import TensorProto, numpy_helper
 
-    from qmace.quantize.qmath import QuantParams, quantize
+    from qmace.qmath import QuantParams, quantize
 
     inits = {t.name: t for t in model.graph.initializer}
     keep = []

@@ -20,7 +20,7 @@ import numpy as np
 from qmace.errors import ModelError
 from qmace.ir import Graph, Node, Tensor
 from qmace.ops import get_op
-from qmace.quantize.qmath import QuantParams
+from qmace.qmath import QuantParams
 
 
 def tensor_ref(ref: str) -> str:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qmace.quantize.qmath import QuantParams
+from qmace.qmath import QuantParams
 
 if TYPE_CHECKING:
     from qmace.frontends.tensorflow.builder import Builder

@@ -165,7 +165,7 @@ def _weight(b: Builder, w: str, depthwise: bool) -> str:
         out = v.transpose(3, 2, 0, 1)
     name = b.add_const(out.astype(np.float32), f"{w}/oihw")
     if qp is not None:
-        from qmace.quantize.qmath import QuantParams
+        from qmace.qmath import QuantParams
 
         if qp.axis is None:
             b.params[name] = qp

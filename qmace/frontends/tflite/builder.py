@@ -18,7 +18,7 @@ import numpy as np
 from qmace.errors import ModelError
 from qmace.frontends.tflite.reader import TflModel, TflOp, TflTensor
 from qmace.ir import Graph, Node, Tensor
-from qmace.quantize.qmath import QuantParams
+from qmace.qmath import QuantParams
 
 NCHW_FROM_NHWC = (0, 3, 1, 2)  # perm: NHWC tensor -> NCHW tensor
 NHWC_FROM_NCHW = (0, 2, 3, 1)

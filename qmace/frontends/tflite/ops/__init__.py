@@ -26,7 +26,7 @@ import numpy as np
 from qmace.errors import ModelError
 from qmace.frontends.tflite.builder import NHWC_TO_NCHW_AXIS, Builder, nchw_shape
 from qmace.frontends.tflite.reader import TflOp
-from qmace.quantize.qmath import QuantParams
+from qmace.qmath import QuantParams
 
 Converter = Callable[[Builder, TflOp], None]
 CONVERTERS: dict[str, Converter] = {}
