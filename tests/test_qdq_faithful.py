@@ -6,18 +6,18 @@ against ORT running the same QDQ file (with exact int8 kernels on every CPU: qma
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 from qmace.api import convert
 from qmace.runtime import Session
 from qmace.runtime.session import ort_session
+from tests.test_qdq_import import _Reader, _yaml
 
 SHAPE = (1, 3, 16, 16)
 
@@ -57,49 +57,15 @@ def _mobile_block_model(path: Path) -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
-class _Reader(CalibrationDataReader):
-    def __init__(self, seed: int):
-        rng = np.random.default_rng(seed)
-        self.data = iter([{"input": rng.uniform(-1, 1, SHAPE).astype(np.float32)} for _ in range(8)])
-
-    def get_next(self):
-        return next(self.data, None)
-
-
-def _yaml(tmp_path: Path, model: Path) -> Path:
-    sha = hashlib.sha256(model.read_bytes()).hexdigest()
-    path = tmp_path / "deploy.yml"
-    path.write_text(f"""\
-library_name: qdq
-target_abis: [host]
-models:
-  net:
-    platform: onnx
-    model_file_path: {model}
-    model_sha256_checksum: {sha}
-    runtime: cpu
-    quantize: 1
-    quantize_schema: int8
-    subgraphs:
-      - input_tensors: [input]
-        input_shapes: ["1,3,16,16"]
-        input_data_formats: [NCHW]
-        input_ranges: ["-1,1"]
-        output_tensors: [output]
-        output_shapes: ["1,4,32,32"]
-""")
-    return path
-
-
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_ort_qdq_model_with_unfolded_bn_hardswish_se_resize(tmp_path, per_channel):
     fpath, qpath = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
     _mobile_block_model(fpath)
-    quantize_static(str(fpath), str(qpath), _Reader(1), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+    quantize_static(str(fpath), str(qpath), _Reader(SHAPE, seed=1), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     types = [n.op_type for n in onnx.load(qpath).graph.node]
     assert "BatchNormalization" in types  # ORT kept the BNs between Q/DQ pairs: the case under test
-    graph = convert(_yaml(tmp_path, qpath), build_dir=tmp_path / "build").graph
+    graph = convert(_yaml(tmp_path, qpath, input_shape="1,3,16,16", output_shape="1,4,32,32"), build_dir=tmp_path / "build").graph
     oracle = ort_session(qpath.read_bytes())
     out_q = graph.tensors["output"].quant or graph.tensors["output__quant"].quant
     step = float(out_q.scale)

@@ -50,9 +50,11 @@ def _float_model(path: Path) -> None:
 
 
 class _Reader(CalibrationDataReader):
-    def __init__(self):
-        rng = np.random.default_rng(1)
-        self.data = iter([{"input": rng.uniform(-1, 1, SHAPE).astype(np.float32)} for _ in range(8)])
+    """Eight uniform(-1, 1) calibration inputs of ``shape`` for ORT's ``quantize_static``."""
+
+    def __init__(self, shape: tuple[int, ...] = SHAPE, seed: int = 1):
+        rng = np.random.default_rng(seed)
+        self.data = iter([{"input": rng.uniform(-1, 1, shape).astype(np.float32)} for _ in range(8)])
 
     def get_next(self):
         return next(self.data, None)
@@ -66,7 +68,8 @@ def _qdq_model(tmp_path: Path, per_channel: bool) -> tuple[Path, Path]:
     return fpath, qpath
 
 
-def _yaml(tmp_path: Path, model: Path, range_file: Path | None = None) -> Path:
+def _yaml(tmp_path: Path, model: Path, range_file: Path | None = None, input_shape: str = "1,3,8,8",
+          output_shape: str = "1,5") -> Path:
     sha = hashlib.sha256(model.read_bytes()).hexdigest()
     rf = f"    quantize_range_file: {range_file}\n" if range_file else ""
     text = f"""\
@@ -84,11 +87,11 @@ models:
     quantize_schema: int8
 {rf}    subgraphs:
       - input_tensors: [input]
-        input_shapes: ["1,3,8,8"]
+        input_shapes: ["{input_shape}"]
         input_data_formats: [NCHW]
         input_ranges: ["-1,1"]
         output_tensors: [output]
-        output_shapes: ["1,5"]
+        output_shapes: ["{output_shape}"]
 """
     path = tmp_path / "deploy.yml"
     path.write_text(text)
