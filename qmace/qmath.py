@@ -14,18 +14,20 @@ Scales are float32, zero points int32 arrays; per-channel parameters are 1-D arr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from qmace.errors import QuantizationError
+from qmace.errors import QuantizationError, RangeError
 
 __all__ = [
     "MIN_SCALE",
     "SCHEMAS",
     "NudgedRange",
     "QuantParams",
+    "Range",
     "bias_params",
     "dequantize",
     "dtype_bounds",
@@ -39,6 +41,24 @@ __all__ = [
     "requantize",
     "weight_params",
 ]
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed float interval [min, max] of a tensor's values; both finite, min <= max."""
+
+    min: float
+    max: float
+
+    def __post_init__(self) -> None:
+        lo, hi = float(self.min), float(self.max)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise RangeError(f"range [{lo!r}, {hi!r}] is not finite")
+        if lo > hi:
+            raise RangeError(f"range [{lo!r}, {hi!r}] has min > max")
+        object.__setattr__(self, "min", lo)
+        object.__setattr__(self, "max", hi)
+
 
 #: Smallest scale qmace ever produces (2**-40, about 9.1e-13). Ranges narrower than 255 * MIN_SCALE are
 #: widened to it, so that scales, bias scales (s_x * s_w >= 2**-80) and requantization multipliers stay

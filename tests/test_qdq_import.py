@@ -123,7 +123,7 @@ def _inputs(n: int = 6) -> list[np.ndarray]:
 
 
 # Tensors whose parameters depend on GlobalAveragePool's output: the quantizer ignores fixed parameters of
-# ops with output_range "input" (see test_pooled_params_and_bit_exact_vs_ort).
+# ops with range_rule INPUT (see test_pooled_params_and_bit_exact_vs_ort).
 _AFTER_POOL = {"p", "f", "B3"}
 
 

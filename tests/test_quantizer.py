@@ -132,7 +132,7 @@ def test_copy_ops_share_params_with_their_input(float_graph, table):
     assert _params(res, "mp") == _params(res, "cat")  # MaxPool
     assert _params(res, "flat") == _params(res, "gap")  # Flatten
     gap = next(n for n in res.graph.nodes if n.op_type == "GlobalAveragePool")
-    assert _params(res, "gap") == _params(res, gap.inputs[0])  # output_range "input"
+    assert _params(res, "gap") == _params(res, gap.inputs[0])  # range_rule INPUT
 
 
 def test_concat_union_and_change_concat_ranges(float_graph, table):

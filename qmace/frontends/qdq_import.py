@@ -60,6 +60,7 @@ from onnx import helper
 from qmace import qmath
 from qmace.errors import ModelError, QuantizationError
 from qmace.ir import Graph, Node, Tensor
+from qmace.ops import get_op, is_supported
 from qmace.qmath import QuantParams
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,6 @@ __all__ = ["prune_qdq_params", "strip_qdq"]
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _CODE_DTYPES = ("uint8", "int8")
-_FUSE_INTO = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-_NONNEG_OPS = {"Relu", "Sigmoid", "Softmax", "HardSigmoid"}
-# ops whose output is non-negative when their (listed) data inputs are
-_KEEPS_SIGN_FIRST = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten",
-                     "Transpose", "Squeeze", "Unsqueeze", "Resize", "Pad", "Slice", "Gather", "Split",
-                     "ReduceMax", "ReduceMean", "Identity", "DepthToSpace", "SpaceToDepth", "Expand", "Tile"}
-_KEEPS_SIGN_ALL = {"Add", "Mul", "Concat", "Max", "Min"}
 
 
 def _is_explicit(node: Node) -> bool:
@@ -83,7 +77,7 @@ def _is_explicit(node: Node) -> bool:
 
 def _node_params(graph: Graph, node: Node, rank: int | None) -> tuple[np.ndarray, np.ndarray, str, int | None]:
     """(scale, zero_point, code dtype, axis) of an ONNX-style Q/DQ node; axis normalized, None per tensor."""
-    if int(node.attrs.get("block_size", 0) or 0):
+    if int(get_op(node.op_type).attr(node, "block_size") or 0):
         raise ModelError(f"{node.op_type} node {node.name!r}: blocked quantization is not supported")
     scale = graph.constant(node.inputs[1])
     if scale is None:
@@ -94,7 +88,7 @@ def _node_params(graph: Graph, node: Node, rank: int | None) -> tuple[np.ndarray
         raise ModelError(f"{node.op_type} node {node.name!r}: zero point {zp_name!r} is not a constant")
     if zp is not None:
         dtype = str(zp.dtype)
-    elif node.op_type == "QuantizeLinear" and int(node.attrs.get("output_dtype", 0) or 0):
+    elif node.op_type == "QuantizeLinear" and int(get_op(node.op_type).attr(node, "output_dtype") or 0):
         dtype = str(np.dtype(helper.tensor_dtype_to_np_dtype(int(node.attrs["output_dtype"]))))
     elif node.op_type == "DequantizeLinear" and graph.constant(node.inputs[0]) is not None:
         dtype = str(graph.constant(node.inputs[0]).dtype)
@@ -106,7 +100,7 @@ def _node_params(graph: Graph, node: Node, rank: int | None) -> tuple[np.ndarray
         scale, zp = scale.reshape(()), zp.reshape(())
     axis = None
     if scale.ndim == 1:
-        axis = int(node.attrs.get("axis", 1))
+        axis = int(get_op(node.op_type).attr(node, "axis"))
         if rank is not None:
             if not -rank <= axis < rank:
                 raise ModelError(f"{node.op_type} node {node.name!r}: axis {axis} out of range for rank {rank}")
@@ -182,18 +176,9 @@ class _Sign:
         if t.data is not None:
             return bool(t.data.size == 0 or np.all(t.data >= 0))
         prod = self.g.producers().get(name)
-        if prod is None:
+        if prod is None or not is_supported(prod.op_type):
             return False
-        if prod.op_type in _NONNEG_OPS:
-            return True
-        if prod.op_type == "Clip":
-            lo = self.g.constant(prod.inputs[1]) if len(prod.inputs) > 1 and prod.inputs[1] else None
-            return (lo is not None and float(lo) >= 0) or self.nonneg(prod.inputs[0])
-        if prod.op_type in _KEEPS_SIGN_FIRST:
-            return self.nonneg(prod.inputs[0])
-        if prod.op_type in _KEEPS_SIGN_ALL:
-            return all(self.nonneg(i) for i in prod.inputs if i)
-        return False
+        return get_op(prod.op_type).output_nonneg(prod, self.g.constant, self.nonneg)  # the op's sign trait
 
 
 def strip_qdq(graph: Graph) -> Graph:
@@ -263,7 +248,7 @@ def strip_qdq(graph: Graph) -> Graph:
             prod.outputs = [pre if o == x else o for o in prod.outputs]
             graph.nodes.insert(graph.nodes.index(prod) + 1,
                                Node(graph.unique_name(f"{x}__Relu"), "Relu", [pre], [x]))
-            if prod.op_type not in _FUSE_INTO:
+            if not get_op(prod.op_type).fuses_activation:
                 record(pre, qp)
             sign.memo.clear()
         for d in dqs:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from qmace.ir import Graph, Node, Tensor
+from qmace.ops import get_op
 
 _UNARY = {"Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSwish", "HardSigmoid", "Sqrt", "Neg", "Abs",
           "Exp", "Log", "Erf", "Gelu", "Identity"}
@@ -31,7 +32,7 @@ _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
 
 
 def _perm(node: Node) -> tuple[int, ...] | None:
-    p = node.attrs.get("perm")
+    p = get_op("Transpose").attr(node, "perm")
     return tuple(int(i) for i in p) if p is not None else None
 
 
@@ -118,9 +119,11 @@ def _rewrite(graph: Graph, node: Node, producers: dict[str, Node]) -> bool:
     elif op == "Concat":
         if len(sources) != len([i for i in node.inputs if i]):
             return False
-        attrs["axis"] = p[int(node.attrs.get("axis", 0)) % rank]
+        if "axis" not in node.attrs:  # required: left to the kernel's named error
+            return False
+        attrs["axis"] = p[int(node.attrs["axis"]) % rank]
     elif op == "Softmax":
-        attrs["axis"] = p[int(node.attrs.get("axis", -1)) % rank]
+        attrs["axis"] = p[int(get_op(op).attr(node, "axis")) % rank]
     elif op in _REDUCE:
         if len(node.inputs) < 2 or graph.constant(node.inputs[1]) is None:
             return False
@@ -129,7 +132,7 @@ def _rewrite(graph: Graph, node: Node, producers: dict[str, Node]) -> bool:
         aname = graph.unique_name(f"{node.inputs[1]}__t")
         graph.add_tensor(Tensor(aname, "int64", tuple(new_axes.shape), new_axes))
         new_inputs[1] = aname
-        if not int(node.attrs.get("keepdims", 1)):
+        if not int(get_op(op).attr(node, "keepdims")):
             kept = [p[i] for i in range(rank) if i not in axes]  # x axes of the output, in output order
             out_perm = tuple(int(np.argsort(np.argsort(kept))[j]) for j in range(len(kept)))
     elif op == "Pad":

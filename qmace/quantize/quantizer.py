@@ -1,7 +1,7 @@
 """Float graph + range table -> quantized graph (the plan and the rewrite in one pass over the nodes).
 
 Plan (per node, in topological order), driven by each op's traits (``qmace.ops.base``):
-- a node runs *quantized* when its op has an integer kernel (``quant_kernel``), its float data inputs have
+- a node runs *quantized* when its op has an integer kernel (``kernel_for(node)``), its float data inputs have
   (or can be given) ranges, and for ``accumulate`` ops its weight is a constant; otherwise it *falls back*
   to float and the reason is recorded;
 - output ranges follow MACE's rules: data-movement ops reuse their input's parameters exactly; Concat takes
@@ -26,14 +26,13 @@ from qmace import qmath
 from qmace.errors import QuantizationError
 from qmace.ir import Graph, Node, Tensor
 from qmace.ops import get_op
+from qmace.ops.base import Kernel, RangeRule
 from qmace.quantize.ranges import Range, RangeTable
 
 log = logging.getLogger(__name__)
 
 SCHEMAS = qmath.SCHEMAS
 ACT_DTYPE = "uint8"  # activations are asymmetric uint8 in both schemas (ORT's fastest u8 x s8 kernels)
-# Ops whose float constant inputs are data (quantized with their own range), not parameters.
-_CONST_DATA_OPS = {"Add", "Sub", "Mul", "Div", "Concat"}
 
 
 @dataclass
@@ -79,7 +78,7 @@ def _data_inputs(g: Graph, node: Node) -> list[int]:
         t = g.tensors[name]
         if t.dtype != "float32":
             continue
-        if t.data is None or node.op_type in _CONST_DATA_OPS:
+        if t.data is None or op.const_data_inputs:
             idx.append(i)
     return idx
 
@@ -139,7 +138,7 @@ class _Planner:
     def concat_writeback(self) -> None:
         """change_concat_ranges: the union of a Concat's input ranges becomes every producer's range."""
         for node in self.g.nodes:
-            if node.op_type != "Concat":
+            if get_op(node.op_type).range_rule is not RangeRule.UNION:
                 continue
             rs = [self.range_of(i) for i in node.inputs if _is_float_activation(self.g, i)]
             if not rs or any(r is None for r in rs):
@@ -152,14 +151,15 @@ class _Planner:
 
     def plan_node(self, node: Node) -> None:
         op = get_op(node.op_type)
+        kind = op.kernel_for(node)
         reason = None
         if node.name in self.opts.float_nodes or node.op_type in self.opts.float_nodes:
             reason = "kept in float by request"
-        elif op.quant_kernel is None:
+        elif kind is Kernel.NONE:
             reason = "no integer kernel"
         elif not any(_is_float_activation(self.g, i) for i in node.inputs):
             reason = "no float activation input"
-        elif op.quant_kernel == "accumulate":
+        elif kind is Kernel.ACCUMULATE:
             w_idx = [i for i in range(len(node.inputs)) if op.is_weight(node, i)]
             if not w_idx or self.g.tensors[node.inputs[w_idx[0]]].data is None:
                 reason = "weight is not a constant"
@@ -167,7 +167,7 @@ class _Planner:
                 b = self.g.tensors[node.inputs[op.bias_input]].data
                 if b is None or b.ndim > 1:
                     reason = "bias is not a constant vector"
-        if reason is None and hasattr(op, "quantizable") and not op.quantizable(node):
+        if reason is None and not op.quantizable(node):
             reason = "attributes without an integer kernel"
         if reason is None:
             for i in _data_inputs(self.g, node):
@@ -184,32 +184,32 @@ class _Planner:
         self.quantized.add(node.name)
 
     def output_params(self, node: Node, op, out: str) -> qmath.QuantParams | None:
-        rule = op.output_range
+        rule = op.range_rule
         if out in self.qp:
             return self.qp[out]
         # Ops that only move codes must share their input's parameters; any other op takes fixed ones.
-        if (rule != "input" or op.quant_kernel != "copy") and self.fixed(out) is not None:
+        if (rule is not RangeRule.INPUT or op.kernel_for(node) is not Kernel.COPY) and self.fixed(out) is not None:
             return self.qp[out]
-        if rule == "input":
+        if rule is RangeRule.INPUT:
             src = node.inputs[0]
             if src in self.qp:
                 self.qp[out] = self.qp[src]
                 self.used[out] = self.used[src]
                 return self.qp[out]
             return None
-        if isinstance(rule, tuple):
-            r = Range(*rule)
-        elif rule == "union":
+        if rule is RangeRule.FIXED:
+            r = Range(*op.fixed_range)
+        elif rule is RangeRule.UNION:
             rs = [self.used.get(i) for i in node.inputs if _is_float_activation(self.g, i)]
             if any(r is None for r in rs):
                 return None
             r = Range(min(x.min for x in rs), max(x.max for x in rs))
         else:
             r = self.range_of(out)
-            if r is None and getattr(op, "range_without_stats", None) == "interval":
-                a, b = (self.used.get(i) for i in node.inputs[:2])
-                if a is not None and b is not None:
-                    r = Range(a.min + b.min, a.max + b.max) if node.op_type == "Add" else Range(a.min - b.max, a.max - b.min)
+            if r is None and op.range_without_stats is RangeRule.INTERVAL:
+                ins = [self.used.get(i) for i in node.inputs]
+                if ins and all(x is not None for x in ins):
+                    r = op.interval(node, ins)
         if r is None:
             self.missing.setdefault(out, node.name)
             return None
@@ -298,7 +298,7 @@ def _rewrite(g: Graph, p: _Planner, opts: QuantizeOptions) -> None:
             continue
         for i in _data_inputs(g, node):
             node.inputs[i] = as_quantized(node.inputs[i])
-        if op.quant_kernel == "accumulate":
+        if op.kernel_for(node) is Kernel.ACCUMULATE:
             _quantize_weights(g, node, op, opts.schema, opts.fixed_params)
         for o in node.outputs:
             t = g.tensors.get(o) if o else None
@@ -335,10 +335,7 @@ def _quantize_weights(g: Graph, node: Node, op, schema: str, fixed: dict) -> Non
         if axis is None:
             continue
         w = g.tensors[name].data.astype(np.float32)
-        if name in fixed:
-            qp = fixed[name]
-        else:
-            qp = qmath.weight_params(w, axis, schema)
+        qp = fixed[name] if name in fixed else op.weight_params(node, i, w, schema)
         qname = g.unique_name(f"{name}__quant")
         g.add_tensor(Tensor(qname, qp.dtype, tuple(w.shape), qmath.quantize(w, qp), qp))
         node.inputs[i] = qname
