@@ -21,7 +21,7 @@ from qmace.quantize.bias_correction import ChannelMeans, correct_biases
 from qmace.quantize.calibration import Calibrator, make_calibrator
 from qmace.quantize.equalize import ChannelMaxima, equalize_activations
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
-from qmace.quantize.ranges import RangeTable, read_range_file, write_range_file
+from qmace.quantize.ranges import DEFAULT_ENHANCE_RATIO, RangeTable, read_range_file, write_range_file
 from qmace.quantize.weight_only import quantize_large_weights
 from qmace.runtime import Session
 
@@ -225,7 +225,7 @@ def quantize_one_shot(
     method: str = "mace",
     percentile: float | None = None,
     enhance: bool = False,
-    enhance_ratio: float = 10.0,
+    enhance_ratio: float = DEFAULT_ENHANCE_RATIO,
     schema: str | None = None,
     range_file: str | Path | None = None,
     num_threads: int | None = None,

@@ -38,6 +38,8 @@ SEPARATOR = "@@"
 
 # MACE's enhance loop never narrows a range below this width (absolute, in tensor units).
 ENHANCE_MIN_RANGE = 0.1
+# MACE's quantize_stat --enhance_ratio default: an extremum this many times past its neighbour is an outlier.
+DEFAULT_ENHANCE_RATIO = 10.0
 
 
 # Tensor name -> range; insertion order is first-seen (topological) order.
@@ -150,7 +152,7 @@ def parse_range_log(lines: Iterable[str], source: str) -> RangeLog:
 
 
 def quantize_stat(
-    log: RangeLog, percentile: float = 0.0, enhance: bool = False, enhance_ratio: float = 10.0
+    log: RangeLog, percentile: float = 0.0, enhance: bool = False, enhance_ratio: float = DEFAULT_ENHANCE_RATIO
 ) -> RangeTable:
     """MACE's `quantize_stat.py`: one range per tensor from its per-inference extrema.
 
