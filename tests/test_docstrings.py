@@ -100,6 +100,7 @@ COVERED = [
     "qmace.quantize.bias_correction",
     "qmace.quantize.calibration",
     "qmace.quantize.equalize",
+    "qmace.quantize.plan",
     "qmace.qmath",
     "qmace.quantize.quantizer",
     "qmace.quantize.ranges",

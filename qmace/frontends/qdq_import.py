@@ -26,7 +26,7 @@ those nodes, and turns the model into its float model:
   the quantizer recomputes the bias codes with scale ``s_x * s_w`` from the recorded input and weight
   parameters, which gives back the same codes.
 - graph input ``x -> Q -> DQ``: ``qdq_params[x]``; the quantizer consults fixed parameters before
-  ``input_ranges`` (``_Planner.params_for``), so the QDQ parameters win over the YAML's range.
+  ``input_ranges`` (``qmace.quantize.plan``), so the QDQ parameters win over the YAML's range.
 
 Parameters land in ``graph.metadata["qdq_params"]`` (tensor name -> ``QuantParams.to_json()``), which
 ``quantize_for_config`` hands to the quantizer as ``QuantizeOptions.fixed_params``; tensors without
