@@ -80,7 +80,7 @@ def render() -> str:
     for name in supported_ops():
         op = get_op(name)
         if op.range_rule is RangeRule.FIXED:
-            rng = f"fixed [{op.fixed_range[0]:g}, {op.fixed_range[1]:g}]"
+            rng = f"fixed [{op.fixed_range.min:g}, {op.fixed_range.max:g}]"
         else:
             rng = RANGE[op.range_rule]
         if op.range_without_stats is RangeRule.INTERVAL:

@@ -15,7 +15,7 @@ import pytest
 from qmace.ir import Node
 from qmace.ops import get_op
 from qmace.ops.elementwise import erf
-from qmace.qmath import QuantParams, dequantize, quantize
+from qmace.qmath import QuantParams, Range, dequantize, quantize
 from tests.opcheck import check_op, ort_run_node
 
 RNG = np.random.default_rng(1234)
@@ -198,8 +198,8 @@ def test_traits():
     assert t["Add"].range_without_stats == "interval" and t["Sub"].range_without_stats == "interval"
     assert t["Mul"].range_without_stats is None
     assert t["Sub"].quant_kernel == "none"
-    assert t["Sigmoid"].quant_kernel == "float" and t["Sigmoid"].fixed_range == (0.0, 1.0)
-    assert t["Tanh"].quant_kernel == "none" and t["Tanh"].fixed_range == (-1.0, 1.0)
+    assert t["Sigmoid"].quant_kernel == "float" and t["Sigmoid"].fixed_range == Range(0.0, 1.0)
+    assert t["Tanh"].quant_kernel == "none" and t["Tanh"].fixed_range == Range(-1.0, 1.0)
     assert t["LeakyRelu"].quant_kernel == "float"
     for op in ("Relu", "Clip"):
         assert t[op].quant_kernel == "float" and t[op].fusable_activation

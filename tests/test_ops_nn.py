@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qmace.ir import Node
 from qmace.ops import get_op
+from qmace.qmath import Range
 from tests.opcheck import check_op, ort_exact, ref_run_node
 
 F32 = np.float32
@@ -284,7 +285,7 @@ def test_softmax(op, shape, axis):
     x = randn(rng(op, shape, axis), *shape) * 5
     check_op(op, [x], {"axis": axis})
     if op == "Softmax":
-        assert get_op(op).fixed_range == (0.0, 1.0) and get_op(op).quant_kernel == "float"
+        assert get_op(op).fixed_range == Range(0.0, 1.0) and get_op(op).quant_kernel == "float"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ traits instead of keeping lists of op names:
   ``quantizable(node)`` rules out attributes the integer kernel does not handle (Gemm's alpha/beta);
   ``range_rule`` (:class:`RangeRule`) says where its output range comes from — ``STAT`` (calibration
   statistics), ``INPUT`` (input 0's parameters: data movement), ``UNION`` (Concat), ``FIXED``
-  (``fixed_range``: Sigmoid, Softmax, Tanh); ``range_without_stats`` is the fallback when a ``STAT``
+  (``fixed_range``, a Range: Sigmoid, Softmax, Tanh); ``range_without_stats`` is the fallback when a ``STAT``
   output has no statistics (``INTERVAL``: Add/Sub, computed by ``interval``);
   ``const_data_inputs``: float constant inputs are data quantized with their own range (Add, Concat, ...),
   not parameters; ``weight_axis(node, index)`` names the inputs that are weights (quantized per channel
@@ -84,8 +84,8 @@ class Op:
     # and the registry test; empty when every node has ``quant_kernel``.
     kernel_variants: ClassVar[dict[str, Kernel]] = {}
     range_rule: ClassVar[RangeRule] = RangeRule.STAT
-    # (lo, hi) of a FIXED range rule, None otherwise.
-    fixed_range: ClassVar[tuple[float, float] | None] = None
+    # The output range of a FIXED range rule, None otherwise.
+    fixed_range: ClassVar[Range | None] = None
     # The rule a STAT output falls back to when it has no statistics (only INTERVAL exists), or None.
     range_without_stats: ClassVar[RangeRule | None] = None
     bias_input: ClassVar[int | None] = None
@@ -384,8 +384,8 @@ def trait_errors(cls: type[Op]) -> list[str]:
     fixed = cls.fixed_range
     if (cls.range_rule is RangeRule.FIXED) != (fixed is not None):
         errors.append("fixed_range is set exactly when range_rule is FIXED")
-    elif fixed is not None and not (len(fixed) == 2 and float(fixed[0]) < float(fixed[1])):
-        errors.append(f"fixed_range {fixed!r} is not (lo, hi) with lo < hi")
+    elif fixed is not None and not (isinstance(fixed, Range) and fixed.min < fixed.max):
+        errors.append(f"fixed_range {fixed!r} is not a Range with lo < hi")
     if cls.range_without_stats not in (None, RangeRule.INTERVAL):
         errors.append(f"range_without_stats {cls.range_without_stats!r} is not None or INTERVAL")
     if cls.range_without_stats is not None and (cls.range_rule is not RangeRule.STAT

@@ -352,7 +352,7 @@ class Tanh(_Unary):
     op_type = "Tanh"
     float64_math = True
     range_rule = RangeRule.FIXED
-    fixed_range = (-1.0, 1.0)
+    fixed_range = Range(-1.0, 1.0)
 
     @classmethod
     def compute(cls, node, x):
@@ -367,7 +367,7 @@ class Sigmoid(_Unary):
     float64_math = True
     quant_kernel = Kernel.FLOAT
     range_rule = RangeRule.FIXED
-    fixed_range = (0.0, 1.0)
+    fixed_range = Range(0.0, 1.0)
     sign = Sign.NONNEG
 
     @classmethod

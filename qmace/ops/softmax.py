@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
+from qmace.qmath import Range
 
 
 def _shifted(x: np.ndarray, axis: int) -> np.ndarray:
@@ -26,7 +27,7 @@ class Softmax(Op):
     defaults: ClassVar[dict[str, Any]] = {"axis": -1}
     quant_kernel = Kernel.FLOAT
     range_rule = RangeRule.FIXED
-    fixed_range = (0.0, 1.0)
+    fixed_range = Range(0.0, 1.0)
 
     @classmethod
     def run(cls, node, inputs):

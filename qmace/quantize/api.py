@@ -14,7 +14,7 @@ from qmace.config import ModelConfig, load_config
 from qmace.errors import ConfigError, InputDataError, QuantizationError
 from qmace.fileio import atomic_write
 from qmace.ir import Graph
-from qmace.qmath import QuantParams
+from qmace.qmath import QuantParams, Range
 from qmace.quantize.adaround import InputStatistics
 from qmace.quantize.adaround import adaround as run_adaround
 from qmace.quantize.bias_correction import ChannelMeans, correct_biases
@@ -117,7 +117,7 @@ def options_for(m: ModelConfig, schema: str | None = None) -> QuantizeOptions:
     return QuantizeOptions(
         schema=schema or m.quantize_schema,
         change_concat_ranges=m.change_concat_ranges,
-        input_ranges={n: tuple(r) for n, r in zip(sub.input_tensors, sub.input_ranges)},
+        input_ranges={n: Range(*r) for n, r in zip(sub.input_tensors, sub.input_ranges)},
     )
 
 

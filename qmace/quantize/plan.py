@@ -45,12 +45,16 @@ class QuantizeOptions:
     """
     schema: str = Schema.UINT8
     change_concat_ranges: bool = False
-    input_ranges: dict[str, Range | tuple[float, float]] = field(default_factory=dict)
+    # Graph input name -> its Range (a (lo, hi) pair given here is turned into a Range).
+    input_ranges: dict[str, Range] = field(default_factory=dict)
     # Parameters fixed by the source (QDQ/fake-quant nodes of an imported model, or QAT): tensor or weight
     # name -> QuantParams, used as they are instead of being derived from a range or from the weights.
     fixed_params: dict[str, QuantParams] = field(default_factory=dict)
     # Nodes (by name or op type) the user keeps in float.
     float_nodes: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.input_ranges = {k: r if isinstance(r, Range) else Range(*r) for k, r in self.input_ranges.items()}
 
 
 class ParamSource(StrEnum):
@@ -193,8 +197,7 @@ class _Planner:
 
     def range_of(self, name: str) -> tuple[Range | None, ParamSource]:
         if name in self.opts.input_ranges:
-            r = self.opts.input_ranges[name]
-            return (r if isinstance(r, Range) else Range(*r)), ParamSource.GRAPH_INPUT
+            return self.opts.input_ranges[name], ParamSource.GRAPH_INPUT
         return self.table.get(name), ParamSource.CALIBRATED
 
     def assign(self, name: str, r: Range, source: ParamSource) -> QuantParams:
@@ -312,7 +315,7 @@ class _Planner:
             return src.params
         source = ParamSource.CALIBRATED
         if rule is RangeRule.FIXED:
-            r, source = Range(*op.fixed_range), ParamSource.FIXED_RANGE
+            r, source = op.fixed_range, ParamSource.FIXED_RANGE
         elif rule is RangeRule.UNION:
             rs = [self.plan.activations.get(i) for i in node.inputs if is_float_activation(self.g, i)]
             if any(a is None for a in rs):
