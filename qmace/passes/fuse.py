@@ -33,7 +33,7 @@ def fuse_activations(graph: Graph) -> int:
             continue
         if len(consumers.get(src, [])) != 1 or src in graph.outputs:
             continue
-        if graph.has_fixed_params(src) and graph.fixed_params_json(src) != graph.fixed_params_json(act.outputs[0]):
+        if graph.has_fixed_params(src) and graph.fixed_params.get(src) != graph.fixed_params.get(act.outputs[0]):
             continue  # an imported Q/DQ pair between producer and activation rounds differently: keep both
         attrs = act_op.fusion_attrs(act, graph.constant)
         if attrs is None:

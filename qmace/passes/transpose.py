@@ -14,7 +14,7 @@ residual adds. With ``T_p(x)`` the transpose ``y.shape[i] = x.shape[p[i]]``:
 Each rewrite moves a transpose strictly downstream, so the pass terminates. The rewritten op keeps its
 output name (range logs and fixed quantization parameters stay attached to the real op); the new Transpose
 writes ``<name>__t`` for the readers, unless the name is a graph output, which the Transpose then keeps.
-Per-tensor fixed parameters in ``graph.metadata["qdq_params"]`` are copied across moved transposes (a
+Per-tensor fixed parameters (``Graph.fixed_params``) are copied across moved transposes (a
 transpose only moves values).
 """
 
@@ -38,8 +38,8 @@ def _perm(node: Node) -> tuple[int, ...] | None:
 
 def _inherit(graph: Graph, src: str, dst: str) -> None:
     """Copy per-tensor fixed parameters of ``src`` to ``dst`` (same values, other layout)."""
-    params = graph.metadata.get("qdq_params")
-    if params and src in params and dst not in params and params[src].get("axis") is None:
+    params = graph.fixed_params
+    if src in params and dst not in params and not params[src].is_per_channel:
         params[dst] = params[src]
 
 
