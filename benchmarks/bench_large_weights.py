@@ -42,7 +42,7 @@ from qmace.config import load_config
 from qmace.ir import Graph, Node, Tensor
 from qmace.metrics import compare
 from qmace.modelfile import save_graph
-from qmace.quantize.bias_correction import weight_params
+from qmace.ops import get_op
 from qmace.quantize.weight_only import MIN_ELEMENTS, quantize_large_weights
 from qmace.runtime import Session
 
@@ -62,7 +62,7 @@ def every_weight(graph: Graph, schema: str) -> Graph:
         if t is None or t.data is None:
             continue
         w = t.data.astype(np.float32)
-        qp = weight_params(w, node, schema)
+        qp = get_op(node.op_type).weight_params(node, 1, w, schema)
         qname, fname = g.unique_name(f"{name}__quant"), g.unique_name(f"{name}__dequant")
         g.add_tensor(Tensor(qname, qp.dtype, tuple(w.shape), qmath.quantize(w, qp), qp))
         g.add_tensor(Tensor(fname, "float32", tuple(w.shape)))

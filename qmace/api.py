@@ -470,7 +470,7 @@ def run(
     if on_tensor is not None and input_dir is None:
         log.warning("%s: range statistics without --input_dir come from one random sample drawn from "
                     "input_ranges; give --input_dir with real samples for usable ranges", cfg.path)
-    quantized = bool(graph.metadata.get("quantization"))
+    quantized = graph.is_quantized
     extra = list(graph.activations()) if (on_tensor is not None and backend == "onnxruntime") else None
     session = Session(graph, backend=backend, num_threads=num_threads, extra_outputs=extra)
     oracle = source_session(m, num_threads) if validate else None
@@ -689,9 +689,9 @@ def run_backends(
     reports = {b: RunReport(backend=b, samples=0, latencies_ms=[]) for b in backends}
     if oracle is not None:
         for rep in reports.values():
-            rep.threshold = m.threshold_for(bool(graph.metadata.get("quantization")))
+            rep.threshold = m.threshold_for(graph.is_quantized)
             rep.oracle = oracle.label
-    criteria = output_criteria(m, bool(graph.metadata.get("quantization")))
+    criteria = output_criteria(m, graph.is_quantized)
     versus: dict[str, list[OutputCheck]] = {b: [] for b in backends[1:]}
     samples = samples_for(m, input_dir, 1)
     if progress is not None:

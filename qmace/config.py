@@ -58,6 +58,7 @@ import yaml
 from qmace import limits
 from qmace.errors import ConfigError, ModelError, ResourceLimitError, first_line
 from qmace.fileio import check_plain_name
+from qmace.qmath import SCHEMAS
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ DATA_FORMATS = ("NHWC", "NCHW", "NONE")
 TENSOR_DATA_TYPES = ("float32", "int32")
 MODEL_DATA_TYPES = ("fp32_fp32", "fp16_fp32", "bf16_fp32", "fp16_fp16", "fp32")
 MODEL_FORMATS = ("file", "code")
-QUANTIZE_SCHEMAS = ("uint8", "int8", "int8_w7")  # qmace.qmath.SCHEMAS
+QUANTIZE_SCHEMAS = SCHEMAS  # qmace.qmath.Schema's values
 LARGE_WEIGHTS_SCHEMAS = ("int8", "uint8")  # qmace.quantize.weight_only.WEIGHT_SCHEMAS; the first is the default
 DEFAULT_INPUT_RANGE = (-1.0, 1.0)
 DEFAULT_VALIDATION_THRESHOLD = {"CPU": 0.999, "GPU": 0.995, "QUANTIZE": 0.980}

@@ -80,8 +80,10 @@ class Graph:
     """A model: nodes in execution order over named tensors (ONNX op names at opset-21 semantics, NCHW).
 
     ``tensors`` maps every tensor name (inputs, constants, intermediates, outputs) to its ``Tensor``;
-    ``inputs``/``outputs`` name the graph's I/O; ``metadata`` is free-form provenance (source file, sha256,
-    quantization schema, fallbacks, fixed Q/DQ parameters, ...).
+    ``inputs``/``outputs`` name the graph's I/O; ``fixed_params`` holds quantization parameters fixed by the
+    source model (imported Q/DQ pairs, FakeQuant nodes, TFLite tensors: tensor name -> QuantParams), which
+    passes carry through renames (``rename_tensor``) and drop with their tensors (``remove_unused``);
+    ``metadata`` is free-form provenance (source file, sha256, quantization schema, fallbacks, ...).
     """
     name: str = "graph"
     nodes: list[Node] = field(default_factory=list)
@@ -90,6 +92,8 @@ class Graph:
     outputs: list[str] = field(default_factory=list)
     # Free-form provenance: source file, sha256, quantization schema, fallbacks, ...
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Quantization parameters fixed by the source model, by tensor name (class docstring).
+    fixed_params: dict[str, QuantParams] = field(default_factory=dict)
 
     # ---- lookup ---------------------------------------------------------------------------------
     def tensor(self, name: str) -> Tensor:
@@ -142,20 +146,15 @@ class Graph:
             name: the tensor name.
 
         Returns:
-            True when ``metadata["qdq_params"]`` holds parameters for it.
+            True when ``fixed_params`` holds parameters for it.
         """
-        return name in self.metadata.get("qdq_params", {})
+        return name in self.fixed_params
 
-    def fixed_params_json(self, name: str) -> Any:
-        """The imported (fixed) quantization parameters of tensor ``name`` as stored in the metadata.
-
-        Args:
-            name: the tensor name.
-
-        Returns:
-            The JSON value from ``metadata["qdq_params"]``, or None when the tensor has none.
-        """
-        return self.metadata.get("qdq_params", {}).get(name)
+    @property
+    def is_quantized(self) -> bool:
+        """Whether the graph holds integer codes (a quantized or weight-only model): some tensor has
+        QuantParams."""
+        return any(t.is_quantized for t in self.tensors.values())
 
     def producers(self) -> dict[str, Node]:
         """Tensor name -> the node that produces it."""
@@ -206,6 +205,7 @@ class Graph:
         live = {i for n in self.nodes for i in n.inputs} | {o for n in self.nodes for o in n.outputs}
         live |= set(self.inputs) | set(self.outputs)
         self.tensors = {k: v for k, v in self.tensors.items() if k in live}
+        self.fixed_params = {k: v for k, v in self.fixed_params.items() if k in self.tensors}
 
     def rename_tensor(self, old: str, new: str) -> None:
         """Rename a tensor everywhere it is produced, read, or listed as a graph output.
@@ -217,6 +217,8 @@ class Graph:
         t = self.tensors.pop(old)
         t.name = new
         self.tensors[new] = t
+        if old in self.fixed_params:
+            self.fixed_params[new] = self.fixed_params.pop(old)
         for n in self.nodes:
             n.inputs = [new if i == old else i for i in n.inputs]
             n.outputs = [new if o == old else o for o in n.outputs]
@@ -271,6 +273,7 @@ class Graph:
             inputs=list(self.inputs),
             outputs=list(self.outputs),
             metadata=dict(self.metadata),
+            fixed_params=dict(self.fixed_params),
         )
 
     def op_counts(self) -> dict[str, int]:

@@ -90,9 +90,12 @@ def save_graph(graph: Graph, path: str | Path) -> Path:
          "attrs": {k: _encode_attr(v, arrays) for k, v in n.attrs.items()}}
         for n in graph.nodes
     ]
+    metadata = dict(graph.metadata)
+    if graph.fixed_params:  # stored as before the field existed: metadata "qdq_params", name -> JSON
+        metadata["qdq_params"] = {k: qp.to_json() for k, qp in graph.fixed_params.items()}
     doc = {
         "format": FORMAT, "version": VERSION, "name": graph.name, "inputs": graph.inputs,
-        "outputs": graph.outputs, "metadata": graph.metadata, "tensors": tensors, "nodes": nodes,
+        "outputs": graph.outputs, "metadata": metadata, "tensors": tensors, "nodes": nodes,
     }
     header = np.frombuffer(json.dumps(doc, default=_json_default).encode("utf-8"), dtype=np.uint8)
     digest = content_sha256(header, arrays)
@@ -184,8 +187,10 @@ def load_graph(path: str | Path) -> Graph:
                              "(rebuild it with `qmace convert`)")
     _validate(doc, arrays, path)
     try:
+        metadata = dict(doc["metadata"])
+        fixed = metadata.pop("qdq_params", None) or {}
         g = Graph(name=doc["name"], inputs=list(doc["inputs"]), outputs=list(doc["outputs"]),
-                  metadata=doc["metadata"])
+                  metadata=metadata, fixed_params={k: QuantParams.from_json(v) for k, v in dict(fixed).items()})
         for t in doc["tensors"]:
             g.add_tensor(Tensor(
                 t["name"], t["dtype"], None if t["shape"] is None else tuple(t["shape"]),

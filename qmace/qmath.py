@@ -14,18 +14,22 @@ Scales are float32, zero points int32 arrays; per-channel parameters are 1-D arr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from qmace.errors import QuantizationError
+from qmace.errors import QuantizationError, RangeError
 
 __all__ = [
     "MIN_SCALE",
     "SCHEMAS",
+    "Schema",
     "NudgedRange",
     "QuantParams",
+    "Range",
     "bias_params",
     "dequantize",
     "dtype_bounds",
@@ -39,6 +43,24 @@ __all__ = [
     "requantize",
     "weight_params",
 ]
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed float interval [min, max] of a tensor's values; both finite, min <= max."""
+
+    min: float
+    max: float
+
+    def __post_init__(self) -> None:
+        lo, hi = float(self.min), float(self.max)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise RangeError(f"range [{lo!r}, {hi!r}] is not finite")
+        if lo > hi:
+            raise RangeError(f"range [{lo!r}, {hi!r}] has min > max")
+        object.__setattr__(self, "min", lo)
+        object.__setattr__(self, "max", hi)
+
 
 #: Smallest scale qmace ever produces (2**-40, about 9.1e-13). Ranges narrower than 255 * MIN_SCALE are
 #: widened to it, so that scales, bias scales (s_x * s_w >= 2**-80) and requantization multipliers stay
@@ -318,8 +340,15 @@ def params_symmetric(w: Any, axis: int | None, dtype: str = "int8", bits: int = 
 #:   model is still int8 (same file format and kernels on every device), but no pair of u8 x s8 products can
 #:   exceed int16 (255 * 64 * 2 = 32640 < 32767), so x86 kernels built on ``vpmaddubsw`` (AVX2 without VNNI)
 #:   are exact on it, at the cost of one bit of weight resolution.
-SCHEMAS = ("uint8", "int8", "int8_w7")
-_SYMMETRIC_WEIGHT_BITS = {"int8": 8, "int8_w7": 7}
+class Schema(StrEnum):
+    """The quantization schemas (comment above); string-valued for YAML and the CLI: ``Schema.INT8 == "int8"``."""
+    UINT8 = "uint8"
+    INT8 = "int8"
+    INT8_W7 = "int8_w7"
+
+
+SCHEMAS = tuple(s.value for s in Schema)
+_SYMMETRIC_WEIGHT_BITS = {Schema.INT8: 8, Schema.INT8_W7: 7}
 
 
 def weight_params(w: Any, axis: int | None, schema: str) -> QuantParams:
@@ -338,7 +367,7 @@ def weight_params(w: Any, axis: int | None, schema: str) -> QuantParams:
     Raises:
         QuantizationError: an unknown schema or an empty weight.
     """
-    if schema == "uint8":
+    if schema == Schema.UINT8:
         return params_asymmetric_weights(w, None, "uint8")
     if schema not in _SYMMETRIC_WEIGHT_BITS:
         raise QuantizationError(f"unknown quantize_schema {schema!r} (choose from {', '.join(SCHEMAS)})")

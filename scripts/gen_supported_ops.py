@@ -10,15 +10,27 @@ from pathlib import Path
 
 from qmace.frontends.tensorflow.ops import FORWARD_OPS, IR_OPS
 from qmace.ops import get_op, supported_ops
+from qmace.ops.base import Kernel, RangeRule
 
 ROOT = Path(__file__).resolve().parent.parent
 
 KERNEL = {
-    "accumulate": "integer: int32 accumulation + requantization",
-    "copy": "integer: moves codes exactly",
-    "float": "integer domain, defined as dequantize -> float -> quantize (ORT: QLinear kernel)",
-    None: "float fallback (DequantizeLinear/QuantizeLinear inserted)",
+    Kernel.ACCUMULATE: "integer: int32 accumulation + requantization",
+    Kernel.COPY: "integer: moves codes exactly",
+    Kernel.FLOAT: "integer domain, defined as dequantize -> float -> quantize (ORT: QLinear kernel)",
+    Kernel.NONE: "float fallback (DequantizeLinear/QuantizeLinear inserted)",
 }
+RANGE = {RangeRule.STAT: "calibrated", RangeRule.INPUT: "same as input", RangeRule.UNION: "union of inputs"}
+
+
+def kernel_text(op) -> str:
+    """The op's kernel kind, per attribute value where it depends on one (``kernel_variants``)."""
+    if not op.kernel_variants:
+        return KERNEL[op.quant_kernel]
+    by_kind: dict = {}
+    for key, kind in op.kernel_variants.items():
+        by_kind.setdefault(kind, []).append(key)
+    return "; ".join(f"{', '.join(keys)}: {KERNEL[kind]}" for kind, keys in by_kind.items())
 
 
 def node_test_counts() -> dict[str, str]:
@@ -67,13 +79,14 @@ def render() -> str:
             tf_of.setdefault(ir_op, []).append(tf_op)
     for name in supported_ops():
         op = get_op(name)
-        rng = op.output_range
-        rng = f"fixed [{rng[0]:g}, {rng[1]:g}]" if isinstance(rng, tuple) else {
-            "stat": "calibrated", "input": "same as input", "union": "union of inputs"}.get(rng, str(rng))
-        if getattr(op, "range_without_stats", None) == "interval":
+        if op.range_rule is RangeRule.FIXED:
+            rng = f"fixed [{op.fixed_range.min:g}, {op.fixed_range.max:g}]"
+        else:
+            rng = RANGE[op.range_rule]
+        if op.range_without_stats is RangeRule.INTERVAL:
             rng += " (interval arithmetic without statistics)"
         tf = ", ".join(sorted(tf_of.get(name, []))) or "-"
-        lines.append(f"| {name} | {tf} | {KERNEL[op.quant_kernel]} | {rng} | {nodes.get(name, '-')} |")
+        lines.append(f"| {name} | {tf} | {kernel_text(op)} | {rng} | {nodes.get(name, '-')} |")
     vanish = sorted([k for k, v in IR_OPS.items() if not v] + [*FORWARD_OPS, "Const", "Placeholder", "NoOp"])
     lines += [
         "",

@@ -76,7 +76,8 @@ def test_adaround_lowers_error_and_quantizer_keeps_codes(schema):
 def test_bias_correction_removes_the_mean_shift_of_weight_rounding():
     """With weights rounded (uint8 per-tensor: coarse), the corrected model's per-channel output means on
     the calibration data equal the float model's; uncorrected they do not."""
-    from qmace.quantize.bias_correction import ChannelMeans, correct_biases, weight_params
+    from qmace.ops import get_op
+    from qmace.quantize.bias_correction import ChannelMeans, correct_biases
 
     g = _model()
     rng = np.random.default_rng(1)
@@ -91,7 +92,7 @@ def test_bias_correction_removes_the_mean_shift_of_weight_rounding():
         for node in out.nodes:
             if node.op_type in ("Conv", "Gemm"):
                 w = out.constant(node.inputs[1])
-                qp = weight_params(w, node, "uint8")
+                qp = get_op(node.op_type).weight_params(node, 1, w, "uint8")
                 out.tensors[node.inputs[1]].data = qmath.dequantize(qmath.quantize(w, qp), qp)
         return out
 

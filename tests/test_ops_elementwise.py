@@ -15,7 +15,7 @@ import pytest
 from qmace.ir import Node
 from qmace.ops import get_op
 from qmace.ops.elementwise import erf
-from qmace.qmath import QuantParams, dequantize, quantize
+from qmace.qmath import QuantParams, Range, dequantize, quantize
 from tests.opcheck import check_op, ort_run_node
 
 RNG = np.random.default_rng(1234)
@@ -193,18 +193,18 @@ def test_clip_int():
 def test_traits():
     t = {op: get_op(op) for op in ["Add", "Sub", "Mul", "Sigmoid", "Tanh", "LeakyRelu", "Relu", "Clip", "Div",
                                    "Erf", "Gelu", "Exp", "PRelu", "HardSwish", "Pow"]}
-    assert t["Add"].quant_kernel == "float" and t["Add"].output_range == "stat"
-    assert t["Mul"].quant_kernel == "float" and t["Mul"].output_range == "stat"
+    assert t["Add"].quant_kernel == "float" and t["Add"].range_rule == "stat"
+    assert t["Mul"].quant_kernel == "float" and t["Mul"].range_rule == "stat"
     assert t["Add"].range_without_stats == "interval" and t["Sub"].range_without_stats == "interval"
-    assert getattr(t["Mul"], "range_without_stats", None) is None
-    assert t["Sub"].quant_kernel is None
-    assert t["Sigmoid"].quant_kernel == "float" and t["Sigmoid"].output_range == (0.0, 1.0)
-    assert t["Tanh"].quant_kernel is None and t["Tanh"].output_range == (-1.0, 1.0)
+    assert t["Mul"].range_without_stats is None
+    assert t["Sub"].quant_kernel == "none"
+    assert t["Sigmoid"].quant_kernel == "float" and t["Sigmoid"].fixed_range == Range(0.0, 1.0)
+    assert t["Tanh"].quant_kernel == "none" and t["Tanh"].fixed_range == Range(-1.0, 1.0)
     assert t["LeakyRelu"].quant_kernel == "float"
     for op in ("Relu", "Clip"):
         assert t[op].quant_kernel == "float" and t[op].fusable_activation
     for op in ("Div", "Erf", "Gelu", "Exp", "PRelu", "HardSwish", "Pow"):
-        assert t[op].quant_kernel is None and not t[op].fusable_activation
+        assert t[op].quant_kernel == "none" and not t[op].fusable_activation
     assert get_op("Gelu").defaults == {"approximate": "none"}
     assert get_op("LeakyRelu").defaults == {"alpha": 0.01}
     assert get_op("HardSigmoid").defaults == {"alpha": 0.2, "beta": 0.5}

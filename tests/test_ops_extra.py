@@ -111,7 +111,7 @@ def test_data_movement_on_codes_is_exact(op, attrs, extra):
     codes = RNG.integers(0, 256, (1, 4, 4, 4)).astype(np.uint8)
     node = Node("n", op, ["x"] + [f"i{k}" for k in range(len(extra))], ["y"], attrs)
     cls = get_op(op)
-    assert (cls.quant_kernel, cls.output_range) == ("copy", "input")
+    assert (cls.quant_kernel, cls.range_rule) == ("copy", "input")
     got = cls.run_quantized(node, [codes, *extra], [QP] + [None] * len(extra), [QP])[0]
     want = quantize(cls.run(node, [dequantize(codes, QP), *extra])[0], QP)
     np.testing.assert_array_equal(got, want)

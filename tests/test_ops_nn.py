@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qmace.ir import Node
 from qmace.ops import get_op
+from qmace.qmath import Range
 from tests.opcheck import check_op, ort_exact, ref_run_node
 
 F32 = np.float32
@@ -111,7 +112,7 @@ def test_conv_transpose_float(case, bias):
 def test_conv_transpose_traits():
     op = get_op("ConvTranspose")
     node = Node("n", "ConvTranspose", ["x", "w", "b"], ["y"])
-    assert op.quant_kernel is None and op.weight_axis(node, 1) == 1 and op.weight_axis(node, 0) is None
+    assert op.quant_kernel == "none" and op.weight_axis(node, 1) == 1 and op.weight_axis(node, 0) is None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,10 +269,10 @@ def test_global_pool(op, shape):
 
 
 def test_pool_traits():
-    assert (get_op("MaxPool").quant_kernel, get_op("MaxPool").output_range) == ("copy", "input")
-    assert (get_op("GlobalMaxPool").quant_kernel, get_op("GlobalMaxPool").output_range) == ("copy", "input")
-    assert (get_op("AveragePool").quant_kernel, get_op("AveragePool").output_range) == ("float", "input")
-    assert (get_op("GlobalAveragePool").quant_kernel, get_op("GlobalAveragePool").output_range) == ("float", "input")
+    assert (get_op("MaxPool").quant_kernel, get_op("MaxPool").range_rule) == ("copy", "input")
+    assert (get_op("GlobalMaxPool").quant_kernel, get_op("GlobalMaxPool").range_rule) == ("copy", "input")
+    assert (get_op("AveragePool").quant_kernel, get_op("AveragePool").range_rule) == ("float", "input")
+    assert (get_op("GlobalAveragePool").quant_kernel, get_op("GlobalAveragePool").range_rule) == ("float", "input")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,7 +285,7 @@ def test_softmax(op, shape, axis):
     x = randn(rng(op, shape, axis), *shape) * 5
     check_op(op, [x], {"axis": axis})
     if op == "Softmax":
-        assert get_op(op).output_range == (0.0, 1.0) and get_op(op).quant_kernel == "float"
+        assert get_op(op).fixed_range == Range(0.0, 1.0) and get_op(op).quant_kernel == "float"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -379,7 +380,7 @@ def test_resize_nearest_antialias_is_refused():
 
 def test_resize_traits():
     op = get_op("Resize")
-    assert op.quant_kernel == "copy" and op.output_range == "input"
+    assert op.quant_kernel == "copy" and op.range_rule == "input"
     assert op.kernel_for(Node("n", "Resize", ["x"], ["y"], {"mode": "linear"})) == "float"
     assert op.kernel_for(Node("n", "Resize", ["x"], ["y"], {})) == "copy"
 

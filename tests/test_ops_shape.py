@@ -281,11 +281,11 @@ COPY_OPS = ["Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", 
 def test_traits():
     for op in COPY_OPS:
         assert get_op(op).quant_kernel == "copy", op
-        assert get_op(op).output_range == "input", op
-    assert get_op("Concat").quant_kernel == "copy" and get_op("Concat").output_range == "union"
+        assert get_op(op).range_rule == "input", op
+    assert get_op("Concat").quant_kernel == "copy" and get_op("Concat").range_rule == "union"
     for op in ("Shape", "Cast", "ConstantOfShape", "ReduceSum", "Range", "Equal", "Where"):
-        assert get_op(op).quant_kernel is None, op
-    assert get_op("ReduceMean").quant_kernel == "float" and get_op("ReduceMean").output_range == "stat"
+        assert get_op(op).quant_kernel == "none", op
+    assert get_op("ReduceMean").quant_kernel == "float" and get_op("ReduceMean").range_rule == "stat"
 
 
 QP = QuantParams(np.float32(0.043), np.int32(117), "uint8")
@@ -422,7 +422,7 @@ def test_space_to_depth_inverts_dcr(block):
 def test_depth_to_space_moves_codes():
     """On 8-bit codes DepthToSpace copies codes; the output shares the input's parameters."""
     op = get_op("DepthToSpace")
-    assert op.quant_kernel == "copy" and op.output_range == "input"
+    assert op.quant_kernel == "copy" and op.range_rule == "input"
     q = np.arange(16, dtype=np.uint8).reshape(1, 4, 2, 2)
     (y,) = op.run_quantized(Node("d", "DepthToSpace", ["x"], ["y"], {"blocksize": 2}), [q], [None], [None])
     assert sorted(y.ravel().tolist()) == list(range(16)) and y.dtype == np.uint8

@@ -17,7 +17,6 @@ from qmace import qmath
 from qmace.api import convert
 from qmace.errors import QuantizationError
 from qmace.frontends import load_onnx, onnx_to_graph
-from qmace.frontends.qdq_import import prune_qdq_params
 from qmace.passes import optimize
 from qmace.qmath import QuantParams
 from qmace.runtime import Session
@@ -123,7 +122,7 @@ def _inputs(n: int = 6) -> list[np.ndarray]:
 
 
 # Tensors whose parameters depend on GlobalAveragePool's output: the quantizer ignores fixed parameters of
-# ops with output_range "input" (see test_pooled_params_and_bit_exact_vs_ort).
+# ops with range_rule INPUT (see test_pooled_params_and_bit_exact_vs_ort).
 _AFTER_POOL = {"p", "f", "B3"}
 
 
@@ -187,9 +186,7 @@ def test_float_graph_is_the_dequantized_float_model(tmp_path, per_channel):
     ORT's quantizer dropped into the Q clamps; BN-free fusion leaves every recorded name in place."""
     fpath, qpath = _qdq_model(tmp_path, per_channel)
     g = optimize(load_onnx(qpath))
-    params = g.metadata["qdq_params"]
-    assert prune_qdq_params(g) == []  # every recorded name survives the float passes
-    assert set(params) >= {"input", "r1", "c2", "ar", "ar__pre_relu", "p", "output"}
+    assert set(g.fixed_params) >= {"input", "r1", "c2", "ar", "ar__pre_relu", "p", "output"}
     assert g.op_counts().get("QuantizeLinear", 0) == 0 and g.op_counts().get("DequantizeLinear", 0) == 0
     relus = [n for n in g.nodes if n.op_type == "Relu"]  # conv1's restored Relu is fused back; Add's stays
     assert [n.outputs for n in relus] == [["ar"]]
@@ -213,7 +210,7 @@ def test_float_graph_is_the_dequantized_float_model(tmp_path, per_channel):
         np.testing.assert_allclose(sess.run({"input": x})["output"], ref.run(["output"], {"input": x})[0],
                                    rtol=1e-5, atol=1e-6)
     # relu restored: the float graph has no negative values where the QDQ model clamped at 0
-    assert g.metadata["qdq_params"]["r1"]["zero_point"] == [0]
+    assert g.fixed_params["r1"].to_json()["zero_point"] == [0]
 
 
 def _drop_pair(qpath: Path, tensor: str, out: Path) -> None:
@@ -270,7 +267,7 @@ def test_pytorch_style_fake_quant_weights(tmp_path):
     graph = load_onnx(path)
     wqp = QuantParams(w_scale, np.zeros(4, np.int32), "int8", 0)
     np.testing.assert_array_equal(graph.tensors["wdq"].data, qmath.dequantize(qmath.quantize(w, wqp), wqp))
-    params = {k: QuantParams.from_json(v) for k, v in graph.metadata["qdq_params"].items()}
+    params = dict(graph.fixed_params)
     assert params == {"wdq": wqp, "x": QuantParams(np.float32(0.01), np.int32(120), "uint8"),
                       "y": QuantParams(np.float32(0.05), np.int32(100), "uint8")}
     assert graph.outputs == ["y"] and [n.op_type for n in graph.nodes] == ["Conv"]
@@ -325,3 +322,27 @@ def test_standalone_quantize_dequantize_are_ops(case):
         got = Session(g, backend=backend).run(feeds)
         np.testing.assert_array_equal(got["q"], want[0])
         np.testing.assert_array_equal(got["y"], want[1])
+
+
+def test_fixed_params_follow_renames_copies_removals_and_the_model_file(tmp_path):
+    """Graph.fixed_params is typed state of the graph: rename_tensor carries an entry, remove_unused drops the
+    entries of removed tensors, copy() and the model file keep them."""
+    from qmace.ir import Graph, Node, Tensor
+    from qmace.modelfile import load_graph, save_graph
+
+    g = Graph("g", inputs=["x"], outputs=["y"])
+    for name in ("x", "t", "dead", "y"):
+        g.add_tensor(Tensor(name, "float32", (1, 4)))
+    g.nodes += [Node("a", "Relu", ["x"], ["t"]), Node("b", "Relu", ["t"], ["y"])]
+    qp, qp2 = QuantParams(np.float32(0.1), np.int32(3), "uint8"), QuantParams(np.float32(0.2), np.int32(0), "uint8")
+    g.fixed_params = {"t": qp, "dead": qp2, "y": qp2}
+    g.rename_tensor("t", "t2")
+    assert g.fixed_params == {"t2": qp, "dead": qp2, "y": qp2} and g.has_fixed_params("t2")
+    g.remove_unused()
+    assert g.fixed_params == {"t2": qp, "y": qp2}
+    c = g.copy()
+    c.fixed_params.pop("y")
+    assert set(g.fixed_params) == {"t2", "y"}
+    back = load_graph(save_graph(g, tmp_path / "m.qmace"))
+    assert back.fixed_params == g.fixed_params and "qdq_params" not in back.metadata
+    assert not back.is_quantized

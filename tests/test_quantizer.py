@@ -132,7 +132,7 @@ def test_copy_ops_share_params_with_their_input(float_graph, table):
     assert _params(res, "mp") == _params(res, "cat")  # MaxPool
     assert _params(res, "flat") == _params(res, "gap")  # Flatten
     gap = next(n for n in res.graph.nodes if n.op_type == "GlobalAveragePool")
-    assert _params(res, "gap") == _params(res, gap.inputs[0])  # output_range "input"
+    assert _params(res, "gap") == _params(res, gap.inputs[0])  # range_rule INPUT
 
 
 def test_concat_union_and_change_concat_ranges(float_graph, table):
@@ -306,3 +306,32 @@ def test_quantize_large_weights_4x_smaller_and_close_to_float(tmp_path, schema, 
 def test_unknown_schema_is_an_error(float_graph, table):
     with pytest.raises(QuantizationError, match="int4"):
         _quantize(float_graph, table, "int4")
+
+
+@pytest.mark.parametrize("schema", ["uint8", "int8"])
+def test_the_plan_states_every_decision_and_the_rewrite_follows_it(float_graph, table, schema):
+    """QuantPlan: per activation its source (the range rule that chose it) and owner node, per weight its
+    parameters, fallbacks with reasons; the quantized graph carries exactly the planned parameters."""
+    from qmace.ops import get_op
+    from qmace.quantize.plan import Fallback, ParamSource
+
+    res = _quantize(float_graph, table, schema)
+    plan = res.plan
+    assert plan.schema == schema and plan.fallbacks == [Fallback("sub", "Sub", "no integer kernel")]
+    src = {name: a.source for name, a in plan.activations.items()}
+    assert src["x"] is ParamSource.GRAPH_INPUT and src["r1"] is ParamSource.CALIBRATED
+    assert src["cat"] is ParamSource.UNION and src["mp"] is ParamSource.SHARED
+    assert src["sg"] is ParamSource.FIXED_RANGE and src["add"] is ParamSource.CALIBRATED
+    assert plan.activations["mp"].owner == "mp" and plan.activations["x"].owner == ""
+    assert plan.ranges == res.ranges
+    by_name = {n.name: n for n in float_graph.nodes}
+    for (node, index), wp in plan.weights.items():
+        n = by_name[node]
+        w = float_graph.constant(n.inputs[index])
+        assert wp.tensor == n.inputs[index] and not wp.fixed
+        assert wp.params == get_op(n.op_type).weight_params(n, index, w.astype(np.float32), schema)
+        quantized = next(m for m in res.graph.nodes if m.name == node)
+        assert res.graph.tensors[quantized.inputs[index]].quant == wp.params
+    assert {node for node, _ in plan.weights} == {"conv1", "conv2", "fc"}
+    for name in ("r1", "cat", "mp", "sg", "add"):
+        assert _params(res, name) == plan.params(name)

@@ -158,7 +158,7 @@ def test_qat_graph_reproduces_tensorflow_fake_quant(tmp_path, name, inp, out, st
     y = run_converted(yml, d["x"], inp, out, tmp_path)
     if step is None:  # tfmot: the Dense output's FakeQuant step, from the graph
         g = graphdef_to_graph(read_graphdef(DATA / f"{name}.pb"), name, [inp], [out], ["NHWC"], ["NHWC"], [2])
-        step = min(v["scale"] for v in g.metadata["qdq_params"].values() if v.get("axis") is None
+        step = min(v["scale"] for v in (qp.to_json() for qp in g.fixed_params.values()) if v.get("axis") is None
                    and v["dtype"] == "uint8")
     off = _steps_off(y, d["y"], step)
     assert off.max() <= 1.01, off.max()

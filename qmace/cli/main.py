@@ -17,6 +17,8 @@ from collections.abc import Callable
 import numpy as np
 
 from qmace.errors import QmaceError
+from qmace.qmath import SCHEMAS
+from qmace.quantize.ranges import DEFAULT_ENHANCE_RATIO
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -97,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "percentile", type=float, default=0.0,
           help="drop this percentile of per-sample minima/maxima at each end, in [0, 50) (default 0: min/max)")
     _flag(p, "enhance", action="store_true", help="MACE's outlier walk: narrow ranges past isolated extrema")
-    _flag(p, "enhance_ratio", type=float, default=10.0, help="--enhance's outlier ratio (default 10, > 0)")
+    _flag(p, "enhance_ratio", type=float, default=DEFAULT_ENHANCE_RATIO,
+          help=f"--enhance's outlier ratio (default {DEFAULT_ENHANCE_RATIO:g}, > 0)")
     _flag(p, "output", default=None, help="write the range file here (default: stdout)")
 
     p = sub.add_parser("quantize", help="one-shot: statistics + ranges + quantized model")
@@ -108,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
           help="range method: mace (per-sample extrema, as MACE), percentile / entropy / mse (histograms); "
                "see docs/quantization.md")
     _flag(p, "enhance", action="store_true", help="with --method mace: MACE's outlier walk")
-    _flag(p, "enhance_ratio", type=float, default=10.0, help="--enhance's outlier ratio (default 10)")
-    _flag(p, "schema", default=None, choices=["uint8", "int8", "int8_w7"], help="override the YAML's quantize_schema")
+    _flag(p, "enhance_ratio", type=float, default=DEFAULT_ENHANCE_RATIO,
+          help=f"--enhance's outlier ratio (default {DEFAULT_ENHANCE_RATIO:g})")
+    _flag(p, "schema", default=None, choices=list(SCHEMAS), help="override the YAML's quantize_schema")
     _flag(p, "range_file", default=None, help="where to write the ranges used (default: beside the model)")
     _flag(p, "no_bias_correction", action="store_true", help="skip correcting biases for weight rounding")
     _flag(p, "adaround", action="store_true",

@@ -6,7 +6,7 @@ format) hold their parameters in Q/DQ nodes with ONNX's three inputs ``[x, scale
 those nodes, and turns the model into its float model:
 
 - activation pair ``x -> Q(s, zp) -> q -> DQ(s, zp) -> y``: both nodes go, readers of ``y`` read ``x``,
-  and ``qdq_params[x]`` records the parameters. ``x`` is the name the float passes keep: for
+  and ``graph.fixed_params[x]`` records the parameters. ``x`` is the name the float passes keep: for
   ``Conv -> Relu -> Q -> DQ`` it is the Relu output, which activation fusion gives to the fused Conv.
   When ``y`` is a graph output its name is kept: the producer of ``x`` is renamed to ``y`` (or, when ``x``
   is a graph input/output itself, an Identity ``x -> y`` is inserted) and ``y`` is recorded.
@@ -18,17 +18,17 @@ those nodes, and turns the model into its float model:
   computes exactly what the QDQ model computes). A dropped ReLU6's upper bound cannot be told apart from
   the range's maximum; the quantized kernel clamps at that maximum anyway.
 - weight ``W_codes (constant) -> DQ(s, zp, axis) -> w``: ``w`` becomes the float constant
-  ``qmath.dequantize(W_codes, params)`` and ``qdq_params[w]`` records the parameters (per-channel axis
+  ``qmath.dequantize(W_codes, params)`` and ``fixed_params[w]`` records the parameters (per-channel axis
   kept). Re-quantizing ``w`` with them gives back ``W_codes`` exactly.
 - PyTorch-style fake quantization of a float weight, ``W_float -> Q -> DQ``: folded to the fake-quantized
   float values (``dequantize(quantize(W))``), parameters recorded for the DQ output.
 - int32 bias ``B_codes -> DQ(s_x * s_w, 0)``: replaced by the dequantized float constant, nothing recorded:
   the quantizer recomputes the bias codes with scale ``s_x * s_w`` from the recorded input and weight
   parameters, which gives back the same codes.
-- graph input ``x -> Q -> DQ``: ``qdq_params[x]``; the quantizer consults fixed parameters before
-  ``input_ranges`` (``_Planner.params_for``), so the QDQ parameters win over the YAML's range.
+- graph input ``x -> Q -> DQ``: ``fixed_params[x]``; the quantizer consults fixed parameters before
+  ``input_ranges`` (``qmace.quantize.plan``), so the QDQ parameters win over the YAML's range.
 
-Parameters land in ``graph.metadata["qdq_params"]`` (tensor name -> ``QuantParams.to_json()``), which
+Parameters land in ``graph.fixed_params`` (tensor name -> ``QuantParams``), which
 ``quantize_for_config`` hands to the quantizer as ``QuantizeOptions.fixed_params``; tensors without
 parameters take the range file's range (MACE's "mixing usage").
 
@@ -41,8 +41,8 @@ QDQ models with unfolded BN, HardSwish, squeeze-excite and Resize: the same code
 
 Names the float passes drop: BatchNorm folding replaces a Conv's weight by ``<node>_weight_bnfold`` (the
 recorded weight parameters no longer describe the folded values, so the quantizer derives new ones) and
-drops the pre-BN activation; fusion drops a Conv output read only by a Relu. Those entries are unused;
-:func:`prune_qdq_params` removes them and returns their names.
+drops the pre-BN activation; fusion drops a Conv output read only by a Relu. ``Graph.remove_unused`` drops
+their entries with the tensors, and ``Graph.rename_tensor`` carries an entry to the new name.
 
 Q/DQ nodes that fit none of these patterns (codes entering or leaving the model, parameters computed at
 run time, blocked or 16-bit quantization) stay in the float graph as ops with their explicit
@@ -60,21 +60,15 @@ from onnx import helper
 from qmace import qmath
 from qmace.errors import ModelError, QuantizationError
 from qmace.ir import Graph, Node, Tensor
+from qmace.ops import get_op, is_supported
 from qmace.qmath import QuantParams
 
 log = logging.getLogger(__name__)
 
-__all__ = ["prune_qdq_params", "strip_qdq"]
+__all__ = ["strip_qdq"]
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _CODE_DTYPES = ("uint8", "int8")
-_FUSE_INTO = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-_NONNEG_OPS = {"Relu", "Sigmoid", "Softmax", "HardSigmoid"}
-# ops whose output is non-negative when their (listed) data inputs are
-_KEEPS_SIGN_FIRST = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten",
-                     "Transpose", "Squeeze", "Unsqueeze", "Resize", "Pad", "Slice", "Gather", "Split",
-                     "ReduceMax", "ReduceMean", "Identity", "DepthToSpace", "SpaceToDepth", "Expand", "Tile"}
-_KEEPS_SIGN_ALL = {"Add", "Mul", "Concat", "Max", "Min"}
 
 
 def _is_explicit(node: Node) -> bool:
@@ -83,7 +77,7 @@ def _is_explicit(node: Node) -> bool:
 
 def _node_params(graph: Graph, node: Node, rank: int | None) -> tuple[np.ndarray, np.ndarray, str, int | None]:
     """(scale, zero_point, code dtype, axis) of an ONNX-style Q/DQ node; axis normalized, None per tensor."""
-    if int(node.attrs.get("block_size", 0) or 0):
+    if int(get_op(node.op_type).attr(node, "block_size") or 0):
         raise ModelError(f"{node.op_type} node {node.name!r}: blocked quantization is not supported")
     scale = graph.constant(node.inputs[1])
     if scale is None:
@@ -94,7 +88,7 @@ def _node_params(graph: Graph, node: Node, rank: int | None) -> tuple[np.ndarray
         raise ModelError(f"{node.op_type} node {node.name!r}: zero point {zp_name!r} is not a constant")
     if zp is not None:
         dtype = str(zp.dtype)
-    elif node.op_type == "QuantizeLinear" and int(node.attrs.get("output_dtype", 0) or 0):
+    elif node.op_type == "QuantizeLinear" and int(get_op(node.op_type).attr(node, "output_dtype") or 0):
         dtype = str(np.dtype(helper.tensor_dtype_to_np_dtype(int(node.attrs["output_dtype"]))))
     elif node.op_type == "DequantizeLinear" and graph.constant(node.inputs[0]) is not None:
         dtype = str(graph.constant(node.inputs[0]).dtype)
@@ -106,7 +100,7 @@ def _node_params(graph: Graph, node: Node, rank: int | None) -> tuple[np.ndarray
         scale, zp = scale.reshape(()), zp.reshape(())
     axis = None
     if scale.ndim == 1:
-        axis = int(node.attrs.get("axis", 1))
+        axis = int(get_op(node.op_type).attr(node, "axis"))
         if rank is not None:
             if not -rank <= axis < rank:
                 raise ModelError(f"{node.op_type} node {node.name!r}: axis {axis} out of range for rank {rank}")
@@ -138,7 +132,7 @@ def _dequantize_any(q: np.ndarray, scale, zp, axis) -> np.ndarray:
     return centered * scale.reshape(shape if axis is not None else ())
 
 
-def _fold_constant(graph: Graph, node: Node, params: dict[str, dict]) -> None:
+def _fold_constant(graph: Graph, node: Node, params: dict[str, QuantParams]) -> None:
     x = graph.constant(node.inputs[0])
     scale, zp, dtype, axis = _node_params(graph, node, x.ndim)
     out = graph.tensors[node.outputs[0]]
@@ -153,7 +147,7 @@ def _fold_constant(graph: Graph, node: Node, params: dict[str, dict]) -> None:
         if dtype in _CODE_DTYPES:
             qp = _quant_params(node, scale, zp, dtype, axis)
             value = qmath.dequantize(x, qp)
-            params[node.outputs[0]] = qp.to_json()
+            params[node.outputs[0]] = qp
         elif dtype != "int32":
             log.warning("DequantizeLinear node %r: %s weights are dequantized without keeping their parameters",
                         node.name, dtype)
@@ -182,25 +176,15 @@ class _Sign:
         if t.data is not None:
             return bool(t.data.size == 0 or np.all(t.data >= 0))
         prod = self.g.producers().get(name)
-        if prod is None:
+        if prod is None or not is_supported(prod.op_type):
             return False
-        if prod.op_type in _NONNEG_OPS:
-            return True
-        if prod.op_type == "Clip":
-            lo = self.g.constant(prod.inputs[1]) if len(prod.inputs) > 1 and prod.inputs[1] else None
-            return (lo is not None and float(lo) >= 0) or self.nonneg(prod.inputs[0])
-        if prod.op_type in _KEEPS_SIGN_FIRST:
-            return self.nonneg(prod.inputs[0])
-        if prod.op_type in _KEEPS_SIGN_ALL:
-            return all(self.nonneg(i) for i in prod.inputs if i)
-        return False
+        return get_op(prod.op_type).output_nonneg(prod, self.g.constant, self.nonneg)  # the op's sign trait
 
 
 def strip_qdq(graph: Graph) -> Graph:
     """Remove ONNX-style Q/DQ nodes (see the module docstring), in place.
 
-    Records ``graph.metadata["qdq_params"]`` (tensor name -> ``QuantParams.to_json()``) when the model held
-    any Q/DQ node.
+    Records ``graph.fixed_params`` (tensor name -> ``QuantParams``) when the model held any Q/DQ node.
 
     Args:
         graph: the imported graph.
@@ -213,16 +197,16 @@ def strip_qdq(graph: Graph) -> Graph:
     """
     if not any(_is_explicit(n) for n in graph.nodes):
         return graph
-    params: dict[str, dict] = dict(graph.metadata.get("qdq_params", {}))
+    params = graph.fixed_params  # renames and removals below keep it in step (Graph.rename_tensor, remove_unused)
     conflicts: list[str] = []
     removed: set[int] = set()
 
     def record(name: str, qp: QuantParams) -> None:
         old = params.get(name)
-        if old is not None and QuantParams.from_json(old) != qp:
+        if old is not None and old != qp:
             conflicts.append(name)
             return
-        params[name] = qp.to_json()
+        params[name] = qp
 
     # 1. Constant folding of weight/bias Q and DQ (in order, so W_float -> Q -> DQ folds completely).
     for node in list(graph.nodes):
@@ -263,7 +247,7 @@ def strip_qdq(graph: Graph) -> Graph:
             prod.outputs = [pre if o == x else o for o in prod.outputs]
             graph.nodes.insert(graph.nodes.index(prod) + 1,
                                Node(graph.unique_name(f"{x}__Relu"), "Relu", [pre], [x]))
-            if prod.op_type not in _FUSE_INTO:
+            if not get_op(prod.op_type).fuses_activation:
                 record(pre, qp)
             sign.memo.clear()
         for d in dqs:
@@ -276,9 +260,7 @@ def strip_qdq(graph: Graph) -> Graph:
                          and x not in graph.outputs and graph.tensors[x].data is None)
             if renamable:
                 graph.tensors.pop(y, None)
-                if x in params:
-                    params[y] = params.pop(x)
-                graph.rename_tensor(x, y)
+                graph.rename_tensor(x, y)  # moves x's recorded parameters to y
                 x = y
             else:
                 graph.nodes.append(Node(graph.unique_name(f"{y}__Identity"), "Identity", [x], [y]))
@@ -295,28 +277,5 @@ def strip_qdq(graph: Graph) -> Graph:
                     ", ".join(conflicts))
     graph.toposort()
     graph.remove_unused()
-    graph.metadata["qdq_params"] = params
-    log.info("QDQ import: %d Q/DQ parameter sets recorded", len(params))
+    log.info("QDQ import: %d Q/DQ parameter sets recorded", len(graph.fixed_params))
     return graph
-
-
-def prune_qdq_params(graph: Graph) -> list[str]:
-    """Drop ``qdq_params`` entries whose tensor is no longer in ``graph``.
-
-    After the float passes a tensor may be gone: a Conv output fused with its Relu, a weight replaced by
-    BatchNorm folding.
-
-    Args:
-        graph: the optimized graph; its metadata is changed in place.
-
-    Returns:
-        The dropped names.
-    """
-    params = graph.metadata.get("qdq_params")
-    if not params:
-        return []
-    gone = [k for k in params if k not in graph.tensors]
-    graph.metadata["qdq_params"] = {k: v for k, v in params.items() if k not in gone}
-    if gone:
-        log.info("QDQ parameters of tensors the float passes removed are unused: %s", ", ".join(gone))
-    return gone

@@ -3,7 +3,7 @@
 
 Ties: the first index, or the last with ``select_last_index=1``. Order-only, so the index is the same on
 8-bit codes as on their dequantized values, but the output is an index, not a quantized value:
-``quant_kernel`` None (it reads float input, after a DequantizeLinear in a quantized model).
+``Kernel.NONE`` (it reads float input, after a DequantizeLinear in a quantized model).
 """
 
 from __future__ import annotations

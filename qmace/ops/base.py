@@ -1,30 +1,71 @@
 """The op registry: each op lives in one module as one ``Op`` subclass registered by ``@register``.
 
-An op class holds everything about the op:
-- ``defaults``: its attributes with the ONNX spec's defaults (opset 21 semantics);
+An op class holds everything about the op, so passes, the planner and the quantization tools ask an op's
+traits instead of keeping lists of op names:
+- ``defaults``: its attributes with the ONNX spec's defaults (opset 21 semantics), read through ``attr``;
 - ``run``: the numpy reference kernel on float (or integer-typed, for Shape/Gather/...) values;
-- its quantization traits, read by the quantizer and the reference runtime:
-  ``quant_kernel`` says how it runs on 8-bit codes —
-    ``"accumulate"``  exact int32 accumulation + requantization (Conv, Gemm, MatMul, ...; ``run_quantized``),
-    ``"copy"``        moves codes unchanged; output shares the input's parameters (Reshape, MaxPool, ...),
-    ``"float"``       defined as dequantize -> float32 ``run`` -> quantize, and executed by ONNX Runtime with
-                      its own integer kernel (QLinearAdd, QLinearAveragePool, ...; see docs/quantization.md),
-    ``None``          no integer kernel: the quantizer surrounds it with DequantizeLinear/QuantizeLinear and
-                      it runs in float (a *fallback*, reported by ``convert``);
-  ``output_range`` says where its output range comes from — ``"stat"`` (calibration statistics),
-  ``"input"`` (same as input 0: data movement), ``"union"`` (Concat), ``"interval"`` (Add/Sub without
-  statistics) or a fixed ``(lo, hi)`` (Sigmoid, Softmax, Tanh);
-  ``weight_axis(node, index)`` names the inputs that are weights (quantized with per-channel axis ...) and
-  ``bias_input`` the int32 bias input.
+- its quantization traits (the planner in ``qmace.quantize.quantizer`` reads them):
+  ``quant_kernel`` (:class:`Kernel`) says how it runs on 8-bit codes —
+    ``ACCUMULATE``  exact int32 accumulation + requantization (Conv, Gemm, MatMul; ``run_quantized``),
+    ``COPY``        moves codes unchanged; output shares the input's parameters (Reshape, MaxPool, ...),
+    ``FLOAT``       defined as dequantize -> float32 ``run`` -> quantize, and executed by ONNX Runtime with
+                    its own integer kernel (QLinearAdd, QLinearAveragePool, ...; see docs/quantization.md),
+    ``NONE``        no integer kernel: the quantizer surrounds it with DequantizeLinear/QuantizeLinear and
+                    it runs in float (a *fallback*, reported by ``convert``);
+  ``kernel_for(node)`` is the per-node kind (Resize: ``COPY`` for nearest, ``FLOAT`` for linear/cubic) and
+  ``quantizable(node)`` rules out attributes the integer kernel does not handle (Gemm's alpha/beta);
+  ``range_rule`` (:class:`RangeRule`) says where its output range comes from — ``STAT`` (calibration
+  statistics), ``INPUT`` (input 0's parameters: data movement), ``UNION`` (Concat), ``FIXED``
+  (``fixed_range``, a Range: Sigmoid, Softmax, Tanh); ``range_without_stats`` is the fallback when a ``STAT``
+  output has no statistics (``INTERVAL``: Add/Sub, computed by ``interval``);
+  ``const_data_inputs``: float constant inputs are data quantized with their own range (Add, Concat, ...),
+  not parameters; ``weight_axis(node, index)`` names the inputs that are weights (quantized per channel
+  along that axis; ``weight_params`` gives their parameters for a schema) and ``bias_input`` the int32 bias;
+  ``weight_rows``/``weight_from_rows``/``input_rows`` give a linear layer's weight as per-output-channel rows
+  and its input as matching rows (bias correction, AdaRound, equalization);
+- its graph traits, read by passes: ``fusable_activation`` (a producer with ``fuses_activation`` absorbs
+  it: ``fusion_attrs``), ``channelwise`` (acts on each channel alone and commutes with a positive
+  per-channel scale: equalization; per node ``is_channelwise``), ``sign`` (:class:`Sign`, per node
+  ``output_nonneg``: the QDQ importer's test for a dropped Relu).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from enum import StrEnum
 from typing import Any, ClassVar
 
 import numpy as np
 
+from qmace import qmath
 from qmace.ir import Node
+from qmace.qmath import QuantParams, Range
+
+
+class Kernel(StrEnum):
+    """How an op runs on 8-bit codes (module docstring). String-valued: ``Kernel.COPY == "copy"``."""
+    ACCUMULATE = "accumulate"
+    COPY = "copy"
+    FLOAT = "float"
+    NONE = "none"
+
+
+class RangeRule(StrEnum):
+    """Where a quantized op's output range comes from (module docstring)."""
+    STAT = "stat"
+    INPUT = "input"
+    UNION = "union"
+    INTERVAL = "interval"
+    FIXED = "fixed"
+
+
+class Sign(StrEnum):
+    """What an op's output sign follows: ``ANY`` (nothing known), ``NONNEG`` (always >= 0), ``FIRST`` (>= 0
+    when input 0 is), ``ALL`` (>= 0 when every input is)."""
+    ANY = "any"
+    NONNEG = "nonneg"
+    FIRST = "first"
+    ALL = "all"
 
 _REGISTRY: dict[str, type[Op]] = {}
 
@@ -38,11 +79,29 @@ class Op:
     """
     op_type: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
-    quant_kernel: ClassVar[str | None] = None
-    output_range: ClassVar[Any] = "stat"
+    quant_kernel: ClassVar[Kernel] = Kernel.NONE
+    # Kernel per attribute value where ``kernel_for`` depends on it ("mode=linear" -> FLOAT), for the docs
+    # and the registry test; empty when every node has ``quant_kernel``.
+    kernel_variants: ClassVar[dict[str, Kernel]] = {}
+    range_rule: ClassVar[RangeRule] = RangeRule.STAT
+    # The output range of a FIXED range rule, None otherwise.
+    fixed_range: ClassVar[Range | None] = None
+    # The rule a STAT output falls back to when it has no statistics (only INTERVAL exists), or None.
+    range_without_stats: ClassVar[RangeRule | None] = None
     bias_input: ClassVar[int | None] = None
-    # Ops that a producing Conv/Gemm can absorb as its fused activation (MACE's fusion rule).
+    # Float constant inputs are data, quantized with their own range (Add's constant operand, Concat's
+    # constant part), not parameters left in float.
+    const_data_inputs: ClassVar[bool] = False
+    # An activation a producing op with ``fuses_activation`` can absorb (MACE's fusion rule; ``fusion_attrs``).
     fusable_activation: ClassVar[bool] = False
+    # A producer that can take a fused activation (``qm_activation``/``qm_clip``) as its last step.
+    fuses_activation: ClassVar[bool] = False
+    # Acts on each channel (axis 1) alone and commutes with a positive per-channel scale: f(s x) = s f(x).
+    channelwise: ClassVar[bool] = False
+    sign: ClassVar[Sign] = Sign.ANY
+    # For a layer with ``weight_rows``: the channel axis of its input 0 and output 0 (Conv: 1; Gemm/MatMul:
+    # -1, the last), so tools pairing per-channel statistics with weight rows know where channels are.
+    channel_axis: ClassVar[int | None] = None
     # The ONNX opset the ONNX Runtime lowering needs for this op: 21 (the IR's), or the newer opset that
     # first defines it (RMSNormalization: 23).
     onnx_opset: ClassVar[int] = 21
@@ -104,11 +163,10 @@ class Op:
         Raises:
             NotImplementedError: the op has no integer kernel.
         """
-        from qmace import qmath
-
-        if cls.quant_kernel == "copy":
+        kind = cls.kernel_for(node)
+        if kind is Kernel.COPY:
             return cls.run(node, inputs)
-        if cls.quant_kernel == "float":
+        if kind is Kernel.FLOAT:
             floats = [qmath.dequantize(x, qp) if (qp is not None and x is not None) else x for x, qp in zip(inputs, in_qp)]
             outs = cls.run(node, floats)
             return [qmath.quantize(y, qp) if qp is not None else y for y, qp in zip(outs, out_qp)]
@@ -140,6 +198,218 @@ class Op:
         """
         return cls.weight_axis(node, index) is not None
 
+    @classmethod
+    def kernel_for(cls, node: Node) -> Kernel:
+        """The kernel kind of this node (``quant_kernel`` unless the op's attributes change it: Resize).
+
+        Args:
+            node: a node of this op type.
+
+        Returns:
+            The node's Kernel.
+        """
+        return cls.quant_kernel
+
+    @classmethod
+    def quantizable(cls, node: Node) -> bool:
+        """Whether the integer kernel handles this node's attributes (else it falls back to float).
+
+        Args:
+            node: a node of this op type.
+
+        Returns:
+            True unless the op rules the attributes out.
+        """
+        return True
+
+    @classmethod
+    def interval(cls, node: Node, inputs: list[Range]) -> Range | None:
+        """The ``INTERVAL`` output range from the input ranges (``range_without_stats``), else None.
+
+        Args:
+            node: a node of this op type.
+            inputs: the ranges of its first inputs.
+
+        Returns:
+            The interval the output stays in, or None when the op has no such rule.
+        """
+        return None
+
+    @classmethod
+    def weight_params(cls, node: Node, index: int, w: np.ndarray, schema: str) -> QuantParams:
+        """The parameters ``schema`` gives weight input ``index`` (per channel along ``weight_axis``); the one
+        place the quantizer, bias correction, AdaRound and QAT take them from (``qmath.weight_params``).
+
+        Args:
+            node: a node of this op type.
+            index: the weight's input position.
+            w: the float32 weight.
+            schema: the quantization schema (``qmath.Schema`` value).
+
+        Returns:
+            The weight's QuantParams.
+
+        Raises:
+            QuantizationError: an unknown schema.
+        """
+        return qmath.weight_params(w, cls.weight_axis(node, index), schema)
+
+    @classmethod
+    def weight_rows(cls, node: Node, w: np.ndarray) -> np.ndarray | None:
+        """Input 1 of a linear layer ``y[m] = sum_{c, t} W[m, c, t] x[c, t]`` as float64 rows (G, Mg, Cg, T):
+        G groups, Mg output channels per group, Cg input channels per group, T taps per input channel.
+
+        Args:
+            node: a node of this op type.
+            w: its constant weight in the op's own layout.
+
+        Returns:
+            The rows, or None when the op (or this node's attributes) is no such layer.
+        """
+        return None
+
+    @classmethod
+    def weight_from_rows(cls, node: Node, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Inverse of ``weight_rows``: rows (G, Mg, Cg, T) back to the weight layout ``shape``.
+
+        Args:
+            node: a node of this op type.
+            rows: the rows.
+            shape: the weight's shape.
+
+        Returns:
+            The weight array (rows' dtype).
+
+        Raises:
+            NotImplementedError: the op has no ``weight_rows``.
+        """
+        raise NotImplementedError(f"{cls.op_type} has no weight rows")
+
+    @classmethod
+    def input_rows(cls, node: Node, x: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
+        """Input 0 of a ``weight_rows`` layer as float64 rows (G, R, Cg*T), one row per output position, so
+        that output ``y[g, r, m] = rows[g, r] . weight_rows[g, m]`` (flattened).
+
+        Args:
+            node: a node of this op type.
+            x: one sample of input 0.
+            w_shape: the weight's shape.
+
+        Returns:
+            The (G, R, Cg*T) rows.
+
+        Raises:
+            NotImplementedError: the op has no ``weight_rows``.
+        """
+        raise NotImplementedError(f"{cls.op_type} has no input rows")
+
+    @classmethod
+    def fold_bias_scale(cls, node: Node) -> float:
+        """The factor the op applies to its bias input (Gemm's beta); the node is changed to apply 1.
+
+        Args:
+            node: a node of this op type, changed in place.
+
+        Returns:
+            The factor the caller must multiply the bias by.
+        """
+        return 1.0
+
+    @classmethod
+    def fusion_attrs(cls, node: Node, constant: Callable[[str], np.ndarray | None]) -> dict[str, Any] | None:
+        """For a ``fusable_activation``: the ``qm_activation``/``qm_clip`` attributes that make a producer
+        apply it (``apply_fused_activation``), or None when this node cannot be fused.
+
+        Args:
+            node: a node of this op type.
+            constant: tensor name -> its constant value, or None.
+
+        Returns:
+            The attributes, or None.
+        """
+        return None
+
+    @classmethod
+    def is_channelwise(cls, node: Node, shape_of: Callable[[str], tuple | None]) -> bool:
+        """Whether this node acts on each channel alone (``channelwise``, checked against its attributes and
+        shapes): its float inputs and output may share one per-channel scale vector.
+
+        Args:
+            node: a node of this op type.
+            shape_of: tensor name -> its shape, or None when unknown.
+
+        Returns:
+            True for a channel-wise node.
+        """
+        return cls.channelwise
+
+    @classmethod
+    def output_nonneg(cls, node: Node, constant: Callable[[str], np.ndarray | None],
+                      nonneg: Callable[[str], bool]) -> bool:
+        """Whether output 0 is known to be >= 0 (the ``sign`` trait; Clip also looks at its lower bound).
+
+        Args:
+            node: a node of this op type.
+            constant: tensor name -> its constant value, or None.
+            nonneg: tensor name -> whether it is known non-negative.
+
+        Returns:
+            True when every value of output 0 is >= 0.
+        """
+        if cls.sign is Sign.NONNEG:
+            return True
+        if cls.sign is Sign.FIRST:
+            return bool(node.inputs) and nonneg(node.inputs[0])
+        if cls.sign is Sign.ALL:
+            return all(nonneg(i) for i in node.inputs if i)
+        return False
+
+
+def trait_errors(cls: type[Op]) -> list[str]:
+    """The ways ``cls``'s traits break the rules of the module docstring (empty when they are legal).
+
+    Args:
+        cls: an Op subclass.
+
+    Returns:
+        One message per problem.
+    """
+    errors = []
+    for name, kind in (("quant_kernel", Kernel), ("range_rule", RangeRule), ("sign", Sign)):
+        if not isinstance(getattr(cls, name), kind):
+            errors.append(f"{name} {getattr(cls, name)!r} is not a {kind.__name__}")
+    for name in ("const_data_inputs", "fusable_activation", "fuses_activation", "channelwise"):
+        if not isinstance(getattr(cls, name), bool):
+            errors.append(f"{name} is not a bool")
+    fixed = cls.fixed_range
+    if (cls.range_rule is RangeRule.FIXED) != (fixed is not None):
+        errors.append("fixed_range is set exactly when range_rule is FIXED")
+    elif fixed is not None and not (isinstance(fixed, Range) and fixed.min < fixed.max):
+        errors.append(f"fixed_range {fixed!r} is not a Range with lo < hi")
+    if cls.range_without_stats not in (None, RangeRule.INTERVAL):
+        errors.append(f"range_without_stats {cls.range_without_stats!r} is not None or INTERVAL")
+    if cls.range_without_stats is not None and (cls.range_rule is not RangeRule.STAT
+                                                or cls.interval.__func__ is Op.interval.__func__):
+        errors.append("range_without_stats needs range_rule STAT and an interval() override")
+    if cls.fusable_activation and cls.fusion_attrs.__func__ is Op.fusion_attrs.__func__:
+        errors.append("fusable_activation needs a fusion_attrs() override")
+    if cls.quant_kernel is Kernel.COPY and cls.range_rule not in (RangeRule.INPUT, RangeRule.UNION):
+        errors.append("a COPY kernel moves codes, so its output range is its input's (INPUT or UNION)")
+    for key, kind in cls.kernel_variants.items():
+        attr, _, value = key.partition("=")
+        if not value or not isinstance(kind, Kernel):
+            errors.append(f"kernel_variants entry {key!r}: {kind!r} is not 'attribute=value' -> Kernel")
+        elif cls.kernel_for(Node("probe", cls.op_type, [], [], {attr: value})) is not kind:
+            errors.append(f"kernel_variants entry {key!r} disagrees with kernel_for()")
+    has_rows = cls.weight_rows.__func__ is not Op.weight_rows.__func__
+    if has_rows != (cls.channel_axis is not None):
+        errors.append("channel_axis is set exactly when the op has weight_rows()")
+    if cls.bias_input is not None and not isinstance(cls.bias_input, int):
+        errors.append("bias_input is not an int or None")
+    if not isinstance(cls.onnx_opset, int) or cls.onnx_opset < 21:
+        errors.append(f"onnx_opset {cls.onnx_opset!r} is below the IR's 21")
+    return errors
+
 
 def register(cls: type[Op]) -> type[Op]:
     """Class decorator: make ``cls`` the implementation of its ``op_type``.
@@ -151,10 +421,14 @@ def register(cls: type[Op]) -> type[Op]:
         ``cls``.
 
     Raises:
-        ValueError: no ``op_type``, or the op type is already registered.
+        ValueError: no ``op_type``, illegal trait values (``trait_errors``), or the op type is already
+            registered.
     """
     if not cls.op_type:
         raise ValueError(f"{cls.__name__} has no op_type")
+    problems = trait_errors(cls)
+    if problems:
+        raise ValueError(f"op {cls.op_type}: " + "; ".join(problems))
     if cls.op_type in _REGISTRY:
         raise ValueError(f"op {cls.op_type} registered twice ({_REGISTRY[cls.op_type].__module__}, {cls.__module__})")
     _REGISTRY[cls.op_type] = cls

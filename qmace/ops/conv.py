@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from qmace.ir import Node
-from qmace.ops.base import Op, register
+from qmace.ops.base import Kernel, Op, register
 from qmace.ops.util import apply_fused_activation, clamp_codes_to_activation, conv_pads, pad_spatial, windows
 
 
@@ -91,12 +91,27 @@ class Conv(Op):
     """
     op_type = "Conv"
     defaults = {"auto_pad": "NOTSET", "dilations": None, "group": 1, "kernel_shape": None, "pads": None, "strides": None}
-    quant_kernel = "accumulate"
+    quant_kernel = Kernel.ACCUMULATE
     bias_input = 2
+    fuses_activation = True
+    channel_axis = 1
 
     @classmethod
     def weight_axis(cls, node: Node, index: int) -> int | None:
         return 0 if index == 1 else None
+
+    @classmethod
+    def weight_rows(cls, node, w):
+        group = int(cls.attr(node, "group"))  # (M, Cg, *K) -> (G, M/G, Cg, prod(K))
+        return w.astype(np.float64).reshape(group, w.shape[0] // group, w.shape[1], -1)
+
+    @classmethod
+    def weight_from_rows(cls, node, rows, shape):
+        return rows.reshape(shape)
+
+    @classmethod
+    def input_rows(cls, node, x, w_shape):
+        return im2col(np.asarray(x), w_shape, node, 0.0, np.float64)[0]  # (G, N*Ho*Wo, Cg*prod(K))
 
     @classmethod
     def run(cls, node, inputs):

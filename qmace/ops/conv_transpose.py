@@ -10,7 +10,7 @@ When ``output_shape`` is given (or auto_pad is SAME_*, where ``out = in * s``), 
 SAME_UPPER puts ``total//2`` at the begin, SAME_LOWER and NOTSET put ``total - total//2`` there.
 Computed as one matmul per group (x^T w: every tap at once) followed by one strided add per kernel tap.
 
-Quantization: quant_kernel None (float fallback). Weights would be per-channel along axis 1 of w (the output
+Quantization: ``Kernel.NONE`` (float fallback). Weights would be per-channel along axis 1 of w (the output
 channel within a group, C_in x M/g layout); for group > 1 that axis has M/g entries shared by the groups.
 """
 
@@ -108,6 +108,7 @@ class ConvTranspose(Op):
     w[c, m, k]`` cropped by the pads, plus ``b``; the fused activation applied. Float only.
     """
     op_type = "ConvTranspose"
+    fuses_activation = True
     defaults: ClassVar[dict[str, Any]] = {
         "auto_pad": "NOTSET",
         "dilations": None,
@@ -118,7 +119,6 @@ class ConvTranspose(Op):
         "pads": None,
         "strides": None,
     }
-    quant_kernel = None
 
     @classmethod
     def weight_axis(cls, node: Node, index: int) -> int | None:

@@ -6,7 +6,7 @@
   ``(i * b + j) * C + c`` holds input (c, h * b + i, w * b + j).
 
 Pure data movement (a reshape-transpose-reshape): on 8-bit codes it computes exactly what it computes on
-the dequantized floats, so ``quant_kernel = "copy"`` and ``output_range = "input"``.
+the dequantized floats, so ``Kernel.COPY`` and ``RangeRule.INPUT``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from qmace.ops.base import Op, register
+from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
 
 
 def _checked(op: type[Op], node, x: np.ndarray) -> int:
@@ -30,9 +30,10 @@ def _checked(op: type[Op], node, x: np.ndarray) -> int:
 class DepthToSpace(Op):
     """(N, C, H, W) -> (N, C / b^2, H b, W b); DCR or CRD channel order (module docstring). Copies codes."""
     op_type = "DepthToSpace"
+    sign = Sign.FIRST
     defaults: ClassVar[dict[str, Any]] = {"blocksize": None, "mode": "DCR"}
-    quant_kernel = "copy"
-    output_range = "input"
+    quant_kernel = Kernel.COPY
+    range_rule = RangeRule.INPUT
 
     @classmethod
     def run(cls, node, inputs):
@@ -55,9 +56,10 @@ class DepthToSpace(Op):
 class SpaceToDepth(Op):
     """(N, C, H, W) -> (N, C b^2, H / b, W / b), the inverse of DCR DepthToSpace. Copies codes."""
     op_type = "SpaceToDepth"
+    sign = Sign.FIRST
     defaults: ClassVar[dict[str, Any]] = {"blocksize": None}
-    quant_kernel = "copy"
-    output_range = "input"
+    quant_kernel = Kernel.COPY
+    range_rule = RangeRule.INPUT
 
     @classmethod
     def run(cls, node, inputs):

@@ -3,7 +3,7 @@
 
 Float inputs are accumulated in float64 and rounded once to the input dtype (ORT accumulates in the input
 type: differences are rounding-level); integer inputs stay in their type. No integer kernel
-(``quant_kernel`` None).
+(``Kernel.NONE``).
 """
 
 from __future__ import annotations

@@ -13,14 +13,17 @@ Erf uses W. J. Cody's rational Chebyshev approximations (Math. Comp. 23, 1969; t
 relative error below 1e-16 in float64, vectorised over three intervals of |x|.
 
 Quantization traits (see ``qmace.ops.base``):
-- Add, Mul: ``quant_kernel = "float"`` (ORT's QLinearAdd / QLinearMul), ``output_range = "stat"``.
-- Add, Sub: ``range_without_stats = "interval"`` — an extra class attribute read by the range rules only
-  when a tensor has no calibration statistics: the output range is then the interval sum/difference of the
-  input ranges ([a0 + b0, a1 + b1] for Add, [a0 - b1, a1 - b0] for Sub). Other ops have no such fallback
-  (``getattr(op, "range_without_stats", None)`` is None).
-- Sigmoid: ``"float"`` with fixed range (0, 1); Tanh: fixed range (-1, 1) but no integer kernel.
-- Relu, Clip: ``"float"`` and ``fusable_activation`` (a producing Conv/Gemm absorbs them).
-- LeakyRelu: ``"float"`` (ORT's QLinearLeakyRelu).
+- Add, Mul: ``Kernel.FLOAT`` (ORT's QLinearAdd / QLinearMul), range from statistics.
+- Add, Sub: ``range_without_stats = RangeRule.INTERVAL``, used only when a tensor has no calibration
+  statistics: the output range is then the interval sum/difference of the input ranges (``interval``:
+  [a0 + b0, a1 + b1] for Add, [a0 - b1, a1 - b0] for Sub). Other ops have no such fallback (None).
+- Add, Sub, Mul, Div: ``const_data_inputs`` (a float constant operand is data with its own range).
+- Sigmoid: ``Kernel.FLOAT`` with fixed range (0, 1); Tanh: fixed range (-1, 1) but no integer kernel.
+- Relu, Clip: ``Kernel.FLOAT`` and ``fusable_activation`` (a producing Conv/Gemm absorbs them,
+  ``fusion_attrs``: Clip only with constant scalar bounds).
+- Relu and same-shape Add are ``channelwise``; sign traits: Relu/Sigmoid/HardSigmoid non-negative,
+  Add/Mul keep the sign of all inputs, Clip is non-negative when its lower bound is >= 0 or its input is.
+- LeakyRelu: ``Kernel.FLOAT`` (ORT's QLinearLeakyRelu).
 - Everything else has no integer kernel (float fallback between DequantizeLinear/QuantizeLinear).
 """
 
@@ -31,7 +34,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from qmace.ops.base import Op, register
+from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
+from qmace.qmath import Range
 
 
 def optional_input(inputs: list[np.ndarray | None], index: int) -> np.ndarray | None:
@@ -160,9 +164,23 @@ class Add(_Binary):
     range is the interval sum ``[a0 + b0, a1 + b1]``.
     """
     op_type = "Add"
-    quant_kernel = "float"
-    output_range = "stat"
-    range_without_stats: ClassVar[str] = "interval"
+    quant_kernel = Kernel.FLOAT
+    range_without_stats = RangeRule.INTERVAL
+    const_data_inputs = True
+    channelwise = True  # (s a) + (s b) = s (a + b), for two same-shape inputs (is_channelwise)
+    sign = Sign.ALL
+
+    @classmethod
+    def interval(cls, node, inputs):
+        a, b = inputs[0], inputs[1]
+        return Range(a.min + b.min, a.max + b.max)
+
+    @classmethod
+    def is_channelwise(cls, node, shape_of):
+        if len(node.inputs) != 2:
+            return False
+        shapes = [shape_of(t) for t in (*node.inputs, node.outputs[0])]
+        return shapes[0] is not None and shapes[0] == shapes[1] == shapes[2]  # no broadcasting
 
     @classmethod
     def compute(cls, a, b):
@@ -175,8 +193,13 @@ class Sub(_Binary):
     ``[a0 - b1, a1 - b0]``. No integer kernel.
     """
     op_type = "Sub"
-    output_range = "stat"
-    range_without_stats: ClassVar[str] = "interval"
+    range_without_stats = RangeRule.INTERVAL
+    const_data_inputs = True
+
+    @classmethod
+    def interval(cls, node, inputs):
+        a, b = inputs[0], inputs[1]
+        return Range(a.min - b.max, a.max - b.min)
 
     @classmethod
     def compute(cls, a, b):
@@ -187,8 +210,9 @@ class Sub(_Binary):
 class Mul(_Binary):
     """``C = A * B``; integers wrap on overflow. Quantized: ORT's QLinearMul."""
     op_type = "Mul"
-    quant_kernel = "float"
-    output_range = "stat"
+    quant_kernel = Kernel.FLOAT
+    const_data_inputs = True
+    sign = Sign.ALL
 
     @classmethod
     def compute(cls, a, b):
@@ -200,6 +224,7 @@ class Div(_Binary):
     """Float: IEEE division. Integer: quotient truncated toward zero (C++ ``/``), not numpy's floor."""
 
     op_type = "Div"
+    const_data_inputs = True
 
     @classmethod
     def compute(cls, a, b):
@@ -326,7 +351,8 @@ class Tanh(_Unary):
     """``Y = tanh(X)``, in float64 rounded once; fixed output range (-1, 1)."""
     op_type = "Tanh"
     float64_math = True
-    output_range = (-1.0, 1.0)
+    range_rule = RangeRule.FIXED
+    fixed_range = Range(-1.0, 1.0)
 
     @classmethod
     def compute(cls, node, x):
@@ -339,8 +365,10 @@ class Sigmoid(_Unary):
 
     op_type = "Sigmoid"
     float64_math = True
-    quant_kernel = "float"
-    output_range = (0.0, 1.0)
+    quant_kernel = Kernel.FLOAT
+    range_rule = RangeRule.FIXED
+    fixed_range = Range(0.0, 1.0)
+    sign = Sign.NONNEG
 
     @classmethod
     def compute(cls, node, x):
@@ -374,8 +402,14 @@ class Gelu(_Unary):
 class Relu(_Unary):
     """``Y = max(X, 0)``; fusable into a producing Conv/Gemm."""
     op_type = "Relu"
-    quant_kernel = "float"
+    quant_kernel = Kernel.FLOAT
     fusable_activation = True
+    channelwise = True
+    sign = Sign.NONNEG
+
+    @classmethod
+    def fusion_attrs(cls, node, constant):
+        return {"qm_activation": "Relu"}
 
     @classmethod
     def compute(cls, node, x):
@@ -388,7 +422,7 @@ class LeakyRelu(_Unary):
 
     op_type = "LeakyRelu"
     defaults: ClassVar[dict[str, Any]] = {"alpha": 0.01}
-    quant_kernel = "float"
+    quant_kernel = Kernel.FLOAT
 
     @classmethod
     def compute(cls, node, x):
@@ -401,6 +435,7 @@ class HardSigmoid(_Unary):
     """``max(0, min(1, alpha * x + beta))`` in X's float type."""
 
     op_type = "HardSigmoid"
+    sign = Sign.NONNEG
     defaults: ClassVar[dict[str, Any]] = {"alpha": 0.2, "beta": 0.5}
 
     @classmethod
@@ -442,8 +477,27 @@ class Clip(Op):
     every value becomes hi (the spec's and ORT's order of operations)."""
 
     op_type = "Clip"
-    quant_kernel = "float"
+    quant_kernel = Kernel.FLOAT
     fusable_activation = True
+
+    @classmethod
+    def _bounds(cls, node, constant) -> list[float] | None:
+        """[lo, hi] when both bounds are constant scalars (omitted: -inf / inf), else None."""
+        lo = constant(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else np.array(-np.inf)
+        hi = constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else np.array(np.inf)
+        if lo is None or hi is None or np.size(lo) != 1 or np.size(hi) != 1:
+            return None  # anything else is left to the kernel's named error
+        return [float(np.asarray(lo).reshape(())), float(np.asarray(hi).reshape(()))]
+
+    @classmethod
+    def fusion_attrs(cls, node, constant):
+        bounds = cls._bounds(node, constant)
+        return None if bounds is None else {"qm_activation": "Clip", "qm_clip": bounds}
+
+    @classmethod
+    def output_nonneg(cls, node, constant, nonneg):
+        lo = constant(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
+        return (lo is not None and float(lo) >= 0) or nonneg(node.inputs[0])
 
     @classmethod
     def run(cls, node, inputs):

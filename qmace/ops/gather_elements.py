@@ -4,7 +4,7 @@
 error. The output has the shape of ``indices``.
 
 Pure data movement: on 8-bit codes it computes exactly what it computes on the dequantized floats, so
-``quant_kernel = "copy"`` and ``output_range = "input"`` (the output shares the data's parameters).
+``Kernel.COPY`` and ``RangeRule.INPUT`` (the output shares the data's parameters).
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from qmace.ops.base import Op, register
+from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
 
 
 @register
 class GatherElements(Op):
     """``out[i][j][k] = data[index[i][j][k]][j][k]`` for ``axis=0`` (likewise for other axes). Copies codes."""
     op_type = "GatherElements"
+    sign = Sign.FIRST
     defaults: ClassVar[dict[str, Any]] = {"axis": 0}
-    quant_kernel = "copy"
-    output_range = "input"
+    quant_kernel = Kernel.COPY
+    range_rule = RangeRule.INPUT
 
     @classmethod
     def run(cls, node, inputs):

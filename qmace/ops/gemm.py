@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qmace.ir import Node
-from qmace.ops.base import Op, register
+from qmace.ops.base import Kernel, Op, register
 from qmace.ops.util import apply_fused_activation, clamp_codes_to_activation
 
 
@@ -56,14 +56,43 @@ class Gemm(Op):
     """
     op_type = "Gemm"
     defaults: ClassVar[dict[str, Any]] = {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0}
-    quant_kernel = "accumulate"
+    quant_kernel = Kernel.ACCUMULATE
     bias_input = 2
+    fuses_activation = True
+    channel_axis = -1
 
     @classmethod
     def weight_axis(cls, node: Node, index: int) -> int | None:
         if index != 1:
             return None
         return 0 if cls.attr(node, "transB") else 1
+
+    @classmethod
+    def quantizable(cls, node):
+        has_c = len(node.inputs) > 2 and bool(node.inputs[2])
+        return float(cls.attr(node, "alpha")) == 1.0 and (not has_c or float(cls.attr(node, "beta")) == 1.0)
+
+    @classmethod
+    def weight_rows(cls, node, w):
+        if cls.attr(node, "transA") or float(cls.attr(node, "alpha")) != 1.0 or w.ndim != 2:
+            return None
+        rows = w if cls.attr(node, "transB") else w.T  # (N, K)
+        return rows.astype(np.float64)[None, :, :, None]
+
+    @classmethod
+    def weight_from_rows(cls, node, rows, shape):
+        rows = rows[0, :, :, 0]
+        return rows if cls.attr(node, "transB") else rows.T
+
+    @classmethod
+    def input_rows(cls, node, x, w_shape):
+        return np.asarray(x, np.float64).reshape(1, -1, x.shape[-1])
+
+    @classmethod
+    def fold_bias_scale(cls, node):
+        beta = float(cls.attr(node, "beta"))
+        node.attrs["beta"] = 1.0
+        return beta
 
     @classmethod
     def run(cls, node, inputs):
@@ -109,11 +138,25 @@ class MatMul(Op):
     """
     op_type = "MatMul"
     defaults: ClassVar[dict[str, Any]] = {}
-    quant_kernel = "accumulate"
+    quant_kernel = Kernel.ACCUMULATE
+    fuses_activation = True
+    channel_axis = -1
 
     @classmethod
     def weight_axis(cls, node: Node, index: int) -> int | None:
         return 1 if index == 1 else None
+
+    @classmethod
+    def weight_rows(cls, node, w):
+        return w.T.astype(np.float64)[None, :, :, None] if w.ndim == 2 else None  # (K, N) -> (1, N, K, 1)
+
+    @classmethod
+    def weight_from_rows(cls, node, rows, shape):
+        return rows[0, :, :, 0].T
+
+    @classmethod
+    def input_rows(cls, node, x, w_shape):
+        return np.asarray(x, np.float64).reshape(1, -1, x.shape[-1])
 
     @classmethod
     def run(cls, node, inputs):

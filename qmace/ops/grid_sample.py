@@ -12,7 +12,7 @@
   cubic weights (a = -0.75); separably over the spatial axes;
 - a tap outside [0, d) reads 0 (zeros), the clamped index (border) or the reflected one (reflection).
 
-No integer kernel (``quant_kernel`` None).
+No integer kernel (``Kernel.NONE``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 multidirectional (numpy) broadcasting.
 
 ``Y = max(X_0, X_1, ...)`` (``min`` for Min) in the inputs' common dtype; a NaN in any input gives NaN, as
-ORT and onnx/reference. Quantization: no integer kernel (``quant_kernel`` None: the inputs may carry
+ORT and onnx/reference. Quantization: no integer kernel (``Kernel.NONE``: the inputs may carry
 different parameters, so the op runs in float between DequantizeLinear/QuantizeLinear).
 """
 
@@ -12,7 +12,7 @@ from functools import reduce
 
 import numpy as np
 
-from qmace.ops.base import Op, register
+from qmace.ops.base import Op, Sign, register
 
 
 class _Extreme(Op):
@@ -33,6 +33,7 @@ class _Extreme(Op):
 class Max(_Extreme):
     """``Y = max(X_1, ..., X_n)`` elementwise with multidirectional broadcasting; NaN propagates."""
     op_type = "Max"
+    sign = Sign.ALL
     fn = staticmethod(np.maximum)
 
 
@@ -40,4 +41,5 @@ class Max(_Extreme):
 class Min(_Extreme):
     """``Y = min(X_1, ..., X_n)`` elementwise with multidirectional broadcasting; NaN propagates."""
     op_type = "Min"
+    sign = Sign.ALL
     fn = staticmethod(np.minimum)

@@ -10,7 +10,7 @@
 - LayerNormalization: over the axes ``[axis, rank)``, ``y = (x - mu) * inv_std * Scale + B`` with
   ``inv_std = 1 / sqrt(sigma^2 + epsilon)``; the optional outputs Mean and InvStdDev (shape
   ``X.shape[:axis] + (1,) * (rank - axis)``, float32 for stash_type 1) are returned when requested.
-None has an integer kernel (quant_kernel None: they run in float between DequantizeLinear/QuantizeLinear).
+None has an integer kernel (``Kernel.NONE``: they run in float between DequantizeLinear/QuantizeLinear).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ class BatchNormalization(Op):
     """
     op_type = "BatchNormalization"
     defaults: ClassVar[dict[str, Any]] = {"epsilon": 1e-5, "momentum": 0.9, "training_mode": 0}
-    output_range = "stat"
 
     @classmethod
     def run(cls, node, inputs):
@@ -60,7 +59,6 @@ class InstanceNormalization(Op):
     """Per (n, c) over the spatial axes: ``y = (x - mu) / sqrt(sigma^2 + epsilon) * scale[c] + B[c]``."""
     op_type = "InstanceNormalization"
     defaults: ClassVar[dict[str, Any]] = {"epsilon": 1e-5}
-    output_range = "stat"
 
     @classmethod
     def run(cls, node, inputs):
@@ -81,7 +79,6 @@ class LayerNormalization(Op):
     """
     op_type = "LayerNormalization"
     defaults: ClassVar[dict[str, Any]] = {"axis": -1, "epsilon": 1e-5, "stash_type": 1}
-    output_range = "stat"
 
     @classmethod
     def run(cls, node, inputs):

@@ -6,7 +6,7 @@ negative ones remove them (applied first). Modes: ``constant`` (``constant_value
 (mirror without repeating the edge), ``edge`` (repeat the edge), ``wrap`` (periodic) — numpy's
 ``constant``/``reflect``/``edge``/``wrap`` modes.
 
-Quantized (quant_kernel "copy", output shares the input's parameters): the codes are padded directly and a
+Quantized (``Kernel.COPY``, output shares the input's parameters): the codes are padded directly and a
 constant is written as ``quantize(constant_value)`` in the data's parameters — the zero point for 0.0, which
 is exact; any other constant is rounded to the nearest code (saturating), as ONNX Runtime's QDQ Pad does.
 """
@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from qmace.ops.base import Op, register
+from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
 
 _NUMPY_MODE = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "wrap"}
 
@@ -65,9 +65,10 @@ class Pad(Op):
     constant is padded as its code in the data's parameters.
     """
     op_type = "Pad"
+    sign = Sign.FIRST
     defaults: ClassVar[dict[str, Any]] = {"mode": "constant"}
-    quant_kernel = "copy"
-    output_range = "input"
+    quant_kernel = Kernel.COPY
+    range_rule = RangeRule.INPUT
 
     @classmethod
     def _args(cls, inputs):

@@ -8,10 +8,10 @@ to ``out = ceil(in / s)`` (extra pad at the end for SAME_UPPER, at the begin for
 - MaxPool: ``y[o] = max_k x_pad[o*s + k*d]``; pads and the ceil-mode overhang hold the lowest value of the
   dtype (-inf, or the lowest integer code), so they never win. The optional Indices output holds where
   each maximum came from (``MaxPool._with_indices``). On 8-bit codes max commutes with the
-  monotone dequantization, hence quant_kernel "copy" (exact).
+  monotone dequantization, hence ``Kernel.COPY`` (exact).
 - AveragePool: ``y[o] = sum_k x_pad[o*s + k*d] / count[o]`` with pads 0; ``count`` is the number of taps
   inside the data (count_include_pad=0) or inside data + explicit pads (count_include_pad=1; the ceil-mode
-  overhang is never counted), as ONNX Runtime. quant_kernel "float" (QLinearAveragePool in ORT).
+  overhang is never counted), as ONNX Runtime. ``Kernel.FLOAT`` (QLinearAveragePool in ORT).
 - GlobalAveragePool / GlobalMaxPool: mean / max over all spatial axes, keeping them as size 1.
 Loops run over kernel taps only; each tap is one strided numpy slice over all pixels.
 """
@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qmace.ir import Node
-from qmace.ops.base import Op, register
+from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
 from qmace.ops.util import conv_pads
 
 
@@ -99,9 +99,15 @@ class MaxPool(Op):
     Indices output). Copies codes.
     """
     op_type = "MaxPool"
+    channelwise = True
+    sign = Sign.FIRST
     defaults: ClassVar[dict[str, Any]] = {**_POOL_DEFAULTS, "storage_order": 0}
-    quant_kernel = "copy"
-    output_range = "input"
+    quant_kernel = Kernel.COPY
+    range_rule = RangeRule.INPUT
+
+    @classmethod
+    def is_channelwise(cls, node, shape_of):
+        return not (len(node.outputs) > 1 and node.outputs[1])  # the Indices output would not follow
 
     @classmethod
     def run(cls, node, inputs):
@@ -148,9 +154,11 @@ class AveragePool(Op):
     (module docstring).
     """
     op_type = "AveragePool"
+    channelwise = True
+    sign = Sign.FIRST
     defaults: ClassVar[dict[str, Any]] = {**_POOL_DEFAULTS, "count_include_pad": 0}
-    quant_kernel = "float"
-    output_range = "input"
+    quant_kernel = Kernel.FLOAT
+    range_rule = RangeRule.INPUT
 
     @classmethod
     def run(cls, node, inputs):
@@ -174,9 +182,11 @@ class AveragePool(Op):
 class GlobalAveragePool(Op):
     """Mean over all spatial axes, which stay as size 1."""
     op_type = "GlobalAveragePool"
+    channelwise = True
+    sign = Sign.FIRST
     defaults: ClassVar[dict[str, Any]] = {}
-    quant_kernel = "float"
-    output_range = "input"
+    quant_kernel = Kernel.FLOAT
+    range_rule = RangeRule.INPUT
 
     @classmethod
     def run(cls, node, inputs):
@@ -188,9 +198,11 @@ class GlobalAveragePool(Op):
 class GlobalMaxPool(Op):
     """Max over all spatial axes, which stay as size 1. Copies codes."""
     op_type = "GlobalMaxPool"
+    channelwise = True
+    sign = Sign.FIRST
     defaults: ClassVar[dict[str, Any]] = {}
-    quant_kernel = "copy"
-    output_range = "input"
+    quant_kernel = Kernel.COPY
+    range_rule = RangeRule.INPUT
 
     @classmethod
     def run(cls, node, inputs):

@@ -14,7 +14,7 @@ a scalar (per tensor), 1-D along ``axis`` (per channel), or, with ``block_size``
 with ``ceil(d / B)`` along ``axis`` (blocked: element i uses block ``i // B``). Same formulas as above
 (float32 division, round half to even, saturation to the code type). Without explicit parameters ``run``
 raises, since they are unknown outside a graph. These nodes have no quantization traits of their own
-(``quant_kernel`` None).
+(``Kernel.NONE``).
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ keeps reduced dimensions as size 1, and an omitted/empty ``axes`` reduces every 
 - ReduceMean: float inputs are summed in float64 and divided once, then rounded to the input type;
   integer inputs divide the integer sum by the count truncating toward zero (ORT's C++ ``/``).
 - ReduceMax / ReduceMin: over an empty set (a zero-size reduced axis) the lowest / highest value of the
-  type (-inf / +inf for floats). Order-only, so exact on 8-bit codes: ``quant_kernel = "copy"``,
-  ``output_range = "input"`` (the output shares the input's parameters).
-- ReduceMean: ``quant_kernel = "float"`` (dequantize -> mean -> quantize), range from statistics.
+  type (-inf / +inf for floats). Order-only, so exact on 8-bit codes: ``Kernel.COPY``,
+  ``RangeRule.INPUT`` (the output shares the input's parameters).
+- ReduceMean: ``Kernel.FLOAT`` (dequantize -> mean -> quantize), range from statistics.
 - ReduceSum: no integer kernel (its range grows with the reduced count).
 """
 
@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from qmace.ops.base import Op, register
+from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
 from qmace.ops.elementwise import optional_input
 
 
@@ -76,8 +76,9 @@ def _extreme(fn: Callable, x: np.ndarray, axes: tuple[int, ...], keepdims: bool)
 class ReduceMax(_Reduce):
     """Max over ``axes``; over an empty set the dtype's lowest value."""
     op_type = "ReduceMax"
-    quant_kernel = "copy"
-    output_range = "input"
+    sign = Sign.FIRST
+    quant_kernel = Kernel.COPY
+    range_rule = RangeRule.INPUT
 
     @classmethod
     def reduce(cls, x, axes, keepdims):
@@ -88,8 +89,9 @@ class ReduceMax(_Reduce):
 class ReduceMin(_Reduce):
     """Min over ``axes``; over an empty set the dtype's highest value."""
     op_type = "ReduceMin"
-    quant_kernel = "copy"
-    output_range = "input"
+    sign = Sign.FIRST
+    quant_kernel = Kernel.COPY
+    range_rule = RangeRule.INPUT
 
     @classmethod
     def reduce(cls, x, axes, keepdims):
@@ -110,8 +112,8 @@ class ReduceSum(_Reduce):
 class ReduceMean(_Reduce):
     """Mean over ``axes`` (floats summed in float64, divided once, rounded to the input type)."""
     op_type = "ReduceMean"
-    quant_kernel = "float"
-    output_range = "stat"
+    sign = Sign.FIRST
+    quant_kernel = Kernel.FLOAT
 
     @classmethod
     def reduce(cls, x, axes, keepdims):

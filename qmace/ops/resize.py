@@ -19,10 +19,11 @@ axis (N-d: 1-D, bilinear, trilinear). cubic, and linear/cubic with antialias=1, 
 Known difference: half_pixel_symmetric + round_prefer_* at a mathematically exact tie that the float
 formula misses by one ulp (e.g. scale 0.75 on 6 -> 0.49999997) picks the other neighbour than ORT 1.32 does.
 
-Quantization: nearest only moves codes (quant_kernel "copy", output_range "input"); linear blends them
-(treated as "float": dequantize -> run -> quantize; ORT runs it on uint8 too). Since quant_kernel is a
-class attribute, it states the default mode's ("copy"); ``kernel_for(node)`` gives the mode's, and
-``run_quantized`` dispatches on it.
+Quantization: nearest only moves codes (``Kernel.COPY``, ``RangeRule.INPUT``); linear and cubic blend them
+(``Kernel.FLOAT``: dequantize -> run -> quantize; ORT runs it on uint8 too). The class attribute
+``quant_kernel`` states the default mode's kind (COPY); ``kernel_for(node)`` gives the node's, and the
+planner and ``run_quantized`` dispatch on it. The output range is the input's in every mode (linear
+interpolation stays inside it; cubic overshoot saturates).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qmace.ir import Node
-from qmace.ops.base import Op, register
+from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
 
 _F = np.float32
 
@@ -249,6 +250,7 @@ class Resize(Op):
     the coordinate transformations). Nearest copies codes; linear/cubic run as "float".
     """
     op_type = "Resize"
+    sign = Sign.FIRST
     defaults: ClassVar[dict[str, Any]] = {
         "antialias": 0,
         "axes": None,
@@ -260,20 +262,22 @@ class Resize(Op):
         "mode": "nearest",
         "nearest_mode": "round_prefer_floor",
     }
-    quant_kernel = "copy"  # for the default mode (nearest); see kernel_for
-    output_range = "input"
+    quant_kernel = Kernel.COPY  # for the default mode (nearest); see kernel_for
+    kernel_variants: ClassVar[dict[str, Kernel]] = {
+        "mode=nearest": Kernel.COPY, "mode=linear": Kernel.FLOAT, "mode=cubic": Kernel.FLOAT}
+    range_rule = RangeRule.INPUT
 
     @classmethod
-    def kernel_for(cls, node: Node) -> str:
-        """The quant_kernel this node's mode has: "copy" for nearest, "float" for linear (and cubic).
+    def kernel_for(cls, node: Node) -> Kernel:
+        """The kernel this node's mode has: COPY for nearest, FLOAT for linear (and cubic), which blends codes.
 
         Args:
             node: a Resize node.
 
         Returns:
-            ``"copy"`` or ``"float"``.
+            ``Kernel.COPY`` or ``Kernel.FLOAT``.
         """
-        return "copy" if cls.attr(node, "mode") == "nearest" else "float"
+        return Kernel.COPY if cls.attr(node, "mode") == "nearest" else Kernel.FLOAT
 
     @staticmethod
     def _args(inputs):
@@ -294,7 +298,7 @@ class Resize(Op):
         xq = in_qp[0]
         yq = out_qp[0] if out_qp[0] is not None else xq
         extrap = float(cls.attr(node, "extrapolation_value"))
-        if cls.kernel_for(node) == "copy":
+        if cls.kernel_for(node) is Kernel.COPY:
             code = qmath.quantize(np.array(extrap, np.float32), yq)
             return [resize(node, x, roi, scales, sizes, code)]
         y = resize(node, qmath.dequantize(x, xq), roi, scales, sizes, extrap)

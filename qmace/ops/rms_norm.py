@@ -1,7 +1,7 @@
 """RMSNormalization (ONNX opset 23): over the axes ``[axis, rank)`` (``axis`` default -1),
 ``Y = X / sqrt(mean(X^2) + epsilon) * scale`` (``epsilon`` default 1e-5; ``scale`` broadcasts to the
 normalized axes). Computed in float64 and rounded once to X's dtype (the spec's ``stash_type`` float32 or
-wider). No integer kernel (``quant_kernel`` None). The ONNX Runtime lowering writes such graphs at opset
+wider). No integer kernel (``Kernel.NONE``). The ONNX Runtime lowering writes such graphs at opset
 23 (``onnx_opset``), the first that defines the op.
 """
 

@@ -4,8 +4,8 @@ inputs, not attributes).
 All kernels are dtype-generic: they move values without arithmetic, so on 8-bit codes they compute exactly
 what they compute on the dequantized floats. Hence the quantization traits:
 - Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, Gather, Split, Identity, Dropout, Expand, Tile:
-  ``quant_kernel = "copy"``, ``output_range = "input"`` (the output shares input 0's parameters).
-- Concat: ``quant_kernel = "copy"``, ``output_range = "union"`` (the union of the input ranges). Its
+  ``Kernel.COPY``, ``RangeRule.INPUT`` (the output shares input 0's parameters).
+- Concat: ``Kernel.COPY``, ``RangeRule.UNION`` (the union of the input ranges). Its
   ``run_quantized`` concatenates codes when every input has the output's parameters, and otherwise
   requantizes each differing input into the output's parameters first:
   ``quantize(dequantize(q_i, qp_i), qp_out)`` (ORT's QLinearConcat does the same).
@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from qmace.ops.base import Op, register
+from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
 from qmace.ops.elementwise import optional_input
 
 
@@ -41,8 +41,9 @@ def _ints(v: np.ndarray | None) -> list[int] | None:
 class _Copy(Op):
     """Pure data movement: runs unchanged on codes; the output shares input 0's quantization parameters."""
 
-    quant_kernel = "copy"
-    output_range = "input"
+    quant_kernel = Kernel.COPY
+    range_rule = RangeRule.INPUT
+    sign = Sign.FIRST
 
 
 @register
@@ -68,6 +69,13 @@ class Flatten(_Copy):
 
     op_type = "Flatten"
     defaults: ClassVar[dict[str, Any]] = {"axis": 1}
+    channelwise = True  # where it keeps the channels (is_channelwise)
+
+    @classmethod
+    def is_channelwise(cls, node, shape_of):
+        shape = shape_of(node.inputs[0])  # (N, C, 1, ..., 1) -> (N, C) only
+        return (int(cls.attr(node, "axis")) == 1 and shape is not None and len(shape) >= 2
+                and all(d == 1 for d in shape[2:]))
 
     @classmethod
     def run(cls, node, inputs):
@@ -137,8 +145,10 @@ class Concat(Op):
     requantized into the output's first (module docstring).
     """
     op_type = "Concat"
-    quant_kernel = "copy"
-    output_range = "union"
+    quant_kernel = Kernel.COPY
+    range_rule = RangeRule.UNION
+    const_data_inputs = True
+    sign = Sign.ALL
 
     @classmethod
     def run(cls, node, inputs):

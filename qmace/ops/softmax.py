@@ -1,7 +1,7 @@
 """Softmax and LogSoftmax (ONNX opset 13+ semantics: normalised along the single axis ``axis``, default -1).
 
 ``Softmax(x) = exp(x - max) / sum(exp(x - max))`` and ``LogSoftmax(x) = (x - max) - log(sum(exp(x - max)))``
-along ``axis``, in float32. Quantized: quant_kernel "float" (dequantize -> float -> quantize); Softmax's
+along ``axis``, in float32. Quantized: ``Kernel.FLOAT`` (dequantize -> float -> quantize); Softmax's
 output range is fixed to [0, 1]; LogSoftmax's range comes from statistics (it is unbounded below).
 """
 
@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from qmace.ops.base import Op, register
+from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
+from qmace.qmath import Range
 
 
 def _shifted(x: np.ndarray, axis: int) -> np.ndarray:
@@ -22,9 +23,11 @@ def _shifted(x: np.ndarray, axis: int) -> np.ndarray:
 class Softmax(Op):
     """``exp(x - max) / sum(exp(x - max))`` along ``axis``; fixed output range [0, 1]."""
     op_type = "Softmax"
+    sign = Sign.NONNEG
     defaults: ClassVar[dict[str, Any]] = {"axis": -1}
-    quant_kernel = "float"
-    output_range = (0.0, 1.0)
+    quant_kernel = Kernel.FLOAT
+    range_rule = RangeRule.FIXED
+    fixed_range = Range(0.0, 1.0)
 
     @classmethod
     def run(cls, node, inputs):
@@ -39,8 +42,7 @@ class LogSoftmax(Op):
     """``(x - max) - log(sum(exp(x - max)))`` along ``axis``; output range from statistics."""
     op_type = "LogSoftmax"
     defaults: ClassVar[dict[str, Any]] = {"axis": -1}
-    quant_kernel = "float"
-    output_range = "stat"
+    quant_kernel = Kernel.FLOAT
 
     @classmethod
     def run(cls, node, inputs):

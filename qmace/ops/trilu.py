@@ -2,7 +2,7 @@
 two axes and zeroes the rest. With the optional int64 scalar input ``k`` (default 0): upper keeps
 ``j - i >= k``, lower keeps ``j - i <= k`` (element [..., i, j]).
 
-No integer kernel (``quant_kernel`` None): the zeros it writes are real 0.0, which on codes would be the
+No integer kernel (``Kernel.NONE``): the zeros it writes are real 0.0, which on codes would be the
 zero point, not code 0; it runs in float in a quantized model.
 """
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from qmace.ir import Graph, Node, Tensor
+from qmace.ops import get_op
 from qmace.passes.weight_params import rescale_weight_params
 
 
@@ -47,7 +48,7 @@ def fold_batchnorm(graph: Graph) -> int:
         producers, consumers = graph.producers(), graph.consumers()
         for bn in graph.nodes:
             if (bn.op_type != "BatchNormalization" or len([o for o in bn.outputs if o]) != 1
-                    or int(bn.attrs.get("training_mode", 0))):  # training mode normalizes by batch statistics
+                    or int(get_op(bn.op_type).attr(bn, "training_mode"))):  # training mode normalizes by batch statistics
                 continue
             prod = producers.get(bn.inputs[0])
             if prod is None or prod.op_type not in ("Conv", "ConvTranspose", "Gemm") or prod.attrs.get("qm_activation"):
@@ -63,7 +64,7 @@ def fold_batchnorm(graph: Graph) -> int:
             if any(p.ndim != 1 or p.shape != params[0].shape for p in params) or w.ndim < 2:
                 continue  # malformed parameters: leave the BatchNormalization to its kernel's named error
             gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-            s = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+            s = gamma / np.sqrt(var + float(get_op(bn.op_type).attr(bn, "epsilon")))
             if prod.op_type == "Gemm":
                 if not _fold_into_gemm(graph, prod, w, s, beta, mean):
                     continue
@@ -71,12 +72,12 @@ def fold_batchnorm(graph: Graph) -> int:
                 m = len(s)
                 b = _const(graph, prod.inputs[2]) if len(prod.inputs) > 2 and prod.inputs[2] else np.zeros(m)
                 if b is None or b.shape != (m,) or (prod.op_type == "Conv" and w.shape[0] != m) or (
-                        prod.op_type == "ConvTranspose" and w.shape[1] * int(prod.attrs.get("group", 1)) != m):
+                        prod.op_type == "ConvTranspose" and w.shape[1] * int(get_op(prod.op_type).attr(prod, "group")) != m):
                     continue
                 if prod.op_type == "Conv":
                     w2 = w.astype(np.float64) * s.reshape(-1, *([1] * (w.ndim - 1)))
                 else:  # ConvTranspose: W (C_in, M/g, k...), output channel = g * M/g + j
-                    group = int(prod.attrs.get("group", 1))
+                    group = int(get_op(prod.op_type).attr(prod, "group"))
                     cin, mg = w.shape[0], w.shape[1]
                     sg = s.reshape(group, 1, mg, *([1] * (w.ndim - 2)))
                     w2 = (w.astype(np.float64).reshape(group, cin // group, mg, *w.shape[2:]) * sg).reshape(w.shape)
@@ -100,7 +101,7 @@ def fold_batchnorm(graph: Graph) -> int:
 def _fold_into_gemm(graph: Graph, gemm: Node, w: np.ndarray, s, beta_bn, mean) -> bool:
     if w.ndim != 2:
         return False
-    trans_b = int(gemm.attrs.get("transB", 0))
+    trans_b = int(get_op(gemm.op_type).attr(gemm, "transB"))
     m = w.shape[0] if trans_b else w.shape[1]
     if len(s) != m:
         return False
@@ -108,7 +109,7 @@ def _fold_into_gemm(graph: Graph, gemm: Node, w: np.ndarray, s, beta_bn, mean) -
     c = _const(graph, gemm.inputs[2]) if len(gemm.inputs) > 2 and gemm.inputs[2] else np.zeros(m)
     if c is None:
         return False
-    beta = float(gemm.attrs.get("beta", 1.0))
+    beta = float(get_op(gemm.op_type).attr(gemm, "beta"))
     c2 = s * (beta * np.broadcast_to(c.astype(np.float64), (m,)) - mean) + beta_bn if c.ndim <= 1 else None
     if c2 is None:
         return False

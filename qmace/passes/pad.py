@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from qmace.ir import Graph
+from qmace.ops import get_op
 
 
 def fold_pads(graph: Graph) -> int:
@@ -26,7 +27,7 @@ def fold_pads(graph: Graph) -> int:
     folded = 0
     consumers = graph.consumers()
     for pad in list(graph.nodes):
-        if pad.op_type != "Pad" or pad.attrs.get("mode", "constant") != "constant":
+        if pad.op_type != "Pad" or get_op("Pad").attr(pad, "mode") != "constant":
             continue
         pads = graph.constant(pad.inputs[1]) if len(pad.inputs) > 1 else None
         value = graph.constant(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] else np.zeros(())
@@ -38,11 +39,11 @@ def fold_pads(graph: Graph) -> int:
         readers = consumers.get(out, [])
         if (not readers or out in graph.outputs
                 or any(r.op_type != "Conv" or r.inputs[0] != out
-                       or r.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", "") for r in readers)):
+                       or get_op("Conv").attr(r, "auto_pad") not in ("NOTSET", "VALID", "") for r in readers)):
             continue
         extra = [int(v) for v in pads[[2, 3, 6, 7]]]
         for conv in readers:
-            old = conv.attrs.get("pads") if conv.attrs.get("auto_pad", "NOTSET") != "VALID" else None
+            old = get_op("Conv").attr(conv, "pads") if get_op("Conv").attr(conv, "auto_pad") != "VALID" else None
             old = list(old) if old else [0, 0, 0, 0]
             conv.attrs["pads"] = [a + b for a, b in zip(old, extra)]
             conv.attrs.pop("auto_pad", None)

@@ -14,7 +14,7 @@ residual adds. With ``T_p(x)`` the transpose ``y.shape[i] = x.shape[p[i]]``:
 Each rewrite moves a transpose strictly downstream, so the pass terminates. The rewritten op keeps its
 output name (range logs and fixed quantization parameters stay attached to the real op); the new Transpose
 writes ``<name>__t`` for the readers, unless the name is a graph output, which the Transpose then keeps.
-Per-tensor fixed parameters in ``graph.metadata["qdq_params"]`` are copied across moved transposes (a
+Per-tensor fixed parameters (``Graph.fixed_params``) are copied across moved transposes (a
 transpose only moves values).
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from qmace.ir import Graph, Node, Tensor
+from qmace.ops import get_op
 
 _UNARY = {"Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSwish", "HardSigmoid", "Sqrt", "Neg", "Abs",
           "Exp", "Log", "Erf", "Gelu", "Identity"}
@@ -31,14 +32,14 @@ _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
 
 
 def _perm(node: Node) -> tuple[int, ...] | None:
-    p = node.attrs.get("perm")
+    p = get_op("Transpose").attr(node, "perm")
     return tuple(int(i) for i in p) if p is not None else None
 
 
 def _inherit(graph: Graph, src: str, dst: str) -> None:
     """Copy per-tensor fixed parameters of ``src`` to ``dst`` (same values, other layout)."""
-    params = graph.metadata.get("qdq_params")
-    if params and src in params and dst not in params and params[src].get("axis") is None:
+    params = graph.fixed_params
+    if src in params and dst not in params and not params[src].is_per_channel:
         params[dst] = params[src]
 
 
@@ -118,9 +119,11 @@ def _rewrite(graph: Graph, node: Node, producers: dict[str, Node]) -> bool:
     elif op == "Concat":
         if len(sources) != len([i for i in node.inputs if i]):
             return False
-        attrs["axis"] = p[int(node.attrs.get("axis", 0)) % rank]
+        if "axis" not in node.attrs:  # required: left to the kernel's named error
+            return False
+        attrs["axis"] = p[int(node.attrs["axis"]) % rank]
     elif op == "Softmax":
-        attrs["axis"] = p[int(node.attrs.get("axis", -1)) % rank]
+        attrs["axis"] = p[int(get_op(op).attr(node, "axis")) % rank]
     elif op in _REDUCE:
         if len(node.inputs) < 2 or graph.constant(node.inputs[1]) is None:
             return False
@@ -129,7 +132,7 @@ def _rewrite(graph: Graph, node: Node, producers: dict[str, Node]) -> bool:
         aname = graph.unique_name(f"{node.inputs[1]}__t")
         graph.add_tensor(Tensor(aname, "int64", tuple(new_axes.shape), new_axes))
         new_inputs[1] = aname
-        if not int(node.attrs.get("keepdims", 1)):
+        if not int(get_op(op).attr(node, "keepdims")):
             kept = [p[i] for i in range(rank) if i not in axes]  # x axes of the output, in output order
             out_perm = tuple(int(np.argsort(np.argsort(kept))[j]) for j in range(len(kept)))
     elif op == "Pad":

@@ -1,4 +1,4 @@
-"""Fixed weight quantization parameters (``graph.metadata["qdq_params"]``) through weight rescaling.
+"""Fixed weight quantization parameters (``Graph.fixed_params``) through weight rescaling.
 
 A fake-quantized weight ``w = scale[m] * (q - zp[m])`` multiplied per output channel by ``s[m]`` (BatchNorm
 or a per-channel Mul folded into the Conv) is ``w' = (scale[m] * |s[m]|) * (sign(s[m]) * q)`` when
@@ -27,19 +27,18 @@ def rescale_weight_params(graph: Graph, old: str, new: str, s: np.ndarray) -> No
     asymmetric ones, or a zero factor, are not carried over (logged).
 
     Args:
-        graph: the graph whose ``metadata["qdq_params"]`` is updated.
+        graph: the graph whose ``fixed_params`` are updated.
         old: the weight before rescaling.
         new: the rescaled weight.
         s: the per-output-channel factors.
     """
-    params = graph.metadata.get("qdq_params")
-    if not params or old not in params:
+    params = graph.fixed_params
+    if old not in params:
         return
-    qp = QuantParams.from_json(params[old])
+    qp = params[old]
     m = len(s)
     if np.any(qp.zero_point != 0) or (qp.axis not in (None, 0)) or np.any(s == 0):
         log.info("fixed parameters of weight %r do not survive its rescaling; the quantizer derives new ones", old)
         return
     scale = np.broadcast_to(qp.scale, (m,)).astype(np.float64) * np.abs(s)
-    params[new] = QuantParams(scale.astype(np.float32), np.zeros(m, np.int32), qp.dtype, 0,
-                              qp.narrow_range).to_json()
+    params[new] = QuantParams(scale.astype(np.float32), np.zeros(m, np.int32), qp.dtype, 0, qp.narrow_range)

@@ -373,7 +373,7 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     module.to("cpu")
     onnx_path, range_path = export_qat(module, out_dir / f"{m.name}_qat.onnx", out_dir / f"{m.name}_qat.ranges")
     yml = write_qat_yaml(Path(job.config), m, out_dir / f"{m.name}_qat.yml", onnx_path, range_path,
-                         list(opts.input_ranges.values()))
+                         [(r.min, r.max) for r in opts.input_ranges.values()])
     outputs = QATOutputs(
         onnx=onnx_path, ranges=range_path, checkpoint=ckpt, yaml=yml, summary=out_dir / f"{m.name}_qat.json",
         samples=len(samples), val_samples=len(val_samples),

@@ -27,6 +27,7 @@ from qmace import qmath
 from qmace.errors import QuantizationError
 from qmace.ir import Graph, Node
 from qmace.ops import get_op
+from qmace.ops.base import RangeRule
 from qmace.ops.util import activation_bounds, clamp_codes_to_activation, conv_pads
 from qmace.quantize.quantizer import ACT_DTYPE, QuantizeOptions, quantize_graph
 from qmace.quantize.ranges import Range, RangeTable
@@ -286,7 +287,7 @@ def run_torch_op(node: Node, inputs: list) -> list[torch.Tensor]:
 
 
 def _copy_op(op) -> bool:
-    return op.output_range == "input"
+    return op.range_rule is RangeRule.INPUT
 
 
 class QATModule(nn.Module):
@@ -378,10 +379,10 @@ class QATModule(nn.Module):
                         self._spec[o] = own(fname)
                     continue
                 fname = graph_out_of.get(o, o)
-                rule = op.output_range
+                rule = op.range_rule
                 if _copy_op(op):
                     self._spec[o] = ("same", node.inputs[0])
-                elif fname in fixed_user or isinstance(rule, tuple):
+                elif fname in fixed_user or rule is RangeRule.FIXED:
                     self._spec[o] = ("fixed", t.quant, fname)
                 elif rule == "union":
                     srcs = [i for i in node.inputs if i and i in g.tensors and g.tensors[i].is_quantized
@@ -410,7 +411,7 @@ class QATModule(nn.Module):
             return a
 
         for n in fg.nodes:
-            if n.op_type == "Concat":
+            if get_op(n.op_type).range_rule is RangeRule.UNION:
                 names = [i for i in n.inputs if i and fg.tensors[i].data is None] + [n.outputs[0]]
                 root = find(names[0])
                 for x in names[1:]:

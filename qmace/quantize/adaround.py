@@ -26,8 +26,8 @@ import numpy as np
 
 from qmace import qmath
 from qmace.ir import Graph, Node, Tensor
-from qmace.ops.conv import im2col
-from qmace.quantize.bias_correction import layer_weight, shift_bias, weight_params
+from qmace.ops import get_op
+from qmace.quantize.bias_correction import layer_weight, shift_bias
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class _Layer:
 
 
 class InputStatistics:
-    """Per-layer first and second moments of the im2col rows of every Conv/Gemm/MatMul input."""
+    """Per-layer first and second moments of the input rows (``Op.input_rows``: im2col patches for a Conv) of
+    every linear layer (``layer_weight``)."""
 
     def __init__(self, graph: Graph, max_k: int = 2048):
         self.graph = graph
@@ -66,7 +67,7 @@ class InputStatistics:
     def observe(self, name: str, x: np.ndarray) -> None:
         """Accumulate one sample of tensor ``name`` into every layer reading it.
 
-        For each layer with im2col rows ``x`` (Conv) or rows of the last axis (Gemm/MatMul):
+        For each layer with input rows ``x`` (``Op.input_rows``: im2col for Conv, the last axis for Gemm/MatMul):
         ``sum_x += sum(x)``, ``sum_xx += x^T x``, ``rows += count``.
 
         Args:
@@ -75,11 +76,8 @@ class InputStatistics:
         """
         for lay in self.by_input.get(name, []):
             node = lay.node
-            if node.op_type == "Conv":
-                w = self.graph.constant(node.inputs[1])
-                cols, _ = im2col(np.asarray(x), w.shape, node, 0.0, np.float64)  # (G, R, K)
-            else:
-                cols = np.asarray(x, np.float64).reshape(1, -1, x.shape[-1])
+            w = self.graph.constant(node.inputs[1])
+            cols = get_op(node.op_type).input_rows(node, x, w.shape)  # (G, R, K)
             lay.sum_x += cols.sum(1)
             lay.sum_xx += np.matmul(cols.transpose(0, 2, 1), cols)
             lay.rows += cols.shape[1]
@@ -175,19 +173,16 @@ def adaround(
         if lay.rows == 0:
             continue
         node = next(n for n in g.nodes if n.name == name)
+        op = get_op(node.op_type)
         w3 = layer_weight(g, node)
         w_orig = g.constant(node.inputs[1])
-        qp = weight_params(w_orig.astype(np.float32), node, schema)
+        qp = op.weight_params(node, 1, w_orig.astype(np.float32), schema)
         mu = lay.sum_x / lay.rows  # (G, K)
         cov = lay.sum_xx / lay.rows - mu[:, :, None] * mu[:, None, :]
         gs, mg, k = w3.shape
         # per output-channel scale in (G, Mg, 1) row order
         if qp.is_per_channel:
-            s = np.asarray(qp.scale, np.float64)
-            if node.op_type == "Conv":
-                s = s.reshape(gs, mg, 1)
-            else:
-                s = s.reshape(1, mg, 1)
+            s = np.asarray(qp.scale, np.float64).reshape(gs, mg, 1)
         else:
             s = np.full((gs, mg, 1), float(qp.scale))
         zp = float(qp.zero_point) if not qp.is_per_channel else 0.0
@@ -203,13 +198,8 @@ def adaround(
         reports.append(RoundingReport(name, float(np.einsum("gmk,gkl,gml->", dn, cov, dn)),
                                       float(np.einsum("gmk,gkl,gml->", dw, cov, dw))))
         # back to the weight's own layout
-        if node.op_type == "Conv":
-            w_new = wq.reshape(w_orig.shape)
-        elif node.op_type == "Gemm" and node.attrs.get("transB", 0):
-            w_new = wq[0]
-        else:
-            w_new = wq[0].T
-        w_new = w_new.astype(np.float32)
+        rows_shape = op.weight_rows(node, w_orig).shape
+        w_new = op.weight_from_rows(node, wq.reshape(rows_shape), w_orig.shape).astype(np.float32)
         wname = g.unique_name(f"{node.inputs[1]}__rounded")
         g.add_tensor(Tensor(wname, "float32", tuple(w_new.shape), w_new))
         node.inputs[1] = wname

@@ -14,14 +14,14 @@ from qmace.config import ModelConfig, load_config
 from qmace.errors import ConfigError, InputDataError, QuantizationError
 from qmace.fileio import atomic_write
 from qmace.ir import Graph
-from qmace.qmath import QuantParams
+from qmace.qmath import QuantParams, Range
 from qmace.quantize.adaround import InputStatistics
 from qmace.quantize.adaround import adaround as run_adaround
 from qmace.quantize.bias_correction import ChannelMeans, correct_biases
 from qmace.quantize.calibration import Calibrator, make_calibrator
 from qmace.quantize.equalize import ChannelMaxima, equalize_activations
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
-from qmace.quantize.ranges import RangeTable, read_range_file, write_range_file
+from qmace.quantize.ranges import DEFAULT_ENHANCE_RATIO, RangeTable, read_range_file, write_range_file
 from qmace.quantize.weight_only import quantize_large_weights
 from qmace.runtime import Session
 
@@ -117,7 +117,7 @@ def options_for(m: ModelConfig, schema: str | None = None) -> QuantizeOptions:
     return QuantizeOptions(
         schema=schema or m.quantize_schema,
         change_concat_ranges=m.change_concat_ranges,
-        input_ranges={n: tuple(r) for n, r in zip(sub.input_tensors, sub.input_ranges)},
+        input_ranges={n: Range(*r) for n, r in zip(sub.input_tensors, sub.input_ranges)},
     )
 
 
@@ -130,7 +130,7 @@ def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None =
     parameters fixed by the source model's QDQ pairs win over ranges.
 
     Args:
-        graph: the optimized float graph (its metadata may hold imported ``qdq_params``).
+        graph: the optimized float graph (its ``fixed_params`` hold parameters imported from the source).
         m: the YAML model entry.
         table: extra ranges (tensor name -> (min, max)), e.g. from one-shot calibration.
         schema: overrides the YAML's ``quantize_schema``.
@@ -148,21 +148,21 @@ def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None =
         return quantize_large_weights(graph, m.quantize_large_weights_schema), []
     # Parameters read from QuantizeLinear/DequantizeLinear pairs of the source model (QAT / QDQ import)
     # win; tensors without one take the range file's range (MACE's "mixing usage").
-    fixed = {k: QuantParams.from_json(v) for k, v in graph.metadata.get("qdq_params", {}).items()}
+    fixed = dict(graph.fixed_params)
     fixed.update(fixed_weights or {})
     ranges: RangeTable = {}
     if m.quantize_range_file is not None:
         ranges.update(read_range_file(m.quantize_range_file))
     if table is not None:
         ranges.update(table)
-    if not ranges and not graph.metadata.get("qdq_params"):
+    if not ranges and not graph.fixed_params:
         raise QuantizationError(f"{m.yaml_path}: {m.key}.quantize_range_file: quantize: 1 needs a range file "
                                 "(or a model with QuantizeLinear/DequantizeLinear ranges)")
     opts = options_for(m, schema)
     opts.fixed_params = fixed
     opts.float_nodes = check_float_nodes(graph, float_nodes or ())
     res = quantize_graph(graph, ranges, opts)
-    res.graph.metadata.pop("qdq_params", None)
+    res.graph.fixed_params = {}
     return res.graph, res.fallbacks
 
 
@@ -225,7 +225,7 @@ def quantize_one_shot(
     method: str = "mace",
     percentile: float | None = None,
     enhance: bool = False,
-    enhance_ratio: float = 10.0,
+    enhance_ratio: float = DEFAULT_ENHANCE_RATIO,
     schema: str | None = None,
     range_file: str | Path | None = None,
     num_threads: int | None = None,
@@ -354,7 +354,7 @@ def export(config: str | Path, output: str | Path, *, model_name: str | None = N
     if fmt not in ("onnx-qdq", "onnx"):
         raise QuantizationError(f"unknown export format {fmt!r} (formats: onnx-qdq, onnx)")
     graph = load_converted(cfg, m, build_dir)
-    if fmt == "onnx-qdq" and not graph.metadata.get("quantization"):
+    if fmt == "onnx-qdq" and not graph.is_quantized:
         raise QuantizationError(f"{model_file_path(cfg, m, build_dir)}: --format onnx-qdq needs a quantized model, "
                                 "this one is float32 (use --format onnx, or quantize first: quantize: 1 in the "
                                 "YAML, or qmace quantize)")

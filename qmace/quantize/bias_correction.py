@@ -17,42 +17,21 @@ from qmace.ir import Graph, Node, Tensor
 from qmace.ops import get_op
 
 
-def as_rows(w: np.ndarray, node: Node) -> np.ndarray:
-    """A Conv/Gemm/MatMul weight (in its own layout) as (G, Mg, Kg) float64: one row per output channel.
-
-    Args:
-        w: the weight array.
-        node: its layer (gives the op type, ``group`` and Gemm's ``transB``).
-
-    Returns:
-        The weight as (groups, output channels per group, inputs per output channel).
-    """
-    if node.op_type == "Conv":
-        group = int(node.attrs.get("group", 1))
-        return w.astype(np.float64).reshape(group, w.shape[0] // group, -1)
-    if node.op_type == "Gemm" and node.attrs.get("transB", 0):
-        return w.astype(np.float64)[None]
-    return w.T.astype(np.float64)[None]  # Gemm without transB, MatMul: (K, M)
-
-
 def layer_weight(g: Graph, node: Node) -> np.ndarray | None:
-    """The constant weight of a layer that bias correction and AdaRound handle, as rows (``as_rows``).
+    """The constant weight of a linear layer (an op with ``weight_rows``: Conv, Gemm, MatMul) as float64
+    rows (G, Mg, K): one row per output channel, K = input channels per group x taps.
 
     Args:
         g: the graph.
         node: any node.
 
     Returns:
-        The (G, Mg, Kg) rows for a Conv/Gemm/MatMul with a constant weight, else None.
+        The (G, Mg, K) rows, or None when the node is no linear layer with a constant weight.
     """
-    w = g.constant(node.inputs[1]) if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1 else None
-    if w is None:
-        return None
-    if node.op_type == "Gemm" and (node.attrs.get("transA", 0) or float(node.attrs.get("alpha", 1.0)) != 1.0):
-        return None
-    if node.op_type == "MatMul" and w.ndim != 2:
-        return None
-    return as_rows(w, node)
+    op = get_op(node.op_type)
+    w = g.constant(node.inputs[1]) if op.channel_axis is not None and len(node.inputs) > 1 else None
+    rows = op.weight_rows(node, w) if w is not None else None
+    return None if rows is None else rows.reshape(rows.shape[0], rows.shape[1], -1)
 
 
 def correctable_inputs(graph: Graph) -> list[str]:
@@ -103,52 +82,34 @@ class ChannelMeans:
         return self.sums[name] / self.counts[name] if name in self.sums else None
 
 
-def weight_params(w: np.ndarray, node: Node, schema: str) -> qmath.QuantParams:
-    """The weight parameters the quantizer will choose for input 1 of ``node`` under ``schema``.
-
-    Args:
-        w: the float32 weight.
-        node: its layer (gives the output-channel axis).
-        schema: the quantization schema.
-
-    Returns:
-        The weight's QuantParams (``qmath.weight_params``).
-
-    Raises:
-        QuantizationError: an unknown schema.
-    """
-    axis = get_op(node.op_type).weight_axis(node, 1)
-    return qmath.weight_params(w, axis, schema)
-
-
 def shift_bias(g: Graph, node: Node, delta: np.ndarray) -> bool:
-    """Give ``node`` (Conv/Gemm) the bias ``b - delta`` as a new constant.
+    """Give ``node`` (a linear layer with a ``bias_input``) the bias ``b - delta`` as a new constant.
 
     Args:
         g: the graph, changed in place (a new bias tensor; a layer without a bias gets one).
-        node: the layer; a Gemm's ``beta`` is folded into the new bias.
+        node: the layer; a factor the op applies to its bias (Gemm's ``beta``, ``Op.fold_bias_scale``) is
+            folded into the new bias.
         delta: (M,) per output channel.
 
     Returns:
-        True when done; False where no bias can absorb it (MatMul, or a non-constant or multi-dimensional
-        bias).
+        True when done; False where no bias can absorb it (no bias input: MatMul, or a non-constant or
+        multi-dimensional bias).
     """
-    if node.op_type == "MatMul":
+    op = get_op(node.op_type)
+    bi = op.bias_input
+    if bi is None:
         return False  # no bias input; a following Add could absorb it, not done here
-    b_name = node.inputs[2] if len(node.inputs) > 2 else ""
+    b_name = node.inputs[bi] if len(node.inputs) > bi else ""
     b = g.constant(b_name) if b_name else np.zeros(len(delta))
     if b is None or b.ndim > 1:
         return False
-    b = b.astype(np.float64)
-    if node.op_type == "Gemm":
-        b = b * float(node.attrs.get("beta", 1.0))
-        node.attrs["beta"] = 1.0
+    b = b.astype(np.float64) * op.fold_bias_scale(node)
     value = (np.broadcast_to(b, delta.shape) - delta).astype(np.float32)
     name = g.unique_name(f"{b_name or node.name + '_bias'}_corrected")
     g.add_tensor(Tensor(name, "float32", tuple(value.shape), value))
-    while len(node.inputs) < 3:
+    while len(node.inputs) <= bi:
         node.inputs.append("")
-    node.inputs[2] = name
+    node.inputs[bi] = name
     return True
 
 
@@ -176,9 +137,11 @@ def correct_biases(graph: Graph, means: ChannelMeans, schema: str) -> tuple[Grap
         e = means.mean(n.inputs[0]) if w3 is not None else None
         if e is None:
             continue
+        op = get_op(n.op_type)
         w32 = g.constant(n.inputs[1]).astype(np.float32)
-        qp = weight_params(w32, n, schema)
-        dw = as_rows(qmath.dequantize(qmath.quantize(w32, qp), qp), n) - w3  # (G, Mg, K)
+        qp = op.weight_params(n, 1, w32, schema)
+        wq = op.weight_rows(n, qmath.dequantize(qmath.quantize(w32, qp), qp))
+        dw = wq.reshape(w3.shape) - w3  # (G, Mg, K)
         group, _, k = dw.shape
         # the mean of each weight's input: its channel's mean, the same for every kernel tap
         mu = np.repeat(e.reshape(group, -1), k * group // e.size, axis=1)  # (G, K)

@@ -10,14 +10,15 @@ here in the direction that helps the activation).
 
 Rules (see docs/quantization.md, "Activation equalization"):
 
-- Tensors joined by an ``Add`` (a residual stream) form one group and share one scale vector, so the sum
-  stays consistent; so do the outputs of ops that act on each channel alone (``PASSTHROUGH``: pooling, Relu,
-  a Flatten that keeps channels). Every producer of the group must be a Conv whose output channels can be
-  scaled (any ``group``; fused Relu; fused Clip only as ``[0, hi]`` with every rescaled calibration value of
-  its output still at most ``hi``; scales are at least 1), an Add or a channel-wise op inside the group; every consumer must be a Conv
-  reading it as input 0 (any ``group``, where only the columns of that channel change), a Gemm/MatMul with a
-  constant 2-D weight (its rows or columns for that channel), or an Add / channel-wise op inside the group.
-  Graph inputs and outputs and any other reader leave the group alone.
+- The inputs and output of a channel-wise node (the op trait ``channelwise``, checked per node by
+  ``is_channelwise``: a same-shape ``Add`` joining a residual stream, pooling, Relu, a Flatten that keeps
+  channels) form one group and share one scale vector, so the node commutes with the rescaling. Every
+  producer of the group must be a linear layer (an op with ``weight_rows``: Conv, Gemm, MatMul) whose output
+  channels sit on axis 1 (``channel_axis``) and can be scaled (any ``group``; fused Relu; fused Clip only as
+  ``[0, hi]`` with every rescaled calibration value of its output still at most ``hi``; scales are at least
+  1), or a channel-wise node inside the group; every consumer must be a linear layer with constant weights
+  reading it as input 0 with its channels on axis 1 (only the weight columns of that channel change), or a
+  channel-wise node inside the group. Graph inputs and outputs and any other reader leave the group alone.
 - ``s_c = min(max_scale, (T / m_c) ** strength)`` with ``m_c`` the channel's calibration max |value| and ``T``
   the group's widest channel; channels that never moved keep ``s_c = 1``. With a fused ``[0, hi]`` clip whose rescaled
   calibration values stay ``<= hi`` the rescaled float model equals the original on every value inside the calibration ranges, and
@@ -36,12 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qmace.ir import Graph, Node, Tensor
+from qmace.ops import get_op
 
 log = logging.getLogger(__name__)
-
-# Ops that act on each channel alone and commute with a positive per-channel scale: a rescaled input gives
-# the same output rescaled, so their outputs join their input's group (Flatten only where it keeps channels).
-PASSTHROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu", "Flatten"}
 
 
 class ChannelMaxima:
@@ -86,7 +84,7 @@ class EqualizedGroup:
 
 
 def _groups(graph: Graph) -> list[list[str]]:
-    """Activation tensors joined through Add nodes (union-find), in first-seen order."""
+    """Activation tensors joined through channel-wise nodes (union-find), in first-seen order."""
     parent: dict[str, str] = {}
 
     def find(x: str) -> str:
@@ -101,18 +99,8 @@ def _groups(graph: Graph) -> list[list[str]]:
         find(name)
     for n in graph.nodes:
         if _passes_channels(graph, n):
-            parent[find(n.inputs[0])] = find(n.outputs[0])
-            continue
-        if n.op_type != "Add" or len(n.inputs) != 2:
-            continue
-        a, b = n.inputs
-        if graph.tensors[a].is_constant or graph.tensors[b].is_constant:
-            continue
-        sa, sb, so = (graph.tensors[t].shape for t in (a, b, n.outputs[0]))
-        if sa is None or sa != sb or sa != so:
-            continue  # broadcasting adds are left alone
-        parent[find(a)] = find(n.outputs[0])
-        parent[find(b)] = find(n.outputs[0])
+            for i in n.inputs:
+                parent[find(i)] = find(n.outputs[0])
     groups: dict[str, list[str]] = {}
     for name in order:
         groups.setdefault(find(name), []).append(name)
@@ -120,45 +108,39 @@ def _groups(graph: Graph) -> list[list[str]]:
 
 
 def _passes_channels(graph: Graph, node: Node) -> bool:
-    if node.op_type not in PASSTHROUGH or not node.inputs or graph.tensors[node.inputs[0]].is_constant:
+    """A channel-wise node (op trait) whose inputs are all activations."""
+    op = get_op(node.op_type)
+    if not op.channelwise or not node.inputs or any(not i or graph.tensors[i].is_constant for i in node.inputs):
         return False
-    if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1]:
-        return False  # the Indices output would not follow
-    if node.op_type == "Flatten":
-        shape = graph.tensors[node.inputs[0]].shape
-        return (int(node.attrs.get("axis", 1)) == 1 and shape is not None and len(shape) >= 2
-                and all(d == 1 for d in shape[2:]))
-    return True
+    return op.is_channelwise(node, lambda t: graph.tensors[t].shape)
 
 
-def _dense_weight(graph: Graph, node: Node) -> np.ndarray | None:
-    """The constant 2-D weight of a Gemm (transA 0) or MatMul reading its input 0 channel by channel."""
-    if node.op_type == "Gemm" and not node.attrs.get("transA", 0) and len(node.inputs) > 1:
-        w = graph.constant(node.inputs[1])
-        return w if w is not None and w.ndim == 2 else None
-    if node.op_type == "MatMul" and len(node.inputs) > 1:
-        w = graph.constant(node.inputs[1])
-        return w if w is not None and w.ndim == 2 else None
-    return None
+def _channels_on_axis_1(graph: Graph, node: Node, tensor: str) -> bool:
+    """Whether the layer's channel axis (``channel_axis``) is axis 1 of ``tensor`` (its input 0 or output)."""
+    shape = graph.tensors[tensor].shape
+    axis = get_op(node.op_type).channel_axis
+    return shape is not None and len(shape) >= 2 and axis is not None and axis % len(shape) == 1
 
 
-def _conv_weight(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray | None] | None:
-    if node.op_type != "Conv" or len(node.inputs) < 2:
+def _linear(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A linear layer's constant weight as rows (G, Mg, Cg, T) (``Op.weight_rows``) and its constant bias."""
+    op = get_op(node.op_type)
+    if op.channel_axis is None or len(node.inputs) < 2:
         return None
     w = graph.constant(node.inputs[1])
-    b = graph.constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
-    if w is None or (len(node.inputs) > 2 and node.inputs[2] and b is None):
+    b_name = node.inputs[op.bias_input] if op.bias_input is not None and len(node.inputs) > op.bias_input else ""
+    b = graph.constant(b_name) if b_name else None
+    if w is None or (b_name and b is None):
         return None
-    return w, b
+    rows = op.weight_rows(node, w)
+    return None if rows is None else (rows, b)
 
 
 def _producer_ok(graph: Graph, node: Node, members: set[str], scaled_max: float) -> bool:
     """``scaled_max``: the largest rescaled calibration value of the node's output."""
     if _passes_channels(graph, node):
-        return node.inputs[0] in members
-    if node.op_type == "Add":
-        return node.outputs[0] in members and all(i in members for i in node.inputs)
-    if _conv_weight(graph, node) is None:
+        return all(i in members for i in node.inputs)
+    if _linear(graph, node) is None or not _channels_on_axis_1(graph, node, node.outputs[0]):
         return False
     act = node.attrs.get("qm_activation")
     if act in (None, "Relu"):
@@ -170,10 +152,10 @@ def _producer_ok(graph: Graph, node: Node, members: set[str], scaled_max: float)
 
 
 def _consumer_ok(graph: Graph, node: Node, name: str, members: set[str]) -> bool:
-    if node.op_type == "Add" or _passes_channels(graph, node):
+    if _passes_channels(graph, node):
         return node.outputs[0] in members
-    weighted = _conv_weight(graph, node) is not None or _dense_weight(graph, node) is not None
-    return weighted and node.inputs[0] == name and name not in node.inputs[1:]
+    return (_linear(graph, node) is not None and node.inputs[0] == name and name not in node.inputs[1:]
+            and _channels_on_axis_1(graph, node, name))
 
 
 def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 0.25,
@@ -217,8 +199,7 @@ def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 
         if not cons or not all(_consumer_ok(g, c, t, members) for t, c in cons):
             continue
         # consumers that see one input channel per weight row (depthwise) pay nothing for the rescale
-        free = all(c.op_type == "Add" or _passes_channels(g, c)
-                   or (c.op_type == "Conv" and g.constant(c.inputs[1]).shape[1] == 1) for _, c in cons)
+        free = all(_passes_channels(g, c) or _linear(g, c)[0].shape[2] == 1 for _, c in cons)
         alpha = free_strength if free else strength
         if alpha == 0.0:
             continue
@@ -232,11 +213,11 @@ def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 
             continue
         report = EqualizedGroup(members_list, len(s), float(s.min()), float(s.max()))
         for p in prods:
-            if p.op_type == "Conv":
+            if not _passes_channels(g, p):
                 _scale_rows(g, p, s)
                 report.producers.append(p.name)
         for _, c in cons:
-            if c.op_type != "Add" and not _passes_channels(g, c):
+            if not _passes_channels(g, c):
                 _scale_columns(g, c, 1.0 / s)
                 report.consumers.append(c.name)
         done.append(report)
@@ -254,27 +235,19 @@ def _replace_constant(g: Graph, node: Node, index: int, value: np.ndarray) -> No
 
 
 def _scale_rows(g: Graph, node: Node, s: np.ndarray) -> None:
-    w, b = _conv_weight(g, node)
-    shape = (-1,) + (1,) * (w.ndim - 1)
-    _replace_constant(g, node, 1, w.astype(np.float64) * s.reshape(shape))
+    """Multiply output channel m's weight row and bias by ``s[m]``."""
+    op = get_op(node.op_type)
+    rows, b = _linear(g, node)
+    w = g.constant(node.inputs[1])
+    _replace_constant(g, node, 1, op.weight_from_rows(node, rows * s.reshape(rows.shape[:2] + (1, 1)), w.shape))
     if b is not None:
-        _replace_constant(g, node, 2, b.astype(np.float64) * s)
+        _replace_constant(g, node, op.bias_input, b.astype(np.float64) * s)
 
 
 def _scale_columns(g: Graph, node: Node, inv: np.ndarray) -> None:
-    """Multiply the weights that read input channel c by ``inv[c]`` (grouped Conv: only its group's rows;
-    Gemm/MatMul: column c of the (transposed) weight)."""
-    if node.op_type != "Conv":
-        w = _dense_weight(g, node).astype(np.float64)
-        transposed = node.op_type == "Gemm" and node.attrs.get("transB", 0)
-        _replace_constant(g, node, 1, w * inv[None, :] if transposed else w * inv[:, None])
-        return
-    w, _ = _conv_weight(g, node)
-    group = int(node.attrs.get("group", 1))
-    m, kg = w.shape[0], w.shape[1]
-    mg = m // group
-    w = w.astype(np.float64).copy()
-    for c, f in enumerate(inv):
-        gi = c // kg
-        w[gi * mg:(gi + 1) * mg, c - gi * kg] *= f
-    _replace_constant(g, node, 1, w)
+    """Multiply the weights that read input channel c by ``inv[c]`` (a grouped layer: only its group's rows)."""
+    op = get_op(node.op_type)
+    rows, _ = _linear(g, node)
+    groups, _, cg, _ = rows.shape
+    w = g.constant(node.inputs[1])
+    _replace_constant(g, node, 1, op.weight_from_rows(node, rows * inv.reshape(groups, 1, cg, 1), w.shape))

@@ -1,219 +1,50 @@
-"""Float graph + range table -> quantized graph (the plan and the rewrite in one pass over the nodes).
+"""Float graph + range table -> quantized graph: the plan (``qmace.quantize.plan``), then the rewrite.
 
-Plan (per node, in topological order), driven by each op's traits (``qmace.ops.base``):
-- a node runs *quantized* when its op has an integer kernel (``quant_kernel``), its float data inputs have
-  (or can be given) ranges, and for ``accumulate`` ops its weight is a constant; otherwise it *falls back*
-  to float and the reason is recorded;
-- output ranges follow MACE's rules: data-movement ops reuse their input's parameters exactly; Concat takes
-  the union of its inputs (with ``change_concat_ranges`` that union is written back to the producers
-  before their parameters are chosen); Sigmoid/Softmax get [0, 1], Tanh [-1, 1]; Add/Sub without
-  statistics get the interval sum/difference; everything else takes its calibrated range; graph inputs
-  take ``input_ranges``.
-Rewrite: quantized tensors get codes dtype + QuantParams; weights are quantized (``int8`` schema:
-symmetric per-channel int8; ``uint8``: MACE's asymmetric per-tensor uint8); biases become int32 with
-scale s_x * s_w; QuantizeLinear/DequantizeLinear nodes are inserted where values cross between float and
-integer (graph inputs/outputs and fallbacks). Graph input and output names are unchanged.
+Rewrite (it reads only the ``QuantPlan``): quantized tensors get codes dtype + QuantParams; weights are
+quantized with their planned parameters (``int8`` schema: symmetric per-channel int8; ``uint8``: MACE's
+asymmetric per-tensor uint8); biases become int32 with scale s_x * s_w; QuantizeLinear/DequantizeLinear
+nodes are inserted where values cross between float and integer (graph inputs/outputs and fallbacks), and
+around float tensors whose parameters the source fixed (the source computes ``DQ(Q(x))`` there). Graph input
+and output names are unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from qmace import qmath
-from qmace.errors import QuantizationError
 from qmace.ir import Graph, Node, Tensor
 from qmace.ops import get_op
-from qmace.quantize.ranges import Range, RangeTable
+from qmace.quantize.plan import (
+    ACT_DTYPE,
+    QuantizeOptions,
+    QuantPlan,
+    data_inputs,
+    is_float_activation,
+    plan_quantization,
+)
+from qmace.quantize.ranges import RangeTable
 
 log = logging.getLogger(__name__)
 
 SCHEMAS = qmath.SCHEMAS
-ACT_DTYPE = "uint8"  # activations are asymmetric uint8 in both schemas (ORT's fastest u8 x s8 kernels)
-# Ops whose float constant inputs are data (quantized with their own range), not parameters.
-_CONST_DATA_OPS = {"Add", "Sub", "Mul", "Div", "Concat"}
-
-
-@dataclass
-class QuantizeOptions:
-    """How ``quantize_graph`` quantizes: the schema (``uint8``, ``int8``, ``int8_w7``: how weights are
-    quantized; activations are asymmetric per-tensor uint8 in all of them), MACE's ``change_concat_ranges``,
-    the graph inputs' ranges, parameters fixed by the source model (QDQ/fake-quant nodes, QAT) and the nodes
-    the user keeps in float (by name or op type).
-    """
-    schema: str = "uint8"
-    change_concat_ranges: bool = False
-    input_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    # Parameters fixed by the source (QDQ/fake-quant nodes of an imported model, or QAT): tensor or weight
-    # name -> QuantParams, used as they are instead of being derived from a range or from the weights.
-    fixed_params: dict[str, qmath.QuantParams] = field(default_factory=dict)
-    # Nodes (by name or op type) the user keeps in float.
-    float_nodes: set[str] = field(default_factory=set)
+__all__ = ["ACT_DTYPE", "SCHEMAS", "QuantizeOptions", "QuantizeResult", "quantize_graph"]
 
 
 @dataclass
 class QuantizeResult:
     """What ``quantize_graph`` produced: the quantized graph, one ``"node (op): reason"`` line per op left in
-    float, the ranges actually used per quantized activation, and the range-table names not in the graph.
+    float, the ranges actually used per quantized activation, the range-table names not in the graph, and
+    the plan it followed.
     """
     graph: Graph
     fallbacks: list[str]  # "node (op): reason"
     ranges: RangeTable  # the ranges actually used, per quantized activation
     unused_ranges: list[str]  # range-table names not in the graph
-
-
-def _is_float_activation(g: Graph, name: str) -> bool:
-    t = g.tensors.get(name) if name else None
-    return t is not None and t.data is None and t.dtype == "float32"
-
-
-def _data_inputs(g: Graph, node: Node) -> list[int]:
-    """Input indices that carry quantizable float data (activations, or float constants of data ops)."""
-    op = get_op(node.op_type)
-    idx = []
-    for i, name in enumerate(node.inputs):
-        if not name or op.is_weight(node, i) or i == op.bias_input:
-            continue
-        t = g.tensors[name]
-        if t.dtype != "float32":
-            continue
-        if t.data is None or node.op_type in _CONST_DATA_OPS:
-            idx.append(i)
-    return idx
-
-
-class _Planner:
-    def __init__(self, g: Graph, table: RangeTable, opts: QuantizeOptions):
-        if opts.schema not in SCHEMAS:
-            raise QuantizationError(f"unknown quantize_schema {opts.schema!r} (choose from {', '.join(SCHEMAS)})")
-        self.g, self.table, self.opts = g, dict(table), opts
-        self.qp: dict[str, qmath.QuantParams] = {}  # activation name -> params
-        self.used: RangeTable = {}
-        self.quantized: set[str] = set()  # node names that run quantized
-        self.fallbacks: list[str] = []
-        self.missing: dict[str, str] = {}  # tensor -> node that needs it
-
-    def range_of(self, name: str) -> Range | None:
-        if name in self.opts.input_ranges:
-            lo, hi = self.opts.input_ranges[name]
-            return Range(lo, hi)
-        return self.table.get(name)
-
-    def assign(self, name: str, r: Range) -> qmath.QuantParams:
-        """Record ``r`` as the range used for activation ``name`` and give it the asymmetric parameters."""
-        self.used[name] = r
-        self.qp[name] = qmath.params_asymmetric(r.min, r.max, ACT_DTYPE)
-        return self.qp[name]
-
-    def fixed(self, name: str) -> qmath.QuantParams | None:
-        """Per-tensor parameters fixed by the source for activation ``name`` (per-channel ones are only
-        meaningful for weights and are ignored here)."""
-        qp = self.opts.fixed_params.get(name)
-        if qp is None or qp.is_per_channel:
-            return None
-        nudged = qmath.nudged_range(qp)
-        self.used[name] = Range(float(nudged.min), float(nudged.max))
-        self.qp[name] = qp
-        return qp
-
-    def params_for(self, name: str, needed_by: str) -> qmath.QuantParams | None:
-        if name in self.qp:
-            return self.qp[name]
-        if self.fixed(name) is not None:
-            return self.qp[name]
-        t = self.g.tensors[name]
-        if t.data is not None:  # a float constant used as data: its own range
-            if t.data.size and not np.all(np.isfinite(t.data)):
-                raise QuantizationError(f"constant tensor {name!r} (read by {needed_by}) holds NaN or Inf; "
-                                        "it cannot be quantized")
-            r = Range(float(t.data.min()), float(t.data.max())) if t.data.size else Range(0.0, 0.0)
-        else:
-            r = self.range_of(name)
-        if r is None:
-            self.missing.setdefault(name, needed_by)
-            return None
-        return self.assign(name, r)
-
-    def concat_writeback(self) -> None:
-        """change_concat_ranges: the union of a Concat's input ranges becomes every producer's range."""
-        for node in self.g.nodes:
-            if node.op_type != "Concat":
-                continue
-            rs = [self.range_of(i) for i in node.inputs if _is_float_activation(self.g, i)]
-            if not rs or any(r is None for r in rs):
-                continue
-            union = Range(min(r.min for r in rs), max(r.max for r in rs))
-            for i in node.inputs:
-                if _is_float_activation(self.g, i) and i not in self.opts.input_ranges:
-                    self.table[i] = union
-            self.table[node.outputs[0]] = union
-
-    def plan_node(self, node: Node) -> None:
-        op = get_op(node.op_type)
-        reason = None
-        if node.name in self.opts.float_nodes or node.op_type in self.opts.float_nodes:
-            reason = "kept in float by request"
-        elif op.quant_kernel is None:
-            reason = "no integer kernel"
-        elif not any(_is_float_activation(self.g, i) for i in node.inputs):
-            reason = "no float activation input"
-        elif op.quant_kernel == "accumulate":
-            w_idx = [i for i in range(len(node.inputs)) if op.is_weight(node, i)]
-            if not w_idx or self.g.tensors[node.inputs[w_idx[0]]].data is None:
-                reason = "weight is not a constant"
-            elif op.bias_input is not None and len(node.inputs) > op.bias_input and node.inputs[op.bias_input]:
-                b = self.g.tensors[node.inputs[op.bias_input]].data
-                if b is None or b.ndim > 1:
-                    reason = "bias is not a constant vector"
-        if reason is None and hasattr(op, "quantizable") and not op.quantizable(node):
-            reason = "attributes without an integer kernel"
-        if reason is None:
-            for i in _data_inputs(self.g, node):
-                if self.params_for(node.inputs[i], node.name) is None:
-                    reason = f"no range for input {node.inputs[i]!r}"
-            outs = [o for o in node.outputs if o and self.g.tensors[o].dtype == "float32"]
-            if reason is None:
-                for o in outs:
-                    if self.output_params(node, op, o) is None:
-                        reason = f"no range for output {o!r}"
-        if reason is not None:
-            self.fallbacks.append(f"{node.name} ({node.op_type}): {reason}")
-            return
-        self.quantized.add(node.name)
-
-    def output_params(self, node: Node, op, out: str) -> qmath.QuantParams | None:
-        rule = op.output_range
-        if out in self.qp:
-            return self.qp[out]
-        # Ops that only move codes must share their input's parameters; any other op takes fixed ones.
-        if (rule != "input" or op.quant_kernel != "copy") and self.fixed(out) is not None:
-            return self.qp[out]
-        if rule == "input":
-            src = node.inputs[0]
-            if src in self.qp:
-                self.qp[out] = self.qp[src]
-                self.used[out] = self.used[src]
-                return self.qp[out]
-            return None
-        if isinstance(rule, tuple):
-            r = Range(*rule)
-        elif rule == "union":
-            rs = [self.used.get(i) for i in node.inputs if _is_float_activation(self.g, i)]
-            if any(r is None for r in rs):
-                return None
-            r = Range(min(x.min for x in rs), max(x.max for x in rs))
-        else:
-            r = self.range_of(out)
-            if r is None and getattr(op, "range_without_stats", None) == "interval":
-                a, b = (self.used.get(i) for i in node.inputs[:2])
-                if a is not None and b is not None:
-                    r = Range(a.min + b.min, a.max + b.max) if node.op_type == "Add" else Range(a.min - b.max, a.max - b.min)
-        if r is None:
-            self.missing.setdefault(out, node.name)
-            return None
-        return self.assign(out, r)
+    plan: QuantPlan
 
 
 def quantize_graph(graph: Graph, table: RangeTable, opts: QuantizeOptions) -> QuantizeResult:
@@ -231,27 +62,18 @@ def quantize_graph(graph: Graph, table: RangeTable, opts: QuantizeOptions) -> Qu
         QuantizationError: listing every tensor that a quantized op needs but that has no range; invalid
             ranges or parameters.
     """
+    plan = plan_quantization(graph, table, opts)
     g = graph.copy()
-    p = _Planner(g, table, opts)
-    if opts.change_concat_ranges:
-        p.concat_writeback()
-    for node in g.nodes:
-        p.plan_node(node)
-    # Tensors that ops with integer kernels need and no rule could range: one error listing them all.
-    needed = p.missing
-    if needed:
-        items = ", ".join(f"{t} (for {n})" for t, n in needed.items())
-        raise QuantizationError(f"{len(needed)} tensor(s) have no quantization range: {items}; "
-                                "add them to the range file or calibrate with samples that reach them")
-    _rewrite(g, p, opts)
+    _rewrite(g, plan)
     unused = [k for k in table if k not in graph.tensors]
     if unused:
         log.warning("%d range-file name(s) are not tensors of the graph: %s", len(unused), ", ".join(unused))
-    g.metadata["quantization"] = {"schema": opts.schema, "fallbacks": p.fallbacks, "activation_dtype": ACT_DTYPE}
-    return QuantizeResult(g, p.fallbacks, p.used, unused)
+    fallbacks = [str(f) for f in plan.fallbacks]
+    g.metadata["quantization"] = {"schema": str(plan.schema), "fallbacks": fallbacks, "activation_dtype": ACT_DTYPE}
+    return QuantizeResult(g, fallbacks, plan.ranges, unused, plan)
 
 
-def _rewrite(g: Graph, p: _Planner, opts: QuantizeOptions) -> None:
+def _rewrite(g: Graph, plan: QuantPlan) -> None:
     quantized_names: dict[str, str] = {}  # float name -> name of its quantized version (inserted Q)
     dequantized_names: dict[str, str] = {}  # quantized name -> float name (inserted DQ)
     new_nodes: list[Node] = []
@@ -262,7 +84,7 @@ def _rewrite(g: Graph, p: _Planner, opts: QuantizeOptions) -> None:
             return name
         if name in quantized_names:
             return quantized_names[name]
-        qp = p.qp[name]
+        qp = plan.params(name)
         qname = g.unique_name(f"{name}__quant")
         if t.data is not None:
             g.add_tensor(Tensor(qname, qp.dtype, t.shape, qmath.quantize(t.data, qp), qp))
@@ -286,34 +108,35 @@ def _rewrite(g: Graph, p: _Planner, opts: QuantizeOptions) -> None:
     def rounded(name: str) -> str:
         """A float activation whose parameters the source fixed (an imported Q/DQ pair) is rounded there
         even between two float ops: the source model computes ``DQ(Q(x))``, so does the quantized one."""
-        if name and _is_float_activation(g, name) and p.fixed(name) is not None:
+        if name and is_float_activation(g, name) and plan.is_source_rounded(name):
             return as_quantized(name)
         return name
 
+    quantized = set(plan.quantized)
     for node in g.nodes:
         op = get_op(node.op_type)
-        if node.name not in p.quantized:
+        if node.name not in quantized:
             node.inputs = [as_float(rounded(i)) if i else i for i in node.inputs]
             new_nodes.append(node)
             continue
-        for i in _data_inputs(g, node):
+        for i in data_inputs(g, node):
             node.inputs[i] = as_quantized(node.inputs[i])
-        if op.quant_kernel == "accumulate":
-            _quantize_weights(g, node, op, opts.schema, opts.fixed_params)
+        _quantize_weights(g, node, op, plan)
         for o in node.outputs:
             t = g.tensors.get(o) if o else None
             if t is not None and t.dtype == "float32":
-                t.quant, t.dtype = p.qp[o], p.qp[o].dtype
+                t.quant = plan.params(o)
+                t.dtype = t.quant.dtype
         new_nodes.append(node)
     g.nodes = new_nodes
     # Graph outputs keep their names and stay float: the quantized tensor is renamed and dequantized.
     for out in list(g.outputs):
-        if _is_float_activation(g, out) and out not in quantized_names and p.fixed(out) is not None:
+        if is_float_activation(g, out) and out not in quantized_names and plan.is_source_rounded(out):
             g.rename_tensor(out, pre := g.unique_name(f"{out}__float"))  # a float op's output the source rounds
             g.outputs = [out if o == pre else o for o in g.outputs]
             g.add_tensor(Tensor(out, "float32", g.tensors[pre].shape))
             qname = g.unique_name(f"{out}__quant")
-            qp = p.qp[out]
+            qp = plan.params(out)
             g.add_tensor(Tensor(qname, qp.dtype, g.tensors[pre].shape, None, qp))
             g.nodes += [Node(g.unique_name(f"{out}__Q"), "QuantizeLinear", [pre], [qname]),
                         Node(g.unique_name(f"{out}__DQ"), "DequantizeLinear", [qname], [out])]
@@ -329,16 +152,14 @@ def _rewrite(g: Graph, p: _Planner, opts: QuantizeOptions) -> None:
     g.remove_unused()
 
 
-def _quantize_weights(g: Graph, node: Node, op, schema: str, fixed: dict) -> None:
+def _quantize_weights(g: Graph, node: Node, op, plan: QuantPlan) -> None:
+    """Quantize the node's planned weights (and its bias with scale s_x * s_w)."""
     for i, name in enumerate(node.inputs):
-        axis = op.weight_axis(node, i) if name else None
-        if axis is None:
+        wp = plan.weights.get((node.name, i))
+        if wp is None:
             continue
         w = g.tensors[name].data.astype(np.float32)
-        if name in fixed:
-            qp = fixed[name]
-        else:
-            qp = qmath.weight_params(w, axis, schema)
+        qp = wp.params
         qname = g.unique_name(f"{name}__quant")
         g.add_tensor(Tensor(qname, qp.dtype, tuple(w.shape), qmath.quantize(w, qp), qp))
         node.inputs[i] = qname

@@ -31,29 +31,15 @@ import numpy as np
 
 from qmace.errors import RangeError, ResourceLimitError
 from qmace.fileio import atomic_write
+from qmace.qmath import Range
 
 RANGE_LOG_MARKER = "Tensor range @@"
 SEPARATOR = "@@"
 
 # MACE's enhance loop never narrows a range below this width (absolute, in tensor units).
 ENHANCE_MIN_RANGE = 0.1
-
-
-@dataclass(frozen=True)
-class Range:
-    """A closed float interval [min, max] of a tensor's values; both finite, min <= max."""
-
-    min: float
-    max: float
-
-    def __post_init__(self) -> None:
-        lo, hi = float(self.min), float(self.max)
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise RangeError(f"range [{lo!r}, {hi!r}] is not finite")
-        if lo > hi:
-            raise RangeError(f"range [{lo!r}, {hi!r}] has min > max")
-        object.__setattr__(self, "min", lo)
-        object.__setattr__(self, "max", hi)
+# MACE's quantize_stat --enhance_ratio default: an extremum this many times past its neighbour is an outlier.
+DEFAULT_ENHANCE_RATIO = 10.0
 
 
 # Tensor name -> range; insertion order is first-seen (topological) order.
@@ -166,7 +152,7 @@ def parse_range_log(lines: Iterable[str], source: str) -> RangeLog:
 
 
 def quantize_stat(
-    log: RangeLog, percentile: float = 0.0, enhance: bool = False, enhance_ratio: float = 10.0
+    log: RangeLog, percentile: float = 0.0, enhance: bool = False, enhance_ratio: float = DEFAULT_ENHANCE_RATIO
 ) -> RangeTable:
     """MACE's `quantize_stat.py`: one range per tensor from its per-inference extrema.
 

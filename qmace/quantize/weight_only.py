@@ -15,7 +15,7 @@ Storage (``weight_schema``):
   ``scale_c = max|w_c| / 127``, codes in [-127, 127];
 - ``uint8``: MACE's own storage, asymmetric per tensor, ``scale = (max - min) / 255`` over the range widened
   to contain 0.
-Both come from :func:`qmace.quantize.bias_correction.weight_params`, the function the full quantizer's weight
+Both come from ``Op.weight_params`` (``qmace.ops.base``), the function the full quantizer's weight
 rounding follows. Each stored weight is turned back into float by a DequantizeLinear node
 (``w' = scale * (q - zero_point)``), which ONNX Runtime folds into a constant when the session is created.
 """
@@ -31,7 +31,7 @@ from qmace import qmath
 from qmace.config import LARGE_WEIGHTS_SCHEMAS
 from qmace.errors import QuantizationError
 from qmace.ir import Graph, Node, Tensor
-from qmace.quantize.bias_correction import weight_params
+from qmace.ops import get_op
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ DEFAULT_WEIGHT_SCHEMA = WEIGHT_SCHEMAS[0]
 #: Weights with fewer elements stay float. 1024 is also TensorFlow Lite's default for its weight-only
 #: ("dynamic range") quantization; measured on MobileNetV2 in docs/quantization.md.
 MIN_ELEMENTS = 1024
+# MACE's rule (module docstring) names MACE ops, so this translation of it names their ONNX counterparts
+# (an allowed op-name list: tests/test_op_names.py).
 _WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 # Reasons a weight of one of _WEIGHT_OPS stays float; the summary groups the tensor names by them.
@@ -56,7 +58,7 @@ def _reason_float(g: Graph, node: Node, name: str, n_readers: int, min_elements:
     """Why the weight ``name`` (input 1 of ``node``) stays float, or None when it is stored 8-bit."""
     if node.op_type == "ConvTranspose":
         return DECONV
-    if node.op_type == "Conv" and int(node.attr("group", 1)) != 1:
+    if node.op_type == "Conv" and int(get_op("Conv").attr(node, "group")) != 1:
         return DEPTHWISE
     if n_readers > 1:
         return SHARED
@@ -108,7 +110,7 @@ def quantize_large_weights(graph: Graph, weight_schema: str = DEFAULT_WEIGHT_SCH
             kept.setdefault(reason, []).append(name)
             continue
         w = t.data.astype(np.float32)
-        qp = weight_params(w, node, weight_schema)
+        qp = get_op(node.op_type).weight_params(node, 1, w, weight_schema)
         codes = qmath.quantize(w, qp)
         qname = g.unique_name(f"{name}__quant")
         fname = g.unique_name(f"{name}__dequant")

@@ -22,6 +22,7 @@ import numpy as np
 
 from qmace.errors import ModelError, UnsupportedOpsError
 from qmace.ir import Graph, Node, Tensor
+from qmace.ops import get_op
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +418,7 @@ def merge_affine_batchnorms(graph: Graph, keep: set[str] = frozenset()) -> int:
             readers[i] = readers.get(i, 0) + 1
     producers = graph.producers()
     for node in list(graph.nodes):
-        if node.op_type != "BatchNormalization" or float(node.attrs.get("epsilon", 1e-5)) != 0.0:
+        if node.op_type != "BatchNormalization" or float(get_op(node.op_type).attr(node, "epsilon")) != 0.0:
             continue
         s2, b2, mean2, var2 = (graph.constant(n) for n in node.inputs[1:5])
         if mean2 is None or var2 is None or np.any(mean2 != 0) or np.any(var2 != 1):

@@ -7,7 +7,7 @@ NCHW are channels-first in the IR (the model's layout, like ONNX models): a Tran
 each such input and one back precedes each such output; the passes cancel them against the transposes
 around the convolutions. Only the nodes the outputs depend on are converted.
 
-Fixed quantization parameters from FakeQuant nodes land in ``graph.metadata["qdq_params"]`` as the ONNX
+Fixed quantization parameters from FakeQuant nodes land in ``graph.fixed_params`` as the ONNX
 QDQ import does it (see ``qmace.frontends.qdq_import`` and ``fakequant``).
 """
 
@@ -181,7 +181,7 @@ def graphdef_to_graph(graph_def, path: str | Path, input_tensors: list[str], out
         keep_weight_grid: record FakeQuant weight parameters (int8 schema); False re-quantizes them.
 
     Returns:
-        The float IR graph; FakeQuant parameters in ``graph.metadata["qdq_params"]``.
+        The float IR graph; FakeQuant parameters in ``graph.fixed_params``.
 
     Raises:
         ModelError: a named tensor or node is missing, control flow, unfrozen variables, a cycle, an
@@ -258,8 +258,8 @@ def graphdef_to_graph(graph_def, path: str | Path, input_tensors: list[str], out
         graph.outputs.append(yaml_name)
     graph.remove_unused()
     if b.params:
-        graph.metadata["qdq_params"] = {k: qp.to_json() for k, qp in b.params.items() if k in graph.tensors}
-        log.info("%s: %d FakeQuant parameter sets recorded", path, len(graph.metadata["qdq_params"]))
+        graph.fixed_params = {k: qp for k, qp in b.params.items() if k in graph.tensors}
+        log.info("%s: %d FakeQuant parameter sets recorded", path, len(graph.fixed_params))
     return graph
 
 

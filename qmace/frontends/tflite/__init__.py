@@ -13,7 +13,7 @@ from qmace.ir import Graph
 
 
 def load_tflite(path: str | Path) -> Graph:
-    """``.tflite`` file -> float IR graph (with ``metadata["qdq_params"]`` for quantized models).
+    """``.tflite`` file -> float IR graph (with ``fixed_params`` for quantized models).
 
     Args:
         path: the ``.tflite`` file.

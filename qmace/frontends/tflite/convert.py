@@ -6,7 +6,7 @@ constants.
 
 Quantized models (TensorFlow's converter with a representative dataset, PTQ or QAT) become their float
 model plus the parameters TFLite stored, which travel the way ONNX QDQ parameters do
-(``graph.metadata["qdq_params"]``, see ``qmace.frontends.qdq_import``):
+(``Graph.fixed_params``, see ``qmace.frontends.qdq_import``):
 - every 8-bit activation tensor (int8 or uint8, per-tensor ``scale``/``zero_point``) is a float tensor
   of the IR whose parameters are recorded under its name; the activation that an op fuses (RELU6, ...)
   shares the op output's parameters;
@@ -31,6 +31,7 @@ from qmace.frontends.tflite.builder import Builder
 from qmace.frontends.tflite.ops import CONVERTERS, CUSTOM_CONVERTERS
 from qmace.frontends.tflite.reader import SUPPORTED_DTYPES, TflModel, TflOp
 from qmace.ir import Graph
+from qmace.qmath import QuantParams
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def tflite_to_graph(model: TflModel) -> Graph:
         model: the model from ``read_tflite``.
 
     Returns:
-        The float Graph, with ``metadata["qdq_params"]`` for quantized models.
+        The float Graph, with ``fixed_params`` for quantized models.
 
     Raises:
         UnsupportedOpsError: listing every unsupported op.
@@ -145,6 +146,7 @@ def tflite_to_graph(model: TflModel) -> Graph:
     b.graph.toposort()
     b.graph.remove_unused()
     if b.params:
-        b.graph.metadata["qdq_params"] = {k: v for k, v in b.params.items() if k in b.graph.tensors}
-        log.info("TFLite import: %d quantization parameter sets recorded", len(b.graph.metadata["qdq_params"]))
+        b.graph.fixed_params = {k: v if isinstance(v, QuantParams) else QuantParams.from_json(v)
+                                for k, v in b.params.items() if k in b.graph.tensors}
+        log.info("TFLite import: %d quantization parameter sets recorded", len(b.graph.fixed_params))
     return b.graph
