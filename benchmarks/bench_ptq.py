@@ -253,7 +253,7 @@ class QDQSurgery:
     """
 
     def __init__(self, qg, g_float):
-        from qmace.runtime.lower import to_onnx
+        from qmace.onnx_bridge import to_onnx
 
         self.model = to_onnx(qg)
         self.g_float = g_float

@@ -99,7 +99,7 @@ COVERED = [
     "qmace.quantize.ranges",
     "qmace.quantize.weight_only",
     "qmace.runtime",
-    "qmace.runtime.lower",
+    "qmace.onnx_bridge",
     "qmace.runtime.openvino_backend",
     "qmace.runtime.reference",
     "qmace.runtime.session",

@@ -347,7 +347,7 @@ def export(config: str | Path, output: str | Path, *, model_name: str | None = N
         FileAccessError: cannot write ``output``.
     """
     from qmace.api import load_converted, model_file_path
-    from qmace.runtime.lower import to_onnx
+    from qmace.onnx_bridge import to_onnx
 
     cfg = load_config(config)
     m = cfg.model(model_name)

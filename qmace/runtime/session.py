@@ -3,7 +3,7 @@
 ``Session(graph, backend="onnxruntime" | "openvino" | "reference", num_threads=N)``; ``run(feeds)`` returns
 the graph outputs by name. The reference backend can also return (or stream to a callback) every
 intermediate tensor; the ONNX Runtime and OpenVINO backends run the lowered ONNX model
-(``qmace.runtime.lower``) and can expose chosen intermediates as extra outputs.
+(``qmace.onnx_bridge.to_onnx``) and can expose chosen intermediates as extra outputs.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ class Session:
         self.extra_outputs = list(extra_outputs or [])
         self._ort = None
         if backend != "reference":
-            from qmace.runtime.lower import to_onnx
+            from qmace.onnx_bridge import to_onnx
 
             model = to_onnx(graph, extra_outputs=self.extra_outputs).SerializeToString()
             if backend == "onnxruntime":
