@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
-from qmace.quantize.api import export, quantize_one_shot
+from qmace.api import export, quantize_one_shot
 from qmace.runtime import Session
 from qmace.runtime.session import ort_u8s8_exact
 

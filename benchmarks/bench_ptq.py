@@ -48,11 +48,11 @@ from qmace.api import load_float_graph
 from qmace.config import load_config
 from qmace.data import Sample
 from qmace.quantize.adaround import InputStatistics, adaround
-from qmace.quantize.api import calibrate, equalize_on, quantize_for_config
 from qmace.quantize.bias_correction import ChannelMeans, correct_biases
 from qmace.quantize.calibration import make_calibrator
 from qmace.quantize.equalize import ChannelMaxima, equalize_activations
 from qmace.quantize.ranges import Range
+from qmace.quantize.recipe import calibrate, equalize_on, quantize_for_config
 from qmace.runtime import Session
 
 ALL_METHODS = {  # label -> (method, options)

@@ -40,8 +40,8 @@ from benchmarks.common import (
     stamp_images,
 )
 from qmace import api
+from qmace.api import quantize_one_shot
 from qmace.config import input_name_format
-from qmace.quantize.api import quantize_one_shot
 from qmace.runtime import Session
 from qmace_zoo import default_cache
 

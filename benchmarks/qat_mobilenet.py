@@ -269,10 +269,10 @@ def main(argv=None) -> int:
     from qmace.qat import prepare
     from qmace.quantize.adaround import InputStatistics
     from qmace.quantize.adaround import adaround as run_adaround
-    from qmace.quantize.api import calibrate, equalize_on
     from qmace.quantize.bias_correction import ChannelMeans, correct_biases
     from qmace.quantize.calibration import make_calibrator
     from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
+    from qmace.quantize.recipe import calibrate, equalize_on
     from qmace.runtime import Session
     from qmace_zoo import default_cache, export_onnx, load_images, load_mobilenet_v2, load_split, stamps_dir
 

@@ -10,9 +10,9 @@ from qmace.data import Sample
 from qmace.frontends import onnx_to_graph
 from qmace.passes import optimize
 from qmace.quantize.adaround import InputStatistics, adaround
-from qmace.quantize.api import calibrate
 from qmace.quantize.calibration import make_calibrator
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
+from qmace.quantize.recipe import calibrate
 from qmace.runtime import Session
 
 

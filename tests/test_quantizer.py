@@ -17,10 +17,10 @@ from qmace.ir import Graph
 from qmace.metrics import compare
 from qmace.modelfile import load_graph, save_graph
 from qmace.passes import optimize
-from qmace.quantize.api import calibrate
 from qmace.quantize.calibration import make_calibrator
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
 from qmace.quantize.ranges import Range
+from qmace.quantize.recipe import calibrate
 from qmace.quantize.weight_only import quantize_large_weights
 from qmace.runtime import Session
 from tests.conftest import make_onnx, rand

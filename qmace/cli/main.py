@@ -352,7 +352,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     Raises:
         QmaceError: bad YAML, inputs, ranges or flags (a subclass naming the file/key).
     """
-    from qmace.quantize.api import quantize_one_shot
+    from qmace.api import quantize_one_shot
 
     res = quantize_one_shot(
         a.config, input_dir=a.input_dir, model_name=a.model_name, build_dir=a.build_dir, method=a.method,
@@ -383,7 +383,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     Raises:
         QmaceError: bad YAML or model, or an unsupported format.
     """
-    from qmace.quantize.api import export
+    from qmace.api import export
 
     path = export(a.config, a.output, model_name=a.model_name, build_dir=a.build_dir, fmt=a.format)
     print(f"wrote {path}")

@@ -306,7 +306,7 @@ def _worker(rank: int, job: QATJob, port: int, progress, on_epoch) -> None:
 
 
 def _load_samples(m, directory, progress, label: str, show: bool) -> list:
-    from qmace.api import count_samples, samples_for
+    from qmace.pipeline import count_samples, samples_for
 
     n = count_samples(m, directory, 0)
     it = samples_for(m, directory, 0)
@@ -316,16 +316,16 @@ def _load_samples(m, directory, progress, label: str, show: bool) -> list:
 def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch) -> QATOutputs | None:
     import torch
 
-    from qmace.api import load_float_graph
     from qmace.config import load_config
     from qmace.fileio import atomic_write
+    from qmace.pipeline import load_float_graph
     from qmace.qat.data import SampleDataset, make_loader
     from qmace.qat.distributed import rank_device
     from qmace.qat.evaluate import validator
     from qmace.qat.module import export_qat, prepare
     from qmace.qat.train import fit
-    from qmace.quantize.api import calibrate, equalize_on, options_for
     from qmace.quantize.calibration import make_calibrator
+    from qmace.quantize.recipe import calibrate, equalize_on, options_for
 
     if job.threads:
         torch.set_num_threads(job.threads)
