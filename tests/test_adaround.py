@@ -99,7 +99,7 @@ def test_bias_correction_removes_the_mean_shift_of_weight_rounding():
     first = g.nodes[0].outputs[0]
 
     def mean_of(graph):
-        vals = [Session(graph, "reference").run(s.feeds, outputs=[first])[first] for s in samples]
+        vals = [Session(graph, "reference").run(s.feeds, observe=[first])[first] for s in samples]
         return np.mean([v.mean(axis=(0, 2, 3)) for v in vals], axis=0)
 
     ref = mean_of(g)

@@ -163,15 +163,15 @@ def run(
         log.warning("%s: range statistics without --input_dir come from one random sample drawn from "
                     "input_ranges; give --input_dir with real samples for usable ranges", cfg.path)
     quantized = bool(graph.metadata.get("quantization"))
-    extra = list(graph.activations()) if (on_tensor is not None and backend == "onnxruntime") else None
-    session = Session(graph, backend=backend, num_threads=num_threads, extra_outputs=extra)
+    observe = list(graph.activations()) if on_tensor is not None else []
+    session = Session(graph, backend=backend, num_threads=num_threads)
     oracle = source_session(m, num_threads) if validate else None
     report = RunReport(backend=backend, samples=0, latencies_ms=[])
     if oracle is not None:
         report.threshold = m.threshold_for(quantized)
         report.oracle = oracle.label
     criteria = output_criteria(m, quantized)
-    op_times: dict[str, float] | None = {} if (benchmark and backend == "reference") else None
+    op_times: dict[str, float] | None = {} if (benchmark and session.times_ops) else None
     formats = dict(zip(m.subgraph.output_tensors, m.subgraph.output_data_formats))
     n = count_samples(m, input_dir, 1)
     samples = samples_for(m, input_dir, 1)
@@ -182,16 +182,11 @@ def run(
         outs = None
         for _ in range(rounds):
             t0 = time.perf_counter()
-            if on_tensor is not None and backend == "reference":
-                outs = session.run(sample.feeds, on_tensor=lambda k, v, s=sample.name: on_tensor(s, k, v), op_times=op_times)
-            elif on_tensor is not None:
-                all_outs = session.run(sample.feeds, outputs=list(dict.fromkeys(graph.outputs + extra)))
-                for k in extra:
-                    on_tensor(sample.name, k, all_outs[k])
-                outs = {k: all_outs[k] for k in graph.outputs}
-            else:
-                outs = session.run(sample.feeds, op_times=op_times)
+            got = session.run(sample.feeds, observe=observe, op_times=op_times)
+            outs = {k: got[k] for k in graph.outputs}
             report.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+        for k in observe:  # the last round's values (every round computes the same)
+            on_tensor(sample.name, k, got[k])
         if output_dir is not None:
             report.outputs_written += write_outputs(output_dir, sample.name, outs, formats)
         if oracle is not None:

@@ -54,16 +54,14 @@ def calibrate(
     floats = [n for n in graph.activations() if graph.tensors[n].dtype == "float32"]
     names = floats if calibrator is not None else []
     wanted = set(names) | {n for obs in observers for n in obs.input_names}
-    extra = [n for n in floats if n in wanted]
-    session = Session(graph, backend=backend, num_threads=num_threads,
-                      extra_outputs=extra if backend == "onnxruntime" else None)
-    fetch = list(dict.fromkeys(list(graph.outputs) + extra))
+    observe = [n for n in floats if n in wanted]
+    session = Session(graph, backend=backend, num_threads=num_threads)
     count = 0
     for sample in samples:
         for k, v in sample.feeds.items():
             if not np.all(np.isfinite(v)):
                 raise InputDataError(f"{sample.source(k)}: input {k!r} holds NaN or Inf; calibration needs finite data")
-        outs = session.run(sample.feeds, outputs=fetch)
+        outs = session.run(sample.feeds, observe=observe)
         for n in names:
             calibrator.observe(n, outs[n])
         for obs in observers:
