@@ -23,12 +23,8 @@ from qmace.pipeline import (
     model_file_path,
     samples_for,
 )
-from qmace.quantize.adaround import InputStatistics
-from qmace.quantize.adaround import adaround as run_adaround
-from qmace.quantize.bias_correction import ChannelMeans, correct_biases
-from qmace.quantize.calibration import make_calibrator
 from qmace.quantize.ranges import write_range_file
-from qmace.quantize.recipe import calibrate, equalize_on, quantize_for_config
+from qmace.quantize.recipe import PTQRecipe, run_ptq
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +40,11 @@ def quantize_one_shot(
     config: str | Path,
     *,
     input_dir: str | Path,
+    recipe: PTQRecipe | None = None,
     model_name: str | None = None,
     build_dir: str | Path | None = None,
-    method: str = "mace",
-    percentile: float | None = None,
-    enhance: bool = False,
-    enhance_ratio: float = 10.0,
-    schema: str | None = None,
     range_file: str | Path | None = None,
     num_threads: int | None = None,
-    bias_correction: bool = True,
-    adaround: bool = False,
-    adaround_iters: int = 400,
-    equalize: bool = True,
     float_nodes: set[str] | None = None,
     progress: Callable[..., Iterator] | None = None,
 ) -> OneShotResult:
@@ -65,14 +53,10 @@ def quantize_one_shot(
     Args:
         config, model_name, build_dir: as ``qmace.api.convert``.
         input_dir: calibration samples (MACE file naming, ``qmace.data``).
-        method: ``mace`` | ``percentile`` | ``entropy`` | ``mse`` (docs/quantization.md).
-        percentile, enhance, enhance_ratio: the method's options (``mace``: MACE's quantize_stat percentile
-            and outlier walk; ``percentile``: the histogram percentile).
-        schema: ``uint8`` / ``int8`` / ``int8_w7`` (default: the YAML's).
+        recipe: how to quantize (``qmace.quantize.recipe.PTQRecipe``; default: its defaults, as
+            ``qmace quantize`` without options).
         range_file: where to write the ranges used (default: beside the model file).
         num_threads: >= 1 or None.
-        bias_correction, adaround, equalize: the post-training refinements.
-        adaround_iters: AdaRound's optimisation iterations per layer.
         float_nodes: node names or op types kept in float.
         progress: wraps sample iterators (a progress bar).
 
@@ -84,57 +68,25 @@ def quantize_one_shot(
         unknown float_nodes), FileAccessError; on failure the previous model file is left as it was.
     """
     check_threads(num_threads)
+    recipe = recipe or PTQRecipe()
     cfg = load_config(config)
     m = cfg.model(model_name)
     graph = load_float_graph(m)
-    opts: dict = {}
-    if method == "mace":
-        opts = {"percentile": percentile or 0.0, "enhance": enhance, "enhance_ratio": enhance_ratio}
-    elif percentile is not None:
-        if method != "percentile":
-            raise QuantizationError(f"--percentile applies to methods mace and percentile, not {method}")
-        opts = {"percentile": percentile}
-    calibrator = make_calibrator(method, **opts)
-    n = count_samples(m, input_dir, 0)
-    schema = schema or m.quantize_schema
-    equalized = 0
-    if equalize:
-        # a first pass for per-channel maxima; the ranges must come from the rescaled model, so a second follows
-        samples = samples_for(m, input_dir, 0)
-        if progress is not None:
-            samples = progress(samples, total=n, desc="equalization statistics")
-        graph, groups = equalize_on(graph, samples, num_threads)
-        equalized = sum(len(gr.tensors) for gr in groups)
-    samples = samples_for(m, input_dir, 0)
-    if progress is not None:
-        samples = progress(samples, total=n, desc="calibration")
-    means = ChannelMeans(graph) if bias_correction and not adaround else None
-    moments = InputStatistics(graph) if adaround else None
-    count = calibrate(graph, samples, calibrator, num_threads, observers=[o for o in (means, moments) if o])
-    table = calibrator.ranges()
-    corrected, fixed = 0, {}
-    if means is not None:
-        graph, corrected = correct_biases(graph, means, schema)
-    if moments is not None:
-        graph, fixed, reports = run_adaround(graph, moments, schema, iters=adaround_iters, progress=progress)
-        corrected = len(reports)
-        gain = sum(r.nearest_loss for r in reports) / max(sum(r.final_loss for r in reports), 1e-30)
-        log.info("AdaRound: %d layers, reconstruction error %.2fx lower than rounding to nearest", corrected, gain)
-    qgraph, fallbacks = quantize_for_config(graph, m, table=table, schema=schema, float_nodes=float_nodes,
-                                            fixed_weights=fixed)
-    qgraph.metadata["quantization"].update({"method": method, "samples": count, "bias_corrected_layers": corrected,
-                                            "adaround": bool(adaround), "equalized_tensors": equalized})
+    total = count_samples(m, input_dir, 0)
+    res = run_ptq(graph, lambda: samples_for(m, input_dir, 0), recipe, m, float_nodes=float_nodes,
+                  num_threads=num_threads, progress=progress, total=total)
+    qgraph = res.graph
     qgraph.metadata["built_from"] = build_settings(m, "quantize")
     mpath = model_file_path(cfg, m, build_dir)
     rpath = Path(range_file) if range_file else mpath.with_suffix(".ranges")
-    write_range_file(rpath, table)  # first: a failure here leaves the previous model file as it was
+    write_range_file(rpath, res.ranges)  # first: a failure here leaves the previous model file as it was
     try:
         path = save_graph(qgraph, mpath)
     except BaseException:
         if range_file is None:
             rpath.unlink(missing_ok=True)
         raise
-    return OneShotResult(ConvertResult(path, qgraph, path.stat().st_size, fallbacks), rpath, count)
+    return OneShotResult(ConvertResult(path, qgraph, path.stat().st_size, res.fallbacks), rpath, res.samples)
 
 def export(config: str | Path, output: str | Path, *, model_name: str | None = None,
            build_dir: str | Path | None = None, fmt: str = "onnx-qdq") -> Path:

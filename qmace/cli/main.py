@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from qmace.errors import QmaceError
+from qmace.quantize.ranges import ENHANCE_RATIO
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "percentile", type=float, default=0.0,
           help="drop this percentile of per-sample minima/maxima at each end, in [0, 50) (default 0: min/max)")
     _flag(p, "enhance", action="store_true", help="MACE's outlier walk: narrow ranges past isolated extrema")
-    _flag(p, "enhance_ratio", type=float, default=10.0, help="--enhance's outlier ratio (default 10, > 0)")
+    _flag(p, "enhance_ratio", type=float, default=ENHANCE_RATIO, help="--enhance's outlier ratio (default 10, > 0)")
     _flag(p, "output", default=None, help="write the range file here (default: stdout)")
 
     p = sub.add_parser("quantize", help="one-shot: statistics + ranges + quantized model")
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="range method: mace (per-sample extrema, as MACE), percentile / entropy / mse (histograms); "
                "see docs/quantization.md")
     _flag(p, "enhance", action="store_true", help="with --method mace: MACE's outlier walk")
-    _flag(p, "enhance_ratio", type=float, default=10.0, help="--enhance's outlier ratio (default 10)")
+    _flag(p, "enhance_ratio", type=float, default=ENHANCE_RATIO, help="--enhance's outlier ratio (default 10)")
     _flag(p, "schema", default=None, choices=["uint8", "int8", "int8_w7"], help="override the YAML's quantize_schema")
     _flag(p, "range_file", default=None, help="where to write the ranges used (default: beside the model)")
     _flag(p, "no_bias_correction", action="store_true", help="skip correcting biases for weight rounding")
@@ -353,12 +354,14 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         QmaceError: bad YAML, inputs, ranges or flags (a subclass naming the file/key).
     """
     from qmace.api import quantize_one_shot
+    from qmace.quantize.recipe import PTQRecipe
 
+    recipe = PTQRecipe(method=a.method, percentile=a.percentile, enhance=a.enhance, enhance_ratio=a.enhance_ratio,
+                       equalize=not a.no_equalization, bias_correction=not a.no_bias_correction,
+                       adaround=a.adaround, schema=a.schema)
     res = quantize_one_shot(
-        a.config, input_dir=a.input_dir, model_name=a.model_name, build_dir=a.build_dir, method=a.method,
-        percentile=a.percentile, enhance=a.enhance, enhance_ratio=a.enhance_ratio, schema=a.schema,
-        range_file=a.range_file, num_threads=a.num_threads, bias_correction=not a.no_bias_correction,
-        adaround=a.adaround, equalize=not a.no_equalization,
+        a.config, input_dir=a.input_dir, recipe=recipe, model_name=a.model_name, build_dir=a.build_dir,
+        range_file=a.range_file, num_threads=a.num_threads,
         float_nodes={x for x in a.float_nodes.split(",") if x}, progress=_progress,
     )
     print(res.convert.summary())

@@ -324,8 +324,7 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     from qmace.qat.evaluate import validator
     from qmace.qat.module import export_qat, prepare
     from qmace.qat.train import fit
-    from qmace.quantize.calibration import make_calibrator
-    from qmace.quantize.recipe import calibrate, equalize_on, options_for
+    from qmace.quantize.recipe import PTQRecipe, options_for, run_ptq
 
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -335,20 +334,17 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     original = load_float_graph(m)
     graph = original
     samples = _load_samples(m, job.train_dir, progress, "loading", rank == 0)
-    equalized = 0
-    if job.equalization:
-        # as `qmace quantize`: rescale activation channels first (same float function), so the ranges below
-        # come from the equalized graph and training starts from the better post-training state
-        graph, groups = equalize_on(graph, samples)
-        equalized = sum(len(g.tensors) for g in groups)
+    # The post-training start: qmace's PTQ recipe with the histogram percentile (better ranges than MACE's
+    # min/max) and, as `qmace quantize`, activation equalization first; no weight refinement (training
+    # learns the weights). Every rank computes the same start; DistributedDataParallel also broadcasts
+    # rank 0's parameters.
+    ptq = run_ptq(graph, samples, PTQRecipe(method="percentile", equalize=job.equalization, bias_correction=False), m)
+    graph, equalized = ptq.float_graph, ptq.equalized_tensors
+    if equalized:
         log.info("activation equalization rescaled %d tensor(s)", equalized)
-    # Start from the better post-training ranges (histogram percentile), not MACE's min/max. Every rank
-    # computes the same start; DistributedDataParallel also broadcasts rank 0's parameters.
-    cal = make_calibrator("percentile")
-    calibrate(graph, samples, cal)
     opts = options_for(m)
     dev = rank_device(job.device, local)
-    module = prepare(graph, cal.ranges(), opts).to(dev)
+    module = prepare(graph, ptq.ranges, opts).to(dev)
     labels = read_labels(job.labels, [s.name for s in samples]) if job.labels else None
     loader = make_loader(SampleDataset(samples, labels), global_batch=job.batch_size, rank=rank, world=world,
                          seed=job.seed, workers=job.workers)

@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from qmace.errors import QuantizationError, RangeError
-from qmace.quantize.ranges import Range, RangeLog, RangeTable, TensorSamples, quantize_stat
+from qmace.quantize.ranges import ENHANCE_RATIO, Range, RangeLog, RangeTable, TensorSamples, quantize_stat
 
 QUANT_STEPS = 255  # 8-bit grid: 256 levels, 255 steps between min and max
 _MSE_CANDIDATES = 128  # clipping candidates per side for MSE: bound = k/128 of the observed bound
@@ -101,7 +101,7 @@ class ExtremaPercentile:
 
     percentile: float = 0.0
     enhance: bool = False
-    enhance_ratio: float = 10.0
+    enhance_ratio: float = ENHANCE_RATIO
     log: RangeLog = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -37,6 +37,8 @@ SEPARATOR = "@@"
 
 # MACE's enhance loop never narrows a range below this width (absolute, in tensor units).
 ENHANCE_MIN_RANGE = 0.1
+# MACE's default ratio of the enhance walk (quantize_stat --enhance_ratio); the one default of every caller.
+ENHANCE_RATIO = 10.0
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ def parse_range_log(lines: Iterable[str], source: str) -> RangeLog:
 
 
 def quantize_stat(
-    log: RangeLog, percentile: float = 0.0, enhance: bool = False, enhance_ratio: float = 10.0
+    log: RangeLog, percentile: float = 0.0, enhance: bool = False, enhance_ratio: float = ENHANCE_RATIO
 ) -> RangeTable:
     """MACE's `quantize_stat.py`: one range per tensor from its per-inference extrema.
 

@@ -1,10 +1,12 @@
-"""Post-training quantization as steps over an in-memory graph: calibration (streamed), activation
-equalization, and the quantized graph for a YAML model entry."""
+"""Post-training quantization in memory: the recipe (``PTQRecipe``) and ``run_ptq``, which every caller
+uses (``qmace quantize``, QAT's starting point, the benchmarks), built from the steps below it: streamed
+calibration, activation equalization, and the quantized graph for a YAML model entry."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -12,10 +14,13 @@ from qmace.config import ModelConfig
 from qmace.errors import InputDataError, QuantizationError
 from qmace.ir import Graph
 from qmace.qmath import QuantParams
-from qmace.quantize.calibration import Calibrator
+from qmace.quantize.adaround import InputStatistics
+from qmace.quantize.adaround import adaround as run_adaround
+from qmace.quantize.bias_correction import ChannelMeans, correct_biases
+from qmace.quantize.calibration import Calibrator, make_calibrator
 from qmace.quantize.equalize import ChannelMaxima, equalize_activations
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
-from qmace.quantize.ranges import RangeTable, read_range_file
+from qmace.quantize.ranges import ENHANCE_RATIO, RangeTable, read_range_file
 from qmace.quantize.weight_only import quantize_large_weights
 from qmace.runtime import Session
 
@@ -181,3 +186,206 @@ def check_float_nodes(graph: Graph, wanted: Iterable[str]) -> set[str]:
                                 "(fused activations are part of the Conv/Gemm before them; see the node names "
                                 "with qmace run --benchmark --backend reference)")
     return wanted
+
+
+# ---- the PTQ recipe ------------------------------------------------------------------------------------
+
+#: Calibration methods whose ``percentile`` option the recipe passes on.
+_PERCENTILE_METHODS = ("mace", "percentile")
+
+
+@dataclass(frozen=True)
+class PTQRecipe:
+    """How post-training quantization is done, stated once: ``qmace quantize``, QAT's starting point and
+    the benchmarks all run ``run_ptq`` with one of these.
+
+    Steps, in order: activation equalization (``equalize``: a first pass for per-channel maxima, then the
+    model is rescaled and everything below runs on the rescaled model); one calibration pass (``method``
+    with its options) that also gathers the statistics of the weight refinement; the weight refinement
+    (``adaround``: learned rounding with its bias correction, else ``bias_correction``: ``b -= dW · E[x]``;
+    neither when both are off); quantization with ``schema``.
+
+    Attributes:
+        method: ``mace`` | ``percentile`` | ``entropy`` | ``mse`` (docs/quantization.md).
+        percentile: ``mace``: the percentile P of per-sample extrema (default 0: min/max); ``percentile``:
+            the histogram percentile (default: the calibrator's). Other methods take none.
+        enhance: ``mace`` only: MACE's outlier walk, with ``enhance_ratio``.
+        enhance_ratio: the walk's ratio.
+        equalize: activation equalization first.
+        bias_correction: correct each layer's bias for its weight rounding (ignored with ``adaround``,
+            which corrects biases itself).
+        adaround: AdaRound the weights, ``adaround_iters`` optimisation steps per layer.
+        adaround_iters: see ``adaround``.
+        schema: ``uint8`` / ``int8`` / ``int8_w7``; None: the model entry's ``quantize_schema``.
+    """
+
+    method: str = "mace"
+    percentile: float | None = None
+    enhance: bool = False
+    enhance_ratio: float = ENHANCE_RATIO
+    equalize: bool = True
+    bias_correction: bool = True
+    adaround: bool = False
+    adaround_iters: int = 400
+    schema: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.percentile is not None and self.method not in _PERCENTILE_METHODS:
+            raise QuantizationError(f"--percentile applies to methods mace and percentile, not {self.method}")
+        if self.adaround_iters < 1:
+            raise QuantizationError(f"adaround_iters must be >= 1, got {self.adaround_iters}")
+        self.calibrator()  # an unknown method or a bad option fails here, before any sample is read
+
+    def calibrator(self) -> Calibrator:
+        """A fresh calibrator of ``method`` with the recipe's options.
+
+        Returns:
+            The Calibrator.
+
+        Raises:
+            QuantizationError: an unknown method or an invalid option value.
+        """
+        opts: dict = {}
+        if self.method == "mace":
+            opts = {"percentile": self.percentile or 0.0, "enhance": self.enhance, "enhance_ratio": self.enhance_ratio}
+        elif self.percentile is not None:
+            opts = {"percentile": self.percentile}
+        return make_calibrator(self.method, **opts)
+
+
+@dataclass
+class PTQResult:
+    """What ``run_ptq`` produced.
+
+    Attributes:
+        graph: the quantized graph.
+        float_graph: the float graph the ranges belong to (equalized and bias-corrected / AdaRounded).
+        ranges: the calibrated range table (tensor name -> range) of ``float_graph``.
+        samples: the number of calibration samples.
+        fallbacks: one line per op left in float, with the reason.
+        equalized_tensors: activation tensors rescaled by equalization.
+        corrected_layers: layers whose bias was corrected (or weights AdaRounded).
+        variants: the quantized ``variants`` passed to ``run_ptq``, in order.
+    """
+
+    graph: Graph
+    float_graph: Graph
+    ranges: RangeTable
+    samples: int
+    fallbacks: list[str] = field(default_factory=list)
+    equalized_tensors: int = 0
+    corrected_layers: int = 0
+    variants: list[Graph] = field(default_factory=list)
+
+
+Samples = Sequence | Callable[[], Iterable]
+
+
+def _stream(samples: Samples, progress, total: int | None, desc: str) -> Iterable:
+    it = samples() if callable(samples) else samples
+    if progress is None:
+        return it
+    if total is None and isinstance(samples, Sequence):
+        total = len(samples)
+    return progress(it, total=total, desc=desc)
+
+
+def transplant_constants(src: Graph, dst: Graph) -> Graph:
+    """A copy of ``dst`` (the same model built with other input shapes, e.g. another batch size) reading the
+    constants that ``src``'s nodes now read (equalized, bias-corrected or AdaRounded weights and biases are
+    shape-independent constants). Nodes are matched by name; attributes are taken from ``src``.
+
+    Args:
+        src: the refined graph.
+        dst: the same model, unrefined (not changed).
+
+    Returns:
+        The refined copy of ``dst``.
+
+    Raises:
+        QuantizationError: ``dst`` lacks a node of ``src`` (not the same model).
+    """
+    g = dst.copy()
+    by_name = {n.name: n for n in src.nodes}
+    missing = [n.name for n in g.nodes if n.name not in by_name]
+    if missing or len(g.nodes) != len(src.nodes):
+        raise QuantizationError(f"variant graph {dst.name!r} is not the same model as {src.name!r} "
+                                f"(nodes {', '.join(missing[:3]) or 'differ in number'})")
+    for n in g.nodes:
+        o = by_name[n.name]
+        for i, name in enumerate(o.inputs):
+            if name and src.constant(name) is not None and (i >= len(n.inputs) or n.inputs[i] != name):
+                g.add_tensor(src.tensors[name])
+                while len(n.inputs) <= i:
+                    n.inputs.append("")
+                n.inputs[i] = name
+        n.attrs = dict(o.attrs)
+    g.remove_unused()
+    return g
+
+
+def run_ptq(
+    graph: Graph,
+    samples: Samples,
+    recipe: PTQRecipe,
+    m: ModelConfig,
+    *,
+    float_nodes: set[str] | None = None,
+    num_threads: int | None = None,
+    progress: Callable[..., Iterator] | None = None,
+    total: int | None = None,
+    variants: Sequence[tuple[Graph, ModelConfig]] = (),
+) -> PTQResult:
+    """Post-training quantization of ``graph`` by ``recipe`` (steps in ``PTQRecipe``).
+
+    Args:
+        graph: the optimized float graph (not changed).
+        samples: the calibration samples (``qmace.data.Sample``): a sequence, or a function returning a fresh
+            iterator (called once per pass: equalization takes two passes).
+        recipe: the recipe.
+        m: the YAML model entry: input ranges, ``change_concat_ranges``, the default schema, a range file
+            mixed in as ``convert`` does (``quantize_for_config``).
+        float_nodes: node names or op types kept in float.
+        num_threads: intra-op threads for the calibration passes, or None.
+        progress: wraps sample iterators and AdaRound's layers (tqdm-like: ``progress(it, total=, desc=)``).
+        total: the number of samples, for ``progress`` when ``samples`` is a function.
+        variants: the same model built for other input shapes (float graph, model entry); each gets the
+            refined constants (``transplant_constants``) and is quantized with the same ranges.
+
+    Returns:
+        PTQResult; the quantized graph's ``metadata["quantization"]`` also records the recipe's figures.
+
+    Raises:
+        InputDataError: no samples, or a sample with NaN/Inf.
+        QuantizationError: unknown ``float_nodes``, a tensor without a range.
+        ModelError: the backend fails on the graph.
+    """
+    schema = recipe.schema or m.quantize_schema
+    equalized = 0
+    if recipe.equalize:
+        graph, groups = equalize_on(graph, _stream(samples, progress, total, "equalization statistics"), num_threads)
+        equalized = sum(len(gr.tensors) for gr in groups)
+    calibrator = recipe.calibrator()
+    means = ChannelMeans(graph) if recipe.bias_correction and not recipe.adaround else None
+    moments = InputStatistics(graph) if recipe.adaround else None
+    count = calibrate(graph, _stream(samples, progress, total, "calibration"), calibrator, num_threads,
+                      observers=[o for o in (means, moments) if o])
+    table = calibrator.ranges()
+    corrected, fixed = 0, {}
+    if means is not None:
+        graph, corrected = correct_biases(graph, means, schema)
+    if moments is not None:
+        graph, fixed, reports = run_adaround(graph, moments, schema, iters=recipe.adaround_iters, progress=progress)
+        corrected = len(reports)
+        gain = sum(r.nearest_loss for r in reports) / max(sum(r.final_loss for r in reports), 1e-30)
+        log.info("AdaRound: %d layers, reconstruction error %.2fx lower than rounding to nearest", corrected, gain)
+    figures = {"method": recipe.method, "samples": count, "bias_corrected_layers": corrected,
+               "adaround": bool(recipe.adaround), "equalized_tensors": equalized}
+    quantized = []
+    for g, entry in [(graph, m), *((transplant_constants(graph, vg), vm) for vg, vm in variants)]:
+        qg, fallbacks = quantize_for_config(g, entry, table=table, schema=schema, float_nodes=float_nodes,
+                                            fixed_weights=fixed)
+        qg.metadata["quantization"].update(figures)
+        quantized.append((qg, fallbacks))
+    (qgraph, fallbacks), others = quantized[0], quantized[1:]
+    return PTQResult(qgraph, graph, table, count, fallbacks, equalized, corrected, [q for q, _ in others])
