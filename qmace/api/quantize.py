@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qmace.api.convert import ConvertResult
@@ -24,7 +24,7 @@ from qmace.pipeline import (
     samples_for,
 )
 from qmace.quantize.ranges import write_range_file
-from qmace.quantize.recipe import PTQRecipe, run_ptq
+from qmace.quantize.recipe import PTQRecipe, options_for, run_ptq
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,9 @@ def quantize_one_shot(
     m = cfg.model(model_name)
     graph = load_float_graph(m)
     total = count_samples(m, input_dir, 0)
-    res = run_ptq(graph, lambda: samples_for(m, input_dir, 0), recipe, m, float_nodes=float_nodes,
-                  num_threads=num_threads, progress=progress, total=total)
+    options = replace(options_for(m), float_nodes=set(float_nodes or ()))
+    res = run_ptq(graph, lambda: samples_for(m, input_dir, 0), recipe, options, num_threads=num_threads,
+                  progress=progress, total=total)
     qgraph = res.graph
     qgraph.metadata["built_from"] = build_settings(m, "quantize")
     mpath = model_file_path(cfg, m, build_dir)

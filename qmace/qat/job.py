@@ -338,11 +338,12 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     # min/max) and, as `qmace quantize`, activation equalization first; no weight refinement (training
     # learns the weights). Every rank computes the same start; DistributedDataParallel also broadcasts
     # rank 0's parameters.
-    ptq = run_ptq(graph, samples, PTQRecipe(method="percentile", equalize=job.equalization, bias_correction=False), m)
+    opts = options_for(m)
+    ptq = run_ptq(graph, samples, PTQRecipe(method="percentile", equalize=job.equalization, bias_correction=False),
+                  opts)
     graph, equalized = ptq.float_graph, ptq.equalized_tensors
     if equalized:
         log.info("activation equalization rescaled %d tensor(s)", equalized)
-    opts = options_for(m)
     dev = rank_device(job.device, local)
     module = prepare(graph, ptq.ranges, opts).to(dev)
     labels = read_labels(job.labels, [s.name for s in samples]) if job.labels else None

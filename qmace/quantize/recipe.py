@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -98,6 +98,18 @@ def equalize_on(graph: Graph, samples: Iterable, num_threads: int | None = None)
     calibrate(graph, samples, None, num_threads, observers=[maxima])
     return equalize_activations(graph, maxima)
 
+def imported_params(graph: Graph) -> dict[str, QuantParams]:
+    """Quantization parameters fixed by the source model (its QuantizeLinear/DequantizeLinear pairs, QAT).
+
+    Args:
+        graph: the float graph as the frontend imported it.
+
+    Returns:
+        Tensor or weight name -> QuantParams (empty for a plain float model).
+    """
+    return {k: QuantParams.from_json(v) for k, v in graph.metadata.get("qdq_params", {}).items()}
+
+
 def options_for(m: ModelConfig, schema: str | None = None) -> QuantizeOptions:
     """The quantizer's options from a YAML model entry (schema, change_concat_ranges, input_ranges).
 
@@ -142,7 +154,7 @@ def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None =
         return quantize_large_weights(graph, m.quantize_large_weights_schema), []
     # Parameters read from QuantizeLinear/DequantizeLinear pairs of the source model (QAT / QDQ import)
     # win; tensors without one take the range file's range (MACE's "mixing usage").
-    fixed = {k: QuantParams.from_json(v) for k, v in graph.metadata.get("qdq_params", {}).items()}
+    fixed = imported_params(graph)
     fixed.update(fixed_weights or {})
     ranges: RangeTable = {}
     if m.quantize_range_file is not None:
@@ -265,6 +277,7 @@ class PTQResult:
         fallbacks: one line per op left in float, with the reason.
         equalized_tensors: activation tensors rescaled by equalization.
         corrected_layers: layers whose bias was corrected (or weights AdaRounded).
+        fixed_params: weight name -> QuantParams fixed by AdaRound (its rounding grid), empty without it.
         variants: the quantized ``variants`` passed to ``run_ptq``, in order.
     """
 
@@ -275,6 +288,7 @@ class PTQResult:
     fallbacks: list[str] = field(default_factory=list)
     equalized_tensors: int = 0
     corrected_layers: int = 0
+    fixed_params: dict[str, QuantParams] = field(default_factory=dict)
     variants: list[Graph] = field(default_factory=list)
 
 
@@ -328,13 +342,12 @@ def run_ptq(
     graph: Graph,
     samples: Samples,
     recipe: PTQRecipe,
-    m: ModelConfig,
+    options: QuantizeOptions | None = None,
     *,
-    float_nodes: set[str] | None = None,
     num_threads: int | None = None,
     progress: Callable[..., Iterator] | None = None,
     total: int | None = None,
-    variants: Sequence[tuple[Graph, ModelConfig]] = (),
+    variants: Sequence[tuple[Graph, QuantizeOptions]] = (),
 ) -> PTQResult:
     """Post-training quantization of ``graph`` by ``recipe`` (steps in ``PTQRecipe``).
 
@@ -343,14 +356,16 @@ def run_ptq(
         samples: the calibration samples (``qmace.data.Sample``): a sequence, or a function returning a fresh
             iterator (called once per pass: equalization takes two passes).
         recipe: the recipe.
-        m: the YAML model entry: input ranges, ``change_concat_ranges``, the default schema, a range file
-            mixed in as ``convert`` does (``quantize_for_config``).
-        float_nodes: node names or op types kept in float.
+        options: the model's quantizer options (``options_for(m)`` for a YAML entry: input ranges,
+            ``change_concat_ranges``, the schema unless the recipe names one; ``float_nodes``, checked
+            against the graph). Parameters the source model fixed (``imported_params``) are kept. Every
+            activation range comes from this calibration (a YAML ``quantize_range_file`` is not read).
         num_threads: intra-op threads for the calibration passes, or None.
         progress: wraps sample iterators and AdaRound's layers (tqdm-like: ``progress(it, total=, desc=)``).
         total: the number of samples, for ``progress`` when ``samples`` is a function.
         variants: the same model built for other input shapes (float graph, model entry); each gets the
-            refined constants (``transplant_constants``) and is quantized with the same ranges.
+            refined constants (``transplant_constants``) and is quantized with the same ranges and the
+            variant's options.
 
     Returns:
         PTQResult; the quantized graph's ``metadata["quantization"]`` also records the recipe's figures.
@@ -360,7 +375,8 @@ def run_ptq(
         QuantizationError: unknown ``float_nodes``, a tensor without a range.
         ModelError: the backend fails on the graph.
     """
-    schema = recipe.schema or m.quantize_schema
+    options = options or QuantizeOptions()
+    schema = recipe.schema or options.schema
     equalized = 0
     if recipe.equalize:
         graph, groups = equalize_on(graph, _stream(samples, progress, total, "equalization statistics"), num_threads)
@@ -382,10 +398,12 @@ def run_ptq(
     figures = {"method": recipe.method, "samples": count, "bias_corrected_layers": corrected,
                "adaround": bool(recipe.adaround), "equalized_tensors": equalized}
     quantized = []
-    for g, entry in [(graph, m), *((transplant_constants(graph, vg), vm) for vg, vm in variants)]:
-        qg, fallbacks = quantize_for_config(g, entry, table=table, schema=schema, float_nodes=float_nodes,
-                                            fixed_weights=fixed)
-        qg.metadata["quantization"].update(figures)
-        quantized.append((qg, fallbacks))
+    for g, opts in [(graph, options), *((transplant_constants(graph, vg), vo) for vg, vo in variants)]:
+        opts = replace(opts, schema=schema, fixed_params={**imported_params(g), **opts.fixed_params, **fixed},
+                       float_nodes=check_float_nodes(g, opts.float_nodes))
+        res = quantize_graph(g, table, opts)
+        res.graph.metadata.pop("qdq_params", None)
+        res.graph.metadata["quantization"].update(figures)
+        quantized.append((res.graph, res.fallbacks))
     (qgraph, fallbacks), others = quantized[0], quantized[1:]
-    return PTQResult(qgraph, graph, table, count, fallbacks, equalized, corrected, [q for q, _ in others])
+    return PTQResult(qgraph, graph, table, count, fallbacks, equalized, corrected, fixed, [q for q, _ in others])
