@@ -110,6 +110,7 @@ COVERED = [
     "qmace.runtime.session",
     "qmace.ops",
     "qmace.ops.base",
+    "qmace.ops.kernel",
     "qmace.ops.util",
     "qmace.ops.argminmax",
     "qmace.ops.conv",

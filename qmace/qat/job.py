@@ -321,7 +321,6 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     from qmace.pipeline import load_float_graph
     from qmace.qat.data import SampleDataset, make_loader
     from qmace.qat.distributed import rank_device
-    from qmace.qat.evaluate import validator
     from qmace.qat.module import export_qat, prepare
     from qmace.qat.train import fit
     from qmace.quantize.recipe import PTQRecipe, options_for, run_ptq
@@ -349,13 +348,7 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     labels = read_labels(job.labels, [s.name for s in samples]) if job.labels else None
     loader = make_loader(SampleDataset(samples, labels), global_batch=job.batch_size, rank=rank, world=world,
                          seed=job.seed, workers=job.workers)
-    val_samples, metric, float_metric, validate = [], None, None, None
-    if job.val_dir is not None and rank == 0:
-        val_samples = _load_samples(m, job.val_dir, progress, "validation samples", True)
-        val_labels = read_labels(job.val_labels, [s.name for s in val_samples]) if job.val_labels else None
-        metric, float_metric, validate = validator(original, val_samples, val_labels)
-    elif job.val_dir is not None:
-        validate = _never_called  # only rank 0 scores; the others receive its score
+    val_samples, metric, float_metric, validate = _validation(job, m, original, rank, progress)
     out_dir, _ = output_dir(job)
     ckpt = out_dir / f"{m.name}_qat.ckpt"
     if rank == 0:
@@ -381,6 +374,21 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     with atomic_write(outputs.summary) as f:
         f.write(outputs.to_json())
     return outputs
+
+
+def _validation(job: QATJob, m, original, rank: int, progress) -> tuple:
+    """Rank 0's validation set and scorer (samples, metric name, the float model's score, ``validate``); the
+    other ranks get a scorer that is never called (they receive rank 0's score)."""
+    from qmace.qat.evaluate import validator
+
+    if job.val_dir is None:
+        return [], None, None, None
+    if rank != 0:
+        return [], None, None, _never_called
+    val_samples = _load_samples(m, job.val_dir, progress, "validation samples", True)
+    val_labels = read_labels(job.val_labels, [s.name for s in val_samples]) if job.val_labels else None
+    metric, float_metric, validate = validator(original, val_samples, val_labels)
+    return val_samples, metric, float_metric, validate
 
 
 def _never_called(module) -> float:
