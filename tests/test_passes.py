@@ -355,16 +355,19 @@ def test_onnxruntime_backend_equals_reference_on_many_ops():
             "Reshape"} <= set(g.op_counts())
 
 
-def test_every_backend_observes_every_intermediate_the_same_way():
-    """``Session.run(feeds, observe=names)``: the same call and the same names back on both backends."""
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_every_backend_observes_every_intermediate_the_same_way(backend):
+    """``Session.run(feeds, observe=names)``: the same call and the same names back on every backend."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
     g = optimize(onnx_to_graph(_many_ops_model()))
     feeds = _feeds(g)
     names = list(g.activations())
     ref = Session(g, backend="reference").run(feeds, observe=names)
-    fast_session = Session(g, backend="onnxruntime")
+    fast_session = Session(g, backend=backend)
     fast = fast_session.run(feeds, observe=names)
     assert set(ref) == set(fast) == set(names) | set(g.outputs)
-    for k in names:
+    for k in names:  # float graph: both compute in float32 (OpenVINO with INFERENCE_PRECISION_HINT f32)
         np.testing.assert_allclose(fast[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
     plain = fast_session.run(feeds)  # the session without observed tensors still returns the outputs only
     assert set(plain) == set(g.outputs)
