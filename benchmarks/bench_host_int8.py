@@ -33,7 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
-from qmace.quantize.api import export, quantize_one_shot
+from qmace.api import export, quantize_one_shot
+from qmace.quantize.recipe import PTQRecipe
 from qmace.runtime import Session
 from qmace.runtime.session import ort_u8s8_exact
 
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         untimed = {}
         for schema in ("int8", "int8_w7"):
             yml = common.write_yaml(tmp / schema, onnx_path, schema=schema)
-            res = quantize_one_shot(yml, input_dir=calib, build_dir=tmp / schema / "build", method="percentile")
+            res = quantize_one_shot(yml, input_dir=calib, build_dir=tmp / schema / "build",
+                                    recipe=PTQRecipe(method="percentile"))
             graph = res.convert.graph
             oracle = f"qmace {schema}, reference backend (oracle)"
             untimed[oracle] = Session(graph, backend="reference")

@@ -40,8 +40,9 @@ from benchmarks.common import (
     stamp_images,
 )
 from qmace import api
+from qmace.api import quantize_one_shot
 from qmace.config import input_name_format
-from qmace.quantize.api import quantize_one_shot
+from qmace.quantize.recipe import PTQRecipe
 from qmace.runtime import Session
 from qmace_zoo import default_cache
 
@@ -111,7 +112,8 @@ def bench_model(label: str, platform: str, model: Path, inp: str, out: str, ref:
         qg = api.convert(ymq, build_dir=d / "build").graph
         mq = logits_metrics(yf, logits(qg, inp, out, xe, threads), labels)
         mace = f"uint8 {mq['agree']:.1f}% / {mq['sqnr']:.1f} dB"
-    one = quantize_one_shot(yml, input_dir=calib, build_dir=d / "build_q", schema="int8", num_threads=threads)
+    one = quantize_one_shot(yml, input_dir=calib, build_dir=d / "build_q", recipe=PTQRecipe(schema="int8"),
+                            num_threads=threads)
     q8 = one.convert.graph
     yq = logits(q8, inp, out, xe, threads)
     mq8 = logits_metrics(yf, yq, labels)

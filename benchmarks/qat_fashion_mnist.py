@@ -60,9 +60,9 @@ def main(argv=None) -> int:
     from qmace.frontends.onnx_frontend import onnx_to_graph, read_onnx
     from qmace.passes import optimize
     from qmace.qat import prepare, train
-    from qmace.quantize.api import calibrate
     from qmace.quantize.calibration import make_calibrator
     from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
+    from qmace.quantize.recipe import calibrate
     from qmace_zoo import fashion_mnist
 
     t_start = time.perf_counter()

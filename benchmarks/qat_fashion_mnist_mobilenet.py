@@ -188,9 +188,9 @@ def run_seed(args) -> dict:
     from qmace.passes import optimize
     from qmace.quantize.adaround import InputStatistics
     from qmace.quantize.adaround import adaround as run_adaround
-    from qmace.quantize.api import calibrate, equalize_on
     from qmace.quantize.calibration import make_calibrator
     from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
+    from qmace.quantize.recipe import calibrate, equalize_on
     from qmace_zoo import default_cache, fashion_mnist
 
     torch.set_num_threads(args.threads)

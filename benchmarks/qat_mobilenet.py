@@ -267,12 +267,8 @@ def main(argv=None) -> int:
     from qmace.frontends.onnx_frontend import onnx_to_graph, read_onnx
     from qmace.passes import optimize
     from qmace.qat import prepare
-    from qmace.quantize.adaround import InputStatistics
-    from qmace.quantize.adaround import adaround as run_adaround
-    from qmace.quantize.api import calibrate, equalize_on
-    from qmace.quantize.bias_correction import ChannelMeans, correct_biases
-    from qmace.quantize.calibration import make_calibrator
-    from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
+    from qmace.quantize.quantizer import QuantizeOptions
+    from qmace.quantize.recipe import PTQRecipe, run_ptq
     from qmace.runtime import Session
     from qmace_zoo import default_cache, export_onnx, load_images, load_mobilenet_v2, load_split, stamps_dir
 
@@ -313,30 +309,21 @@ def main(argv=None) -> int:
 
     ref = teacher(x_eval)
     samples = [SimpleNamespace(name=str(i), feeds={"input": x_cal[i:i + 1]}) for i in range(len(x_cal))]
-    equalized = 0
-    if not args.no_equalization:
-        # as quantize_one_shot: per-channel maxima first, ranges then come from the rescaled float graph
-        graph, groups = equalize_on(graph, samples, args.threads)
-        equalized = sum(len(gr.tensors) for gr in groups)
-        print(f"activation equalization: {len(groups)} groups, {equalized} tensors rescaled", flush=True)
-    cal = make_calibrator("percentile", percentile=args.percentile)
-    means = ChannelMeans(graph)
-    moments = InputStatistics(graph) if args.adaround else None
-    observers = [moments] if args.adaround else [] if args.no_bias_correction else [means]
-    calibrate(graph, samples, cal, num_threads=args.threads, observers=observers)
-    ranges = cal.ranges()
     in_range = (float(x_cal.min()), float(x_cal.max()))
 
-    rows = []
+    rows, equalized = [], 0
     for schema in args.schemas.split(","):
-        opts = QuantizeOptions(schema=schema, input_ranges={"input": in_range})
-        if args.adaround:  # as qmace quantize --adaround: rounded weights on fixed grids + corrected biases
-            t_ada = time.perf_counter()
-            start, opts.fixed_params, _ = run_adaround(graph, moments, schema)
-            print(f"{schema}: AdaRound {time.perf_counter() - t_ada:.0f} s", flush=True)
-        else:
-            start = graph if args.no_bias_correction else correct_biases(graph, means, schema)[0]
-        ptq = run_batched(quantize_graph(start, ranges, opts).graph, x_eval, args.threads)
+        # the PTQ model and QAT's start: qmace's recipe (as qmace quantize with these options)
+        recipe = PTQRecipe(method="percentile", percentile=args.percentile, equalize=not args.no_equalization,
+                           bias_correction=not args.no_bias_correction, adaround=args.adaround, schema=schema)
+        t_ptq = time.perf_counter()
+        res = run_ptq(graph, samples, recipe, QuantizeOptions(schema=schema, input_ranges={"input": in_range}),
+                      num_threads=args.threads)
+        print(f"{schema}: PTQ ({res.equalized_tensors} tensors equalized, {res.corrected_layers} layers "
+              f"corrected{' by AdaRound' if args.adaround else ''}) {time.perf_counter() - t_ptq:.0f} s", flush=True)
+        start, ranges, equalized = res.float_graph, res.ranges, res.equalized_tensors
+        opts = QuantizeOptions(schema=schema, input_ranges={"input": in_range}, fixed_params=res.fixed_params)
+        ptq = run_batched(res.graph, x_eval, args.threads)
         t0 = time.perf_counter()
         module = prepare(start, ranges, opts)
         same = np.array_equal(run_batched(module.quantized_graph(), x_eval[:4], args.threads), ptq[:4])

@@ -17,6 +17,11 @@ class ModelError(QmaceError):
     """The model file is missing, truncated, not ONNX, or contradicts the YAML."""
 
 
+class KernelError(ModelError):
+    """An op's kernel rejected a node's inputs (at run time, or when a pass such as constant folding evaluates
+    it); the message names the node, its op type, the input shapes and the kernel's reason."""
+
+
 class UnsupportedOpsError(ModelError):
     """The model uses ops qmace cannot convert; the message lists every op type with its node count."""
 

@@ -10,9 +10,9 @@ from qmace.data import Sample
 from qmace.frontends import onnx_to_graph
 from qmace.passes import optimize
 from qmace.quantize.adaround import InputStatistics, adaround
-from qmace.quantize.api import calibrate
 from qmace.quantize.calibration import make_calibrator
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
+from qmace.quantize.recipe import calibrate
 from qmace.runtime import Session
 
 
@@ -100,7 +100,7 @@ def test_bias_correction_removes_the_mean_shift_of_weight_rounding():
     first = g.nodes[0].outputs[0]
 
     def mean_of(graph):
-        vals = [Session(graph, "reference").run(s.feeds, outputs=[first])[first] for s in samples]
+        vals = [Session(graph, "reference").run(s.feeds, observe=[first])[first] for s in samples]
         return np.mean([v.mean(axis=(0, 2, 3)) for v in vals], axis=0)
 
     ref = mean_of(g)

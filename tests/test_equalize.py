@@ -9,11 +9,11 @@ from qmace.data import Sample
 from qmace.frontends import onnx_to_graph
 from qmace.metrics import compare
 from qmace.passes import optimize
-from qmace.quantize.api import calibrate
 from qmace.quantize.bias_correction import ChannelMeans, correct_biases
 from qmace.quantize.calibration import make_calibrator
 from qmace.quantize.equalize import ChannelMaxima, equalize_activations
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
+from qmace.quantize.recipe import calibrate
 from qmace.runtime import Session
 
 C = 8

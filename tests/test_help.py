@@ -55,7 +55,8 @@ def test_py_typed_shipped():
 PUBLIC = [
     ("qmace.api", ["convert", "run", "load_converted", "model_file_path", "build_settings", "convert_model",
                    "run_model", "load_model"]),
-    ("qmace.quantize.api", ["quantize_one_shot", "export", "calibrate", "quantize_for_config"]),
+    ("qmace.api", ["quantize_one_shot", "export"]),
+    ("qmace.quantize.recipe", ["calibrate", "quantize_for_config"]),
     ("qmace.config", ["load_config", "verify_checksum"]),
     ("qmace.modelfile", ["save_graph", "load_graph"]),
 ]

@@ -11,9 +11,9 @@ from onnx import helper
 from qmace.data import Sample
 from qmace.frontends.onnx_frontend import onnx_to_graph
 from qmace.passes import optimize
-from qmace.quantize.api import calibrate
 from qmace.quantize.calibration import make_calibrator
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
+from qmace.quantize.recipe import calibrate
 from qmace.runtime import Session
 from qmace.runtime.openvino_backend import available
 from tests.conftest import make_onnx, rand

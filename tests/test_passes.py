@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
+from qmace.errors import ModelError
 from qmace.frontends.onnx_frontend import onnx_to_graph
 from qmace.ir import Graph
 from qmace.passes import (
@@ -354,16 +355,24 @@ def test_onnxruntime_backend_equals_reference_on_many_ops():
             "Reshape"} <= set(g.op_counts())
 
 
-def test_reference_backend_streams_every_intermediate_and_ort_exposes_them():
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_every_backend_observes_every_intermediate_the_same_way(backend):
+    """``Session.run(feeds, observe=names)``: the same call and the same names back on every backend."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
     g = optimize(onnx_to_graph(_many_ops_model()))
-    seen: dict[str, np.ndarray] = {}
     feeds = _feeds(g)
-    Session(g, backend="reference").run(feeds, on_tensor=lambda k, v: seen.setdefault(k, v))
-    assert set(seen) == set(g.activations())
     names = list(g.activations())
-    fast = Session(g, backend="onnxruntime", extra_outputs=names).run(feeds, outputs=names)
-    for k in names:
-        np.testing.assert_allclose(fast[k], seen[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    ref = Session(g, backend="reference").run(feeds, observe=names)
+    fast_session = Session(g, backend=backend)
+    fast = fast_session.run(feeds, observe=names)
+    assert set(ref) == set(fast) == set(names) | set(g.outputs)
+    for k in names:  # float graph: both compute in float32 (OpenVINO with INFERENCE_PRECISION_HINT f32)
+        np.testing.assert_allclose(fast[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    plain = fast_session.run(feeds)  # the session without observed tensors still returns the outputs only
+    assert set(plain) == set(g.outputs)
+    with pytest.raises(ModelError, match="no_such_tensor"):
+        fast_session.run(feeds, observe=["no_such_tensor"])
 
 
 def test_transpose_sinking_and_pad_folding_keep_outputs():

@@ -14,9 +14,9 @@ torch = pytest.importorskip("torch")
 
 from qmace.frontends.onnx_frontend import onnx_to_graph
 from qmace.passes import optimize
-from qmace.quantize.api import calibrate
 from qmace.quantize.calibration import make_calibrator
 from qmace.quantize.quantizer import QuantizeOptions
+from qmace.quantize.recipe import calibrate
 from qmace.runtime.reference import execute
 
 INPUT_RANGE = (-1.0, 1.0)

@@ -25,8 +25,8 @@ def setup():
 
     from qmace.frontends.onnx_frontend import onnx_to_graph
     from qmace.passes import optimize
-    from qmace.quantize.api import calibrate
     from qmace.quantize.calibration import make_calibrator
+    from qmace.quantize.recipe import calibrate
     from tests.test_qat import _model
 
     graph = optimize(onnx_to_graph(_model()))

@@ -17,10 +17,10 @@ from qmace.ir import Graph
 from qmace.metrics import compare
 from qmace.modelfile import load_graph, save_graph
 from qmace.passes import optimize
-from qmace.quantize.api import calibrate
 from qmace.quantize.calibration import make_calibrator
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
 from qmace.quantize.ranges import Range
+from qmace.quantize.recipe import calibrate
 from qmace.quantize.weight_only import quantize_large_weights
 from qmace.runtime import Session
 from tests.conftest import make_onnx, rand
@@ -209,13 +209,12 @@ def test_onnxruntime_backend_vs_reference_integer_codes(float_graph, table, sche
     names = _quantized_activations(g)
     assert set(names) == {*EXACT, *ONE_STEP, "prob__quant"}
     ref = Session(g, backend="reference")
-    fast = Session(g, backend="onnxruntime", num_threads=1, extra_outputs=names)
+    fast = Session(g, backend="onnxruntime", num_threads=1)
     size = dict.fromkeys(names, 0)
     differ = dict.fromkeys(names, 0)
     for sample in _samples(30, seed=1):
-        seen: dict[str, np.ndarray] = {}
-        ref.run(sample.feeds, on_tensor=lambda k, v, seen=seen: seen.__setitem__(k, v))
-        got = fast.run(sample.feeds, outputs=names)
+        seen = ref.run(sample.feeds, observe=names)
+        got = fast.run(sample.feeds, observe=names)
         for k in names:
             assert got[k].dtype == seen[k].dtype == np.uint8, k
             d = np.abs(got[k].astype(np.int32) - seen[k].astype(np.int32))
@@ -235,14 +234,13 @@ def test_onnxruntime_softmax_vs_reference_alone():
     g = optimize(onnx_to_graph(m))
     q = quantize_graph(g, {"y": Range(0, 1)}, QuantizeOptions(input_ranges={"x": (-4.0, 4.0)})).graph
     names = _quantized_activations(q)
-    ref, fast = Session(q, "reference"), Session(q, "onnxruntime", num_threads=1, extra_outputs=names)
+    ref, fast = Session(q, "reference"), Session(q, "onnxruntime", num_threads=1)
     rng = np.random.default_rng(0)
     total = differ = 0
     for _ in range(50):
         x = rng.uniform(-4, 4, size=(4, 100)).astype(np.float32)
-        seen: dict[str, np.ndarray] = {}
-        ref.run({"x": x}, on_tensor=lambda k, v, seen=seen: seen.__setitem__(k, v))
-        got = fast.run({"x": x}, outputs=names)
+        seen = ref.run({"x": x}, observe=names)
+        got = fast.run({"x": x}, observe=names)
         for k in names:
             d = np.abs(got[k].astype(np.int32) - seen[k].astype(np.int32))
             assert d.max() <= 1

@@ -196,10 +196,8 @@ def test_int8_import_keeps_the_files_parameters_and_codes(tmp_path):
 
 
 def _int8_codes(graph, x: np.ndarray) -> dict[str, np.ndarray]:
-    got: dict[str, np.ndarray] = {}
-    Session(graph, "reference").run({INPUT: np.ascontiguousarray(x[None].transpose(0, 3, 1, 2))},
-                                    on_tensor=lambda k, v: got.__setitem__(k, v))
-    return got
+    return Session(graph, "reference").run({INPUT: np.ascontiguousarray(x[None].transpose(0, 3, 1, 2))},
+                                           observe=list(graph.activations()))
 
 
 def test_int8_model_runs_with_litert_codes(tmp_path):

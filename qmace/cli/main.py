@@ -356,13 +356,15 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     Raises:
         QmaceError: bad YAML, inputs, ranges or flags (a subclass naming the file/key).
     """
-    from qmace.quantize.api import quantize_one_shot
+    from qmace.api import quantize_one_shot
+    from qmace.quantize.recipe import PTQRecipe
 
+    recipe = PTQRecipe(method=a.method, percentile=a.percentile, enhance=a.enhance, enhance_ratio=a.enhance_ratio,
+                       equalize=not a.no_equalization, bias_correction=not a.no_bias_correction,
+                       adaround=a.adaround, schema=a.schema)
     res = quantize_one_shot(
-        a.config, input_dir=a.input_dir, model_name=a.model_name, build_dir=a.build_dir, method=a.method,
-        percentile=a.percentile, enhance=a.enhance, enhance_ratio=a.enhance_ratio, schema=a.schema,
-        range_file=a.range_file, num_threads=a.num_threads, bias_correction=not a.no_bias_correction,
-        adaround=a.adaround, equalize=not a.no_equalization,
+        a.config, input_dir=a.input_dir, recipe=recipe, model_name=a.model_name, build_dir=a.build_dir,
+        range_file=a.range_file, num_threads=a.num_threads,
         float_nodes={x for x in a.float_nodes.split(",") if x}, progress=_progress,
     )
     print(res.convert.summary())
@@ -387,7 +389,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     Raises:
         QmaceError: bad YAML or model, or an unsupported format.
     """
-    from qmace.quantize.api import export
+    from qmace.api import export
 
     path = export(a.config, a.output, model_name=a.model_name, build_dir=a.build_dir, fmt=a.format)
     print(f"wrote {path}")

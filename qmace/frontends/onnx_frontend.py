@@ -10,18 +10,17 @@ Constant nodes become constant tensors; every unsupported op is reported in one 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path, PurePath
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from qmace import limits
 from qmace.errors import FileAccessError, ModelError, PathError, UnsupportedOpsError, first_line
 from qmace.fileio import os_reason
-from qmace.ir import Graph, Node, Tensor, check_structure
+from qmace.ir import Graph, check_structure
+from qmace.onnx_bridge import attr_value, declared_bytes, graph_from_onnx
 from qmace.ops import get_op, is_supported
 
 log = logging.getLogger(__name__)
@@ -81,17 +80,6 @@ def _all_tensors(model: onnx.ModelProto):
                     yield f"node {n.name or n.op_type!r} attribute {a.name!r}", t
 
 
-def _declared_bytes(t: onnx.TensorProto, where: str) -> int:
-    dims = list(t.dims)
-    if any(d < 0 for d in dims):
-        raise ModelError(f"{where}: negative dimension in {dims}")
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    except (KeyError, TypeError, ValueError):
-        raise ModelError(f"{where}: unknown data type {t.data_type}") from None
-    return math.prod(dims) * itemsize
-
-
 def load_external_data(model: onnx.ModelProto, path: Path) -> None:
     """Check every tensor against the memory budget and read external data relative to the model file's folder.
 
@@ -109,7 +97,7 @@ def load_external_data(model: onnx.ModelProto, path: Path) -> None:
     external = False
     for label, t in _all_tensors(model):
         where = f"{path}: {label}"
-        nbytes = _declared_bytes(t, where)
+        nbytes = declared_bytes(t, where)
         limits.check_tensor_bytes(nbytes, where)
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -161,28 +149,6 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def _np_dtype(elem_type: int) -> str:
-    return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)))
-
-
-def _attr_value(a: onnx.AttributeProto):
-    v = helper.get_attribute_value(a)
-    if isinstance(v, bytes):
-        return v.decode("utf-8")
-    if isinstance(v, onnx.TensorProto):
-        return numpy_helper.to_array(v)
-    if isinstance(v, list):
-        return [x.decode("utf-8") if isinstance(x, bytes) else x for x in v]
-    return v
-
-
-def _shape_of(vi: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
-    tt = vi.type.tensor_type
-    if not tt.HasField("shape"):
-        return None
-    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-
-
 # Old op types that ONNX's version converter rewrites into supported ones (Upsample -> Resize).
 _UPGRADED_AWAY = {"Upsample"}
 
@@ -226,21 +192,6 @@ def _check_arity(model: onnx.ModelProto, path: Path) -> None:
             raise ModelError(f"{where}: required attribute(s) missing: {', '.join(missing)}")
 
 
-def _constant_node_value(n: onnx.NodeProto) -> np.ndarray:
-    a = n.attribute[0]
-    if a.name == "value":
-        return numpy_helper.to_array(a.t)
-    if a.name == "value_float":
-        return np.array(a.f, np.float32)
-    if a.name == "value_floats":
-        return np.array(list(a.floats), np.float32)
-    if a.name == "value_int":
-        return np.array(a.i, np.int64)
-    if a.name == "value_ints":
-        return np.array(list(a.ints), np.int64)
-    raise ModelError(f"Constant node {n.name!r}: attribute {a.name!r} is not supported")
-
-
 # Attributes added after opset 21 to ops qmace supports: name -> (op types, values meaning the opset-21
 # behaviour). Cast.round_mode only rounds to float8e8m0; SpaceToDepth.mode DCR is opset 21's order; Q.precision / DQ.output_dtype name a float type
 # (0 = the scale's, which is float32 here); Range.stash_type is the accumulation precision (float32 or
@@ -271,7 +222,7 @@ def _to_opset21(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
             if a.name in known:
                 continue
             ops, ok = _NEWER_ATTRS.get(a.name, ((), ()))
-            value = _attr_value(a)
+            value = attr_value(a)
             if n.op_type not in ops or value not in ok:
                 raise ModelError(f"{path}: {n.op_type} node {n.name!r}: attribute {a.name}={value!r} "
                                  f"(opset {default_opset(model)}) is not supported")
@@ -280,15 +231,6 @@ def _to_opset21(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         if imp.domain in ("", "ai.onnx"):
             imp.version = TARGET_OPSET
     return model
-
-
-def _to_array(t: onnx.TensorProto, where: str) -> np.ndarray:
-    """``numpy_helper.to_array`` with a ModelError naming the tensor for data that does not fit its shape."""
-    limits.check_tensor_bytes(_declared_bytes(t, where), where)
-    try:
-        return numpy_helper.to_array(t)
-    except Exception as e:
-        raise ModelError(f"{where}: malformed tensor data ({first_line(e, 200)})") from None
 
 
 def upgrade_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
@@ -345,42 +287,7 @@ def onnx_to_graph(model: onnx.ModelProto, path: str | Path = "<model>") -> Graph
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as e:  # shape inference is advisory here; the IR passes re-run it
         log.debug("ONNX shape inference failed on %s: %s", path, e)
-    g = model.graph
-    graph = Graph(name=g.name or path.stem, metadata={"source": str(path), "source_opset": source_opset})
-    for init in g.initializer:
-        arr = _to_array(init, f"{path}: initializer {init.name!r}")
-        graph.add_tensor(Tensor(init.name, str(arr.dtype), tuple(arr.shape), arr))
-    for vi in list(g.input):
-        if vi.name in graph.tensors:  # old models list initializers as inputs too
-            continue
-        graph.add_tensor(Tensor(vi.name, _np_dtype(vi.type.tensor_type.elem_type), _shape_of(vi)))
-        graph.inputs.append(vi.name)
-    for vi in list(g.value_info) + list(g.output):
-        if vi.name not in graph.tensors and vi.type.tensor_type.elem_type:
-            graph.add_tensor(Tensor(vi.name, _np_dtype(vi.type.tensor_type.elem_type), _shape_of(vi)))
-    used_names: set[str] = set()
-    for i, n in enumerate(g.node):
-        if n.op_type == "Constant":
-            arr = _constant_node_value(n)
-            graph.add_tensor(Tensor(n.output[0], str(arr.dtype), tuple(arr.shape), arr))
-            continue
-        name = n.name or f"{n.op_type}_{i}"
-        while name in used_names:
-            name = f"{name}_{i}"
-        used_names.add(name)
-        attrs = {a.name: _attr_value(a) for a in n.attribute}
-        graph.nodes.append(Node(name, n.op_type, list(n.input), list(n.output), attrs))
-        for o in n.output:
-            if o and o not in graph.tensors:
-                graph.add_tensor(Tensor(o))
-    graph.outputs = [o.name for o in g.output]
-    strings = [k for k, t in graph.tensors.items() if t.dtype in ("object", "str")]
-    if strings:
-        raise ModelError(f"{path}: tensor(s) {', '.join(map(repr, strings))} hold strings; qmace supports "
-                         "numeric tensors only")
-    for o in graph.outputs:
-        if o not in graph.tensors:
-            raise ModelError(f"{path}: graph output {o!r} is produced by no node")
+    graph = graph_from_onnx(model, path, {"source": str(path), "source_opset": source_opset})
     check_structure(graph, path)
     from qmace.frontends.qdq_import import strip_qdq  # QuantizeLinear/DequantizeLinear -> fixed params
 

@@ -483,10 +483,10 @@ def _load_all() -> None:
         return
     import importlib
     import pkgutil
+    from pathlib import Path
 
-    import qmace.ops as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
+    # the op modules by file (not through ``import qmace.ops``, which imports this module: no cycle)
+    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if mod.name not in ("base", "util"):
             importlib.import_module(f"qmace.ops.{mod.name}")
     _loaded = True

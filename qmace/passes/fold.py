@@ -8,9 +8,8 @@ import math
 import numpy as np
 
 from qmace import limits
-from qmace.errors import ModelError, first_line
 from qmace.ir import Graph
-from qmace.ops import get_op
+from qmace.ops.kernel import run_kernel
 
 _NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear"}
 
@@ -27,11 +26,12 @@ def fold_constants(graph: Graph) -> int:
         The number of nodes folded.
 
     Raises:
-        ModelError: a kernel rejects a node's constant inputs (naming the node and the input shapes).
+        KernelError: a kernel rejects a node's constant inputs (naming the node and the input shapes).
         ResourceLimitError: an output whose inferred shape exceeds the memory budget.
     """
     folded = 0
     keep = []
+    src = graph.metadata.get("source", graph.name)
     for node in graph.nodes:
         ins = [graph.tensors[i] if i else None for i in node.inputs]
         value = None
@@ -40,21 +40,15 @@ def fold_constants(graph: Graph) -> int:
         elif node.op_type == "Shape" and ins[0] is not None and ins[0].data is None:
             shape = ins[0].shape
             if shape is not None and all(d is not None for d in shape):
-                value = get_op("Shape").run(node, [np.zeros(shape, np.uint8)])
+                value = run_kernel(node, [np.zeros(shape, np.uint8)], where=f"{src}: ")
         elif all(t is None or t.data is not None for t in ins) and node.inputs:
             for o in node.outputs:  # a shape inference already knows: refuse before allocating
                 shape = graph.tensors[o].shape if o and o in graph.tensors else None
                 if shape is not None and all(isinstance(d, int) for d in shape):
                     limits.check_tensor_bytes(
                         math.prod(shape) * np.dtype(graph.tensors[o].dtype).itemsize,
-                        f"{graph.metadata.get('source', graph.name)}: {node.op_type} node {node.name!r} output {o!r}")
-            try:
-                value = get_op(node.op_type).run(node, [t.data if t is not None else None for t in ins])
-            except (ValueError, IndexError, TypeError, NotImplementedError, ZeroDivisionError, OverflowError) as e:
-                shapes = ", ".join(f"{t.name}{tuple(t.data.shape)}" for t in ins if t is not None)
-                src = graph.metadata.get("source", graph.name)
-                raise ModelError(f"{src}: {node.op_type} node {node.name!r} cannot be evaluated on its constant "
-                                 f"inputs {shapes}: {first_line(e)}") from e
+                        f"{src}: {node.op_type} node {node.name!r} output {o!r}")
+            value = run_kernel(node, [t.data if t is not None else None for t in ins], where=f"{src}: ")
         if value is None:
             keep.append(node)
             continue

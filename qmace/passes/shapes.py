@@ -8,8 +8,8 @@ import logging
 import onnx
 
 from qmace.errors import first_line
-from qmace.frontends.onnx_frontend import _np_dtype, _shape_of
 from qmace.ir import Graph
+from qmace.onnx_bridge import np_dtype, shape_of, to_onnx
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,6 @@ def infer_shapes(graph: Graph) -> int:
     Returns:
         The number of tensors whose shape changed.
     """
-    from qmace.runtime.lower import to_onnx
-
     model = to_onnx(graph)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -39,9 +37,9 @@ def infer_shapes(graph: Graph) -> int:
         t = graph.tensors.get(vi.name)
         if t is None or t.data is not None or t.is_quantized:
             continue
-        shape = _shape_of(vi)
+        shape = shape_of(vi)
         if vi.type.tensor_type.elem_type:
-            t.dtype = _np_dtype(vi.type.tensor_type.elem_type)
+            t.dtype = np_dtype(vi.type.tensor_type.elem_type)
         if shape is not None and shape != t.shape:
             t.shape = shape
             updated += 1

@@ -306,7 +306,7 @@ def _worker(rank: int, job: QATJob, port: int, progress, on_epoch) -> None:
 
 
 def _load_samples(m, directory, progress, label: str, show: bool) -> list:
-    from qmace.api import count_samples, samples_for
+    from qmace.pipeline import count_samples, samples_for
 
     n = count_samples(m, directory, 0)
     it = samples_for(m, directory, 0)
@@ -316,16 +316,14 @@ def _load_samples(m, directory, progress, label: str, show: bool) -> list:
 def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch) -> QATOutputs | None:
     import torch
 
-    from qmace.api import load_float_graph
     from qmace.config import load_config
     from qmace.fileio import atomic_write
+    from qmace.pipeline import load_float_graph
     from qmace.qat.data import SampleDataset, make_loader
     from qmace.qat.distributed import rank_device
-    from qmace.qat.evaluate import validator
     from qmace.qat.module import export_qat, prepare
     from qmace.qat.train import fit
-    from qmace.quantize.api import calibrate, equalize_on, options_for
-    from qmace.quantize.calibration import make_calibrator
+    from qmace.quantize.recipe import PTQRecipe, options_for, run_ptq
 
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -335,30 +333,22 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     original = load_float_graph(m)
     graph = original
     samples = _load_samples(m, job.train_dir, progress, "loading", rank == 0)
-    equalized = 0
-    if job.equalization:
-        # as `qmace quantize`: rescale activation channels first (same float function), so the ranges below
-        # come from the equalized graph and training starts from the better post-training state
-        graph, groups = equalize_on(graph, samples)
-        equalized = sum(len(g.tensors) for g in groups)
-        log.info("activation equalization rescaled %d tensor(s)", equalized)
-    # Start from the better post-training ranges (histogram percentile), not MACE's min/max. Every rank
-    # computes the same start; DistributedDataParallel also broadcasts rank 0's parameters.
-    cal = make_calibrator("percentile")
-    calibrate(graph, samples, cal)
+    # The post-training start: qmace's PTQ recipe with the histogram percentile (better ranges than MACE's
+    # min/max) and, as `qmace quantize`, activation equalization first; no weight refinement (training
+    # learns the weights). Every rank computes the same start; DistributedDataParallel also broadcasts
+    # rank 0's parameters.
     opts = options_for(m)
+    ptq = run_ptq(graph, samples, PTQRecipe(method="percentile", equalize=job.equalization, bias_correction=False),
+                  opts)
+    graph, equalized = ptq.float_graph, ptq.equalized_tensors
+    if equalized:
+        log.info("activation equalization rescaled %d tensor(s)", equalized)
     dev = rank_device(job.device, local)
-    module = prepare(graph, cal.ranges(), opts).to(dev)
+    module = prepare(graph, ptq.ranges, opts).to(dev)
     labels = read_labels(job.labels, [s.name for s in samples]) if job.labels else None
     loader = make_loader(SampleDataset(samples, labels), global_batch=job.batch_size, rank=rank, world=world,
                          seed=job.seed, workers=job.workers)
-    val_samples, metric, float_metric, validate = [], None, None, None
-    if job.val_dir is not None and rank == 0:
-        val_samples = _load_samples(m, job.val_dir, progress, "validation samples", True)
-        val_labels = read_labels(job.val_labels, [s.name for s in val_samples]) if job.val_labels else None
-        metric, float_metric, validate = validator(original, val_samples, val_labels)
-    elif job.val_dir is not None:
-        validate = _never_called  # only rank 0 scores; the others receive its score
+    val_samples, metric, float_metric, validate = _validation(job, m, original, rank, progress)
     out_dir, _ = output_dir(job)
     ckpt = out_dir / f"{m.name}_qat.ckpt"
     if rank == 0:
@@ -384,6 +374,21 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     with atomic_write(outputs.summary) as f:
         f.write(outputs.to_json())
     return outputs
+
+
+def _validation(job: QATJob, m, original, rank: int, progress) -> tuple:
+    """Rank 0's validation set and scorer (samples, metric name, the float model's score, ``validate``); the
+    other ranks get a scorer that is never called (they receive rank 0's score)."""
+    from qmace.qat.evaluate import validator
+
+    if job.val_dir is None:
+        return [], None, None, None
+    if rank != 0:
+        return [], None, None, _never_called
+    val_samples = _load_samples(m, job.val_dir, progress, "validation samples", True)
+    val_labels = read_labels(job.val_labels, [s.name for s in val_samples]) if job.val_labels else None
+    metric, float_metric, validate = validator(original, val_samples, val_labels)
+    return val_samples, metric, float_metric, validate
 
 
 def _never_called(module) -> float:

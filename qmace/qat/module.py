@@ -794,8 +794,8 @@ def export_qat(module: QATModule, onnx_path: str | Path, range_path: str | Path)
         ``(onnx_path, range_path)`` as paths.
     """
     from qmace.fileio import atomic_write
+    from qmace.onnx_bridge import to_onnx
     from qmace.quantize.ranges import write_range_file
-    from qmace.runtime.lower import to_onnx
 
     onnx_path, range_path = Path(onnx_path), Path(range_path)
     model = to_onnx(module.to_float_graph())

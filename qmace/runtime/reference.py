@@ -14,7 +14,7 @@ import numpy as np
 
 from qmace.errors import ModelError
 from qmace.ir import Graph, Node
-from qmace.ops.base import get_op
+from qmace.ops.kernel import run_kernel
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,15 @@ def run_node(graph: Graph, node: Node, values: list[np.ndarray | None]) -> list[
 
     Returns:
         Its output arrays.
+
+    Raises:
+        KernelError: the kernel rejected the inputs (naming the node).
     """
-    op = get_op(node.op_type)
     if _uses_integer_kernel(graph, node):
         in_qp = [graph.tensors[i].quant if i else None for i in node.inputs]
         out_qp = [graph.tensors[o].quant if o else None for o in node.outputs]
-        return op.run_quantized(node, values, in_qp, out_qp)
-    return op.run(node, values)
+        return run_kernel(node, values, in_qp, out_qp)
+    return run_kernel(node, values)
 
 
 def execute(
@@ -92,11 +94,7 @@ def execute(
     for idx, node in enumerate(graph.nodes):
         values = [env[i] if i else None for i in node.inputs]
         t0 = time.perf_counter() if op_times is not None else 0.0
-        try:
-            results = run_node(graph, node, values)
-        except (ValueError, IndexError, TypeError, NotImplementedError) as e:
-            shapes = ", ".join(f"{i}{tuple(v.shape) if v is not None else ''}" for i, v in zip(node.inputs, values))
-            raise ModelError(f"{node.op_type} node {node.name!r} failed on inputs {shapes}: {e}") from e
+        results = run_node(graph, node, values)
         if op_times is not None:
             op_times[node.name] = op_times.get(node.name, 0.0) + time.perf_counter() - t0
         for name, value in zip(node.outputs, results):

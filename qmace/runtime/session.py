@@ -1,21 +1,23 @@
-"""One session API over both backends.
+"""One session API over every backend.
 
-``Session(graph, backend="onnxruntime" | "openvino" | "reference", num_threads=N)``; ``run(feeds)`` returns
-the graph outputs by name. The reference backend can also return (or stream to a callback) every
-intermediate tensor; the ONNX Runtime and OpenVINO backends run the lowered ONNX model
-(``qmace.runtime.lower``) and can expose chosen intermediates as extra outputs.
+``Session(graph, backend="onnxruntime" | "openvino" | "reference", num_threads=N)``;
+``run(feeds, observe=names)`` returns the graph outputs and the observed intermediate tensors by name, the
+same on every backend. The ONNX Runtime and OpenVINO backends run the lowered ONNX model
+(``qmace.onnx_bridge.to_onnx``); the reference backend runs qmace's numpy kernels node by node (and can time
+each node). Also here: ONNX Runtime sessions with the exact-int8 rewrite for CPUs without VNNI.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Iterable
 
 import numpy as np
 
 from qmace.errors import ModelError, first_line
 from qmace.ir import Graph
+from qmace.onnx_bridge import to_onnx
 from qmace.runtime import reference
 
 BACKENDS = ("onnxruntime", "openvino", "reference")
@@ -209,43 +211,33 @@ def ort_session(model_bytes: bytes | str, num_threads: int | None = None, exact_
 
 
 class Session:
-    """One graph ready to run on one backend; ``run(feeds)`` returns the outputs by name.
+    """One graph ready to run on one backend, with the same calling convention on every backend.
+
+    ``run(feeds, observe=names)`` returns the graph outputs and the observed intermediate tensors by name,
+    whichever backend runs: the reference executor keeps the observed tensors, the ONNX backends run the
+    lowered model with them as extra outputs (one lowered model per distinct observed set, built on first
+    use and kept). A quantized tensor is observed as its integer codes on every backend.
 
     Args:
         graph: the graph to run (float or quantized).
         backend: ``"onnxruntime"``, ``"openvino"`` (both run the lowered ONNX model) or ``"reference"``
-            (qmace's exact numpy kernels; every intermediate tensor is visible).
+            (qmace's exact numpy kernels).
         num_threads: intra-op threads, or None for the backend's default.
-        extra_outputs: intermediate tensors the ONNX backends also expose as outputs.
 
     Raises:
         ValueError: an unknown backend.
         ModelError: the backend cannot load the lowered model.
     """
-    def __init__(
-        self,
-        graph: Graph,
-        backend: str = "onnxruntime",
-        num_threads: int | None = None,
-        extra_outputs: list[str] | None = None,
-    ):
+
+    def __init__(self, graph: Graph, backend: str = "onnxruntime", num_threads: int | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         self.graph = graph
         self.backend = backend
         self.num_threads = num_threads
-        self.extra_outputs = list(extra_outputs or [])
-        self._ort = None
-        if backend != "reference":
-            from qmace.runtime.lower import to_onnx
-
-            model = to_onnx(graph, extra_outputs=self.extra_outputs).SerializeToString()
-            if backend == "onnxruntime":
-                self._ort = ort_session(model, num_threads)
-            else:
-                from qmace.runtime.openvino_backend import OpenVINOSession
-
-                self._ort = OpenVINOSession(model, num_threads)
+        self._lowered: dict[tuple[str, ...], object] = {}
+        # the backend session of the plain graph (None: the reference executor)
+        self._ort = None if backend == "reference" else self._backend_session(())
 
     @property
     def input_names(self) -> list[str]:
@@ -257,37 +249,63 @@ class Session:
         """The graph's output names."""
         return list(self.graph.outputs)
 
+    @property
+    def times_ops(self) -> bool:
+        """Whether ``run`` can report per-node times (``op_times``): the reference executor runs node by node."""
+        return self.backend == "reference"
+
+    def _backend_session(self, extra: tuple[str, ...]):
+        """The ONNX Runtime / OpenVINO session of the lowered graph exposing ``extra`` as outputs too."""
+        if extra not in self._lowered:
+            model = to_onnx(self.graph, extra_outputs=list(extra)).SerializeToString()
+            if self.backend == "onnxruntime":
+                self._lowered[extra] = ort_session(model, self.num_threads)
+            else:
+                from qmace.runtime.openvino_backend import OpenVINOSession
+
+                self._lowered[extra] = OpenVINOSession(model, self.num_threads)
+        return self._lowered[extra]
+
     def run(
         self,
         feeds: dict[str, np.ndarray],
-        outputs: list[str] | None = None,
-        on_tensor: Callable[[str, np.ndarray], None] | None = None,
+        observe: Iterable[str] | None = None,
         op_times: dict[str, float] | None = None,
     ) -> dict[str, np.ndarray]:
         """Run once.
 
         Args:
             feeds: input name -> array (in the graph's layout and dtype).
-            outputs: the tensors wanted (default: the graph outputs; on the ONNX backends a graph output or an
-                ``extra_outputs`` tensor).
-            on_tensor: ``on_tensor(name, value)`` for every node output (reference backend only).
-            op_times: accumulates seconds per node name (reference backend only).
+            observe: intermediate tensors (or inputs) to return besides the graph outputs.
+            op_times: accumulates seconds per node name (only when ``times_ops``: the reference backend).
 
         Returns:
-            Tensor name -> array for every wanted tensor.
+            Tensor name -> array for every graph output and every observed tensor.
 
         Raises:
-            ValueError: ``on_tensor``/``op_times`` on a backend other than the reference.
-            ModelError: the backend fails on the inputs (ORT's first message line, or the failing node).
+            ValueError: ``op_times`` on a backend that cannot time nodes.
+            ModelError: an observed name that is not a tensor of the graph; the backend fails on the inputs
+                (ORT's first message line, or the failing node).
         """
-        wanted = outputs or self.output_names
-        if self._ort is not None:
-            if on_tensor is not None or op_times is not None:
-                raise ValueError("per-tensor callbacks and per-op times need the reference backend")
-            try:
-                res = self._ort.run(wanted, {k: np.asarray(v, order="C") for k, v in feeds.items()})
-            except Exception as e:  # ORT's own exception types: one line naming the runtime
-                raise ModelError(f"graph {self.graph.name!r}: ONNX Runtime failed: "
-                                 f"{first_line(e, 300)}") from e
-            return dict(zip(wanted, res))
-        return reference.execute(self.graph, feeds, outputs=wanted, on_tensor=on_tensor, op_times=op_times)
+        observed = list(dict.fromkeys(observe or ()))
+        unknown = [n for n in observed if n not in self.graph.tensors]
+        if unknown:
+            raise ModelError(f"graph {self.graph.name!r}: cannot observe {', '.join(map(repr, unknown))}: "
+                             "no such tensor")
+        wanted = list(dict.fromkeys(self.output_names + observed))
+        if self.backend == "reference":
+            return reference.execute(self.graph, feeds, outputs=wanted, op_times=op_times)
+        if op_times is not None:
+            raise ValueError(f"per-node times need the reference backend, not {self.backend}")
+        fed = {k: np.asarray(v, order="C") for k, v in feeds.items()}
+        known = set(self.output_names)
+        extra = tuple(n for n in observed if n not in known and n not in fed)
+        session = self._backend_session(extra)
+        fetch = [n for n in wanted if n not in fed or n in known]
+        try:
+            res = session.run(fetch, fed)
+        except Exception as e:  # ORT's own exception types: one line naming the runtime
+            runtime = "ONNX Runtime" if self.backend == "onnxruntime" else "OpenVINO"
+            raise ModelError(f"graph {self.graph.name!r}: {runtime} failed: {first_line(e, 300)}") from e
+        out = dict(zip(fetch, res))
+        return {n: out[n] if n in out else np.asarray(feeds[n]) for n in wanted}

@@ -1,7 +1,7 @@
 """Caffe frontend: ``platform: caffe`` (``.prototxt`` + ``.caffemodel``) -> ``ir.Graph``.
 
 Parsing uses the protobuf runtime with Caffe's message definitions (``proto``); layers map to ONNX-named
-ops in ``layers``; ``net`` handles phases, weights, in-place blobs and shapes. The validation oracle is
+ops in ``layers``; ``net`` handles phases, weights, in-place blobs and shapes; ``graph`` puts them together. The validation oracle is
 OpenCV's DNN module (its Caffe importer; ``pip install 'qmace[caffe]'``), absent in OpenCV 5.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qmace.frontends.caffe.net import caffe_to_graph
+from qmace.frontends.caffe.graph import caffe_to_graph
 from qmace.frontends.caffe.oracle import caffe_oracle
 from qmace.frontends.caffe.proto import messages, parse_prototxt, read_caffemodel, read_prototxt
 

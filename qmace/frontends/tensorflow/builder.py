@@ -20,6 +20,7 @@ import numpy as np
 from qmace.errors import ModelError
 from qmace.ir import Graph, Node, Tensor
 from qmace.ops import get_op
+from qmace.ops.kernel import KERNEL_ERRORS
 from qmace.qmath import QuantParams
 
 
@@ -206,7 +207,7 @@ class Builder:
         if inputs and all(v is not None for v, i in zip(values, inputs) if i):
             try:
                 results = get_op(op_type).run(node, values)
-            except (ValueError, IndexError, TypeError) as e:
+            except KERNEL_ERRORS as e:
                 raise self.error(f"cannot evaluate {op_type} on its constant inputs: {e}") from e
             for o, r in zip(outputs, results):
                 r = np.asarray(r)

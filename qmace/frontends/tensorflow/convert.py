@@ -265,7 +265,7 @@ def graphdef_to_graph(graph_def, path: str | Path, input_tensors: list[str], out
 
 def _ranks_of(graph: Graph, b: Builder, outputs: list[str], ranks: list[int | None]) -> list[int | None]:
     """Output ranks the YAML does not state (no output_shapes), from ONNX shape inference of the IR."""
-    from qmace.passes.shapes import infer_shapes  # lazy: the passes layer sits above the frontends
+    from qmace.passes.shapes import infer_shapes  # passes sit below the frontends (tests/test_layers.py)
 
     probe = graph.copy()
     probe.outputs = [b.ir(o) for o in outputs]

@@ -19,6 +19,7 @@ Quantized weights (int8/uint8 constants with scales) are dequantized to float32 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import numpy as np
@@ -255,7 +256,9 @@ def reshape_into(b: Builder, op: TflOp, src: str, shape_nhwc: list[int], out: st
         b.node("Reshape", [src, b.ints(f"{out}__shape", shape_nhwc)], [out])
 
 
-# the converters register themselves on import
-from qmace.frontends.tflite.ops import nn, tensor
+# The converters register themselves on import. They import the registry and helpers above from this
+# package, so they are loaded by name (as qmace.ops loads its op modules), not by a circular static import.
+for _module in ("nn", "tensor"):
+    importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["CONVERTERS", "CUSTOM_CONVERTERS", "IR_OPS", "converts", "nn", "tensor"]
+__all__ = ["CONVERTERS", "CUSTOM_CONVERTERS", "IR_OPS", "converts"]

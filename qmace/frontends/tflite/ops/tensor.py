@@ -289,7 +289,7 @@ def gather(b: Builder, op: TflOp) -> None:
 @converts("CAST", ir="Cast")
 def cast(b: Builder, op: TflOp) -> None:
     """CAST -> Cast to the output tensor's type."""
-    from qmace.runtime.lower import onnx_elem_type
+    from qmace.onnx_bridge import onnx_elem_type
 
     to = b.t(op.outputs[0]).dtype
     b.node("Cast", [b.value(op.inputs[0])], [b.output(op.outputs[0])], to=onnx_elem_type(to))

@@ -1,7 +1,14 @@
-"""Lower an IR graph to a standard ONNX model (float, or quantized as QDQ).
+"""The bridge between the IR and ONNX, both ways; the one place that knows ONNX's protobuf types.
 
-Float nodes map one to one (IR op types and attributes are ONNX's). A fused activation (``qm_activation``)
-becomes a Relu/Clip node after its producer; ONNX Runtime fuses it back.
+- ONNX -> IR: ``graph_from_onnx`` turns an (opset-21) ``onnx.ModelProto`` into an ``ir.Graph`` one to one
+  (initializers and Constant nodes become constant tensors, value infos give dtypes and shapes); the ONNX
+  frontend (``qmace.frontends.onnx_frontend``) reads files, checks and upgrades opsets around it.
+- IR -> ONNX: ``to_onnx`` lowers a graph to a standard ONNX model (float, or quantized as QDQ); it is what
+  shape inference (``qmace.passes.shapes``), the ONNX Runtime and OpenVINO backends and ``qmace export`` run.
+- Element types: ``onnx_elem_type`` (NumPy name -> ONNX) and ``np_dtype`` (ONNX -> NumPy name).
+
+Lowering. Float nodes map one to one (IR op types and attributes are ONNX's). A fused activation
+(``qm_activation``) becomes a Relu/Clip node after its producer; ONNX Runtime fuses it back.
 
 Quantized tensors become the QDQ form ONNX Runtime's quantizer writes and its optimizer fuses into integer
 kernels (QLinearConv, QLinearMatMul, QLinearAdd, ...):
@@ -15,13 +22,178 @@ kernels (QLinearConv, QLinearMatMul, QLinearAdd, ...):
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qmace.errors import ModelError
+from qmace import limits
+from qmace.errors import ModelError, first_line
 from qmace.ir import Graph, Node, Tensor
 from qmace.ops import get_op, is_supported
+
+# ---- ONNX -> IR ------------------------------------------------------------------------------------------
+
+
+def declared_bytes(t: onnx.TensorProto, where: str) -> int:
+    """The bytes a TensorProto's dims and data type declare (checked before anything is allocated).
+
+    Args:
+        t: the tensor.
+        where: what to name in messages.
+
+    Returns:
+        prod(dims) * itemsize.
+
+    Raises:
+        ModelError: a negative dimension or an unknown data type.
+    """
+    dims = list(t.dims)
+    if any(d < 0 for d in dims):
+        raise ModelError(f"{where}: negative dimension in {dims}")
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{where}: unknown data type {t.data_type}") from None
+    return math.prod(dims) * itemsize
+
+
+
+def np_dtype(elem_type: int) -> str:
+    """The NumPy dtype name of an ONNX element type, e.g. ``TensorProto.FLOAT`` -> ``"float32"``.
+
+    Args:
+        elem_type: the ``onnx.TensorProto`` element type.
+
+    Returns:
+        The dtype name.
+    """
+    return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)))
+
+
+
+def attr_value(a: onnx.AttributeProto):
+    """An ONNX attribute as the IR holds it: strings decoded, tensors as numpy arrays, lists as lists.
+
+    Args:
+        a: the attribute.
+
+    Returns:
+        Its value (int, float, str, numpy array, or a list of those).
+    """
+    v = helper.get_attribute_value(a)
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, onnx.TensorProto):
+        return numpy_helper.to_array(v)
+    if isinstance(v, list):
+        return [x.decode("utf-8") if isinstance(x, bytes) else x for x in v]
+    return v
+
+
+
+def shape_of(vi: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
+    """The shape a value info declares.
+
+    Args:
+        vi: the value info.
+
+    Returns:
+        The dimensions (None for a symbolic one), or None when the rank is unknown.
+    """
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+
+
+
+def _constant_node_value(n: onnx.NodeProto) -> np.ndarray:
+    a = n.attribute[0]
+    if a.name == "value":
+        return numpy_helper.to_array(a.t)
+    if a.name == "value_float":
+        return np.array(a.f, np.float32)
+    if a.name == "value_floats":
+        return np.array(list(a.floats), np.float32)
+    if a.name == "value_int":
+        return np.array(a.i, np.int64)
+    if a.name == "value_ints":
+        return np.array(list(a.ints), np.int64)
+    raise ModelError(f"Constant node {n.name!r}: attribute {a.name!r} is not supported")
+
+
+
+def _to_array(t: onnx.TensorProto, where: str) -> np.ndarray:
+    """``numpy_helper.to_array`` with a ModelError naming the tensor for data that does not fit its shape."""
+    limits.check_tensor_bytes(declared_bytes(t, where), where)
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as e:
+        raise ModelError(f"{where}: malformed tensor data ({first_line(e, 200)})") from None
+
+
+def graph_from_onnx(model: onnx.ModelProto, path: str | Path = "<model>", metadata: dict | None = None) -> Graph:
+    """The IR graph of an ONNX model, one to one (no checks beyond tensor data and string types).
+
+    Initializers and ``Constant`` nodes become constant tensors; inputs, value infos and outputs give
+    dtypes and shapes; unnamed nodes are named ``<op_type>_<index>`` (made unique).
+
+    Args:
+        model: the model at opset-21 semantics, tensors loaded.
+        path: its file, for messages and the graph's default name.
+        metadata: the new graph's metadata.
+
+    Returns:
+        The Graph (its structure is not yet checked: ``ir.check_structure``).
+
+    Raises:
+        ModelError: malformed tensor data, string tensors, an output no node produces.
+        ResourceLimitError: a tensor over the memory budget.
+    """
+    path = Path(path)
+    g = model.graph
+    graph = Graph(name=g.name or path.stem, metadata=dict(metadata or {}))
+    for init in g.initializer:
+        arr = _to_array(init, f"{path}: initializer {init.name!r}")
+        graph.add_tensor(Tensor(init.name, str(arr.dtype), tuple(arr.shape), arr))
+    for vi in list(g.input):
+        if vi.name in graph.tensors:  # old models list initializers as inputs too
+            continue
+        graph.add_tensor(Tensor(vi.name, np_dtype(vi.type.tensor_type.elem_type), shape_of(vi)))
+        graph.inputs.append(vi.name)
+    for vi in list(g.value_info) + list(g.output):
+        if vi.name not in graph.tensors and vi.type.tensor_type.elem_type:
+            graph.add_tensor(Tensor(vi.name, np_dtype(vi.type.tensor_type.elem_type), shape_of(vi)))
+    used_names: set[str] = set()
+    for i, n in enumerate(g.node):
+        if n.op_type == "Constant":
+            arr = _constant_node_value(n)
+            graph.add_tensor(Tensor(n.output[0], str(arr.dtype), tuple(arr.shape), arr))
+            continue
+        name = n.name or f"{n.op_type}_{i}"
+        while name in used_names:
+            name = f"{name}_{i}"
+        used_names.add(name)
+        attrs = {a.name: attr_value(a) for a in n.attribute}
+        graph.nodes.append(Node(name, n.op_type, list(n.input), list(n.output), attrs))
+        for o in n.output:
+            if o and o not in graph.tensors:
+                graph.add_tensor(Tensor(o))
+    graph.outputs = [o.name for o in g.output]
+    strings = [k for k, t in graph.tensors.items() if t.dtype in ("object", "str")]
+    if strings:
+        raise ModelError(f"{path}: tensor(s) {', '.join(map(repr, strings))} hold strings; qmace supports "
+                         "numeric tensors only")
+    for o in graph.outputs:
+        if o not in graph.tensors:
+            raise ModelError(f"{path}: graph output {o!r} is produced by no node")
+    return graph
+
+
+# ---- IR -> ONNX ------------------------------------------------------------------------------------------
 
 OPSET = 21
 _NP_TO_ONNX = {
