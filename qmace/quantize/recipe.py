@@ -13,7 +13,7 @@ import numpy as np
 from qmace.config import ModelConfig
 from qmace.errors import InputDataError, QuantizationError
 from qmace.ir import Graph
-from qmace.qmath import QuantParams
+from qmace.qmath import QuantParams, Range
 from qmace.quantize.adaround import InputStatistics
 from qmace.quantize.adaround import adaround as run_adaround
 from qmace.quantize.bias_correction import ChannelMeans, correct_biases
