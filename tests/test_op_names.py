@@ -37,7 +37,7 @@ ALLOWED: dict[str, tuple[frozenset[str], str]] = {
         "ReduceMax", "ReduceMin"}), "transpose sinking through elementwise, reduce, Concat, Softmax and Pad"),
     # QuantizeLinear/DequantizeLinear are the quantized graph's own markers, not ordinary ops.
     "frontends/qdq_import.py": (frozenset({"QuantizeLinear", "DequantizeLinear"}), "QDQ pattern matching"),
-    "runtime/lower.py": (frozenset({"QuantizeLinear", "DequantizeLinear"}), "lowering of explicit Q/DQ nodes"),
+    "onnx_bridge.py": (frozenset({"QuantizeLinear", "DequantizeLinear"}), "lowering of explicit Q/DQ nodes"),
     "runtime/session.py": (frozenset({"QuantizeLinear", "DequantizeLinear"}), "exact-int8 weight rewrite"),
     # MACE's large-weight rule names MACE's ops (Conv2D, FullyConnected, Deconv2D) in ONNX terms.
     "quantize/weight_only.py": (frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"}),
