@@ -430,13 +430,3 @@ def train(
     return fit(module, batches, epochs=epochs, lr=lr, labels=labels, teacher=teacher, temperature=temperature,
                progress=progress, checkpoint=checkpoint, range_lr=range_lr, **kwargs).losses
 
-
-class _CallableModule(__import__("types").ModuleType):
-    """``from qmace.qat import train`` may yield this module (Python binds the submodule over the
-    package attribute): calling it calls :func:`train`."""
-
-    def __call__(self, *args, **kwargs):
-        return train(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule
