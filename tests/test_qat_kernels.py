@@ -233,3 +233,17 @@ def test_prepare_refuses_an_op_without_torch_kernel_naming_the_node():
     ranges = {n: Range(-3.0, 3.0) for n in ("x", "c", "up", "y")}
     with pytest.raises(UnsupportedOpsError, match=r"'upsample' \(Resize\)"):
         prepare(g, ranges, QuantizeOptions(input_ranges={"x": (-1.0, 1.0)}))
+
+
+def test_qat_train_stays_the_function_after_its_module_is_imported():
+    """The trainer module is not named ``train``, so importing it cannot replace ``qmace.qat.train``."""
+    import importlib
+
+    import qmace.qat
+    import qmace.qat.trainer
+
+    importlib.import_module("qmace.qat.trainer")
+    assert qmace.qat.train is qmace.qat.trainer.train and callable(qmace.qat.train)
+    from qmace.qat import fit, train
+
+    assert (train, fit) == (qmace.qat.trainer.train, qmace.qat.trainer.fit)
