@@ -1,6 +1,6 @@
-"""QAT runs the ops' own kernels: every ``run_torch`` agrees with its op's numpy ``run``, the integer accumulation
-is one function for numpy and torch, the torch bias quantization is ``qmath.quantize_bias``'s, and an op QAT
-cannot train through is refused by name."""
+"""QAT runs the ops' own kernels: every ``run_torch`` agrees with its op's numpy ``run``, the integer
+accumulation is one function for numpy and torch, the torch bias quantization is ``qmath.quantize_bias``'s,
+and an op QAT cannot train through is refused by name."""
 
 from __future__ import annotations
 
@@ -48,7 +48,10 @@ CASES: dict[str, list[tuple[dict, list, int]]] = {
     "Gelu": [({}, [_f(3, 4, lo=-4, hi=4)], 1), ({"approximate": "tanh"}, [_f(3, 4, lo=-4, hi=4)], 1)],
     "Relu": [({}, [_f(3, 4)], 1)],
     "LeakyRelu": [({}, [_f(3, 4)], 1), ({"alpha": 0.3}, [_f(3, 4)], 1)],
-    "HardSigmoid": [({}, [_f(3, 8, lo=-5, hi=5)], 1), ({"alpha": 0.1, "beta": 0.4}, [_f(3, 8, lo=-9, hi=9)], 1)],
+    "HardSigmoid": [
+        ({}, [_f(3, 8, lo=-5, hi=5)], 1),
+        ({"alpha": 0.1, "beta": 0.4}, [_f(3, 8, lo=-9, hi=9)], 1),
+    ],
     "HardSwish": [({}, [_f(3, 8, lo=-5, hi=5)], 1)],
     "PRelu": [({}, [_f(2, 3, 4), _f(3, 1, lo=0, hi=0.5)], 1)],
     "Clip": [({}, [_f(3, 4), np.float32(-0.5), np.float32(0.7)], 1), ({}, [_f(3, 4), np.float32(0.0)], 1)],
@@ -62,13 +65,20 @@ CASES: dict[str, list[tuple[dict, list, int]]] = {
     "ReduceMean": [({}, [_f(2, 3, 4, 4), _i(2, 3)], 1), ({}, [_f(2, 3)], 1)],
     "MaxPool": [
         ({"kernel_shape": [2, 2], "strides": [2, 2]}, [_f(2, 3, 6, 6)], 1),
-        ({"kernel_shape": [3, 3], "pads": [0, 1, 2, 1], "ceil_mode": 1, "strides": [2, 2]}, [_f(1, 2, 7, 8)], 1),
+        (
+            {"kernel_shape": [3, 3], "pads": [0, 1, 2, 1], "ceil_mode": 1, "strides": [2, 2]},
+            [_f(1, 2, 7, 8)],
+            1,
+        ),
         ({"kernel_shape": [3], "dilations": [2], "auto_pad": "SAME_UPPER"}, [_f(1, 2, 9)], 1),
     ],
     "AveragePool": [
         ({"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, [_f(2, 3, 6, 6)], 1),
-        ({"kernel_shape": [2, 3], "pads": [0, 1, 1, 0], "count_include_pad": 1, "strides": [2, 1]},
-         [_f(1, 2, 5, 6)], 1),
+        (
+            {"kernel_shape": [2, 3], "pads": [0, 1, 1, 0], "count_include_pad": 1, "strides": [2, 1]},
+            [_f(1, 2, 5, 6)],
+            1,
+        ),
         ({"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, [_f(1, 1, 6, 6)], 1),
     ],
     "GlobalAveragePool": [({}, [_f(2, 3, 5, 4)], 1)],
@@ -84,12 +94,18 @@ CASES: dict[str, list[tuple[dict, list, int]]] = {
         ({}, [_f(5, 6), _i(1, 0), _i(4, 6), _i(0, 1), _i(1, 2)], 1),
         ({}, [_f(5, 6), _i(-1), _i(-10), _i(1), _i(-2)], 1),
     ],
-    "Gather": [({"axis": 1}, [_f(2, 5, 3), _i(0, -1, 2)], 1), ({}, [_f(4, 3), np.array([[0, 3], [-1, 1]])], 1)],
+    "Gather": [
+        ({"axis": 1}, [_f(2, 5, 3), _i(0, -1, 2)], 1),
+        ({}, [_f(4, 3), np.array([[0, 3], [-1, 1]])], 1),
+    ],
     "Identity": [({}, [_f(3)], 1)],
     "Dropout": [({}, [_f(3, 4)], 1)],
     "Expand": [({}, [_f(3, 1), _i(2, 3, 4)], 1)],
     "Tile": [({}, [_f(2, 3), _i(2, 1)], 1)],
-    "DepthToSpace": [({"blocksize": 2}, [_f(1, 8, 2, 3)], 1), ({"blocksize": 2, "mode": "CRD"}, [_f(1, 8, 2, 3)], 1)],
+    "DepthToSpace": [
+        ({"blocksize": 2}, [_f(1, 8, 2, 3)], 1),
+        ({"blocksize": 2, "mode": "CRD"}, [_f(1, 8, 2, 3)], 1),
+    ],
     "SpaceToDepth": [({"blocksize": 2}, [_f(1, 2, 4, 6)], 1)],
     "GatherElements": [({"axis": 1}, [_f(2, 4), np.array([[0, -1, 2], [3, 3, 0]])], 1)],
     "Conv": [
@@ -98,9 +114,21 @@ CASES: dict[str, list[tuple[dict, list, int]]] = {
         ({"qm_activation": "Clip", "qm_clip": [0.0, 1.5]}, [_f(1, 3, 9), _f(4, 3, 2), _f(4)], 1),
     ],
     "ConvTranspose": [
-        ({"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 1]}, [_f(2, 4, 3, 4), _f(4, 3, 3, 3), _f(3)], 1),
-        ({"group": 2, "dilations": [2], "auto_pad": "SAME_UPPER", "strides": [3]}, [_f(1, 4, 5), _f(4, 2, 2)], 1),
-        ({"output_shape": [9, 10], "strides": [2, 2], "qm_activation": "Relu"}, [_f(1, 2, 4, 4), _f(2, 2, 3, 3)], 1),
+        (
+            {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 1]},
+            [_f(2, 4, 3, 4), _f(4, 3, 3, 3), _f(3)],
+            1,
+        ),
+        (
+            {"group": 2, "dilations": [2], "auto_pad": "SAME_UPPER", "strides": [3]},
+            [_f(1, 4, 5), _f(4, 2, 2)],
+            1,
+        ),
+        (
+            {"output_shape": [9, 10], "strides": [2, 2], "qm_activation": "Relu"},
+            [_f(1, 2, 4, 4), _f(2, 2, 3, 3)],
+            1,
+        ),
     ],
     "Pad": [
         ({}, [_f(2, 3, 4), _i(0, 1, 2, 0, -1, 1)], 1),
@@ -111,7 +139,11 @@ CASES: dict[str, list[tuple[dict, list, int]]] = {
     ],
     "Gemm": [
         ({"transB": 1}, [_f(3, 5), _f(4, 5), _f(4)], 1),
-        ({"transA": 1, "alpha": 0.5, "beta": 2.0, "qm_activation": "Relu"}, [_f(5, 3), _f(5, 4), _f(3, 4)], 1),
+        (
+            {"transA": 1, "alpha": 0.5, "beta": 2.0, "qm_activation": "Relu"},
+            [_f(5, 3), _f(5, 4), _f(3, 4)],
+            1,
+        ),
     ],
     "MatMul": [({}, [_f(2, 3, 5), _f(5, 4)], 1), ({"qm_activation": "Relu"}, [_f(8, 5), _f(5, 6)], 1)],
 }
@@ -134,20 +166,36 @@ def test_every_torch_kernel_has_a_case():
 def test_run_torch_equals_run(op_type):
     op = get_op(op_type)
     for k, (attrs, inputs, n_out) in enumerate(CASES[op_type]):
-        node = Node(f"{op_type.lower()}{k}", op_type, [f"i{j}" for j in range(len(inputs))],
-                    [f"o{j}" for j in range(n_out)], dict(attrs))
+        node = Node(
+            f"{op_type.lower()}{k}",
+            op_type,
+            [f"i{j}" for j in range(len(inputs))],
+            [f"o{j}" for j in range(n_out)],
+            dict(attrs),
+        )
         want = op.run(node, [None if x is None else np.asarray(x) for x in inputs])
         got = op.run_torch(node, [None if x is None else torch.from_numpy(np.array(x)) for x in inputs])
         assert len(got) == len(want) == n_out
         for w, g in zip(want, got):
             assert tuple(g.shape) == w.shape, (op_type, k)
-            np.testing.assert_allclose(g.detach().numpy(), w, rtol=RTOL, atol=ATOL, err_msg=f"{op_type} case {k}")
+            np.testing.assert_allclose(
+                g.detach().numpy(), w, rtol=RTOL, atol=ATOL, err_msg=f"{op_type} case {k}"
+            )
 
 
 def test_run_torch_passes_gradients():
     """The float kernels QAT trains through are differentiable in their data input."""
-    for op_type in ("Conv", "ConvTranspose", "Gemm", "MaxPool", "AveragePool", "Pad", "Slice", "Gather",
-                    "DepthToSpace"):
+    for op_type in (
+        "Conv",
+        "ConvTranspose",
+        "Gemm",
+        "MaxPool",
+        "AveragePool",
+        "Pad",
+        "Slice",
+        "Gather",
+        "DepthToSpace",
+    ):
         attrs, inputs, _ = CASES[op_type][0]
         x = torch.from_numpy(np.array(inputs[0])).requires_grad_()
         node = Node("n", op_type, [f"i{j}" for j in range(len(inputs))], ["o"], dict(attrs))
@@ -163,7 +211,7 @@ def _codes(shape, qp):
 @pytest.mark.parametrize("schema", ["uint8", "int8"])
 @pytest.mark.parametrize("op_type", ["Conv", "Gemm", "MatMul"])
 def test_integer_accumulation_is_one_function_for_numpy_and_torch(op_type, schema):
-    """``run_quantized`` on torch tensors of codes (QAT's exact mode) equals it on numpy codes (the reference)."""
+    """``run_quantized`` on torch tensors of codes (QAT's exact mode) equals it on numpy codes (reference)."""
     op = get_op(op_type)
     distinct = 0
     for k, (attrs, inputs, _) in enumerate(CASES[op_type]):
@@ -195,7 +243,9 @@ def test_torch_bias_quantization_divides_in_float64_as_qmath():
     bias_qp = qmath.bias_params(x_qp, w_qp)
     s = bias_qp.scale.astype(np.float64)
     # biases near the midpoints between codes, where a float32 division rounds the other way
-    b = ((RNG.integers(-5000, 5000, (400, 64)) + 0.5) * s * (1 + RNG.uniform(-3e-8, 3e-8, (400, 64)))).astype(np.float32)
+    b = ((RNG.integers(-5000, 5000, (400, 64)) + 0.5) * s * (1 + RNG.uniform(-3e-8, 3e-8, (400, 64)))).astype(
+        np.float32
+    )
     f32_codes = np.rint(b / bias_qp.scale.astype(np.float32))
     f64_codes = np.rint(b.astype(np.float64) / s)
     assert (f32_codes != f64_codes).sum() > 0, "the sample must contain values where the two divisions differ"
@@ -204,7 +254,7 @@ def test_torch_bias_quantization_divides_in_float64_as_qmath():
     np.testing.assert_array_equal(got, want)
 
 
-# ---- ops QAT cannot train through ---------------------------------------------------------------------------
+# ---- ops QAT cannot train through ----------------------------------------------------------------------
 
 
 def _qdq_graph(op_type: str) -> Graph:
@@ -217,8 +267,11 @@ def _qdq_graph(op_type: str) -> Graph:
     g.add_tensor(Tensor("xd", "float32", (1, 2, 4, 4)))
     g.add_tensor(Tensor("y", "float32", None))
     g.add_tensor(Tensor("c", "int64", (8,), np.zeros(8, np.int64)))
-    g.nodes += [Node("q", "QuantizeLinear", ["x"], ["xq"]), Node("dq", "DequantizeLinear", ["xq"], ["xd"]),
-                Node(f"my_{op_type}", op_type, ["xd", "c"], ["y"])]
+    g.nodes += [
+        Node("q", "QuantizeLinear", ["x"], ["xq"]),
+        Node("dq", "DequantizeLinear", ["xq"], ["xd"]),
+        Node(f"my_{op_type}", op_type, ["xd", "c"], ["y"]),
+    ]
     return g
 
 
@@ -239,12 +292,18 @@ def test_prepare_refuses_an_op_without_torch_kernel_naming_the_node():
 
     w = numpy_helper.from_array(RNG.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
     scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Resize", ["c", "", "scales"], ["up"], name="upsample", mode="nearest"),
-             helper.make_node("Relu", ["up"], ["y"])]
-    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
-                              initializer=[w, scales])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["c", "", "scales"], ["up"], name="upsample", mode="nearest"),
+        helper.make_node("Relu", ["up"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        initializer=[w, scales],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     g = onnx_to_graph(model)
     ranges = {n: Range(-3.0, 3.0) for n in ("x", "c", "up", "y")}

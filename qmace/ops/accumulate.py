@@ -6,8 +6,8 @@ output-channel axis. On 8-bit codes (docs/quantization.md):
     acc = bias_q + linear(q_a - zp_a, q_b - zp_b)        exact int32 sum, computed in float64
     y_q = clip(rint(float32(acc) * M) + zp_y, qmin, qmax),  M = float32(float32(s_a * s_b) / s_y)
 
-then a fused Relu/Clip clamps the codes to its quantized bounds. ``zp_b`` (and ``s_b``, hence ``M``) may be per
-channel: along ``qp.axis`` of B, i.e. along :attr:`AccumulateOp.channel_axis` of Y. Every partial sum of
+then a fused Relu/Clip clamps the codes to its quantized bounds. ``zp_b`` (and ``s_b``, hence ``M``) may be
+per channel: along ``qp.axis`` of B, i.e. along :attr:`AccumulateOp.channel_axis` of Y. Every partial sum of
 centred codes is an integer below 2^53 in magnitude, so float64 arithmetic is exact whatever the summation
 order: numpy's BLAS and torch's float64 convolution give the same accumulator.
 
@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from qmace import qmath
 from qmace.ir import Node
 from qmace.ops.base import Op
 from qmace.ops.util import clamp_codes_to_activation, is_torch
@@ -148,12 +149,11 @@ class AccumulateOp(Op):
         Returns:
             Y's codes (numpy).
         """
-        from qmace import qmath
-
         acc = acc.detach().cpu().numpy() if is_torch(acc) else np.asarray(acc)
         mult = qmath.requant_multiplier(a_qp, b_qp, y_qp)
-        y = qmath.requantize(acc.astype(np.int64).astype(np.int32), mult, y_qp,
-                             cls.channel_axis if np.ndim(mult) else None)
+        y = qmath.requantize(
+            acc.astype(np.int64).astype(np.int32), mult, y_qp, cls.channel_axis if np.ndim(mult) else None
+        )
         return clamp_codes_to_activation(node, y, y_qp)
 
     @classmethod

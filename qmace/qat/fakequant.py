@@ -37,7 +37,9 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return _RoundSTE.apply(x)
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | float, qmin: int, qmax: int
+) -> torch.Tensor:
     """``(clip(rint(x / scale) + zp, qmin, qmax) - zp) * scale`` in float32 = dequantize(quantize(x)).
 
     Straight-through for the rounding; the clip passes no gradient outside the range; the gradient to

@@ -44,8 +44,10 @@ def forward_train(m, feeds: dict) -> dict:
     g = m.qgraph
     dev = m.act_min.device
     qps, scales = m.act_params()
-    env: dict = {k: (v.float() if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v, np.float32))).to(dev)
-                 for k, v in feeds.items()}
+    env: dict = {
+        k: (v.float() if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v, np.float32))).to(dev)
+        for k, v in feeds.items()
+    }
 
     def fq(name, y):
         qp = qps[name]
@@ -73,7 +75,10 @@ def forward_train(m, feeds: dict) -> dict:
             env[o] = x
             continue
         wn = m.weight_names(node)
-        ins = [None if not name else m.weight(wn[i]) if i in wn else value(name) for i, name in enumerate(node.inputs)]
+        ins = [
+            None if not name else m.weight(wn[i]) if i in wn else value(name)
+            for i, name in enumerate(node.inputs)
+        ]
         quantized = any(g.tensors[o].is_quantized for o in node.outputs if o)
         if quantized and get_op(node.op_type).quant_kernel == "accumulate":
             ins = _fake_quant_weights(m, node, ins, wn, scales[node.inputs[0]])
@@ -99,7 +104,9 @@ def _fake_quant_weights(m, node: Node, ins: list, wn: dict[int, str], x_scale: t
             w_scale = torch.from_numpy(np.array(wqp.scale, np.float32)).to(x_scale.device)
     b = op.bias_input
     if b is not None and b in wn and w_scale is not None:
-        ins[b] = fake_quant_bias(ins[b], x_scale * w_scale)  # float32 product (qmath.bias_params), diff. in s_x
+        ins[b] = fake_quant_bias(
+            ins[b], x_scale * w_scale
+        )  # float32 product (qmath.bias_params), diff. in s_x
     return ins
 
 
@@ -135,7 +142,9 @@ def forward_exact(m, feeds: dict) -> dict:
             in_qp = [qp_of(i) if i else None for i in node.inputs]
             outs = op.run_quantized(node, ins, in_qp, [qp_of(o) if o else None for o in node.outputs])
         else:
-            outs = op.run(node, [m.weight(wn[i]).detach().cpu().numpy() if i in wn else v for i, v in enumerate(ins)])
+            outs = op.run(
+                node, [m.weight(wn[i]).detach().cpu().numpy() if i in wn else v for i, v in enumerate(ins)]
+            )
         for o, y in zip(node.outputs, outs):
             if o:
                 env[o] = y

@@ -24,7 +24,7 @@ def _np(x):
 
 
 def _carries_floats(graph: Graph, name: str) -> bool:
-    """Whether tensor ``name`` holds real values during training (float, or quantized: fake-quantized floats)."""
+    """Whether tensor ``name`` holds real values in training (float, or quantized: fake-quantized floats)."""
     t = graph.tensors.get(name)
     return t is not None and (t.is_quantized or str(t.dtype).startswith(("float", "bfloat")))
 
@@ -91,8 +91,10 @@ def run_torch_op(node: Node, inputs: list) -> list:
     if op.has_torch_kernel():
         return op.run_torch(node, inputs)
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
-        raise UnsupportedOpsError(f"QAT: node {node.name!r} (op {node.op_type}) has no torch kernel, so no "
-                                  "gradient can pass through it")
+        raise UnsupportedOpsError(
+            f"QAT: node {node.name!r} (op {node.op_type}) has no torch kernel, so no "
+            "gradient can pass through it"
+        )
     outs = op.run(node, [_np(x) if x is not None else None for x in inputs])
     dev = next((x.device for x in inputs if isinstance(x, torch.Tensor)), None)
     return [torch.from_numpy(np.ascontiguousarray(o)).to(dev) for o in outs]

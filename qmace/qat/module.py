@@ -40,11 +40,19 @@ RANGE_MODES = ("lsq", "ema")
 class QATModule(nn.Module):
     """See the module docstring and docs/qat.md. Build with :func:`prepare`."""
 
-    def __init__(self, float_graph: Graph, ranges: RangeTable, opts: QuantizeOptions, range_mode: str = "lsq",
-                 ema_momentum: float = 0.01):
+    def __init__(
+        self,
+        float_graph: Graph,
+        ranges: RangeTable,
+        opts: QuantizeOptions,
+        range_mode: str = "lsq",
+        ema_momentum: float = 0.01,
+    ):
         super().__init__()
         if range_mode not in RANGE_MODES:
-            raise QuantizationError(f"unknown range_mode {range_mode!r} (choose from {', '.join(RANGE_MODES)})")
+            raise QuantizationError(
+                f"unknown range_mode {range_mode!r} (choose from {', '.join(RANGE_MODES)})"
+            )
         self.range_mode = range_mode
         self.ema_momentum = ema_momentum
         # QDrop (Wei et al., ICLR 2022): in training mode each activation element skips its fake quantization
@@ -106,8 +114,8 @@ class QATModule(nn.Module):
         return self._acts.params(self.act_min, self.act_max)
 
     def weight_qp(self, node: Node, index: int, w: np.ndarray) -> qmath.QuantParams:
-        """The parameters the plan gives weight input ``index`` of ``node`` with values ``w``: the user's fixed
-        parameters, else ``qmath.weight_params`` under the schema.
+        """The parameters the plan gives weight input ``index`` of ``node`` with values ``w``: the user's
+        fixed parameters, else ``qmath.weight_params`` under the schema.
 
         Args:
             node: an accumulate node.
@@ -214,13 +222,18 @@ class QATModule(nn.Module):
     def quantized_graph(self) -> Graph:
         """``quantize_graph(to_float_graph(), learned_ranges(), opts)`` with the module's exact params."""
         o = self.opts
-        opts = QuantizeOptions(schema=o.schema, change_concat_ranges=o.change_concat_ranges,
-                               input_ranges=dict(o.input_ranges), fixed_params=self.fixed_params())
+        opts = QuantizeOptions(
+            schema=o.schema,
+            change_concat_ranges=o.change_concat_ranges,
+            input_ranges=dict(o.input_ranges),
+            fixed_params=self.fixed_params(),
+        )
         return quantize_graph(self.to_float_graph(), self.learned_ranges(), opts).graph
 
 
-def prepare(float_graph: Graph, ranges: RangeTable, opts: QuantizeOptions | None = None,
-            range_mode: str = "lsq") -> QATModule:
+def prepare(
+    float_graph: Graph, ranges: RangeTable, opts: QuantizeOptions | None = None, range_mode: str = "lsq"
+) -> QATModule:
     """A torch module simulating the quantized model of ``float_graph`` with ``ranges`` under ``opts``.
 
     ``range_mode``: ``"lsq"`` (default) learns each activation's (min, max) by gradient (LSQ-style, through

@@ -73,8 +73,9 @@ class ActivationRanges:
 
     # ---- building ---------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, qgraph: Graph, float_graph: Graph, opts: QuantizeOptions, base_ranges: RangeTable
-              ) -> ActivationRanges:
+    def build(
+        cls, qgraph: Graph, float_graph: Graph, opts: QuantizeOptions, base_ranges: RangeTable
+    ) -> ActivationRanges:
         """The specs of ``qgraph``'s quantized activations (module docstring).
 
         Args:
@@ -92,8 +93,11 @@ class ActivationRanges:
         self = cls(qgraph, opts, base_ranges)
         group = _concat_groups(float_graph) if opts.change_concat_ranges else {}
         owner_keys: dict[str, int] = {}
-        graph_out_of = {n.inputs[0]: n.outputs[0] for n in qgraph.nodes
-                        if n.op_type == "DequantizeLinear" and n.outputs[0] in qgraph.outputs}
+        graph_out_of = {
+            n.inputs[0]: n.outputs[0]
+            for n in qgraph.nodes
+            if n.op_type == "DequantizeLinear" and n.outputs[0] in qgraph.outputs
+        }
         for node in qgraph.nodes:
             for o in node.outputs:
                 t = qgraph.tensors.get(o) if o else None
@@ -123,8 +127,11 @@ class ActivationRanges:
             return ActSpec(FIXED, qp=t.quant, float_name=fname)
         if kind == UNION:
             g = self.qgraph
-            srcs = tuple(i for i in node.inputs if i and i in g.tensors and g.tensors[i].is_quantized
-                         and g.tensors[i].data is None)
+            srcs = tuple(
+                i
+                for i in node.inputs
+                if i and i in g.tensors and g.tensors[i].is_quantized and g.tensors[i].data is None
+            )
             return ActSpec(UNION, sources=srcs, float_name=fname)
         key = group.get(fname, fname)
         if key not in owner_keys:
@@ -140,8 +147,9 @@ class ActivationRanges:
         return ActSpec(LEARN, owner=k)
 
     # ---- current parameters ------------------------------------------------------------------------------
-    def params(self, act_min: torch.Tensor, act_max: torch.Tensor
-               ) -> tuple[dict[str, qmath.QuantParams], dict[str, torch.Tensor]]:
+    def params(
+        self, act_min: torch.Tensor, act_max: torch.Tensor
+    ) -> tuple[dict[str, qmath.QuantParams], dict[str, torch.Tensor]]:
         """QuantParams (qmath, exact) and differentiable float32 torch scales of every quantized activation.
 
         A learned owner's parameters are ``qmath.params_asymmetric(min, max)``; its torch scale is
@@ -164,7 +172,9 @@ class ActivationRanges:
             if k not in owners:
                 l, h = _ordered(float(lo[k]), float(hi[k]))
                 qp = qmath.params_asymmetric(l, h, ACT_DTYPE)
-                s = (torch.clamp(act_max[k], min=0) - torch.clamp(act_min[k], max=0)) / float(qp.qmax - qp.qmin)
+                s = (torch.clamp(act_max[k], min=0) - torch.clamp(act_min[k], max=0)) / float(
+                    qp.qmax - qp.qmin
+                )
                 owners[k] = qp, with_value(s, qp.scale)
             return owners[k]
 
@@ -178,7 +188,7 @@ class ActivationRanges:
         return qps, scales
 
     def _resolve(self, name, resolve, owner, lo, hi, dev):
-        """One tensor's ``(QuantParams, torch scale)`` from its spec (``resolve``/``owner``: of the others)."""
+        """One tensor's ``(QuantParams, torch scale)`` from its spec (``resolve``, ``owner``: the others')."""
         spec = self.specs[name]
         if spec.kind == LEARN:
             return owner(spec.owner)
