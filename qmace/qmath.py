@@ -41,6 +41,7 @@ __all__ = [
     "quantize_bias",
     "requant_multiplier",
     "requantize",
+    "round_to_codes",
     "weight_params",
 ]
 
@@ -493,11 +494,29 @@ def quantize(x: Any, qp: QuantParams) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     _check_channels(x, qp)
     scale = _along(qp.scale, x.ndim, qp.axis)
-    zp = _along(qp.zero_point, x.ndim, qp.axis).astype(np.float64)
+    zp = _along(qp.zero_point, x.ndim, qp.axis)
+    return round_to_codes(x, scale, zp, qp.qmin, qp.qmax).astype(qp.dtype)
+
+
+def round_to_codes(x: Any, scale: Any, zero_point: Any, qmin: int, qmax: int) -> np.ndarray:
+    """The rounding of :func:`quantize` with scales and zero points already shaped to broadcast against ``x``:
+    ``clip(rint(float32(x) / float32(scale)) + zero_point, qmin, qmax)`` (NaN -> qmin), as float64 codes.
+    For callers that hold weights in another layout (AdaRound's (G, M, K) rows).
+
+    Args:
+        x: real values.
+        scale: float32 scales broadcasting against ``x``.
+        zero_point: zero points broadcasting against ``x``.
+        qmin, qmax: the code range.
+
+    Returns:
+        The codes (float64, integer-valued).
+    """
+    x = np.asarray(x, dtype=np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
-        q = np.rint(x / scale).astype(np.float64) + zp
-    q = np.where(np.isnan(q), qp.qmin, q)
-    return np.clip(q, qp.qmin, qp.qmax).astype(qp.dtype)
+        q = np.rint(x / np.asarray(scale, np.float32)).astype(np.float64) + np.asarray(zero_point, np.float64)
+    q = np.where(np.isnan(q), qmin, q)
+    return np.clip(q, qmin, qmax)
 
 
 def dequantize(q: Any, qp: QuantParams) -> np.ndarray:

@@ -110,3 +110,21 @@ def test_bias_correction_removes_the_mean_shift_of_weight_rounding():
     # Not exact: the correction uses channel means for every tap (zero padding at the borders differs) and
     # the first conv has a fused ReLU after it. Measured: 0.0063 -> 0.0015.
     assert after < before / 3
+
+
+@pytest.mark.parametrize("schema", ["int8", "uint8"])
+def test_adaround_without_iterations_rounds_as_the_quantizer(schema):
+    """iters=0: every weight is rounded to nearest exactly as ``qmath.quantize`` rounds it (float32 division,
+    half to even), so the rounded weights equal the plain quantizer's dequantized codes."""
+    g = _model()
+    rng = np.random.default_rng(1)
+    samples = [Sample(str(i), {"x": rng.uniform(-1, 1, (1, 3, 10, 10)).astype(np.float32)}) for i in range(4)]
+    stats = InputStatistics(g)
+    calibrate(g, samples, make_calibrator("mace"), observers=[stats])
+    g2, fixed, _ = adaround(g, stats, schema, iters=0)
+    assert fixed
+    for node in (n for n in g.nodes if n.op_type in ("Conv", "Gemm")):
+        w = g.constant(node.inputs[1])
+        name = next(n for n in g2.nodes if n.name == node.name).inputs[1]
+        qp = fixed[name]
+        np.testing.assert_array_equal(g2.constant(name), qmath.dequantize(qmath.quantize(w, qp), qp), err_msg=node.name)

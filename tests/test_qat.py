@@ -126,7 +126,7 @@ def test_distillation_reduces_loss(setup):
     xs = np.concatenate(_inputs(16, 9))
     batches = [xs[i:i + 8] for i in range(0, 16, 8)]
     # a teacher the student must move towards: the float model with shifted logits
-    from qmace.qat.train import float_teacher
+    from qmace.qat.trainer import float_teacher
 
     base = float_teacher(m)
 

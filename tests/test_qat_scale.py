@@ -128,7 +128,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, capsys):
 def test_early_stopping_keeps_the_best_state(setup):
     """validate() scores 0.5 (start), then 0.7, 0.6, 0.65: with patience 2 training stops after epoch 3 and
     the module holds epoch 1's state."""
-    from qmace.qat.train import fit
+    from qmace.qat.trainer import fit
 
     graph, ranges = setup
     xs = [torch.from_numpy(x) for x in _inputs(4, 3)]
@@ -174,7 +174,7 @@ def test_cli_val_dir_reports_float_ptq_qat_and_exports_the_best(tmp_path, capsys
 
 
 def test_lr_schedule_warmup_then_cosine():
-    from qmace.qat.train import lr_factor
+    from qmace.qat.trainer import lr_factor
 
     f = [lr_factor(k, 10, "cosine", 0.2) for k in range(10)]
     assert f[:2] == [0.5, 1.0]

@@ -27,6 +27,8 @@ traits instead of keeping lists of op names:
   it: ``fusion_attrs``), ``channelwise`` (acts on each channel alone and commutes with a positive
   per-channel scale: equalization; per node ``is_channelwise``), ``sign`` (:class:`Sign`, per node
   ``output_nonneg``: the QDQ importer's test for a dropped Relu).
+- ``run_torch`` (optional, ``has_torch_kernel``): the float32 torch kernel QAT trains through; accumulate ops
+  (``qmace.ops.accumulate.AccumulateOp``) write their integer kernel once for numpy and torch.
 """
 
 from __future__ import annotations
@@ -171,6 +173,34 @@ class Op:
             outs = cls.run(node, floats)
             return [qmath.quantize(y, qp) if qp is not None else y for y, qp in zip(outs, out_qp)]
         raise NotImplementedError(f"{cls.op_type} has no integer kernel")
+
+    @classmethod
+    def run_torch(cls, node: Node, inputs: list) -> list:
+        """The float32 torch kernel (QAT's training mode): ``run``'s formula on torch tensors, differentiable.
+
+        Optional: ops that QAT can train through override it (``has_torch_kernel``). Attributes are read
+        through :meth:`attr`, as ``run`` does. Constant inputs (shapes, axes) may arrive as numpy arrays.
+
+        Args:
+            node: the node.
+            inputs: torch tensors (or numpy arrays for constants), None for omitted optional inputs.
+
+        Returns:
+            The output tensors in node order.
+
+        Raises:
+            NotImplementedError: the op has no torch kernel.
+        """
+        raise NotImplementedError(f"{cls.op_type} has no torch kernel")
+
+    @classmethod
+    def has_torch_kernel(cls) -> bool:
+        """Whether the op overrides :meth:`run_torch`.
+
+        Returns:
+            True when QAT can run the op on torch tensors with gradients.
+        """
+        return cls.run_torch.__func__ is not Op.run_torch.__func__
 
     @classmethod
     def weight_axis(cls, node: Node, index: int) -> int | None:

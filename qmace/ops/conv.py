@@ -1,9 +1,10 @@
 """Conv (ONNX opset 11+ semantics): 1-D and 2-D, groups, dilations, pads, auto_pad; fused activation.
 
 Float: y[n, m, o] = b[m] + sum_{c in group(m), k} x_pad[n, c, o*s + k*d] * w[m, c, k]  (float32 BLAS).
-Integer (docs/quantization.md): acc = bias_q + sum (q_x - zp_x) * (q_w - zp_w[m]) exactly in int32
-(computed through float64 matmul, exact while |acc| < 2^53), x padded with its zero point, then
-y_q = clip(rint(float32(acc) * M[m]) + zp_y, qmin, qmax) with M = float32(float32(s_x * s_w[m]) / s_y).
+Integer (docs/quantization.md; ``qmace.ops.accumulate``): acc = bias_q + sum (q_x - zp_x) * (q_w - zp_w[m])
+exactly in int32 (computed through float64 matmul, exact while |acc| < 2^53), x padded with its zero point,
+then y_q = clip(rint(float32(acc) * M[m]) + zp_y, qmin, qmax) with M = float32(float32(s_x * s_w[m]) / s_y).
+Torch (QAT): the same ``linear`` map through ``torch.nn.functional.conv{1,2,3}d``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,17 @@ from __future__ import annotations
 import numpy as np
 
 from qmace.ir import Node
-from qmace.ops.base import Kernel, Op, register
-from qmace.ops.util import apply_fused_activation, clamp_codes_to_activation, conv_pads, pad_spatial, windows
+from qmace.ops.accumulate import AccumulateOp
+from qmace.ops.base import register
+from qmace.ops.util import (
+    apply_fused_activation,
+    apply_fused_activation_torch,
+    conv_pads,
+    is_torch,
+    pad_spatial,
+    pad_spatial_torch,
+    windows,
+)
 
 
 def im2col(x: np.ndarray, w_shape: tuple[int, ...], node: Node, pad_value: float, dtype) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -83,15 +93,38 @@ def conv_core(x: np.ndarray, w: np.ndarray, node: Node, pad_value: float, dtype)
     return out[:, :, 0, :] if x.ndim == 3 else out
 
 
+def conv_torch(x, w, node: Node):
+    """Grouped convolution without bias in torch (1-D, 2-D or 3-D), in ``x``'s dtype: the torch twin of
+    :func:`conv_core`. x (N, C, *S), w (M, C/g, *K) -> (N, M, *O); pads (any, also asymmetric) applied first.
+
+    Args:
+        x: the input tensor.
+        w: the weight tensor.
+        node: the Conv node (strides, dilations, pads, auto_pad, group).
+
+    Returns:
+        The output tensor.
+    """
+    import torch.nn.functional as F
+
+    nd = x.ndim - 2
+    kernel = tuple(w.shape[2:])
+    strides = tuple(Conv.attr(node, "strides") or [1] * nd)
+    dilations = tuple(Conv.attr(node, "dilations") or [1] * nd)
+    pads = conv_pads(tuple(x.shape[2:]), kernel, strides, dilations, Conv.attr(node, "pads"), Conv.attr(node, "auto_pad"))
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    return fn(pad_spatial_torch(x, pads, 0.0), w, None, stride=strides, dilation=dilations,
+              groups=int(Conv.attr(node, "group")))
+
+
 @register
-class Conv(Op):
+class Conv(AccumulateOp):
     """Convolution (module docstring): ``y[n, m, o] = b[m] + sum_{c in group(m), k} x_pad[n, c, o*s + k*d] *
     w[m, c, k]``, then the fused activation. Integer kernel: exact int32 accumulation of centred codes and
     requantization with ``M = s_x s_w[m] / s_y``; weights per channel along axis 0, bias input 2.
     """
     op_type = "Conv"
     defaults = {"auto_pad": "NOTSET", "dilations": None, "group": 1, "kernel_shape": None, "pads": None, "strides": None}
-    quant_kernel = Kernel.ACCUMULATE
     bias_input = 2
     fuses_activation = True
     channel_axis = 1
@@ -114,6 +147,12 @@ class Conv(Op):
         return im2col(np.asarray(x), w_shape, node, 0.0, np.float64)[0]  # (G, N*Ho*Wo, Cg*prod(K))
 
     @classmethod
+    def linear(cls, node, a, b):
+        if is_torch(a):
+            return conv_torch(a, b, node)
+        return conv_core(a, b, node, 0.0, a.dtype)  # centred codes: padding with 0 = padding with zp
+
+    @classmethod
     def run(cls, node, inputs):
         x, w = inputs[0], inputs[1]
         b = inputs[2] if len(inputs) > 2 else None
@@ -123,19 +162,11 @@ class Conv(Op):
         return [apply_fused_activation(node, y.astype(np.float32, copy=False))]
 
     @classmethod
-    def run_quantized(cls, node, inputs, in_qp, out_qp):
-        from qmace import qmath
-
+    def run_torch(cls, node, inputs):
+        """Float torch kernel: ``linear(x, w) + b`` then the fused activation (differentiable)."""
         x, w = inputs[0], inputs[1]
         b = inputs[2] if len(inputs) > 2 else None
-        xq, wq, yq = in_qp[0], in_qp[1], out_qp[0]
-        xs = x.astype(np.float64) - float(xq.zero_point)
-        zp_w = np.asarray(wq.zero_point, np.float64).reshape(-1, *([1] * (w.ndim - 1))) if wq.zero_point.ndim else float(wq.zero_point)
-        ws = w.astype(np.float64) - zp_w
-        acc = conv_core(xs, ws, node, 0.0, np.float64)
+        y = cls.linear(node, x, w)
         if b is not None:
-            acc = acc + b.astype(np.float64).reshape(1, -1, *([1] * (acc.ndim - 2)))
-        acc = acc.astype(np.int64)
-        mult = qmath.requant_multiplier(xq, wq, yq)
-        y = qmath.requantize(acc.astype(np.int32), mult, yq, 1)
-        return [clamp_codes_to_activation(node, y, yq)]
+            y = y + b.reshape(1, -1, *([1] * (y.ndim - 2)))
+        return [apply_fused_activation_torch(node, y)]

@@ -23,7 +23,7 @@ import numpy as np
 
 from qmace.ir import Node
 from qmace.ops.base import Op, register
-from qmace.ops.util import apply_fused_activation
+from qmace.ops.util import apply_fused_activation, apply_fused_activation_torch
 
 
 def _geometry(node: Node, in_spatial, kernel):
@@ -132,3 +132,24 @@ class ConvTranspose(Op):
         if b is not None:
             y = y + b.reshape(1, -1, *([1] * (y.ndim - 2)))
         return [apply_fused_activation(node, np.ascontiguousarray(y, dtype=np.float32))]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``conv_transpose{1,2,3}d`` without padding gives the full output ``F``, zero-extended to the
+        output_padding / output_shape extent and cropped as ``run`` crops it; plus the bias; the fused
+        activation."""
+        import torch.nn.functional as F
+
+        x, w = inputs[0], inputs[1]
+        b = inputs[2] if len(inputs) > 2 else None
+        nd = x.ndim - 2
+        _, dilations, begins, outs = geometry = _geometry(node, tuple(x.shape[2:]), tuple(w.shape[2:]))
+        fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
+        full = fn(x, w, None, stride=geometry[0], groups=int(cls.attr(node, "group")), dilation=dilations)
+        extra = [max(0, begins[i] + outs[i] - full.shape[2 + i]) for i in range(nd)]
+        if any(extra):
+            full = F.pad(full, [p for e in reversed(extra) for p in (0, e)])
+        y = full[(slice(None), slice(None), *(slice(bg, bg + o) for bg, o in zip(begins, outs)))]
+        if b is not None:
+            y = y + b.reshape(1, -1, *([1] * nd))
+        return [apply_fused_activation_torch(node, y)]

@@ -16,6 +16,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
+from qmace.ops.util import is_torch
+
+
+def _permute(x, perm: tuple[int, ...]):
+    """``x`` with its axes permuted (numpy ``transpose`` / torch ``permute``)."""
+    return x.permute(*perm) if is_torch(x) else x.transpose(perm)
 
 
 def _checked(op: type[Op], node, x: np.ndarray) -> int:
@@ -37,19 +43,38 @@ class DepthToSpace(Op):
 
     @classmethod
     def run(cls, node, inputs):
-        x = np.asarray(inputs[0])
+        return [np.ascontiguousarray(cls.move(node, np.asarray(inputs[0])))]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        return [cls.move(node, inputs[0])]
+
+    @classmethod
+    def move(cls, node, x):
+        """The rearrangement of the module docstring on a numpy array or torch tensor.
+
+        Args:
+            node: the node (blocksize, mode).
+            x: the (N, C, H, W) input.
+
+        Returns:
+            The (N, C / b^2, H b, W b) output, same namespace.
+
+        Raises:
+            ValueError: a bad shape, blocksize or mode.
+        """
         b = _checked(cls, node, x)
         n, c, h, w = x.shape
         if c % (b * b):
             raise ValueError(f"DepthToSpace node {node.name!r}: {c} channels not divisible by blocksize^2 = {b * b}")
         mode = cls.attr(node, "mode")
         if mode == "DCR":
-            y = x.reshape(n, b, b, c // (b * b), h, w).transpose(0, 3, 4, 1, 5, 2)
+            y = _permute(x.reshape(n, b, b, c // (b * b), h, w), (0, 3, 4, 1, 5, 2))
         elif mode == "CRD":
-            y = x.reshape(n, c // (b * b), b, b, h, w).transpose(0, 1, 4, 2, 5, 3)
+            y = _permute(x.reshape(n, c // (b * b), b, b, h, w), (0, 1, 4, 2, 5, 3))
         else:
             raise ValueError(f"DepthToSpace node {node.name!r}: unknown mode {mode!r}")
-        return [np.ascontiguousarray(y.reshape(n, c // (b * b), h * b, w * b))]
+        return y.reshape(n, c // (b * b), h * b, w * b)
 
 
 @register
@@ -63,10 +88,29 @@ class SpaceToDepth(Op):
 
     @classmethod
     def run(cls, node, inputs):
-        x = np.asarray(inputs[0])
+        return [np.ascontiguousarray(cls.move(node, np.asarray(inputs[0])))]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        return [cls.move(node, inputs[0])]
+
+    @classmethod
+    def move(cls, node, x):
+        """The rearrangement of the module docstring on a numpy array or torch tensor.
+
+        Args:
+            node: the node (blocksize).
+            x: the (N, C, H, W) input.
+
+        Returns:
+            The (N, C b^2, H / b, W / b) output, same namespace.
+
+        Raises:
+            ValueError: a bad shape or blocksize.
+        """
         b = _checked(cls, node, x)
         n, c, h, w = x.shape
         if h % b or w % b:
             raise ValueError(f"SpaceToDepth node {node.name!r}: spatial size {h}x{w} not divisible by {b}")
-        y = x.reshape(n, c, h // b, b, w // b, b).transpose(0, 3, 5, 1, 2, 4)
-        return [np.ascontiguousarray(y.reshape(n, c * b * b, h // b, w // b))]
+        y = _permute(x.reshape(n, c, h // b, b, w // b, b), (0, 3, 5, 1, 2, 4))
+        return y.reshape(n, c * b * b, h // b, w // b)

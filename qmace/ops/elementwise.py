@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
+from qmace.ops.util import as_tensor_like
 from qmace.qmath import Range
 
 
@@ -186,6 +187,12 @@ class Add(_Binary):
     def compute(cls, a, b):
         return np.add(a, b)
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``A + B``."""
+        a, b = inputs[0], inputs[1]
+        return [a + b]
+
 
 @register
 class Sub(_Binary):
@@ -205,6 +212,12 @@ class Sub(_Binary):
     def compute(cls, a, b):
         return np.subtract(a, b)
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``A - B``."""
+        a, b = inputs[0], inputs[1]
+        return [a - b]
+
 
 @register
 class Mul(_Binary):
@@ -217,6 +230,12 @@ class Mul(_Binary):
     @classmethod
     def compute(cls, a, b):
         return np.multiply(a, b)
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``A * B``."""
+        a, b = inputs[0], inputs[1]
+        return [a * b]
 
 
 @register
@@ -233,6 +252,12 @@ class Div(_Binary):
             negative = (a < 0) != (b < 0)
             return np.where(negative, -q, q)
         return np.divide(a, b)
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``A / B``."""
+        a, b = inputs[0], inputs[1]
+        return [a / b]
 
 
 @register
@@ -251,6 +276,12 @@ class Pow(Op):
             else:
                 z = np.power(x, y.astype(x.dtype))
             return [_as_dtype(z, x.dtype)]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``X ** Y``."""
+        a, b = inputs[0], inputs[1]
+        return [a ** b]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,6 +323,12 @@ class Sqrt(_Unary):
     def compute(cls, node, x):
         return np.sqrt(x)
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``sqrt(X)``."""
+        x = inputs[0]
+        return [x.sqrt()]
+
 
 @register
 class Neg(_Unary):
@@ -302,6 +339,12 @@ class Neg(_Unary):
     def compute(cls, node, x):
         return np.negative(x)
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``-X``."""
+        x = inputs[0]
+        return [-x]
+
 
 @register
 class Abs(_Unary):
@@ -311,6 +354,12 @@ class Abs(_Unary):
     @classmethod
     def compute(cls, node, x):
         return np.abs(x)
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``|X|``."""
+        x = inputs[0]
+        return [x.abs()]
 
 
 @register
@@ -323,6 +372,12 @@ class Exp(_Unary):
     def compute(cls, node, x):
         return np.exp(x)
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``exp(X)``."""
+        x = inputs[0]
+        return [x.exp()]
+
 
 @register
 class Log(_Unary):
@@ -334,6 +389,12 @@ class Log(_Unary):
     def compute(cls, node, x):
         return np.log(x)
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``log(X)``."""
+        x = inputs[0]
+        return [x.log()]
+
 
 @register
 class Erf(_Unary):
@@ -344,6 +405,12 @@ class Erf(_Unary):
     @classmethod
     def compute(cls, node, x):
         return erf(x)
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``erf(X)``."""
+        x = inputs[0]
+        return [x.erf()]
 
 
 @register
@@ -357,6 +424,12 @@ class Tanh(_Unary):
     @classmethod
     def compute(cls, node, x):
         return np.tanh(x)
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``tanh(X)``."""
+        x = inputs[0]
+        return [x.tanh()]
 
 
 @register
@@ -373,6 +446,12 @@ class Sigmoid(_Unary):
     @classmethod
     def compute(cls, node, x):
         return 1.0 / (1.0 + np.exp(-x))
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``sigmoid(X)``."""
+        x = inputs[0]
+        return [x.sigmoid()]
 
 
 @register
@@ -392,6 +471,16 @@ class Gelu(_Unary):
         if approximate == "tanh":
             return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
         raise ValueError(f"Gelu node {node.name!r}: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``torch.nn.functional.gelu`` with the same ``approximate``."""
+        import torch.nn.functional as F
+
+        approximate = cls.attr(node, "approximate")
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"Gelu node {node.name!r}: approximate must be 'none' or 'tanh', got {approximate!r}")
+        return [F.gelu(inputs[0], approximate=approximate)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -415,6 +504,12 @@ class Relu(_Unary):
     def compute(cls, node, x):
         return np.maximum(x, np.zeros((), x.dtype))
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``max(X, 0)``."""
+        x = inputs[0]
+        return [x.relu()]
+
 
 @register
 class LeakyRelu(_Unary):
@@ -428,6 +523,13 @@ class LeakyRelu(_Unary):
     def compute(cls, node, x):
         alpha = np.asarray(cls.attr(node, "alpha"), x.dtype)
         return np.where(x >= 0, x, x * alpha)
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``torch.nn.functional.leaky_relu`` with the node's ``alpha``."""
+        import torch.nn.functional as F
+
+        return [F.leaky_relu(inputs[0], float(cls.attr(node, "alpha")))]
 
 
 @register
@@ -444,6 +546,12 @@ class HardSigmoid(_Unary):
         beta = np.asarray(cls.attr(node, "beta"), x.dtype)
         return np.clip(alpha * x + beta, 0, 1)
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``clamp(alpha * x + beta, 0, 1)``."""
+        alpha, beta = float(cls.attr(node, "alpha")), float(cls.attr(node, "beta"))
+        return [(inputs[0] * alpha + beta).clamp(0, 1)]
+
 
 @register
 class HardSwish(_Unary):
@@ -455,6 +563,12 @@ class HardSwish(_Unary):
     def compute(cls, node, x):
         alpha = np.asarray(1.0 / 6.0, x.dtype)
         return x * np.clip(alpha * x + np.asarray(0.5, x.dtype), 0, 1)
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``x * clamp(x / 6 + 0.5, 0, 1)``."""
+        x = inputs[0]
+        return [x * (x * (1.0 / 6.0) + 0.5).clamp(0, 1)]
 
 
 @register
@@ -469,6 +583,12 @@ class PRelu(Op):
         if np.broadcast_shapes(x.shape, slope.shape) != x.shape:
             raise ValueError(f"PRelu node {node.name!r}: slope {slope.shape} does not broadcast to X {x.shape}")
         return [_as_dtype(np.where(x >= 0, x, x * slope), x.dtype)]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``where(x >= 0, x, slope * x)``."""
+        x, slope = inputs[0], as_tensor_like(inputs[1], inputs[0])
+        return [x.where(x >= 0, x * slope)]
 
 
 @register
@@ -509,3 +629,14 @@ class Clip(Op):
         if hi is not None:
             y = np.minimum(y, np.asarray(hi, x.dtype).reshape(()))
         return [_as_dtype(y, x.dtype)]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``min(max(x, lo), hi)`` with the optional bounds."""
+        x = inputs[0]
+        lo, hi = optional_input(inputs, 1), optional_input(inputs, 2)
+        if lo is not None:
+            x = x.maximum(as_tensor_like(lo, x).reshape(()))
+        if hi is not None:
+            x = x.minimum(as_tensor_like(hi, x).reshape(()))
+        return [x]

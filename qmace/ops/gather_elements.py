@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
+from qmace.ops.util import const_ints
 
 
 @register
@@ -38,3 +39,16 @@ class GatherElements(Op):
         if idx.size and (idx.min() < -d or idx.max() >= d):
             raise IndexError(f"GatherElements node {node.name!r}: indices outside [-{d}, {d - 1}]")
         return [np.take_along_axis(x, np.where(idx < 0, idx + d, idx), axis=axis)]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``torch.gather`` along ``axis`` with the negative indices wrapped."""
+        import torch
+
+        x = inputs[0]
+        idx = np.asarray(const_ints(inputs[1]), np.int64).reshape(np.shape(inputs[1]))
+        axis = int(cls.attr(node, "axis")) % x.ndim
+        d = x.shape[axis]
+        if idx.size and (idx.min() < -d or idx.max() >= d):
+            raise IndexError(f"GatherElements node {node.name!r}: indices outside [-{d}, {d - 1}]")
+        return [x.gather(axis, torch.from_numpy(np.where(idx < 0, idx + d, idx)).to(x.device))]

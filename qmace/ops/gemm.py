@@ -5,7 +5,7 @@ Float:
   A' (M, K), B' (K, N)); C (optional) broadcasts unidirectionally to (M, N). float32 BLAS.
 - MatMul: numpy.matmul semantics (N-d batch broadcasting, 1-D operands promoted and squeezed).
 
-Integer (docs/quantization.md; same arithmetic as Conv):
+Integer (docs/quantization.md; ``qmace.ops.accumulate``, the same arithmetic as Conv):
 ``acc = bias_q + sum_k (q_a - zp_a) * (q_b - zp_b[n])`` exactly (float64 matmul of centred codes, exact
 while |acc| < 2^53), then ``y_q = clip(rint(float32(acc) * M[n]) + zp_y, qmin, qmax)`` with
 ``M = float32(float32(s_a * s_b[n]) / s_y)``; a fused Relu/Clip clamps the codes to its quantized bounds.
@@ -25,38 +25,24 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qmace.ir import Node
-from qmace.ops.base import Kernel, Op, register
-from qmace.ops.util import apply_fused_activation, clamp_codes_to_activation
+from qmace.ops.accumulate import AccumulateOp
+from qmace.ops.base import register
+from qmace.ops.util import apply_fused_activation, apply_fused_activation_torch
 
 
-def _centered(q: np.ndarray, qp, channel_axis: int | None) -> np.ndarray:
-    """Codes minus zero point as float64 (exact); a per-channel zero point applies along ``channel_axis``."""
-    zp = np.asarray(qp.zero_point, np.float64)
-    if zp.ndim:
-        shape = [1] * q.ndim
-        shape[channel_axis if channel_axis is not None else qp.axis] = -1
-        zp = zp.reshape(shape)
-    return q.astype(np.float64) - zp
-
-
-def _requantize(node: Node, acc: np.ndarray, a_qp, b_qp, y_qp) -> np.ndarray:
-    """float64 exact accumulator (N-d, channels last) -> output codes, fused activation applied."""
-    from qmace import qmath
-
-    mult = qmath.requant_multiplier(a_qp, b_qp, y_qp)
-    y = qmath.requantize(acc.astype(np.int64).astype(np.int32), mult, y_qp, -1 if np.ndim(mult) else None)
-    return clamp_codes_to_activation(node, y, y_qp)
+def _matmul(a, b):
+    """``a @ b`` (numpy.matmul semantics; torch.matmul for tensors)."""
+    return a @ b
 
 
 @register
-class Gemm(Op):
+class Gemm(AccumulateOp):
     """``Y = alpha * A' @ B' + beta * C`` (module docstring), then the fused activation. Integer kernel (alpha ==
     beta == 1): exact accumulation of centred codes plus the int32 bias, requantized with
     ``M = s_a s_b[n] / s_y``; weight B per channel (axis 0 if transB else 1), bias input 2.
     """
     op_type = "Gemm"
     defaults: ClassVar[dict[str, Any]] = {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0}
-    quant_kernel = Kernel.ACCUMULATE
     bias_input = 2
     fuses_activation = True
     channel_axis = -1
@@ -95,50 +81,54 @@ class Gemm(Op):
         return beta
 
     @classmethod
-    def run(cls, node, inputs):
-        a, b = inputs[0], inputs[1]
-        c = inputs[2] if len(inputs) > 2 else None
+    def linear(cls, node, a, b):
+        """``A' @ B'`` (2-D operands, transposed per transA/transB)."""
         if cls.attr(node, "transA"):
             a = a.T
         if cls.attr(node, "transB"):
             b = b.T
-        y = np.matmul(a, b)
-        alpha, beta = np.float32(cls.attr(node, "alpha")), np.float32(cls.attr(node, "beta"))
+        return _matmul(a, b)
+
+    @classmethod
+    def check_integer(cls, node, has_bias):
+        if float(cls.attr(node, "alpha")) != 1.0 or (has_bias and float(cls.attr(node, "beta")) != 1.0):
+            raise NotImplementedError(
+                f"Gemm node {node.name!r}: the integer kernel needs alpha == beta == 1 (fold them into B and C first)"
+            )
+
+    @classmethod
+    def _affine(cls, node, y, c, alpha, beta):
+        """``alpha * y + beta * C`` (the products skipped when alpha or beta is 1, C when beta is 0)."""
         if alpha != 1:
             y = y * alpha
         if c is not None and beta != 0:
             y = y + (c * beta if beta != 1 else c)
+        return y
+
+    @classmethod
+    def run(cls, node, inputs):
+        a, c = inputs[0], (inputs[2] if len(inputs) > 2 else None)
+        y = cls.linear(node, a, inputs[1])
+        alpha, beta = np.float32(cls.attr(node, "alpha")), np.float32(cls.attr(node, "beta"))
+        y = cls._affine(node, y, c, alpha, beta)
         return [apply_fused_activation(node, y.astype(a.dtype, copy=False))]
 
     @classmethod
-    def run_quantized(cls, node, inputs, in_qp, out_qp):
-        a, b = inputs[0], inputs[1]
+    def run_torch(cls, node, inputs):
+        """Float torch kernel: ``alpha * A' @ B' + beta * C`` then the fused activation (differentiable)."""
         c = inputs[2] if len(inputs) > 2 else None
-        if float(cls.attr(node, "alpha")) != 1.0 or (c is not None and float(cls.attr(node, "beta")) != 1.0):
-            raise NotImplementedError(
-                f"Gemm node {node.name!r}: the integer kernel needs alpha == beta == 1 (fold them into B and C first)"
-            )
-        trans_b = bool(cls.attr(node, "transB"))
-        a_c = _centered(a, in_qp[0], None)
-        b_c = _centered(b, in_qp[1], 0 if trans_b else 1)
-        if cls.attr(node, "transA"):
-            a_c = a_c.T
-        if trans_b:
-            b_c = b_c.T
-        acc = a_c @ b_c  # (M, N), exact integers in float64
-        if c is not None:
-            acc = acc + c.astype(np.float64)
-        return [_requantize(node, acc, in_qp[0], in_qp[1], out_qp[0])]
+        y = cls.linear(node, inputs[0], inputs[1])
+        y = cls._affine(node, y, c, float(cls.attr(node, "alpha")), float(cls.attr(node, "beta")))
+        return [apply_fused_activation_torch(node, y)]
 
 
 @register
-class MatMul(Op):
+class MatMul(AccumulateOp):
     """``Y = A @ B`` with numpy.matmul semantics, then the fused activation. Integer kernel as Gemm's, per-channel
     B along its last axis.
     """
     op_type = "MatMul"
     defaults: ClassVar[dict[str, Any]] = {}
-    quant_kernel = Kernel.ACCUMULATE
     fuses_activation = True
     channel_axis = -1
 
@@ -159,14 +149,14 @@ class MatMul(Op):
         return np.asarray(x, np.float64).reshape(1, -1, x.shape[-1])
 
     @classmethod
-    def run(cls, node, inputs):
-        y = np.matmul(inputs[0], inputs[1])
-        return [apply_fused_activation(node, y)]
+    def linear(cls, node, a, b):
+        return _matmul(a, b)
 
     @classmethod
-    def run_quantized(cls, node, inputs, in_qp, out_qp):
-        a, b = inputs[0], inputs[1]
-        a_c = _centered(a, in_qp[0], None)
-        b_c = _centered(b, in_qp[1], -1)  # per-channel B: channels on its last axis (N)
-        acc = np.matmul(a_c, b_c)
-        return [_requantize(node, acc, in_qp[0], in_qp[1], out_qp[0])]
+    def run(cls, node, inputs):
+        return [apply_fused_activation(node, cls.linear(node, inputs[0], inputs[1]))]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Float torch kernel: ``torch.matmul`` then the fused activation (differentiable)."""
+        return [apply_fused_activation_torch(node, cls.linear(node, inputs[0], inputs[1]))]

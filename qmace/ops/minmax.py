@@ -28,6 +28,15 @@ class _Extreme(Op):
             raise TypeError(f"{cls.op_type} node {node.name!r}: input dtypes differ ({', '.join(map(str, dtypes))})")
         return [np.asarray(reduce(cls.fn, xs)).astype(xs[0].dtype, copy=False)]
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: the elementwise maximum/minimum of the inputs (broadcasting; NaN propagates)."""
+        xs = [x for x in inputs if x is not None]
+        y = xs[0]
+        for x in xs[1:]:
+            y = y.maximum(x) if cls.fn is np.maximum else y.minimum(x)
+        return [y]
+
 
 @register
 class Max(_Extreme):

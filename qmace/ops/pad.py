@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
+from qmace.ops.util import as_tensor_like, const_ints
 
 _NUMPY_MODE = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "wrap"}
 
@@ -95,3 +96,20 @@ class Pad(Op):
         else:
             code = qmath.quantize(np.asarray(value, np.float32).reshape(()), qp)
         return [pad_array(x, pads, cls.attr(node, "mode"), code.reshape(()), axes)]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch, any mode: ``pad_array`` of the element indices (-1 for a padded constant) picks the output
+        from the flattened input, so every mode and crop is exactly ``run``'s, and differentiable."""
+        import torch
+
+        x, pads, value, axes = cls._args(inputs)
+        mode = cls.attr(node, "mode")
+        index = pad_array(np.arange(x.numel(), dtype=np.int64).reshape(tuple(x.shape)), np.array(const_ints(pads)),
+                          mode, np.int64(-1), None if axes is None else np.array(const_ints(axes)))
+        idx = torch.from_numpy(index).to(x.device)
+        y = x.reshape(-1)[idx.clamp(min=0)]
+        if mode == "constant":
+            fill = as_tensor_like(0.0 if value is None else value, x).reshape(())
+            y = torch.where(idx < 0, fill, y)
+        return [y]

@@ -26,7 +26,7 @@ import numpy as np
 
 from qmace.ir import Node
 from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
-from qmace.ops.util import conv_pads
+from qmace.ops.util import conv_pads, is_torch
 
 
 def _lowest(dtype: np.dtype):
@@ -65,11 +65,21 @@ def _padded(x: np.ndarray, kernel, strides, dilations, pads, out, value, end_val
         have = x.shape[x.ndim - nd + i] + pads[i] + pads[i + nd]
         width.append((pads[i], max(0, pads[i + nd])))
         extra.append(need - have)
-    xp = np.pad(x, width, constant_values=value) if any(w != (0, 0) for w in width) else x
+    xp = _pad(x, width, value) if any(w != (0, 0) for w in width) else x
     if any(e > 0 for e in extra):
         w2 = [(0, 0)] * (x.ndim - nd) + [(0, max(e, 0)) for e in extra]
-        xp = np.pad(xp, w2, constant_values=value if end_value is None else end_value)
+        xp = _pad(xp, w2, value if end_value is None else end_value)
     return xp
+
+
+def _pad(x, width: list[tuple[int, int]], value):
+    """Constant padding by ``width`` (one (before, after) pair per axis) of a numpy array or torch tensor."""
+    if not is_torch(x):
+        return np.pad(x, width, constant_values=value)
+    import torch.nn.functional as F
+
+    flat = [p for pair in reversed(width) for p in pair]  # F.pad: last axis first
+    return F.pad(x, flat, value=float(value))
 
 
 def _taps(xp: np.ndarray, kernel, strides, dilations, out):
@@ -122,6 +132,21 @@ class MaxPool(Op):
         return [y]
 
     @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``max_pool{1,2,3}d`` over ``x`` padded as in ``run`` (pads and ceil-mode overhang hold -inf),
+        so the gradient goes to one maximum per window, as torch's pooling routes it. No Indices output."""
+        import torch.nn.functional as F
+
+        x = inputs[0]
+        if len(node.outputs) > 1 and node.outputs[1]:
+            raise NotImplementedError(f"MaxPool node {node.name!r}: the Indices output has no torch kernel")
+        kernel, strides, dilations, pads, out = _geometry(cls, node, x)
+        xp = _padded(x, kernel, strides, dilations, pads, out, -math.inf)
+        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(kernel)]
+        y = pool(xp, kernel, strides, 0, dilations)
+        return [y[(..., *(slice(0, o) for o in out))]]
+
+    @classmethod
     def _with_indices(cls, node, x, xp, kernel, strides, dilations, pads, out):
         """Max and its int64 index into ``x`` flattened: ``(n * C + c) * prod(S) + flat(position)``, the
         position flattened row-major (storage_order 0) or column-major (1); the first maximum in scan
@@ -168,14 +193,33 @@ class AveragePool(Op):
         total = None
         for view in _taps(xp, kernel, strides, dilations, out):
             total = view.astype(np.float32) if total is None else np.add(total, view, out=total)
-        # Divisor: pool a mask of the spatial extent (1 = counted) with the same geometry.
-        mask = np.ones((1, 1, *x.shape[2:]), np.float32)
+        count = cls._count(node, x.shape, kernel, strides, dilations, pads, out)
+        return [(total / count).astype(x.dtype, copy=False)]
+
+    @classmethod
+    def _count(cls, node, shape, kernel, strides, dilations, pads, out) -> np.ndarray:
+        """The divisor (1, 1, *out): pool a mask of the spatial extent (1 = counted) with the same geometry."""
+        mask = np.ones((1, 1, *shape[2:]), np.float32)
         include = float(bool(cls.attr(node, "count_include_pad")))
         mp = _padded(mask, kernel, strides, dilations, pads, out, include, end_value=0.0)
         count = None
         for view in _taps(mp, kernel, strides, dilations, out):
             count = view.copy() if count is None else count + view
-        return [(total / count).astype(x.dtype, copy=False)]
+        return count
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: the sum over the same taps as ``run`` divided by the same count."""
+        import torch
+
+        x = inputs[0]
+        kernel, strides, dilations, pads, out = _geometry(cls, node, x)
+        xp = _padded(x, kernel, strides, dilations, pads, out, 0.0)
+        total = None
+        for view in _taps(xp, kernel, strides, dilations, out):
+            total = view if total is None else total + view
+        count = cls._count(node, tuple(x.shape), kernel, strides, dilations, pads, out)
+        return [total / torch.from_numpy(count).to(x.device)]
 
 
 @register
@@ -193,6 +237,12 @@ class GlobalAveragePool(Op):
         x = inputs[0]
         return [x.mean(axis=tuple(range(2, x.ndim)), keepdims=True, dtype=np.float32).astype(x.dtype, copy=False)]
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: the mean over the spatial axes."""
+        x = inputs[0]
+        return [x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)]
+
 
 @register
 class GlobalMaxPool(Op):
@@ -208,3 +258,9 @@ class GlobalMaxPool(Op):
     def run(cls, node, inputs):
         x = inputs[0]
         return [x.max(axis=tuple(range(2, x.ndim)), keepdims=True)]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: the maximum over the spatial axes."""
+        x = inputs[0]
+        return [x.amax(dim=tuple(range(2, x.ndim)), keepdim=True)]

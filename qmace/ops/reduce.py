@@ -21,6 +21,7 @@ import numpy as np
 
 from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
 from qmace.ops.elementwise import optional_input
+from qmace.ops.util import const_ints
 
 
 class _Reduce(Op):
@@ -41,21 +42,59 @@ class _Reduce(Op):
         raise NotImplementedError
 
     @classmethod
+    def reduce_torch(cls, x, axes: tuple[int, ...], keepdims: bool):
+        """The reduction on a torch tensor (``run_torch``; every reduction here defines it).
+
+        Args:
+            x: the data tensor.
+            axes: the (non-negative) axes to reduce, not empty.
+            keepdims: keep them as size 1.
+
+        Returns:
+            The reduced tensor.
+        """
+        raise NotImplementedError(f"{cls.op_type} has no torch kernel")
+
+    @classmethod
+    def axes(cls, node, ndim: int, inputs) -> tuple[int, ...] | None:
+        """The sorted non-negative axes to reduce, or None for the no-op (empty axes, noop_with_empty_axes).
+
+        Args:
+            node: the node.
+            ndim: the data's rank.
+            inputs: the node's inputs (``axes`` is input 1, optional).
+
+        Returns:
+            The axes, or None.
+
+        Raises:
+            ValueError: an axis out of range.
+        """
+        axes_list = const_ints(optional_input(inputs, 1)) or []
+        if not axes_list:
+            return None if cls.attr(node, "noop_with_empty_axes") else tuple(range(ndim))
+        for a in axes_list:
+            if not -ndim <= a < max(ndim, 1):
+                raise ValueError(f"{cls.op_type} node {node.name!r}: axis {a} out of range for rank {ndim}")
+        return tuple(sorted({a % max(ndim, 1) for a in axes_list})) if ndim else ()
+
+    @classmethod
     def run(cls, node, inputs):
         x = np.asarray(inputs[0])
-        axes_in = optional_input(inputs, 1)
-        axes_list = [] if axes_in is None else [int(a) for a in np.asarray(axes_in).reshape(-1)]
-        if not axes_list:
-            if cls.attr(node, "noop_with_empty_axes"):
-                return [x]
-            axes = tuple(range(x.ndim))
-        else:
-            for a in axes_list:
-                if not -x.ndim <= a < max(x.ndim, 1):
-                    raise ValueError(f"{cls.op_type} node {node.name!r}: axis {a} out of range for rank {x.ndim}")
-            axes = tuple(sorted({a % max(x.ndim, 1) for a in axes_list})) if x.ndim else ()
+        axes = cls.axes(node, x.ndim, inputs)
+        if axes is None:
+            return [x]
         y = cls.reduce(x, axes, bool(cls.attr(node, "keepdims")))
         return [np.asarray(y).astype(x.dtype, copy=False)]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``reduce_torch`` over the same axes as ``run``."""
+        x = inputs[0]
+        axes = cls.axes(node, x.ndim, inputs)
+        if axes is None or not axes:
+            return [x]
+        return [cls.reduce_torch(x, axes, bool(cls.attr(node, "keepdims")))]
 
 
 def _extreme(fn: Callable, x: np.ndarray, axes: tuple[int, ...], keepdims: bool) -> np.ndarray:
@@ -84,6 +123,10 @@ class ReduceMax(_Reduce):
     def reduce(cls, x, axes, keepdims):
         return _extreme(np.max, x, axes, keepdims)
 
+    @classmethod
+    def reduce_torch(cls, x, axes, keepdims):
+        return x.amax(dim=axes, keepdim=keepdims)
+
 
 @register
 class ReduceMin(_Reduce):
@@ -97,6 +140,10 @@ class ReduceMin(_Reduce):
     def reduce(cls, x, axes, keepdims):
         return _extreme(np.min, x, axes, keepdims)
 
+    @classmethod
+    def reduce_torch(cls, x, axes, keepdims):
+        return x.amin(dim=axes, keepdim=keepdims)
+
 
 @register
 class ReduceSum(_Reduce):
@@ -106,6 +153,10 @@ class ReduceSum(_Reduce):
     @classmethod
     def reduce(cls, x, axes, keepdims):
         return np.sum(x, axis=axes, keepdims=keepdims, dtype=x.dtype)
+
+    @classmethod
+    def reduce_torch(cls, x, axes, keepdims):
+        return x.sum(dim=axes, keepdim=keepdims)
 
 
 @register
@@ -123,3 +174,7 @@ class ReduceMean(_Reduce):
             q = np.abs(total) // max(count, 1)
             return np.where(total < 0, -q, q)
         return np.sum(x, axis=axes, keepdims=keepdims, dtype=np.float64) / count
+
+    @classmethod
+    def reduce_torch(cls, x, axes, keepdims):
+        return x.mean(dim=axes, keepdim=keepdims)

@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
 from qmace.ops.elementwise import optional_input
+from qmace.ops.util import const_ints
 
 
 def _axis(axis: int, ndim: int, node, what: str = "axis") -> int:
@@ -62,6 +63,18 @@ class Reshape(_Copy):
             shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
         return [x.reshape(shape)]
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch, batched: as ``run``, except that a leading 1 in the target shape keeps the input's batch size
+        (QAT runs a converted batch-1 graph on batches; a batch-1 input reshapes exactly as ``run``)."""
+        x = inputs[0]
+        shape = const_ints(inputs[1])
+        if not cls.attr(node, "allowzero"):
+            shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+        if shape and shape[0] == 1 and x.ndim and x.shape[0] > 1:
+            shape[0] = x.shape[0]
+        return [x.reshape(shape)]
+
 
 @register
 class Flatten(_Copy):
@@ -87,6 +100,16 @@ class Flatten(_Copy):
         outer = math.prod(x.shape[:axis])
         return [x.reshape(outer, math.prod(x.shape[axis:]))]
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: the same reshape as ``run``."""
+        x = inputs[0]
+        axis = int(cls.attr(node, "axis"))
+        if not -x.ndim <= axis <= x.ndim:
+            raise ValueError(f"Flatten node {node.name!r}: axis {axis} out of range for rank {x.ndim}")
+        axis = axis + x.ndim if axis < 0 else axis
+        return [x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))]
+
 
 @register
 class Transpose(_Copy):
@@ -101,6 +124,13 @@ class Transpose(_Copy):
         perm = cls.attr(node, "perm")
         perm = list(range(x.ndim))[::-1] if perm is None else [int(p) for p in perm]
         return [np.ascontiguousarray(np.transpose(x, perm))]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``permute`` by ``perm`` (default: reversed axes)."""
+        x = inputs[0]
+        perm = cls.attr(node, "perm")
+        return [x.permute(*(list(range(x.ndim))[::-1] if perm is None else [int(p) for p in perm]))]
 
 
 @register
@@ -121,6 +151,16 @@ class Squeeze(_Copy):
                 raise ValueError(f"Squeeze node {node.name!r}: dimension {a} of {x.shape} is not 1")
         return [np.squeeze(x, axis=tuple(axes))]
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: the same reshape as ``run``."""
+        x = inputs[0]
+        axes = const_ints(optional_input(inputs, 1))
+        if axes is None:
+            return [x.reshape([d for d in x.shape if d != 1])]
+        axes = sorted({_axis(a, x.ndim, node, "axes entry") for a in axes})
+        return [x.reshape([d for i, d in enumerate(x.shape) if i not in axes])]
+
 
 @register
 class Unsqueeze(_Copy):
@@ -137,6 +177,16 @@ class Unsqueeze(_Copy):
         if len(set(norm)) != len(norm):
             raise ValueError(f"Unsqueeze node {node.name!r}: repeated axes {axes}")
         return [np.expand_dims(x, tuple(norm))]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: size-1 dimensions inserted at the same output positions as ``run``."""
+        x = inputs[0]
+        axes = const_ints(inputs[1])
+        out_rank = x.ndim + len(axes)
+        for a in sorted(_axis(a, out_rank, node, "axes entry") for a in axes):
+            x = x.unsqueeze(a)
+        return [x]
 
 
 @register
@@ -175,6 +225,13 @@ class Concat(Op):
                 xs.append(qmath.quantize(real, yq))
         return cls.run(node, xs)
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``torch.cat`` along ``axis``."""
+        import torch
+
+        return [torch.cat(list(inputs), dim=_axis(cls.attr(node, "axis"), inputs[0].ndim, node))]
+
 
 @register
 class Split(_Copy):
@@ -188,9 +245,26 @@ class Split(_Copy):
     def run(cls, node, inputs):
         x = np.asarray(inputs[0])
         axis = _axis(cls.attr(node, "axis"), x.ndim, node)
-        dim = x.shape[axis]
+        bounds = np.cumsum(cls.sizes(node, x.shape[axis], inputs))[:-1]
+        return [np.ascontiguousarray(p) for p in np.split(x, bounds, axis=axis)]
+
+    @classmethod
+    def sizes(cls, node, dim: int, inputs) -> list[int]:
+        """The output sizes along the split axis (class docstring).
+
+        Args:
+            node: the node.
+            dim: the split axis's size.
+            inputs: the node's inputs (``split`` is input 1, optional).
+
+        Returns:
+            One size per output.
+
+        Raises:
+            ValueError: sizes that do not split ``dim`` into the node's outputs.
+        """
         n = len(node.outputs)
-        sizes = _ints(optional_input(inputs, 1))
+        sizes = const_ints(optional_input(inputs, 1))
         num_outputs = cls.attr(node, "num_outputs")
         if sizes is None and num_outputs is not None:
             chunk = -(-dim // int(num_outputs))
@@ -201,8 +275,14 @@ class Split(_Copy):
             sizes = [dim // n] * n
         if len(sizes) != n or sum(sizes) != dim or min(sizes) < 0:
             raise ValueError(f"Split node {node.name!r}: sizes {sizes} do not split dimension {dim} into {n} outputs")
-        bounds = np.cumsum(sizes)[:-1]
-        return [np.ascontiguousarray(p) for p in np.split(x, bounds, axis=axis)]
+        return sizes
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``torch.split`` by the same sizes as ``run``."""
+        x = inputs[0]
+        axis = _axis(cls.attr(node, "axis"), x.ndim, node)
+        return list(x.split(cls.sizes(node, x.shape[axis], inputs), dim=axis))
 
 
 @register
@@ -216,15 +296,46 @@ class Slice(_Copy):
     @classmethod
     def run(cls, node, inputs):
         x = np.asarray(inputs[0])
-        starts, ends = _ints(inputs[1]), _ints(inputs[2])
-        axes = _ints(optional_input(inputs, 3)) or list(range(len(starts)))
-        steps = _ints(optional_input(inputs, 4)) or [1] * len(starts)
+        return [np.ascontiguousarray(x[tuple(cls.index(node, x.shape, inputs))])]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: the same elements as ``run``, gathered with ``index_select`` (torch has no negative steps)."""
+        import torch
+
+        x = inputs[0]
+        for axis, sl in enumerate(cls.index(node, tuple(x.shape), inputs)):
+            if sl != slice(None):
+                picked = torch.arange(x.shape[axis], device=x.device)[_positive(sl, x.shape[axis])]
+                x = x.index_select(axis, picked.flip(0) if (sl.step or 1) < 0 else picked)
+        return [x]
+
+    @classmethod
+    def index(cls, node, shape: tuple[int, ...], inputs) -> list[slice]:
+        """One Python slice per axis of the data (``slice(None)`` where not sliced), bounds clamped as in the
+        class docstring.
+
+        Args:
+            node: the node.
+            shape: the data's shape.
+            inputs: the node's inputs (starts, ends, axes, steps are inputs 1-4).
+
+        Returns:
+            The slices.
+
+        Raises:
+            ValueError: inconsistent starts/ends/axes/steps, a step of 0 or an axis out of range.
+        """
+        starts, ends = const_ints(inputs[1]), const_ints(inputs[2])
+        axes = const_ints(optional_input(inputs, 3)) or list(range(len(starts)))
+        steps = const_ints(optional_input(inputs, 4)) or [1] * len(starts)
         if not len(starts) == len(ends) == len(axes) == len(steps):
             raise ValueError(f"Slice node {node.name!r}: starts/ends/axes/steps lengths differ")
-        index = [slice(None)] * x.ndim
+        ndim = len(shape)
+        index = [slice(None)] * ndim
         for start, end, axis, step in zip(starts, ends, axes, steps):
-            axis = _axis(axis, x.ndim, node, "axes entry")
-            d = x.shape[axis]
+            axis = _axis(axis, ndim, node, "axes entry")
+            d = shape[axis]
             if step == 0:
                 raise ValueError(f"Slice node {node.name!r}: step 0 on axis {axis}")
             start = start + d if start < 0 else start
@@ -237,7 +348,16 @@ class Slice(_Copy):
             else:
                 start, end = min(max(start, 0), d - 1), min(max(end, -1), d - 1)
                 index[axis] = slice(start, end if end >= 0 else None, step)
-        return [np.ascontiguousarray(x[tuple(index)])]
+        return index
+
+
+def _positive(sl: slice, d: int) -> slice:
+    """A slice with a positive step selecting the elements of ``sl`` over ``range(d)`` in ascending order."""
+    picked = range(d)[sl]
+    if not len(picked):
+        return slice(0, 0)
+    lo = min(picked[0], picked[-1])
+    return slice(lo, max(picked[0], picked[-1]) + 1, abs(sl.step or 1))
 
 
 @register
@@ -256,6 +376,20 @@ class Gather(_Copy):
             raise IndexError(f"Gather node {node.name!r}: indices outside [-{d}, {d - 1}]")
         return [np.take(x, idx.astype(np.int64), axis=axis)]
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``index_select`` of the flattened indices (negative ones wrapped), reshaped as ``take``."""
+        import torch
+
+        x = inputs[0]
+        idx = np.asarray(const_ints(inputs[1]), np.int64).reshape(np.shape(inputs[1]))
+        axis = _axis(cls.attr(node, "axis"), x.ndim, node)
+        d = x.shape[axis]
+        if idx.size and (idx.min() < -d or idx.max() >= d):
+            raise IndexError(f"Gather node {node.name!r}: indices outside [-{d}, {d - 1}]")
+        y = x.index_select(axis, torch.from_numpy(idx.reshape(-1) % max(d, 1)).to(x.device))
+        return [y.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])]
+
 
 @register
 class Identity(_Copy):
@@ -264,6 +398,11 @@ class Identity(_Copy):
 
     @classmethod
     def run(cls, node, inputs):
+        return [inputs[0]]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``Y = X``."""
         return [inputs[0]]
 
 
@@ -286,6 +425,13 @@ class Dropout(_Copy):
             outs.append(np.ones(x.shape, dtype=bool))
         return outs
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: inference Dropout is the identity (no mask output)."""
+        if len(node.outputs) > 1 and node.outputs[1]:
+            raise NotImplementedError(f"Dropout node {node.name!r}: the mask output has no torch kernel")
+        return [inputs[0]]
+
 
 @register
 class Expand(_Copy):
@@ -298,6 +444,12 @@ class Expand(_Copy):
         x = np.asarray(inputs[0])
         out_shape = np.broadcast_shapes(x.shape, tuple(_ints(inputs[1])))
         return [np.ascontiguousarray(np.broadcast_to(x, out_shape))]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``expand`` to the broadcast of the input's and the target shape."""
+        x = inputs[0]
+        return [x.expand(*np.broadcast_shapes(tuple(x.shape), tuple(const_ints(inputs[1]))))]
 
 
 @register
@@ -312,6 +464,15 @@ class Tile(_Copy):
         if len(repeats) != x.ndim:
             raise ValueError(f"Tile node {node.name!r}: {len(repeats)} repeats for rank {x.ndim}")
         return [np.tile(x, repeats)]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``repeat`` by ``repeats``."""
+        x = inputs[0]
+        repeats = const_ints(inputs[1])
+        if len(repeats) != x.ndim:
+            raise ValueError(f"Tile node {node.name!r}: {len(repeats)} repeats for rank {x.ndim}")
+        return [x.repeat(*repeats)]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -36,6 +36,11 @@ class Softmax(Op):
         e = np.exp(_shifted(x, axis))
         return [(e / np.sum(e, axis=axis, keepdims=True)).astype(x.dtype, copy=False)]
 
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``torch.softmax`` along ``axis``."""
+        return [inputs[0].softmax(dim=int(cls.attr(node, "axis")))]
+
 
 @register
 class LogSoftmax(Op):
@@ -50,3 +55,8 @@ class LogSoftmax(Op):
         axis = int(cls.attr(node, "axis"))
         s = _shifted(x, axis)
         return [(s - np.log(np.sum(np.exp(s), axis=axis, keepdims=True))).astype(x.dtype, copy=False)]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``torch.log_softmax`` along ``axis``."""
+        return [inputs[0].log_softmax(dim=int(cls.attr(node, "axis")))]

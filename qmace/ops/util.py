@@ -180,3 +180,97 @@ def broadcast_per_channel(v: np.ndarray, axis: int | None, ndim: int) -> np.ndar
     shape = [1] * ndim
     shape[axis % ndim] = -1
     return v.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Torch helpers for the ops' ``run_torch`` kernels (QAT). torch is imported only when one of them runs.
+
+
+def is_torch(x: object) -> bool:
+    """Whether ``x`` is a torch tensor (checked without importing torch).
+
+    Args:
+        x: any value.
+
+    Returns:
+        True for a ``torch.Tensor``.
+    """
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def const_ints(v: object) -> list[int] | None:
+    """The integers of a constant shape/axes input given as a torch tensor, numpy array or list.
+
+    Args:
+        v: the input value, or None when omitted.
+
+    Returns:
+        Its values as a flat list of ints, or None.
+    """
+    if v is None:
+        return None
+    if is_torch(v):
+        v = v.detach().cpu().numpy()
+    return [int(i) for i in np.asarray(v).reshape(-1)]
+
+
+def pad_spatial_torch(x, pads: list[int], value: float = 0.0):
+    """Torch version of :func:`pad_spatial`: constant-pad the trailing ``len(pads) // 2`` axes.
+
+    Args:
+        x: a torch tensor (N, C, *S).
+        pads: ONNX order, begins then ends (non-negative).
+        value: the fill value.
+
+    Returns:
+        The padded tensor (``x`` itself when every pad is 0).
+    """
+    import torch.nn.functional as F
+
+    nd = len(pads) // 2
+    if not any(pads):
+        return x
+    width: list[int] = []
+    for i in reversed(range(nd)):  # F.pad lists the last axis first
+        width += [pads[i], pads[i + nd]]
+    return F.pad(x, width, value=value)
+
+
+def apply_fused_activation_torch(node: Node, y):
+    """Torch version of :func:`apply_fused_activation`: ``clamp(y, lo, hi)`` (differentiable).
+
+    Args:
+        node: the producing node.
+        y: its output tensor before the activation.
+
+    Returns:
+        The activated tensor.
+
+    Raises:
+        ValueError: an unknown fused activation.
+    """
+    import torch
+
+    bounds = activation_bounds(node)
+    if bounds is None:
+        return y
+    lo, hi = bounds
+    return torch.clamp(y, lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None)
+
+
+def as_tensor_like(v: object, like):
+    """``v`` (a torch tensor, numpy array or number) as a tensor of ``like``'s dtype and device.
+
+    Args:
+        v: the value (e.g. a constant input that arrives as a numpy array).
+        like: the reference tensor.
+
+    Returns:
+        The tensor (``v`` itself when it already matches).
+    """
+    import torch
+
+    if not is_torch(v):
+        v = torch.from_numpy(np.array(v))
+    return v.to(dtype=like.dtype, device=like.device)
+

@@ -16,7 +16,7 @@ def __getattr__(name: str):
 
         return getattr(module, name)
     if name in ("train", "fit"):
-        from qmace.qat.train import fit, train
+        from qmace.qat.trainer import fit, train
 
         return fit if name == "fit" else train
     if name in ("QATJob", "run_qat"):

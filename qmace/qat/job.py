@@ -219,7 +219,7 @@ def check_job(job: QATJob) -> None:
             ``resume`` without a checkpoint.
     """
     from qmace.qat.distributed import check_device, launched_by_torchrun
-    from qmace.qat.train import SCHEDULES
+    from qmace.qat.trainer import SCHEDULES
 
     if job.epochs < 0 or job.batch_size < 1:
         raise ConfigError("--epochs must be >= 0 and --batch_size >= 1")
@@ -261,7 +261,7 @@ def run_qat(job: QATJob, progress=None, on_epoch=None) -> QATOutputs | None:
     Args:
         job: the QAT job.
         progress: optional ``tqdm``-like wrapper for progress bars (rank 0).
-        on_epoch: optional callback receiving each :class:`qmace.qat.train.EpochReport` (rank 0; picklable
+        on_epoch: optional callback receiving each :class:`qmace.qat.trainer.EpochReport` (rank 0; picklable
             for ``nproc > 1``).
 
     Returns:
@@ -322,7 +322,7 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     from qmace.qat.data import SampleDataset, make_loader
     from qmace.qat.distributed import rank_device
     from qmace.qat.module import export_qat, prepare
-    from qmace.qat.train import fit
+    from qmace.qat.trainer import fit
     from qmace.quantize.recipe import PTQRecipe, options_for, run_ptq
 
     if job.threads:

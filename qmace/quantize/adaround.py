@@ -107,7 +107,7 @@ def _optimise(w: np.ndarray, s: np.ndarray, zp: float, lo: int, hi: int, cov: np
         dc = np.matmul(dw, cov)  # (G, Mg, K)
         return float(np.sum(dw * dc)), 2 * s * dc
 
-    nearest = np.clip(np.round(rest), 0, 1)
+    nearest = np.clip(qmath.round_to_codes(w, s, zp, lo, hi) - zp - base, 0, 1)  # qmath's rounding
     nearest = np.where(~can_up, 0.0, np.where(~can_down, 1.0, nearest))
     l_near, _ = loss_grad(nearest)
     if l_near <= 0 or iters <= 0:
@@ -193,7 +193,7 @@ def adaround(
         codes = _optimise(w3, s, zp, lo, hi, cov, iters if cost <= max_cost else 0)
         wq = s * (codes - zp)  # (G, Mg, K) real values on the grid
         dw = wq - w3
-        near = np.clip(np.round(w3 / s) + zp, lo, hi)
+        near = qmath.round_to_codes(w3, s, zp, lo, hi)
         dn = s * (near - zp) - w3
         reports.append(RoundingReport(name, float(np.einsum("gmk,gkl,gml->", dn, cov, dn)),
                                       float(np.einsum("gmk,gkl,gml->", dw, cov, dw))))

@@ -245,59 +245,17 @@ def fit(
     if device is not None:
         module.to(torch.device(device))
     dev = next(module.parameters()).device
-    ranges = [p for n, p in module.named_parameters() if n in ("act_min", "act_max") and p.requires_grad]
-    weights = [p for n, p in module.named_parameters() if n not in ("act_min", "act_max") and p.requires_grad]
-    groups = [{"params": weights, "lr": lr}]
-    if ranges:
-        groups.append({"params": ranges, "lr": range_lr if range_lr is not None else lr})
-    peak = [g["lr"] for g in groups]
-    opt = torch.optim.Adam(groups)
+    opt, peak = _optimizer(module, lr, range_lr)
     net = module
     if world > 1:
         from qmace.qat.distributed import data_parallel
 
         net = data_parallel(module)
-    label_list = list(labels) if labels is not None else None
+    run = _Run(epochs, schedule, warmup, temperature, list(labels) if labels is not None else None,
+               _teacher_logits(module, teacher), rank, world, dev, peak)
     res = FitResult(losses=[])
-    teacher_fn = teacher
-    first, step, best_state, bad = 0, 0, None, 0
-    if resume is not None:
-        ck = load_checkpoint(resume) if rank == 0 else None
-        if world > 1:
-            import torch.distributed as dist
-
-            box = [ck]
-            dist.broadcast_object_list(box, src=0)
-            ck = box[0]
-        try:
-            module.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise InputDataError(f"{resume}: the checkpoint does not match this model: {e}") from e
-        first, step = int(ck["epoch"]), int(ck["step"])
-        res.losses, res.metrics = list(ck["losses"]), list(ck["metrics"])
-        res.start_metric, res.best_metric = ck["start_metric"], ck["best_metric"]
-        res.best_epoch, bad, best_state = int(ck["best_epoch"]), int(ck["bad_epochs"]), ck["best_model"]
-        if int(ck["epochs"]) != epochs:
-            log.warning("%s: resuming a run planned for %s epochs with %s epochs (schedule changes)", resume,
-                        ck["epochs"], epochs)
-        log.info("resumed from %s after epoch %d", resume, first)
-
-    def score() -> float | None:
-        if validate is None:
-            return None
-        value = torch.zeros(1, dtype=torch.float64)
-        if rank == 0:
-            module.eval()
-            with torch.no_grad():
-                value[0] = float(validate(module))
-            module.train()
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.broadcast(value.to(dev) if dist.get_backend() == "nccl" else value, src=0)
-        return float(value[0])
-
+    first, step, best_state, bad = _resume(module, opt, resume, run, res) if resume is not None else (0, 0, None, 0)
+    score = _scorer(module, validate, run)
     if validate is not None and resume is None:
         res.start_metric = res.best_metric = score()
         best_state = _state(module)
@@ -306,55 +264,9 @@ def fit(
     for epoch in range(first, epochs):
         if stop:
             break
-        items = batches(epoch) if callable(batches) else batches
-        sampler = getattr(items, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        if not hasattr(items, "__len__"):
-            items = list(items)
-        per_epoch = len(items)
-        it = items
-        if progress is not None and rank == 0:
-            it = progress(items, total=per_epoch, desc=f"qat epoch {epoch + 1}/{epochs}")
-        total, count = 0.0, 0
-        for i, batch in enumerate(it):
-            x, y = _split(batch)
-            if y is None and label_list is not None:
-                y = label_list[i]
-            for g, p in zip(opt.param_groups, peak):
-                g["lr"] = p * lr_factor(step, epochs * per_epoch, schedule, warmup)
-            student = net(_to(_as_tensor(x), dev))
-            if y is not None:
-                target = torch.as_tensor(np.asarray(_as_numpy(y)), dtype=torch.long).reshape(-1).to(dev)
-                loss = F.cross_entropy(student.reshape(len(target), -1), target)
-            else:
-                if teacher_fn is None:
-                    teacher_fn = float_teacher(module)
-                t = teacher(x) if teacher is not None and isinstance(teacher, torch.nn.Module) else teacher_fn(_as_numpy(x))
-                t = _as_tensor(t).to(dev).reshape(student.shape).detach()
-                n = student.shape[0]
-                log_p = F.log_softmax(student.reshape(n, -1) / temperature, dim=-1)
-                q = F.softmax(t.reshape(n, -1) / temperature, dim=-1)
-                loss = F.kl_div(log_p, q, reduction="batchmean") * temperature**2
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if world > 1:
-                from qmace.qat.distributed import sync_ranges
-
-                sync_ranges(module)
-            step += 1
-            total += float(loss.detach())
-            count += 1
-            if hasattr(it, "set_postfix"):
-                it.set_postfix(loss=f"{total / count:.4f}")
-        if world > 1:  # the epoch's mean loss over all ranks' batches
-            import torch.distributed as dist
-
-            sums = torch.tensor([total, float(count)], dtype=torch.float64, device=dev)
-            dist.all_reduce(sums)
-            total, count = float(sums[0]), int(sums[1])
-        res.losses.append(total / max(count, 1))
+        it, per_epoch = _epoch_batches(batches, epoch, progress, run)
+        loss, step = _train_epoch(net, module, opt, it, per_epoch, step, run)
+        res.losses.append(loss)
         metric = score()
         better = metric is not None and (res.best_metric is None or metric > res.best_metric)
         if metric is not None:
@@ -380,6 +292,150 @@ def fit(
         module.load_state_dict(best_state)
     module.eval()
     return res
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The fixed settings of one :func:`fit` run, shared by its helpers."""
+
+    epochs: int
+    schedule: str
+    warmup: float
+    temperature: float
+    labels: list | None  # labels aligned with the batches, or None
+    teacher_logits: Callable  # x -> the teacher's logits (distillation)
+    rank: int
+    world: int
+    device: torch.device
+    peak: list[float]  # peak learning rate per optimizer parameter group
+
+
+def _optimizer(module, lr: float, range_lr: float | None) -> tuple[torch.optim.Adam, list[float]]:
+    """Adam over the weights (``lr``) and the LSQ ranges (``range_lr``, default ``lr``); the peak rates."""
+    ranges = [p for n, p in module.named_parameters() if n in ("act_min", "act_max") and p.requires_grad]
+    weights = [p for n, p in module.named_parameters() if n not in ("act_min", "act_max") and p.requires_grad]
+    groups = [{"params": weights, "lr": lr}]
+    if ranges:
+        groups.append({"params": ranges, "lr": range_lr if range_lr is not None else lr})
+    return torch.optim.Adam(groups), [g["lr"] for g in groups]
+
+
+def _resume(module, opt, resume: str | Path, run: _Run, res: FitResult) -> tuple[int, int, dict | None, int]:
+    """Load a checkpoint into ``module``/``opt``/``res`` (rank 0 reads, the others receive it);
+    returns ``(first epoch, step, best state, epochs without improvement)``."""
+    ck = load_checkpoint(resume) if run.rank == 0 else None
+    if run.world > 1:
+        import torch.distributed as dist
+
+        box = [ck]
+        dist.broadcast_object_list(box, src=0)
+        ck = box[0]
+    try:
+        module.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise InputDataError(f"{resume}: the checkpoint does not match this model: {e}") from e
+    res.losses, res.metrics = list(ck["losses"]), list(ck["metrics"])
+    res.start_metric, res.best_metric, res.best_epoch = ck["start_metric"], ck["best_metric"], int(ck["best_epoch"])
+    if int(ck["epochs"]) != run.epochs:
+        log.warning("%s: resuming a run planned for %s epochs with %s epochs (schedule changes)", resume,
+                    ck["epochs"], run.epochs)
+    log.info("resumed from %s after epoch %d", resume, int(ck["epoch"]))
+    return int(ck["epoch"]), int(ck["step"]), ck["best_model"], int(ck["bad_epochs"])
+
+
+def _scorer(module, validate: Callable | None, run: _Run) -> Callable[[], float | None]:
+    """``score()``: rank 0's ``validate(module)`` in eval mode without gradients, broadcast to every rank."""
+
+    def score() -> float | None:
+        if validate is None:
+            return None
+        value = torch.zeros(1, dtype=torch.float64)
+        if run.rank == 0:
+            module.eval()
+            with torch.no_grad():
+                value[0] = float(validate(module))
+            module.train()
+        if run.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast(value.to(run.device) if dist.get_backend() == "nccl" else value, src=0)
+        return float(value[0])
+
+    return score
+
+
+def _teacher_logits(module, teacher: Callable | None) -> Callable:
+    """``x -> logits`` of the distillation teacher: a torch module on tensors, else ``teacher`` (default: the
+    float graph in ONNX Runtime, built on first use) on numpy arrays."""
+    built: dict[str, Callable] = {}
+
+    def logits(x):
+        if isinstance(teacher, torch.nn.Module):
+            return teacher(x)
+        if "fn" not in built:
+            built["fn"] = teacher if teacher is not None else float_teacher(module)
+        return built["fn"](_as_numpy(x))
+
+    return logits
+
+
+def _epoch_batches(batches, epoch: int, progress: Callable | None, run: _Run) -> tuple[Iterable, int]:
+    """This epoch's batches (the sampler told the epoch), wrapped by ``progress`` on rank 0, and their count."""
+    items = batches(epoch) if callable(batches) else batches
+    sampler = getattr(items, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    if not hasattr(items, "__len__"):
+        items = list(items)
+    it = items
+    if progress is not None and run.rank == 0:
+        it = progress(items, total=len(items), desc=f"qat epoch {epoch + 1}/{run.epochs}")
+    return it, len(items)
+
+
+def _loss(student: torch.Tensor, x, y, run: _Run) -> torch.Tensor:
+    """Cross-entropy with labels ``y``; without, ``KL(softmax(teacher / T) || softmax(student / T)) * T^2``."""
+    dev, temperature = run.device, run.temperature
+    if y is not None:
+        target = torch.as_tensor(np.asarray(_as_numpy(y)), dtype=torch.long).reshape(-1).to(dev)
+        return F.cross_entropy(student.reshape(len(target), -1), target)
+    t = _as_tensor(run.teacher_logits(x)).to(dev).reshape(student.shape).detach()
+    n = student.shape[0]
+    log_p = F.log_softmax(student.reshape(n, -1) / temperature, dim=-1)
+    q = F.softmax(t.reshape(n, -1) / temperature, dim=-1)
+    return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
+
+
+def _train_epoch(net, module, opt, it, per_epoch: int, step: int, run: _Run) -> tuple[float, int]:
+    """One epoch of Adam steps; returns the mean loss over every rank's batches and the next step number."""
+    total, count = 0.0, 0
+    for i, batch in enumerate(it):
+        x, y = _split(batch)
+        if y is None and run.labels is not None:
+            y = run.labels[i]
+        for g, p in zip(opt.param_groups, run.peak):
+            g["lr"] = p * lr_factor(step, run.epochs * per_epoch, run.schedule, run.warmup)
+        loss = _loss(net(_to(_as_tensor(x), run.device)), x, y, run)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if run.world > 1:
+            from qmace.qat.distributed import sync_ranges
+
+            sync_ranges(module)
+        step += 1
+        total += float(loss.detach())
+        count += 1
+        if hasattr(it, "set_postfix"):
+            it.set_postfix(loss=f"{total / count:.4f}")
+    if run.world > 1:  # the epoch's mean loss over all ranks' batches
+        import torch.distributed as dist
+
+        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=run.device)
+        dist.all_reduce(sums)
+        total, count = float(sums[0]), int(sums[1])
+    return total / max(count, 1), step
 
 
 def train(
@@ -430,13 +486,3 @@ def train(
     return fit(module, batches, epochs=epochs, lr=lr, labels=labels, teacher=teacher, temperature=temperature,
                progress=progress, checkpoint=checkpoint, range_lr=range_lr, **kwargs).losses
 
-
-class _CallableModule(__import__("types").ModuleType):
-    """``from qmace.qat import train`` may yield this module (Python binds the submodule over the
-    package attribute): calling it calls :func:`train`."""
-
-    def __call__(self, *args, **kwargs):
-        return train(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule
