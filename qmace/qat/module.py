@@ -498,7 +498,7 @@ class QATModule(nn.Module):
         op = get_op(node.op_type)
         if self.weight_names(node).get(index) in self.opts.fixed_params:
             return self.opts.fixed_params[self.weight_names(node)[index]]
-        return qmath.weight_params(w, op.weight_axis(node, index), self.opts.schema)
+        return op.weight_params(node, index, w, self.opts.schema)
 
     def weight_names(self, node: Node) -> dict[int, str]:
         """The trainable weights ``node`` reads.
