@@ -162,3 +162,47 @@ def test_group_follows_channelwise_ops_to_a_gemm():
     np.testing.assert_allclose(_run(ge, cal), _run(g, cal), rtol=1e-4, atol=1e-5)
     after = _maxima(ge, cal)
     np.testing.assert_allclose(after.maxima["r"], mx.maxima["r"].max(), rtol=1e-4)
+
+
+def _graph(nodes, inits, shape):
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return optimize(onnx_to_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+
+
+def _x_samples(shape, n=16):
+    rng = np.random.default_rng(3)
+    return [Sample(str(i), {"x": rng.uniform(-1, 1, shape).astype(np.float32)}) for i in range(n)]
+
+
+def test_a_matmul_contracting_the_last_axis_does_not_read_channels():
+    """Conv output (N, C, H, W) -> MatMul with a (W, K) weight contracts W, not the channels (axis 1): the
+    layer's channel_axis (-1) is not axis 1 of its 4-D input, so the group is left alone."""
+    rng = np.random.default_rng(0)
+    spread = (2.0 ** -np.arange(C)).astype(np.float32)
+    inits = {"w": (rng.standard_normal((C, 3, 1, 1)) * spread[:, None, None, None]).astype(np.float32),
+             "m": rng.standard_normal((12, 4)).astype(np.float32)}
+    g = _graph([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("MatMul", ["c", "m"], ["y"])],
+               inits, [1, 3, 12, 12])
+    cal = _x_samples((1, 3, 12, 12))
+    ge, groups = equalize_activations(g, _maxima(g, cal), strength=1.0, free_strength=1.0)
+    assert groups == []
+    np.testing.assert_array_equal(_run(ge, cal), _run(g, cal))
+
+
+def test_gemm_layers_with_2d_outputs_are_equalized():
+    """Gemm -> Relu -> Gemm: a linear layer whose channels are axis 1 of its 2-D output produces a group, the
+    next Gemm's columns compensate, and the float function is unchanged."""
+    rng = np.random.default_rng(1)
+    spread = (2.0 ** -np.arange(C)).astype(np.float32)
+    inits = {"w1": (rng.standard_normal((C, 6)) * spread[:, None]).astype(np.float32),
+             "b1": (rng.uniform(0, 0.1, C) * spread).astype(np.float32),
+             "w2": (rng.standard_normal((C, 3)) / spread[:, None]).astype(np.float32)}
+    g = _graph([helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
+                helper.make_node("Relu", ["h"], ["r"]),
+                helper.make_node("MatMul", ["r", "w2"], ["y"])], inits, [2, 6])
+    cal = _x_samples((2, 6))
+    ge, groups = equalize_activations(g, _maxima(g, cal), strength=1.0, free_strength=1.0, max_scale=1e6)
+    assert [gr.tensors for gr in groups] == [["r"]] and groups[0].max_scale > 8
+    np.testing.assert_allclose(_run(ge, cal), _run(g, cal), rtol=1e-4, atol=1e-5)

@@ -159,3 +159,28 @@ def test_channelwise_per_node():
     assert get_op("Add").is_channelwise(Node("a", "Add", ["z", "z"], ["z"]), shapes)
     assert not get_op("Add").is_channelwise(Node("a", "Add", ["z", "x"], ["z"]), shapes)  # broadcasting
     assert not get_op("Mul").is_channelwise(Node("a", "Mul", ["z", "z"], ["z"]), shapes)
+
+
+@pytest.mark.parametrize("op_type", ["Mish", "Relu", "Add"])
+def test_transpose_sinking_asks_the_elementwise_trait(op_type):
+    """NHWC -> NCHW Transpose, an elementwise op, and the inverse Transpose collapse to the op alone (Add with a
+    per-channel constant, permuted with the data)."""
+    from qmace.passes.transpose import sink_transposes
+
+    assert get_op(op_type).elementwise
+    g = Graph("g", inputs=["x"], outputs=["y"])
+    g.add_tensor(Tensor("x", "float32", (1, 4, 4, 3)))
+    for name in ("t", "e", "y"):
+        g.add_tensor(Tensor(name, "float32", None))
+    inputs = ["t"]
+    if op_type == "Add":
+        g.add_tensor(Tensor("c", "float32", (1, 3, 1, 1), np.arange(3, dtype=np.float32).reshape(1, 3, 1, 1)))
+        inputs.append("c")
+    g.nodes += [Node("t1", "Transpose", ["x"], ["t"], {"perm": [0, 3, 1, 2]}),
+                Node("op", op_type, inputs, ["e"]),
+                Node("t2", "Transpose", ["e"], ["y"], {"perm": [0, 2, 3, 1]})]
+    x = np.random.default_rng(0).standard_normal((1, 4, 4, 3)).astype(np.float32)
+    before = Session(g.copy(), backend="reference").run({"x": x})["y"]
+    assert sink_transposes(g) > 0
+    assert [n.op_type for n in g.nodes if n.op_type != "Identity"] == [op_type]  # the pair became an Identity
+    np.testing.assert_allclose(Session(g, backend="reference").run({"x": x})["y"], before, rtol=1e-6, atol=1e-6)

@@ -25,7 +25,7 @@ traits instead of keeping lists of op names:
   and its input as matching rows (bias correction, AdaRound, equalization);
 - its graph traits, read by passes: ``fusable_activation`` (a producer with ``fuses_activation`` absorbs
   it: ``fusion_attrs``), ``channelwise`` (acts on each channel alone and commutes with a positive
-  per-channel scale: equalization; per node ``is_channelwise``), ``sign`` (:class:`Sign`, per node
+  per-channel scale: equalization; per node ``is_channelwise``), ``elementwise`` (transpose sinking), ``sign`` (:class:`Sign`, per node
   ``output_nonneg``: the QDQ importer's test for a dropped Relu).
 - ``run_torch`` (optional, ``has_torch_kernel``): the float32 torch kernel QAT trains through; accumulate ops
   (``qmace.ops.accumulate.AccumulateOp``) write their integer kernel once for numpy and torch.
@@ -100,6 +100,10 @@ class Op:
     fuses_activation: ClassVar[bool] = False
     # Acts on each channel (axis 1) alone and commutes with a positive per-channel scale: f(s x) = s f(x).
     channelwise: ClassVar[bool] = False
+    # Output element i depends only on the input elements at i (numpy broadcasting), so the op commutes with
+    # a transpose of all its inputs (transpose sinking). Declared where that pass handles the op's constant
+    # inputs: as data to permute with the activations (``const_data_inputs``) or as scalar parameters.
+    elementwise: ClassVar[bool] = False
     sign: ClassVar[Sign] = Sign.ANY
     # For a layer with ``weight_rows``: the channel axis of its input 0 and output 0 (Conv: 1; Gemm/MatMul:
     # -1, the last), so tools pairing per-channel statistics with weight rows know where channels are.
@@ -408,7 +412,7 @@ def trait_errors(cls: type[Op]) -> list[str]:
     for name, kind in (("quant_kernel", Kernel), ("range_rule", RangeRule), ("sign", Sign)):
         if not isinstance(getattr(cls, name), kind):
             errors.append(f"{name} {getattr(cls, name)!r} is not a {kind.__name__}")
-    for name in ("const_data_inputs", "fusable_activation", "fuses_activation", "channelwise"):
+    for name in ("const_data_inputs", "fusable_activation", "fuses_activation", "channelwise", "elementwise"):
         if not isinstance(getattr(cls, name), bool):
             errors.append(f"{name} is not a bool")
     fixed = cls.fixed_range

@@ -137,6 +137,8 @@ def erf(x: np.ndarray) -> np.ndarray:
 class _Binary(Op):
     """``Y = A <op> B`` with multidirectional broadcasting."""
 
+    elementwise = True
+
     @classmethod
     def compute(cls, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """The op's formula on two broadcast-compatible arrays of the same dtype.
@@ -292,6 +294,7 @@ class _Unary(Op):
     """``Y = f(X)`` elementwise; ``float64_math`` ops evaluate f in float64 and round once to X's dtype."""
 
     float64_math: ClassVar[bool] = False
+    elementwise = True
 
     @classmethod
     def compute(cls, node, x: np.ndarray) -> np.ndarray:
@@ -599,6 +602,7 @@ class Clip(Op):
     op_type = "Clip"
     quant_kernel = Kernel.FLOAT
     fusable_activation = True
+    elementwise = True  # its bounds are scalar parameters
 
     @classmethod
     def _bounds(cls, node, constant) -> list[float] | None:

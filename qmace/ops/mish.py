@@ -20,6 +20,7 @@ class Mish(Op):
 
     op_type = "Mish"
     quant_kernel = Kernel.FLOAT
+    elementwise = True
 
     @classmethod
     def run(cls, node, inputs):

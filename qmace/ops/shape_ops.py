@@ -395,6 +395,7 @@ class Gather(_Copy):
 class Identity(_Copy):
     """``Y = X``."""
     op_type = "Identity"
+    elementwise = True
 
     @classmethod
     def run(cls, node, inputs):

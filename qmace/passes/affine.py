@@ -6,7 +6,7 @@ constant after a Conv. With ``c`` broadcastable to ``(1, M, 1, 1)`` (one value p
 ``Mul: W'[m] = W[m] * c[m], b' = b * c``; ``Add: b' = b + c``; ``Sub: b' = b - c``. A 2-D constant-weight
 ``MatMul(x, W) + c`` with ``c`` of shape ``(N,)`` or ``(1, N)`` becomes ``Gemm(x, W, c)``.
 The producer takes over the folded op's output name. Fixed weight parameters recorded by a frontend
-(``qdq_params``) follow a Mul when they are symmetric: scales times ``|c[m]|`` (see ``weight_params``).
+(``Graph.fixed_params``) follow a Mul when they are symmetric: scales times ``|c[m]|`` (see ``weight_params``).
 """
 
 from __future__ import annotations

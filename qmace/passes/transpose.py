@@ -7,7 +7,8 @@ residual adds. With ``T_p(x)`` the transpose ``y.shape[i] = x.shape[p[i]]``:
 - two consecutive transposes compose: ``T_q(T_p(x)) = T_r(x)`` with ``r[i] = p[q[i]]``; an identity ``r``
   disappears (readers read ``x``);
 - an op ``f`` whose activation inputs all come out of ``T_p`` is rewritten as ``T_p'(f'(x...))``:
-  unary elementwise ops unchanged; broadcasting binary ops with constants padded to rank ``len(p)`` and
+  ``elementwise`` ops (an op trait) unchanged, those whose constants are data (``const_data_inputs``: the
+  broadcasting binary ops) with constants padded to rank ``len(p)`` and
   transposed by ``p``'s inverse; Concat/Softmax axis ``a -> p[a]``; reductions with axes ``a -> p[a]``
   (without keepdims the output permutation is ``p`` restricted to the kept axes); Pad's pads permuted.
 
@@ -25,9 +26,6 @@ import numpy as np
 from qmace.ir import Graph, Node, Tensor
 from qmace.ops import get_op
 
-_UNARY = {"Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSwish", "HardSigmoid", "Sqrt", "Neg", "Abs",
-          "Exp", "Log", "Erf", "Gelu", "Identity"}
-_BINARY = {"Add", "Sub", "Mul", "Div"}
 _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
 
 
@@ -103,11 +101,10 @@ def _rewrite(graph: Graph, node: Node, producers: dict[str, Node]) -> bool:
     new_inputs = list(node.inputs)
     attrs = dict(node.attrs)
     out_perm = p
-    if op in _UNARY:
-        if any(i > 0 for i in sources) and op != "Clip":
-            return False
-    elif op in _BINARY:
-        for i, name in enumerate(node.inputs[:2]):
+    if get_op(op).elementwise:
+        # constants that are data (broadcasting binary ops) are permuted with the activations; others are
+        # scalar parameters (Clip's bounds) and stay
+        for i, name in enumerate(node.inputs[:2] if get_op(op).const_data_inputs else []):
             if i in sources:
                 continue
             c = _const_for(graph.tensors[name].data, p)

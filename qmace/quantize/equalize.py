@@ -142,13 +142,13 @@ def _producer_ok(graph: Graph, node: Node, members: set[str], scaled_max: float)
         return all(i in members for i in node.inputs)
     if _linear(graph, node) is None or not _channels_on_axis_1(graph, node, node.outputs[0]):
         return False
-    act = node.attrs.get("qm_activation")
-    if act in (None, "Relu"):
+    act = node.attrs.get("qm_activation")  # the fused activation's op type
+    if act is None or get_op(act).channelwise:  # Relu commutes with a positive per-channel scale
         return True
-    if act == "Clip":
-        lo, hi = node.attrs.get("qm_clip", [-np.inf, np.inf])
-        return lo == 0.0 and scaled_max <= hi * (1 + 1e-6)  # ties at hi (saturated ReLU6) are fine
-    return False
+    # a fused Clip: only as [0, hi] with no rescaled calibration value above hi (ties at hi, a saturated
+    # ReLU6, are fine); any other fused activation has no qm_clip and stays alone
+    lo, hi = node.attrs.get("qm_clip", [-np.inf, np.inf])
+    return lo == 0.0 and scaled_max <= hi * (1 + 1e-6)
 
 
 def _consumer_ok(graph: Graph, node: Node, name: str, members: set[str]) -> bool:
