@@ -203,7 +203,9 @@ def test_traits():
     assert t["LeakyRelu"].quant_kernel == "float"
     for op in ("Relu", "Clip"):
         assert t[op].quant_kernel == "float" and t[op].fusable_activation
-    for op in ("Div", "Erf", "Gelu", "Exp", "PRelu", "HardSwish", "Pow"):
+    for op in ("Gelu", "HardSwish"):  # issue 16: on codes
+        assert t[op].quant_kernel == "float" and t[op].output_range == "stat"
+    for op in ("Div", "Erf", "Exp", "PRelu", "Pow"):
         assert t[op].quant_kernel is None and not t[op].fusable_activation
     assert get_op("Gelu").defaults == {"approximate": "none"}
     assert get_op("LeakyRelu").defaults == {"alpha": 0.01}

@@ -15,7 +15,10 @@ An op class holds everything about the op:
   ``"input"`` (same as input 0: data movement), ``"union"`` (Concat), ``"interval"`` (Add/Sub without
   statistics) or a fixed ``(lo, hi)`` (Sigmoid, Softmax, Tanh);
   ``weight_axis(node, index)`` names the inputs that are weights (quantized with per-channel axis ...) and
-  ``bias_input`` the int32 bias input.
+  ``bias_input`` the int32 bias input; ``activation_weights`` (accumulate ops) says the weight input may be an
+  activation instead (MatMul's Q·Kᵀ): it is then quantized per tensor from calibration like input 0;
+- its ONNX Runtime lowering when it is not one ONNX node: ``onnx_nodes`` (float) and ``onnx_integer_nodes``
+  (codes in, codes out).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class Op:
     bias_input: ClassVar[int | None] = None
     # Ops that a producing Conv/Gemm can absorb as its fused activation (MACE's fusion rule).
     fusable_activation: ClassVar[bool] = False
+    # Accumulate ops whose weight input may be a run-time activation (MatMul of two activations).
+    activation_weights: ClassVar[bool] = False
     # The ONNX opset the ONNX Runtime lowering needs for this op: 21 (the IR's), or the newer opset that
     # first defines it (RMSNormalization: 23).
     onnx_opset: ClassVar[int] = 21
@@ -104,15 +109,81 @@ class Op:
         Raises:
             NotImplementedError: the op has no integer kernel.
         """
-        from qmace import qmath
-
         if cls.quant_kernel == "copy":
             return cls.run(node, inputs)
         if cls.quant_kernel == "float":
-            floats = [qmath.dequantize(x, qp) if (qp is not None and x is not None) else x for x, qp in zip(inputs, in_qp)]
-            outs = cls.run(node, floats)
-            return [qmath.quantize(y, qp) if qp is not None else y for y, qp in zip(outs, out_qp)]
+            return cls.run_float_defined(node, inputs, in_qp, out_qp)
         raise NotImplementedError(f"{cls.op_type} has no integer kernel")
+
+    @classmethod
+    def run_float_defined(cls, node: Node, inputs: list[np.ndarray | None], in_qp: list, out_qp: list) -> list[np.ndarray]:
+        """``quantize(run(dequantize(inputs)))``: the definition of ``"float"`` kernels, and of ``accumulate``
+        kernels on tensors their integer kernel does not cover (``integer_kernel_applies``).
+
+        Args:
+            node: the node.
+            inputs: the input codes (float/int64 values where a tensor is not quantized), None for omitted ones.
+            in_qp: QuantParams per input (None for unquantized tensors); int32 biases dequantize too.
+            out_qp: QuantParams per output.
+
+        Returns:
+            The output codes (or values) in node order.
+        """
+        from qmace import qmath
+
+        floats = [qmath.dequantize(x, qp) if (qp is not None and x is not None) else x for x, qp in zip(inputs, in_qp)]
+        outs = cls.run(node, floats)
+        return [qmath.quantize(y, qp) if qp is not None else y for y, qp in zip(outs, out_qp)]
+
+    @classmethod
+    def integer_kernel_applies(cls, node: Node, in_qp: list, out_qp: list) -> bool:
+        """Whether the ``accumulate`` integer kernel (exact int32 accumulation + requantization) computes this
+        node: every quantized activation 8-bit (the ONNX Runtime lowering is then fused into QLinearConv /
+        QLinearMatMul with the same arithmetic). Otherwise (16-bit activations) the node is defined by
+        ``run_float_defined``, as ONNX Runtime computes its unfused DQ -> op -> Q form.
+
+        Args:
+            node: the node.
+            in_qp: QuantParams per input (None for unquantized ones).
+            out_qp: QuantParams per output.
+
+        Returns:
+            True when the integer kernel applies.
+        """
+        return all(qp is None or qp.dtype in ("uint8", "int8", "int32") for qp in (*in_qp, *out_qp))
+
+    @classmethod
+    def onnx_nodes(cls, node: Node, inputs: list[str], outputs: list[str]) -> tuple[list, list] | None:
+        """The ONNX nodes that compute this node when it is not one ONNX node (or ONNX Runtime has no kernel
+        for it at the lowering's opset), e.g. Swish as ``Mul(X, Sigmoid(X))``; None lowers it one to one.
+
+        Args:
+            node: the node.
+            inputs: the ONNX names read for its inputs (float values for quantized tensors).
+            outputs: the ONNX names its outputs must be written to.
+
+        Returns:
+            ``(onnx NodeProtos, onnx TensorProto initializers)``, or None.
+        """
+        return None
+
+    @classmethod
+    def onnx_integer_nodes(cls, node: Node, in_tensors: list, out_tensors: list, qparams) -> tuple[list, list] | None:
+        """ONNX nodes computing the node's *output codes* from its *input codes* when the QDQ form would not
+        be fused by ONNX Runtime into an integer kernel with the reference's arithmetic (e.g. a MatMul with a
+        16-bit output: ``MatMulInteger`` + requantization); None keeps the QDQ form.
+
+        Args:
+            node: a quantized node.
+            in_tensors: its input ``ir.Tensor``s (None for omitted ones); the ONNX name of a quantized
+                tensor's codes is the tensor's name.
+            out_tensors: its output ``ir.Tensor``s; the nodes write their codes under the tensors' names.
+            qparams: ``qparams(tensor) -> (scale_name, zero_point_name)`` initializers of a quantized tensor.
+
+        Returns:
+            ``(onnx NodeProtos, onnx TensorProto initializers)``, or None.
+        """
+        return None
 
     @classmethod
     def weight_axis(cls, node: Node, index: int) -> int | None:

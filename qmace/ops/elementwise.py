@@ -21,6 +21,8 @@ Quantization traits (see ``qmace.ops.base``):
 - Sigmoid: ``"float"`` with fixed range (0, 1); Tanh: fixed range (-1, 1) but no integer kernel.
 - Relu, Clip: ``"float"`` and ``fusable_activation`` (a producing Conv/Gemm absorbs them).
 - LeakyRelu: ``"float"`` (ORT's QLinearLeakyRelu).
+- Gelu, HardSwish: ``"float"`` (ORT runs them in float32 between its Q/DQ nodes), range from statistics;
+  the pass ``qmace.passes.decomposed`` fuses their decomposed spellings into them.
 - Everything else has no integer kernel (float fallback between DequantizeLinear/QuantizeLinear).
 """
 
@@ -355,6 +357,7 @@ class Gelu(_Unary):
     op_type = "Gelu"
     defaults: ClassVar[dict[str, Any]] = {"approximate": "none"}
     float64_math = True
+    quant_kernel = "float"
 
     @classmethod
     def compute(cls, node, x):
@@ -415,6 +418,7 @@ class HardSwish(_Unary):
     """``x * max(0, min(1, x / 6 + 0.5))``."""
 
     op_type = "HardSwish"
+    quant_kernel = "float"  # ORT runs it in float32 between its Q/DQ nodes
 
     @classmethod
     def compute(cls, node, x):

@@ -10,7 +10,10 @@
 - LayerNormalization: over the axes ``[axis, rank)``, ``y = (x - mu) * inv_std * Scale + B`` with
   ``inv_std = 1 / sqrt(sigma^2 + epsilon)``; the optional outputs Mean and InvStdDev (shape
   ``X.shape[:axis] + (1,) * (rank - axis)``, float32 for stash_type 1) are returned when requested.
-None has an integer kernel (quant_kernel None: they run in float between DequantizeLinear/QuantizeLinear).
+BatchNormalization and InstanceNormalization have no integer kernel (quant_kernel None: they run in float
+between DequantizeLinear/QuantizeLinear). LayerNormalization runs on codes: ``quant_kernel = "float"``,
+``quantize(LN(dequantize(x)))`` with the statistics in float (ONNX Runtime: DQ -> LayerNormalization -> Q,
+float32); its input is one of the tensors the 16-bit rule widens (docs/quantization.md, "16-bit activations").
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ class LayerNormalization(Op):
     """
     op_type = "LayerNormalization"
     defaults: ClassVar[dict[str, Any]] = {"axis": -1, "epsilon": 1e-5, "stash_type": 1}
+    quant_kernel = "float"
     output_range = "stat"
 
     @classmethod

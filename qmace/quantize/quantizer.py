@@ -2,7 +2,9 @@
 
 Plan (per node, in topological order), driven by each op's traits (``qmace.ops.base``):
 - a node runs *quantized* when its op has an integer kernel (``quant_kernel``), its float data inputs have
-  (or can be given) ranges, and for ``accumulate`` ops its weight is a constant; otherwise it *falls back*
+  (or can be given) ranges, and for ``accumulate`` ops its weight is a constant (or, for ops with
+  ``activation_weights`` such as MatMul's Q·Kᵀ, an activation quantized per tensor from its own calibrated
+  range like input 0); otherwise it *falls back*
   to float and the reason is recorded;
 - output ranges follow MACE's rules: data-movement ops reuse their input's parameters exactly; Concat takes
   the union of its inputs (with ``change_concat_ranges`` that union is written back to the producers
@@ -26,6 +28,7 @@ from qmace import qmath
 from qmace.errors import QuantizationError
 from qmace.ir import Graph, Node, Tensor
 from qmace.ops import get_op
+from qmace.quantize.mixed import WIDE_DTYPE, wide_activations
 from qmace.quantize.ranges import Range, RangeTable
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,8 @@ class QuantizeOptions:
     fixed_params: dict[str, qmath.QuantParams] = field(default_factory=dict)
     # Nodes (by name or op type) the user keeps in float.
     float_nodes: set[str] = field(default_factory=set)
+    # 16-bit activations (qmace.quantize.mixed): "rule" (the documented structural rule), "none", "all".
+    wide_activations: str = "rule"
 
 
 @dataclass
@@ -74,8 +79,8 @@ def _data_inputs(g: Graph, node: Node) -> list[int]:
     op = get_op(node.op_type)
     idx = []
     for i, name in enumerate(node.inputs):
-        if not name or op.is_weight(node, i) or i == op.bias_input:
-            continue
+        if not name or (op.is_weight(node, i) and g.tensors[name].data is not None) or i == op.bias_input:
+            continue  # a weight input that is an activation (``activation_weights`` ops) is data
         t = g.tensors[name]
         if t.dtype != "float32":
             continue
@@ -94,6 +99,7 @@ class _Planner:
         self.quantized: set[str] = set()  # node names that run quantized
         self.fallbacks: list[str] = []
         self.missing: dict[str, str] = {}  # tensor -> node that needs it
+        self.wide = wide_activations(g, opts.wide_activations)  # tensor -> why it gets 16 bits
 
     def range_of(self, name: str) -> Range | None:
         if name in self.opts.input_ranges:
@@ -104,7 +110,7 @@ class _Planner:
     def assign(self, name: str, r: Range) -> qmath.QuantParams:
         """Record ``r`` as the range used for activation ``name`` and give it the asymmetric parameters."""
         self.used[name] = r
-        self.qp[name] = qmath.params_asymmetric(r.min, r.max, ACT_DTYPE)
+        self.qp[name] = qmath.params_asymmetric(r.min, r.max, WIDE_DTYPE if name in self.wide else ACT_DTYPE)
         return self.qp[name]
 
     def fixed(self, name: str) -> qmath.QuantParams | None:
@@ -161,7 +167,7 @@ class _Planner:
             reason = "no float activation input"
         elif op.quant_kernel == "accumulate":
             w_idx = [i for i in range(len(node.inputs)) if op.is_weight(node, i)]
-            if not w_idx or self.g.tensors[node.inputs[w_idx[0]]].data is None:
+            if not w_idx or (self.g.tensors[node.inputs[w_idx[0]]].data is None and not op.activation_weights):
                 reason = "weight is not a constant"
             elif op.bias_input is not None and len(node.inputs) > op.bias_input and node.inputs[op.bias_input]:
                 b = self.g.tensors[node.inputs[op.bias_input]].data
@@ -247,7 +253,9 @@ def quantize_graph(graph: Graph, table: RangeTable, opts: QuantizeOptions) -> Qu
     unused = [k for k in table if k not in graph.tensors]
     if unused:
         log.warning("%d range-file name(s) are not tensors of the graph: %s", len(unused), ", ".join(unused))
-    g.metadata["quantization"] = {"schema": opts.schema, "fallbacks": p.fallbacks, "activation_dtype": ACT_DTYPE}
+    wide = {k: v for k, v in p.wide.items() if k in p.qp and p.qp[k].dtype == WIDE_DTYPE}
+    g.metadata["quantization"] = {"schema": opts.schema, "fallbacks": p.fallbacks, "activation_dtype": ACT_DTYPE,
+                                  "wide_activations": wide}
     return QuantizeResult(g, p.fallbacks, p.used, unused)
 
 
@@ -332,8 +340,8 @@ def _rewrite(g: Graph, p: _Planner, opts: QuantizeOptions) -> None:
 def _quantize_weights(g: Graph, node: Node, op, schema: str, fixed: dict) -> None:
     for i, name in enumerate(node.inputs):
         axis = op.weight_axis(node, i) if name else None
-        if axis is None:
-            continue
+        if axis is None or g.tensors[name].data is None:
+            continue  # not a weight, or an activation read as one (already quantized as data)
         w = g.tensors[name].data.astype(np.float32)
         if name in fixed:
             qp = fixed[name]

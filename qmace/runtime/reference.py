@@ -30,7 +30,8 @@ def run_node(graph: Graph, node: Node, values: list[np.ndarray | None]) -> list[
     """Run one node with qmace's numpy kernels.
 
     Quantized nodes whose op has an integer kernel run on codes (``Op.run_quantized`` with the tensors'
-    QuantParams); everything else runs ``Op.run`` on float (or integer-typed) values.
+    QuantParams; an ``accumulate`` op whose integer kernel does not cover its 16-bit tensors runs
+    ``Op.run_float_defined``); everything else runs ``Op.run`` on float (or integer-typed) values.
 
     Args:
         graph: the graph (gives the tensors' quantization parameters).
@@ -44,6 +45,8 @@ def run_node(graph: Graph, node: Node, values: list[np.ndarray | None]) -> list[
     if _uses_integer_kernel(graph, node):
         in_qp = [graph.tensors[i].quant if i else None for i in node.inputs]
         out_qp = [graph.tensors[o].quant if o else None for o in node.outputs]
+        if op.quant_kernel == "accumulate" and not op.integer_kernel_applies(node, in_qp, out_qp):
+            return op.run_float_defined(node, values, in_qp, out_qp)  # 16-bit activations
         return op.run_quantized(node, values, in_qp, out_qp)
     return op.run(node, values)
 
