@@ -229,6 +229,10 @@ def test_attention_block_end_to_end():
     wide = rule.graph.metadata["quantization"]["wide_activations"]
     assert sorted(wide.values()) == ["LayerNormalization input", "LayerNormalization input", "attention Softmax input"]
     assert set(wide) == {"x", "r1", "sc"}
+    from qmace.api import ConvertResult
+
+    text = ConvertResult(None, rule.graph, 1).summary()  # what qmace convert prints
+    assert "3 activation(s) uint16 (16-bit rule: 2 LayerNormalization input, 1 attention Softmax input)" in text
     c_rule = {b: _cosines(g, rule.graph, ev, b) for b in ("reference", "onnxruntime")}
     c_none = _cosines(g, none.graph, ev, "reference")
     for b, c in c_rule.items():

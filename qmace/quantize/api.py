@@ -118,6 +118,7 @@ def options_for(m: ModelConfig, schema: str | None = None) -> QuantizeOptions:
         schema=schema or m.quantize_schema,
         change_concat_ranges=m.change_concat_ranges,
         input_ranges={n: tuple(r) for n, r in zip(sub.input_tensors, sub.input_ranges)},
+        wide_activations=m.wide_activations,
     )
 
 
