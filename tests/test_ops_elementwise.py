@@ -192,7 +192,7 @@ def test_clip_int():
 
 def test_traits():
     t = {op: get_op(op) for op in ["Add", "Sub", "Mul", "Sigmoid", "Tanh", "LeakyRelu", "Relu", "Clip", "Div",
-                                   "Erf", "Gelu", "Exp", "PRelu", "HardSwish", "Pow"]}
+                                   "Erf", "Gelu", "Exp", "PRelu", "HardSwish", "HardSigmoid", "Pow"]}
     assert t["Add"].quant_kernel == "float" and t["Add"].output_range == "stat"
     assert t["Mul"].quant_kernel == "float" and t["Mul"].output_range == "stat"
     assert t["Add"].range_without_stats == "interval" and t["Sub"].range_without_stats == "interval"
@@ -205,6 +205,7 @@ def test_traits():
         assert t[op].quant_kernel == "float" and t[op].fusable_activation
     for op in ("Gelu", "HardSwish"):  # issue 16: on codes
         assert t[op].quant_kernel == "float" and t[op].output_range == "stat"
+    assert t["HardSigmoid"].quant_kernel == "float" and t["HardSigmoid"].output_range == (0.0, 1.0)
     for op in ("Div", "Erf", "Exp", "PRelu", "Pow"):
         assert t[op].quant_kernel is None and not t[op].fusable_activation
     assert get_op("Gelu").defaults == {"approximate": "none"}

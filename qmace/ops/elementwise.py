@@ -22,7 +22,8 @@ Quantization traits (see ``qmace.ops.base``):
 - Relu, Clip: ``"float"`` and ``fusable_activation`` (a producing Conv/Gemm absorbs them).
 - LeakyRelu: ``"float"`` (ORT's QLinearLeakyRelu).
 - Gelu, HardSwish: ``"float"`` (ORT runs them in float32 between its Q/DQ nodes), range from statistics;
-  the pass ``qmace.passes.decomposed`` fuses their decomposed spellings into them.
+  the pass ``qmace.passes.decomposed`` fuses their decomposed spellings into them. HardSigmoid: ``"float"``
+  with the fixed range (0, 1).
 - Everything else has no integer kernel (float fallback between DequantizeLinear/QuantizeLinear).
 """
 
@@ -405,6 +406,8 @@ class HardSigmoid(_Unary):
 
     op_type = "HardSigmoid"
     defaults: ClassVar[dict[str, Any]] = {"alpha": 0.2, "beta": 0.5}
+    quant_kernel = "float"  # SE gates of PP-LCNet/MobileNetV3; ORT runs it in float32 between Q/DQ
+    output_range = (0.0, 1.0)
 
     @classmethod
     def compute(cls, node, x):
