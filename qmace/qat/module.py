@@ -215,6 +215,16 @@ def _reduce_mean(node, inputs):
     return x.mean(dim=tuple(a % x.ndim for a in axes), keepdim=keep)
 
 
+def _layer_norm(node, inputs):
+    """LayerNormalization over the axes [axis, rank) (issue 16's fused LayerNorm)."""
+    x = inputs[0]
+    axis = int(node.attrs.get("axis", -1)) % x.ndim
+    shape = tuple(x.shape[axis:])
+    scale = inputs[1].reshape(shape) if inputs[1] is not None else None
+    bias = inputs[2].reshape(shape) if len(inputs) > 2 and inputs[2] is not None else None
+    return F.layer_norm(x, shape, scale, bias, eps=float(node.attrs.get("epsilon", 1e-5)))
+
+
 TORCH_OPS = {
     "Add": lambda n, i: i[0] + i[1],
     "Sub": lambda n, i: i[0] - i[1],
@@ -232,6 +242,9 @@ TORCH_OPS = {
     "Abs": lambda n, i: torch.abs(i[0]),
     "HardSigmoid": lambda n, i: torch.clamp(i[0] * float(n.attrs.get("alpha", 0.2)) + float(n.attrs.get("beta", 0.5)), 0, 1),
     "HardSwish": lambda n, i: F.hardswish(i[0]),
+    "Gelu": lambda n, i: F.gelu(i[0], approximate=str(n.attrs.get("approximate", "none"))),
+    "Swish": lambda n, i: i[0] * torch.sigmoid(float(n.attrs.get("alpha", 1.0)) * i[0]),
+    "LayerNormalization": _layer_norm,
     "Softmax": lambda n, i: torch.softmax(i[0], dim=int(n.attrs.get("axis", -1))),
     "LogSoftmax": lambda n, i: torch.log_softmax(i[0], dim=int(n.attrs.get("axis", -1))),
     "Conv": lambda n, i: _conv(n, i[0], i[1], i[2] if len(i) > 2 else None),
@@ -665,12 +678,17 @@ class QATModule(nn.Module):
             ins = [value(i) if i else None for i in node.inputs]
             touches = any(g.tensors[t].is_quantized for t in (*node.inputs, *node.outputs) if t)
             wn = self.weight_names(node)
-            if touches and op.quant_kernel == "accumulate" and node.op_type != "QuantizeLinear":
+            # A MatMul of two activations (issue 16) has no trainable weight: its codes come from env.
+            has_weight = any(op.is_weight(node, i) for i in wn)
+            if touches and op.quant_kernel == "accumulate" and node.op_type != "QuantizeLinear" and has_weight:
                 outs = [self._accumulate_exact(node, op, ins, wn, qp_of)]
             elif touches:
                 in_qp = [qp_of(i) if i else None for i in node.inputs]
                 out_qp = [qp_of(o) if o else None for o in node.outputs]
-                outs = op.run_quantized(node, ins, in_qp, out_qp)
+                if op.quant_kernel == "accumulate" and not op.integer_kernel_applies(node, in_qp, out_qp):
+                    outs = op.run_float_defined(node, ins, in_qp, out_qp)  # 16-bit tensors (quantize.mixed)
+                else:
+                    outs = op.run_quantized(node, ins, in_qp, out_qp)
             else:
                 ins = [self.weight(wn[i]).detach().cpu().numpy() if i in wn else v for i, v in enumerate(ins)]
                 outs = op.run(node, ins)
