@@ -70,6 +70,8 @@ TENSOR_DATA_TYPES = ("float32", "int32")
 MODEL_DATA_TYPES = ("fp32_fp32", "fp16_fp32", "bf16_fp32", "fp16_fp16", "fp32")
 MODEL_FORMATS = ("file", "code")
 QUANTIZE_SCHEMAS = SCHEMAS  # qmace.qmath.Schema's values
+# MACE's 16-bit quantize_schema values -> (qmace schema, 16-bit activation mode of qmace.quantize.mixed).
+MACE_16BIT_SCHEMAS = {"mace_htp_u16a_s8w": ("int8", "all")}
 LARGE_WEIGHTS_SCHEMAS = ("int8", "uint8")  # qmace.quantize.weight_only.WEIGHT_SCHEMAS; the first is the default
 DEFAULT_INPUT_RANGE = (-1.0, 1.0)
 DEFAULT_VALIDATION_THRESHOLD = {"CPU": 0.999, "GPU": 0.995, "QUANTIZE": 0.980}
@@ -163,6 +165,8 @@ class ModelConfig:
     quantize_large_weights: bool = False
     quantize_schema: str = "uint8"
     quantize_large_weights_schema: str = LARGE_WEIGHTS_SCHEMAS[0]
+    # 16-bit activations: "rule" (qmace.quantize.mixed's rule), or "all" for MACE's mace_htp_u16a_s8w
+    wide_activations: str = "rule"
     change_concat_ranges: bool = False
     validation_threshold: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_VALIDATION_THRESHOLD))
     yaml_path: Path | None = None  # the deployment file, for messages
@@ -658,10 +662,14 @@ class _Reader:
             range_file = self.path_value(m["quantize_range_file"], f"{prefix}.quantize_range_file",
                                          "range file")
         schema = self.string(m, prefix, "quantize_schema", "uint8").lower()
+        wide = "rule"
+        if schema in MACE_16BIT_SCHEMAS:
+            schema, wide = MACE_16BIT_SCHEMAS[schema]
         if schema not in QUANTIZE_SCHEMAS:
             if "16" in schema:
-                raise self.error(f"{prefix}.quantize_schema", f"{schema!r}: 16-bit quantization is not "
-                                                              f"supported yet (supported: uint8, int8)")
+                raise self.error(f"{prefix}.quantize_schema", f"{schema!r}: 16-bit weights are not supported "
+                                                              f"yet (supported: uint8, int8, int8_w7, and "
+                                                              f"mace_htp_u16a_s8w: uint16 activations, int8 weights)")
             raise self.error(f"{prefix}.quantize_schema", f"{schema!r} is not one of: "
                                                           f"{', '.join(QUANTIZE_SCHEMAS)} (empty = uint8)")
         lw_schema = self.string(m, prefix, "quantize_large_weights_schema", LARGE_WEIGHTS_SCHEMAS[0]).lower()
@@ -674,7 +682,7 @@ class _Reader:
             subgraph=self.subgraph_of(m, prefix), weight_file_path=weight_file,
             weight_sha256_checksum=weight_sha, runtime=runtime, data_type=data_type, quantize=quantize,
             quantize_range_file=range_file, quantize_large_weights=large_weights, quantize_schema=schema,
-            quantize_large_weights_schema=lw_schema,
+            quantize_large_weights_schema=lw_schema, wide_activations=wide,
             change_concat_ranges=self.flag(m, prefix, "change_concat_ranges"),
             validation_threshold=self.thresholds(m.get("validation_threshold"),
                                                  f"{prefix}.validation_threshold"),

@@ -48,8 +48,9 @@ class Tensor:
 
     @property
     def is_quantized(self) -> bool:
-        """True when the tensor is stored as integer codes (uint8/int8/int32) with quantization parameters."""
-        return self.quant is not None and self.dtype in ("uint8", "int8", "int32")
+        """True when the tensor is stored as integer codes (uint8/int8, uint16/int16, int32) with quantization
+        parameters."""
+        return self.quant is not None and self.dtype in ("uint8", "int8", "uint16", "int16", "int32")
 
 
 @dataclass

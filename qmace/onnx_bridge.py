@@ -7,8 +7,10 @@
   shape inference (``qmace.passes.shapes``), the ONNX Runtime and OpenVINO backends and ``qmace export`` run.
 - Element types: ``onnx_elem_type`` (NumPy name -> ONNX) and ``np_dtype`` (ONNX -> NumPy name).
 
-Lowering. Float nodes map one to one (IR op types and attributes are ONNX's). A fused activation
-(``qm_activation``) becomes a Relu/Clip node after its producer; ONNX Runtime fuses it back.
+Lowering. Float nodes map one to one (IR op types and attributes are ONNX's), except ops that give their own
+ONNX nodes (``Op.onnx_nodes``, e.g. Swish as Sigmoid + Mul; ``Op.onnx_integer_nodes`` for quantized nodes that
+compute codes from codes, e.g. a MatMul with a 16-bit output as MatMulInteger + requantization). A fused
+activation (``qm_activation``) becomes a Relu/Clip node after its producer; ONNX Runtime fuses it back.
 
 Quantized tensors become the QDQ form ONNX Runtime's quantizer writes and its optimizer fuses into integer
 kernels (QLinearConv, QLinearMatMul, QLinearAdd, ...):
@@ -305,6 +307,18 @@ class _Lowering:
             if node.op_type == "QuantizeLinear":
                 self.emit_dq(qt)
             return
+        op = get_op(node.op_type) if is_supported(node.op_type) else None
+        if op is not None and all(g.tensors[t].is_quantized for t in (*node.inputs, *node.outputs) if t):
+            out_t = [g.tensors[o] if o else None for o in node.outputs]
+            custom = op.onnx_integer_nodes(node, [g.tensors[i] if i else None for i in node.inputs], out_t,
+                                           self.qparams_inputs)
+            if custom is not None:  # the op writes its output codes itself
+                self.nodes += custom[0]
+                self.inits += custom[1]
+                for t in out_t:
+                    if t is not None:
+                        self.emit_dq(t)
+                return
         inputs = [self.read_name(i) for i in node.inputs]
         outs = []
         for o in node.outputs:
@@ -314,7 +328,12 @@ class _Lowering:
         if act:
             final = outs[0]
             outs[0] = f"{node.outputs[0]}__preact"
-        self.nodes.append(helper.make_node(node.op_type, inputs, outs, name=node.name, **_onnx_attrs(node)))
+        custom = op.onnx_nodes(node, inputs, outs) if op is not None else None
+        if custom is not None:
+            self.nodes += custom[0]
+            self.inits += custom[1]
+        else:
+            self.nodes.append(helper.make_node(node.op_type, inputs, outs, name=node.name, **_onnx_attrs(node)))
         if act:
             if act == "Relu":
                 self.nodes.append(helper.make_node("Relu", [outs[0]], [final], name=f"{node.name}__relu"))

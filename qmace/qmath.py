@@ -71,6 +71,8 @@ MIN_SCALE = float(2.0**-40)
 _DTYPES: dict[str, tuple[int, int]] = {
     "uint8": (0, 255),
     "int8": (-128, 127),
+    "uint16": (0, 65535),  # 16-bit activations (docs/quantization.md, "16-bit activations")
+    "int16": (-32768, 32767),
     "int32": (-(2**31), 2**31 - 1),
 }
 

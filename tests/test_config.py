@@ -334,9 +334,16 @@ def test_url_model_path(tmp_path, url):
 
 
 @pytest.mark.parametrize("schema", ["int16", "uint16", "mace_apu_16bit_per_tensor"])
-def test_16bit_schema_not_supported(tmp_path, schema):
+def test_16bit_weight_schema_not_supported(tmp_path, schema):
     message = error_of(tmp_path, minimal(quantize_schema=schema))
     assert "models.net.quantize_schema" in message and "not supported yet" in message
+    assert "mace_htp_u16a_s8w" in message  # names the 16-bit schema that is supported
+
+
+def test_mace_u16_activation_schema_maps_to_int8_with_16_bit_activations(tmp_path):
+    m = load_config(write(tmp_path, minimal(quantize_schema="mace_htp_u16a_s8w"))).model(None)
+    assert m.quantize_schema == "int8" and m.wide_activations == "all"
+    assert load_config(write(tmp_path, minimal())).model(None).wide_activations == "rule"
 
 
 def test_unknown_schema(tmp_path):

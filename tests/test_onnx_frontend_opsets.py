@@ -16,11 +16,21 @@ from qmace.passes import optimize
 from qmace.runtime import Session
 
 
+def _defined(op: str, opset: int) -> bool:
+    try:
+        onnx.defs.get_schema(op, opset)
+    except onnx.defs.SchemaError:
+        return False
+    return True
+
+
 def test_every_attribute_added_after_opset_21_is_translated():
     """Each supported op's schema at opsets 22..MAX_OPSET adds no attribute that _to_opset21 does not know."""
     untranslated = []
     for op in supported_ops():
         first = max(TARGET_OPSET, get_op(op).onnx_opset)  # RMSNormalization: 23, the opset that defines it
+        while first < MAX_OPSET and not _defined(op, first):  # Swish: 24 (lowered to Sigmoid + Mul at 21)
+            first += 1
         base = set(onnx.defs.get_schema(op, first).attributes)
         for v in range(first + 1, MAX_OPSET + 1):
             for a in set(onnx.defs.get_schema(op, v).attributes) - base:

@@ -192,7 +192,7 @@ def test_clip_int():
 
 def test_traits():
     t = {op: get_op(op) for op in ["Add", "Sub", "Mul", "Sigmoid", "Tanh", "LeakyRelu", "Relu", "Clip", "Div",
-                                   "Erf", "Gelu", "Exp", "PRelu", "HardSwish", "Pow"]}
+                                   "Erf", "Gelu", "Exp", "PRelu", "HardSwish", "HardSigmoid", "Pow"]}
     assert t["Add"].quant_kernel == "float" and t["Add"].range_rule == "stat"
     assert t["Mul"].quant_kernel == "float" and t["Mul"].range_rule == "stat"
     assert t["Add"].range_without_stats == "interval" and t["Sub"].range_without_stats == "interval"
@@ -203,7 +203,11 @@ def test_traits():
     assert t["LeakyRelu"].quant_kernel == "float"
     for op in ("Relu", "Clip"):
         assert t[op].quant_kernel == "float" and t[op].fusable_activation
-    for op in ("Div", "Erf", "Gelu", "Exp", "PRelu", "HardSwish", "Pow"):
+    for op in ("Gelu", "HardSwish"):  # issue 16: on codes
+        assert t[op].quant_kernel == "float" and t[op].range_rule == "stat"
+    assert t["HardSigmoid"].quant_kernel == "float" and t["HardSigmoid"].range_rule == "fixed"
+    assert t["HardSigmoid"].fixed_range == Range(0.0, 1.0)
+    for op in ("Div", "Erf", "Exp", "PRelu", "Pow"):
         assert t[op].quant_kernel == "none" and not t[op].fusable_activation
     assert get_op("Gelu").defaults == {"approximate": "none"}
     assert get_op("LeakyRelu").defaults == {"alpha": 0.01}

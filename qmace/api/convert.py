@@ -45,6 +45,12 @@ class ConvertResult:
             from qmace.quantize.weight_only import describe
 
             lines += describe(g.metadata["quantization"], self.file_size)
+        wide = g.metadata.get("quantization", {}).get("wide_activations") or {}
+        if wide:  # qmace.quantize.mixed: which activations got 16 bits, and why
+            from collections import Counter
+
+            why = ", ".join(f"{n} {r}" for r, n in Counter(wide.values()).items())
+            lines.append(f"{len(wide)} activation(s) uint16 (16-bit rule: {why})")
         if self.fallbacks:
             lines.append(f"{len(self.fallbacks)} op(s) run in float:")
             lines += [f"  {f}" for f in self.fallbacks]

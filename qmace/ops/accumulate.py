@@ -159,6 +159,9 @@ class AccumulateOp(Op):
     @classmethod
     def run_quantized(cls, node, inputs, in_qp, out_qp):
         """The integer kernel (module docstring) on codes given as numpy arrays or torch tensors."""
+        if not cls.integer_kernel_applies(node, in_qp, out_qp):  # 16-bit activations: DQ -> op -> Q
+            values = [x.detach().cpu().numpy() if is_torch(x) else x for x in inputs]
+            return cls.run_float_defined(node, values, in_qp, out_qp)
         bias = inputs[2] if len(inputs) > 2 else None
         acc = cls.accumulate(node, inputs[0], inputs[1], bias, in_qp[0], in_qp[1])
         return [cls.requantize(node, acc, in_qp[0], in_qp[1], out_qp[0])]

@@ -22,13 +22,17 @@ traits instead of keeping lists of op names:
   not parameters; ``weight_axis(node, index)`` names the inputs that are weights (quantized per channel
   along that axis; ``weight_params`` gives their parameters for a schema) and ``bias_input`` the int32 bias;
   ``weight_rows``/``weight_from_rows``/``input_rows`` give a linear layer's weight as per-output-channel rows
-  and its input as matching rows (bias correction, AdaRound, equalization);
+  and its input as matching rows (bias correction, AdaRound, equalization); ``activation_weights``
+  (accumulate ops) says the weight input may be an activation instead (MatMul's Q·Kᵀ): it is then quantized
+  per tensor from calibration like input 0;
 - its graph traits, read by passes: ``fusable_activation`` (a producer with ``fuses_activation`` absorbs
   it: ``fusion_attrs``), ``channelwise`` (acts on each channel alone and commutes with a positive
   per-channel scale: equalization; per node ``is_channelwise``), ``elementwise`` (transpose sinking), ``sign`` (:class:`Sign`, per node
   ``output_nonneg``: the QDQ importer's test for a dropped Relu).
 - ``run_torch`` (optional, ``has_torch_kernel``): the float32 torch kernel QAT trains through; accumulate ops
   (``qmace.ops.accumulate.AccumulateOp``) write their integer kernel once for numpy and torch.
+- its ONNX Runtime lowering when it is not one ONNX node: ``onnx_nodes`` (float) and ``onnx_integer_nodes``
+  (codes in, codes out).
 """
 
 from __future__ import annotations
@@ -108,6 +112,8 @@ class Op:
     # For a layer with ``weight_rows``: the channel axis of its input 0 and output 0 (Conv: 1; Gemm/MatMul:
     # -1, the last), so tools pairing per-channel statistics with weight rows know where channels are.
     channel_axis: ClassVar[int | None] = None
+    # Accumulate ops whose weight input may be a run-time activation (MatMul of two activations).
+    activation_weights: ClassVar[bool] = False
     # The ONNX opset the ONNX Runtime lowering needs for this op: 21 (the IR's), or the newer opset that
     # first defines it (RMSNormalization: 23).
     onnx_opset: ClassVar[int] = 21
@@ -173,9 +179,7 @@ class Op:
         if kind is Kernel.COPY:
             return cls.run(node, inputs)
         if kind is Kernel.FLOAT:
-            floats = [qmath.dequantize(x, qp) if (qp is not None and x is not None) else x for x, qp in zip(inputs, in_qp)]
-            outs = cls.run(node, floats)
-            return [qmath.quantize(y, qp) if qp is not None else y for y, qp in zip(outs, out_qp)]
+            return cls.run_float_defined(node, inputs, in_qp, out_qp)
         raise NotImplementedError(f"{cls.op_type} has no integer kernel")
 
     @classmethod
@@ -205,6 +209,76 @@ class Op:
             True when QAT can run the op on torch tensors with gradients.
         """
         return cls.run_torch.__func__ is not Op.run_torch.__func__
+
+    @classmethod
+    def run_float_defined(cls, node: Node, inputs: list[np.ndarray | None], in_qp: list, out_qp: list) -> list[np.ndarray]:
+        """``quantize(run(dequantize(inputs)))``: the definition of ``"float"`` kernels, and of ``accumulate``
+        kernels on tensors their integer kernel does not cover (``integer_kernel_applies``).
+
+        Args:
+            node: the node.
+            inputs: the input codes (float/int64 values where a tensor is not quantized), None for omitted ones.
+            in_qp: QuantParams per input (None for unquantized tensors); int32 biases dequantize too.
+            out_qp: QuantParams per output.
+
+        Returns:
+            The output codes (or values) in node order.
+        """
+        from qmace import qmath
+
+        floats = [qmath.dequantize(x, qp) if (qp is not None and x is not None) else x for x, qp in zip(inputs, in_qp)]
+        outs = cls.run(node, floats)
+        return [qmath.quantize(y, qp) if qp is not None else y for y, qp in zip(outs, out_qp)]
+
+    @classmethod
+    def integer_kernel_applies(cls, node: Node, in_qp: list, out_qp: list) -> bool:
+        """Whether the ``accumulate`` integer kernel (exact int32 accumulation + requantization) computes this
+        node: every quantized activation 8-bit (the ONNX Runtime lowering is then fused into QLinearConv /
+        QLinearMatMul with the same arithmetic). Otherwise (16-bit activations) the node is defined by
+        ``run_float_defined``, as ONNX Runtime computes its unfused DQ -> op -> Q form.
+
+        Args:
+            node: the node.
+            in_qp: QuantParams per input (None for unquantized ones).
+            out_qp: QuantParams per output.
+
+        Returns:
+            True when the integer kernel applies.
+        """
+        return all(qp is None or qp.dtype in ("uint8", "int8", "int32") for qp in (*in_qp, *out_qp))
+
+    @classmethod
+    def onnx_nodes(cls, node: Node, inputs: list[str], outputs: list[str]) -> tuple[list, list] | None:
+        """The ONNX nodes that compute this node when it is not one ONNX node (or ONNX Runtime has no kernel
+        for it at the lowering's opset), e.g. Swish as ``Mul(X, Sigmoid(X))``; None lowers it one to one.
+
+        Args:
+            node: the node.
+            inputs: the ONNX names read for its inputs (float values for quantized tensors).
+            outputs: the ONNX names its outputs must be written to.
+
+        Returns:
+            ``(onnx NodeProtos, onnx TensorProto initializers)``, or None.
+        """
+        return None
+
+    @classmethod
+    def onnx_integer_nodes(cls, node: Node, in_tensors: list, out_tensors: list, qparams) -> tuple[list, list] | None:
+        """ONNX nodes computing the node's *output codes* from its *input codes* when the QDQ form would not
+        be fused by ONNX Runtime into an integer kernel with the reference's arithmetic (e.g. a MatMul with a
+        16-bit output: ``MatMulInteger`` + requantization); None keeps the QDQ form.
+
+        Args:
+            node: a quantized node.
+            in_tensors: its input ``ir.Tensor``s (None for omitted ones); the ONNX name of a quantized
+                tensor's codes is the tensor's name.
+            out_tensors: its output ``ir.Tensor``s; the nodes write their codes under the tensors' names.
+            qparams: ``qparams(tensor) -> (scale_name, zero_point_name)`` initializers of a quantized tensor.
+
+        Returns:
+            ``(onnx NodeProtos, onnx TensorProto initializers)``, or None.
+        """
+        return None
 
     @classmethod
     def weight_axis(cls, node: Node, index: int) -> int | None:

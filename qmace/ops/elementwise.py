@@ -24,6 +24,9 @@ Quantization traits (see ``qmace.ops.base``):
 - Relu and same-shape Add are ``channelwise``; sign traits: Relu/Sigmoid/HardSigmoid non-negative,
   Add/Mul keep the sign of all inputs, Clip is non-negative when its lower bound is >= 0 or its input is.
 - LeakyRelu: ``Kernel.FLOAT`` (ORT's QLinearLeakyRelu).
+- Gelu, HardSwish: ``Kernel.FLOAT`` (ORT runs them in float32 between its Q/DQ nodes), range from statistics;
+  the pass ``qmace.passes.decomposed`` fuses their decomposed spellings into them. HardSigmoid: ``Kernel.FLOAT``
+  with the fixed range (0, 1).
 - Everything else has no integer kernel (float fallback between DequantizeLinear/QuantizeLinear).
 """
 
@@ -465,6 +468,7 @@ class Gelu(_Unary):
     op_type = "Gelu"
     defaults: ClassVar[dict[str, Any]] = {"approximate": "none"}
     float64_math = True
+    quant_kernel = Kernel.FLOAT
 
     @classmethod
     def compute(cls, node, x):
@@ -542,6 +546,9 @@ class HardSigmoid(_Unary):
     op_type = "HardSigmoid"
     sign = Sign.NONNEG
     defaults: ClassVar[dict[str, Any]] = {"alpha": 0.2, "beta": 0.5}
+    quant_kernel = Kernel.FLOAT  # SE gates of PP-LCNet/MobileNetV3; ORT runs it in float32 between Q/DQ
+    range_rule = RangeRule.FIXED
+    fixed_range = Range(0.0, 1.0)
 
     @classmethod
     def compute(cls, node, x):
@@ -561,6 +568,7 @@ class HardSwish(_Unary):
     """``x * max(0, min(1, x / 6 + 0.5))``."""
 
     op_type = "HardSwish"
+    quant_kernel = Kernel.FLOAT  # ORT runs it in float32 between its Q/DQ nodes
 
     @classmethod
     def compute(cls, node, x):

@@ -12,6 +12,12 @@ while |acc| < 2^53), then ``y_q = clip(rint(float32(acc) * M[n]) + zp_y, qmin, q
 The output channel n is the last axis of Y. Gemm's integer kernel requires alpha == beta == 1 (the quantizer
 folds them into the weights and bias first); C is then the int32 bias (scale s_a * s_b, zero point 0).
 
+Activation x activation (MatMul's ``activation_weights``: Q·Kᵀ, attention·V): when B is not a constant, both
+inputs are uint8 activations with per-tensor parameters from calibration and the same kernel applies; ONNX
+Runtime runs it as QLinearMatMul u8 x u8 (exact on every x86 CPU: no ``vpmaddubsw`` saturation), or, for a
+16-bit output, as MatMulInteger + the same requantization (``onnx_integer_nodes``). With a 16-bit input the
+node is ``quantize(matmul(dequantize(a), dequantize(b)))`` (``Op.integer_kernel_applies``).
+
 Weights (``weight_axis``): the constant input 1 (B), per channel along its output-channel axis:
 Gemm: axis 0 when transB (B is (N, K)) else axis 1 (B is (K, N)); MatMul: axis 1 (B a 2-D (K, N) weight;
 the quantizer treats MatMul's input 1 as a weight only when it is a 2-D constant, otherwise both inputs are
@@ -131,6 +137,7 @@ class MatMul(AccumulateOp):
     defaults: ClassVar[dict[str, Any]] = {}
     fuses_activation = True
     channel_axis = -1
+    activation_weights = True  # Q·Kᵀ, attention·V: B is an activation, per tensor from calibration
 
     @classmethod
     def weight_axis(cls, node: Node, index: int) -> int | None:
@@ -160,3 +167,45 @@ class MatMul(AccumulateOp):
     def run_torch(cls, node, inputs):
         """Float torch kernel: ``torch.matmul`` then the fused activation (differentiable)."""
         return [apply_fused_activation_torch(node, cls.linear(node, inputs[0], inputs[1]))]
+
+    @classmethod
+    def integer_kernel_applies(cls, node, in_qp, out_qp):
+        """8-bit everywhere (QLinearMatMul), or uint8 x uint8 per tensor into a 16-bit output without a fused
+        activation (``onnx_integer_nodes``: MatMulInteger + requantization, the same arithmetic)."""
+        return super().integer_kernel_applies(node, in_qp, out_qp) or _u8u8_wide_output(node, in_qp, out_qp)
+
+    @classmethod
+    def onnx_integer_nodes(cls, node, in_tensors, out_tensors, qparams):
+        """uint8 x uint8 -> 16-bit output: ``acc = MatMulInteger(A, B, zp_a, zp_b)`` (exact int32, u8 x u8
+        kernels that never saturate), ``Cast`` to float32 (round to nearest even), ``Mul`` by the float32
+        multiplier ``M``, ``QuantizeLinear(scale 1, zp_y)`` (round half to even, saturate): exactly
+        ``qmath.requantize``. Other cases keep the QDQ form (ORT fuses 8-bit ones into QLinearMatMul)."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        from qmace import qmath
+
+        a, b, y = in_tensors[0], in_tensors[1], out_tensors[0]
+        if y is None or not _u8u8_wide_output(node, [a.quant, b.quant], [y.quant]):
+            return None
+        _, zp_a = qparams(a)
+        _, zp_b = qparams(b)
+        mult = qmath.requant_multiplier(a.quant, b.quant, y.quant)
+        m_name, one_name, zp_y = f"{y.name}__mult", f"{y.name}__unit_scale", f"{y.name}__zero_point"
+        inits = [numpy_helper.from_array(np.asarray(mult, np.float32), m_name),
+                 numpy_helper.from_array(np.asarray(1.0, np.float32), one_name),
+                 numpy_helper.from_array(np.asarray(y.quant.zero_point).astype(y.quant.dtype), zp_y)]
+        acc, accf, scaled = f"{y.name}__acc", f"{y.name}__accf", f"{y.name}__scaled"
+        nodes = [helper.make_node("MatMulInteger", [a.name, b.name, zp_a, zp_b], [acc], name=node.name),
+                 helper.make_node("Cast", [acc], [accf], to=TensorProto.FLOAT, name=f"{node.name}__cast"),
+                 helper.make_node("Mul", [accf, m_name], [scaled], name=f"{node.name}__requant"),
+                 helper.make_node("QuantizeLinear", [scaled, one_name, zp_y], [y.name], name=f"{y.name}__Q")]
+        return nodes, inits
+
+
+def _u8u8_wide_output(node: Node, in_qp: list, out_qp: list) -> bool:
+    """MatMul of two per-tensor uint8 operands into a 16-bit output, no fused activation."""
+    a, b = in_qp[0], in_qp[1]
+    y = out_qp[0] if out_qp else None
+    return (a is not None and b is not None and y is not None and not node.attrs.get("qm_activation")
+            and a.dtype == "uint8" and b.dtype == "uint8" and not a.is_per_channel and not b.is_per_channel
+            and y.dtype in ("uint16", "int16"))

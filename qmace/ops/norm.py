@@ -10,7 +10,10 @@
 - LayerNormalization: over the axes ``[axis, rank)``, ``y = (x - mu) * inv_std * Scale + B`` with
   ``inv_std = 1 / sqrt(sigma^2 + epsilon)``; the optional outputs Mean and InvStdDev (shape
   ``X.shape[:axis] + (1,) * (rank - axis)``, float32 for stash_type 1) are returned when requested.
-None has an integer kernel (``Kernel.NONE``: they run in float between DequantizeLinear/QuantizeLinear).
+BatchNormalization and InstanceNormalization have no integer kernel (``Kernel.NONE``: they run in float
+between DequantizeLinear/QuantizeLinear). LayerNormalization runs on codes: ``Kernel.FLOAT``,
+``quantize(LN(dequantize(x)))`` with the statistics in float (ONNX Runtime: DQ -> LayerNormalization -> Q,
+float32); its input is one of the tensors the 16-bit rule widens (docs/quantization.md, "16-bit activations").
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from qmace.ops.base import Op, register
+from qmace.ops.base import Kernel, Op, register
 
 
 def _channel(v: np.ndarray, ndim: int) -> np.ndarray:
@@ -79,6 +82,7 @@ class LayerNormalization(Op):
     """
     op_type = "LayerNormalization"
     defaults: ClassVar[dict[str, Any]] = {"axis": -1, "epsilon": 1e-5, "stash_type": 1}
+    quant_kernel = Kernel.FLOAT
 
     @classmethod
     def run(cls, node, inputs):
@@ -96,3 +100,15 @@ class LayerNormalization(Op):
         stash = np.float32 if int(cls.attr(node, "stash_type")) == 1 else x.dtype
         results = [y.astype(x.dtype), mu.astype(stash), inv_std.astype(stash)]
         return results[: max(1, len(node.outputs))]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: ``layer_norm`` over ``[axis, rank)`` (output Y only; QAT trains through Y)."""
+        import torch.nn.functional as F
+
+        x = inputs[0]
+        axis = int(cls.attr(node, "axis")) % x.ndim
+        shape = tuple(x.shape[axis:])
+        scale = inputs[1].reshape(shape) if inputs[1] is not None else None
+        bias = inputs[2].reshape(shape) if len(inputs) > 2 and inputs[2] is not None else None
+        return [F.layer_norm(x, shape, scale, bias, eps=float(cls.attr(node, "epsilon")))]

@@ -9,6 +9,7 @@ from qmace.ir import Graph
 from qmace.passes.affine import fold_affine
 from qmace.passes.bn import fold_batchnorm
 from qmace.passes.cleanup import remove_identities
+from qmace.passes.decomposed import fuse_decomposed
 from qmace.passes.fold import fold_constants
 from qmace.passes.fuse import fuse_activations
 from qmace.passes.pad import fold_pads
@@ -17,12 +18,13 @@ from qmace.passes.transpose import sink_transposes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fold_affine", "fold_batchnorm", "fold_constants", "fold_pads", "fuse_activations", "infer_shapes", "optimize", "remove_identities", "sink_transposes"]
+__all__ = ["fold_affine", "fold_batchnorm", "fold_constants", "fold_pads", "fuse_activations", "fuse_decomposed", "infer_shapes", "optimize", "remove_identities", "sink_transposes"]
 
 
 def optimize(graph: Graph, fuse: bool = True) -> Graph:
-    """Identity removal, shape inference + constant folding to a fixed point, transpose sinking,
-    BatchNorm and per-channel Mul/Add folding, zero Pad into Conv, activation fusion, dead-node removal, final shape inference.
+    """Identity removal, shape inference + constant folding to a fixed point, decomposed LayerNorm/GELU/Swish/
+    HardSwish fusion (before transpose sinking, which would split those patterns), transpose sinking, BatchNorm and
+    per-channel Mul/Add folding, zero Pad into Conv, activation fusion, dead-node removal, final shape inference.
 
     Args:
         graph: the float graph (not modified).
@@ -46,6 +48,9 @@ def optimize(graph: Graph, fuse: bool = True) -> Graph:
             break
     g.remove_unused()
     stats["constants"] = folded
+    fused_ops = fuse_decomposed(g)
+    stats["layer_norms"], stats["gelus"] = fused_ops["LayerNormalization"], fused_ops["Gelu"]
+    stats["swishes"], stats["hard_swishes"] = fused_ops["Swish"], fused_ops["HardSwish"]
     stats["transposes"] = sink_transposes(g)
     if stats["transposes"]:
         stats["identities"] += remove_identities(g)
@@ -57,6 +62,8 @@ def optimize(graph: Graph, fuse: bool = True) -> Graph:
     g.remove_unused()
     infer_shapes(g)
     log.info("passes: removed %(identities)d identities, folded %(constants)d constant nodes, "
-             "%(transposes)d transpose rewrites, %(batchnorms)d batchnorms, %(affine)d affine ops, %(pads)d pads, fused %(activations)d activations", stats)
+             "%(transposes)d transpose rewrites, %(batchnorms)d batchnorms, %(affine)d affine ops, %(pads)d pads, "
+             "fused %(layer_norms)d LayerNorms, %(gelus)d GELUs, %(swishes)d Swishes, %(hard_swishes)d HardSwishes, "
+             "%(activations)d activations", stats)
     g.metadata["passes"] = stats
     return g

@@ -3,8 +3,10 @@
 ``plan_quantization(graph, table, opts)`` decides, per node in topological order and driven by each op's
 traits (``qmace.ops.base``):
 - a node runs *quantized* when its op has an integer kernel (``kernel_for(node)``), its float data inputs
-  have (or can be given) ranges, for ACCUMULATE ops its weight is a constant and its bias a constant vector,
-  and ``quantizable(node)`` holds; otherwise it *falls back* to float with the reason recorded (``Fallback``);
+  have (or can be given) ranges, for ACCUMULATE ops its weight is a constant (or, for ops with
+  ``activation_weights`` such as MatMul's Q·Kᵀ, an activation quantized per tensor from its own calibrated range
+  like input 0) and its bias a constant vector, and ``quantizable(node)`` holds; otherwise it *falls back* to
+  float with the reason recorded (``Fallback``);
 - activation parameters follow MACE's rules (``ParamSource``): data-movement ops (RangeRule.INPUT with a
   COPY kernel) reuse their input's parameters exactly; UNION ops (Concat) take the union of their inputs (with
   ``change_concat_ranges`` that union is written back to the producers first); FIXED ops get the op's range
@@ -13,6 +15,8 @@ traits (``qmace.ops.base``):
   ``input_ranges``; parameters fixed by the source model (imported Q/DQ, QAT, AdaRound) win over all of these
   except the exact sharing of a COPY op;
 - weight parameters come from ``Op.weight_params`` under the schema, or from the fixed parameters.
+- activations are uint8, except those the 16-bit rule (``qmace.quantize.mixed``, ``wide_activations``) widens
+  to uint16 (``QuantPlan.wide`` says which and why).
 
 The result is one typed ``QuantPlan`` that the rewrite (``qmace.quantize.quantizer``) consumes; it is also
 exposed on ``QuantizeResult.plan`` for the tools built on the same decisions (QAT's fake-quant placement
@@ -32,6 +36,7 @@ from qmace.ir import Graph, Node
 from qmace.ops import get_op
 from qmace.ops.base import Kernel, RangeRule
 from qmace.qmath import QuantParams, Range, Schema
+from qmace.quantize.mixed import WIDE_DTYPE, wide_activations
 
 ACT_DTYPE = "uint8"  # activations are asymmetric uint8 in every schema (ORT's fastest u8 x s8 kernels)
 
@@ -52,6 +57,8 @@ class QuantizeOptions:
     fixed_params: dict[str, QuantParams] = field(default_factory=dict)
     # Nodes (by name or op type) the user keeps in float.
     float_nodes: set[str] = field(default_factory=set)
+    # 16-bit activations (qmace.quantize.mixed): "rule" (the documented structural rule), "none", "all".
+    wide_activations: str = "rule"
 
     def __post_init__(self) -> None:
         self.input_ranges = {k: r if isinstance(r, Range) else Range(*r) for k, r in self.input_ranges.items()}
@@ -109,6 +116,8 @@ class QuantPlan:
     activations: dict[str, ActivationPlan] = field(default_factory=dict)
     weights: dict[tuple[str, int], WeightPlan] = field(default_factory=dict)
     fallbacks: list[Fallback] = field(default_factory=list)
+    # Activations planned with 16 bits (qmace.quantize.mixed) -> why.
+    wide: dict[str, str] = field(default_factory=dict)
 
     def params(self, name: str) -> QuantParams:
         """The planned parameters of an activation.
@@ -171,8 +180,8 @@ def data_inputs(g: Graph, node: Node) -> list[int]:
     op = get_op(node.op_type)
     idx = []
     for i, name in enumerate(node.inputs):
-        if not name or op.is_weight(node, i) or i == op.bias_input:
-            continue
+        if not name or (op.is_weight(node, i) and g.tensors[name].data is not None) or i == op.bias_input:
+            continue  # a weight input that is an activation (``activation_weights`` ops) is data
         t = g.tensors[name]
         if t.dtype != "float32":
             continue
@@ -190,6 +199,7 @@ class _Planner:
         self.plan = QuantPlan(Schema(opts.schema))
         self.producers = g.producers()
         self.missing: dict[str, str] = {}  # tensor -> node that needs it
+        self.wide = wide_activations(g, opts.wide_activations)  # tensor -> why it gets 16 bits
 
     def _owner(self, name: str) -> str:
         prod = self.producers.get(name)
@@ -202,7 +212,7 @@ class _Planner:
 
     def assign(self, name: str, r: Range, source: ParamSource) -> QuantParams:
         """Record ``r`` as the range of activation ``name`` and give it the asymmetric parameters."""
-        qp = qmath.params_asymmetric(r.min, r.max, ACT_DTYPE)
+        qp = qmath.params_asymmetric(r.min, r.max, WIDE_DTYPE if name in self.wide else ACT_DTYPE)
         self.plan.activations[name] = ActivationPlan(name, source, self._owner(name), r, qp)
         return qp
 
@@ -266,7 +276,7 @@ class _Planner:
             reason = "no float activation input"
         elif kind is Kernel.ACCUMULATE:
             w_idx = [i for i in range(len(node.inputs)) if op.is_weight(node, i)]
-            if not w_idx or self.g.tensors[node.inputs[w_idx[0]]].data is None:
+            if not w_idx or (self.g.tensors[node.inputs[w_idx[0]]].data is None and not op.activation_weights):
                 reason = "weight is not a constant"
             elif op.bias_input is not None and len(node.inputs) > op.bias_input and node.inputs[op.bias_input]:
                 b = self.g.tensors[node.inputs[op.bias_input]].data
@@ -292,8 +302,8 @@ class _Planner:
 
     def plan_weights(self, node: Node, op) -> None:
         for i, name in enumerate(node.inputs):
-            if not name or op.weight_axis(node, i) is None:
-                continue
+            if not name or op.weight_axis(node, i) is None or self.g.tensors[name].data is None:
+                continue  # not a weight, or an activation read as one (planned as data)
             qp = self.opts.fixed_params.get(name)
             if qp is None:
                 w = self.g.tensors[name].data.astype(np.float32)
@@ -372,4 +382,6 @@ def plan_quantization(graph: Graph, table: dict[str, Range], opts: QuantizeOptio
         raise QuantizationError(f"{len(p.missing)} tensor(s) have no quantization range: {items}; "
                                 "add them to the range file or calibrate with samples that reach them")
     p.source_rounded()
+    p.plan.wide = {k: v for k, v in p.wide.items()
+                   if k in p.plan.activations and p.plan.activations[k].params.dtype == WIDE_DTYPE}
     return p.plan

@@ -69,7 +69,8 @@ def quantize_graph(graph: Graph, table: RangeTable, opts: QuantizeOptions) -> Qu
     if unused:
         log.warning("%d range-file name(s) are not tensors of the graph: %s", len(unused), ", ".join(unused))
     fallbacks = [str(f) for f in plan.fallbacks]
-    g.metadata["quantization"] = {"schema": str(plan.schema), "fallbacks": fallbacks, "activation_dtype": ACT_DTYPE}
+    g.metadata["quantization"] = {"schema": str(plan.schema), "fallbacks": fallbacks, "activation_dtype": ACT_DTYPE,
+                                  "wide_activations": dict(plan.wide)}
     return QuantizeResult(g, fallbacks, plan.ranges, unused, plan)
 
 

@@ -125,6 +125,7 @@ def options_for(m: ModelConfig, schema: str | None = None) -> QuantizeOptions:
         schema=schema or m.quantize_schema,
         change_concat_ranges=m.change_concat_ranges,
         input_ranges={n: Range(*r) for n, r in zip(sub.input_tensors, sub.input_ranges)},
+        wide_activations=m.wide_activations,
     )
 
 def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None = None,

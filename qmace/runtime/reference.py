@@ -30,7 +30,8 @@ def run_node(graph: Graph, node: Node, values: list[np.ndarray | None]) -> list[
     """Run one node with qmace's numpy kernels.
 
     Quantized nodes whose op has an integer kernel run on codes (``Op.run_quantized`` with the tensors'
-    QuantParams); everything else runs ``Op.run`` on float (or integer-typed) values.
+    QuantParams; an ``accumulate`` op whose integer kernel does not cover its 16-bit tensors runs
+    ``Op.run_float_defined``); everything else runs ``Op.run`` on float (or integer-typed) values.
 
     Args:
         graph: the graph (gives the tensors' quantization parameters).
