@@ -11,10 +11,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper
-from qmace.runtime.lower import to_onnx
 
 from qmace import qmath
 from qmace.frontends.onnx_frontend import onnx_to_graph
+from qmace.onnx_bridge import to_onnx
 from qmace.passes import optimize
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
 from qmace.quantize.ranges import Range
@@ -61,7 +61,7 @@ def _codes_equal(q, feeds) -> None:
     """Every quantized activation: reference codes == ONNX Runtime codes."""
     names = [n for n in q.activations() if q.tensors[n].is_quantized]
     ref = execute(q, feeds, keep_all=True)
-    got = Session(q, backend="onnxruntime", extra_outputs=names).run(feeds, outputs=names)
+    got = Session(q, backend="onnxruntime").run(feeds, observe=names)
     for n in names:
         np.testing.assert_array_equal(got[n], ref[n], err_msg=n)
 
@@ -106,7 +106,7 @@ def test_activation_matmul_into_16_bit_softmax_input_is_bit_exact_vs_ort_matmuli
     for feeds in _act_samples(3, 1):
         names = [n for n in q.activations() if q.tensors[n].is_quantized and q.tensors[n].dtype == "uint16"]
         ref = execute(q, feeds, keep_all=True)
-        got = Session(q, backend="onnxruntime", extra_outputs=names).run(feeds, outputs=names)
+        got = Session(q, backend="onnxruntime").run(feeds, observe=names)
         for n in names:  # the MatMul's 16-bit codes: exact
             np.testing.assert_array_equal(got[n], ref[n], err_msg=n)
 

@@ -150,7 +150,7 @@ def test_swish_fuses_and_other_products_stay():
 
 
 def test_fused_ops_keep_the_output_name_and_lower_to_ort_opset_21():
-    from qmace.runtime.lower import to_onnx
+    from qmace.onnx_bridge import to_onnx
 
     nodes, inits = _swish_nodes()
     g = onnx_to_graph(make_onnx(nodes, {"x": SHAPE}, ["y"], inits))

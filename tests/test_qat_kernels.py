@@ -46,6 +46,8 @@ CASES: dict[str, list[tuple[dict, list, int]]] = {
     "Tanh": [({}, [_f(3, 4, lo=-4, hi=4)], 1)],
     "Sigmoid": [({}, [_f(3, 4, lo=-6, hi=6)], 1)],
     "Gelu": [({}, [_f(3, 4, lo=-4, hi=4)], 1), ({"approximate": "tanh"}, [_f(3, 4, lo=-4, hi=4)], 1)],
+    "Swish": [({}, [_f(3, 4, lo=-6, hi=6)], 1), ({"alpha": 1.702}, [_f(3, 4, lo=-6, hi=6)], 1)],
+    "LayerNormalization": [({}, [_f(2, 3, 8), _f(8), _f(8)], 1), ({"axis": 1}, [_f(2, 3, 4), _f(3, 4), None], 1)],
     "Relu": [({}, [_f(3, 4)], 1)],
     "LeakyRelu": [({}, [_f(3, 4)], 1), ({"alpha": 0.3}, [_f(3, 4)], 1)],
     "HardSigmoid": [
@@ -275,7 +277,7 @@ def _qdq_graph(op_type: str) -> Graph:
     return g
 
 
-@pytest.mark.parametrize("op_type", [t for t in supported_ops() if get_op(t).quant_kernel is not None])
+@pytest.mark.parametrize("op_type", [t for t in supported_ops() if get_op(t).quant_kernel != "none"])
 def test_every_integer_kernel_op_trains_or_is_refused_by_name(op_type):
     bad = untrainable_nodes(_qdq_graph(op_type), set())
     if get_op(op_type).has_torch_kernel():

@@ -34,6 +34,7 @@ import math
 import numpy as np
 
 from qmace.ir import Graph, Node
+from qmace.ops import get_op
 
 _RTOL = 1e-4
 
@@ -101,7 +102,7 @@ def _replace(g: Graph, matched: list[Node], new: Node) -> None:
 
 def _reduce_axes(v: _View, node: Node, rank: int | None) -> tuple[int, ...] | None:
     """The ReduceMean's axes, normalized (non-negative when the rank is known), or None if not usable."""
-    if int(node.attrs.get("keepdims", 1)) != 1:
+    if int(get_op("ReduceMean").attr(node, "keepdims")) != 1:
         return None
     if len(node.inputs) > 1 and node.inputs[1]:
         axes = v.g.constant(node.inputs[1])
@@ -109,7 +110,7 @@ def _reduce_axes(v: _View, node: Node, rank: int | None) -> tuple[int, ...] | No
             return None
         axes = [int(a) for a in np.asarray(axes).reshape(-1)]
     else:
-        axes = node.attrs.get("axes")
+        axes = node.attrs["axes"] if "axes" in node.attrs else None  # absent: every axis (not matched)
         if axes is None:
             return None
         axes = [int(a) for a in axes]

@@ -6,7 +6,7 @@ Structural, decided from the graph alone (never from evaluation data):
 2. the input of every ``Softmax`` that normalizes attention scores, i.e. whose input is computed from a
    MatMul of two activations (Q·Kᵀ) through at most elementwise scaling by constants (Mul/Div), additive
    masks (Add) and data movement (Flatten/Reshape/Transpose, as exporters write Softmax on an inner axis): exp() turns one 8-bit step of the scores into a relative error of ``exp(step)`` in the weights.
-A marked tensor produced by a data-movement op (``quant_kernel == "copy"`` with ``output_range == "input"``:
+A marked tensor produced by a data-movement op (``quant_kernel == "copy"`` with ``range_rule == "input"``:
 Reshape, Transpose, ...) shares its parameters with that op's input, so the input is marked too (recursively).
 Tensors whose parameters the source model fixes (imported Q/DQ pairs) keep them.
 
@@ -41,7 +41,7 @@ def _attention_scores(g: Graph, producers: dict[str, Node], name: str) -> bool:
         if n.op_type == "MatMul":
             return all(_is_activation(g, i) for i in n.inputs[:2])
         op = get_op(n.op_type)
-        if op.quant_kernel == "copy" and op.output_range == "input":  # Flatten/Reshape around the Softmax
+        if op.quant_kernel == "copy" and op.range_rule == "input":  # Flatten/Reshape around the Softmax
             name = n.inputs[0]
             continue
         if n.op_type not in _SCORE_PATH_OPS:
@@ -94,7 +94,7 @@ def wide_activations(g: Graph, mode: str = "rule") -> dict[str, str]:
             continue
         op = get_op(n.op_type)
         src = n.inputs[0] if n.inputs else ""
-        if op.quant_kernel == "copy" and op.output_range == "input" and _is_activation(g, src) and src not in wide:
+        if op.quant_kernel == "copy" and op.range_rule == "input" and _is_activation(g, src) and src not in wide:
             wide[src] = f"shares parameters with {name}"
             todo.append(src)
     return {k: v for k, v in wide.items() if not g.has_fixed_params(k)}
