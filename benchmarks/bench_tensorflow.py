@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="onnx,tf1,keras3,qat",
                     help="comma-separated subset to run; 'zoo' adds the Keras-applications graphs of "
                          "benchmarks/make_tf_zoo.py (random weights: op coverage; no MACE steps)")
+    ap.add_argument("--zoo-photos", type=int, default=233,
+                    help="zoo models: validate and evaluate int8 on the first N evaluation photos (calibration: all 64)")
+    ap.add_argument("--zoo", default="", help="zoo models: comma-separated names (default: every zoo_*.pb)")
     ap.add_argument("--ulp-noise", default="", help="comma-separated seeds: int8 agreement of the ONNX model "
                     "with one-ulp weight noise (0 = none), the noise floor of the int8 comparison")
     args = ap.parse_args(argv)
@@ -228,11 +231,16 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_model(f"{name} (.pb)", "tensorflow", pb, inp, out, ref, xe, xc, labels, tmp,
                                     args.threads, not args.skip_mace_steps))
         if "zoo" in wanted:
+            n = args.zoo_photos
+            zoo_labels = {i: v for i, v in labels.items() if i < n}
+            only = set(args.zoo.split(",")) if args.zoo else None
             for pb in sorted(tfdir.glob("zoo_*.pb")):
+                if only is not None and pb.stem[4:] not in only:
+                    continue
                 with np.load(pb.with_suffix(".npz"), allow_pickle=False) as z:
-                    ref, inp, out = z["y"], str(z["input_name"]), str(z["output_name"])
-                rows.append(bench_model(f"{pb.stem[4:]} (.pb, random weights)", "tensorflow", pb, inp, out, ref,
-                                        xe, xc, labels, tmp, args.threads, False))
+                    ref, inp, out = z["y"][:n], str(z["input_name"]), str(z["output_name"])
+                rows.append(bench_model(f"{pb.stem[4:]} (.pb, random weights, {len(ref)} photos)", "tensorflow", pb,
+                                        inp, out, ref, xe[:len(ref)], xc, zoo_labels, tmp, args.threads, False))
         if args.ulp_noise:
             rows += ulp_noise([int(v) for v in args.ulp_noise.split(",")], xe, xc, labels, tmp, args.threads)
         pb = tfdir / "mobilenet_v2_qat.pb"

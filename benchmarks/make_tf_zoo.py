@@ -5,7 +5,7 @@
 Needs TensorFlow (never the converter); run it in the TensorFlow venv, e.g.
 
     python scripts/fetch_assets.py stamps
-    /work/venv-tf/bin/python benchmarks/make_tf_zoo.py [name ...]
+    ~/.cache/qmace/venv-tf/bin/python benchmarks/make_tf_zoo.py [name ...]
 
 Each model is ``keras.applications.<Arch>(weights=None, input_shape=(224, 224, 3),
 classifier_activation=None)`` (Keras 3: batch norm frozen as Rsqrt/Mul/Sub/AddV2) with seed 0, its batch

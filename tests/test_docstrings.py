@@ -78,6 +78,7 @@ COVERED = [
     "qmace.passes.fold",
     "qmace.passes.fuse",
     "qmace.passes.pad",
+    "qmace.passes.pool",
     "qmace.passes.shapes",
     "qmace.passes.transpose",
     "qmace.passes.weight_params",
