@@ -101,3 +101,20 @@ def test_codes_read_by_other_ops_leave_the_model_alone():
     before = model.SerializeToString()
     assert not int8_activations_as_uint8(model)
     assert model.SerializeToString() == before
+
+
+def test_zero_point_shared_with_a_weight_is_shifted_once():
+    """Imported QDQ models may use one zero-point constant for weights and activations alike: both rewrites
+    give it the same uint8 twin, once."""
+    model, *_ = _model(extra_codes=False)
+    g = model.graph
+    g.initializer.append(numpy_helper.from_array(np.array(0.005, np.float32), "sw0"))
+    for node in g.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] == "w":  # per-tensor, zero point shared with y
+            node.input[1], node.input[2] = "sw0", "zy"
+            del node.attribute[:]
+    assert int8_weights_as_uint8(model) and int8_activations_as_uint8(model)
+    names = [t.name for t in g.initializer]
+    assert len(names) == len(set(names)) and "zy__u8" in names
+    x = np.random.default_rng(4).uniform(-2.6, 2.6, (1, C_IN, HW, HW)).astype(np.float32)
+    assert np.isfinite(_raw_ort_session(model.SerializeToString(), 1).run(["y"], {"x": x})[0]).all()

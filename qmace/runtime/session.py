@@ -201,6 +201,8 @@ def int8_activations_as_uint8(model) -> bool:
     def shifted(zp_name: str | None, like: str) -> str:
         if zp_name:
             new = f"{zp_name}__u8"
+            if new in inits:  # a zero point shared with a weight: int8_weights_as_uint8 made the same z + 128
+                return new
             codes = numpy_helper.to_array(inits[zp_name]).astype(np.int16)
         else:  # absent: zero, shaped like the scale
             new = f"{like}__zero__u8"
