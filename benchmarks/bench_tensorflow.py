@@ -11,7 +11,9 @@ ONNX export of the same weights: conversion time; float cosine to the source fra
 evaluation stamps (minimum over images); MACE's three steps through the CLI (run --quantize_stat on the
 64 calibration stamps, quantize-stat, convert with quantize: 1 and the range file, uint8); ``qmace
 quantize`` (int8) top-1 agreement and SQNR of the logits against FP32; int8 / FP32 latency (interleaved
-medians, ONNX Runtime backend). For the tfmot QAT graph: conversion with ``quantize: 1`` + input_ranges
+medians, ONNX Runtime backend). With ``--models zoo``: the Keras-applications graphs of benchmarks/make_tf_zoo.py (MobileNet V1/V3,
+Inception v3, ResNet-50 v1/v2 with seeded random weights) the same way, without MACE's steps. For the tfmot
+QAT graph: conversion with ``quantize: 1`` + input_ranges
 only (int8 schema) against TensorFlow's fake-quantized logits: elements off by more than one output
 quantization step, top-1 agreement (on qmace's exact integer reference backend).
 """
@@ -152,11 +154,57 @@ def bench_qat(model: Path, inp: str, out: str, ref: np.ndarray, xe, tmp: Path, t
              f"{100 * frac_any:.2f}% differ at all; top-1 same {top1:.1f}%"), "-", "-", "-"]
 
 
+def ulp_noise(seeds: list[int], xe, xc, labels, tmp: Path, threads: int) -> list:
+    """The noise floor of int8 top-1 agreement: the ONNX MobileNetV2 with its folded weights and biases moved
+    by one float32 ulp (up or down at random) on a random 40% of elements, the size of the differences
+    between the ONNX, tf1 and Keras 3 graphs; seed 0 = unperturbed. Same pipeline as ``qmace quantize``
+    (equalization, MACE's calibrator, bias correction, int8), ONNX Runtime backend."""
+    from qmace.api import load_float_graph, samples_for
+    from qmace.config import load_config
+    from qmace.quantize.api import calibrate, equalize_on, quantize_for_config
+    from qmace.quantize.bias_correction import ChannelMeans, correct_biases
+    from qmace.quantize.calibration import make_calibrator
+
+    d = tmp / "ulp"
+    d.mkdir()
+    m = load_config(write_yaml(d, mobilenet_onnx(), "onnx", "input", "output", False, "ulp")).model(None)
+    calib = write_inputs(d / "calib", "input", xc)
+    base = load_float_graph(m)
+    yf = logits(base, "input", "output", xe, threads)
+    rows = []
+    for seed in seeds:
+        g = base.copy()
+        rng = np.random.default_rng(seed)
+        for n in g.nodes if seed else []:
+            if n.op_type in ("Conv", "Gemm"):
+                for name in n.inputs[1:3]:
+                    v = g.tensors[name].data
+                    up = np.where(rng.random(v.shape) < 0.5, np.inf, -np.inf).astype(np.float32)
+                    g.tensors[name].data = np.where(rng.random(v.shape) < 0.4, np.nextafter(v, up), v).astype(np.float32)
+        g, _ = equalize_on(g, samples_for(m, calib, 0), threads)
+        cal = make_calibrator("mace", percentile=0.0, enhance=False, enhance_ratio=10.0)
+        means = ChannelMeans(g)
+        calibrate(g, samples_for(m, calib, 0), cal, threads, observers=[means])
+        g, _ = correct_biases(g, means, "int8")
+        q, _ = quantize_for_config(g, m, table=cal.ranges(), schema="int8")
+        r = logits_metrics(yf, logits(q, "input", "output", xe, threads), labels)
+        print(f"ulp noise seed {seed}: int8 agree {r['agree']:.1f}% SQNR {r['sqnr']:.2f} dB", flush=True)
+        rows.append([f"ONNX, 1-ulp noise seed {seed}", "-", "-", "-", f"{r['agree']:.1f}% / {r['sqnr']:.2f} dB", "-"])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-mace-steps", action="store_true")
-    ap.add_argument("--models", default="onnx,tf1,keras3,qat", help="comma-separated subset to run")
+    ap.add_argument("--models", default="onnx,tf1,keras3,qat",
+                    help="comma-separated subset to run; 'zoo' adds the Keras-applications graphs of "
+                         "benchmarks/make_tf_zoo.py (random weights: op coverage; no MACE steps)")
+    ap.add_argument("--zoo-photos", type=int, default=233,
+                    help="zoo models: validate and evaluate int8 on the first N evaluation photos (calibration: all 64)")
+    ap.add_argument("--zoo", default="", help="zoo models: comma-separated names (default: every zoo_*.pb)")
+    ap.add_argument("--ulp-noise", default="", help="comma-separated seeds: int8 agreement of the ONNX model "
+                    "with one-ulp weight noise (0 = none), the noise floor of the int8 comparison")
     args = ap.parse_args(argv)
     cache = default_cache()
     tfdir = cache / "tf"
@@ -184,6 +232,19 @@ def main(argv: list[str] | None = None) -> int:
                 ref, inp, out = z["y"], str(z["input_name"]), str(z["output_name"])
             rows.append(bench_model(f"{name} (.pb)", "tensorflow", pb, inp, out, ref, xe, xc, labels, tmp,
                                     args.threads, not args.skip_mace_steps))
+        if "zoo" in wanted:
+            n = args.zoo_photos
+            zoo_labels = {i: v for i, v in labels.items() if i < n}
+            only = set(args.zoo.split(",")) if args.zoo else None
+            for pb in sorted(tfdir.glob("zoo_*.pb")):
+                if only is not None and pb.stem[4:] not in only:
+                    continue
+                with np.load(pb.with_suffix(".npz"), allow_pickle=False) as z:
+                    ref, inp, out = z["y"][:n], str(z["input_name"]), str(z["output_name"])
+                rows.append(bench_model(f"{pb.stem[4:]} (.pb, random weights, {len(ref)} photos)", "tensorflow", pb,
+                                        inp, out, ref, xe[:len(ref)], xc, zoo_labels, tmp, args.threads, False))
+        if args.ulp_noise:
+            rows += ulp_noise([int(v) for v in args.ulp_noise.split(",")], xe, xc, labels, tmp, args.threads)
         pb = tfdir / "mobilenet_v2_qat.pb"
         if "qat" in wanted and pb.is_file():
             with np.load(tfdir / "mobilenet_v2_qat.npz", allow_pickle=False) as z:

@@ -86,6 +86,7 @@ COVERED = [
     "qmace.passes.fuse",
     "qmace.passes.decomposed",
     "qmace.passes.pad",
+    "qmace.passes.pool",
     "qmace.passes.shapes",
     "qmace.passes.transpose",
     "qmace.passes.weight_params",

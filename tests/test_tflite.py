@@ -232,6 +232,56 @@ def test_int8_model_runs_with_litert_codes(tmp_path):
     assert off_by_one / total < 0.05, off_by_one / total  # measured 0.038: see the docstring
 
 
+def test_int8_model_on_onnxruntime_fuses_its_convolutions_and_keeps_the_codes(tmp_path):
+    """ONNX Runtime's exact path for int8 weights (uint8 + 128 on CPUs without VNNI) with the file's int8
+    activations: with weights alone shifted ORT keeps some convolutions in float (int8 x uint8 has no fused
+    kernel); with ``int8_activations_as_uint8`` every convolution between quantized tensors becomes a
+    QLinearConv, except one whose fused ReLU6 clips inside its output's code range (ORT cannot drop that Clip
+    and runs Conv + Clip in float: the reference clamps the codes; within one step, near ties only). Both rewrites are forced here, so the check is the same on any CPU; the session (which
+    applies them only where u8 x s8 saturates) gives the reference's codes at both convolutions."""
+    import onnx
+    import onnxruntime as ort
+
+    from qmace.runtime.lower import to_onnx
+    from qmace.runtime.session import int8_activations_as_uint8, int8_weights_as_uint8
+
+    path, ref = _fixture("int8")
+    g = convert(_yaml(tmp_path, path, quantize=True), build_dir=tmp_path / "build").graph
+    int_convs = [n for n in g.nodes if n.op_type == "Conv" and g.tensors[n.inputs[0]].quant is not None
+                 and g.tensors[n.outputs[0]].quant is not None]
+
+    def clip_inside_range(n) -> bool:  # a Clip ORT cannot drop before QuantizeLinear: a float conv stays
+        if "qm_clip" not in n.attrs:
+            return False
+        qp = g.tensors[n.outputs[0]].quant
+        lo, hi = (float(qp.scale) * (q - int(qp.zero_point)) for q in (qp.qmin, qp.qmax))
+        return n.attrs["qm_clip"][0] > lo or n.attrs["qm_clip"][1] < hi
+
+    n_int = sum(not clip_inside_range(n) for n in int_convs)  # the fixture's ReLU6 conv has range [-5.8, 4.9]
+    assert 0 < n_int < len(int_convs)
+
+    def fused(shift_activations: bool) -> list[str]:
+        model = to_onnx(g)
+        assert int8_weights_as_uint8(model)
+        if shift_activations:
+            assert int8_activations_as_uint8(model)
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+
+    assert fused(False).count("QLinearConv") < n_int
+    assert fused(True).count("QLinearConv") == n_int
+    convs = [n.outputs[0] for n in g.nodes if n.op_type == "Conv"][:2]
+    sess = Session(g, "onnxruntime", extra_outputs=convs)
+    for x in ref["input"]:
+        feed = {INPUT: np.ascontiguousarray(x[None].transpose(0, 3, 1, 2))}
+        got = sess.run(feed, outputs=convs)
+        want = _int8_codes(g, x)
+        for c in convs:
+            assert got[c].dtype == want[c].dtype and np.array_equal(got[c], want[c]), c
+
+
 # ---- LiteRT oracle -----------------------------------------------------------------------------------
 
 def test_validate_against_litert(tmp_path, cli):

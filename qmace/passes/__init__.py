@@ -13,18 +13,21 @@ from qmace.passes.decomposed import fuse_decomposed
 from qmace.passes.fold import fold_constants
 from qmace.passes.fuse import fuse_activations
 from qmace.passes.pad import fold_pads
+from qmace.passes.pool import spatial_means_to_global_pool
 from qmace.passes.shapes import infer_shapes
 from qmace.passes.transpose import sink_transposes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fold_affine", "fold_batchnorm", "fold_constants", "fold_pads", "fuse_activations", "fuse_decomposed", "infer_shapes", "optimize", "remove_identities", "sink_transposes"]
+__all__ = ["fold_affine", "fold_batchnorm", "fold_constants", "fold_pads", "fuse_activations", "fuse_decomposed",
+           "infer_shapes", "optimize", "remove_identities", "sink_transposes", "spatial_means_to_global_pool"]
 
 
 def optimize(graph: Graph, fuse: bool = True) -> Graph:
     """Identity removal, shape inference + constant folding to a fixed point, decomposed LayerNorm/GELU/Swish/
-    HardSwish fusion (before transpose sinking, which would split those patterns), transpose sinking, BatchNorm and
-    per-channel Mul/Add folding, zero Pad into Conv, activation fusion, dead-node removal, final shape inference.
+    HardSwish fusion (before transpose sinking, which would split those patterns), transpose sinking, spatial
+    ReduceMean -> GlobalAveragePool, BatchNorm and per-channel Mul/Add folding, zero Pad into Conv, activation
+    fusion, dead-node removal, final shape inference.
 
     Args:
         graph: the float graph (not modified).
@@ -55,6 +58,7 @@ def optimize(graph: Graph, fuse: bool = True) -> Graph:
     if stats["transposes"]:
         stats["identities"] += remove_identities(g)
         infer_shapes(g)
+    stats["pools"] = spatial_means_to_global_pool(g)
     stats["batchnorms"] = fold_batchnorm(g)
     stats["affine"] = fold_affine(g)
     stats["pads"] = fold_pads(g)
@@ -62,8 +66,8 @@ def optimize(graph: Graph, fuse: bool = True) -> Graph:
     g.remove_unused()
     infer_shapes(g)
     log.info("passes: removed %(identities)d identities, folded %(constants)d constant nodes, "
-             "%(transposes)d transpose rewrites, %(batchnorms)d batchnorms, %(affine)d affine ops, %(pads)d pads, "
-             "fused %(layer_norms)d LayerNorms, %(gelus)d GELUs, %(swishes)d Swishes, %(hard_swishes)d HardSwishes, "
-             "%(activations)d activations", stats)
+             "%(transposes)d transpose rewrites, %(pools)d spatial means, %(batchnorms)d batchnorms, %(affine)d affine ops, "
+             "%(pads)d pads, fused %(layer_norms)d LayerNorms, %(gelus)d GELUs, %(swishes)d Swishes, "
+             "%(hard_swishes)d HardSwishes, %(activations)d activations", stats)
     g.metadata["passes"] = stats
     return g

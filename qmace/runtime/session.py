@@ -152,6 +152,97 @@ def int8_weights_as_uint8(model) -> bool:
     return bool(added)
 
 
+def int8_activations_as_uint8(model) -> bool:
+    """Give ONNX Runtime int8 activation codes as uint8 ``q + 128`` (zero point ``z + 128``), after
+    ``int8_weights_as_uint8``.
+
+    Imported models (an int8 ``.tflite``, an ONNX QDQ model with int8 activations) quantize activations to
+    int8. Once their weights are uint8, ORT's QDQ fusion has no kernel for int8 activations x uint8 weights
+    and leaves ``DequantizeLinear -> Conv -> QuantizeLinear`` as a float convolution (float32 sums: codes
+    one step off near rounding ties, and slow). With the activations shifted as well, the pattern is
+    u8 x u8 QLinearConv / QLinearMatMul, exact: ``(q_x - z_x)`` and the real values are unchanged, and
+    ``QuantizeLinear`` rounds ``x / s`` the same way before adding either zero point (the sum is an integer
+    either way, and ``q + 128`` is within [0, 255] exactly when ``q`` is within [-128, 127]).
+
+    Applies only when every int8 activation ``QuantizeLinear`` (non-constant input, int8 zero-point
+    initializer) is read only by ``DequantizeLinear`` nodes with initializer (or absent) zero points;
+    otherwise nothing changes. Such a tensor that is also a graph output (``extra_outputs``) is still given
+    as int8 codes: ``Cast(int32) - 128 -> Cast(int8)`` of the uint8 ones.
+
+    Args:
+        model: an ``onnx.ModelProto``, rewritten in place.
+
+    Returns:
+        Whether anything changed.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    outputs = {v.name for v in g.output}
+    readers: dict[str, list] = {}
+    for node in g.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    quants = []
+    for node in g.node:
+        if (node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx") or node.input[0] in inits
+                or len(node.input) < 3 or node.input[2] not in inits or inits[node.input[2]].data_type != TensorProto.INT8):
+            continue
+        out = node.output[0]
+        dqs = readers.get(out, [])
+        if out in {v.name for v in g.input} or not (dqs or out in outputs) or any(
+                r.op_type != "DequantizeLinear" or r.domain not in ("", "ai.onnx") or list(r.input).index(out) != 0
+                or (len(r.input) > 2 and r.input[2] and r.input[2] not in inits) for r in dqs):
+            return False
+        quants.append((node, dqs))
+    if not quants:
+        return False
+    added: dict[str, object] = {}
+
+    def shifted(zp_name: str | None, like: str) -> str:
+        if zp_name:
+            new = f"{zp_name}__u8"
+            if new in inits:  # a zero point shared with a weight: int8_weights_as_uint8 made the same z + 128
+                return new
+            codes = numpy_helper.to_array(inits[zp_name]).astype(np.int16)
+        else:  # absent: zero, shaped like the scale
+            new = f"{like}__zero__u8"
+            codes = np.zeros(tuple(inits[like].dims) if like in inits else (), np.int16)
+        if new not in added:
+            added[new] = numpy_helper.from_array((codes + 128).astype(np.uint8), new)
+        return new
+
+    for q, dqs in quants:
+        q.input[2] = shifted(q.input[2], q.input[1])
+        for dq in dqs:
+            zp = dq.input[2] if len(dq.input) > 2 and dq.input[2] else None
+            while len(dq.input) < 3:
+                dq.input.append("")
+            dq.input[2] = shifted(zp, dq.input[1])
+    names = {q.output[0] for q, _ in quants}
+    back = []
+    for q, dqs in quants:
+        out = q.output[0]
+        if out not in outputs:
+            continue
+        u8 = f"{out}__u8"
+        q.output[0] = u8
+        for dq in dqs:
+            dq.input[0] = u8
+        if "__128_i32" not in added:
+            added["__128_i32"] = numpy_helper.from_array(np.array(128, np.int32), "__128_i32")
+        back += [helper.make_node("Cast", [u8], [f"{u8}__i32"], to=TensorProto.INT32),
+                 helper.make_node("Sub", [f"{u8}__i32", "__128_i32"], [f"{out}__i32"]),
+                 helper.make_node("Cast", [f"{out}__i32"], [out], to=TensorProto.INT8)]
+    g.node.extend(back)
+    keep = [v for v in g.value_info if v.name not in names]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    g.initializer.extend(added.values())
+    return True
+
+
 def _raw_ort_session(model_bytes: bytes | str, num_threads: int | None = None):
     import onnxruntime as ort
 
@@ -182,7 +273,8 @@ def ort_session(model_bytes: bytes | str, num_threads: int | None = None, exact_
     """An ONNX Runtime CPU session on serialized model bytes or a model file path.
 
     ``exact_int8`` (default): on a host whose u8 x s8 kernels saturate (``ort_u8s8_exact``), int8 weights
-    are handed to ORT as uint8 + 128 (``int8_weights_as_uint8``) so it computes the exact integer products.
+    are handed to ORT as uint8 + 128 (``int8_weights_as_uint8``) so it computes the exact integer products,
+    and int8 activations of imported models with them (``int8_activations_as_uint8``).
 
     Args:
         model_bytes: a serialized ONNX model, or its file path (a path lets ORT find external data beside
@@ -205,6 +297,7 @@ def ort_session(model_bytes: bytes | str, num_threads: int | None = None, exact_
         except Exception:  # not parseable: let ORT say so below
             model = None
         if model is not None and int8_weights_as_uint8(model):
+            int8_activations_as_uint8(model)  # int8 activations x uint8 weights would not fuse: shift them too
             model_bytes = model.SerializeToString()
             _warn_slow_exact_path()
     return _raw_ort_session(model_bytes, num_threads)
