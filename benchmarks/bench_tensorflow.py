@@ -161,9 +161,9 @@ def ulp_noise(seeds: list[int], xe, xc, labels, tmp: Path, threads: int) -> list
     (equalization, MACE's calibrator, bias correction, int8), ONNX Runtime backend."""
     from qmace.api import load_float_graph, samples_for
     from qmace.config import load_config
-    from qmace.quantize.api import calibrate, equalize_on, quantize_for_config
     from qmace.quantize.bias_correction import ChannelMeans, correct_biases
     from qmace.quantize.calibration import make_calibrator
+    from qmace.quantize.recipe import calibrate, equalize_on, quantize_for_config
 
     d = tmp / "ulp"
     d.mkdir()

@@ -28,6 +28,7 @@ ALLOWED: dict[str, tuple[frozenset[str], str]] = {
                              "pattern pass: decomposed LayerNorm/GELU/Swish/HardSwish spellings fused into one op"),
     "quantize/mixed.py": (frozenset({"Add", "Div", "LayerNormalization", "MatMul", "Mul", "Softmax"}),
                           "the structural 16-bit rule: LayerNorm inputs and the attention-score path into Softmax"),
+    "passes/pool.py": (frozenset({"ReduceMean"}), "pattern pass: a spatial ReduceMean becomes GlobalAveragePool"),
     "passes/bn.py": (frozenset({"BatchNormalization", "Conv", "ConvTranspose", "Gemm"}),
                      "BatchNormalization folding into the weights of the producing Conv/ConvTranspose/Gemm"),
     "passes/affine.py": (frozenset({"Add", "Sub", "Mul", "Conv", "MatMul"}),

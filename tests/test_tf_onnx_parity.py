@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from qmace.api import quantize_one_shot
 from qmace.config import input_name_format
 from qmace.frontends.tensorflow.graphdef import message_classes
 from qmace.ir import Graph, Node, Tensor
 from qmace.passes import optimize, spatial_means_to_global_pool
-from qmace.quantize.api import quantize_one_shot
+from qmace.qmath import QuantParams
+from qmace.quantize.recipe import PTQRecipe
 from qmace.runtime import Session
 
 H = W = 8
@@ -125,7 +127,7 @@ def _int8_outputs(root: Path, platform: str, data: bytes, x_nchw: np.ndarray, ca
     for i, x in enumerate(calib_nchw):
         (x.transpose(1, 2, 0) if nhwc else x)[None].astype(np.float32).tofile(calib / f"{input_name_format('input')}_{i:03d}")
     res = quantize_one_shot(_yaml(root, platform, data, nhwc), input_dir=calib, build_dir=root / "build",
-                            schema="int8", num_threads=1)
+                            recipe=PTQRecipe(schema="int8"), num_threads=1)
     g = res.convert.graph
     sess = Session(g, backend="reference")
     y = np.concatenate([sess.run({"input": x_nchw[i:i + 1]})["output"] for i in range(len(x_nchw))])
@@ -153,7 +155,7 @@ def _mean_graph(axes: list[int], keepdims: int, fixed: bool = False) -> Graph:
     g.nodes.append(Node("mean", "ReduceMean", ["x", "axes"], ["y"], {"keepdims": keepdims}))
     g.inputs, g.outputs = ["x"], ["y"]
     if fixed:
-        g.metadata["qdq_params"] = {"y": {"scale": 0.1, "zero_point": 0}}
+        g.fixed_params = {"y": QuantParams(np.array(0.1, np.float32), np.array(0, np.int32), "uint8")}
     return g
 
 

@@ -242,7 +242,7 @@ def test_int8_model_on_onnxruntime_fuses_its_convolutions_and_keeps_the_codes(tm
     import onnx
     import onnxruntime as ort
 
-    from qmace.runtime.lower import to_onnx
+    from qmace.onnx_bridge import to_onnx
     from qmace.runtime.session import int8_activations_as_uint8, int8_weights_as_uint8
 
     path, ref = _fixture("int8")
@@ -273,10 +273,10 @@ def test_int8_model_on_onnxruntime_fuses_its_convolutions_and_keeps_the_codes(tm
     assert fused(False).count("QLinearConv") < n_int
     assert fused(True).count("QLinearConv") == n_int
     convs = [n.outputs[0] for n in g.nodes if n.op_type == "Conv"][:2]
-    sess = Session(g, "onnxruntime", extra_outputs=convs)
+    sess = Session(g, "onnxruntime")
     for x in ref["input"]:
         feed = {INPUT: np.ascontiguousarray(x[None].transpose(0, 3, 1, 2))}
-        got = sess.run(feed, outputs=convs)
+        got = sess.run(feed, observe=convs)
         want = _int8_codes(g, x)
         for c in convs:
             assert got[c].dtype == want[c].dtype and np.array_equal(got[c], want[c]), c

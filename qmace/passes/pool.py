@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from qmace.ir import Graph, Node, Tensor
+from qmace.ops import get_op
 
 
 def _spatial_mean(graph: Graph, node: Node) -> bool:
@@ -50,7 +51,7 @@ def spatial_means_to_global_pool(graph: Graph) -> int:
         x, y = node.inputs[0], node.outputs[0]
         if graph.has_fixed_params(x) or graph.has_fixed_params(y):
             continue
-        keep = int(node.attrs.get("keepdims", 1))
+        keep = int(get_op("ReduceMean").attr(node, "keepdims"))
         if keep:
             node.op_type, node.inputs, node.attrs = "GlobalAveragePool", [x], {}
         else:
