@@ -73,7 +73,10 @@ def render() -> str:
         if getattr(op, "range_without_stats", None) == "interval":
             rng += " (interval arithmetic without statistics)"
         tf = ", ".join(sorted(tf_of.get(name, []))) or "-"
-        lines.append(f"| {name} | {tf} | {KERNEL[op.quant_kernel]} | {rng} | {nodes.get(name, '-')} |")
+        kernel = KERNEL[op.quant_kernel]
+        if op.quant_kernel == "float" and getattr(op, "ort_kernel", None):  # ORT has no QLinear kernel for it
+            kernel = kernel.replace("ORT: QLinear kernel", f"ORT: {op.ort_kernel}")
+        lines.append(f"| {name} | {tf} | {kernel} | {rng} | {nodes.get(name, '-')} |")
     vanish = sorted([k for k, v in IR_OPS.items() if not v] + [*FORWARD_OPS, "Const", "Placeholder", "NoOp"])
     lines += [
         "",

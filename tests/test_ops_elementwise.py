@@ -203,8 +203,11 @@ def test_traits():
     assert t["LeakyRelu"].quant_kernel == "float"
     for op in ("Relu", "Clip"):
         assert t[op].quant_kernel == "float" and t[op].fusable_activation
-    for op in ("Div", "Erf", "Gelu", "Exp", "PRelu", "HardSwish", "Pow"):
+    for op in ("Div", "Erf", "Gelu", "Exp", "PRelu", "Pow"):
         assert t[op].quant_kernel is None and not t[op].fusable_activation
+    # issue 10: HardSwish / HardSigmoid run in the integer domain (one float island in ORT, no fallback)
+    assert t["HardSwish"].quant_kernel == "float" and t["HardSwish"].output_range == "stat"
+    assert get_op("HardSigmoid").quant_kernel == "float" and get_op("HardSigmoid").output_range == (0.0, 1.0)
     assert get_op("Gelu").defaults == {"approximate": "none"}
     assert get_op("LeakyRelu").defaults == {"alpha": 0.01}
     assert get_op("HardSigmoid").defaults == {"alpha": 0.2, "beta": 0.5}

@@ -21,6 +21,10 @@ Quantization traits (see ``qmace.ops.base``):
 - Sigmoid: ``"float"`` with fixed range (0, 1); Tanh: fixed range (-1, 1) but no integer kernel.
 - Relu, Clip: ``"float"`` and ``fusable_activation`` (a producing Conv/Gemm absorbs them).
 - LeakyRelu: ``"float"`` (ORT's QLinearLeakyRelu).
+- HardSigmoid: ``"float"`` with fixed range (0, 1); HardSwish: ``"float"``, range from statistics. ONNX
+  Runtime has no integer kernel for either: the lowered DequantizeLinear -> op -> QuantizeLinear runs in
+  float (one elementwise island; ``qmace.passes.hardswish`` fuses the decomposed spellings into them, so a
+  HardSwish costs one island instead of four 8-bit round trips).
 - Everything else has no integer kernel (float fallback between DequantizeLinear/QuantizeLinear).
 """
 
@@ -401,7 +405,10 @@ class HardSigmoid(_Unary):
     """``max(0, min(1, alpha * x + beta))`` in X's float type."""
 
     op_type = "HardSigmoid"
+    ort_kernel = "none, a float island between DequantizeLinear/QuantizeLinear"
     defaults: ClassVar[dict[str, Any]] = {"alpha": 0.2, "beta": 0.5}
+    quant_kernel = "float"
+    output_range = (0.0, 1.0)
 
     @classmethod
     def compute(cls, node, x):
@@ -415,6 +422,8 @@ class HardSwish(_Unary):
     """``x * max(0, min(1, x / 6 + 0.5))``."""
 
     op_type = "HardSwish"
+    ort_kernel = "none, a float island between DequantizeLinear/QuantizeLinear"
+    quant_kernel = "float"
 
     @classmethod
     def compute(cls, node, x):

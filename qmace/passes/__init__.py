@@ -11,18 +11,19 @@ from qmace.passes.bn import fold_batchnorm
 from qmace.passes.cleanup import remove_identities
 from qmace.passes.fold import fold_constants
 from qmace.passes.fuse import fuse_activations
+from qmace.passes.hardswish import fuse_hardswish
 from qmace.passes.pad import fold_pads
 from qmace.passes.shapes import infer_shapes
 from qmace.passes.transpose import sink_transposes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fold_affine", "fold_batchnorm", "fold_constants", "fold_pads", "fuse_activations", "infer_shapes", "optimize", "remove_identities", "sink_transposes"]
+__all__ = ["fold_affine", "fold_batchnorm", "fold_constants", "fold_pads", "fuse_activations", "fuse_hardswish", "infer_shapes", "optimize", "remove_identities", "sink_transposes"]
 
 
 def optimize(graph: Graph, fuse: bool = True) -> Graph:
     """Identity removal, shape inference + constant folding to a fixed point, transpose sinking,
-    BatchNorm and per-channel Mul/Add folding, zero Pad into Conv, activation fusion, dead-node removal, final shape inference.
+    HardSigmoid/HardSwish fusion, BatchNorm and per-channel Mul/Add folding, zero Pad into Conv, activation fusion, dead-node removal, final shape inference.
 
     Args:
         graph: the float graph (not modified).
@@ -50,6 +51,7 @@ def optimize(graph: Graph, fuse: bool = True) -> Graph:
     if stats["transposes"]:
         stats["identities"] += remove_identities(g)
         infer_shapes(g)
+    stats["hardswish"] = fuse_hardswish(g)
     stats["batchnorms"] = fold_batchnorm(g)
     stats["affine"] = fold_affine(g)
     stats["pads"] = fold_pads(g)
