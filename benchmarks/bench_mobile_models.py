@@ -30,7 +30,8 @@ tensors between DequantizeLinear and QuantizeLinear, i.e. every non-QDQ node who
 fused QLinear kernel is counted from ORT's optimized graph), latency at one thread on ONNX Runtime and OpenVINO
 (interleaved medians, ratio FP32 / int8 > 1 means int8 is faster), the task metric, the fraction of images
 with MACE's cosine >= 0.98 vs FP32, and SQNR over all outputs. qmace's pipeline is ``qmace quantize``'s
-default one (activation equalization, histogram percentile 99.95, bias correction). ORT's own int8 models run
+default one (activation equalization, histogram percentile 99.95, bias correction, and the inputs of
+Sigmoid/Tanh/HardSigmoid/Softmax ranged by ``qmace.quantize.dense``). ORT's own int8 models run
 as ORT runs them (its u8 x s8 kernels, which saturate on CPUs without VNNI); qmace's int8 models run on
 qmace's backend (exact: int8 weights as uint8 + 128 where ORT's kernels would saturate).
 Intermediate files go to <cache>/bench-mobile/ (never the repository).
@@ -67,6 +68,7 @@ from qmace.metrics import compare
 from qmace.quantize.api import calibrate, equalize_on
 from qmace.quantize.bias_correction import ChannelMeans, correct_biases
 from qmace.quantize.calibration import make_calibrator
+from qmace.quantize.dense import saturating_input_ranges
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
 from qmace.runtime import Session
 from qmace.runtime.lower import to_onnx
@@ -260,7 +262,8 @@ def qmace_quantize(m: Model, schema: str) -> tuple[object, list[str]]:
     means = ChannelMeans(g)
     calibrate(g, samples(), cal, 1, observers=[means])
     g, _ = correct_biases(g, means, schema)
-    res = quantize_graph(g, cal.ranges(), QuantizeOptions(schema=schema, input_ranges={m.input_name: m.input_range}))
+    table, _ = saturating_input_ranges(g, cal.ranges(), cal.extrema())
+    res = quantize_graph(g, table, QuantizeOptions(schema=schema, input_ranges={m.input_name: m.input_range}))
     return res.graph, res.fallbacks
 
 

@@ -12,7 +12,7 @@ Rules (see docs/quantization.md, "Activation equalization"):
 
 - Tensors joined by an ``Add`` (a residual stream) form one group and share one scale vector, so the sum
   stays consistent; so do the outputs of ops that act on each channel alone (``PASSTHROUGH``: pooling, Relu,
-  a Flatten that keeps channels). Every producer of the group must be a Conv whose output channels can be
+  a Flatten that keeps channels, a Resize that keeps N and C). Every producer of the group must be a Conv whose output channels can be
   scaled (any ``group``; fused Relu; fused Clip only as ``[0, hi]`` with every rescaled calibration value of
   its output still at most ``hi``; scales are at least 1), an Add or a channel-wise op inside the group; every consumer must be a Conv
   reading it as input 0 (any ``group``, where only the columns of that channel change), a Gemm/MatMul with a
@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 # Ops that act on each channel alone and commute with a positive per-channel scale: a rescaled input gives
 # the same output rescaled, so their outputs join their input's group (Flatten only where it keeps channels).
-PASSTHROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu", "Flatten"}
+# Resize (nearest, linear, cubic: per-channel weighted sums of X) where it keeps N and C; not in the
+# tf_crop_and_resize mode, whose extrapolation value does not scale.
+PASSTHROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu", "Flatten", "Resize"}
 
 
 class ChannelMaxima:
@@ -128,6 +130,10 @@ def _passes_channels(graph: Graph, node: Node) -> bool:
         shape = graph.tensors[node.inputs[0]].shape
         return (int(node.attrs.get("axis", 1)) == 1 and shape is not None and len(shape) >= 2
                 and all(d == 1 for d in shape[2:]))
+    if node.op_type == "Resize":
+        si, so = graph.tensors[node.inputs[0]].shape, graph.tensors[node.outputs[0]].shape
+        return (node.attrs.get("coordinate_transformation_mode", "half_pixel") != "tf_crop_and_resize"
+                and si is not None and so is not None and len(si) >= 2 and tuple(si[:2]) == tuple(so[:2]))
     return True
 
 

@@ -1,0 +1,86 @@
+"""Calibration for dense outputs and probability maps (issue 10 item 4).
+
+A clipping range rule (percentile, entropy, MSE) trades the rare extreme values of a tensor for resolution
+of the common ones. For the input of a **saturating fixed-range op** that trade is wrong: in a text
+detector's probability map, the pixels that matter (text) are the rare ones at the top of the logit
+histogram, and a 99.95th-percentile upper bound can sit below the detection threshold's logit on a page with
+little text, turning every text pixel into the same code. Those outputs already have their fixed range
+(Sigmoid/HardSigmoid [0, 1], Tanh [-1, 1], Softmax [0, 1]: ``Op.output_range``); this module fixes the range
+of their *inputs*:
+
+- ``Sigmoid``: ``[max(min, -L), min(max, L)]`` with ``L = ln(2*255 - 1)`` ≈ 6.23, where ``sigmoid(L) = 1 -
+  0.5/255``: beyond ±L the 8-bit [0, 1] output is saturated at its end code anyway, so nothing that changes
+  an output code is clipped, and no range is wider than it needs to be.
+- ``Tanh``: the same with ``L = atanh(1 - 1/255) = ln(2*255 - 1) / 2`` ≈ 3.12 ([-1, 1] output, step 2/255).
+- ``HardSigmoid(alpha, beta)``: the linear part ``[-beta/alpha, (1 - beta)/alpha]`` (outside it the output is
+  exactly 0 or 1).
+- ``Softmax``: the observed ``[min, max]`` (no clipping: clipping the largest logit changes the largest
+  probability directly; softmax saturation depends on each row's maximum, so there is no global bound).
+
+``min``/``max`` are the exact extremes seen during calibration (``Calibrator.extrema``). The rule applies to
+a tensor only when every reader is such an op (a tensor that also feeds a Conv keeps its calibrated range),
+and never to graph inputs (their ranges are the YAML's ``input_ranges``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from qmace.ir import Graph
+from qmace.quantize.ranges import Range, RangeTable
+
+log = logging.getLogger(__name__)
+
+SATURATING = ("Sigmoid", "Tanh", "HardSigmoid", "Softmax")
+_SIGMOID_EDGE = math.log(2 * 255 - 1)  # sigmoid(x) >= 1 - 0.5/255 for x >= this
+_TANH_EDGE = 0.5 * math.log(2 * 255 - 1)  # tanh(x) >= 1 - 1/255 for x >= this
+
+
+def _useful_interval(node) -> tuple[float, float]:
+    """The input interval outside which ``node``'s 8-bit output no longer changes."""
+    if node.op_type == "Sigmoid":
+        return -_SIGMOID_EDGE, _SIGMOID_EDGE
+    if node.op_type == "Tanh":
+        return -_TANH_EDGE, _TANH_EDGE
+    if node.op_type == "HardSigmoid":
+        alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
+        if alpha > 0:
+            return -beta / alpha, (1.0 - beta) / alpha
+        if alpha < 0:
+            return (1.0 - beta) / alpha, -beta / alpha
+    return -math.inf, math.inf  # Softmax, or a constant HardSigmoid: the observed extremes
+
+
+def saturating_input_ranges(graph: Graph, table: RangeTable, extrema: RangeTable) -> tuple[RangeTable, list[str]]:
+    """``table`` with the inputs of saturating fixed-range ops re-ranged by the module's rule.
+
+    Args:
+        graph: the float graph the ranges were calibrated on.
+        table: the calibrated ranges (any method).
+        extrema: the exact observed (min, max) per tensor (``Calibrator.extrema()``).
+
+    Returns:
+        The new table (a copy; ``table`` is not changed) and the names of the tensors whose range changed.
+    """
+    consumers = graph.consumers()
+    out = dict(table)
+    changed = []
+    for name, readers in consumers.items():
+        if name in graph.inputs or name not in extrema or name not in table or not readers:
+            continue
+        if not all(r.op_type in SATURATING and r.inputs and r.inputs[0] == name for r in readers):
+            continue
+        spans = [_useful_interval(r) for r in readers]  # the union of what every reader can still resolve
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        ext = extrema[name]
+        new_lo, new_hi = max(ext.min, lo), min(ext.max, hi)
+        if new_lo > new_hi:  # every observed value beyond one end: keep the calibrated range
+            continue
+        new = Range(new_lo, new_hi)
+        if new != table[name]:
+            log.info("range of %s (read by %s): [%g, %g] -> [%g, %g]", name, readers[0].op_type, table[name].min,
+                     table[name].max, new.min, new.max)
+            out[name] = new
+            changed.append(name)
+    return out, changed
