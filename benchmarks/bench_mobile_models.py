@@ -254,13 +254,20 @@ def load_models(which: list[str], work: Path) -> list[Model]:
 # ------------------------------------------------------------------------------------------- quantizers
 
 
-def qmace_quantize(m: Model, schema: str) -> tuple[object, list[str]]:
-    """``qmace quantize``'s default pipeline: equalization, percentile 99.95 ranges, bias correction."""
+def qmace_calibrate(m: Model) -> tuple[object, object, object]:
+    """The schema-independent part of ``qmace quantize``'s default pipeline: activation equalization, then
+    one calibration pass (histogram percentile 99.95 and the bias-correction means)."""
     samples = lambda: (Sample("", {m.input_name: x[None]}) for x in m.calib)
     g, _ = equalize_on(m.graph, samples(), 1)
     cal = make_calibrator("percentile", percentile=99.95)
     means = ChannelMeans(g)
     calibrate(g, samples(), cal, 1, observers=[means])
+    return g, cal, means
+
+
+def qmace_quantize(m: Model, schema: str, calibrated: tuple) -> tuple[object, list[str]]:
+    """Bias correction for ``schema``, dense-output ranges (``qmace.quantize.dense``), quantization."""
+    g, cal, means = calibrated
     g, _ = correct_biases(g, means, schema)
     table, _ = saturating_input_ranges(g, cal.ranges(), cal.extrema())
     res = quantize_graph(g, table, QuantizeOptions(schema=schema, input_ranges={m.input_name: m.input_range}))
@@ -318,19 +325,22 @@ def float_ops_in_ort(model: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------- metrics
 
 
-def task_metric(m: Model, ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
-    """(task metric over the eval set, fraction of images whose task score >= 0.95 or whose cosine >= 0.98)."""
+def task_metric(m: Model, ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float]:
+    """(task metric over the eval set, fraction of images whose task score >= 0.95 or whose cosine >= 0.98,
+    and for maps the IoU of all eval pixels pooled: sum of intersections / sum of unions)."""
     cos = np.array([compare(r, o).cosine for r, o in zip(ref, out)])
     if m.metric == "top1":
         agree = ref.reshape(len(ref), -1).argmax(1) == out.reshape(len(out), -1).argmax(1)
-        return float(agree.mean()), float((cos >= COSINE).mean())
+        return float(agree.mean()), float((cos >= COSINE).mean()), float("nan")
+    a, b = ref > m.thresh, out > m.thresh
+    pooled = float(np.logical_and(a, b).sum() / max(1, np.logical_or(a, b).sum()))
     ious = []
     for r, o in zip(ref, out):
         a, b = r > m.thresh, o > m.thresh
         union = np.logical_or(a, b).sum()
         ious.append(1.0 if union == 0 else float(np.logical_and(a, b).sum() / union))
     ious = np.array(ious)
-    return float(ious.mean()), float(np.mean((ious >= 0.95) | (cos >= COSINE)))
+    return float(ious.mean()), float(np.mean((ious >= 0.95) | (cos >= COSINE))), pooled
 
 
 def run_all(fn, xs: np.ndarray) -> np.ndarray:
@@ -359,9 +369,10 @@ def bench_model(m: Model, schemas: list[str], work: Path, nncf_python: str | Non
         return lambda x: s.run(None, {name: x})[0]
 
     variants: dict[str, dict] = {"FP32": {"ort": ort_fn(m.fp32_onnx), "ov": ov_fn(m.fp32_onnx), "float_ops": "-"}}
+    calibrated = qmace_calibrate(m)
     for schema in schemas:
         t0 = time.perf_counter()
-        qg, fallbacks = qmace_quantize(m, schema)
+        qg, fallbacks = qmace_quantize(m, schema, calibrated)
         s_ort = Session(qg, backend="onnxruntime", num_threads=1)
         s_ov = Session(qg, backend="openvino", num_threads=1)
         kinds = sorted({f.split("(")[1].split(")")[0] for f in fallbacks})
@@ -402,10 +413,12 @@ def bench_model(m: Model, schemas: list[str], work: Path, nncf_python: str | Non
         row["ov_speedup"] = lat["FP32|ov"] / row["ov_ms"] if row["ov_ms"] == row["ov_ms"] else float("nan")
         for be in ("ort", "ov"):
             if v[be] is None:
-                row.update({f"{be}_metric": float("nan"), f"{be}_within": float("nan"), f"{be}_sqnr": float("nan")})
+                row.update({f"{be}_metric": float("nan"), f"{be}_within": float("nan"), f"{be}_sqnr": float("nan"),
+                            f"{be}_pooled": float("nan")})
                 continue
             out = run_all(v[be], m.evals)
-            metric, within = task_metric(m, ref, out)
+            metric, within, pooled = task_metric(m, ref, out)
+            row[f"{be}_pooled"] = pooled
             row[f"{be}_metric"] = metric
             row[f"{be}_within"] = within
             row[f"{be}_sqnr"] = compare(ref, out).sqnr_db
@@ -416,21 +429,29 @@ def bench_model(m: Model, schemas: list[str], work: Path, nncf_python: str | Non
     return rows
 
 
-def report(rows: list[dict], models: list[Model]) -> str:
+def report(rows: list[dict]) -> str:
+    """One markdown table per model (rows as ``bench_model`` returns them, or read back from ``--json``)."""
     parts = []
-    for m in models:
-        mr = [r for r in rows if r["model"] == m.name]
-        if not mr:
-            continue
-        metric = "top-1 agreement" if m.metric == "top1" else f"mean IoU@{m.thresh}"
-        head = ["quantizer", "float ops", "ORT ms", "FP32/int8 ORT", "OV ms", "FP32/int8 OV", f"{metric} ORT",
-                "ok images ORT", "SQNR dB ORT", f"{metric} OV", "ok images OV", "SQNR dB OV"]
-        body = [[r["quantizer"], r["float_ops"], f"{r['ort_ms']:.2f}", f"{r['ort_speedup']:.2f}x",
-                 f"{r['ov_ms']:.2f}", f"{r['ov_speedup']:.2f}x", f"{r['ort_metric']:.3f}", f"{100 * r['ort_within']:.0f}%",
-                 f"{r['ort_sqnr']:.1f}", f"{r['ov_metric']:.3f}", f"{100 * r['ov_within']:.0f}%", f"{r['ov_sqnr']:.1f}"]
-                for r in mr]
-        parts.append(f"### {m.name} ({len(m.calib)} calibration / {len(m.evals)} evaluation inputs)\n\n"
-                     + md_table(head, body))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mr = [r for r in rows if r["model"] == name]
+        top1 = name == "cls"
+        metric = "top-1 agr." if top1 else "mean IoU"
+
+        def f(v, fmt):
+            return "n/a" if v != v else format(v, fmt)
+
+        head = ["quantizer", "float ops", "ORT ms", "FP32/int8 ORT", "OV ms", "FP32/int8 OV"]
+        for be in ("ORT", "OV"):
+            head += [f"{metric} {be}"] + ([] if top1 else [f"pooled IoU {be}"]) + [f"ok images {be}", f"SQNR dB {be}"]
+        body = []
+        for r in mr:
+            line = [r["quantizer"], r["float_ops"], f(r["ort_ms"], ".2f"), f(r["ort_speedup"], ".2f") + "x",
+                    f(r["ov_ms"], ".2f"), f(r["ov_speedup"], ".2f") + "x"]
+            for be in ("ort", "ov"):
+                line += [f(r[f"{be}_metric"], ".3f")] + ([] if top1 else [f(r.get(f"{be}_pooled", float("nan")), ".3f")])
+                line += [f(100 * r[f"{be}_within"], ".0f") + "%", f(r[f"{be}_sqnr"], ".1f")]
+            body.append(line)
+        parts.append(f"### {name}\n\n" + md_table(head, body))
     return "\n\n".join(parts)
 
 
@@ -442,7 +463,11 @@ def main() -> int:
                     help="a Python with nncf (empty: skip NNCF)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--report", type=Path, default=None, help="only print the tables of a --json file")
     args = ap.parse_args()
+    if args.report is not None:
+        print(report(json.loads(args.report.read_text())))
+        return 0
     work = default_cache() / "bench-mobile"
     work.mkdir(parents=True, exist_ok=True)
     nncf_python = args.nncf_python if args.nncf_python and Path(args.nncf_python).exists() else None
@@ -450,7 +475,7 @@ def main() -> int:
     rows = []
     for m in models:
         rows += bench_model(m, args.schemas.split(","), work, nncf_python, args.repeats)
-    print(report(rows, models))
+    print(report(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -114,7 +114,7 @@ def _pyramid():
              "w2": rand(rng, 8, 8, 3, 3, scale=0.3), "b2": rand(rng, 8, scale=0.1),
              "w3": rand(rng, 8, 8, 1, 1, scale=0.3), "b3": rand(rng, 8, scale=0.1),
              "w4": rand(rng, 8, 16, 1, 1, scale=0.3), "b4": rand(rng, 8, scale=0.1),
-             "wt": rand(rng, 8, 1, 2, 2, scale=0.5), "bt": rand(rng, 1, scale=0.1),
+             "wt": rand(rng, 8, 1, 3, 3, scale=0.5), "bt": rand(rng, 1, scale=0.1),
              "scales": np.array([1, 1, 2, 2], np.float32)}
     inits["w2"][0] *= 8  # one wide channel: something for equalization to do
     nodes = [
@@ -128,7 +128,8 @@ def _pyramid():
         helper.make_node("Concat", ["r1", "r3"], ["cat"], name="cat", axis=1),
         helper.make_node("Conv", ["cat", "w4", "b4"], ["c4"], name="c4"),
         helper.make_node("Relu", ["c4"], ["r4"], name="r4"),
-        helper.make_node("ConvTranspose", ["r4", "wt", "bt"], ["logits"], name="deconv", strides=[2, 2]),
+        helper.make_node("ConvTranspose", ["r4", "wt", "bt"], ["logits"], name="deconv", strides=[2, 2],
+                         pads=[1, 1, 1, 1], output_padding=[1, 1]),  # 3x3 stride 2: stays a ConvTranspose
         helper.make_node("Sigmoid", ["logits"], ["prob"], name="sig"),
     ]
     return optimize(onnx_to_graph(make_onnx(nodes, {"x": (1, 3, 16, 16)}, ["prob"], inits)))

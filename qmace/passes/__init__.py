@@ -9,6 +9,7 @@ from qmace.ir import Graph
 from qmace.passes.affine import fold_affine
 from qmace.passes.bn import fold_batchnorm
 from qmace.passes.cleanup import remove_identities
+from qmace.passes.deconv import deconv_to_conv, fold_deconv_bias
 from qmace.passes.fold import fold_constants
 from qmace.passes.fuse import fuse_activations
 from qmace.passes.hardswish import fuse_hardswish
@@ -18,12 +19,14 @@ from qmace.passes.transpose import sink_transposes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fold_affine", "fold_batchnorm", "fold_constants", "fold_pads", "fuse_activations", "fuse_hardswish", "infer_shapes", "optimize", "remove_identities", "sink_transposes"]
+__all__ = ["deconv_to_conv", "fold_affine", "fold_batchnorm", "fold_deconv_bias", "fold_constants", "fold_pads", "fuse_activations", "fuse_hardswish", "infer_shapes", "optimize", "remove_identities", "sink_transposes"]
 
 
 def optimize(graph: Graph, fuse: bool = True) -> Graph:
     """Identity removal, shape inference + constant folding to a fixed point, transpose sinking,
-    HardSigmoid/HardSwish fusion, BatchNorm and per-channel Mul/Add folding, zero Pad into Conv, activation fusion, dead-node removal, final shape inference.
+    HardSigmoid/HardSwish fusion, ConvTranspose bias Adds, BatchNorm and per-channel Mul/Add folding, zero Pad
+    into Conv, activation fusion, ConvTranspose with kernel == stride as Conv + DepthToSpace, dead-node removal,
+    final shape inference.
 
     Args:
         graph: the float graph (not modified).
@@ -52,10 +55,12 @@ def optimize(graph: Graph, fuse: bool = True) -> Graph:
         stats["identities"] += remove_identities(g)
         infer_shapes(g)
     stats["hardswish"] = fuse_hardswish(g)
+    stats["deconv_biases"] = fold_deconv_bias(g)
     stats["batchnorms"] = fold_batchnorm(g)
     stats["affine"] = fold_affine(g)
     stats["pads"] = fold_pads(g)
     stats["activations"] = fuse_activations(g) if fuse else 0
+    stats["deconvs"] = deconv_to_conv(g)
     g.remove_unused()
     infer_shapes(g)
     log.info("passes: removed %(identities)d identities, folded %(constants)d constant nodes, "

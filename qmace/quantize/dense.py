@@ -19,7 +19,10 @@ of their *inputs*:
 
 ``min``/``max`` are the exact extremes seen during calibration (``Calibrator.extrema``). The rule applies to
 a tensor only when every reader is such an op (a tensor that also feeds a Conv keeps its calibrated range),
-and never to graph inputs (their ranges are the YAML's ``input_ranges``).
+and never to graph inputs (their ranges are the YAML's ``input_ranges``). Through code-moving ops
+(DepthToSpace, Reshape, Transpose: output parameters = input parameters) the rule reaches the tensor whose
+range actually sets those parameters (e.g. the Conv before the DepthToSpace of a rewritten ConvTranspose).
+A tensor whose observed values all lie beyond one end of the interval keeps its calibrated range.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import logging
 import math
 
 from qmace.ir import Graph
+from qmace.ops import get_op
 from qmace.quantize.ranges import Range, RangeTable
 
 log = logging.getLogger(__name__)
@@ -63,7 +67,7 @@ def saturating_input_ranges(graph: Graph, table: RangeTable, extrema: RangeTable
     Returns:
         The new table (a copy; ``table`` is not changed) and the names of the tensors whose range changed.
     """
-    consumers = graph.consumers()
+    producers, consumers = graph.producers(), graph.consumers()
     out = dict(table)
     changed = []
     for name, readers in consumers.items():
@@ -73,14 +77,33 @@ def saturating_input_ranges(graph: Graph, table: RangeTable, extrema: RangeTable
             continue
         spans = [_useful_interval(r) for r in readers]  # the union of what every reader can still resolve
         lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-        ext = extrema[name]
-        new_lo, new_hi = max(ext.min, lo), min(ext.max, hi)
-        if new_lo > new_hi:  # every observed value beyond one end: keep the calibrated range
-            continue
-        new = Range(new_lo, new_hi)
-        if new != table[name]:
-            log.info("range of %s (read by %s): [%g, %g] -> [%g, %g]", name, readers[0].op_type, table[name].min,
-                     table[name].max, new.min, new.max)
-            out[name] = new
-            changed.append(name)
+        for t in _copy_chain(graph, name, producers, consumers):
+            if t not in extrema or t not in table:
+                continue
+            a, b = max(extrema[t].min, lo), min(extrema[t].max, hi)
+            if a > b:
+                continue
+            new = Range(a, b)
+            if new != table[t]:
+                log.info("range of %s (read by %s): [%g, %g] -> [%g, %g]", t, readers[0].op_type, table[t].min,
+                         table[t].max, new.min, new.max)
+                out[t] = new
+                changed.append(t)
     return out, changed
+
+
+def _copy_chain(graph: Graph, name: str, producers: dict, consumers: dict) -> list[str]:
+    """``name`` and, walking back, the inputs of the code-moving ops that produce it (DepthToSpace, Reshape, ...:
+    their output shares their input's parameters, so the input's range is the one that counts), while each
+    input has that op as its only reader."""
+    chain = [name]
+    while True:
+        prod = producers.get(chain[-1])
+        if prod is None or not prod.inputs:
+            return chain
+        op = get_op(prod.op_type)
+        src = prod.inputs[0]
+        if (op.quant_kernel != "copy" or op.output_range != "input" or src in graph.inputs
+                or len(consumers.get(src, [])) != 1 or graph.tensors[src].is_constant):
+            return chain
+        chain.append(src)
