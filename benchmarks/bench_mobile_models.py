@@ -2,7 +2,7 @@
 """Issue 10: real mobile models beyond MobileNetV2, quantized by qmace, ORT ``quantize_static`` and NNCF.
 
     python benchmarks/bench_mobile_models.py [--models det,seg,cls] [--schemas int8_w7,int8,uint8]
-        [--nncf-python /work/venv-nncf/bin/python] [--repeats 15] [--json OUT]
+        [--nncf-python PY] [--repeats 15] [--json OUT]
 
 Setup: ``python scripts/fetch_assets.py rapidocr mediapipe stamps extra-photos``.
 
@@ -459,8 +459,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="det,seg,cls")
     ap.add_argument("--schemas", default="int8_w7,int8,uint8")
-    ap.add_argument("--nncf-python", default="/work/venv-nncf/bin/python",
-                    help="a Python with nncf (empty: skip NNCF)")
+    ap.add_argument("--nncf-python", default=os.environ.get("QMACE_NNCF_PYTHON", ""),
+                    help="a Python with nncf installed, e.g. a venv's (default $QMACE_NNCF_PYTHON; empty: skip NNCF)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--report", type=Path, default=None, help="only print the tables of a --json file")

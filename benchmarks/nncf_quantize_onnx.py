@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """NNCF's post-training quantization of an ONNX model with its defaults, for bench_mobile_models.py.
 
-    /work/venv-nncf/bin/python benchmarks/nncf_quantize_onnx.py MODEL.onnx CALIB.npz OUT.onnx
+    <python with nncf> benchmarks/nncf_quantize_onnx.py MODEL.onnx CALIB.npz OUT.onnx
 
 ``CALIB.npz`` holds one array per model input (first axis: the samples, each fed with batch 1).
 ``nncf.quantize(model, nncf.Dataset(samples))`` with every option left at its default (preset PERFORMANCE:
