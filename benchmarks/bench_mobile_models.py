@@ -29,8 +29,9 @@ Per model and quantizer: float ops left (qmace: the quantizer's fallback list; p
 tensors between DequantizeLinear and QuantizeLinear, i.e. every non-QDQ node whose ONNX Runtime graph is not a
 fused QLinear kernel is counted from ORT's optimized graph), latency at one thread on ONNX Runtime and OpenVINO
 (interleaved medians, ratio FP32 / int8 > 1 means int8 is faster), the task metric, the fraction of images
-with MACE's cosine >= 0.98 vs FP32, and SQNR over all outputs. qmace's pipeline is ``qmace quantize``'s
-default one (activation equalization, histogram percentile 99.95, bias correction, and the inputs of
+with MACE's cosine >= 0.98 vs FP32, and SQNR over all outputs. qmace's pipeline is ``qmace quantize
+--method percentile --percentile 99.95`` (activation equalization, histogram percentile 99.95, bias correction,
+the pipeline docs/quantization.md recommends; the inputs of
 Sigmoid/Tanh/HardSigmoid/Softmax ranged by ``qmace.quantize.dense``). ORT's own int8 models run
 as ORT runs them (its u8 x s8 kernels, which saturate on CPUs without VNNI); qmace's int8 models run on
 qmace's backend (exact: int8 weights as uint8 + 128 where ORT's kernels would saturate).
@@ -255,7 +256,7 @@ def load_models(which: list[str], work: Path) -> list[Model]:
 
 
 def qmace_calibrate(m: Model) -> tuple[object, object, object]:
-    """The schema-independent part of ``qmace quantize``'s default pipeline: activation equalization, then
+    """The schema-independent part of ``qmace quantize --method percentile``: activation equalization, then
     one calibration pass (histogram percentile 99.95 and the bias-correction means)."""
     samples = lambda: (Sample("", {m.input_name: x[None]}) for x in m.calib)
     g, _ = equalize_on(m.graph, samples(), 1)
