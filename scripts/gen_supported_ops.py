@@ -26,7 +26,10 @@ RANGE = {RangeRule.STAT: "calibrated", RangeRule.INPUT: "same as input", RangeRu
 def kernel_text(op) -> str:
     """The op's kernel kind, per attribute value where it depends on one (``kernel_variants``)."""
     if not op.kernel_variants:
-        return KERNEL[op.quant_kernel]
+        kernel = KERNEL[op.quant_kernel]
+        if op.quant_kernel == "float" and op.ort_kernel:  # ORT has no QLinear kernel for it
+            kernel = kernel.replace("ORT: QLinear kernel", f"ORT: {op.ort_kernel}")
+        return kernel
     by_kind: dict = {}
     for key, kind in op.kernel_variants.items():
         by_kind.setdefault(kind, []).append(key)

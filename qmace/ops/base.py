@@ -117,6 +117,9 @@ class Op:
     # The ONNX opset the ONNX Runtime lowering needs for this op: 21 (the IR's), or the newer opset that
     # first defines it (RMSNormalization: 23).
     onnx_opset: ClassVar[int] = 21
+    # How ONNX Runtime runs a FLOAT-kernel op on codes when it has no QLinear kernel for it (a float island
+    # between DequantizeLinear/QuantizeLinear); None: ORT's integer kernel (docs/supported-ops.md shows it).
+    ort_kernel: ClassVar[str | None] = None
 
     @classmethod
     def attr(cls, node: Node, key: str) -> Any:
@@ -450,6 +453,20 @@ class Op:
             True for a channel-wise node.
         """
         return cls.channelwise
+
+    @classmethod
+    def saturating_input(cls, node: Node) -> tuple[float, float] | None:
+        """For a saturating op with a fixed output range (Sigmoid, Tanh, HardSigmoid, Softmax): the input
+        interval outside which its 8-bit output no longer changes (dense-output calibration keeps its input's
+        observed extremes within it, ``qmace.quantize.dense``); ``(-inf, inf)`` when there is no such bound.
+
+        Args:
+            node: a node of this op type.
+
+        Returns:
+            The interval, or None for any other op.
+        """
+        return None
 
     @classmethod
     def output_nonneg(cls, node: Node, constant: Callable[[str], np.ndarray | None],

@@ -24,9 +24,11 @@ Quantization traits (see ``qmace.ops.base``):
 - Relu and same-shape Add are ``channelwise``; sign traits: Relu/Sigmoid/HardSigmoid non-negative,
   Add/Mul keep the sign of all inputs, Clip is non-negative when its lower bound is >= 0 or its input is.
 - LeakyRelu: ``Kernel.FLOAT`` (ORT's QLinearLeakyRelu).
-- Gelu, HardSwish: ``Kernel.FLOAT`` (ORT runs them in float32 between its Q/DQ nodes), range from statistics;
-  the pass ``qmace.passes.decomposed`` fuses their decomposed spellings into them. HardSigmoid: ``Kernel.FLOAT``
-  with the fixed range (0, 1).
+- Gelu, HardSwish: ``Kernel.FLOAT``, range from statistics; HardSigmoid: ``Kernel.FLOAT`` with the fixed
+  range (0, 1). ONNX Runtime has no integer kernel for them (``ort_kernel`` says so): the lowered
+  DequantizeLinear -> op -> QuantizeLinear runs in float (one elementwise island). The passes
+  ``qmace.passes.decomposed`` and ``qmace.passes.hardswish`` fuse their decomposed spellings into them, so a
+  HardSwish costs one island instead of four 8-bit round trips.
 - Everything else has no integer kernel (float fallback between DequantizeLinear/QuantizeLinear).
 """
 
@@ -428,6 +430,11 @@ class Tanh(_Unary):
     fixed_range = Range(-1.0, 1.0)
 
     @classmethod
+    def saturating_input(cls, node):
+        edge = 0.5 * math.log(2 * 255 - 1)  # tanh(x) >= 1 - 1/255 (the last 8-bit step of [-1, 1]) beyond
+        return -edge, edge
+
+    @classmethod
     def compute(cls, node, x):
         return np.tanh(x)
 
@@ -450,6 +457,11 @@ class Sigmoid(_Unary):
     sign = Sign.NONNEG
 
     @classmethod
+    def saturating_input(cls, node):
+        edge = math.log(2 * 255 - 1)  # sigmoid(x) >= 1 - 0.5/255 (the last 8-bit step of [0, 1]) beyond
+        return -edge, edge
+
+    @classmethod
     def compute(cls, node, x):
         return 1.0 / (1.0 + np.exp(-x))
 
@@ -469,6 +481,7 @@ class Gelu(_Unary):
     defaults: ClassVar[dict[str, Any]] = {"approximate": "none"}
     float64_math = True
     quant_kernel = Kernel.FLOAT
+    ort_kernel = "none, a float island between DequantizeLinear/QuantizeLinear"
 
     @classmethod
     def compute(cls, node, x):
@@ -545,10 +558,20 @@ class HardSigmoid(_Unary):
 
     op_type = "HardSigmoid"
     sign = Sign.NONNEG
+    ort_kernel = "none, a float island between DequantizeLinear/QuantizeLinear"
     defaults: ClassVar[dict[str, Any]] = {"alpha": 0.2, "beta": 0.5}
     quant_kernel = Kernel.FLOAT  # SE gates of PP-LCNet/MobileNetV3; ORT runs it in float32 between Q/DQ
     range_rule = RangeRule.FIXED
     fixed_range = Range(0.0, 1.0)
+
+    @classmethod
+    def saturating_input(cls, node):
+        alpha, beta = float(cls.attr(node, "alpha")), float(cls.attr(node, "beta"))
+        if alpha > 0:
+            return -beta / alpha, (1.0 - beta) / alpha  # the linear part; outside it exactly 0 or 1
+        if alpha < 0:
+            return (1.0 - beta) / alpha, -beta / alpha
+        return -math.inf, math.inf  # a constant output
 
     @classmethod
     def compute(cls, node, x):
@@ -568,6 +591,7 @@ class HardSwish(_Unary):
     """``x * max(0, min(1, x / 6 + 0.5))``."""
 
     op_type = "HardSwish"
+    ort_kernel = "none, a float island between DequantizeLinear/QuantizeLinear"
     quant_kernel = Kernel.FLOAT  # ORT runs it in float32 between its Q/DQ nodes
 
     @classmethod

@@ -251,6 +251,9 @@ class Resize(Op):
     """
     op_type = "Resize"
     sign = Sign.FIRST
+    # Nearest, linear and cubic outputs are per-channel weighted sums of X, so a positive per-channel scale
+    # commutes with them where N and C are kept (equalization); not tf_crop_and_resize's extrapolation value.
+    channelwise = True
     defaults: ClassVar[dict[str, Any]] = {
         "antialias": 0,
         "axes": None,
@@ -266,6 +269,12 @@ class Resize(Op):
     kernel_variants: ClassVar[dict[str, Kernel]] = {
         "mode=nearest": Kernel.COPY, "mode=linear": Kernel.FLOAT, "mode=cubic": Kernel.FLOAT}
     range_rule = RangeRule.INPUT
+
+    @classmethod
+    def is_channelwise(cls, node, shape_of):
+        si, so = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+        return (cls.attr(node, "coordinate_transformation_mode") != "tf_crop_and_resize"
+                and si is not None and so is not None and len(si) >= 2 and tuple(si[:2]) == tuple(so[:2]))
 
     @classmethod
     def kernel_for(cls, node: Node) -> Kernel:

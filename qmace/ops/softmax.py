@@ -7,6 +7,7 @@ output range is fixed to [0, 1]; LogSoftmax's range comes from statistics (it is
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,6 +29,10 @@ class Softmax(Op):
     quant_kernel = Kernel.FLOAT
     range_rule = RangeRule.FIXED
     fixed_range = Range(0.0, 1.0)
+
+    @classmethod
+    def saturating_input(cls, node):
+        return -math.inf, math.inf  # saturation depends on each row's maximum: no global bound
 
     @classmethod
     def run(cls, node, inputs):

@@ -161,6 +161,14 @@ class ExtremaPercentile:
         """
         return quantize_stat(self.log, self.percentile, self.enhance, self.enhance_ratio)
 
+    def extrema(self) -> RangeTable:
+        """The exact (min, max) over every sample seen, per tensor (no percentile, no enhance).
+
+        Returns:
+            Tensor name -> (min, max).
+        """
+        return {name: Range(min(s.mins), max(s.maxs)) for name, s in self.log.items() if s.mins}
+
 
 # ------------------------------------------------------------------------------------------- histograms
 
@@ -300,6 +308,14 @@ class _HistogramMethod:
             Tensor name -> (min, max).
         """
         return {name: self._range(h) for name, h in self._hists.items()}
+
+    def extrema(self) -> RangeTable:
+        """The exact (min, max) over every value seen, per tensor (what the histogram methods clamp to).
+
+        Returns:
+            Tensor name -> (min, max).
+        """
+        return {name: Range(h.min, h.max) for name, h in self._hists.items()}
 
     def _range(self, h: _Histogram) -> Range:
         raise NotImplementedError

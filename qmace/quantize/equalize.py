@@ -12,7 +12,7 @@ Rules (see docs/quantization.md, "Activation equalization"):
 
 - The inputs and output of a channel-wise node (the op trait ``channelwise``, checked per node by
   ``is_channelwise``: a same-shape ``Add`` joining a residual stream, pooling, Relu, a Flatten that keeps
-  channels) form one group and share one scale vector, so the node commutes with the rescaling. Every
+  channels, a Resize that keeps N and C) form one group and share one scale vector, so the node commutes with the rescaling. Every
   producer of the group must be a linear layer (an op with ``weight_rows``: Conv, Gemm, MatMul) whose output
   channels sit on axis 1 (``channel_axis``) and can be scaled (any ``group``; fused Relu; fused Clip only as
   ``[0, hi]`` with every rescaled calibration value of its output still at most ``hi``; scales are at least
@@ -99,7 +99,7 @@ def _groups(graph: Graph) -> list[list[str]]:
         find(name)
     for n in graph.nodes:
         if _passes_channels(graph, n):
-            for i in n.inputs:
+            for i in _channel_inputs(n):
                 parent[find(i)] = find(n.outputs[0])
     groups: dict[str, list[str]] = {}
     for name in order:
@@ -107,10 +107,17 @@ def _groups(graph: Graph) -> list[list[str]]:
     return list(groups.values())
 
 
+def _channel_inputs(node: Node) -> list[str]:
+    """The inputs a channel-wise node carries channels through: all of them for an op whose inputs are all
+    data (``const_data_inputs``: Add), else input 0 (Resize's roi/scales/sizes are parameters)."""
+    return node.inputs if get_op(node.op_type).const_data_inputs else node.inputs[:1]
+
+
 def _passes_channels(graph: Graph, node: Node) -> bool:
-    """A channel-wise node (op trait) whose inputs are all activations."""
+    """A channel-wise node (op trait) whose channel inputs (``_channel_inputs``) are all activations."""
     op = get_op(node.op_type)
-    if not op.channelwise or not node.inputs or any(not i or graph.tensors[i].is_constant for i in node.inputs):
+    data = _channel_inputs(node)
+    if not op.channelwise or not data or any(not i or graph.tensors[i].is_constant for i in data):
         return False
     return op.is_channelwise(node, lambda t: graph.tensors[t].shape)
 
@@ -139,7 +146,7 @@ def _linear(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray | None] | 
 def _producer_ok(graph: Graph, node: Node, members: set[str], scaled_max: float) -> bool:
     """``scaled_max``: the largest rescaled calibration value of the node's output."""
     if _passes_channels(graph, node):
-        return all(i in members for i in node.inputs)
+        return all(i in members for i in _channel_inputs(node))
     if _linear(graph, node) is None or not _channels_on_axis_1(graph, node, node.outputs[0]):
         return False
     act = node.attrs.get("qm_activation")  # the fused activation's op type

@@ -18,6 +18,7 @@ from qmace.quantize.adaround import InputStatistics
 from qmace.quantize.adaround import adaround as run_adaround
 from qmace.quantize.bias_correction import ChannelMeans, correct_biases
 from qmace.quantize.calibration import Calibrator, make_calibrator
+from qmace.quantize.dense import saturating_input_ranges
 from qmace.quantize.equalize import ChannelMaxima, equalize_activations
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
 from qmace.quantize.ranges import DEFAULT_ENHANCE_RATIO, RangeTable, read_range_file
@@ -388,6 +389,8 @@ def run_ptq(
     count = calibrate(graph, _stream(samples, progress, total, "calibration"), calibrator, num_threads,
                       observers=[o for o in (means, moments) if o])
     table = calibrator.ranges()
+    if recipe.method != "mace":  # MACE's method keeps MACE's range files; the others keep rare probability-map pixels
+        table, _ = saturating_input_ranges(graph, table, calibrator.extrema())
     corrected, fixed = 0, {}
     if means is not None:
         graph, corrected = correct_biases(graph, means, schema)

@@ -1,0 +1,129 @@
+"""HardSigmoid / HardSwish fusion (qmace.passes.hardswish): each decomposed spelling exporters write becomes
+one node, the float function is kept (against ONNX Runtime on the source model), intermediates with other
+readers stop the rewrite, and the quantized graph has no fallback and matches the reference codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from qmace.data import Sample
+from qmace.frontends.onnx_frontend import onnx_to_graph
+from qmace.passes import optimize
+from qmace.quantize.calibration import make_calibrator
+from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
+from qmace.quantize.recipe import calibrate
+from qmace.runtime import Session
+from tests.conftest import make_onnx, rand
+
+SHAPE = (1, 4, 6, 6)
+
+
+def _consts() -> dict[str, np.ndarray]:
+    return {"three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32),
+            "sixth": np.array(1.0 / 6.0, np.float32)}
+
+
+def _r6(x: str, out: str, swap: bool = False) -> list:
+    """out = Clip(Add(x, 3), 0, 6)."""
+    return [helper.make_node("Add", ["three", x] if swap else [x, "three"], [out + "_a"], name=out + "_add"),
+            helper.make_node("Clip", [out + "_a", "zero", "six"], [out], name=out + "_clip")]
+
+
+def _conv() -> tuple[list, dict]:
+    rng = np.random.default_rng(0)
+    return ([helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1])],
+            {"w": rand(rng, 4, 4, 3, 3, scale=1.5), "b": rand(rng, 4)})
+
+
+def _spelling(kind: str):
+    """A Conv followed by one spelling of HardSwish / HardSigmoid, output y."""
+    nodes, inits = _conv()
+    inits.update(_consts())
+    if kind == "paddle":  # Div(Mul(x, r6(x)), 6)
+        nodes += _r6("c", "r6") + [helper.make_node("Mul", ["c", "r6"], ["m"], name="mul"),
+                                   helper.make_node("Div", ["m", "six"], ["y"], name="div")]
+    elif kind == "torch_mul_sixth":  # Mul(Mul(r6(x), x), 1/6), Add's constant first
+        nodes += _r6("c", "r6", swap=True) + [helper.make_node("Mul", ["r6", "c"], ["m"], name="mul"),
+                                              helper.make_node("Mul", ["m", "sixth"], ["y"], name="scale")]
+    elif kind == "x_times_hardsigmoid":  # Mul(x, Div(r6(x), 6))
+        nodes += _r6("c", "r6") + [helper.make_node("Div", ["r6", "six"], ["hs"], name="div"),
+                                   helper.make_node("Mul", ["c", "hs"], ["y"], name="mul")]
+    elif kind == "native_hardsigmoid_mul":  # Mul(HardSigmoid(x, 1/6, 0.5), x)
+        nodes += [helper.make_node("HardSigmoid", ["c"], ["hs"], name="hsig", alpha=1.0 / 6.0, beta=0.5),
+                  helper.make_node("Mul", ["hs", "c"], ["y"], name="mul")]
+    elif kind == "hardsigmoid_only":  # Div(r6(x), 6)
+        nodes += _r6("c", "r6") + [helper.make_node("Div", ["r6", "six"], ["y"], name="div")]
+    else:
+        raise AssertionError(kind)
+    return make_onnx(nodes, {"x": SHAPE}, ["y"], inits)
+
+
+def _feeds(seed: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).uniform(-3, 3, size=SHAPE).astype(np.float32)}
+
+
+@pytest.mark.parametrize("kind, op", [("paddle", "HardSwish"), ("torch_mul_sixth", "HardSwish"),
+                                      ("x_times_hardsigmoid", "HardSwish"), ("native_hardsigmoid_mul", "HardSwish"),
+                                      ("hardsigmoid_only", "HardSigmoid")])
+def test_each_spelling_fuses_and_keeps_the_function(kind, op):
+    model = _spelling(kind)
+    g = optimize(onnx_to_graph(model))
+    assert g.op_counts() == {"Conv": 1, op: 1}, g.op_counts()
+    assert g.metadata["passes"]["hardswish"] + g.metadata["passes"]["hard_swishes"] >= 1  # either fusion pass
+    assert g.outputs == ["y"]
+    unfused = onnx_to_graph(model)
+    src = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for seed in range(3):
+        feeds = _feeds(seed)
+        want = src.run(["y"], feeds)[0]
+        for backend in ("reference", "onnxruntime"):
+            got = Session(g, backend=backend).run(feeds)["y"]
+            same_conv = Session(unfused, backend=backend).run(feeds)["y"]
+            # x*clip(x/6+0.5,0,1) vs x*clip(x+3,0,6)/6 on the same Conv output: float32 rounding only, which
+            # near the knee x = -3 (1 - 1/2 cancellation) reaches ~1e-7 * max|x| absolute
+            np.testing.assert_allclose(got, same_conv, rtol=1e-6, atol=2e-7 * np.abs(want).max(), err_msg=backend)
+            # vs ORT on the source model: also the Conv's summation order differs (test_passes' tolerances)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=backend)
+
+
+def test_intermediate_with_another_reader_is_not_fused():
+    nodes, inits = _conv()
+    inits.update(_consts())
+    nodes += _r6("c", "r6") + [helper.make_node("Mul", ["c", "r6"], ["m"], name="mul"),
+                               helper.make_node("Div", ["m", "six"], ["y"], name="div"),
+                               helper.make_node("Relu", ["r6"], ["z"], name="other_reader")]
+    g = optimize(onnx_to_graph(make_onnx(nodes, {"x": SHAPE}, ["y", "z"], inits)))
+    assert "HardSwish" not in g.op_counts() and "HardSigmoid" not in g.op_counts()
+    assert g.metadata["passes"]["hardswish"] == 0
+
+
+def test_other_constants_are_not_fused():
+    """Clip(x + 3, 0, 6) / 5 is not a HardSigmoid: left alone."""
+    nodes, inits = _conv()
+    inits.update(_consts())
+    inits["five"] = np.array(5.0, np.float32)
+    nodes += _r6("c", "r6") + [helper.make_node("Div", ["r6", "five"], ["y"], name="div")]
+    g = optimize(onnx_to_graph(make_onnx(nodes, {"x": SHAPE}, ["y"], inits)))
+    assert g.metadata["passes"]["hardswish"] == 0 and "Div" in g.op_counts()
+
+
+@pytest.mark.parametrize("schema", ["uint8", "int8"])
+def test_fused_graph_quantizes_without_fallback(schema):
+    g = optimize(onnx_to_graph(_spelling("paddle")))
+    cal = make_calibrator("mace", percentile=0.0)
+    calibrate(g, [Sample(f"_{i}", _feeds(10 + i)) for i in range(6)], cal)
+    res = quantize_graph(g, cal.ranges(), QuantizeOptions(schema=schema, input_ranges={"x": (-3.0, 3.0)}))
+    assert res.fallbacks == []
+    qg = res.graph
+    for seed in range(3):
+        feeds = _feeds(20 + seed)
+        ref = Session(qg, backend="reference").run(feeds)["y"]
+        fast = Session(qg, backend="onnxruntime", num_threads=1).run(feeds)["y"]
+        flt = Session(g, backend="reference").run(feeds)["y"]
+        step = float(np.ptp(flt)) / 255
+        # ORT's float HardSwish vs numpy's: the same codes but for rare 1-step rounding ties
+        assert np.abs(fast - ref).max() <= step * 1.01
+        assert np.abs(ref - flt).max() <= 4 * step
