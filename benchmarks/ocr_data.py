@@ -34,7 +34,7 @@ from qmace_zoo.ocr import (
     recognizer_charset,
     render_line,
     save_lines,
-    split_of,
+    split_pools,
     strip_boxes,
 )
 
@@ -67,11 +67,11 @@ def build(cache: Path, n_calib: int, n_eval: int, seed: int) -> tuple[Path, list
     if tmp.exists():
         shutil.rmtree(tmp)
     lines: list[Line] = []
+    pools = split_pools(phrases, photos)
     for split, count in (("calib", n_calib), ("eval", n_eval)):
         (tmp / split).mkdir(parents=True)
         rng = np.random.default_rng([seed, 0 if split == "calib" else 1])
-        pool = [(t, s) for t, s in phrases if split_of(t) == split]
-        bgs = [p for p in photos if split_of(Path(p).name) == split]
+        pool, bgs = pools[split]
         order = rng.permutation(len(pool))
         made = 0
         for i in order:

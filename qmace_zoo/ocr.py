@@ -73,6 +73,25 @@ def split_of(key: str) -> str:
     return "calib" if hashlib.sha256(key.encode("utf-8")).digest()[0] < CALIB_CUT else "eval"
 
 
+def split_pools(phrases: list[tuple[str, str]], photos: list[str]) -> dict[str, tuple[list, list]]:
+    """``{"calib": (phrases, photos), "eval": (phrases, photos)}`` by :func:`split_of` of each phrase and of
+    each photo's file name (order kept). A phrase listed twice lands on one side only.
+
+    Args:
+        phrases: (phrase, source) pairs.
+        photos: background photo paths.
+
+    Returns:
+        The two disjoint pools.
+    """
+    out: dict[str, tuple[list, list]] = {"calib": ([], []), "eval": ([], [])}
+    for t, src in phrases:
+        out[split_of(t)][0].append((t, src))
+    for p in photos:
+        out[split_of(Path(p).name)][1].append(p)
+    return out
+
+
 def preprocess_line(image, height: int = REC_HEIGHT, width: int = REC_WIDTH) -> np.ndarray:
     """One line image -> (3, height, width) float32 as RapidOCR's ``resize_norm_img`` (batch of one).
 
