@@ -34,8 +34,23 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # repository root: qmace_zoo is not installed
 
+
+def _load_zoo() -> None:
+    """This repository's ``qmace_zoo`` (not installed), without putting the repository first on ``sys.path``:
+    ``qmace`` itself then comes from PYTHONPATH, so ``PYTHONPATH=<other worktree>`` measures that qmace."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qmace_zoo", REPO / "qmace_zoo" / "__init__.py",
+                                                  submodule_search_locations=[str(REPO / "qmace_zoo")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["qmace_zoo"] = module
+    spec.loader.exec_module(module)
+
+
+_load_zoo()
+
+import qmace  # before benchmarks/common.py, which puts this repository first on sys.path
 from qmace_zoo.ocr import (
     LINES_DIR,
     REC_HEIGHT,
@@ -155,6 +170,45 @@ def metrics(ref: np.ndarray, got: np.ndarray, kinds: list[str], ref_text: list[s
             "cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "texts": got_text}
 
 
+def constants_as_initializers(path: Path) -> bytes:
+    """The model with every ``Constant`` node's tensor moved into the initializers (same graph, same values):
+    paddle2onnx writes the recognizer's weights as Constant nodes, and qmace's exact hand-over
+    (``int8_weights_as_uint8``) looks for weights among the initializers."""
+    import onnx
+
+    m = onnx.load(str(path))
+    keep = []
+    for n in m.graph.node:
+        value = next((a.t for a in n.attribute if a.name == "value"), None)
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and value is not None:
+            t = onnx.TensorProto()
+            t.CopyFrom(value)
+            t.name = n.output[0]
+            m.graph.initializer.append(t)
+        else:
+            keep.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m.SerializeToString()
+
+
+def add_peer(sessions: dict, label: str, path: Path, threads: int) -> None:
+    """A peer's QDQ model twice: in plain ONNX Runtime (as its users run it; on a CPU without VNNI its u8 x s8
+    kernels saturate) and through qmace's exact hand-over (int8 weights as uint8 + 128 where the host
+    saturates, ``qmace.runtime.session.ort_session(exact_int8=True)``)."""
+    from qmace.runtime.session import ort_session, ort_u8s8_exact
+
+    plain = ort_plain(path, threads)
+    sessions[label] = lambda x, s=plain: s.run([REC_OUTPUT], {REC_INPUT: x})[0]
+    if ort_u8s8_exact():
+        return  # nothing to hand over differently on this host
+    try:
+        exact = ort_session(constants_as_initializers(path), threads, exact_int8=True)
+        sessions[label + ", int8 weights as u8 (exact)"] = lambda x, s=exact: s.run([REC_OUTPUT], {REC_INPUT: x})[0]
+    except Exception as e:  # e.g. a kernel ORT lacks for the rewritten types: a result, not a crash
+        print(f"{label}: exact hand-over failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+
+
 class Reader:
     """ONNX Runtime's CalibrationDataReader over the calibration inputs."""
 
@@ -174,16 +228,17 @@ class Reader:
 # ---------------------------------------------------------------------------------------- NNCF (child)
 
 
-def nncf_child(model: str, calib: str, out: str) -> int:
-    """Run inside the NNCF interpreter: ``nncf.quantize`` (defaults) of the ONNX model on the calibration
-    inputs (.npy, (N, 3, 48, 320)), saved to ``out``."""
+def nncf_child(model: str, calib: str, out: str, variant: str = "") -> int:
+    """Run inside the NNCF interpreter: ``nncf.quantize`` (defaults; ``variant == "transformer"``:
+    ``model_type=ModelType.TRANSFORMER``) of the ONNX model on the calibration inputs (.npy, (N, 3, 48, 320)),
+    saved to ``out`` (NNCF's default subset_size, 300, covers all the calibration lines)."""
     import nncf
     import onnx
 
     xs = np.load(calib)
     m = onnx.load(model)
-    q = nncf.quantize(m, nncf.Dataset([{REC_INPUT: xs[i:i + 1]} for i in range(len(xs))]),
-                      subset_size=len(xs))
+    extra = {"model_type": nncf.ModelType.TRANSFORMER} if variant == "transformer" else {}
+    q = nncf.quantize(m, nncf.Dataset([{REC_INPUT: xs[i:i + 1]} for i in range(len(xs))]), **extra)
     onnx.save(q, out)
     print(f"nncf {nncf.__version__}")
     return 0
@@ -205,12 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-ort", action="store_true", help="skip ONNX Runtime's quantize_static")
     ap.add_argument("--skip-nncf", action="store_true")
     ap.add_argument("--cache", type=Path, default=None)
-    ap.add_argument("--nncf-child", nargs=3, metavar=("MODEL", "CALIB_NPY", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--keep", type=Path, default=None, help="keep the built models in this folder")
+    ap.add_argument("--nncf-transformer", action="store_true",
+                    help="also NNCF with model_type=TRANSFORMER (its setting for attention models)")
+    ap.add_argument("--nncf-child", nargs="+", metavar="ARG", help=argparse.SUPPRESS)  # MODEL CALIB OUT [VARIANT]
     a = ap.parse_args(argv)
     if a.nncf_child:
         return nncf_child(*a.nncf_child)
 
-    import qmace
     from qmace.modelfile import load_graph
     from qmace.runtime import Session
     from qmace_zoo import default_cache
@@ -294,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             quantize_static(str(rec), str(ort_path), Reader(xc))
-            s_ort = ort_plain(ort_path, T)
-            sessions[label] = lambda x, s=s_ort: s.run([REC_OUTPUT], {REC_INPUT: x})[0]
+            add_peer(sessions, label, ort_path, T)
             fo = float_ops_of_qdq(ort_path)
             notes[label] = (f"{sum(fo.values())} compute nodes without a DequantizeLinear input: "
                             + ", ".join(f"{k} x{v}" for k, v in sorted(fo.items())))
@@ -304,17 +360,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: {time.perf_counter() - t0:.0f} s; {notes[label]}", flush=True)
 
     # NNCF, defaults, in its own interpreter
-    if a.nncf_python and not a.skip_nncf:
-        label = "NNCF quantize (ONNX, defaults)"
+    variants = [("", "defaults")] + ([("transformer", "model_type=TRANSFORMER")] if a.nncf_transformer else [])
+    for variant, what in variants if a.nncf_python and not a.skip_nncf else []:
+        label = f"NNCF quantize (ONNX, {what})"
         np.save(tmp / "calib.npy", xc)
-        nn_path = tmp / "nncf.onnx"
+        nn_path = tmp / f"nncf{variant}.onnx"
         t0 = time.perf_counter()
         proc = subprocess.run([a.nncf_python, __file__, "--nncf-child", str(rec), str(tmp / "calib.npy"),
-                               str(nn_path)], capture_output=True, text=True, check=False,
+                               str(nn_path), variant], capture_output=True, text=True, check=False,
                               env=dict(os.environ, OMP_NUM_THREADS=str(T)))
         if proc.returncode == 0:
-            s_nn = ort_plain(nn_path, T)
-            sessions[label] = lambda x, s=s_nn: s.run([REC_OUTPUT], {REC_INPUT: x})[0]
+            add_peer(sessions, label, nn_path, T)
             fo = float_ops_of_qdq(nn_path)
             notes[label] = (proc.stdout.strip().splitlines()[-1] + f"; {sum(fo.values())} compute nodes without a "
                             "DequantizeLinear input: " + ", ".join(f"{k} x{v}" for k, v in sorted(fo.items())))
@@ -364,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{common.machine_note()}; run time {time.perf_counter() - t_start:.0f} s")
     import shutil
 
+    if a.keep is not None:
+        a.keep.mkdir(parents=True, exist_ok=True)
+        for f in [*tmp.glob("*.onnx"), *tmp.rglob("*.qmace")]:
+            shutil.copy(f, a.keep / (f.name if f.suffix == ".onnx" else f"{f.parent.parent.parent.name}.qmace"))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
