@@ -87,7 +87,8 @@ def qmace_cli(*args: object, threads: int) -> str:
     """One qmace CLI command in a subprocess (the qmace on PYTHONPATH); its stdout. Exits when it fails."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "qmace", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=tempfile.gettempdir())
     if proc.returncode not in (0, 1) or (proc.returncode == 1 and args[0] != "run"):
         sys.exit(f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc.stdout
