@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-ort", action="store_true", help="skip ONNX Runtime's quantize_static")
     ap.add_argument("--skip-nncf", action="store_true")
     ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--float-nodes", default="",
+                    help="also run each schema with `qmace quantize --float_nodes` of these (diagnosis rows)")
     ap.add_argument("--keep", type=Path, default=None, help="keep the built models in this folder")
     ap.add_argument("--nncf-transformer", action="store_true",
                     help="also NNCF with model_type=TRANSFORMER (its setting for attention models)")
@@ -317,14 +319,17 @@ def main(argv: list[str] | None = None) -> int:
 
     ctc_yaml = "ctc_greedy" in VALIDATION_METRICS
     validate_note = ""
-    for schema in [s for s in a.schemas.split(",") if s]:
-        label = f"qmace quantize --schema {schema}"
-        yq = write_yaml(tmp / f"q_{schema}.yml", rec, quantize=True,
+    runs = [(s, "") for s in a.schemas.split(",") if s]
+    runs += [(s, a.float_nodes) for s in a.schemas.split(",") if s and a.float_nodes]
+    for schema, float_nodes in runs:
+        label = f"qmace quantize --schema {schema}" + (f" --float_nodes {float_nodes}" if float_nodes else "")
+        tag = schema + ("_float" if float_nodes else "")
+        yq = write_yaml(tmp / f"q_{tag}.yml", rec, quantize=True,
                         extra=("validation_outputs_metric: ctc_greedy",) if ctc_yaml else ())
-        bq = tmp / f"b_{schema}"
+        bq = tmp / f"b_{tag}"
         t0 = time.perf_counter()
         out = qmace_cli("quantize", "--config", yq, "--build_dir", bq, "--input_dir", calib_dir, "--schema", schema,
-                        "--num_threads", T, threads=T)
+                        "--num_threads", T, *(["--float_nodes", float_nodes] if float_nodes else []), threads=T)
         n_float, by, bit16 = summary_float_ops(out)
         notes[label] = (f"{n_float} ops in float: " + ", ".join(f"{k} x{v}" for k, v in sorted(by.items()))
                         + ("; " + "; ".join(bit16) if bit16 else ""))
@@ -332,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         gq = load_graph(next(bq.rglob("*.qmace")))
         sq = Session(gq, backend="onnxruntime", num_threads=T)
         sessions[label] = lambda x, s=sq: s.run({REC_INPUT: x})[REC_OUTPUT]
-        if schema == "int8" and ctc_yaml:
+        if schema == "int8" and not float_nodes and ctc_yaml:
             text = qmace_cli("run", "--config", yq, "--build_dir", bq, "--input_dir", eval_dir, "--validate",
                              "--num_threads", T, threads=T)
             fails = sum(1 for ln in text.splitlines() if ln.rstrip().endswith("FAIL"))
