@@ -4,12 +4,13 @@ quantized by qmace and by its peers, judged by what it reads.
     python scripts/fetch_assets.py rapidocr ocr-text extra-photos
     python benchmarks/ocr_data.py
     python benchmarks/bench_ocr.py [--threads 1] [--repeats 20] [--schemas int8,int8_w7,uint8]
-                                   [--nncf-python /work/venv-nncf/bin/python] [--skip-ort] [--skip-nncf]
+                                   [--nncf-python PY] [--skip-ort] [--skip-nncf]
 
 Rows: FP32 (plain ONNX Runtime on the original ONNX: the reference), qmace FP32 (`convert`), `qmace quantize
 --schema S` (CLI, calibrated on the calibration lines, run on qmace's onnxruntime backend), ONNX Runtime's
 `quantize_static` (QDQ, all defaults, same calibration lines, run in plain ORT) and NNCF's `nncf.quantize` on
-the ONNX model (defaults; run through ``--nncf-python``, an interpreter with NNCF installed, then plain ORT).
+the ONNX model (defaults; run through ``--nncf-python``, an interpreter with NNCF installed, e.g. a venv with
+``pip install nncf``, then plain ORT).
 
 Per model, over the evaluation lines, against FP32: greedy-CTC decoded strings equal to FP32's (% of lines; the
 task metric, ``qmace.metrics.ctc_greedy_decode``), per-timestep argmax agreement, mean cosine of the
@@ -256,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=20, help="interleaved latency rounds (default 20)")
     ap.add_argument("--schemas", default="int8,int8_w7,uint8")
-    ap.add_argument("--nncf-python", default="/work/venv-nncf/bin/python",
-                    help="interpreter with NNCF installed ('' skips NNCF)")
+    ap.add_argument("--nncf-python", default=os.environ.get("QMACE_NNCF_PYTHON", ""),
+                    help="interpreter with NNCF installed, e.g. a venv's bin/python (default: $QMACE_NNCF_PYTHON; "
+                         "none: NNCF skipped)")
     ap.add_argument("--skip-ort", action="store_true", help="skip ONNX Runtime's quantize_static")
     ap.add_argument("--skip-nncf", action="store_true")
     ap.add_argument("--cache", type=Path, default=None)
