@@ -141,3 +141,16 @@ def test_page_line_boxes_finds_lines_and_words():
     for top in (20, 70):
         for x in range(10, 390, 40):
             assert sum(b[0] <= x and x + 30 <= b[2] and b[1] <= top < b[3] for b in boxes) == 1
+
+
+def test_vectorized_agreement_matches_decoding_each_sequence():
+    rng = np.random.default_rng(0)
+    ref = rng.random((2, 40, 12, 4))  # leading axes (2, 40): 80 sequences of 12 steps
+    got = ref.copy()
+    got[rng.random((2, 40, 12)) < 0.1] += 2 * rng.random(4)  # change some timesteps
+    per_seq = [a == b for a, b in zip(ctc_greedy_decode(ref), ctc_greedy_decode(got))]
+    assert 0 < sum(per_seq) < len(per_seq)  # both kinds present, so the comparison means something
+    assert ctc_agreement(ref, got) == np.mean(per_seq)
+    for blank in (1, 3):
+        assert ctc_agreement(ref, got, blank) == np.mean(
+            [a == b for a, b in zip(ctc_greedy_decode(ref, blank), ctc_greedy_decode(got, blank))])
