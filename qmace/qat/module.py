@@ -68,7 +68,7 @@ class QATModule(nn.Module):
         self.fallbacks = res.fallbacks
         self._collect_weights()
         check_trainable(self.qgraph, {n.inputs[i] for n in self.qgraph.nodes for i in self.weight_names(n)})
-        self._acts = ActivationRanges.build(self.qgraph, float_graph, opts, dict(ranges) | dict(res.ranges))
+        self._acts = ActivationRanges.build(self.qgraph, float_graph, opts, dict(ranges) | dict(res.ranges), res.plan)
         # float64, as RangeTable values: calibrated ranges need not be float32 numbers (histogram quantiles),
         # and rounding them would change the scales, so the QAT start would not be the PTQ model
         lo = torch.tensor([r.min for r in self._acts.initial], dtype=torch.float64)

@@ -7,7 +7,9 @@ Every quantized activation of the quantized graph gets an :class:`ActSpec`:
   user ``fixed_params``);
 - ``same``: the parameters of ``source`` (ops whose range rule is "same as input 0": data movement);
 - ``union``: the parameters of the union of the ``sources``' ranges (Concat's rule).
-The rule comes from the op's range-rule trait through :func:`range_rule`, the one place QAT reads it.
+The kind comes from the quantizer's plan (``QuantizeResult.plan``: each activation's ``ParamSource``), so
+QAT places and shares parameters exactly where the quantized model does; :func:`range_rule` (the op's
+range-rule trait) only names the kind of a tensor the plan does not list.
 """
 
 from __future__ import annotations
@@ -23,10 +25,24 @@ from qmace.ir import Graph
 from qmace.ops import get_op
 from qmace.ops.base import RangeRule
 from qmace.qat.fakequant import with_value
+from qmace.quantize.plan import ParamSource, QuantPlan
 from qmace.quantize.quantizer import ACT_DTYPE, QuantizeOptions
 from qmace.quantize.ranges import Range, RangeTable
 
 LEARN, FIXED, SAME, UNION = "learn", "fixed", "same", "union"
+# The plan's parameter source -> QAT's kind: statistics-derived ranges are learnt; shared and union ranges
+# follow their inputs; anything the plan takes as given (an op's fixed range, input_ranges, the source
+# model's parameters, a constant's own range) stays fixed.
+_KIND_OF_SOURCE = {
+    ParamSource.CALIBRATED: LEARN,
+    ParamSource.INTERVAL: LEARN,
+    ParamSource.SHARED: SAME,
+    ParamSource.UNION: UNION,
+    ParamSource.FIXED_RANGE: FIXED,
+    ParamSource.GRAPH_INPUT: FIXED,
+    ParamSource.SOURCE: FIXED,
+    ParamSource.CONSTANT: FIXED,
+}
 
 
 def range_rule(op_type: str) -> str:
@@ -71,11 +87,13 @@ class ActivationRanges:
     specs: dict[str, ActSpec] = field(default_factory=dict)
     owner_names: list[list[str]] = field(default_factory=list)  # owner index -> float tensor names
     initial: list[Range] = field(default_factory=list)  # owner index -> starting range
+    plan: QuantPlan | None = None  # the quantizer's plan the specs follow
 
     # ---- building ---------------------------------------------------------------------------------------
     @classmethod
     def build(
-        cls, qgraph: Graph, float_graph: Graph, opts: QuantizeOptions, base_ranges: RangeTable
+        cls, qgraph: Graph, float_graph: Graph, opts: QuantizeOptions, base_ranges: RangeTable,
+        plan: QuantPlan | None = None,
     ) -> ActivationRanges:
         """The specs of ``qgraph``'s quantized activations (module docstring).
 
@@ -84,6 +102,7 @@ class ActivationRanges:
             float_graph: the float graph.
             opts: the quantization options.
             base_ranges: the plan's ranges (float tensor name -> Range).
+            plan: the quantizer's plan for ``qgraph`` (the source of every activation's kind).
 
         Returns:
             The ActivationRanges.
@@ -92,6 +111,7 @@ class ActivationRanges:
             QuantizationError: a learned activation without a range.
         """
         self = cls(qgraph, opts, base_ranges)
+        self.plan = plan
         group = _concat_groups(float_graph) if opts.change_concat_ranges else {}
         owner_keys: dict[str, int] = {}
         graph_out_of = {
@@ -116,7 +136,12 @@ class ActivationRanges:
     def _spec_of(self, node, name, fname, fixed, group, owner_keys) -> ActSpec:
         """The spec of ``name`` (output of ``node``; ``fname`` its float tensor)."""
         t = self.qgraph.tensors[name]
-        if node.op_type == "QuantizeLinear":
+        planned = self.plan.activations.get(fname) if self.plan is not None else None
+        if planned is not None and node.op_type != "QuantizeLinear":
+            kind = _KIND_OF_SOURCE[planned.source]
+        elif planned is not None:  # a float -> codes boundary: learnt unless the plan fixed it
+            kind = LEARN if _KIND_OF_SOURCE[planned.source] == LEARN else FIXED
+        elif node.op_type == "QuantizeLinear":
             kind = FIXED if fixed else LEARN
         else:
             kind = range_rule(node.op_type)
