@@ -47,6 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root:
 # (expansion t, output channels c, repeats n, first stride s), MobileNetV2's table at reduced width/depth
 ARCHS = {
     "mbv2-50k": {"stem": 16, "blocks": [(1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 1), (4, 64, 1, 2)], "last": 128},
+    # the second configuration (issue 13: "a narrower network"): every width of mbv2-50k halved (MobileNetV2's
+    # width multiplier 0.5), same depth, strides and training recipe; chosen before any quantized result on it
+    "mbv2-15k": {"stem": 8, "blocks": [(1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 1), (4, 32, 1, 2)], "last": 64},
 }
 STARTS = ("mace_p0", "mace_p5", "qmace")
 SCHEMAS = ("uint8", "int8")
@@ -205,6 +208,11 @@ def run_seed(args) -> dict:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     res_path = results / f"{args.arch}_e{args.epochs}_seed{seed}.json"
+    if res_path.is_file():  # a rerun with other --schemas / --qat-starts adds its rows to the same seed's file
+        old = json.loads(res_path.read_text())
+        if all(old.get(k) == out[k] for k in out if k not in ("ptq", "qat", "time")):
+            for k in ("ptq", "qat", "time"):
+                out[k] = {**old.get(k, {}), **out[k]}
 
     def save():
         res_path.write_text(json.dumps(out, indent=1))
@@ -225,7 +233,7 @@ def run_seed(args) -> dict:
         tmp = wpath.with_suffix(".tmp")
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
         tmp.replace(wpath)
-    out["time"]["float_train"] = time.perf_counter() - t0
+        out["time"]["float_train"] = time.perf_counter() - t0
     out["params"] = sum(p.numel() for p in model.parameters())
 
     # 2. export + convert
@@ -266,10 +274,13 @@ def run_seed(args) -> dict:
         print(f"seed {seed}: PTQ {name} {schema}: {out['ptq'][f'{name}/{schema}']:.2f}%", flush=True)
     save()
 
-    # 4. QAT from each start
-    for (name, schema), (g, r, o) in starts.items():
-        if name not in args.qat_starts.split(","):
-            continue
+    # 4. QAT from each start, in the order --qat-starts lists them ("name" = every schema, "name/schema" = one)
+    order = []
+    for item in args.qat_starts.split(","):
+        name, _, schema = item.partition("/")
+        order += [(name, sch) for sch in args.schemas.split(",") if schema in ("", sch) and (name, sch) in starts]
+    for name, schema in order:
+        g, r, o = starts[(name, schema)]
         t0 = time.perf_counter()
         module = qat(g, r, o, xtr, ytr, steps=args.qat_steps, batch=args.qat_batch, lr=args.qat_lr,
                      range_lr=args.qat_range_lr, seed=seed)
@@ -329,7 +340,8 @@ def main(argv=None) -> int:
     ap.add_argument("--qat-batch", type=int, default=64)
     ap.add_argument("--qat-lr", type=float, default=3e-5)
     ap.add_argument("--qat-range-lr", type=float, default=3e-4)
-    ap.add_argument("--qat-starts", default=",".join(STARTS))
+    ap.add_argument("--qat-starts", default=",".join(STARTS),
+                    help="PTQ starts to run QAT from, in this order: NAME (every schema) or NAME/SCHEMA")
     ap.add_argument("--schemas", default=",".join(SCHEMAS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
