@@ -160,16 +160,3 @@ def test_fused_ops_keep_the_output_name_and_lower_to_ort_opset_21():
     assert g.outputs == ["y"] and g.nodes[0].outputs == ["y"]
     assert model.opset_import[0].version == 21
     assert sorted(n.op_type for n in model.graph.node) == ["Mul", "Sigmoid"]
-
-
-@pytest.mark.parametrize("last", ["div", "mul"])
-def test_hard_swish_spelling_fuses(last):
-    inits = _c("three", 3.0) | _c("zero", 0.0) | _c("six", 6.0) | _c("sixth", 1 / 6)
-    nodes = [helper.make_node("Add", ["x", "three"], ["a"]), helper.make_node("Clip", ["a", "zero", "six"], ["c"]),
-             helper.make_node("Mul", ["x", "c"], ["m"]),
-             helper.make_node("Div", ["m", "six"], ["y"]) if last == "div" else helper.make_node("Mul", ["sixth", "m"], ["y"])]
-    counts, ops = _fused(nodes, inits)
-    assert counts["HardSwish"] == 1 and ops == ["HardSwish"]
-    inits["three"] = np.float32(2.0)  # not a HardSwish any more
-    counts, ops = _fused(nodes, inits)
-    assert counts["HardSwish"] == 0 and "Clip" in ops

@@ -27,9 +27,9 @@ __all__ = ["deconv_to_conv", "fold_affine", "fold_batchnorm", "fold_constants", 
 
 
 def optimize(graph: Graph, fuse: bool = True) -> Graph:
-    """Identity removal, shape inference + constant folding to a fixed point, decomposed LayerNorm/GELU/Swish/
-    HardSwish fusion (before transpose sinking, which would split those patterns), transpose sinking, spatial
-    ReduceMean -> GlobalAveragePool, HardSigmoid/HardSwish fusion of the spellings left, ConvTranspose bias Adds,
+    """Identity removal, shape inference + constant folding to a fixed point, decomposed LayerNorm/GELU/Swish and
+    HardSigmoid/HardSwish fusion (before transpose sinking, which would split those patterns), transpose sinking,
+    spatial ReduceMean -> GlobalAveragePool, ConvTranspose bias Adds,
     BatchNorm and per-channel Mul/Add folding, zero Pad into Conv, activation fusion, ConvTranspose with
     kernel == stride as Conv + DepthToSpace, dead-node removal, final shape inference.
 
@@ -57,13 +57,13 @@ def optimize(graph: Graph, fuse: bool = True) -> Graph:
     stats["constants"] = folded
     fused_ops = fuse_decomposed(g)
     stats["layer_norms"], stats["gelus"] = fused_ops["LayerNormalization"], fused_ops["Gelu"]
-    stats["swishes"], stats["hard_swishes"] = fused_ops["Swish"], fused_ops["HardSwish"]
+    stats["swishes"] = fused_ops["Swish"]
+    stats["hardswish"] = fuse_hardswish(g)
     stats["transposes"] = sink_transposes(g)
     if stats["transposes"]:
         stats["identities"] += remove_identities(g)
         infer_shapes(g)
     stats["pools"] = spatial_means_to_global_pool(g)
-    stats["hardswish"] = fuse_hardswish(g)
     stats["deconv_biases"] = fold_deconv_bias(g)
     stats["batchnorms"] = fold_batchnorm(g)
     stats["affine"] = fold_affine(g)
@@ -75,7 +75,7 @@ def optimize(graph: Graph, fuse: bool = True) -> Graph:
     log.info("passes: removed %(identities)d identities, folded %(constants)d constant nodes, "
              "%(transposes)d transpose rewrites, %(pools)d spatial means, %(batchnorms)d batchnorms, %(affine)d affine ops, "
              "%(pads)d pads, fused %(layer_norms)d LayerNorms, %(gelus)d GELUs, %(swishes)d Swishes, "
-             "%(hard_swishes)d + %(hardswish)d HardSwish/HardSigmoid spellings, %(activations)d activations, "
+             "%(hardswish)d HardSwish/HardSigmoid spellings, %(activations)d activations, "
              "%(deconv_biases)d ConvTranspose bias Adds, %(deconvs)d ConvTransposes as Conv + DepthToSpace", stats)
     g.metadata["passes"] = stats
     return g

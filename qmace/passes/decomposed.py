@@ -1,5 +1,6 @@
-"""Fuse decomposed LayerNorm, GELU, Swish and HardSwish spellings into single ops (``LayerNormalization``,
-``Gelu``, ``Swish``, ``HardSwish``), so a quantized model rounds once per op instead of once per elementwise piece.
+"""Fuse decomposed LayerNorm, GELU and Swish spellings into single ops (``LayerNormalization``, ``Gelu``,
+``Swish``), so a quantized model rounds once per op instead of once per elementwise piece (HardSigmoid/HardSwish
+spellings: ``qmace.passes.hardswish``, which ``optimize`` runs right after this pass).
 
 Spellings matched (commuted Add/Mul operands included; constants must be scalars where shown):
 - LayerNorm (PP-OCR's SVTR, torch without ``nn.LayerNorm``, paddle2onnx)::
@@ -18,8 +19,6 @@ Spellings matched (commuted Add/Mul operands included; constants must be scalars
   ``Mul(x, Mul(x, x))``) -> ``Gelu(approximate="tanh")``.
 - Swish/SiLU: ``Mul(x, Sigmoid(x))`` -> ``Swish(alpha=1)``; paddle2onnx's ``Mul(x, Sigmoid(Mul(x, beta)))``
   (beta a scalar constant) -> ``Swish(alpha=beta)``.
-- HardSwish (MobileNetV3 / PP-LCNet exports): ``Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)`` (or ``Mul`` by 1/6)
-  -> ``HardSwish``.
 
 A match needs every intermediate tensor to be read only inside the pattern, not be a graph output and not
 carry parameters fixed by an imported Q/DQ pair; the fused node takes the pattern's output name (so range
@@ -320,27 +319,8 @@ def _match_swish(v: _View, sig: Node) -> tuple[list[Node], Node] | None:
                                  {"alpha": alpha})
 
 
-def _match_hard_swish(v: _View, clip: Node) -> tuple[list[Node], Node] | None:
-    """``x * Clip(x + 3, 0, 6) / 6`` (or ``* (1/6)``; the product in either order) -> HardSwish."""
-    if len(clip.inputs) < 3 or not v.is_value(clip.inputs[1], 0.0) or not v.is_value(clip.inputs[2], 6.0):
-        return None
-    add = v.prod.get(clip.inputs[0])
-    if add is None or add.op_type != "Add" or not v.private(clip.inputs[0]):
-        return None
-    x = next((i for i in add.inputs if v.is_value(_other(add, i) or "", 3.0)), None)
-    mul = v.sole_reader(clip.outputs[0], "Mul")
-    if x is None or mul is None or _other(mul, clip.outputs[0]) != x or not v.private(mul.outputs[0]):
-        return None
-    last = v.cons[mul.outputs[0]][0]
-    if not ((last.op_type == "Div" and last.inputs[0] == mul.outputs[0] and v.is_value(last.inputs[1], 6.0))
-            or (last.op_type == "Mul" and v.is_value(_other(last, mul.outputs[0]) or "", 1.0 / 6.0))):
-        return None
-    return [add, clip, mul, last], Node(v.g.unique_name(f"{clip.name}__HardSwish"), "HardSwish", [x],
-                                        [last.outputs[0]])
-
-
 _MATCHERS = {"ReduceMean": _match_layer_norm, "Erf": _match_gelu_erf, "Tanh": _match_gelu_tanh,
-             "Sigmoid": _match_swish, "Clip": _match_hard_swish}
+             "Sigmoid": _match_swish}
 
 
 def fuse_decomposed(graph: Graph) -> dict[str, int]:
@@ -350,9 +330,9 @@ def fuse_decomposed(graph: Graph) -> dict[str, int]:
         graph: the float graph with shapes inferred (LayerNorm needs the input's rank and normalized shape).
 
     Returns:
-        Count of fused ops per op type (``{"LayerNormalization": 2, "Gelu": 1, "Swish": 0, "HardSwish": 0}``).
+        Count of fused ops per op type (``{"LayerNormalization": 2, "Gelu": 1, "Swish": 0}``).
     """
-    counts = {"LayerNormalization": 0, "Gelu": 0, "Swish": 0, "HardSwish": 0}
+    counts = {"LayerNormalization": 0, "Gelu": 0, "Swish": 0}
     changed = True
     while changed:
         changed = False
