@@ -256,19 +256,20 @@ def run_seed(args) -> dict:
         cal = make_calibrator("mace", percentile=float(p))
         calibrate(graph, samples, cal, num_threads=1)
         mace[p] = cal.ranges()
-    eq_graph, _ = equalize_on(graph, samples, 1)
-    pcal = make_calibrator("percentile")
-    moments = InputStatistics(eq_graph)
-    calibrate(eq_graph, samples, pcal, num_threads=1, observers=[moments])
-    out["time"]["calibration"] = time.perf_counter() - t0
     starts = {}
     for schema in args.schemas.split(","):
         for p in (0, 5):
             starts[(f"mace_p{p}", schema)] = (graph, mace[p], QuantizeOptions(schema=schema, input_ranges={"input": in_range}))
+        # equalization depends on the schema (uint8's per-tensor weights keep every producer's range)
+        eq_graph, _ = equalize_on(graph, samples, 1, schema)
+        pcal = make_calibrator("percentile")
+        moments = InputStatistics(eq_graph)
+        calibrate(eq_graph, samples, pcal, num_threads=1, observers=[moments])
         ada_graph, fixed, _ = run_adaround(eq_graph, moments, schema)
         opts = QuantizeOptions(schema=schema, input_ranges={"input": in_range})
         opts.fixed_params = fixed
         starts[("qmace", schema)] = (ada_graph, pcal.ranges(), opts)
+    out["time"]["calibration"] = time.perf_counter() - t0
     for (name, schema), (g, r, o) in starts.items():
         out["ptq"][f"{name}/{schema}"] = accuracy(quantize_graph(g, r, o).graph, xte, yte)
         print(f"seed {seed}: PTQ {name} {schema}: {out['ptq'][f'{name}/{schema}']:.2f}%", flush=True)

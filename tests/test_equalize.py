@@ -147,7 +147,7 @@ def test_equalization_makes_per_tensor_quantization_more_accurate(schema):
         qg = quantize_graph(gb, c.ranges(), QuantizeOptions(schema=schema, input_ranges={"x": (-1.0, 1.0)})).graph
         return compare(ref, _run(qg, ev)).sqnr_db
 
-    ge, _ = equalize_activations(g, _maxima(g, cal))
+    ge, _ = equalize_activations(g, _maxima(g, cal), per_tensor_weights=schema == "uint8")  # as run_ptq does
     plain, equalized = quantized_sqnr(g), quantized_sqnr(ge)
     assert equalized > plain + 3.0, (plain, equalized)
 
@@ -206,3 +206,60 @@ def test_gemm_layers_with_2d_outputs_are_equalized():
     ge, groups = equalize_activations(g, _maxima(g, cal), strength=1.0, free_strength=1.0, max_scale=1e6)
     assert [gr.tensors for gr in groups] == [["r"]] and groups[0].max_scale > 8
     np.testing.assert_allclose(_run(ge, cal), _run(g, cal), rtol=1e-4, atol=1e-5)
+
+
+def _outlier_model():
+    """x -> Conv+ReLU6 -> depthwise Conv+ReLU6 -> Conv -> y, where depthwise channel 0 is a BatchNorm-folded
+    outlier: its input channel is dead (the expand row is zero, bias 0), its weight row is 40x the others and
+    its small output comes from its bias alone. The row sets the depthwise layer's per-tensor weight range.
+    The expand layer's other channels all reach about the same maximum (nothing to equalize there)."""
+    rng = np.random.default_rng(11)
+    we = rng.standard_normal((C, 3, 1, 1))
+    we = (we / np.abs(we).sum(axis=1, keepdims=True)).astype(np.float32)  # the other channels reach ~1.5
+    we[0] = 0.0
+    be = np.full(C, 0.5, np.float32)
+    be[0] = 0.0
+    wd = (rng.standard_normal((C, 1, 3, 3)) * 0.4).astype(np.float32)
+    wd[0] = 16.0 * np.sign(rng.standard_normal((1, 3, 3)))
+    bd = np.full(C, 0.1, np.float32)
+    bd[0] = 0.005
+    inits = {"we": we, "be": be, "wd": wd, "bd": bd,
+             "wp": (rng.standard_normal((4, C, 1, 1)) * 0.5).astype(np.float32),
+             "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "we", "be"], ["e"]),
+             helper.make_node("Clip", ["e", "lo", "hi"], ["e6"]),
+             helper.make_node("Conv", ["e6", "wd", "bd"], ["d"], pads=[1, 1, 1, 1], group=C),
+             helper.make_node("Clip", ["d", "lo", "hi"], ["d6"]),
+             helper.make_node("Conv", ["d6", "wp"], ["y"])]
+    return _graph(nodes, inits, [1, 3, 12, 12])
+
+
+def test_per_tensor_weights_keep_every_producer_range():
+    """uint8 weights are per tensor: equalization must not multiply up the row that sets a producer's range
+    (the benchmark C collapse: a depthwise range grew 3.6x and 63 of its 64 rows rounded to zero)."""
+    g, cal = _outlier_model(), _samples()
+    mx = _maxima(g, cal)
+    wmax = lambda graph, node: float(np.abs(graph.constant(graph.producers()[node].inputs[1])).max())
+    old, _ = equalize_activations(g, mx)  # the per-channel rules
+    assert wmax(old, "d6") > 2.0 * wmax(g, "d6"), "the model must trigger the range blow-up"
+    ge, groups = equalize_activations(g, mx, per_tensor_weights=True)
+    assert "d6" in {t for gr in groups for t in gr.tensors}  # still rescaled, within the headroom
+    for t in ("e6", "d6"):
+        assert wmax(ge, t) == pytest.approx(wmax(g, t), rel=1e-6)
+    np.testing.assert_allclose(_run(ge, cal), _run(g, cal), rtol=1e-4, atol=1e-5)
+
+
+def test_uint8_recipe_equalization_does_not_collapse_an_outlier_layer():
+    from qmace.quantize.recipe import PTQRecipe, run_ptq
+
+    g, cal, ev = _outlier_model(), _samples(), _samples(16, seed=2)
+    ref = _run(g, ev)
+
+    def sqnr(equalize):
+        res = run_ptq(g, cal, PTQRecipe(equalize=equalize, bias_correction=False, schema="uint8"),
+                      QuantizeOptions(schema="uint8", input_ranges={"x": (-1.0, 1.0)}))
+        return compare(ref, _run(res.graph, ev)).sqnr_db
+
+    plain, equalized = sqnr(False), sqnr(True)
+    assert plain > 20.0, plain
+    assert equalized > plain - 1.0, (plain, equalized)

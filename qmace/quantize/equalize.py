@@ -24,9 +24,16 @@ Rules (see docs/quantization.md, "Activation equalization"):
   calibration values stay ``<= hi`` the rescaled float model equals the original on every value inside the calibration ranges, and
   the quantized model, whose range saturates below ``hi`` anyway, is the same function either way.
 - The price is paid by a consumer with ``group == 1``: dividing its input columns makes their weight rounding
-  relatively coarser. Depthwise consumers and every producer are per-channel, so for them it is free.
-  ``strength`` (default 0.25; consumers that pay nothing get ``free_strength``, default 1) trades one
-  against the other. The defaults were chosen by logits SQNR on MobileNetV2's calibration images.
+  relatively coarser. Under per-channel weights (``int8``) depthwise consumers and every producer are
+  per-channel, so for them it is free. ``strength`` (default 0.25; consumers that pay nothing get
+  ``free_strength``, default 1) trades one against the other. The defaults were chosen by logits SQNR on
+  MobileNetV2's calibration images.
+- Under per-tensor weights (``uint8``, ``per_tensor_weights``) nothing is free: a producer row multiplied by
+  ``s_c`` widens the whole tensor's grid when it is the row that sets the range (a BatchNorm-folded outlier
+  row of a nearly dead channel, whose small output asks for the largest scale, blew a depthwise layer's range
+  up 3.6x and rounded 63 of its 64 rows to zero), and a depthwise row divided by ``s_c`` gets coarser on the
+  shared grid. So ``s_c`` is capped at ``max_row |w| / max |w_c|`` for every producer (no producer's range
+  grows) and every group uses ``strength``.
 """
 
 from __future__ import annotations
@@ -166,7 +173,8 @@ def _consumer_ok(graph: Graph, node: Node, name: str, members: set[str]) -> bool
 
 
 def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 0.25,
-                         max_scale: float = 16.0, free_strength: float = 1.0) -> tuple[Graph, list[EqualizedGroup]]:
+                         max_scale: float = 16.0, free_strength: float = 1.0,
+                         per_tensor_weights: bool = False) -> tuple[Graph, list[EqualizedGroup]]:
     """A copy of ``graph`` with every eligible activation group rescaled (rules in the module docstring).
 
     The float function is unchanged inside the calibration ranges.
@@ -177,6 +185,9 @@ def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 
         strength: ``s_c = min(max_scale, (T / m_c) ** strength)`` for groups with a ``group == 1`` consumer.
         max_scale: the largest scale applied to a channel.
         free_strength: the strength where every consumer is per-channel (the rescaling costs nothing).
+        per_tensor_weights: the weights will be quantized per tensor (the ``uint8`` schema): no producer's
+            per-tensor weight range may grow (``s_c <= max_row |w| / max |w_c|`` for each producer), and no
+            consumer is free (a depthwise row divided by ``s_c`` loses resolution on the shared grid too).
 
     Returns:
         The rescaled copy and one EqualizedGroup per group rescaled.
@@ -206,13 +217,18 @@ def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 
         if not cons or not all(_consumer_ok(g, c, t, members) for t, c in cons):
             continue
         # consumers that see one input channel per weight row (depthwise) pay nothing for the rescale
-        free = all(_passes_channels(g, c) or _linear(g, c)[0].shape[2] == 1 for _, c in cons)
+        free = not per_tensor_weights and all(_passes_channels(g, c) or _linear(g, c)[0].shape[2] == 1
+                                              for _, c in cons)
         alpha = free_strength if free else strength
         if alpha == 0.0:
             continue
         s = np.ones_like(m)
         live = m > top * 1e-6
         s[live] = np.minimum(max_scale, (top / m[live]) ** alpha)
+        if per_tensor_weights:
+            for p in prods:
+                if not _passes_channels(g, p) and _linear(g, p) is not None:
+                    s = np.minimum(s, _row_headroom(_linear(g, p)[0]))
         if np.allclose(s, 1.0):
             continue
         if not all(_producer_ok(g, p, members, float(np.max(s * maxima.maxima[t])))
@@ -232,6 +248,14 @@ def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 
     log.info("activation equalization: %d groups, %d tensors rescaled", len(done),
              sum(len(r.tensors) for r in done))
     return g, done
+
+
+def _row_headroom(rows: np.ndarray) -> np.ndarray:
+    """Per output channel, the factor its weight row can grow by before it sets the per-tensor range:
+    ``max |w| / max |w_c|`` (>= 1; unbounded for an all-zero row)."""
+    r = np.abs(rows).reshape(rows.shape[0] * rows.shape[1], -1).max(axis=1).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        return np.where(r > 0, r.max() / np.where(r > 0, r, 1.0), np.inf)
 
 
 def _replace_constant(g: Graph, node: Node, index: int, value: np.ndarray) -> None:

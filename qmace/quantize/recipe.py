@@ -13,7 +13,7 @@ import numpy as np
 from qmace.config import ModelConfig
 from qmace.errors import InputDataError, QuantizationError
 from qmace.ir import Graph
-from qmace.qmath import QuantParams, Range
+from qmace.qmath import QuantParams, Range, Schema
 from qmace.quantize.adaround import InputStatistics
 from qmace.quantize.adaround import adaround as run_adaround
 from qmace.quantize.bias_correction import ChannelMeans, correct_biases
@@ -78,7 +78,8 @@ def calibrate(
         raise InputDataError("no calibration samples")
     return count
 
-def equalize_on(graph: Graph, samples: Iterable, num_threads: int | None = None) -> tuple[Graph, list]:
+def equalize_on(graph: Graph, samples: Iterable, num_threads: int | None = None,
+                schema: str | None = None) -> tuple[Graph, list]:
     """Activation equalization as ``qmace quantize`` does it.
 
     One streamed pass for the per-channel maxima, then ``equalize_activations``; ranges must then be
@@ -88,6 +89,8 @@ def equalize_on(graph: Graph, samples: Iterable, num_threads: int | None = None)
         graph: the optimized float graph (not changed).
         samples: an iterable of ``qmace.data.Sample``.
         num_threads: intra-op threads, or None.
+        schema: the quantization schema the graph will get; ``uint8`` (per-tensor weights) keeps every
+            producer's weight range (``equalize_activations``' ``per_tensor_weights``). None: per-channel.
 
     Returns:
         The rescaled copy of the graph and its equalization groups.
@@ -97,7 +100,7 @@ def equalize_on(graph: Graph, samples: Iterable, num_threads: int | None = None)
     """
     maxima = ChannelMaxima(graph)
     calibrate(graph, samples, None, num_threads, observers=[maxima])
-    return equalize_activations(graph, maxima)
+    return equalize_activations(graph, maxima, per_tensor_weights=schema == Schema.UINT8)
 
 def imported_params(graph: Graph) -> dict[str, QuantParams]:
     """Quantization parameters fixed by the source model (its QuantizeLinear/DequantizeLinear pairs, QAT).
@@ -381,7 +384,8 @@ def run_ptq(
     schema = recipe.schema or options.schema
     equalized = 0
     if recipe.equalize:
-        graph, groups = equalize_on(graph, _stream(samples, progress, total, "equalization statistics"), num_threads)
+        graph, groups = equalize_on(graph, _stream(samples, progress, total, "equalization statistics"), num_threads,
+                                    schema)
         equalized = sum(len(gr.tensors) for gr in groups)
     calibrator = recipe.calibrator()
     means = ChannelMeans(graph) if recipe.bias_correction and not recipe.adaround else None
