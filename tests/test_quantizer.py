@@ -318,7 +318,7 @@ def test_the_plan_states_every_decision_and_the_rewrite_follows_it(float_graph, 
     assert plan.schema == schema and plan.fallbacks == [Fallback("sub", "Sub", "no integer kernel")]
     src = {name: a.source for name, a in plan.activations.items()}
     assert src["x"] is ParamSource.GRAPH_INPUT and src["r1"] is ParamSource.CALIBRATED
-    assert src["cat"] is ParamSource.UNION and src["mp"] is ParamSource.SHARED
+    assert src["cat"] is ParamSource.UNION and src["mp"] is ParamSource.SAME_AS_INPUT
     assert src["sg"] is ParamSource.FIXED_RANGE and src["add"] is ParamSource.CALIBRATED
     assert plan.activations["mp"].owner == "mp" and plan.activations["x"].owner == ""
     assert plan.ranges == res.ranges

@@ -36,7 +36,7 @@ LEARN, FIXED, SAME, UNION = "learn", "fixed", "same", "union"
 _KIND_OF_SOURCE = {
     ParamSource.CALIBRATED: LEARN,
     ParamSource.INTERVAL: LEARN,
-    ParamSource.SHARED: SAME,
+    ParamSource.SAME_AS_INPUT: SAME,
     ParamSource.UNION: UNION,
     ParamSource.FIXED_RANGE: FIXED,
     ParamSource.GRAPH_INPUT: FIXED,

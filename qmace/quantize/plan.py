@@ -69,7 +69,7 @@ class ParamSource(StrEnum):
     CALIBRATED = "calibrated"  # the range table (statistics or a range file)
     GRAPH_INPUT = "graph_input"  # QuantizeOptions.input_ranges
     CONSTANT = "constant"  # a float constant used as data: its own min/max
-    SHARED = "shared"  # input 0's parameters (RangeRule.INPUT)
+    SAME_AS_INPUT = "same_as_input"  # input 0's parameters (RangeRule.INPUT)
     UNION = "union"  # the union of the inputs' ranges (RangeRule.UNION)
     INTERVAL = "interval"  # interval arithmetic on the inputs' ranges (range_without_stats)
     FIXED_RANGE = "fixed_range"  # the op's fixed output range (RangeRule.FIXED)
@@ -321,7 +321,7 @@ class _Planner:
             src = self.plan.activations.get(node.inputs[0])
             if src is None:
                 return None
-            self.plan.activations[out] = ActivationPlan(out, ParamSource.SHARED, node.name, src.range, src.params)
+            self.plan.activations[out] = ActivationPlan(out, ParamSource.SAME_AS_INPUT, node.name, src.range, src.params)
             return src.params
         source = ParamSource.CALIBRATED
         if rule is RangeRule.FIXED:
