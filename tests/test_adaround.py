@@ -128,3 +128,86 @@ def test_adaround_without_iterations_rounds_as_the_quantizer(schema):
         name = next(n for n in g2.nodes if n.name == node.name).inputs[1]
         qp = fixed[name]
         np.testing.assert_array_equal(g2.constant(name), qmath.dequantize(qmath.quantize(w, qp), qp), err_msg=node.name)
+
+
+def _sequence_model(bias_add: bool = True):
+    """x (1, 5, 6) -> MatMul W (6, 4) [-> Add b (4,)] -> y: a linear layer as paddle2onnx/torch export it for
+    a (batch, time, channels) sequence, the bias as a separate Add (MatMul has no bias input)."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array((rng.standard_normal((6, 4)) * 0.3).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.standard_normal(4) * 0.1).astype(np.float32), "b")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m" if bias_add else "y"])]
+    if bias_add:
+        nodes.append(helper.make_node("Add", ["m", "b"], ["y"]))
+    graph = helper.make_graph(nodes, "s", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits[:1 + bias_add])
+    return optimize(onnx_to_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+
+
+def _sequence_samples(n: int = 8):
+    """Channels with distinct non-zero means (on the last axis) that differ from the time axis' means."""
+    rng = np.random.default_rng(2)
+    offs = np.array([0.9, -0.7, 0.5, 1.3, -1.1, 0.2], np.float32)
+    return [Sample(str(i), {"x": (rng.standard_normal((1, 5, 6)) * 0.2 + offs).astype(np.float32)}) for i in range(n)]
+
+
+def test_bias_correction_reaches_a_matmul_through_its_bias_add():
+    """A MatMul (no bias input) followed by ``Add(bias)``: the Add's constant absorbs ``-dW E[x]``, with E[x]
+    over the input's last axis (the MatMul's channels), so the output mean of the rounded model equals the float
+    model's. Before: silently not corrected (and means taken over axis 1, the time axis)."""
+    from qmace.ops import get_op
+    from qmace.quantize.bias_correction import ChannelMeans, can_shift_bias, correct_biases
+
+    g = _sequence_model()
+    samples = _sequence_samples()
+    means = ChannelMeans(g)
+    calibrate(g, samples, None, observers=[means])
+    np.testing.assert_allclose(means.mean("x"), np.mean([s.feeds["x"][0].mean(0) for s in samples], 0), atol=1e-6)
+    corrected, n = correct_biases(g, means, "uint8")
+    assert n == 1
+    mm = next(x for x in corrected.nodes if x.op_type == "MatMul")
+    w = corrected.constant(mm.inputs[1])
+    qp = get_op("MatMul").weight_params(mm, 1, w, "uint8")
+    for graph in (g, corrected):  # rounded weights in both; only the corrected one keeps the float mean
+        graph.tensors[next(x for x in graph.nodes if x.op_type == "MatMul").inputs[1]].data = \
+            qmath.dequantize(qmath.quantize(w, qp), qp)
+    ref = _sequence_model()
+    out = {k: np.mean([Session(m, "reference").run(s.feeds)["y"][0].mean(0) for s in samples], 0)
+           for k, m in (("ref", ref), ("plain", g), ("corrected", corrected))}
+    before, after = np.abs(out["plain"] - out["ref"]).max(), np.abs(out["corrected"] - out["ref"]).max()
+    assert before > 1e-3 and after < 1e-5 * max(1.0, before) + 1e-6
+    assert can_shift_bias(ref, next(x for x in ref.nodes if x.op_type == "MatMul"))
+    bare = _sequence_model(bias_add=False)
+    assert not can_shift_bias(bare, bare.nodes[0])  # nothing can absorb it: the output is the graph's
+
+
+def test_adaround_covers_matmul_layers_and_wide_layers():
+    """Every layer with a constant weight is refined: a MatMul's shift goes into its bias Add; a layer with more
+    than ``max_k`` inputs per output gets nearest rounding plus bias correction (before: skipped silently)."""
+    from qmace.ops import get_op
+
+    g = _sequence_model()
+    samples = _sequence_samples()
+    stats = InputStatistics(g, max_k=4)  # K = 6 > 4: the wide path
+    calibrate(g, samples, None, observers=[stats])
+    g2, fixed, reports = adaround(g, stats, "uint8", iters=50)
+    assert [r.node for r in reports] == [n.name for n in g.nodes if n.op_type == "MatMul"] and len(fixed) == 1
+    add = next(n for n in g2.nodes if n.op_type == "Add")
+    assert add.inputs[1].endswith("_corrected") and not np.array_equal(g2.constant(add.inputs[1]), g.constant("b"))
+    out = {k: np.mean([Session(m, "reference").run(s.feeds)["y"][0].mean(0) for s in samples], 0) for k, m in
+           (("ref", g), ("refined", g2))}
+    np.testing.assert_allclose(out["refined"], out["ref"], atol=1e-5)  # the mean shift is removed
+    # without a bias to absorb it, AdaRound minimises the whole E||dW x||^2 (not the covariance part only)
+    bare = _sequence_model(bias_add=False)
+    stats = InputStatistics(bare)
+    calibrate(bare, samples, None, observers=[stats])
+    _, _, reps = adaround(bare, stats, "uint8", iters=200)
+    w = bare.constant(bare.nodes[0].inputs[1])
+    qp = get_op("MatMul").weight_params(bare.nodes[0], 1, w, "uint8")
+    dw = qmath.dequantize(qmath.quantize(w, qp), qp).astype(np.float64) - w
+    rows = np.concatenate([s.feeds["x"][0] for s in samples]).astype(np.float64)  # (R, K)
+    whole = np.mean(np.sum((rows @ dw) ** 2, axis=1))  # E||dW x||^2, mean term included
+    centred = rows - rows.mean(0)
+    assert whole > 2 * np.mean(np.sum((centred @ dw) ** 2, axis=1))  # the covariance part alone is much less
+    np.testing.assert_allclose(reps[0].nearest_loss, whole, rtol=1e-4)
+    assert reps[0].final_loss <= reps[0].nearest_loss + 1e-12

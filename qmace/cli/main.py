@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "no_equalization", action="store_true",
           help="skip rescaling activation channels (equalization) before choosing ranges")
     _flag(p, "float_nodes", default="", help="comma-separated node names or op types to keep in float")
+    _flag(p, "sensitivity_16bit", type=int, default=0, metavar="N",
+          help="give 16-bit (uint16) codes to the N more activations whose 8-bit rounding alone costs the most "
+               "output SQNR on the calibration samples (docs/quantization.md; each costs latency); default 0")
+    _flag(p, "sensitivity_samples", type=int, default=16,
+          help="calibration samples that --sensitivity_16bit measures on (default 16)")
     _flag(p, "num_threads", type=int, default=None, help="intra-op threads for calibration (>= 1)")
 
     p = sub.add_parser("export", help="export the converted model as standard ONNX")
@@ -363,7 +368,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
     recipe = PTQRecipe(method=a.method, percentile=a.percentile, enhance=a.enhance, enhance_ratio=a.enhance_ratio,
                        equalize=not a.no_equalization, bias_correction=not a.no_bias_correction,
-                       adaround=a.adaround, schema=a.schema)
+                       adaround=a.adaround, sensitivity_16bit=a.sensitivity_16bit,
+                       sensitivity_samples=a.sensitivity_samples, schema=a.schema)
     res = quantize_one_shot(
         a.config, input_dir=a.input_dir, recipe=recipe, model_name=a.model_name, build_dir=a.build_dir,
         range_file=a.range_file, num_threads=a.num_threads,

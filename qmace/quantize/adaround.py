@@ -7,7 +7,10 @@ W_q = s * (floor(W / s) + h) (+ zero point) over calibration inputs is
     E[ ||(W_q - W) x||^2 ] = tr(dW C dW^T) + ||dW mu||^2,   C = Cov[x], mu = E[x].
 
 The mean term is removed exactly by correcting the bias (b' = b - dW mu), so AdaRound minimises
-tr(dW C dW^T) over h in {0, 1} per weight. Only C (Kg x Kg per group) and mu are needed, accumulated
+tr(dW C dW^T) over h in {0, 1} per weight. A layer whose bias cannot absorb the shift (``can_shift_bias``:
+e.g. a MatMul whose output is not read by a bias ``Add`` alone) minimises the whole error, with the second
+moment C + mu mu^T. A layer with more than ``max_k`` inputs per output gets rounding to nearest and the bias
+correction (its K x K moment is not gathered). Only C (Kg x Kg per group) and mu are needed, accumulated
 while calibration streams samples, so the optimisation never touches the samples again and costs
 O(iterations * M * K^2) per layer. The relaxation h = clip(sigmoid(V) * 1.2 - 0.1, 0, 1) is optimised with
 Adam on the normalised reconstruction loss plus AdaRound's regulariser sum(1 - |2h - 1|^beta) (beta annealed
@@ -27,7 +30,7 @@ import numpy as np
 from qmace import qmath
 from qmace.ir import Graph, Node, Tensor
 from qmace.ops import get_op
-from qmace.quantize.bias_correction import layer_weight, shift_bias
+from qmace.quantize.bias_correction import can_shift_bias, layer_weight, shift_bias
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +41,24 @@ ZETA, GAMMA = 1.1, -0.1
 class _Layer:
     node: Node
     sum_x: np.ndarray  # (G, K)
-    sum_xx: np.ndarray  # (G, K, K)
+    sum_xx: np.ndarray | None  # (G, K, K); None: too wide, means only
     rows: int = 0
 
 
 class InputStatistics:
     """Per-layer first and second moments of the input rows (``Op.input_rows``: im2col patches for a Conv) of
-    every linear layer (``layer_weight``)."""
+    every linear layer (``layer_weight``); only the first moment for layers with more than ``max_k`` inputs
+    per output."""
 
     def __init__(self, graph: Graph, max_k: int = 2048):
         self.graph = graph
         self.layers: dict[str, _Layer] = {}
         for n in graph.nodes:
             w = layer_weight(graph, n)
-            if w is None or w.shape[2] > max_k:
+            if w is None:
                 continue
             gs, _, k = w.shape
-            self.layers[n.name] = _Layer(n, np.zeros((gs, k)), np.zeros((gs, k, k)))
+            self.layers[n.name] = _Layer(n, np.zeros((gs, k)), np.zeros((gs, k, k)) if k <= max_k else None)
         self.by_input: dict[str, list[_Layer]] = {}
         for lay in self.layers.values():
             self.by_input.setdefault(lay.node.inputs[0], []).append(lay)
@@ -79,7 +83,8 @@ class InputStatistics:
             w = self.graph.constant(node.inputs[1])
             cols = get_op(node.op_type).input_rows(node, x, w.shape)  # (G, R, K)
             lay.sum_x += cols.sum(1)
-            lay.sum_xx += np.matmul(cols.transpose(0, 2, 1), cols)
+            if lay.sum_xx is not None:
+                lay.sum_xx += np.matmul(cols.transpose(0, 2, 1), cols)
             lay.rows += cols.shape[1]
 
 
@@ -178,8 +183,13 @@ def adaround(
         w_orig = g.constant(node.inputs[1])
         qp = op.weight_params(node, 1, w_orig.astype(np.float32), schema)
         mu = lay.sum_x / lay.rows  # (G, K)
-        cov = lay.sum_xx / lay.rows - mu[:, :, None] * mu[:, None, :]
         gs, mg, k = w3.shape
+        if lay.sum_xx is None:  # too wide for the K x K moment: nearest rounding, bias correction below
+            cov = np.zeros((gs, k, k))
+        elif can_shift_bias(g, node):
+            cov = lay.sum_xx / lay.rows - mu[:, :, None] * mu[:, None, :]
+        else:  # the mean shift stays: minimise the whole E||dW x||^2
+            cov = lay.sum_xx / lay.rows
         # per output-channel scale in (G, Mg, 1) row order
         if qp.is_per_channel:
             s = np.asarray(qp.scale, np.float64).reshape(gs, mg, 1)
@@ -190,7 +200,7 @@ def adaround(
         if qp.narrow_range:
             lo = -hi
         cost = gs * mg * k * k
-        codes = _optimise(w3, s, zp, lo, hi, cov, iters if cost <= max_cost else 0)
+        codes = _optimise(w3, s, zp, lo, hi, cov, iters if cost <= max_cost and lay.sum_xx is not None else 0)
         wq = s * (codes - zp)  # (G, Mg, K) real values on the grid
         dw = wq - w3
         near = qmath.round_to_codes(w3, s, zp, lo, hi)

@@ -46,12 +46,29 @@ def correctable_inputs(graph: Graph) -> list[str]:
     return list(dict.fromkeys(n.inputs[0] for n in graph.nodes if layer_weight(graph, n) is not None))
 
 
+def channels_last(graph: Graph, node: Node) -> bool:
+    """Whether a linear layer reads its input channels on the last axis (Gemm, MatMul: ``x[..., K] @ W``)
+    rather than on axis 1 (Conv, whose weight has rank >= 3).
+
+    Args:
+        graph: the graph.
+        node: a layer ``layer_weight`` handles.
+
+    Returns:
+        True for a rank-2 weight.
+    """
+    return graph.constant(node.inputs[1]).ndim == 2
+
+
 class ChannelMeans:
-    """Running per-channel means (axis 1 for rank >= 3 tensors, the last axis for 2-D ones) of the
-    inputs of the layers bias correction can correct (a calibration observer)."""
+    """Running per-channel means of the inputs of the layers bias correction can correct (a calibration
+    observer): over axis 1 for rank >= 3 tensors read by a Conv, over the last axis for 2-D tensors and for
+    inputs of MatMul/Gemm layers (``channels_last``; a (1, T, C) sequence into a MatMul has its channels last)."""
 
     def __init__(self, graph: Graph) -> None:
         self.input_names = correctable_inputs(graph)
+        self.last_axis = {n.inputs[0] for n in graph.nodes
+                          if layer_weight(graph, n) is not None and channels_last(graph, n)}
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
 
@@ -63,7 +80,7 @@ class ChannelMeans:
             v: its value for one sample (channels on axis 1 for rank >= 3, else the last axis).
         """
         v = np.asarray(v, np.float64)
-        if v.ndim >= 3:
+        if v.ndim >= 3 and name not in self.last_axis:
             flat = np.moveaxis(v, 1, -1).reshape(-1, v.shape[1])
         else:
             flat = v.reshape(-1, v.shape[-1])
@@ -92,13 +109,14 @@ def shift_bias(g: Graph, node: Node, delta: np.ndarray) -> bool:
         delta: (M,) per output channel.
 
     Returns:
-        True when done; False where no bias can absorb it (no bias input: MatMul, or a non-constant or
-        multi-dimensional bias).
+        True when done; False where no bias can absorb it (a non-constant or multi-dimensional bias; an op
+        without a bias input, e.g. MatMul, whose output is not read only by an ``Add`` of a constant
+        vector along its last axis: that Add's constant is the bias then, as exporters write ``x @ W + b``).
     """
     op = get_op(node.op_type)
     bi = op.bias_input
     if bi is None:
-        return False  # no bias input; a following Add could absorb it, not done here
+        return _shift_following_add(g, node, delta)
     b_name = node.inputs[bi] if len(node.inputs) > bi else ""
     b = g.constant(b_name) if b_name else np.zeros(len(delta))
     if b is None or b.ndim > 1:
@@ -110,6 +128,55 @@ def shift_bias(g: Graph, node: Node, delta: np.ndarray) -> bool:
     while len(node.inputs) <= bi:
         node.inputs.append("")
     node.inputs[bi] = name
+    return True
+
+
+def _following_add(g: Graph, node: Node, m: int) -> tuple[Node, int] | None:
+    """For a layer without a bias input: the ``Add`` that is the only reader of its output and adds a constant
+    of ``m`` values along the last axis, with the position of that constant; None when there is none."""
+    out = node.outputs[0]
+    readers = g.consumers().get(out, [])
+    if out in g.outputs or len(readers) != 1 or readers[0].op_type != "Add" or len(readers[0].inputs) != 2:
+        return None
+    add = readers[0]
+    idx = 1 if add.inputs[0] == out else 0
+    c = g.constant(add.inputs[idx])
+    if add.inputs[1 - idx] != out or c is None or c.size != m or c.shape[-1] != m:
+        return None
+    return add, idx
+
+
+def can_shift_bias(g: Graph, node: Node) -> bool:
+    """Whether ``shift_bias`` can absorb an output shift of this linear layer.
+
+    Args:
+        g: the graph.
+        node: a layer ``layer_weight`` handles.
+
+    Returns:
+        True when the layer has a bias input (a missing bias is created) or a following bias ``Add``.
+    """
+    op = get_op(node.op_type)
+    if op.bias_input is not None:
+        b_name = node.inputs[op.bias_input] if len(node.inputs) > op.bias_input else ""
+        b = g.constant(b_name) if b_name else None
+        return not b_name or (b is not None and b.ndim <= 1)
+    w = layer_weight(g, node)
+    return w is not None and _following_add(g, node, w.shape[0] * w.shape[1]) is not None
+
+
+def _shift_following_add(g: Graph, node: Node, delta: np.ndarray) -> bool:
+    """``shift_bias`` for a layer without a bias input: ``y = layer(x); z = y + c`` with ``c`` a constant of
+    ``delta.size`` values along the last axis and ``z`` the only reader of ``y`` gets ``c - delta``."""
+    found = _following_add(g, node, delta.size)
+    if found is None:
+        return False
+    add, idx = found
+    c = g.constant(add.inputs[idx])
+    value = (c.astype(np.float64) - delta.reshape(c.shape)).astype(np.float32)
+    name = g.unique_name(f"{add.inputs[idx]}_corrected")
+    g.add_tensor(Tensor(name, "float32", tuple(value.shape), value))
+    add.inputs[idx] = name
     return True
 
 

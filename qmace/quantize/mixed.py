@@ -10,6 +10,10 @@ A marked tensor produced by a data-movement op (``quant_kernel == "copy"`` with 
 Reshape, Transpose, ...) shares its parameters with that op's input, so the input is marked too (recursively).
 Tensors whose parameters the source model fixes (imported Q/DQ pairs) keep them.
 
+Measured choices join the structural ones as ``extra`` (tensor -> reason), e.g. the calibration-sensitivity
+rule of ``qmace.quantize.sensitivity`` (``qmace quantize --sensitivity_16bit N``); the sharing rule above
+applies to them too.
+
 Wide activations are asymmetric ``uint16`` (ONNX QuantizeLinear/DequantizeLinear opset 21; ONNX Runtime
 runs them bit-exactly like the 8-bit ones). ``mode="all"`` widens every activation (MACE's
 ``mace_htp_u16a_s8w``), ``"none"`` none.
@@ -55,12 +59,14 @@ def _attention_scores(g: Graph, producers: dict[str, Node], name: str) -> bool:
     return False
 
 
-def wide_activations(g: Graph, mode: str = "rule") -> dict[str, str]:
+def wide_activations(g: Graph, mode: str = "rule", extra: dict[str, str] | None = None) -> dict[str, str]:
     """The activations quantized to 16 bits, each with the reason.
 
     Args:
         g: the float graph about to be quantized.
         mode: ``"rule"`` (module docstring), ``"none"`` or ``"all"``.
+        extra: further activations to widen (tensor -> reason), added in every mode but ``"all"``; a name that
+            is no float activation of ``g`` is ignored.
 
     Returns:
         Tensor name -> reason (``"LayerNormalization input"``, ``"attention Softmax input"``, ``"shares
@@ -71,14 +77,12 @@ def wide_activations(g: Graph, mode: str = "rule") -> dict[str, str]:
     """
     if mode not in MODES:
         raise ValueError(f"unknown 16-bit activation mode {mode!r} (choose from {', '.join(MODES)})")
-    if mode == "none":
-        return {}
     if mode == "all":
         names = [*g.inputs, *g.activations()]
         return {n: "all activations" for n in names if _is_activation(g, n)}
     producers = g.producers()
     wide: dict[str, str] = {}
-    for node in g.nodes:
+    for node in g.nodes if mode == "rule" else ():
         x = node.inputs[0] if node.inputs else ""
         if not _is_activation(g, x):
             continue
@@ -86,6 +90,9 @@ def wide_activations(g: Graph, mode: str = "rule") -> dict[str, str]:
             wide.setdefault(x, "LayerNormalization input")
         elif node.op_type == "Softmax" and _attention_scores(g, producers, x):
             wide.setdefault(x, "attention Softmax input")
+    for name, why in (extra or {}).items():
+        if _is_activation(g, name):
+            wide.setdefault(name, why)
     todo = list(wide)
     while todo:  # data-movement producers share parameters with their input
         name = todo.pop()

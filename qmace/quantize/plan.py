@@ -59,6 +59,9 @@ class QuantizeOptions:
     float_nodes: set[str] = field(default_factory=set)
     # 16-bit activations (qmace.quantize.mixed): "rule" (the documented structural rule), "none", "all".
     wide_activations: str = "rule"
+    # Further activations given 16 bits (tensor -> reason), e.g. by the calibration-sensitivity rule
+    # (qmace.quantize.sensitivity); added to the structural rule's in every mode but "all".
+    wide_extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.input_ranges = {k: r if isinstance(r, Range) else Range(*r) for k, r in self.input_ranges.items()}
@@ -199,7 +202,7 @@ class _Planner:
         self.plan = QuantPlan(Schema(opts.schema))
         self.producers = g.producers()
         self.missing: dict[str, str] = {}  # tensor -> node that needs it
-        self.wide = wide_activations(g, opts.wide_activations)  # tensor -> why it gets 16 bits
+        self.wide = wide_activations(g, opts.wide_activations, opts.wide_extra)  # tensor -> why it gets 16 bits
 
     def _owner(self, name: str) -> str:
         prod = self.producers.get(name)

@@ -233,6 +233,10 @@ class PTQRecipe:
             which corrects biases itself).
         adaround: AdaRound the weights, ``adaround_iters`` optimisation steps per layer.
         adaround_iters: see ``adaround``.
+        sensitivity_16bit: give 16 bits to this many more activations, those whose 8-bit quantization alone
+            (everything else float) costs the most output SQNR on the first ``sensitivity_samples`` calibration
+            samples (``qmace.quantize.sensitivity``); 0: only the structural rule's.
+        sensitivity_samples: how many calibration samples that measurement uses.
         schema: ``uint8`` / ``int8`` / ``int8_w7``; None: the model entry's ``quantize_schema``.
     """
 
@@ -244,6 +248,8 @@ class PTQRecipe:
     bias_correction: bool = True
     adaround: bool = False
     adaround_iters: int = 400
+    sensitivity_16bit: int = 0
+    sensitivity_samples: int = 16
     schema: str | None = None
 
     def __post_init__(self) -> None:
@@ -251,6 +257,9 @@ class PTQRecipe:
             raise QuantizationError(f"--percentile applies to methods mace and percentile, not {self.method}")
         if self.adaround_iters < 1:
             raise QuantizationError(f"adaround_iters must be >= 1, got {self.adaround_iters}")
+        if self.sensitivity_16bit < 0 or self.sensitivity_samples < 1:
+            raise QuantizationError(f"sensitivity_16bit must be >= 0 and sensitivity_samples >= 1, got "
+                                    f"{self.sensitivity_16bit} and {self.sensitivity_samples}")
         self.calibrator()  # an unknown method or a bad option fails here, before any sample is read
 
     def calibrator(self) -> Calibrator:
@@ -343,6 +352,24 @@ def transplant_constants(src: Graph, dst: Graph) -> Graph:
     return g
 
 
+def _sensitive(graph: Graph, table: RangeTable, options: QuantizeOptions, samples: Iterable, recipe: PTQRecipe,
+               num_threads: int | None) -> dict[str, str]:
+    """The activations ``recipe.sensitivity_16bit`` widens, measured on the float ``graph`` before the weight
+    refinement (``qmace.quantize.sensitivity``)."""
+    from qmace.quantize.plan import plan_quantization
+    from qmace.quantize.sensitivity import sensitive_activations
+
+    feeds = []
+    for sample in samples:
+        feeds.append(sample.feeds)
+        if len(feeds) >= recipe.sensitivity_samples:
+            break
+    plan = plan_quantization(graph, table, replace(options, float_nodes=check_float_nodes(graph, options.float_nodes),
+                                                   fixed_params={**imported_params(graph), **options.fixed_params}))
+    chosen, _ = sensitive_activations(graph, plan, feeds, recipe.sensitivity_16bit, num_threads)
+    return chosen
+
+
 def run_ptq(
     graph: Graph,
     samples: Samples,
@@ -395,6 +422,9 @@ def run_ptq(
     table = calibrator.ranges()
     if recipe.method != "mace":  # MACE's method keeps MACE's range files; the others keep rare probability-map pixels
         table, _ = saturating_input_ranges(graph, table, calibrator.extrema())
+    if recipe.sensitivity_16bit:
+        options = replace(options, wide_extra={**options.wide_extra, **_sensitive(
+            graph, table, replace(options, schema=schema), _stream(samples, None, None, ""), recipe, num_threads)})
     corrected, fixed = 0, {}
     if means is not None:
         graph, corrected = correct_biases(graph, means, schema)
@@ -404,7 +434,8 @@ def run_ptq(
         gain = sum(r.nearest_loss for r in reports) / max(sum(r.final_loss for r in reports), 1e-30)
         log.info("AdaRound: %d layers, reconstruction error %.2fx lower than rounding to nearest", corrected, gain)
     figures = {"method": recipe.method, "samples": count, "bias_corrected_layers": corrected,
-               "adaround": bool(recipe.adaround), "equalized_tensors": equalized}
+               "adaround": bool(recipe.adaround), "equalized_tensors": equalized,
+               "sensitivity_16bit": recipe.sensitivity_16bit}
     quantized = []
     for g, opts in [(graph, options), *((transplant_constants(graph, vg), vo) for vg, vo in variants)]:
         opts = replace(opts, schema=schema, fixed_params={**imported_params(g), **opts.fixed_params, **fixed},
