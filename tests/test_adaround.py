@@ -128,3 +128,30 @@ def test_adaround_without_iterations_rounds_as_the_quantizer(schema):
         name = next(n for n in g2.nodes if n.name == node.name).inputs[1]
         qp = fixed[name]
         np.testing.assert_array_equal(g2.constant(name), qmath.dequantize(qmath.quantize(w, qp), qp), err_msg=node.name)
+
+
+@pytest.mark.parametrize("schema", ["int8", "uint8"])
+def test_adaround_corrects_layers_too_wide_to_optimise(schema):
+    """A layer whose rows are longer than ``max_k`` (its K x K moments too large) is not skipped: it is rounded
+    to nearest and gets the same bias correction ``correct_biases`` gives it, and is reported as not
+    optimised; the other layers are still optimised."""
+    from qmace.quantize.bias_correction import ChannelMeans, correct_biases
+
+    g = _model()
+    rng = np.random.default_rng(2)
+    samples = [Sample(str(i), {"x": rng.uniform(-1, 1, (1, 3, 10, 10)).astype(np.float32)}) for i in range(4)]
+    stats = InputStatistics(g, max_k=10)  # the first conv has K = 3 * 3 * 3 = 27
+    means = ChannelMeans(g)
+    calibrate(g, samples, None, observers=[stats, means])
+    g2, fixed, reports = adaround(g, stats, schema, iters=20)
+    first = g.nodes[0].name
+    assert {r.node for r in reports} == {n.name for n in g.nodes if n.op_type in ("Conv", "Gemm")}
+    assert [r.node for r in reports if not r.optimised] == [first]
+    n2 = next(n for n in g2.nodes if n.name == first)
+    w = g.constant(g.nodes[0].inputs[1])
+    qp = fixed[n2.inputs[1]]
+    np.testing.assert_array_equal(g2.constant(n2.inputs[1]), qmath.dequantize(qmath.quantize(w, qp), qp))
+    bc, _ = correct_biases(g, means, schema)
+    nb = next(n for n in bc.nodes if n.name == first)
+    np.testing.assert_allclose(g2.constant(n2.inputs[2]), bc.constant(nb.inputs[2]), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(g2.constant(n2.inputs[2]), g.constant(g.nodes[0].inputs[2]))  # it was corrected

@@ -37,24 +37,29 @@ ZETA, GAMMA = 1.1, -0.1
 @dataclass
 class _Layer:
     node: Node
-    sum_x: np.ndarray  # (G, K)
-    sum_xx: np.ndarray  # (G, K, K)
+    sum_x: np.ndarray  # (G, K); means-only layers: (C,) per input channel
+    sum_xx: np.ndarray | None  # (G, K, K); None: a means-only layer (K above max_k)
     rows: int = 0
 
 
 class InputStatistics:
     """Per-layer first and second moments of the input rows (``Op.input_rows``: im2col patches for a Conv) of
-    every linear layer (``layer_weight``)."""
+    every linear layer (``layer_weight``). A layer whose rows are longer than ``max_k`` (K x K moments too
+    large) gets only its input's per-channel means: ``adaround`` rounds it to nearest and corrects its bias,
+    as bias correction would."""
 
     def __init__(self, graph: Graph, max_k: int = 2048):
         self.graph = graph
         self.layers: dict[str, _Layer] = {}
         for n in graph.nodes:
             w = layer_weight(graph, n)
-            if w is None or w.shape[2] > max_k:
+            if w is None:
                 continue
             gs, _, k = w.shape
-            self.layers[n.name] = _Layer(n, np.zeros((gs, k)), np.zeros((gs, k, k)))
+            if k > max_k:
+                self.layers[n.name] = _Layer(n, np.zeros(0), None)
+            else:
+                self.layers[n.name] = _Layer(n, np.zeros((gs, k)), np.zeros((gs, k, k)))
         self.by_input: dict[str, list[_Layer]] = {}
         for lay in self.layers.values():
             self.by_input.setdefault(lay.node.inputs[0], []).append(lay)
@@ -76,6 +81,12 @@ class InputStatistics:
         """
         for lay in self.by_input.get(name, []):
             node = lay.node
+            if lay.sum_xx is None:  # means only: per input channel (axis 1 for rank >= 3, else the last axis)
+                v = np.asarray(x, np.float64)
+                flat = np.moveaxis(v, 1, -1).reshape(-1, v.shape[1]) if v.ndim >= 3 else v.reshape(-1, v.shape[-1])
+                lay.sum_x = lay.sum_x + flat.sum(0) if lay.sum_x.size else flat.sum(0)
+                lay.rows += flat.shape[0]
+                continue
             w = self.graph.constant(node.inputs[1])
             cols = get_op(node.op_type).input_rows(node, x, w.shape)  # (G, R, K)
             lay.sum_x += cols.sum(1)
@@ -89,8 +100,9 @@ class RoundingReport:
     second-moment matrix) with rounding to nearest and with the chosen rounding.
     """
     node: str
-    nearest_loss: float  # tr(dW C dW^T) with rounding to nearest
+    nearest_loss: float  # tr(dW C dW^T) with rounding to nearest (0 for a means-only layer)
     final_loss: float  # with the chosen rounding
+    optimised: bool = True  # False: rounded to nearest (over max_cost, or means only) with bias correction
 
 
 def _optimise(w: np.ndarray, s: np.ndarray, zp: float, lo: int, hi: int, cov: np.ndarray, iters: int) -> np.ndarray:
@@ -146,8 +158,9 @@ def adaround(
 
     Returns a copy of the graph with the chosen weights (dequantized codes) and corrected biases, the
     weight QuantParams to fix in the quantizer, and a per-layer report. Layers whose optimisation would
-    cost more than ``max_cost`` multiply-adds per iteration (M * K^2) get rounding to nearest plus bias
-    correction only.
+    cost more than ``max_cost`` multiply-adds per iteration (M * K^2), and means-only layers (rows longer
+    than ``InputStatistics``' ``max_k``), get rounding to nearest plus bias correction only (reported with
+    ``optimised=False``).
 
     Args:
         graph: the float graph.
@@ -171,15 +184,21 @@ def adaround(
         items = progress(items, total=len(items), desc="AdaRound layers")
     for name, lay in items:
         if lay.rows == 0:
+            log.warning("AdaRound: layer %s: its input was never observed; left as it is", name)
             continue
         node = next(n for n in g.nodes if n.name == name)
         op = get_op(node.op_type)
         w3 = layer_weight(g, node)
         w_orig = g.constant(node.inputs[1])
         qp = op.weight_params(node, 1, w_orig.astype(np.float32), schema)
-        mu = lay.sum_x / lay.rows  # (G, K)
-        cov = lay.sum_xx / lay.rows - mu[:, :, None] * mu[:, None, :]
         gs, mg, k = w3.shape
+        if lay.sum_xx is None:  # each weight's input mean is its channel's, the same for every tap (padding ignored)
+            e = lay.sum_x / lay.rows
+            mu = np.repeat(e.reshape(gs, -1), k * gs // e.size, axis=1)  # (G, K)
+            cov = None
+        else:
+            mu = lay.sum_x / lay.rows  # (G, K)
+            cov = lay.sum_xx / lay.rows - mu[:, :, None] * mu[:, None, :]
         # per output-channel scale in (G, Mg, 1) row order
         if qp.is_per_channel:
             s = np.asarray(qp.scale, np.float64).reshape(gs, mg, 1)
@@ -190,13 +209,17 @@ def adaround(
         if qp.narrow_range:
             lo = -hi
         cost = gs * mg * k * k
-        codes = _optimise(w3, s, zp, lo, hi, cov, iters if cost <= max_cost else 0)
+        optimised = cov is not None and cost <= max_cost and iters > 0
+        near = qmath.round_to_codes(w3, s, zp, lo, hi)
+        codes = _optimise(w3, s, zp, lo, hi, cov, iters if optimised else 0) if cov is not None else near
         wq = s * (codes - zp)  # (G, Mg, K) real values on the grid
         dw = wq - w3
-        near = qmath.round_to_codes(w3, s, zp, lo, hi)
         dn = s * (near - zp) - w3
-        reports.append(RoundingReport(name, float(np.einsum("gmk,gkl,gml->", dn, cov, dn)),
-                                      float(np.einsum("gmk,gkl,gml->", dw, cov, dw))))
+        if cov is None:
+            reports.append(RoundingReport(name, 0.0, 0.0, optimised=False))
+        else:
+            reports.append(RoundingReport(name, float(np.einsum("gmk,gkl,gml->", dn, cov, dn)),
+                                          float(np.einsum("gmk,gkl,gml->", dw, cov, dw)), optimised))
         # back to the weight's own layout
         rows_shape = op.weight_rows(node, w_orig).shape
         w_new = op.weight_from_rows(node, wq.reshape(rows_shape), w_orig.shape).astype(np.float32)
