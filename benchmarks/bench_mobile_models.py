@@ -278,7 +278,7 @@ def qmace_quantize(m: Model, schema: str, refine: str = "bc") -> tuple[object, l
     (``metadata["quantization"]``: equalized tensors, corrected / AdaRounded layers)."""
     res = qmace_ptq(m, schema, refine)
     figures = {k: res.graph.metadata["quantization"].get(k) for k in
-               ("equalized_tensors", "bias_corrected_layers", "adaround")}
+               ("equalized_tensors", "bias_corrected_layers", "adaround", "adaround_optimised_layers")}
     figures["linear_layers"] = sum(layer_weight(res.float_graph, n) is not None for n in res.float_graph.nodes)
     return res.graph, res.fallbacks, figures
 
