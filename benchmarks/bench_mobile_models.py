@@ -484,6 +484,28 @@ def report(rows: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+def failures(rows: list[dict], work: Path, small: float = 0.05) -> str:
+    """Which evaluation images miss the per-image criterion, for the map models of a ``--json`` file: the
+    FP32 map's foreground (pixels above the model's threshold) of the failing vs the passing images, and how
+    many of each have a foreground under ``small`` of the image (a sliver: a few hundred pixels decide the IoU)."""
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in rows if r["model"] != "cls"):
+        m = load_models([name], work)[0]
+        s = ort_session(m.fp32_onnx, 1)
+        fg = np.array([float((s.run(None, {m.input_name: x[None]})[0] > m.thresh).mean()) for x in m.evals])
+        lines.append(f"{name}: {int((fg < small).sum())} of {len(fg)} evaluation images have an FP32 foreground "
+                     f"under {100 * small:.0f}% ({int((fg == 0).sum())} none)")
+        for r in rows:
+            if r["model"] != name or "ort_per_image" not in r or not r["quantizer"].startswith("qmace"):
+                continue
+            bad = np.array([not (sc >= 0.95 or cos >= COSINE) for sc, cos in r["ort_per_image"]])
+            lines.append(f"  {r['quantizer']} (ORT): {int(bad.sum())} fail; FP32 foreground median "
+                         f"{100 * np.median(fg[bad]) if bad.any() else float('nan'):.1f}% failing vs "
+                         f"{100 * np.median(fg[~bad]):.1f}% passing; failing with foreground < {100 * small:.0f}%: "
+                         f"{int((fg[bad] < small).sum())} ({int((fg[bad] == 0).sum())} with none: int8 marks pixels FP32 does not)")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="det,seg,cls")
@@ -496,12 +518,17 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--report", type=Path, default=None, help="only print the tables of a --json file")
+    ap.add_argument("--failures", type=Path, default=None,
+                    help="only say which evaluation images of a --json file miss the criterion (FP32 foreground)")
     args = ap.parse_args()
     if args.report is not None:
         print(report(json.loads(args.report.read_text())))
         return 0
     work = default_cache() / "bench-mobile"
     work.mkdir(parents=True, exist_ok=True)
+    if args.failures is not None:
+        print(failures(json.loads(args.failures.read_text()), work))
+        return 0
     nncf_python = args.nncf_python if args.nncf_python and Path(args.nncf_python).exists() else None
     models = load_models(args.models.split(","), work)
     rows = []
