@@ -2,7 +2,7 @@
 """Issue 10: real mobile models beyond MobileNetV2, quantized by qmace, ORT ``quantize_static`` and NNCF.
 
     python benchmarks/bench_mobile_models.py [--models det,seg,cls] [--schemas int8_w7,int8,uint8]
-        [--nncf-python PY] [--repeats 15] [--json OUT]
+        [--refine bc,adaround] [--no-peers] [--nncf-python PY] [--repeats 15] [--json OUT]
 
 Setup: ``python scripts/fetch_assets.py rapidocr mediapipe stamps extra-photos``.
 
@@ -67,11 +67,10 @@ from qmace.config import load_config
 from qmace.data import Sample
 from qmace.metrics import compare
 from qmace.onnx_bridge import to_onnx
-from qmace.quantize.bias_correction import ChannelMeans, correct_biases
-from qmace.quantize.calibration import make_calibrator
-from qmace.quantize.dense import saturating_input_ranges
-from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
-from qmace.quantize.recipe import calibrate, equalize_on
+from qmace.qmath import Range
+from qmace.quantize.bias_correction import layer_weight
+from qmace.quantize.quantizer import QuantizeOptions
+from qmace.quantize.recipe import PTQRecipe, run_ptq
 from qmace.runtime import Session
 from qmace_zoo import default_cache, load_split, stamps_dir
 
@@ -255,24 +254,33 @@ def load_models(which: list[str], work: Path) -> list[Model]:
 # ------------------------------------------------------------------------------------------- quantizers
 
 
-def qmace_calibrate(m: Model) -> tuple[object, object, object]:
-    """The schema-independent part of ``qmace quantize --method percentile``: activation equalization, then
-    one calibration pass (histogram percentile 99.95 and the bias-correction means)."""
-    samples = lambda: (Sample("", {m.input_name: x[None]}) for x in m.calib)
-    g, _ = equalize_on(m.graph, samples(), 1)
-    cal = make_calibrator("percentile", percentile=99.95)
-    means = ChannelMeans(g)
-    calibrate(g, samples(), cal, 1, observers=[means])
-    return g, cal, means
+#: qmace's pipelines: ``bc`` is ``qmace quantize --method percentile --percentile 99.95`` (equalization,
+#: histogram percentile 99.95, bias correction); ``adaround`` adds ``--adaround`` (learned rounding with its
+#: own bias correction instead of plain bias correction). Both fixed before any evaluation image was seen.
+REFINES = {"bc": {}, "adaround": {"adaround": True}}
 
 
-def qmace_quantize(m: Model, schema: str, calibrated: tuple) -> tuple[object, list[str]]:
-    """Bias correction for ``schema``, dense-output ranges (``qmace.quantize.dense``), quantization."""
-    g, cal, means = calibrated
-    g, _ = correct_biases(g, means, schema)
-    table, _ = saturating_input_ranges(g, cal.ranges(), cal.extrema())
-    res = quantize_graph(g, table, QuantizeOptions(schema=schema, input_ranges={m.input_name: m.input_range}))
-    return res.graph, res.fallbacks
+def qmace_recipe(schema: str, refine: str) -> PTQRecipe:
+    """The ``PTQRecipe`` of one qmace row: the command's recipe for ``schema`` (equalization follows the
+    schema's rule: per-tensor weights keep every producer's range for ``uint8``)."""
+    return PTQRecipe(method="percentile", percentile=99.95, schema=schema, **REFINES[refine])
+
+
+def qmace_ptq(m: Model, schema: str, refine: str = "bc", recipe: PTQRecipe | None = None):
+    """``run_ptq`` with ``recipe`` (default ``qmace_recipe(schema, refine)``) on the calibration images."""
+    samples = [Sample("", {m.input_name: x[None]}) for x in m.calib]
+    opts = QuantizeOptions(schema=schema, input_ranges={m.input_name: Range(*m.input_range)})
+    return run_ptq(m.graph, samples, recipe or qmace_recipe(schema, refine), opts, num_threads=1)
+
+
+def qmace_quantize(m: Model, schema: str, refine: str = "bc") -> tuple[object, list[str], dict]:
+    """``qmace_ptq``: the quantized graph, its fallback list and the recipe's figures
+    (``metadata["quantization"]``: equalized tensors, corrected / AdaRounded layers)."""
+    res = qmace_ptq(m, schema, refine)
+    figures = {k: res.graph.metadata["quantization"].get(k) for k in
+               ("equalized_tensors", "bias_corrected_layers", "adaround", "adaround_optimised_layers")}
+    figures["linear_layers"] = sum(layer_weight(res.float_graph, n) is not None for n in res.float_graph.nodes)
+    return res.graph, res.fallbacks, figures
 
 
 class _Reader:
@@ -344,11 +352,26 @@ def task_metric(m: Model, ref: np.ndarray, out: np.ndarray) -> tuple[float, floa
     return float(ious.mean()), float(np.mean((ious >= 0.95) | (cos >= COSINE))), pooled
 
 
+def per_image(m: Model, ref: np.ndarray, out: np.ndarray) -> list[list[float]]:
+    """Per evaluation image: [task score (IoU, or 1/0 top-1 agreement), cosine vs FP32] (which images fail)."""
+    rows = []
+    for r, o in zip(ref, out):
+        if m.metric == "top1":
+            score = float(r.argmax() == o.argmax())
+        else:
+            a, b = r > m.thresh, o > m.thresh
+            union = np.logical_or(a, b).sum()
+            score = 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+        rows.append([round(score, 4), round(float(compare(r, o).cosine), 5)])
+    return rows
+
+
 def run_all(fn, xs: np.ndarray) -> np.ndarray:
     return np.concatenate([fn(x[None]) for x in xs])
 
 
-def bench_model(m: Model, schemas: list[str], work: Path, nncf_python: str | None, repeats: int) -> list[dict]:
+def bench_model(m: Model, schemas: list[str], work: Path, nncf_python: str | None, repeats: int,
+                refines: list[str] = ("bc",), peers_on: bool = True) -> list[dict]:
     import openvino as ov
 
     core = ov.Core()
@@ -370,20 +393,22 @@ def bench_model(m: Model, schemas: list[str], work: Path, nncf_python: str | Non
         return lambda x: s.run(None, {name: x})[0]
 
     variants: dict[str, dict] = {"FP32": {"ort": ort_fn(m.fp32_onnx), "ov": ov_fn(m.fp32_onnx), "float_ops": "-"}}
-    calibrated = qmace_calibrate(m)
-    for schema in schemas:
+    for schema, refine in [(s, r) for r in refines for s in schemas]:
         t0 = time.perf_counter()
-        qg, fallbacks = qmace_quantize(m, schema, calibrated)
+        qg, fallbacks, figures = qmace_quantize(m, schema, refine)
+        print(f"{m.name} {schema} {refine}: {figures}", flush=True)
         s_ort = Session(qg, backend="onnxruntime", num_threads=1)
         s_ov = Session(qg, backend="openvino", num_threads=1)
         kinds = sorted({f.split("(")[1].split(")")[0] for f in fallbacks})
-        variants[f"qmace {schema}"] = {
+        variants[f"qmace {schema}" + ("" if refine == "bc" else f" {refine}")] = {
             "ort": lambda x, s=s_ort: s.run({m.input_name: x})[m.output_name],
             "ov": lambda x, s=s_ov: s.run({m.input_name: x})[m.output_name],
             "float_ops": f"{len(fallbacks)} ({', '.join(kinds)})" if fallbacks else "0",
-            "build_s": time.perf_counter() - t0}
+            "build_s": time.perf_counter() - t0, "figures": figures}
     peers = [("ORT quantize_static", lambda: ort_quantize(m, work))]
-    if nncf_python:
+    if not peers_on:
+        peers = []
+    elif nncf_python:
         peers.append(("NNCF", lambda: nncf_quantize(m, work, nncf_python)))
     for label, make in peers:
         try:
@@ -412,6 +437,8 @@ def bench_model(m: Model, schemas: list[str], work: Path, nncf_python: str | Non
                "ort_ms": lat[f"{label}|ort"], "ov_ms": lat.get(f"{label}|ov", float("nan"))}
         row["ort_speedup"] = lat["FP32|ort"] / row["ort_ms"]
         row["ov_speedup"] = lat["FP32|ov"] / row["ov_ms"] if row["ov_ms"] == row["ov_ms"] else float("nan")
+        if "figures" in v:
+            row["figures"] = v["figures"]
         for be in ("ort", "ov"):
             if v[be] is None:
                 row.update({f"{be}_metric": float("nan"), f"{be}_within": float("nan"), f"{be}_sqnr": float("nan"),
@@ -419,6 +446,7 @@ def bench_model(m: Model, schemas: list[str], work: Path, nncf_python: str | Non
                 continue
             out = run_all(v[be], m.evals)
             metric, within, pooled = task_metric(m, ref, out)
+            row[f"{be}_per_image"] = per_image(m, ref, out)
             row[f"{be}_pooled"] = pooled
             row[f"{be}_metric"] = metric
             row[f"{be}_within"] = within
@@ -456,26 +484,57 @@ def report(rows: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+def failures(rows: list[dict], work: Path, small: float = 0.05) -> str:
+    """Which evaluation images miss the per-image criterion, for the map models of a ``--json`` file: the
+    FP32 map's foreground (pixels above the model's threshold) of the failing vs the passing images, and how
+    many of each have a foreground under ``small`` of the image (a sliver: a few hundred pixels decide the IoU)."""
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in rows if r["model"] != "cls"):
+        m = load_models([name], work)[0]
+        s = ort_session(m.fp32_onnx, 1)
+        fg = np.array([float((s.run(None, {m.input_name: x[None]})[0] > m.thresh).mean()) for x in m.evals])
+        lines.append(f"{name}: {int((fg < small).sum())} of {len(fg)} evaluation images have an FP32 foreground "
+                     f"under {100 * small:.0f}% ({int((fg == 0).sum())} none)")
+        for r in rows:
+            if r["model"] != name or "ort_per_image" not in r or not r["quantizer"].startswith("qmace"):
+                continue
+            bad = np.array([not (sc >= 0.95 or cos >= COSINE) for sc, cos in r["ort_per_image"]])
+            lines.append(f"  {r['quantizer']} (ORT): {int(bad.sum())} fail; FP32 foreground median "
+                         f"{100 * np.median(fg[bad]) if bad.any() else float('nan'):.1f}% failing vs "
+                         f"{100 * np.median(fg[~bad]):.1f}% passing; failing with foreground < {100 * small:.0f}%: "
+                         f"{int((fg[bad] < small).sum())} ({int((fg[bad] == 0).sum())} with none: int8 marks pixels FP32 does not)")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="det,seg,cls")
     ap.add_argument("--schemas", default="int8_w7,int8,uint8")
     ap.add_argument("--nncf-python", default=os.environ.get("QMACE_NNCF_PYTHON", ""),
                     help="a Python with nncf installed, e.g. a venv's (default $QMACE_NNCF_PYTHON; empty: skip NNCF)")
+    ap.add_argument("--refine", default="bc",
+                    help="qmace pipelines, comma-separated: bc (bias correction), adaround (default bc)")
+    ap.add_argument("--no-peers", action="store_true", help="skip ORT quantize_static and NNCF")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--report", type=Path, default=None, help="only print the tables of a --json file")
+    ap.add_argument("--failures", type=Path, default=None,
+                    help="only say which evaluation images of a --json file miss the criterion (FP32 foreground)")
     args = ap.parse_args()
     if args.report is not None:
         print(report(json.loads(args.report.read_text())))
         return 0
     work = default_cache() / "bench-mobile"
     work.mkdir(parents=True, exist_ok=True)
+    if args.failures is not None:
+        print(failures(json.loads(args.failures.read_text()), work))
+        return 0
     nncf_python = args.nncf_python if args.nncf_python and Path(args.nncf_python).exists() else None
     models = load_models(args.models.split(","), work)
     rows = []
     for m in models:
-        rows += bench_model(m, args.schemas.split(","), work, nncf_python, args.repeats)
+        rows += bench_model(m, args.schemas.split(","), work, nncf_python, args.repeats, args.refine.split(","),
+                            not args.no_peers)
     print(report(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

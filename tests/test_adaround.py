@@ -211,3 +211,31 @@ def test_adaround_covers_matmul_layers_and_wide_layers():
     assert whole > 2 * np.mean(np.sum((centred @ dw) ** 2, axis=1))  # the covariance part alone is much less
     np.testing.assert_allclose(reps[0].nearest_loss, whole, rtol=1e-4)
     assert reps[0].final_loss <= reps[0].nearest_loss + 1e-12
+
+
+@pytest.mark.parametrize("schema", ["int8", "uint8"])
+def test_adaround_corrects_layers_too_wide_to_optimise(schema):
+    """A layer whose rows are longer than ``max_k`` (its K x K moments too large) is not skipped: it is rounded
+    to nearest, its bias absorbs ``-dW E[row]`` over its im2col rows (padding zeros included, so exact where
+    ``correct_biases``' per-channel means are not), and it is reported as not optimised; the other layers are
+    still optimised."""
+    from qmace.ops import get_op
+
+    g = _model()
+    rng = np.random.default_rng(2)
+    samples = [Sample(str(i), {"x": rng.uniform(-1, 1, (1, 3, 10, 10)).astype(np.float32)}) for i in range(4)]
+    stats = InputStatistics(g, max_k=10)  # the first conv has K = 3 * 3 * 3 = 27
+    calibrate(g, samples, None, observers=[stats])
+    g2, fixed, reports = adaround(g, stats, schema, iters=20)
+    first = g.nodes[0].name
+    assert {r.node for r in reports} == {n.name for n in g.nodes if n.op_type in ("Conv", "Gemm")}
+    assert [r.node for r in reports if not r.optimised] == [first]
+    n2 = next(n for n in g2.nodes if n.name == first)
+    w = g.constant(g.nodes[0].inputs[1])
+    qp = fixed[n2.inputs[1]]
+    np.testing.assert_array_equal(g2.constant(n2.inputs[1]), qmath.dequantize(qmath.quantize(w, qp), qp))
+    rows = np.concatenate([get_op("Conv").input_rows(g.nodes[0], s.feeds["x"], w.shape)[0] for s in samples])
+    dw = (g2.constant(n2.inputs[1]).astype(np.float64) - w).reshape(w.shape[0], -1)  # (M, K), rows' order
+    want = g.constant(g.nodes[0].inputs[2]) - dw @ rows.astype(np.float64).mean(0)
+    np.testing.assert_allclose(g2.constant(n2.inputs[2]), want, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(g2.constant(n2.inputs[2]), g.constant(g.nodes[0].inputs[2]))  # it was corrected

@@ -94,8 +94,9 @@ class RoundingReport:
     second-moment matrix) with rounding to nearest and with the chosen rounding.
     """
     node: str
-    nearest_loss: float  # tr(dW C dW^T) with rounding to nearest
+    nearest_loss: float  # tr(dW C dW^T) with rounding to nearest (0 for a means-only layer)
     final_loss: float  # with the chosen rounding
+    optimised: bool = True  # False: rounded to nearest (over max_cost, or means only) with bias correction
 
 
 def _optimise(w: np.ndarray, s: np.ndarray, zp: float, lo: int, hi: int, cov: np.ndarray, iters: int) -> np.ndarray:
@@ -176,6 +177,7 @@ def adaround(
         items = progress(items, total=len(items), desc="AdaRound layers")
     for name, lay in items:
         if lay.rows == 0:
+            log.warning("AdaRound: layer %s: its input was never observed; left as it is", name)
             continue
         node = next(n for n in g.nodes if n.name == name)
         op = get_op(node.op_type)
@@ -185,7 +187,7 @@ def adaround(
         mu = lay.sum_x / lay.rows  # (G, K)
         gs, mg, k = w3.shape
         if lay.sum_xx is None:  # too wide for the K x K moment: nearest rounding, bias correction below
-            cov = np.zeros((gs, k, k))
+            cov = None
         elif can_shift_bias(g, node):
             cov = lay.sum_xx / lay.rows - mu[:, :, None] * mu[:, None, :]
         else:  # the mean shift stays: minimise the whole E||dW x||^2
@@ -200,13 +202,17 @@ def adaround(
         if qp.narrow_range:
             lo = -hi
         cost = gs * mg * k * k
-        codes = _optimise(w3, s, zp, lo, hi, cov, iters if cost <= max_cost and lay.sum_xx is not None else 0)
+        optimised = cov is not None and cost <= max_cost and iters > 0
+        near = qmath.round_to_codes(w3, s, zp, lo, hi)
+        codes = _optimise(w3, s, zp, lo, hi, cov, iters) if optimised else near
         wq = s * (codes - zp)  # (G, Mg, K) real values on the grid
         dw = wq - w3
-        near = qmath.round_to_codes(w3, s, zp, lo, hi)
         dn = s * (near - zp) - w3
-        reports.append(RoundingReport(name, float(np.einsum("gmk,gkl,gml->", dn, cov, dn)),
-                                      float(np.einsum("gmk,gkl,gml->", dw, cov, dw))))
+        if cov is None:
+            reports.append(RoundingReport(name, 0.0, 0.0, optimised=False))
+        else:
+            reports.append(RoundingReport(name, float(np.einsum("gmk,gkl,gml->", dn, cov, dn)),
+                                          float(np.einsum("gmk,gkl,gml->", dw, cov, dw)), optimised))
         # back to the weight's own layout
         rows_shape = op.weight_rows(node, w_orig).shape
         w_new = op.weight_from_rows(node, wq.reshape(rows_shape), w_orig.shape).astype(np.float32)

@@ -431,11 +431,15 @@ def run_ptq(
     if moments is not None:
         graph, fixed, reports = run_adaround(graph, moments, schema, iters=recipe.adaround_iters, progress=progress)
         corrected = len(reports)
+        optimised = sum(r.optimised for r in reports)
         gain = sum(r.nearest_loss for r in reports) / max(sum(r.final_loss for r in reports), 1e-30)
-        log.info("AdaRound: %d layers, reconstruction error %.2fx lower than rounding to nearest", corrected, gain)
+        log.info("AdaRound: %d layers (%d optimised, %d rounded to nearest with bias correction), reconstruction "
+                 "error %.2fx lower than rounding to nearest", corrected, optimised, corrected - optimised, gain)
     figures = {"method": recipe.method, "samples": count, "bias_corrected_layers": corrected,
                "adaround": bool(recipe.adaround), "equalized_tensors": equalized,
                "sensitivity_16bit": recipe.sensitivity_16bit}
+    if moments is not None:
+        figures["adaround_optimised_layers"] = optimised
     quantized = []
     for g, opts in [(graph, options), *((transplant_constants(graph, vg), vo) for vg, vo in variants)]:
         opts = replace(opts, schema=schema, fixed_params={**imported_params(g), **opts.fixed_params, **fixed},
