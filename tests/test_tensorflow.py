@@ -318,7 +318,8 @@ def test_fake_quant_ranges_mix_with_the_range_file(tmp_path, cli):
     pb = _mixed_graph()
     yml = write_model(tmp_path, pb, shape="1,4,4,2", quantize=1, quantize_schema="int8")
     r = cli("convert", "--config", yml, "--build_dir", tmp_path / "build")
-    assert r.code == 2 and len(r.err_lines) == 1 and "output" in r.err and "no quantization range" in r.err
+    errors = [line for line in r.err_lines if "WARNING" not in line]  # the filter has no FakeQuant: one warning
+    assert r.code == 2 and len(errors) == 1 and "output" in errors[0] and "no quantization range" in errors[0]
     (tmp_path / "ranges.txt").write_text("output@@0.0,3.0\n")
     yml = write_model(tmp_path, pb, shape="1,4,4,2", quantize=1, quantize_schema="int8",
                       quantize_range_file="ranges.txt")
