@@ -13,9 +13,11 @@ evaluation stamps (minimum over images); MACE's three steps through the CLI (run
 quantize`` (int8) top-1 agreement and SQNR of the logits against FP32; int8 / FP32 latency (interleaved
 medians, ONNX Runtime backend). With ``--models zoo``: the Keras-applications graphs of benchmarks/make_tf_zoo.py (MobileNet V1/V3,
 Inception v3, ResNet-50 v1/v2 with seeded random weights) the same way, without MACE's steps. For the tfmot
-QAT graph: conversion with ``quantize: 1`` + input_ranges
-only (int8 schema) against TensorFlow's fake-quantized logits: elements off by more than one output
-quantization step, top-1 agreement (on qmace's exact integer reference backend).
+QAT graphs (``qat``: as tfmot freezes it, biases in float; ``qat_intbias``: biases on the int32 grid):
+conversion with ``quantize: 1`` + input_ranges only (int8 schema), qmace's exact integer reference backend,
+against TensorFlow's fake-quantized logits and, when ``mobilenet_v2_qat.tflite`` and LiteRT are there,
+against TensorFlow's own integer model of the same graph run by LiteRT: elements off by more than one
+output quantization step, off at all, top-1 the same.
 """
 
 from __future__ import annotations
@@ -131,10 +133,17 @@ def bench_model(label: str, platform: str, model: Path, inp: str, out: str, ref:
             mace, f"{mq8['agree']:.1f}% / {mq8['sqnr']:.2f} dB", f"{ratio:.2f}x"]
 
 
-def bench_qat(model: Path, inp: str, out: str, ref: np.ndarray, xe, tmp: Path, threads: int) -> list:
-    d = tmp / "qat"
+QAT_GRAPHS = {
+    "qat": "tfmot QAT (.pb, quantize: 1 + input_ranges)",
+    "qat_intbias": "tfmot QAT, biases on the int32 grid (.pb, quantize: 1 + input_ranges)",
+}
+
+
+def bench_qat(key: str, label: str, model: Path, inp: str, out: str, ref: np.ndarray, xe, tmp: Path,
+              threads: int) -> list:
+    d = tmp / key
     d.mkdir()
-    yml = write_yaml(d, model, "tensorflow", inp, out, True, "qat", quantize=True, schema="int8")
+    yml = write_yaml(d, model, "tensorflow", inp, out, True, key, quantize=True, schema="int8")
     t0 = time.perf_counter()
     conv = api.convert(yml, build_dir=d / "build")
     t_conv = time.perf_counter() - t0
@@ -143,15 +152,34 @@ def bench_qat(model: Path, inp: str, out: str, ref: np.ndarray, xe, tmp: Path, t
     y = logits(g, inp, out, xe, threads, backend="reference")
     dq = next(n for n in g.nodes if n.outputs[0] == out)
     step = float(g.tensors[dq.inputs[0]].quant.scale)
+    cmp = f"vs TF fake-quant: {steps_report(y, ref, step)}"
+    print(f"{key}: convert {t_conv:.1f} s, step {step:.4g}, {cmp}, fallbacks {len(conv.fallbacks)}", flush=True)
+    lite = model.parent / "mobilenet_v2_qat.tflite"
+    if lite.is_file():  # TensorFlow's own integer model of the QAT graph, run by LiteRT
+        from ai_edge_litert.interpreter import Interpreter
+
+        it = Interpreter(str(lite), num_threads=threads)
+        it.allocate_tensors()
+        i_in, i_out = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
+        y_lite = []
+        for x in xe.transpose(0, 2, 3, 1):
+            it.set_tensor(i_in, x[None].astype(np.float32))
+            it.invoke()
+            y_lite.append(it.get_tensor(i_out).copy())
+        y_lite = np.concatenate(y_lite)
+        lite_msg = f"vs LiteRT on {lite.name}: {steps_report(y, y_lite, step)}"
+        print(f"{key}: qmace {lite_msg}; LiteRT vs TF fake-quant: {steps_report(y_lite, ref, step)}", flush=True)
+        cmp += f"; {lite_msg}"
+    return [label, f"{t_conv:.1f} s", cmp, "-", "-", "-"]
+
+
+def steps_report(y: np.ndarray, ref: np.ndarray, step: float) -> str:
+    """How far ``y`` is from ``ref`` in output quantization steps: % of elements off by more than one step,
+    % off at all, the largest distance, and on how many images the top-1 class is the same."""
     off = np.abs(y - ref) / step
-    frac = float(np.mean(off > 1.0 + 1e-3))
-    frac_any = float(np.mean(off > 1e-3))
-    top1 = float(np.mean(y.argmax(1) == ref.argmax(1))) * 100
-    print(f"qat: convert {t_conv:.1f} s, step {step:.4g}, max off {off.max():.2f} steps, >1 step {100 * frac:.3f}%, "
-          f"any step {100 * frac_any:.2f}%, top-1 same {top1:.1f}%, fallbacks {len(conv.fallbacks)}", flush=True)
-    return ["tfmot QAT (.pb, quantize: 1 + input_ranges)", f"{t_conv:.1f} s",
-            (f"vs TF fake-quant: {100 * frac:.3f}% of logits > 1 step (max {off.max():.2f}), "
-             f"{100 * frac_any:.2f}% differ at all; top-1 same {top1:.1f}%"), "-", "-", "-"]
+    same = int(np.sum(y.argmax(1) == ref.argmax(1)))
+    return (f"{100 * np.mean(off > 1.0 + 1e-3):.3f}% of logits > 1 step (max {off.max():.2f}), "
+            f"{100 * np.mean(off > 1e-3):.2f}% differ at all, top-1 same {same}/{len(y)}")
 
 
 def ulp_noise(seeds: list[int], xe, xc, labels, tmp: Path, threads: int) -> list:
@@ -197,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-mace-steps", action="store_true")
-    ap.add_argument("--models", default="onnx,tf1,keras3,qat",
+    ap.add_argument("--models", default="onnx,tf1,keras3,qat,qat_intbias",
                     help="comma-separated subset to run; 'zoo' adds the Keras-applications graphs of "
                          "benchmarks/make_tf_zoo.py (random weights: op coverage; no MACE steps)")
     ap.add_argument("--zoo-photos", type=int, default=233,
@@ -245,11 +273,17 @@ def main(argv: list[str] | None = None) -> int:
                                         inp, out, ref, xe[:len(ref)], xc, zoo_labels, tmp, args.threads, False))
         if args.ulp_noise:
             rows += ulp_noise([int(v) for v in args.ulp_noise.split(",")], xe, xc, labels, tmp, args.threads)
-        pb = tfdir / "mobilenet_v2_qat.pb"
-        if "qat" in wanted and pb.is_file():
-            with np.load(tfdir / "mobilenet_v2_qat.npz", allow_pickle=False) as z:
+        for key, label in QAT_GRAPHS.items():
+            pb = tfdir / f"mobilenet_v2_{key}.pb"
+            if key not in wanted:
+                continue
+            if not pb.is_file():
+                print(f"{pb}: missing; run benchmarks/make_tf_mobilenet.py {key.replace('_', '-')} first",
+                      file=sys.stderr)
+                continue
+            with np.load(pb.with_suffix(".npz"), allow_pickle=False) as z:
                 ref, inp, out = z["y"], str(z["input_name"]), str(z["output_name"])
-            rows.append(bench_qat(pb, inp, out, ref, xe, tmp, args.threads))
+            rows.append(bench_qat(key, label, pb, inp, out, ref, xe, tmp, args.threads))
     print(md_table(["model (format)", "conversion", "float vs source framework (233 stamps)",
                     "MACE steps: top-1 agree / SQNR vs FP32", "qmace quantize int8: top-1 agree / SQNR vs FP32",
                     "latency int8 / FP32"], rows))

@@ -21,6 +21,7 @@ import numpy as np
 
 from qmace.errors import ModelError, UnsupportedOpsError
 from qmace.frontends.tensorflow.builder import Builder, tensor_ref
+from qmace.frontends.tensorflow.fakequant import FAKE_QUANT_OPS
 from qmace.frontends.tensorflow.graphdef import NUMPY_DTYPES, parse_graphdef, shape_of, tensor_to_numpy
 from qmace.frontends.tensorflow.ops import (
     CONTROL_FLOW_OPS,
@@ -278,6 +279,37 @@ def _ranks_of(graph: Graph, b: Builder, outputs: list[str], ranks: list[int | No
     return got
 
 
+WEIGHT_OPS = ("Conv2D", "DepthwiseConv2dNative", "MatMul", "Conv2DBackpropInput")
+
+
+def weights_without_fake_quant(graph_def) -> list[str]:
+    """In a graph that has FakeQuant nodes: the convolution / matmul nodes whose weight is a plain constant.
+
+    TensorFlow's fake-quantized graph computes those layers with float weights, which no integer model
+    can reproduce; tfmot 0.8 freezes every ``Conv2D``/``DepthwiseConv2D`` followed by a ``ReLU`` layer this
+    way (its ``LayerReLUQuantize`` transform drops the layer's weight quantizer).
+
+    Args:
+        graph_def: the parsed GraphDef.
+
+    Returns:
+        The names of such nodes, in graph order; empty when the graph has no FakeQuant node.
+    """
+    nodes = _tf_nodes(graph_def)
+    if not any(n.op in FAKE_QUANT_OPS for n in nodes.values()):
+        return []
+    bare = []
+    for n in nodes.values():
+        if n.op not in WEIGHT_OPS or len(n.inputs) < 2:
+            continue
+        src = nodes.get(tensor_ref(n.inputs[1]).rpartition(":")[0])  # the filter (input 1 of each op)
+        while src is not None and src.op in ("Identity", "ReadVariableOp") and src.inputs:
+            src = nodes.get(tensor_ref(src.inputs[0]).rpartition(":")[0])
+        if src is not None and src.op == "Const":
+            bare.append(n.name)
+    return bare
+
+
 def load_tensorflow(m: ModelConfig) -> Graph:
     """The frontend's ``load``: the YAML model entry's frozen graph -> float IR graph.
 
@@ -294,6 +326,13 @@ def load_tensorflow(m: ModelConfig) -> Graph:
     sub = m.subgraph
     ranks = [len(s) if s is not None else None for s in (sub.output_shapes or [None] * len(sub.output_tensors))]
     graph_def = read_graphdef(m.model_file_path)
+    bare = weights_without_fake_quant(graph_def) if m.quantize else []
+    if bare:
+        log.warning("%s: %d convolution/matmul weights have no FakeQuant in this QAT graph (%s): quantized from "
+                    "their own range, so the integer model differs from TensorFlow's fake-quantized graph, which "
+                    "computes these layers with float weights (tfmot 0.8 freezes Conv2D/DepthwiseConv2D followed "
+                    "by a ReLU layer this way)", m.model_file_path, len(bare),
+                    ", ".join(repr(b) for b in bare[:3]) + (", ..." if len(bare) > 3 else ""))
     return graphdef_to_graph(graph_def, m.model_file_path, list(sub.input_tensors), list(sub.output_tensors),
                              list(sub.input_data_formats), list(sub.output_data_formats), ranks,
                              keep_weight_grid=m.quantize_schema == "int8")
