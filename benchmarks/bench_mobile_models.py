@@ -257,19 +257,22 @@ def load_models(which: list[str], work: Path) -> list[Model]:
 #: qmace's pipelines: ``bc`` is ``qmace quantize --method percentile --percentile 99.95`` (equalization,
 #: histogram percentile 99.95, bias correction); ``adaround`` adds ``--adaround`` (learned rounding with its
 #: own bias correction instead of plain bias correction). Both fixed before any evaluation image was seen.
-REFINES = {"bc": {}, "adaround": {"adaround": True}}
+#: ``u16`` is a diagnostic row, not a deployment: every activation 16-bit (``wide_activations: all``, MACE's
+#: ``mace_htp_u16a_s8w``) with min/max ranges (``--method mace``), to show what the 8-bit weights alone cost.
+REFINES = {"bc": {}, "adaround": {"adaround": True}, "u16": {"method": "mace", "percentile": None}}
 
 
 def qmace_recipe(schema: str, refine: str) -> PTQRecipe:
     """The ``PTQRecipe`` of one qmace row: the command's recipe for ``schema`` (equalization follows the
     schema's rule: per-tensor weights keep every producer's range for ``uint8``)."""
-    return PTQRecipe(method="percentile", percentile=99.95, schema=schema, **REFINES[refine])
+    return PTQRecipe(**{"method": "percentile", "percentile": 99.95, "schema": schema, **REFINES[refine]})
 
 
 def qmace_ptq(m: Model, schema: str, refine: str = "bc", recipe: PTQRecipe | None = None):
     """``run_ptq`` with ``recipe`` (default ``qmace_recipe(schema, refine)``) on the calibration images."""
     samples = [Sample("", {m.input_name: x[None]}) for x in m.calib]
-    opts = QuantizeOptions(schema=schema, input_ranges={m.input_name: Range(*m.input_range)})
+    opts = QuantizeOptions(schema=schema, input_ranges={m.input_name: Range(*m.input_range)},
+                           wide_activations="all" if refine == "u16" else "rule")
     return run_ptq(m.graph, samples, recipe or qmace_recipe(schema, refine), opts, num_threads=1)
 
 
