@@ -31,7 +31,9 @@ fused QLinear kernel is counted from ORT's optimized graph), latency at one thre
 (interleaved medians, ratio FP32 / int8 > 1 means int8 is faster), the task metric, the fraction of images
 with MACE's cosine >= 0.98 vs FP32, and SQNR over all outputs. qmace's pipeline is ``qmace quantize
 --method percentile --percentile 99.95`` (activation equalization, histogram percentile 99.95, bias correction,
-the pipeline docs/quantization.md recommends; the inputs of
+the pipeline docs/quantization.md recommends; each row is one ``run_ptq`` with its own ``PTQRecipe``, so
+equalization follows the row's schema; ``--refine adaround`` adds ``--adaround`` rows, ``--refine u16`` a diagnostic
+row with every activation 16-bit; the inputs of
 Sigmoid/Tanh/HardSigmoid/Softmax ranged by ``qmace.quantize.dense``). ORT's own int8 models run
 as ORT runs them (its u8 x s8 kernels, which saturate on CPUs without VNNI); qmace's int8 models run on
 qmace's backend (exact: int8 weights as uint8 + 128 where ORT's kernels would saturate).
