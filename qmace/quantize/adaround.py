@@ -81,9 +81,10 @@ class InputStatistics:
         """
         for lay in self.by_input.get(name, []):
             node = lay.node
-            if lay.sum_xx is None:  # means only: per input channel (axis 1 for rank >= 3, else the last axis)
+            if lay.sum_xx is None:  # means only: per input channel (the op's ``channel_axis``)
                 v = np.asarray(x, np.float64)
-                flat = np.moveaxis(v, 1, -1).reshape(-1, v.shape[1]) if v.ndim >= 3 else v.reshape(-1, v.shape[-1])
+                axis = get_op(node.op_type).channel_axis
+                flat = np.moveaxis(v, axis, -1).reshape(-1, v.shape[axis])
                 lay.sum_x = lay.sum_x + flat.sum(0) if lay.sum_x.size else flat.sum(0)
                 lay.rows += flat.shape[0]
                 continue
