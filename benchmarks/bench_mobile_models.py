@@ -31,7 +31,9 @@ fused QLinear kernel is counted from ORT's optimized graph), latency at one thre
 (interleaved medians, ratio FP32 / int8 > 1 means int8 is faster), the task metric, the fraction of images
 with MACE's cosine >= 0.98 vs FP32, and SQNR over all outputs. qmace's pipeline is ``qmace quantize
 --method percentile --percentile 99.95`` (activation equalization, histogram percentile 99.95, bias correction,
-the pipeline docs/quantization.md recommends; the inputs of
+the pipeline docs/quantization.md recommends; each row is one ``run_ptq`` with its own ``PTQRecipe``, so
+equalization follows the row's schema; ``--refine adaround`` adds ``--adaround`` rows, ``--refine u16`` a diagnostic
+row with every activation 16-bit; the inputs of
 Sigmoid/Tanh/HardSigmoid/Softmax ranged by ``qmace.quantize.dense``). ORT's own int8 models run
 as ORT runs them (its u8 x s8 kernels, which saturate on CPUs without VNNI); qmace's int8 models run on
 qmace's backend (exact: int8 weights as uint8 + 128 where ORT's kernels would saturate).
@@ -257,19 +259,22 @@ def load_models(which: list[str], work: Path) -> list[Model]:
 #: qmace's pipelines: ``bc`` is ``qmace quantize --method percentile --percentile 99.95`` (equalization,
 #: histogram percentile 99.95, bias correction); ``adaround`` adds ``--adaround`` (learned rounding with its
 #: own bias correction instead of plain bias correction). Both fixed before any evaluation image was seen.
-REFINES = {"bc": {}, "adaround": {"adaround": True}}
+#: ``u16`` is a diagnostic row, not a deployment: every activation 16-bit (``wide_activations: all``, MACE's
+#: ``mace_htp_u16a_s8w``) with min/max ranges (``--method mace``), to show what the 8-bit weights alone cost.
+REFINES = {"bc": {}, "adaround": {"adaround": True}, "u16": {"method": "mace", "percentile": None}}
 
 
 def qmace_recipe(schema: str, refine: str) -> PTQRecipe:
     """The ``PTQRecipe`` of one qmace row: the command's recipe for ``schema`` (equalization follows the
     schema's rule: per-tensor weights keep every producer's range for ``uint8``)."""
-    return PTQRecipe(method="percentile", percentile=99.95, schema=schema, **REFINES[refine])
+    return PTQRecipe(**{"method": "percentile", "percentile": 99.95, "schema": schema, **REFINES[refine]})
 
 
 def qmace_ptq(m: Model, schema: str, refine: str = "bc", recipe: PTQRecipe | None = None):
     """``run_ptq`` with ``recipe`` (default ``qmace_recipe(schema, refine)``) on the calibration images."""
     samples = [Sample("", {m.input_name: x[None]}) for x in m.calib]
-    opts = QuantizeOptions(schema=schema, input_ranges={m.input_name: Range(*m.input_range)})
+    opts = QuantizeOptions(schema=schema, input_ranges={m.input_name: Range(*m.input_range)},
+                           wide_activations="all" if refine == "u16" else "rule")
     return run_ptq(m.graph, samples, recipe or qmace_recipe(schema, refine), opts, num_threads=1)
 
 

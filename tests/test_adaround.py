@@ -239,3 +239,22 @@ def test_adaround_corrects_layers_too_wide_to_optimise(schema):
     want = g.constant(g.nodes[0].inputs[2]) - dw @ rows.astype(np.float64).mean(0)
     np.testing.assert_allclose(g2.constant(n2.inputs[2]), want, rtol=1e-5, atol=1e-7)
     assert not np.allclose(g2.constant(n2.inputs[2]), g.constant(g.nodes[0].inputs[2]))  # it was corrected
+
+
+def test_adaround_means_only_layer_reads_channels_on_the_ops_axis():
+    """A too-wide Gemm-like layer on a 3-D input (MatMul: channels last) takes its means over the last axis
+    and is rounded to nearest (no crash, weights on the grid)."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((12, 5)) * 0.3).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "m",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 7, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    g = optimize(onnx_to_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+    samples = [Sample(str(i), {"x": rng.uniform(0, 1, (1, 7, 12)).astype(np.float32)}) for i in range(3)]
+    stats = InputStatistics(g, max_k=8)
+    calibrate(g, samples, None, observers=[stats])
+    g2, fixed, reports = adaround(g, stats, "int8", iters=10)
+    assert [r.optimised for r in reports] == [False]
+    (wname, qp), = fixed.items()
+    np.testing.assert_array_equal(g2.constant(wname), qmath.dequantize(qmath.quantize(w, qp), qp))
