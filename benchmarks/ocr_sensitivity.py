@@ -16,7 +16,7 @@ Steps (each on the 100 calibration lines; "decoded = FP32's" is the benchmark's 
 - ``recipes``: real quantized models of ``qmace quantize``'s recipes (bias correction on/off, AdaRound, range
   methods);
 - ``sweep``: real quantized models (``run_ptq`` with the default recipe) with the N most sensitive activations
-  (the rule of ``--sensitivity_16bit N``, ranked on the first 16 calibration lines) in uint16: decoded = FP32's
+  (the rule of ``--sensitivity_16bit N``, ranked on the first 8 calibration lines) in uint16: decoded = FP32's
   on the calibration lines and the latency of each model (one interleaved run, 1 thread).
 """
 
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schema", default="int8")
     ap.add_argument("--no-equalization", action="store_true", help="fake-quant steps on the unequalized graph")
     ap.add_argument("--subset-step", type=int, default=10, help="tensors: every k-th calibration line (default 10)")
-    ap.add_argument("--rank-samples", type=int, default=16, help="sweep: calibration lines the ranking uses")
+    ap.add_argument("--rank-samples", type=int, default=8, help="sweep: calibration lines the ranking uses "
+                    "(the first ones, as --sensitivity_samples; default 8)")
     ap.add_argument("--sweep", default="0,2,4,8,16,32", help="sweep: numbers of sensitivity-chosen uint16 tensors")
     ap.add_argument("--method", default="mace", help="sweep: range method of the recipe (default mace = min/max)")
     ap.add_argument("--percentile", type=float, default=None)
@@ -78,16 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     samples = [Sample(str(i), {B.REC_INPUT: xc[i:i + 1]}) for i in range(len(xc))]
     feeds = [s.feeds for s in samples]
     opts = replace(options_for(m, a.schema), schema=a.schema)
-    base = run_ptq(g, samples, PTQRecipe(bias_correction=False, equalize=not a.no_equalization, schema=a.schema), opts,
-                   num_threads=a.threads)
-    fg, table = base.float_graph, base.ranges
-    plan = plan_quantization(fg, table, opts)
-    runner = S.FakeQuantRunner(fg, plan, a.threads)
-    print(f"{len(calib)} calibration lines; {len(runner.tensors)} activations with own parameters "
-          f"({len(S.candidates(fg, plan))} 8-bit, the rest uint16 by the structural rule), "
-          f"{len(runner.weight_inputs)} weights ({time.perf_counter() - t0:.0f} s)", flush=True)
-    ref = [runner.run(f, runner.control()) for f in feeds]
+    fp32 = B.ort_plain(rec, a.threads)  # the reference: the original model in ONNX Runtime
+    ref = [[fp32.run([B.REC_OUTPUT], f)[0]] for f in feeds]
     ref_text = B.decode(np.concatenate([r[0] for r in ref]))
+    runner = plan = fg = None
+    if steps & {"diagnose", "tensors", "weights", "ranges"}:  # fake quantization of the equalized float graph
+        base = run_ptq(g, samples, PTQRecipe(bias_correction=False, equalize=not a.no_equalization, schema=a.schema),
+                       opts, num_threads=a.threads)
+        fg, table = base.float_graph, base.ranges
+        plan = plan_quantization(fg, table, opts)
+        runner = S.FakeQuantRunner(fg, plan, a.threads)
+        print(f"{len(calib)} calibration lines; {len(runner.tensors)} activations with own parameters "
+              f"({len(S.candidates(fg, plan))} 8-bit, the rest uint16 by the structural rule), "
+              f"{len(runner.weight_inputs)} weights ({time.perf_counter() - t0:.0f} s)", flush=True)
     out: dict = {"calibration_lines": len(calib), "schema": a.schema}
 
     def judge(got: list[list[np.ndarray]], idx: list[int]) -> dict:
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: decoded = FP32's {r['same']:.1f}%, argmax {r['argmax']:.2f}%, output SQNR "
               f"{r['sqnr_db']:.2f} dB ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    planned = runner.planned_bits()
+    planned = runner.planned_bits() if runner is not None else {}
     if "diagnose" in steps:
         d = out["diagnose"] = {}
         for label, ctl in [("weights only", runner.control({}, "all")),
@@ -201,12 +205,22 @@ def main(argv: list[str] | None = None) -> int:
             show(f"real model, recipe {label} ({res.corrected_layers} layers refined)", rs[label])
 
     if "sweep" in steps:
+        # run_ptq's steps for the default recipe with --method (equalization, one calibration pass, bias
+        # correction), spelled out so that the ranking --sensitivity_16bit measures (on the equalized graph and
+        # its ranges, before bias correction) and every model of the sweep share one calibration
+        from qmace.quantize.bias_correction import ChannelMeans, correct_biases
+        from qmace.quantize.recipe import equalize_on
+
         recipe = PTQRecipe(method=a.method, percentile=a.percentile, schema=a.schema)
-        res = run_ptq(g, samples, recipe, opts, num_threads=a.threads)
-        # the ranking --sensitivity_16bit measures: on the float graph the ranges belong to, before refinement
-        pre = run_ptq(g, samples, replace(recipe, bias_correction=False), opts, num_threads=a.threads)
-        rank_plan = plan_quantization(pre.float_graph, pre.ranges, opts)
-        _, ranking = S.sensitive_activations(pre.float_graph, rank_plan, feeds[:a.rank_samples], 10**6, a.threads)
+        eq, _ = equalize_on(g, samples, a.threads, a.schema)
+        cal, means = recipe.calibrator(), ChannelMeans(eq)
+        calibrate(eq, samples, cal, a.threads, observers=[means])
+        ranges = cal.ranges()
+        if a.method != "mace":
+            ranges, _ = saturating_input_ranges(eq, ranges, cal.extrema())
+        rank_plan = plan_quantization(eq, ranges, opts)
+        _, ranking = S.sensitive_activations(eq, rank_plan, feeds[:a.rank_samples], 10**6, a.threads)
+        refined, _ = correct_biases(eq, means, a.schema)
         out["ranking"] = [(r.tensor, r.sqnr_db) for r in ranking]
         print("ranking (lowest SQNR first): " + ", ".join(f"{r.tensor} {r.sqnr_db:.1f}" for r in ranking[:40]),
               flush=True)
@@ -216,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         sw = out["sweep"] = {}
         for n in [int(x) for x in a.sweep.split(",")]:
             chosen = {r.tensor: S.REASON for r in ranking[:n]}
-            o = replace(opts, wide_extra=chosen, fixed_params=dict(res.fixed_params))
-            q = quantize_graph(res.float_graph, res.ranges, o)
+            q = quantize_graph(refined, ranges, replace(opts, wide_extra=chosen))
             sq = Session(q.graph, backend="onnxruntime", num_threads=a.threads)
             sessions[n] = sq
             sw[n] = judge([[sq.run(f)[B.REC_OUTPUT]] for f in feeds], list(range(len(feeds))))
