@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qmace import qmath
+from qmace.errors import QuantizationError
 from qmace.ir import Graph
 from qmace.quantize.plan import ParamSource, QuantPlan
 
@@ -88,6 +89,9 @@ class FakeQuantRunner:
         plan: its quantization plan (activation ranges, weight parameters).
         num_threads: ONNX Runtime intra-op threads, or None.
         tensors: the activations to instrument (default: ``instrumentable``).
+
+    Raises:
+        QuantizationError: a tensor to instrument is not in the graph lowered to ONNX.
     """
 
     def __init__(self, graph: Graph, plan: QuantPlan, num_threads: int | None = None,
@@ -114,10 +118,8 @@ class FakeQuantRunner:
             gp.input.append(vi)
             return name
 
-        def rewire(old: str, new: str, skip: set[int]) -> None:
+        def rewire(old: str, new: str) -> None:  # every reader of ``old`` (the original nodes) reads ``new``
             for n in gp.node:
-                if id(n) in skip:
-                    continue
                 for i, x in enumerate(n.input):
                     if x == old:
                         n.input[i] = new
@@ -126,12 +128,12 @@ class FakeQuantRunner:
         producer = {o: n for n in gp.node for o in n.output}
         for t in self.tensors:
             if t not in produced:
-                raise ValueError(f"tensor {t!r} is not in the lowered ONNX graph")
+                raise QuantizationError(f"sensitivity: tensor {t!r} is not in the lowered ONNX graph")
             s, zp, hi, on = (scalar_input(f"{t}__fq_{k}") for k in ("s", "zp", "hi", "on"))
             self.act_inputs[t] = (s, zp, hi, on)
             if t in graph_inputs:  # consumers read the fake-quantized copy
                 x, y = t, f"{t}__fq"
-                rewire(t, y, set())
+                rewire(t, y)
             else:  # the producer writes x; the fake quantizer writes the tensor under its own name
                 x, y = f"{t}__fq_x", t
                 prod = producer[t]
@@ -156,7 +158,7 @@ class FakeQuantRunner:
             gp.initializer.append(numpy_helper.from_array(wq - w, f"{p}_delta"))
             new_nodes += [helper.make_node("Mul", [f"{p}_delta", on], [f"{p}_d"]),
                           helper.make_node("Add", [wp.tensor, f"{p}_d"], [p])]
-            rewire(wp.tensor, p, set())
+            rewire(wp.tensor, p)
             self.weight_inputs[wp.tensor] = on
         nodes = list(gp.node)
         del gp.node[:]
@@ -221,7 +223,8 @@ def _toposort(gp) -> None:
             else:
                 rest.append(n)
         if len(rest) == len(pending):
-            raise ValueError(f"graph has a cycle or a missing input near node {rest[0].name!r}")
+            raise QuantizationError(f"sensitivity: instrumented graph has a cycle or a missing input near node "
+                                    f"{rest[0].name!r}")
         pending = rest
     del gp.node[:]
     gp.node.extend(out)
