@@ -96,7 +96,7 @@ class FakeQuantRunner:
 
     def __init__(self, graph: Graph, plan: QuantPlan, num_threads: int | None = None,
                  tensors: Sequence[str] | None = None) -> None:
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import helper, numpy_helper
 
         from qmace.onnx_bridge import to_onnx
         from qmace.runtime.session import ort_session
@@ -113,16 +113,8 @@ class FakeQuantRunner:
         self.weight_inputs: dict[str, str] = {}
 
         def scalar_input(name: str) -> str:
-            vi = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-            vi.type.tensor_type.shape.SetInParent()  # rank 0
-            gp.input.append(vi)
+            gp.input.append(_scalar_info(name))
             return name
-
-        def rewire(old: str, new: str) -> None:  # every reader of ``old`` (the original nodes) reads ``new``
-            for n in gp.node:
-                for i, x in enumerate(n.input):
-                    if x == old:
-                        n.input[i] = new
 
         graph_inputs = {i.name for i in gp.input}
         producer = {o: n for n in gp.node for o in n.output}
@@ -133,21 +125,12 @@ class FakeQuantRunner:
             self.act_inputs[t] = (s, zp, hi, on)
             if t in graph_inputs:  # consumers read the fake-quantized copy
                 x, y = t, f"{t}__fq"
-                rewire(t, y)
+                _rewire(gp, t, y)
             else:  # the producer writes x; the fake quantizer writes the tensor under its own name
                 x, y = f"{t}__fq_x", t
                 prod = producer[t]
                 prod.output[list(prod.output).index(t)] = x
-            p = f"{t}__fq"
-            zero = f"{p}_zero"
-            new_nodes += [
-                helper.make_node("Constant", [], [zero], value=numpy_helper.from_array(np.zeros((), np.float32))),
-                helper.make_node("Div", [x, s], [f"{p}_a"]), helper.make_node("Round", [f"{p}_a"], [f"{p}_b"]),
-                helper.make_node("Add", [f"{p}_b", zp], [f"{p}_c"]),
-                helper.make_node("Clip", [f"{p}_c", zero, hi], [f"{p}_d"]),
-                helper.make_node("Sub", [f"{p}_d", zp], [f"{p}_e"]), helper.make_node("Mul", [f"{p}_e", s], [f"{p}_f"]),
-                helper.make_node("Sub", [f"{p}_f", x], [f"{p}_g"]), helper.make_node("Mul", [f"{p}_g", on], [f"{p}_h"]),
-                helper.make_node("Add", [f"{p}_h", x], [y])]
+            new_nodes += _fake_quant_nodes(x, y, s, zp, hi, on, f"{t}__fq")
         for wp in plan.weights.values():
             if wp.tensor not in inits or wp.tensor in self.weight_inputs:
                 continue
@@ -158,7 +141,7 @@ class FakeQuantRunner:
             gp.initializer.append(numpy_helper.from_array(wq - w, f"{p}_delta"))
             new_nodes += [helper.make_node("Mul", [f"{p}_delta", on], [f"{p}_d"]),
                           helper.make_node("Add", [wp.tensor, f"{p}_d"], [p])]
-            rewire(wp.tensor, p)
+            _rewire(gp, wp.tensor, p)
             self.weight_inputs[wp.tensor] = on
         nodes = list(gp.node)
         del gp.node[:]
@@ -207,6 +190,36 @@ class FakeQuantRunner:
             The outputs, in graph order.
         """
         return self.session.run(self.outputs, {**sample, **control})
+
+
+def _scalar_info(name: str):
+    """A rank-0 float32 graph input."""
+    from onnx import TensorProto, helper
+
+    vi = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+    vi.type.tensor_type.shape.SetInParent()  # rank 0
+    return vi
+
+
+def _rewire(gp, old: str, new: str) -> None:
+    """Every reader of ``old`` among the graph's nodes reads ``new``."""
+    for n in gp.node:
+        for i, x in enumerate(n.input):
+            if x == old:
+                n.input[i] = new
+
+
+def _fake_quant_nodes(x: str, y: str, s: str, zp: str, hi: str, on: str, p: str) -> list:
+    """ONNX nodes computing ``y = x + on * ((clip(round(x / s) + zp, 0, hi) - zp) * s - x)`` (names prefixed ``p``)."""
+    from onnx import helper, numpy_helper
+
+    zero = f"{p}_zero"
+    return [helper.make_node("Constant", [], [zero], value=numpy_helper.from_array(np.zeros((), np.float32))),
+            helper.make_node("Div", [x, s], [f"{p}_a"]), helper.make_node("Round", [f"{p}_a"], [f"{p}_b"]),
+            helper.make_node("Add", [f"{p}_b", zp], [f"{p}_c"]), helper.make_node("Clip", [f"{p}_c", zero, hi], [f"{p}_d"]),
+            helper.make_node("Sub", [f"{p}_d", zp], [f"{p}_e"]), helper.make_node("Mul", [f"{p}_e", s], [f"{p}_f"]),
+            helper.make_node("Sub", [f"{p}_f", x], [f"{p}_g"]), helper.make_node("Mul", [f"{p}_g", on], [f"{p}_h"]),
+            helper.make_node("Add", [f"{p}_h", x], [y])]
 
 
 def _toposort(gp) -> None:
