@@ -5,6 +5,7 @@ quantized by qmace and by its peers, judged by what it reads.
     python benchmarks/ocr_data.py
     python benchmarks/bench_ocr.py [--threads 1] [--repeats 20] [--schemas int8,int8_w7,uint8]
                                    [--nncf-python PY] [--skip-ort] [--skip-nncf]
+                                   [--quantize-args "--sensitivity_16bit 8" ...]
 
 Rows: FP32 (plain ONNX Runtime on the original ONNX: the reference), qmace FP32 (`convert`), `qmace quantize
 --schema S` (CLI, calibrated on the calibration lines, run on qmace's onnxruntime backend), ONNX Runtime's
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--float-nodes", default="",
                     help="also run each schema with `qmace quantize --float_nodes` of these (diagnosis rows)")
+    ap.add_argument("--quantize-args", action="append", default=[],
+                    help="extra `qmace quantize` options for the schemas' rows, e.g. '--sensitivity_16bit 8 "
+                         "--adaround'; repeat for several configurations (each one row per schema)")
     ap.add_argument("--keep", type=Path, default=None, help="keep the built models in this folder")
     ap.add_argument("--nncf-transformer", action="store_true",
                     help="also NNCF with model_type=TRANSFORMER (its setting for attention models)")
@@ -321,17 +325,19 @@ def main(argv: list[str] | None = None) -> int:
 
     ctc_yaml = "ctc_greedy" in VALIDATION_METRICS
     validate_note = ""
-    runs = [(s, "") for s in a.schemas.split(",") if s]
-    runs += [(s, a.float_nodes) for s in a.schemas.split(",") if s and a.float_nodes]
-    for schema, float_nodes in runs:
-        label = f"qmace quantize --schema {schema}" + (f" --float_nodes {float_nodes}" if float_nodes else "")
-        tag = schema + ("_float" if float_nodes else "")
+    runs = [(s, "", q) for s in a.schemas.split(",") if s for q in (a.quantize_args or [""])]
+    runs += [(s, a.float_nodes, "") for s in a.schemas.split(",") if s and a.float_nodes]
+    for run_i, (schema, float_nodes, qargs) in enumerate(runs):
+        label = (f"qmace quantize --schema {schema}" + (f" --float_nodes {float_nodes}" if float_nodes else "")
+                 + (f" {qargs}" if qargs else ""))
+        tag = schema + ("_float" if float_nodes else "") + (f"_q{run_i}" if qargs else "")
         yq = write_yaml(tmp / f"q_{tag}.yml", rec, quantize=True,
                         extra=("validation_outputs_metric: ctc_greedy",) if ctc_yaml else ())
         bq = tmp / f"b_{tag}"
         t0 = time.perf_counter()
         out = qmace_cli("quantize", "--config", yq, "--build_dir", bq, "--input_dir", calib_dir, "--schema", schema,
-                        "--num_threads", T, *(["--float_nodes", float_nodes] if float_nodes else []), threads=T)
+                        "--num_threads", T, *(["--float_nodes", float_nodes] if float_nodes else []), *qargs.split(),
+                        threads=T)
         n_float, by, bit16 = summary_float_ops(out)
         notes[label] = (f"{n_float} ops in float: " + ", ".join(f"{k} x{v}" for k, v in sorted(by.items()))
                         + ("; " + "; ".join(bit16) if bit16 else ""))
@@ -339,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         gq = load_graph(next(bq.rglob("*.qmace")))
         sq = Session(gq, backend="onnxruntime", num_threads=T)
         sessions[label] = lambda x, s=sq: s.run({REC_INPUT: x})[REC_OUTPUT]
-        if schema == "int8" and not float_nodes and ctc_yaml:
+        if schema == "int8" and not float_nodes and ctc_yaml and run_i == 0:
             text = qmace_cli("run", "--config", yq, "--build_dir", bq, "--input_dir", eval_dir, "--validate",
                              "--num_threads", T, threads=T)
             fails = sum(1 for ln in text.splitlines() if ln.rstrip().endswith("FAIL"))

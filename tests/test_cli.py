@@ -178,7 +178,8 @@ def test_one_shot_quantize_and_export(tiny, cli, tmp_path):
         np.testing.assert_array_equal(got, np.load(tmp_path / "out" / f"output_{i}.npy"))
 
 
-@pytest.mark.parametrize("extra", [["--adaround"], ["--no_bias_correction", "--method", "mse"], ["--float_nodes", "Gemm"]])
+@pytest.mark.parametrize("extra", [["--adaround"], ["--no_bias_correction", "--method", "mse"], ["--float_nodes", "Gemm"],
+                                   ["--sensitivity_16bit", "2", "--sensitivity_samples", "2"]])
 def test_one_shot_quantize_options(tiny, cli, tmp_path, extra):
     write_samples(tmp_path / "samples", tiny, 4)
     tiny.write_yaml(quantize_schema="int8")
@@ -186,6 +187,8 @@ def test_one_shot_quantize_options(tiny, cli, tmp_path, extra):
     assert res.code == 0, res.err
     if "--float_nodes" in extra:
         assert "kept in float by request" in res.out
+    if "--sensitivity_16bit" in extra:  # the summary counts the measured choices
+        assert "2 calibration sensitivity" in res.out, res.out
     res = cli("run", "--config", tiny.yaml, "--input_dir", tmp_path / "samples", "--validate")
     assert "validation" in res.out
 

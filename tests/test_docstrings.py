@@ -118,6 +118,7 @@ COVERED = [
     "qmace.qmath",
     "qmace.quantize.quantizer",
     "qmace.quantize.ranges",
+    "qmace.quantize.sensitivity",
     "qmace.quantize.mixed",
     "qmace.quantize.weight_only",
     "qmace.runtime",

@@ -38,6 +38,8 @@ ALLOWED: dict[str, tuple[frozenset[str], str]] = {
     "passes/affine.py": (frozenset({"Add", "Sub", "Mul", "Conv", "MatMul"}),
                          "constant Mul/Add/Sub folding into Conv and MatMul -> Gemm"),
     "passes/pad.py": (frozenset({"Pad", "Conv"}), "a zero Pad folded into the Conv that reads it"),
+    "quantize/bias_correction.py": (frozenset({"Add"}),
+                                    "the bias Add that follows a MatMul (x @ W + b) absorbs its bias correction"),
     "passes/cleanup.py": (frozenset({"Identity", "Dropout"}), "removal of no-op nodes"),
     "passes/fold.py": (frozenset({"QuantizeLinear", "DequantizeLinear", "Shape"}),
                        "constant folding: never fold Q/DQ markers; Shape of a known shape"),

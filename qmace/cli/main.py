@@ -121,11 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "no_equalization", action="store_true",
           help="skip rescaling activation channels (equalization) before choosing ranges")
     _flag(p, "float_nodes", default="", help="comma-separated node names or op types to keep in float")
-    _flag(p, "sensitivity_16bit", type=int, default=0, metavar="N",
-          help="give 16-bit (uint16) codes to the N more activations whose 8-bit rounding alone costs the most "
-               "output SQNR on the calibration samples (docs/quantization.md; each costs latency); default 0")
-    _flag(p, "sensitivity_samples", type=int, default=16,
-          help="calibration samples that --sensitivity_16bit measures on (default 16)")
+    _flag(p, "sensitivity_16bit", type=int, default=0, metavar="N", help="uint16 codes for the N activations "
+          "whose 8-bit rounding alone costs most output SQNR on calibration samples (docs/quantization.md)")
+    _flag(p, "sensitivity_samples", type=int, default=8, help="samples --sensitivity_16bit measures (default 8)")
     _flag(p, "num_threads", type=int, default=None, help="intra-op threads for calibration (>= 1)")
 
     p = sub.add_parser("export", help="export the converted model as standard ONNX")

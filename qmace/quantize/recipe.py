@@ -249,7 +249,7 @@ class PTQRecipe:
     adaround: bool = False
     adaround_iters: int = 400
     sensitivity_16bit: int = 0
-    sensitivity_samples: int = 16
+    sensitivity_samples: int = 8
     schema: str | None = None
 
     def __post_init__(self) -> None:

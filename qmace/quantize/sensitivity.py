@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qmace import qmath
+from qmace.errors import QuantizationError
 from qmace.ir import Graph
 from qmace.quantize.plan import ParamSource, QuantPlan
 
@@ -88,11 +89,14 @@ class FakeQuantRunner:
         plan: its quantization plan (activation ranges, weight parameters).
         num_threads: ONNX Runtime intra-op threads, or None.
         tensors: the activations to instrument (default: ``instrumentable``).
+
+    Raises:
+        QuantizationError: a tensor to instrument is not in the graph lowered to ONNX.
     """
 
     def __init__(self, graph: Graph, plan: QuantPlan, num_threads: int | None = None,
                  tensors: Sequence[str] | None = None) -> None:
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import helper, numpy_helper
 
         from qmace.onnx_bridge import to_onnx
         from qmace.runtime.session import ort_session
@@ -109,43 +113,24 @@ class FakeQuantRunner:
         self.weight_inputs: dict[str, str] = {}
 
         def scalar_input(name: str) -> str:
-            vi = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-            vi.type.tensor_type.shape.SetInParent()  # rank 0
-            gp.input.append(vi)
+            gp.input.append(_scalar_info(name))
             return name
-
-        def rewire(old: str, new: str, skip: set[int]) -> None:
-            for n in gp.node:
-                if id(n) in skip:
-                    continue
-                for i, x in enumerate(n.input):
-                    if x == old:
-                        n.input[i] = new
 
         graph_inputs = {i.name for i in gp.input}
         producer = {o: n for n in gp.node for o in n.output}
         for t in self.tensors:
             if t not in produced:
-                raise ValueError(f"tensor {t!r} is not in the lowered ONNX graph")
+                raise QuantizationError(f"sensitivity: tensor {t!r} is not in the lowered ONNX graph")
             s, zp, hi, on = (scalar_input(f"{t}__fq_{k}") for k in ("s", "zp", "hi", "on"))
             self.act_inputs[t] = (s, zp, hi, on)
             if t in graph_inputs:  # consumers read the fake-quantized copy
                 x, y = t, f"{t}__fq"
-                rewire(t, y, set())
+                _rewire(gp, t, y)
             else:  # the producer writes x; the fake quantizer writes the tensor under its own name
                 x, y = f"{t}__fq_x", t
                 prod = producer[t]
                 prod.output[list(prod.output).index(t)] = x
-            p = f"{t}__fq"
-            zero = f"{p}_zero"
-            new_nodes += [
-                helper.make_node("Constant", [], [zero], value=numpy_helper.from_array(np.zeros((), np.float32))),
-                helper.make_node("Div", [x, s], [f"{p}_a"]), helper.make_node("Round", [f"{p}_a"], [f"{p}_b"]),
-                helper.make_node("Add", [f"{p}_b", zp], [f"{p}_c"]),
-                helper.make_node("Clip", [f"{p}_c", zero, hi], [f"{p}_d"]),
-                helper.make_node("Sub", [f"{p}_d", zp], [f"{p}_e"]), helper.make_node("Mul", [f"{p}_e", s], [f"{p}_f"]),
-                helper.make_node("Sub", [f"{p}_f", x], [f"{p}_g"]), helper.make_node("Mul", [f"{p}_g", on], [f"{p}_h"]),
-                helper.make_node("Add", [f"{p}_h", x], [y])]
+            new_nodes += _fake_quant_nodes(x, y, s, zp, hi, on, f"{t}__fq")
         for wp in plan.weights.values():
             if wp.tensor not in inits or wp.tensor in self.weight_inputs:
                 continue
@@ -156,7 +141,7 @@ class FakeQuantRunner:
             gp.initializer.append(numpy_helper.from_array(wq - w, f"{p}_delta"))
             new_nodes += [helper.make_node("Mul", [f"{p}_delta", on], [f"{p}_d"]),
                           helper.make_node("Add", [wp.tensor, f"{p}_d"], [p])]
-            rewire(wp.tensor, p, set())
+            _rewire(gp, wp.tensor, p)
             self.weight_inputs[wp.tensor] = on
         nodes = list(gp.node)
         del gp.node[:]
@@ -207,6 +192,36 @@ class FakeQuantRunner:
         return self.session.run(self.outputs, {**sample, **control})
 
 
+def _scalar_info(name: str):
+    """A rank-0 float32 graph input."""
+    from onnx import TensorProto, helper
+
+    vi = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+    vi.type.tensor_type.shape.SetInParent()  # rank 0
+    return vi
+
+
+def _rewire(gp, old: str, new: str) -> None:
+    """Every reader of ``old`` among the graph's nodes reads ``new``."""
+    for n in gp.node:
+        for i, x in enumerate(n.input):
+            if x == old:
+                n.input[i] = new
+
+
+def _fake_quant_nodes(x: str, y: str, s: str, zp: str, hi: str, on: str, p: str) -> list:
+    """ONNX nodes computing ``y = x + on * ((clip(round(x / s) + zp, 0, hi) - zp) * s - x)`` (names prefixed ``p``)."""
+    from onnx import helper, numpy_helper
+
+    zero = f"{p}_zero"
+    return [helper.make_node("Constant", [], [zero], value=numpy_helper.from_array(np.zeros((), np.float32))),
+            helper.make_node("Div", [x, s], [f"{p}_a"]), helper.make_node("Round", [f"{p}_a"], [f"{p}_b"]),
+            helper.make_node("Add", [f"{p}_b", zp], [f"{p}_c"]), helper.make_node("Clip", [f"{p}_c", zero, hi], [f"{p}_d"]),
+            helper.make_node("Sub", [f"{p}_d", zp], [f"{p}_e"]), helper.make_node("Mul", [f"{p}_e", s], [f"{p}_f"]),
+            helper.make_node("Sub", [f"{p}_f", x], [f"{p}_g"]), helper.make_node("Mul", [f"{p}_g", on], [f"{p}_h"]),
+            helper.make_node("Add", [f"{p}_h", x], [y])]
+
+
 def _toposort(gp) -> None:
     """Sort an ONNX GraphProto's nodes topologically (stable)."""
     ready = {i.name for i in gp.input} | {t.name for t in gp.initializer} | {""}
@@ -221,7 +236,8 @@ def _toposort(gp) -> None:
             else:
                 rest.append(n)
         if len(rest) == len(pending):
-            raise ValueError(f"graph has a cycle or a missing input near node {rest[0].name!r}")
+            raise QuantizationError(f"sensitivity: instrumented graph has a cycle or a missing input near node "
+                                    f"{rest[0].name!r}")
         pending = rest
     del gp.node[:]
     gp.node.extend(out)
