@@ -326,3 +326,42 @@ def test_cli_qat_equalizes_the_start_unless_disabled(tmp_path, capsys):
     same_weights = sorted(w_eq) == sorted(w_plain) and all(np.array_equal(w_eq[k], w_plain[k]) for k in w_eq)
     assert not same_weights, "equalization did not rescale any weight"
     assert r_eq != r_plain
+
+
+def _layernorm_model() -> onnx.ModelProto:
+    """x (1, 6, 8) -> MatMul -> + x -> LayerNormalization -> MatMul -> y: the structural 16-bit rule widens
+    the LayerNorm input (the residual sum)."""
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (8, 8)).astype(np.float32), "w1"),
+             numpy_helper.from_array((1 + 0.1 * rng.normal(size=8)).astype(np.float32), "gamma"),
+             numpy_helper.from_array((0.1 * rng.normal(size=8)).astype(np.float32), "beta"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (8, 5)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"]), helper.make_node("Add", ["m1", "x"], ["res"]),
+             helper.make_node("LayerNormalization", ["res", "gamma", "beta"], ["ln"], axis=-1),
+             helper.make_node("MatMul", ["ln", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "qat_ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 5])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("extra", [False, True])
+def test_exact_forward_keeps_16_bit_activations(extra):
+    """Tensors the plan gives uint16 (the structural rule; measured choices in ``wide_extra``) are simulated
+    and exported with uint16 codes, so exact mode still equals the quantized graph bit for bit."""
+    from qmace.qat import prepare
+
+    graph = optimize(onnx_to_graph(_layernorm_model()))
+    rng = np.random.default_rng(4)
+    xs = [rng.normal(0, 1, (1, 6, 8)).astype(np.float32) for _ in range(6)]
+    cal = make_calibrator("mace")
+    calibrate(graph, [SimpleNamespace(name=str(i), feeds={"x": x}) for i, x in enumerate(xs)], cal)
+    opts = QuantizeOptions(schema="int8", input_ranges={"x": (-4.0, 4.0)},
+                           wide_extra={"m1": "test"} if extra else {})
+    m = prepare(graph, cal.ranges(), opts)
+    qg = m.quantized_graph()
+    wide = {t.name for t in qg.tensors.values() if t.quant is not None and t.quant.dtype == "uint16"}
+    assert "res" in wide and (("m1" in wide) == extra)
+    for x in xs[:3]:
+        np.testing.assert_array_equal(m(torch.from_numpy(x), exact=True).numpy(), execute(qg, {"x": x})["y"])

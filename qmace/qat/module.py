@@ -227,6 +227,8 @@ class QATModule(nn.Module):
             change_concat_ranges=o.change_concat_ranges,
             input_ranges=dict(o.input_ranges),
             fixed_params=self.fixed_params(),
+            wide_activations=o.wide_activations,
+            wide_extra=dict(o.wide_extra),
         )
         return quantize_graph(self.to_float_graph(), self.learned_ranges(), opts).graph
 

@@ -87,6 +87,7 @@ class ActivationRanges:
     specs: dict[str, ActSpec] = field(default_factory=dict)
     owner_names: list[list[str]] = field(default_factory=list)  # owner index -> float tensor names
     initial: list[Range] = field(default_factory=list)  # owner index -> starting range
+    owner_dtypes: list[str] = field(default_factory=list)  # owner index -> code type (uint8, or the plan's uint16)
     plan: QuantPlan | None = None  # the quantizer's plan the specs follow
 
     # ---- building ---------------------------------------------------------------------------------------
@@ -167,6 +168,7 @@ class ActivationRanges:
             owner_keys[key] = len(self.owner_names)
             self.owner_names.append([])
             self.initial.append(r)
+            self.owner_dtypes.append(t.quant.dtype if t.quant is not None else ACT_DTYPE)
         k = owner_keys[key]
         if fname not in self.owner_names[k]:
             self.owner_names[k].append(fname)
@@ -178,7 +180,8 @@ class ActivationRanges:
     ) -> tuple[dict[str, qmath.QuantParams], dict[str, torch.Tensor]]:
         """QuantParams (qmath, exact) and differentiable float32 torch scales of every quantized activation.
 
-        A learned owner's parameters are ``qmath.params_asymmetric(min, max)``; its torch scale is
+        A learned owner's parameters are ``qmath.params_asymmetric(min, max, dtype)`` in the plan's code type (uint8,
+        or uint16 where the 16-bit rule widened the tensor); its torch scale is
         ``(max(hi, 0) - min(lo, 0)) / (qmax - qmin)`` (differentiable in the range) carrying the exact value.
 
         Args:
@@ -197,7 +200,7 @@ class ActivationRanges:
         def owner(k):
             if k not in owners:
                 l, h = _ordered(float(lo[k]), float(hi[k]))
-                qp = qmath.params_asymmetric(l, h, ACT_DTYPE)
+                qp = qmath.params_asymmetric(l, h, self.owner_dtypes[k])
                 s = (torch.clamp(act_max[k], min=0) - torch.clamp(act_min[k], max=0)) / float(
                     qp.qmax - qp.qmin
                 )
@@ -230,7 +233,7 @@ class ActivationRanges:
         if all(k is not None for k in ks) and len(set(ks)) == 1:
             return parts[0]
         los = [self.range_of(x, lo, hi) for x in spec.sources]
-        qp = qmath.params_asymmetric(min(r[0] for r in los), max(r[1] for r in los), ACT_DTYPE)
+        qp = qmath.params_asymmetric(min(r[0] for r in los), max(r[1] for r in los), self.qgraph.tensors[name].quant.dtype)
         return qp, with_value(torch.stack([sc for _, sc in parts]).max(), qp.scale)
 
     def owner_of(self, name: str) -> int | None:
