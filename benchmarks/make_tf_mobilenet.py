@@ -101,6 +101,30 @@ def tf1_graph(sd):
     return g.as_graph_def(), g, x, logits
 
 
+def assemble_keras(keras, sd, inp, unit, weights):
+    """The MobileNetV2 body from ``unit(h, prefix, kind, stride, relu)`` (one convolution unit, which appends
+    its ``(layer, weights)`` pairs to ``weights``), residual ``Add``s, global average pooling and the
+    classifier; sets every layer's weights and returns the Keras model."""
+    L = keras.layers
+    h = inp
+    for u in blocks():
+        if u[0] == "block":
+            y = h
+            for layer in u[1]:
+                y = unit(y, *layer)
+            h = L.Add()([h, y]) if u[2] else y
+        else:
+            h = unit(h, *u)
+    h = L.GlobalAveragePooling2D()(h)
+    dense = L.Dense(1000)
+    out = dense(h)
+    weights.append((dense, [sd["classifier.1.weight"].T, sd["classifier.1.bias"]]))
+    model = keras.Model(inp, out)
+    for layer, ws in weights:
+        layer.set_weights(ws)
+    return model
+
+
 def keras_model(keras, sd):
     """MobileNetV2 in Keras layers (Keras 3 or tf_keras) with the torchvision weights."""
     L = keras.layers
@@ -124,23 +148,7 @@ def keras_model(keras, sd):
         h = norm(h)
         return L.ReLU(6.0)(h) if relu else h
 
-    h = inp
-    for u in blocks():
-        if u[0] == "block":
-            y = h
-            for layer in u[1]:
-                y = unit(y, *layer)
-            h = L.Add()([h, y]) if u[2] else y
-        else:
-            h = unit(h, *u)
-    h = L.GlobalAveragePooling2D()(h)
-    dense = L.Dense(1000)
-    out = dense(h)
-    weights.append((dense, [sd["classifier.1.weight"].T, sd["classifier.1.bias"]]))
-    model = keras.Model(inp, out)
-    for layer, ws in weights:
-        layer.set_weights(ws)
-    return model
+    return assemble_keras(keras, sd, inp, unit, weights)
 
 
 def freeze(model):
@@ -219,23 +227,7 @@ def folded_keras_model(keras, sd):
         h = conv(h)
         return L.ReLU(6.0)(h) if relu else h
 
-    h = inp
-    for u in blocks():
-        if u[0] == "block":
-            y = h
-            for layer in u[1]:
-                y = unit(y, *layer)
-            h = L.Add()([h, y]) if u[2] else y
-        else:
-            h = unit(h, *u)
-    h = L.GlobalAveragePooling2D()(h)
-    dense = L.Dense(1000)
-    out = dense(h)
-    weights.append((dense, [sd["classifier.1.weight"].T, sd["classifier.1.bias"]]))
-    model = keras.Model(inp, out)
-    for layer, ws in weights:
-        layer.set_weights(ws)
-    return model
+    return assemble_keras(keras, sd, inp, unit, weights)
 
 
 def calibrate_ranges(qmodel, xc: np.ndarray) -> None:
