@@ -51,6 +51,28 @@ ARCHS = {
     # width multiplier 0.5), same depth, strides and training recipe; chosen before any quantized result on it
     "mbv2-15k": {"stem": 8, "blocks": [(1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 1), (4, 32, 1, 2)], "last": 64},
 }
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    """MobileNetV2's channel rounding (torchvision / Keras ``_make_divisible``): the nearest multiple of
+    ``divisor``, at least ``divisor``, and never below 90% of ``v``."""
+    n = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return n + divisor if n < 0.9 * v else n
+
+
+def _width(base: dict, alpha: float) -> dict:
+    """MobileNetV2's width multiplier ``alpha`` applied to ``base`` as the published nets do: stem and block
+    outputs ``_make_divisible(c * alpha, 8)``, expansion ``t`` x input channels, and the last 1x1 conv scaled
+    by ``max(1, alpha)`` (kept at full width below 1, as in the published 0.35 ... 0.75 models)."""
+    return {"stem": _make_divisible(base["stem"] * alpha),
+            "blocks": [(t, _make_divisible(c * alpha), n, s) for t, c, n, s in base["blocks"]],
+            "last": _make_divisible(base["last"] * max(1.0, alpha))}
+
+
+# the third configuration (issue 13, session 3): MobileNetV2's published width 0.35 of mbv2-50k (width 1.0), by
+# MobileNetV2's own rounding: stem 8, blocks 8 / 8 / 16 / 24, last 128 (14,330 parameters); same depth, strides
+# and recipe; chosen 2026-12-01 18:08 before any quantized result on it
+ARCHS["mbv2-w035"] = _width(ARCHS["mbv2-50k"], 0.35)
 STARTS = ("mace_p0", "mace_p5", "qmace")
 SCHEMAS = ("uint8", "int8")
 MEAN, STD = 0.2860, 0.3530
