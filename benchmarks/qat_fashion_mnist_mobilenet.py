@@ -71,7 +71,7 @@ def _width(base: dict, alpha: float) -> dict:
 
 # the third configuration (issue 13, session 3): MobileNetV2's published width 0.35 of mbv2-50k (width 1.0), by
 # MobileNetV2's own rounding: stem 8, blocks 8 / 8 / 16 / 24, last 128 (14,330 parameters); same depth, strides
-# and recipe; chosen 2026-12-01 18:08 before any quantized result on it
+# and recipe; chosen 2026-12-01 18:02 before any quantized result on it
 ARCHS["mbv2-w035"] = _width(ARCHS["mbv2-50k"], 0.35)
 STARTS = ("mace_p0", "mace_p5", "qmace")
 SCHEMAS = ("uint8", "int8")
