@@ -206,6 +206,20 @@ def qat(start, ranges, opts, xtr, ytr, *, steps, batch, lr, range_lr, seed):
     return module
 
 
+def _commit() -> str | None:
+    """The repository's HEAD commit (``+dirty`` when tracked files differ from it), or None without git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD"], check=False).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def run_seed(args) -> dict:
     import torch
 
@@ -235,6 +249,11 @@ def run_seed(args) -> dict:
         if all(old.get(k) == out[k] for k in out if k not in ("ptq", "qat", "time")):
             for k in ("ptq", "qat", "time"):
                 out[k] = {**old.get(k, {}), **out[k]}
+            out["runs"] = old.get("runs", [])
+    # which code wrote which rows: a later run overwrites the rows it recomputes (PTQ of its --schemas, QAT of
+    # its --qat-starts) and keeps the others, so each run leaves its commit and what it ran
+    out.setdefault("runs", []).append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(),
+                                       "schemas": args.schemas, "qat_starts": args.qat_starts})
 
     def save():
         res_path.write_text(json.dumps(out, indent=1))
@@ -350,6 +369,11 @@ def report(args) -> int:
                 qs = "- | - | -"
             print(f"| {schema} | {name.replace('_', ' ')} | {len(p)} | {_ms(p)}% | {qs} | "
                   f"{_ms([r['ptq'][key] - r['float'] for r in have])} |")
+    for r in runs:  # which commit wrote which rows (files from before this record existed have none)
+        for run in r.get("runs", []):
+            print(f"seed {r['seed']}: {run['started']} commit {(run['commit'] or '?')[:12]}"
+                  f"{'+dirty' if (run['commit'] or '').endswith('+dirty') else ''}: schemas {run['schemas']}, "
+                  f"QAT starts {run['qat_starts'] or '(none)'}")
     return 0
 
 
