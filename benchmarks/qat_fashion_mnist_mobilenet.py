@@ -51,6 +51,28 @@ ARCHS = {
     # width multiplier 0.5), same depth, strides and training recipe; chosen before any quantized result on it
     "mbv2-15k": {"stem": 8, "blocks": [(1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 1), (4, 32, 1, 2)], "last": 64},
 }
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    """MobileNetV2's channel rounding (torchvision / Keras ``_make_divisible``): the nearest multiple of
+    ``divisor``, at least ``divisor``, and never below 90% of ``v``."""
+    n = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return n + divisor if n < 0.9 * v else n
+
+
+def _width(base: dict, alpha: float) -> dict:
+    """MobileNetV2's width multiplier ``alpha`` applied to ``base`` as the published nets do: stem and block
+    outputs ``_make_divisible(c * alpha, 8)``, expansion ``t`` x input channels, and the last 1x1 conv scaled
+    by ``max(1, alpha)`` (kept at full width below 1, as in the published 0.35 ... 0.75 models)."""
+    return {"stem": _make_divisible(base["stem"] * alpha),
+            "blocks": [(t, _make_divisible(c * alpha), n, s) for t, c, n, s in base["blocks"]],
+            "last": _make_divisible(base["last"] * max(1.0, alpha))}
+
+
+# the third configuration (issue 13, session 3): MobileNetV2's published width 0.35 of mbv2-50k (width 1.0), by
+# MobileNetV2's own rounding: stem 8, blocks 8 / 8 / 16 / 24, last 128 (14,330 parameters); same depth, strides
+# and recipe; chosen 2026-12-01 18:02 before any quantized result on it
+ARCHS["mbv2-w035"] = _width(ARCHS["mbv2-50k"], 0.35)
 STARTS = ("mace_p0", "mace_p5", "qmace")
 SCHEMAS = ("uint8", "int8")
 MEAN, STD = 0.2860, 0.3530
@@ -184,6 +206,20 @@ def qat(start, ranges, opts, xtr, ytr, *, steps, batch, lr, range_lr, seed):
     return module
 
 
+def _commit() -> str | None:
+    """The repository's HEAD commit (``+dirty`` when tracked files differ from it), or None without git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD"], check=False).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def run_seed(args) -> dict:
     import torch
 
@@ -213,6 +249,11 @@ def run_seed(args) -> dict:
         if all(old.get(k) == out[k] for k in out if k not in ("ptq", "qat", "time")):
             for k in ("ptq", "qat", "time"):
                 out[k] = {**old.get(k, {}), **out[k]}
+            out["runs"] = old.get("runs", [])
+    # which code wrote which rows: a later run overwrites the rows it recomputes (PTQ of its --schemas, QAT of
+    # its --qat-starts) and keeps the others, so each run leaves its commit and what it ran
+    out.setdefault("runs", []).append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(),
+                                       "schemas": args.schemas, "qat_starts": args.qat_starts})
 
     def save():
         res_path.write_text(json.dumps(out, indent=1))
@@ -328,6 +369,11 @@ def report(args) -> int:
                 qs = "- | - | -"
             print(f"| {schema} | {name.replace('_', ' ')} | {len(p)} | {_ms(p)}% | {qs} | "
                   f"{_ms([r['ptq'][key] - r['float'] for r in have])} |")
+    for r in runs:  # which commit wrote which rows (files from before this record existed have none)
+        for run in r.get("runs", []):
+            print(f"seed {r['seed']}: {run['started']} commit {(run['commit'] or '?')[:12]}"
+                  f"{'+dirty' if (run['commit'] or '').endswith('+dirty') else ''}: schemas {run['schemas']}, "
+                  f"QAT starts {run['qat_starts'] or '(none)'}")
     return 0
 
 
