@@ -32,12 +32,10 @@ def _checked(op: type[Op], node, x: np.ndarray) -> int:
     return b
 
 
-@register
-class DepthToSpace(Op):
-    """(N, C, H, W) -> (N, C / b^2, H b, W b); DCR or CRD channel order (module docstring). Copies codes."""
-    op_type = "DepthToSpace"
+class _BlockMove(Op):
+    """A block rearrangement of (N, C, H, W): ``run`` and ``run_torch`` apply the subclass's ``move``, which is
+    written once for numpy arrays and torch tensors. Copies codes."""
     sign = Sign.FIRST
-    defaults: ClassVar[dict[str, Any]] = {"blocksize": None, "mode": "DCR"}
     quant_kernel = Kernel.COPY
     range_rule = RangeRule.INPUT
 
@@ -48,6 +46,26 @@ class DepthToSpace(Op):
     @classmethod
     def run_torch(cls, node, inputs):
         return [cls.move(node, inputs[0])]
+
+    @classmethod
+    def move(cls, node, x):
+        """The rearrangement on a numpy array or torch tensor (the subclass's).
+
+        Args:
+            node: the node (blocksize, ...).
+            x: the (N, C, H, W) input.
+
+        Returns:
+            The rearranged output, same namespace.
+        """
+        raise NotImplementedError
+
+
+@register
+class DepthToSpace(_BlockMove):
+    """(N, C, H, W) -> (N, C / b^2, H b, W b); DCR or CRD channel order (module docstring). Copies codes."""
+    op_type = "DepthToSpace"
+    defaults: ClassVar[dict[str, Any]] = {"blocksize": None, "mode": "DCR"}
 
     @classmethod
     def move(cls, node, x):
@@ -78,21 +96,10 @@ class DepthToSpace(Op):
 
 
 @register
-class SpaceToDepth(Op):
+class SpaceToDepth(_BlockMove):
     """(N, C, H, W) -> (N, C b^2, H / b, W / b), the inverse of DCR DepthToSpace. Copies codes."""
     op_type = "SpaceToDepth"
-    sign = Sign.FIRST
     defaults: ClassVar[dict[str, Any]] = {"blocksize": None}
-    quant_kernel = Kernel.COPY
-    range_rule = RangeRule.INPUT
-
-    @classmethod
-    def run(cls, node, inputs):
-        return [np.ascontiguousarray(cls.move(node, np.asarray(inputs[0])))]
-
-    @classmethod
-    def run_torch(cls, node, inputs):
-        return [cls.move(node, inputs[0])]
 
     @classmethod
     def move(cls, node, x):
