@@ -14,6 +14,9 @@ relative error below 1e-16 in float64, vectorised over three intervals of |x|.
 
 Quantization traits (see ``qmace.ops.base``):
 - Add, Mul: ``Kernel.FLOAT`` (ORT's QLinearAdd / QLinearMul), range from statistics.
+- Add, Sub with ``qm_arith="litert"`` (imported from a ``.tflite``): LiteRT's integer ADD/SUB on 8-bit
+  per-tensor codes (``qmace.ops.litert_add``: numpy kernel and exact int64 ONNX lowering); such a Sub is
+  ``Kernel.FLOAT`` (``kernel_for``), every other Sub has no integer kernel.
 - Add, Sub: ``range_without_stats = RangeRule.INTERVAL``, used only when a tensor has no calibration
   statistics: the output range is then the interval sum/difference of the input ranges (``interval``:
   [a0 + b0, a1 + b1] for Add, [a0 - b1, a1 - b0] for Sub). Other ops have no such fallback (None).
@@ -38,6 +41,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from qmace.ir import Node
+from qmace.ops import litert_add
 from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
 from qmace.qmath import Range
 
@@ -164,10 +169,40 @@ class _Binary(Op):
             return [_as_dtype(cls.compute(a, b), a.dtype)]
 
 
+class _LiteRTArith(Op):
+    """Add/Sub's ``qm_arith="litert"`` variant (``qmace.ops.litert_add``): a node imported from a ``.tflite``
+    computes LiteRT's integer codes when its inputs and output are 8-bit per tensor of one type; otherwise,
+    and without the attribute, the op's own quantized definition applies."""
+
+    subtracts: ClassVar[bool] = False
+
+    @classmethod
+    def litert(cls, node) -> bool:
+        """Whether the node carries the ``litert`` variant."""
+        return node.attrs.get(litert_add.ARITH) == litert_add.LITERT
+
+    @classmethod
+    def run_quantized(cls, node, inputs, in_qp, out_qp):
+        if cls.litert(node) and litert_add.applies(in_qp, out_qp):
+            return [litert_add.litert_add(inputs[0], inputs[1], in_qp[0], in_qp[1], out_qp[0], cls.subtracts)]
+        return super().run_quantized(node, inputs, in_qp, out_qp)
+
+    @classmethod
+    def onnx_integer_nodes(cls, node, in_tensors, out_tensors, qparams):
+        """LiteRT's arithmetic (``qm_arith="litert"``) as exact int64 ONNX nodes; None keeps QLinearAdd's QDQ form."""
+        if not cls.litert(node) or any(t is None for t in in_tensors) \
+                or not litert_add.applies([t.quant for t in in_tensors], [t.quant for t in out_tensors]):
+            return None
+        (a, b), y = in_tensors, out_tensors[0]
+        return litert_add.onnx_nodes(node.name, [a.name, b.name], [qparams(a)[1], qparams(b)[1]], y.name,
+                                     qparams(y)[1], a.quant, b.quant, y.quant, cls.subtracts)
+
+
 @register
-class Add(_Binary):
+class Add(_LiteRTArith, _Binary):
     """``C = A + B``; integers wrap on overflow. Quantized: ORT's QLinearAdd; without statistics the output
-    range is the interval sum ``[a0 + b0, a1 + b1]``.
+    range is the interval sum ``[a0 + b0, a1 + b1]``. With ``qm_arith="litert"`` (Adds imported from a
+    ``.tflite``) and 8-bit per-tensor codes: LiteRT's integer ADD instead (``qmace.ops.litert_add``).
     """
     op_type = "Add"
     quant_kernel = Kernel.FLOAT
@@ -200,13 +235,27 @@ class Add(_Binary):
 
 
 @register
-class Sub(_Binary):
+class Sub(_LiteRTArith, _Binary):
     """``C = A - B``; integers wrap on overflow. Without statistics the output range is
-    ``[a0 - b1, a1 - b0]``. No integer kernel.
+    ``[a0 - b1, a1 - b0]``. No integer kernel, except LiteRT's integer SUB for nodes imported from a
+    ``.tflite`` (``qm_arith="litert"``, ``qmace.ops.litert_add``).
     """
     op_type = "Sub"
     range_without_stats = RangeRule.INTERVAL
     const_data_inputs = True
+    subtracts = True
+
+    @classmethod
+    def kernel_for(cls, node: Node) -> Kernel:
+        """``FLOAT`` (quantized, here with LiteRT's kernel) for a ``qm_arith="litert"`` node, else ``NONE``.
+
+        Args:
+            node: a Sub node.
+
+        Returns:
+            The node's Kernel.
+        """
+        return Kernel.FLOAT if cls.litert(node) else cls.quant_kernel
 
     @classmethod
     def interval(cls, node, inputs):

@@ -15,6 +15,7 @@ from qmace.frontends.tflite.ops import (
     reshape_into,
 )
 from qmace.frontends.tflite.reader import TflOp
+from qmace.ops.litert_add import ARITH, LITERT
 
 # ---- element-wise ------------------------------------------------------------------------------------
 
@@ -25,13 +26,15 @@ _BINARY = {"ADD": "Add", "SUB": "Sub", "MUL": "Mul", "DIV": "Div", "MAXIMUM": "M
 @converts(*_BINARY, ir=_BINARY)
 def binary(b: Builder, op: TflOp) -> None:
     """ADD, SUB, MUL, DIV, MAXIMUM, MINIMUM, POW -> the ONNX op, operands broadcast in the IR layout, fused
-    activation.
+    activation. A quantized (8-bit) ADD / SUB carries ``qm_arith="litert"``: quantized, it computes LiteRT's
+    integer codes (``qmace.ops.litert_add``) instead of qmace's float definition.
     """
     out_rank = b.rank(op.outputs[0])
     a, c = (b.broadcast_operand(i, out_rank) for i in op.inputs[:2])
     fused = op.options.FusedActivationFunction() if hasattr(op.options, "FusedActivationFunction") else 0
     pre, out = b.activation(op, fused, op.outputs[0])
-    b.node(_BINARY[op.op], [a, c], [pre])
+    litert = op.op in ("ADD", "SUB") and b.t(op.outputs[0]).dtype in ("int8", "uint8")
+    b.node(_BINARY[op.op], [a, c], [pre], **({ARITH: LITERT} if litert else {}))
     b.finish_activation(fused, pre, out)
 
 
