@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Issue 9, TFLite half: real .tflite models through `platform: tflite`, validated against LiteRT.
 
-    python benchmarks/bench_tflite.py [--tf-python PY] [--skip-mediapipe] [--skip-mobilenet] [--repeats 20]
+    python benchmarks/bench_tflite.py [--tf-python PY] [--skip-mediapipe] [--skip-mobilenet] [--skip-ptq]
+        [--qat-tflite PATH] [--repeats 20]
 
 A. MediaPipe 0.10.21's 14 float models (`python scripts/fetch_assets.py mediapipe`): each converted with
    `qmace convert` (a MACE YAML per model, the model's own input size), then run by qmace (ONNX Runtime
@@ -17,6 +18,10 @@ B. MobileNetV2 with our real ImageNet weights (the same ONNX the other benchmark
    model (fraction of logits off by 1 step and by more, top-1 equal), and agreement/SQNR of both int8
    models vs FP32; latency ratio int8 / FP32 for qmace (ONNX Runtime backend) and LiteRT, one thread,
    interleaved medians.
+C. The same for TensorFlow's integer model of the tfmot QAT MobileNetV2 (`--qat-tflite`, default
+   <cache>/tf/mobilenet_v2_qat.tflite from benchmarks/make_tf_mobilenet.py; FP32 = the float model of B).
+   For B and C, codes are compared with LiteRT as users run it (default op resolver: XNNPACK delegate) and
+   with LiteRT's builtin kernels only (no delegate).
 Intermediate files go to <cache>/bench-tflite/ (never the repository).
 """
 
@@ -176,7 +181,59 @@ def dump_mobilenet(work: Path) -> None:
     np.savez(work / "mobilenet_graph.npz", graph=np.array(json.dumps(graph)), **arrays)
 
 
-def bench_mobilenet(work: Path, tf_python: str, repeats: int) -> dict:
+def steps_vs(q: np.ndarray, ref: np.ndarray, out_scale: float) -> dict:
+    """How far codes ``q`` are from ``ref`` in output steps: share off by 1 / by more, max, top-1 equal."""
+    steps = np.rint(np.abs(q - ref) / out_scale)
+    return {"off1": float(np.mean(steps == 1)), "off_gt1": float(np.mean(steps > 1)), "max_steps": int(steps.max()),
+            "top1_same": float(np.mean(q.argmax(1) == ref.argmax(1)))}
+
+
+def bench_quantized(work: Path, q_t: Path, name: str, x_eval: np.ndarray, ref_fp32: np.ndarray, labels: dict,
+                    rng: tuple[float, float], fp: dict, repeats: int) -> dict:
+    """An int8 .tflite converted with `quantize: 1` (no range file), run by qmace's reference and ONNX Runtime
+    backends against LiteRT (default resolver: XNNPACK, and builtin kernels only); accuracy vs FP32; latency
+    interleaved with the float model (``fp``: its qmace session, LiteRT oracle and output name)."""
+    out: dict = {"model": str(q_t), "n": len(x_eval)}
+    t0 = time.perf_counter()
+    res_q = convert(tflite_yaml(work, q_t, name, quantize=True, input_range=rng), build_dir=work / "build")
+    out["int8_seconds"] = time.perf_counter() - t0
+    g_q = res_q.graph
+    out["fallbacks"] = res_q.fallbacks
+    out["litert_adds"] = sum(n.attrs.get("qm_arith") == "litert" for n in g_q.nodes)
+    lit_q = LiteRTOracle(q_t, 1, g_q.outputs)
+    lit_b = LiteRTOracle(q_t, 1, g_q.outputs, delegates=False)
+    s_q = {b: Session(g_q, b, num_threads=1) for b in ("onnxruntime", "reference")}
+    q_name = g_q.outputs[0]
+    out_scale = float(g_q.tensors[f"{q_name}__quant"].quant.scale)
+    lq, lb = [], []
+    qq = {b: [] for b in s_q}
+    for x in x_eval:
+        feed = {g_q.inputs[0]: x[None]}
+        lq.append(lit_q.run([q_name], feed)[0][0])
+        lb.append(lit_b.run([q_name], feed)[0][0])
+        for b, s in s_q.items():
+            qq[b].append(s.run(feed)[q_name][0])
+    lq, lb = np.stack(lq), np.stack(lb)
+    qq = {b: np.stack(v) for b, v in qq.items()}
+    for b, q in qq.items():
+        out[f"codes_{b}"] = steps_vs(q, lq, out_scale)
+        out[f"codes_{b}_vs_builtin"] = steps_vs(q, lb, out_scale)
+    out["litert_builtin_vs_default"] = steps_vs(lb, lq, out_scale)
+    out["litert_int8"] = logits_metrics(ref_fp32, lq, labels)
+    out["qmace_int8"] = logits_metrics(ref_fp32, qq["onnxruntime"], labels)
+    out["qmace_int8_reference"] = logits_metrics(ref_fp32, qq["reference"], labels)
+    feed = {fp["input"]: x_eval[:1]}
+    f_out = fp["output"]
+    lat = interleaved_medians({
+        "qmace_fp32": lambda: fp["session"].run(feed), "qmace_int8": lambda: s_q["onnxruntime"].run(feed),
+        "litert_fp32": lambda: fp["litert"].run([f_out], feed), "litert_int8": lambda: lit_q.run([q_name], feed)},
+        repeats=repeats, warmup=3)
+    out["latency_ms"] = lat
+    print(json.dumps(out, indent=1), flush=True)
+    return out
+
+
+def bench_mobilenet(work: Path, tf_python: str, repeats: int, qat: Path | None, skip_ptq: bool) -> dict:
     calib, _ = stamp_images("calib")
     x_eval, eval_paths = stamp_images("eval")
     labels = labels_for(eval_paths)
@@ -188,51 +245,29 @@ def bench_mobilenet(work: Path, tf_python: str, repeats: int) -> dict:
     # the FP32 reference: qmace's float graph of the ONNX file (== ONNX Runtime on it, see bench_runtime)
     onnx_cfg = write_yaml(work, mobilenet_onnx())
     fp32 = Session(load_float_graph(load_config(onnx_cfg).model(None)), "onnxruntime", num_threads=1)
-    out = {"n": len(x_eval)}
+    out: dict = {"n": len(x_eval)}
     rng = (float(calib.min()), float(calib.max()))
     t0 = time.perf_counter()
     g_f = convert(tflite_yaml(work, fp_t, "mnv2_float", input_range=rng), build_dir=work / "build").graph
     out["float_seconds"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    res_q = convert(tflite_yaml(work, q_t, "mnv2_int8", quantize=True, input_range=rng), build_dir=work / "build")
-    out["int8_seconds"] = time.perf_counter() - t0
-    g_q = res_q.graph
-    out["fallbacks"] = res_q.fallbacks
-    lit_f, lit_q = LiteRTOracle(fp_t, 1, g_f.outputs), LiteRTOracle(q_t, 1, g_q.outputs)
+    lit_f = LiteRTOracle(fp_t, 1, g_f.outputs)
     s_f = Session(g_f, "onnxruntime", num_threads=1)
-    s_q = {b: Session(g_q, b, num_threads=1) for b in ("onnxruntime", "reference")}
-    o_name, q_name = g_f.outputs[0], g_q.outputs[0]
-    out_scale = float(g_q.tensors[f"{q_name}__quant"].quant.scale)
-    ref_fp32, lf, lq, qf = [], [], [], []
-    qq = {b: [] for b in s_q}
+    o_name = g_f.outputs[0]
+    ref_fp32, lf, qf = [], [], []
     for x in x_eval:
         feed = {g_f.inputs[0]: x[None]}
         ref_fp32.append(fp32.run({"input": x[None]})["output"][0])
         lf.append(lit_f.run([o_name], feed)[0][0])
         qf.append(s_f.run(feed)[o_name][0])
-        lq.append(lit_q.run([q_name], {g_q.inputs[0]: x[None]})[0][0])
-        for b, s in s_q.items():
-            qq[b].append(s.run({g_q.inputs[0]: x[None]})[q_name][0])
-    ref_fp32, lf, lq, qf = map(np.stack, (ref_fp32, lf, lq, qf))
-    qq = {b: np.stack(v) for b, v in qq.items()}
+    ref_fp32, lf, qf = map(np.stack, (ref_fp32, lf, qf))
     out["float_cosine_min"] = min(compare(a, b).cosine for a, b in zip(lf, qf))
     out["float_vs_onnx_cosine_min"] = min(compare(a, b).cosine for a, b in zip(ref_fp32, lf))
-    for b, q in qq.items():
-        steps = np.rint(np.abs(q - lq) / out_scale)
-        out[f"codes_{b}"] = {"off1": float(np.mean(steps == 1)), "off_gt1": float(np.mean(steps > 1)),
-                             "max_steps": int(steps.max()),
-                             "top1_same": float(np.mean(q.argmax(1) == lq.argmax(1)))}
-    out["litert_int8"] = logits_metrics(ref_fp32, lq, labels)
-    out["qmace_int8"] = logits_metrics(ref_fp32, qq["onnxruntime"], labels)
-    out["qmace_int8_reference"] = logits_metrics(ref_fp32, qq["reference"], labels)
     out["fp32_labels"] = logits_metrics(ref_fp32, ref_fp32, labels)
-    feed = {g_f.inputs[0]: x_eval[:1]}
-    lat = interleaved_medians({
-        "qmace_fp32": lambda: s_f.run(feed), "qmace_int8": lambda: s_q["onnxruntime"].run(feed),
-        "litert_fp32": lambda: lit_f.run([o_name], feed), "litert_int8": lambda: lit_q.run([q_name], feed)},
-        repeats=repeats, warmup=3)
-    out["latency_ms"] = lat
-    print(json.dumps(out, indent=1), flush=True)
+    fp = {"session": s_f, "litert": lit_f, "input": g_f.inputs[0], "output": o_name}
+    if not skip_ptq:
+        out["ptq"] = bench_quantized(work, q_t, "mnv2_int8", x_eval, ref_fp32, labels, rng, fp, repeats)
+    if qat is not None:
+        out["qat"] = bench_quantized(work, qat, "mnv2_qat", x_eval, ref_fp32, labels, rng, fp, repeats)
     return out
 
 
@@ -244,7 +279,14 @@ def main() -> None:
     ap.add_argument("--skip-mediapipe", action="store_true")
     ap.add_argument("--skip-mobilenet", action="store_true")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--qat-tflite", type=Path, default=default_cache() / "tf" / "mobilenet_v2_qat.tflite",
+                    help="TensorFlow's integer model of the tfmot QAT MobileNetV2 (benchmarks/make_tf_mobilenet.py "
+                         "qat-intbias); skipped when missing")
+    ap.add_argument("--skip-ptq", action="store_true", help="skip the PTQ int8 .tflite (the QAT one only)")
     args = ap.parse_args()
+    qat = args.qat_tflite if args.qat_tflite.is_file() else None
+    if qat is None:
+        print(f"{args.qat_tflite} not found: the QAT .tflite is skipped", flush=True)
     work = default_cache() / "bench-tflite"
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,7 +294,7 @@ def main() -> None:
             (work / "results_mediapipe.json").write_text(json.dumps(bench_mediapipe(Path(tmp), args.repeats), indent=1))
         if not args.skip_mobilenet:
             (work / "results_mobilenet.json").write_text(
-                json.dumps(bench_mobilenet(work, args.tf_python, args.repeats), indent=1))
+                json.dumps(bench_mobilenet(work, args.tf_python, args.repeats, qat, args.skip_ptq), indent=1))
     print(f"results: {work}/results_*.json")
 
 

@@ -37,6 +37,12 @@ def _interpreter_class():
     return Interpreter
 
 
+def _builtin_only_resolver():
+    from ai_edge_litert.interpreter import OpResolverType
+
+    return OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+
+
 class LiteRTOracle:
     """The source ``.tflite`` model run by the LiteRT interpreter (the validation oracle for platform tflite).
 
@@ -47,13 +53,17 @@ class LiteRTOracle:
         path: the ``.tflite`` file.
         num_threads: interpreter threads (None: 1).
         outputs: IR tensor names that will be fetched (internal ones need the interpreter to keep them).
+        delegates: LiteRT's default op resolver, which hands the ops it can take to the XNNPACK delegate (what
+            users run, and what qmace's ``qm_arith="litert"`` Adds reproduce); False: TFLite's builtin
+            kernels only (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``), for comparisons.
 
     Raises:
         ModelError: the interpreter is not installed, or cannot load the model.
     """
     label = "the LiteRT interpreter on the source file"
 
-    def __init__(self, path: str | Path, num_threads: int | None = None, outputs: Sequence[str] = ()):
+    def __init__(self, path: str | Path, num_threads: int | None = None, outputs: Sequence[str] = (),
+                 delegates: bool = True):
         cls = _interpreter_class()
         if cls is None:
             raise ModelError(f"{path}: the LiteRT interpreter is not installed ({LITERT_HINT})")
@@ -61,8 +71,9 @@ class LiteRTOracle:
         self.index = {name: i for i, name in enumerate(ir_names(model))}
         internal = [o for o in outputs if o in self.index and self.index[o] not in model.outputs]
         try:
+            resolver = {} if delegates else {"experimental_op_resolver_type": _builtin_only_resolver()}
             self.interp = cls(model_path=str(path), num_threads=num_threads or 1,
-                              experimental_preserve_all_tensors=bool(internal))
+                              experimental_preserve_all_tensors=bool(internal), **resolver)
             self.interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise ModelError(f"{path}: LiteRT cannot load the model: {str(e).splitlines()[0]}") from e
