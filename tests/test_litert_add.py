@@ -301,3 +301,29 @@ def test_tflite_import_marks_add_and_the_variant_survives_file_and_export(tmp_pa
         assert np.array_equal(Session(graph, "reference").run(feeds)["y"], want)
     exported = ort.InferenceSession(to_onnx(back).SerializeToString(), providers=["CPUExecutionProvider"])
     assert np.array_equal(exported.run(["y"], feeds)[0], want)
+
+
+def test_qat_exact_mode_runs_the_litert_kernel_training_mode_the_float_form():
+    """QAT on a graph with a ``litert`` Add: the exact simulation gives the quantized graph's codes (the LiteRT
+    kernel); training runs the differentiable float form ``fake_quant(a + b)``, which rounds ties half to
+    even, where LiteRT rounds them up: on this grid (y = (c_a + c_b) / 2) every pair with an odd sum is a tie,
+    and the two roundings differ on those with ``k + 1/2``, ``k`` even: a quarter of all pairs."""
+    torch = pytest.importorskip("torch")
+    from qmace.qat.module import QATModule
+
+    triple = TRIPLES["int8"][2]
+    g = Graph(name="add")
+    for name in "aby":
+        g.add_tensor(Tensor(name, "float32", (1, 65536)))
+    g.inputs, g.outputs = ["a", "b"], ["y"]
+    g.nodes.append(Node("node", "Add", ["a", "b"], ["y"], {"qm_arith": LITERT}))
+    m = QATModule(g, {}, QuantizeOptions(schema="int8", fixed_params=dict(zip("aby", _params(triple, "int8")))))
+    feeds, _, _ = _feeds(triple, "int8")
+    ref = Session(m.quantized_graph(), "reference").run(feeds)["y"]
+
+    def run(exact: bool) -> np.ndarray:
+        y = m({k: torch.from_numpy(v) for k, v in feeds.items()}, exact=exact)
+        return (y["y"] if isinstance(y, dict) else y).detach().numpy()
+
+    assert np.array_equal(run(True), ref)
+    assert int(np.sum(run(False) != ref)) == 65536 // 4
