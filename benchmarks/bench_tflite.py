@@ -222,11 +222,11 @@ def bench_quantized(work: Path, q_t: Path, name: str, x_eval: np.ndarray, ref_fp
     out["litert_int8"] = logits_metrics(ref_fp32, lq, labels)
     out["qmace_int8"] = logits_metrics(ref_fp32, qq["onnxruntime"], labels)
     out["qmace_int8_reference"] = logits_metrics(ref_fp32, qq["reference"], labels)
-    feed = {fp["input"]: x_eval[:1]}
+    feed, f_feed = {g_q.inputs[0]: x_eval[:1]}, {fp["input"]: x_eval[:1]}
     f_out = fp["output"]
     lat = interleaved_medians({
-        "qmace_fp32": lambda: fp["session"].run(feed), "qmace_int8": lambda: s_q["onnxruntime"].run(feed),
-        "litert_fp32": lambda: fp["litert"].run([f_out], feed), "litert_int8": lambda: lit_q.run([q_name], feed)},
+        "qmace_fp32": lambda: fp["session"].run(f_feed), "qmace_int8": lambda: s_q["onnxruntime"].run(feed),
+        "litert_fp32": lambda: fp["litert"].run([f_out], f_feed), "litert_int8": lambda: lit_q.run([q_name], feed)},
         repeats=repeats, warmup=3)
     out["latency_ms"] = lat
     print(json.dumps(out, indent=1), flush=True)
