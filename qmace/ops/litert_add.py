@@ -36,10 +36,12 @@ step (benchmarks/README.md, "TFLite models"). A fused activation is a separate R
 grid; its clamp is LiteRT's. Above ``2^8`` neither LiteRT path was reproduced (XNNPACK takes such nodes but
 its SIMD kernels give other codes); the builtin formula is used there.
 
-ONNX lowering (``onnx_nodes``): exact int64 arithmetic between ``DequantizeLinear(codes, 1, z)`` (the centred
+ONNX lowering (``onnx_nodes``): exact arithmetic between ``DequantizeLinear(codes, 1, z)`` (the centred
 codes, exact in float32) and ``QuantizeLinear(y, 1, z_y)`` (which adds the zero point and saturates), so the
-codes stay readable by DequantizeLinear alone (``int8_activations_as_uint8`` still applies). ONNX integer
-``Div`` truncates toward zero; floors and roundings are built from it on non-negative operands only.
+codes stay readable by DequantizeLinear alone (``int8_activations_as_uint8`` still applies). XNNPACK's branch
+in float64: ``Floor(Sum(c_a (m_a 2^-shift), c_b (m_b 2^-shift), 1/2))``, every value a multiple of
+``2^-shift`` below ``2^31`` of them, so nothing rounds (10 ONNX nodes). The builtin branch in int64: ONNX
+integer ``Div`` truncates toward zero as C++ does (SRDHM); RDBPOT divides the magnitude.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ ARITH = "qm_arith"  # the node attribute naming the variant
 LITERT = "litert"  # its value for Adds/Subs imported from a .tflite
 XNN_MIN_RATIO, XNN_MAX_RATIO = 2.0 ** -10, 2.0 ** 8
 LEFT_SHIFT = 20  # TFLite's 8-bit ADD/SUB input shift
-_OFFSET_BITS = 40  # added before a truncating Div so that it floors: |acc| < 2^31 << 2^40
 
 
 @dataclass(frozen=True)
@@ -229,12 +230,6 @@ class _Emitter:
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
 
-    def floor_div_pow2(self, x: str, k: int) -> str:
-        """``floor(x / 2^k)`` for |x| < 2^40: a truncating Div of the non-negative ``x + 2^40``."""
-        big = 1 << _OFFSET_BITS
-        return self.op("Sub", [self.op("Div", [self.op("Add", [x, self.const(big)]), self.const(1 << k)]),
-                               self.const(big >> k)])
-
     def srdhm(self, x: str, multiplier: int) -> str:
         p = self.op("Mul", [x, self.const(multiplier)])
         nudge = self.op("Where", [self.op("Less", [p, self.const(0)]), self.const(1 - (1 << 30)), self.const(1 << 30)])
@@ -268,17 +263,18 @@ def onnx_nodes(node_name: str, codes: list[str], zero_points: list[str], out_cod
     """
     e = _Emitter(node_name)
     one = e.const(1.0, np.float32)
-    centred = [e.op("Cast", [e.op("DequantizeLinear", [c, one, z])], to=TensorProto.INT64)
-               for c, z in zip(codes, zero_points)]  # q - z, exact
+    centred = [e.op("DequantizeLinear", [c, one, z]) for c, z in zip(codes, zero_points)]  # q - z, exact
     s_a, s_b, s_y = (float(p.scale) for p in (p_a, p_b, p_y))
     if uses_xnnpack(s_a, s_b, s_y):
+        # float64, exact: (q - z) m 2^-shift has < 30 significant bits on the grid 2^-shift, so the sum
+        # with 1/2 is exact and Floor gives floor(acc / 2^shift) (fewer nodes than int64 with offsets)
         xp = xnnpack_params(s_a, s_b, s_y, subtract)
-        acc = e.op("Add", [e.op("Mul", [centred[0], e.const(xp.a_multiplier)]),
-                           e.op("Mul", [centred[1], e.const(xp.b_multiplier)])])
-        y = e.floor_div_pow2(e.op("Add", [acc, e.const(1 << (xp.shift - 1))]), xp.shift)
+        terms = [e.op("Mul", [e.op("Cast", [c], to=TensorProto.DOUBLE), e.const(math.ldexp(m, -xp.shift), np.float64)])
+                 for c, m in zip(centred, (xp.a_multiplier, xp.b_multiplier))]
+        y = e.op("Floor", [e.op("Sum", [*terms, e.const(0.5, np.float64)])])
     else:
         tp = tflite_params(s_a, s_b, s_y)
-        v = [e.rdbpot(e.srdhm(e.op("Mul", [c, e.const(1 << LEFT_SHIFT)]), m), -k)
+        v = [e.rdbpot(e.srdhm(e.op("Mul", [e.op("Cast", [c], to=TensorProto.INT64), e.const(1 << LEFT_SHIFT)]), m), -k)
              for c, (m, k) in zip(centred, (tp.a, tp.b))]
         y = e.rdbpot(e.srdhm(e.op("Sub" if subtract else "Add", v), tp.y[0]), -tp.y[1])
     # QuantizeLinear(y, 1, z_y) adds the zero point and saturates to the output type, exactly (y is an integer)
