@@ -55,7 +55,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qmace.qmath import QuantParams
 
 __all__ = ["ARITH", "LITERT", "TflParams", "XnnParams", "applies", "litert_add", "onnx_nodes", "tflite_params",
-           "xnnpack_params"]
+           "uses_xnnpack", "xnnpack_params"]
 
 ARITH = "qm_arith"  # the node attribute naming the variant
 LITERT = "litert"  # its value for Adds/Subs imported from a .tflite
@@ -88,7 +88,16 @@ def _ratios(s_a: float, s_b: float, s_y: float) -> tuple[np.float32, np.float32]
 
 
 def uses_xnnpack(s_a: float, s_b: float, s_y: float) -> bool:
-    """Whether LiteRT's XNNPACK delegate takes the node: both ratios ``s / s_y`` (float32) in ``[2^-10, 2^8)``."""
+    """Whether LiteRT's XNNPACK delegate takes the node: both ratios ``s / s_y`` (float32) in ``[2^-10, 2^8)``.
+
+    Args:
+        s_a: scale of input A.
+        s_b: scale of input B.
+        s_y: scale of the output.
+
+    Returns:
+        True for XNNPACK's arithmetic, False for TFLite's builtin kernel.
+    """
     return all(XNN_MIN_RATIO <= float(r) < XNN_MAX_RATIO for r in _ratios(s_a, s_b, s_y))
 
 
