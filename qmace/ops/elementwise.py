@@ -15,8 +15,8 @@ relative error below 1e-16 in float64, vectorised over three intervals of |x|.
 Quantization traits (see ``qmace.ops.base``):
 - Add, Mul: ``Kernel.FLOAT`` (ORT's QLinearAdd / QLinearMul), range from statistics.
 - Add, Sub with ``qm_arith="litert"`` (imported from a ``.tflite``): LiteRT's integer ADD/SUB on 8-bit
-  per-tensor codes (``qmace.ops.litert_add``: numpy kernel and exact int64 ONNX lowering); such a Sub is
-  ``Kernel.FLOAT`` (``kernel_for``), every other Sub has no integer kernel.
+  per-tensor codes (``qmace.ops.litert_add``: numpy kernel and exact float64/int64 ONNX lowering); such a
+  Sub is ``Kernel.FLOAT`` (``kernel_for``), every other Sub has no integer kernel.
 - Add, Sub: ``range_without_stats = RangeRule.INTERVAL``, used only when a tensor has no calibration
   statistics: the output range is then the interval sum/difference of the input ranges (``interval``:
   [a0 + b0, a1 + b1] for Add, [a0 - b1, a1 - b0] for Sub). Other ops have no such fallback (None).
@@ -189,7 +189,8 @@ class _LiteRTArith(Op):
 
     @classmethod
     def onnx_integer_nodes(cls, node, in_tensors, out_tensors, qparams):
-        """LiteRT's arithmetic (``qm_arith="litert"``) as exact int64 ONNX nodes; None keeps QLinearAdd's QDQ form."""
+        """LiteRT's arithmetic (``qm_arith="litert"``) as exact float64/int64 ONNX nodes; None keeps the QDQ
+        form."""
         if not cls.litert(node) or any(t is None for t in in_tensors) \
                 or not litert_add.applies([t.quant for t in in_tensors], [t.quant for t in out_tensors]):
             return None
