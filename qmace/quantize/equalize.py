@@ -79,8 +79,8 @@ def _rank(graph: Graph, name: str) -> int | None:
 
 @dataclass
 class EqualizedGroup:
-    """One rescaled group: its tensors, channel count, the smallest and largest scale ``s_c`` applied, and the
-    nodes whose weights were multiplied (producers) or divided (consumers).
+    """One rescaled group: its tensors, channel count, the smallest and largest scale ``s_c`` applied, the
+    nodes whose weights were multiplied (producers) or divided (consumers), and the scales (when kept).
     """
     tensors: list[str]
     channels: int
@@ -88,6 +88,7 @@ class EqualizedGroup:
     max_scale: float
     producers: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
+    scales: np.ndarray | None = None
 
 
 def _groups(graph: Graph) -> list[list[str]]:
@@ -234,7 +235,7 @@ def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 
         if not all(_producer_ok(g, p, members, float(np.max(s * maxima.maxima[t])))
                    for t, p in zip(members_list, prods)):
             continue
-        report = EqualizedGroup(members_list, len(s), float(s.min()), float(s.max()))
+        report = EqualizedGroup(members_list, len(s), float(s.min()), float(s.max()), scales=s.copy())
         for p in prods:
             if not _passes_channels(g, p):
                 _scale_rows(g, p, s)
