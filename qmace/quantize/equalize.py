@@ -33,7 +33,8 @@ Rules (see docs/quantization.md, "Activation equalization"):
   row of a nearly dead channel, whose small output asks for the largest scale, blew a depthwise layer's range
   up 3.6x and rounded 63 of its 64 rows to zero), and a depthwise row divided by ``s_c`` gets coarser on the
   shared grid. So ``s_c`` is capped at ``max_row |w| / max |w_c|`` for every producer (no producer's range
-  grows) and every group uses ``strength``.
+  grows) and every group uses ``strength``. The ``uint8`` schema runs this after cross-layer equalization of
+  the weight ranges (``qmace.quantize.cle.equalize_per_tensor_weights``).
 """
 
 from __future__ import annotations
