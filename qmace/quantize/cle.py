@@ -236,7 +236,15 @@ def cross_layer_equalize(graph: Graph, maxima: ChannelMaxima, iterations: int = 
 
 def scaled_maxima(maxima: ChannelMaxima, groups: list[EqualizedGroup]) -> ChannelMaxima:
     """The channel maxima of ``cross_layer_equalize``'s output without another calibration pass: each
-    rescaled tensor's maxima times its group's accumulated scale (the function is otherwise unchanged)."""
+    rescaled tensor's maxima times its group's accumulated scale (the function is otherwise unchanged).
+
+    Args:
+        maxima: the maxima of the graph ``cross_layer_equalize`` was given.
+        groups: its reports (``scales`` per channel).
+
+    Returns:
+        A new ChannelMaxima; ``maxima`` is not changed.
+    """
     out = ChannelMaxima.__new__(ChannelMaxima)
     out.input_names = list(maxima.input_names)
     out.maxima = dict(maxima.maxima)
