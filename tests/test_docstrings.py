@@ -112,6 +112,7 @@ COVERED = [
     "qmace.api.quantize",
     "qmace.quantize.bias_correction",
     "qmace.quantize.calibration",
+    "qmace.quantize.cle",
     "qmace.quantize.dense",
     "qmace.quantize.equalize",
     "qmace.quantize.plan",

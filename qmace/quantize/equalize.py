@@ -33,7 +33,8 @@ Rules (see docs/quantization.md, "Activation equalization"):
   row of a nearly dead channel, whose small output asks for the largest scale, blew a depthwise layer's range
   up 3.6x and rounded 63 of its 64 rows to zero), and a depthwise row divided by ``s_c`` gets coarser on the
   shared grid. So ``s_c`` is capped at ``max_row |w| / max |w_c|`` for every producer (no producer's range
-  grows) and every group uses ``strength``.
+  grows) and every group uses ``strength``. The ``uint8`` schema runs this after cross-layer equalization of
+  the weight ranges (``qmace.quantize.cle.equalize_per_tensor_weights``).
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def _rank(graph: Graph, name: str) -> int | None:
 
 @dataclass
 class EqualizedGroup:
-    """One rescaled group: its tensors, channel count, the smallest and largest scale ``s_c`` applied, and the
-    nodes whose weights were multiplied (producers) or divided (consumers).
+    """One rescaled group: its tensors, channel count, the smallest and largest scale ``s_c`` applied, the
+    nodes whose weights were multiplied (producers) or divided (consumers), and the scales (when kept).
     """
     tensors: list[str]
     channels: int
@@ -88,6 +89,7 @@ class EqualizedGroup:
     max_scale: float
     producers: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
+    scales: np.ndarray | None = None
 
 
 def _groups(graph: Graph) -> list[list[str]]:
@@ -234,7 +236,7 @@ def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 
         if not all(_producer_ok(g, p, members, float(np.max(s * maxima.maxima[t])))
                    for t, p in zip(members_list, prods)):
             continue
-        report = EqualizedGroup(members_list, len(s), float(s.min()), float(s.max()))
+        report = EqualizedGroup(members_list, len(s), float(s.min()), float(s.max()), scales=s.copy())
         for p in prods:
             if not _passes_channels(g, p):
                 _scale_rows(g, p, s)

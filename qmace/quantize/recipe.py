@@ -18,6 +18,7 @@ from qmace.quantize.adaround import InputStatistics
 from qmace.quantize.adaround import adaround as run_adaround
 from qmace.quantize.bias_correction import ChannelMeans, correct_biases
 from qmace.quantize.calibration import Calibrator, make_calibrator
+from qmace.quantize.cle import equalize_per_tensor_weights
 from qmace.quantize.dense import saturating_input_ranges
 from qmace.quantize.equalize import ChannelMaxima, equalize_activations
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
@@ -89,8 +90,9 @@ def equalize_on(graph: Graph, samples: Iterable, num_threads: int | None = None,
         graph: the optimized float graph (not changed).
         samples: an iterable of ``qmace.data.Sample``.
         num_threads: intra-op threads, or None.
-        schema: the quantization schema the graph will get; ``uint8`` (per-tensor weights) keeps every
-            producer's weight range (``equalize_activations``' ``per_tensor_weights``). None: per-channel.
+        schema: the quantization schema the graph will get; ``uint8`` (per-tensor weights) levels the
+            weight ranges across layers first and then keeps every producer's weight range
+            (``cle.equalize_per_tensor_weights``). None: per-channel rules (``equalize_activations``).
 
     Returns:
         The rescaled copy of the graph and its equalization groups.
@@ -100,7 +102,9 @@ def equalize_on(graph: Graph, samples: Iterable, num_threads: int | None = None,
     """
     maxima = ChannelMaxima(graph)
     calibrate(graph, samples, None, num_threads, observers=[maxima])
-    return equalize_activations(graph, maxima, per_tensor_weights=schema == Schema.UINT8)
+    if schema == Schema.UINT8:
+        return equalize_per_tensor_weights(graph, maxima)
+    return equalize_activations(graph, maxima)
 
 def imported_params(graph: Graph) -> dict[str, QuantParams]:
     """Quantization parameters fixed by the source model (its QuantizeLinear/DequantizeLinear pairs, QAT).
