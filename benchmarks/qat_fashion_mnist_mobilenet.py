@@ -2,7 +2,7 @@
 """Benchmark C (labelled QAT where PTQ hurts): a MobileNetV2-style net trained here on Fashion-MNIST.
 
     python scripts/fetch_assets.py fashion-mnist
-    python benchmarks/qat_fashion_mnist_mobilenet.py --seed 0 [--epochs 6] [--qat-steps 300]   # one seed
+    python benchmarks/qat_fashion_mnist_mobilenet.py --seed 0 [--arch mbv2-w035] [--qat-mode val|fixed]  # one seed
     python benchmarks/qat_fashion_mnist_mobilenet.py --report                                 # table
 
 1. Float: a MobileNetV2-style net (3x3 stride-2 stem, inverted residuals with depthwise 3x3 convolutions and
@@ -305,6 +305,9 @@ def run_seed(args) -> dict:
         if all(old.get(k) == out[k] for k in out if k not in merged):
             for k in merged:
                 out[k] = {**old.get(k, {}), **out[k]}
+            for k in ("val_float", "val_protocol"):  # the qat_val rows' context, if this run does not redo it
+                if k in old:
+                    out[k] = old[k]
             out["runs"] = old.get("runs", [])
     # which code wrote which rows: a later run overwrites the rows it recomputes (PTQ of its --schemas, QAT of
     # its --qat-starts) and keeps the others, so each run leaves its commit and what it ran
@@ -456,7 +459,7 @@ def report(args) -> int:
         for run in r.get("runs", []):
             print(f"seed {r['seed']}: {run['started']} commit {(run['commit'] or '?')[:12]}"
                   f"{'+dirty' if (run['commit'] or '').endswith('+dirty') else ''}: schemas {run['schemas']}, "
-                  f"QAT starts {run['qat_starts'] or '(none)'}")
+                  f"QAT starts {run['qat_starts'] or '(none)'}, --qat-mode {run.get('qat_mode', 'fixed')}")
     return 0
 
 
@@ -468,11 +471,12 @@ def _report_val(runs: list[dict]) -> None:
     keys = [f"{n}/{s}" for s in SCHEMAS for n in STARTS if any(f"{n}/{s}" in r.get("qat_val", {}) for r in runs)]
     if not keys:
         return
-    proto = next(r["val_protocol"] for r in runs if "val_protocol" in r)
+    proto = next((r["val_protocol"] for r in runs if "val_protocol" in r), {})
     vf = [r["val_float"] for r in runs if "val_float" in r]
-    print(f"\nQAT through qmace.qat.fit (--qat-mode val): {proto['val_size']} validation images held out of the "
-          f"train split, QAT on the other {proto['train_images']}, {proto['epochs']} epochs, best state (start "
-          f"included) kept; test split accuracy; float on the validation images: {_ms(vf)}%")
+    print(f"\nQAT through qmace.qat.fit (--qat-mode val): {proto.get('val_size', '?')} validation images held out "
+          f"of the train split, QAT on the other {proto.get('train_images', '?')}, {proto.get('epochs', '?')} "
+          f"epochs, best state (start included) kept; test split accuracy; float on the validation images: "
+          f"{_ms(vf) if vf else '?'}%")
     print("| schema | PTQ start | n | PTQ | QAT fit+val (n) | QAT - float | QAT - PTQ | per seed QAT - PTQ "
           "| PTQ sd | drop > PTQ sd | best epoch | validation start -> best | QAT last epoch |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
