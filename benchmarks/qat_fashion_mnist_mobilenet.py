@@ -2,7 +2,7 @@
 """Benchmark C (labelled QAT where PTQ hurts): a MobileNetV2-style net trained here on Fashion-MNIST.
 
     python scripts/fetch_assets.py fashion-mnist
-    python benchmarks/qat_fashion_mnist_mobilenet.py --seed 0 [--epochs 6] [--qat-steps 300]   # one seed
+    python benchmarks/qat_fashion_mnist_mobilenet.py --seed 0 [--arch mbv2-w035] [--qat-mode val|fixed]  # one seed
     python benchmarks/qat_fashion_mnist_mobilenet.py --report                                 # table
 
 1. Float: a MobileNetV2-style net (3x3 stride-2 stem, inverted residuals with depthwise 3x3 convolutions and
@@ -19,9 +19,18 @@
      (with its bias correction), as ``qmace quantize --adaround``.
    each in the ``uint8`` (per-tensor asymmetric weights, MACE's default) and ``int8`` (per-channel symmetric)
    schema.
-4. QAT from each PTQ start: ``qmace.qat.prepare`` from exactly that state, cross-entropy with labels on
-   random train batches (``--qat-steps`` x ``--qat-batch``), Adam with linear warm-up (5%) + cosine decay,
-   weights ``--qat-lr``, LSQ ranges ``--qat-range-lr``.
+4. QAT from each PTQ start: ``qmace.qat.prepare`` from exactly that state, cross-entropy with labels,
+   ``--qat-steps`` x ``--qat-batch`` random batches with flips, Adam with linear warm-up (5%) + cosine decay,
+   weights ``--qat-lr``, LSQ ranges ``--qat-range-lr``. Two protocols (``--qat-mode``):
+   - ``val`` (default; what ``qmace qat --val_dir`` does): ``--val-size`` (5000) images held out of the 60k
+     train split (seeded per seed; the float net was trained on all 60k, so they are not unseen by it), QAT
+     batches drawn from the other 55k, through the product's trainer ``qmace.qat.fit``: ``--qat-epochs``
+     epochs of ``steps / epochs`` steps, the quantized model (``module.quantized_graph()``, qmace's runtime)
+     scored on the validation images before training and after every epoch
+     (``qmace.qat.evaluate.validator``: top-1 %), the best state (the start included) kept; no early stop,
+     so the optimiser budget equals the fixed-step loop's. Rows in the JSON's ``qat_val``.
+   - ``fixed``: the earlier hand-rolled loop (``qat``), the last step's state, batches from all 60k; rows in
+     the JSON's ``qat`` (the rows of sessions 1-3).
 Every accuracy is on the official 10k test split (never used for training, calibration or any choice); the
 quantized models run on qmace's integer runtime (ONNX Runtime backend, exact integer kernels, bit-exact with
 the reference runtime: docs/quantization.md). Each seed writes a JSON file (``--results``); ``--report``
@@ -206,6 +215,48 @@ def qat(start, ranges, opts, xtr, ytr, *, steps, batch, lr, range_lr, seed):
     return module
 
 
+def qat_val(start, ranges, opts, xtr, ytr, validate, *, steps, batch, lr, range_lr, seed, epochs):
+    """QAT as ``qmace qat --val_dir`` runs it: ``qmace.qat.fit`` with cross-entropy on ``epochs`` epochs of
+    ``steps // epochs`` random batches of ``batch`` (flips) from ``(xtr, ytr)`` (the train split without the
+    validation images), the same optimiser budget as :func:`qat` (Adam, weights ``lr``, ranges ``range_lr``,
+    5% warm-up + cosine over all ``steps``), ``validate(module)`` before training and after every epoch, the
+    best state (the start included) kept. Returns ``(module with the best state, FitResult, module state after
+    the last epoch)``."""
+    import torch
+
+    from qmace.qat import prepare
+    from qmace.qat.trainer import fit
+
+    if steps % epochs:
+        raise ValueError(f"--qat-steps {steps} is not a multiple of --qat-epochs {epochs}")
+    per_epoch = steps // epochs
+    torch.manual_seed(seed)
+    module = prepare(start, ranges, opts)
+    last = {}
+
+    def batches(epoch: int):
+        # the data order depends only on (seed, epoch), as fit's resume contract asks
+        rng = np.random.default_rng([seed + 1000, epoch])
+        out = []
+        for _ in range(per_epoch):
+            idx = rng.choice(len(xtr), batch, replace=False)
+            xb = xtr[idx].copy()
+            flip = rng.random(batch) < 0.5
+            xb[flip] = xb[flip][..., ::-1]
+            out.append((xb, ytr[idx]))
+        return out
+
+    def on_epoch(rep):
+        print(f"    qat epoch {rep.epoch}/{rep.epochs}: loss {rep.loss:.4f}, validation {rep.metric:.2f}%"
+              f"{' (best)' if rep.best else ''}", flush=True)
+        if rep.epoch == rep.epochs:
+            last["state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    res = fit(module, batches, epochs=epochs, lr=lr, range_lr=range_lr, labels=None, schedule="cosine",
+              warmup=0.05, validate=validate, patience=None, on_epoch=on_epoch)
+    return module, res, last["state"]
+
+
 def _commit() -> str | None:
     """The repository's HEAD commit (``+dirty`` when tracked files differ from it), or None without git."""
     import subprocess
@@ -238,22 +289,31 @@ def run_seed(args) -> dict:
     norm = lambda a: ((a.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]
     xtr, ytr = norm(d["train_images"]), d["train_labels"].astype(np.int64)
     xte, yte = norm(d["test_images"]), d["test_labels"].astype(np.int64)
+    # --qat-mode val: a seeded validation split held out of the train split; QAT trains on the rest. Float
+    # training and calibration (unchanged, so the PTQ starts stay those of the fixed-step rows) use all 60k.
+    val_idx = np.sort(np.random.default_rng(seed + 2000).choice(len(xtr), args.val_size, replace=False))
+    rest = np.setdiff1d(np.arange(len(xtr)), val_idx)
     out = {"seed": seed, "arch": args.arch, "epochs": args.epochs, "lr": args.lr, "calib": args.calib,
            "qat_steps": args.qat_steps, "qat_batch": args.qat_batch, "qat_lr": args.qat_lr,
-           "qat_range_lr": args.qat_range_lr, "ptq": {}, "qat": {}, "time": {}}
+           "qat_range_lr": args.qat_range_lr, "ptq": {}, "qat": {}, "qat_val": {}, "time": {}}
+    merged = ("ptq", "qat", "qat_val", "time")
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     res_path = results / f"{args.arch}_e{args.epochs}_seed{seed}.json"
     if res_path.is_file():  # a rerun with other --schemas / --qat-starts adds its rows to the same seed's file
         old = json.loads(res_path.read_text())
-        if all(old.get(k) == out[k] for k in out if k not in ("ptq", "qat", "time")):
-            for k in ("ptq", "qat", "time"):
+        if all(old.get(k) == out[k] for k in out if k not in merged):
+            for k in merged:
                 out[k] = {**old.get(k, {}), **out[k]}
+            for k in ("val_float", "val_protocol"):  # the qat_val rows' context, if this run does not redo it
+                if k in old:
+                    out[k] = old[k]
             out["runs"] = old.get("runs", [])
     # which code wrote which rows: a later run overwrites the rows it recomputes (PTQ of its --schemas, QAT of
     # its --qat-starts) and keeps the others, so each run leaves its commit and what it ran
     out.setdefault("runs", []).append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(),
-                                       "schemas": args.schemas, "qat_starts": args.qat_starts})
+                                       "schemas": args.schemas, "qat_starts": args.qat_starts,
+                                       "qat_mode": args.qat_mode})
 
     def save():
         res_path.write_text(json.dumps(out, indent=1))
@@ -321,12 +381,36 @@ def run_seed(args) -> dict:
     for item in args.qat_starts.split(","):
         name, _, schema = item.partition("/")
         order += [(name, sch) for sch in args.schemas.split(",") if schema in ("", sch) and (name, sch) in starts]
+    validate = None
+    if args.qat_mode == "val" and order:
+        from qmace.qat.evaluate import validator
+
+        val_samples = [SimpleNamespace(name=str(i), feeds={"input": xtr[i:i + 1]}) for i in val_idx]
+        _, out["val_float"], validate = validator(graph, val_samples, ytr[val_idx].tolist(), threads=1)
+        out["val_protocol"] = {"val_size": args.val_size, "val_seed": seed + 2000, "epochs": args.qat_epochs,
+                               "train_images": int(len(rest))}
+        print(f"seed {seed}: float on the {args.val_size} validation images {out['val_float']:.2f}%", flush=True)
     for name, schema in order:
         g, r, o = starts[(name, schema)]
+        key = f"{name}/{schema}"
         t0 = time.perf_counter()
+        if args.qat_mode == "val":
+            module, res, last_state = qat_val(
+                g, r, o, xtr[rest], ytr[rest], validate, steps=args.qat_steps, batch=args.qat_batch,
+                lr=args.qat_lr, range_lr=args.qat_range_lr, seed=seed, epochs=args.qat_epochs)
+            row = {"test": accuracy(module.quantized_graph(), xte, yte), "val_start": res.start_metric,
+                   "val": res.metrics, "best_epoch": res.best_epoch, "val_best": res.best_metric}
+            module.load_state_dict(last_state)
+            row["test_last"] = accuracy(module.quantized_graph(), xte, yte)
+            row["time"] = time.perf_counter() - t0
+            out["qat_val"][key] = row
+            print(f"seed {seed}: QAT (fit, validation) from {name} {schema}: {out['ptq'][key]:.2f}% -> "
+                  f"{row['test']:.2f}% (best epoch {row['best_epoch']}, last epoch {row['test_last']:.2f}%; "
+                  f"validation {row['val_start']:.2f} -> {row['val_best']:.2f}; {row['time']:.0f} s)", flush=True)
+            save()
+            continue
         module = qat(g, r, o, xtr, ytr, steps=args.qat_steps, batch=args.qat_batch, lr=args.qat_lr,
                      range_lr=args.qat_range_lr, seed=seed)
-        key = f"{name}/{schema}"
         out["qat"][key] = accuracy(module.quantized_graph(), xte, yte)
         out["time"][f"qat {key}"] = time.perf_counter() - t0
         print(f"seed {seed}: QAT from {name} {schema}: {out['ptq'][key]:.2f}% -> {out['qat'][key]:.2f}% "
@@ -350,6 +434,7 @@ def report(args) -> int:
     print(f"{args.arch} ({runs[0].get('params', '?')} params), float trained {args.epochs} epochs; seeds "
           f"{', '.join(str(r['seed']) for r in runs)}; test split 10,000 images; mean ± sd (ddof 1) over seeds")
     print(f"float: {_ms(fl)}%  (per seed: {', '.join(f'{v:.2f}' for v in fl)})")
+    print("QAT by the fixed-step loop (--qat-mode fixed: 300 steps on all 60k, the last state):")
     print("| schema | PTQ start | n | PTQ | QAT (n) | QAT - float | QAT - PTQ | PTQ - float |")
     print("|---|---|---|---|---|---|---|---|")
     for schema in SCHEMAS:
@@ -369,12 +454,54 @@ def report(args) -> int:
                 qs = "- | - | -"
             print(f"| {schema} | {name.replace('_', ' ')} | {len(p)} | {_ms(p)}% | {qs} | "
                   f"{_ms([r['ptq'][key] - r['float'] for r in have])} |")
+    _report_val(runs)
     for r in runs:  # which commit wrote which rows (files from before this record existed have none)
         for run in r.get("runs", []):
             print(f"seed {r['seed']}: {run['started']} commit {(run['commit'] or '?')[:12]}"
                   f"{'+dirty' if (run['commit'] or '').endswith('+dirty') else ''}: schemas {run['schemas']}, "
-                  f"QAT starts {run['qat_starts'] or '(none)'}")
+                  f"QAT starts {run['qat_starts'] or '(none)'}, --qat-mode {run.get('qat_mode', 'fixed')}")
     return 0
+
+
+def _report_val(runs: list[dict]) -> None:
+    """The ``--qat-mode val`` rows (``qmace.qat.fit``, validation split, best state kept): test accuracy of
+    the kept state, its gain over float and over its own PTQ start (mean +- sd), each seed's QAT - PTQ and the
+    check "never below its own PTQ start by more than the seed spread" per seed (a drop counts when it is
+    larger than the PTQ row's seed sd), the best epochs and the validation scores."""
+    keys = [f"{n}/{s}" for s in SCHEMAS for n in STARTS if any(f"{n}/{s}" in r.get("qat_val", {}) for r in runs)]
+    if not keys:
+        return
+    proto = next((r["val_protocol"] for r in runs if "val_protocol" in r), {})
+    vf = [r["val_float"] for r in runs if "val_float" in r]
+    print(f"\nQAT through qmace.qat.fit (--qat-mode val): {proto.get('val_size', '?')} validation images held out "
+          f"of the train split, QAT on the other {proto.get('train_images', '?')}, {proto.get('epochs', '?')} "
+          f"epochs, best state (start included) kept; test split accuracy; float on the validation images: "
+          f"{_ms(vf) if vf else '?'}%")
+    print("| schema | PTQ start | n | PTQ | QAT fit+val (n) | QAT - float | QAT - PTQ | per seed QAT - PTQ "
+          "| PTQ sd | drop > PTQ sd | best epoch | validation start -> best | QAT last epoch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key in keys:
+        name, schema = key.split("/")
+        have = [r for r in runs if key in r["ptq"]]
+        both = [r for r in have if key in r.get("qat_val", {})]
+        p = [r["ptq"][key] for r in have]
+        q = [r["qat_val"][key]["test"] for r in both]
+        d = [r["qat_val"][key]["test"] - r["ptq"][key] for r in both]
+        sd = float(np.std(p, ddof=1)) if len(p) > 1 else float("nan")
+        drops = [f"seed {r['seed']}" for r, v in zip(both, d) if v < 0 and -v > sd]
+        vs = [r["qat_val"][key]["val_start"] for r in both]
+        vb = [r["qat_val"][key]["val_best"] for r in both]
+        print(f"| {schema} | {name.replace('_', ' ')} | {len(p)} | {_ms(p)}% | {_ms(q)}% ({len(q)}) | "
+              f"{_ms([r['qat_val'][key]['test'] - r['float'] for r in both])} | {_ms(d)} | "
+              f"{', '.join(f'{v:+.2f}' for v in d)} | {sd:.2f} | {', '.join(drops) or 'none'} | "
+              f"{', '.join(str(r['qat_val'][key]['best_epoch']) for r in both)} | {_ms(vs)} -> {_ms(vb)}% | "
+              f"{_ms([r['qat_val'][key]['test_last'] for r in both])}% |")
+    for r in runs:
+        rows = r.get("qat_val", {})
+        if rows:
+            print(f"seed {r['seed']} (PTQ -> QAT fit+val, test; best epoch; s): " + "; ".join(
+                f"{k} {r['ptq'][k]:.2f} -> {v['test']:.2f} (e{v['best_epoch']}, {v['time']:.0f} s)"
+                for k, v in rows.items()))
 
 
 def main(argv=None) -> int:
@@ -387,6 +514,13 @@ def main(argv=None) -> int:
     ap.add_argument("--qat-batch", type=int, default=64)
     ap.add_argument("--qat-lr", type=float, default=3e-5)
     ap.add_argument("--qat-range-lr", type=float, default=3e-4)
+    ap.add_argument("--qat-mode", default="val", choices=("val", "fixed"),
+                    help="val: qmace.qat.fit with a validation split held out of the train split, best state "
+                         "kept (as `qmace qat --val_dir`); fixed: the earlier fixed-step loop, last state")
+    ap.add_argument("--qat-epochs", type=int, default=5,
+                    help="--qat-mode val: epochs (validation points) the --qat-steps are split into")
+    ap.add_argument("--val-size", type=int, default=5000,
+                    help="--qat-mode val: train images held out for validation")
     ap.add_argument("--qat-starts", default=",".join(STARTS),
                     help="PTQ starts to run QAT from, in this order: NAME (every schema) or NAME/SCHEMA")
     ap.add_argument("--schemas", default=",".join(SCHEMAS))
