@@ -136,6 +136,46 @@ def test_distillation_reduces_loss(setup):
     assert losses[-1] < losses[0]
 
 
+def test_train_outputs_return_an_inner_tensor_in_training_mode_only(setup):
+    from qmace.qat.forward import forward_train
+
+    _, graph, ranges = setup
+    m = _prepare(graph, ranges, "int8")
+    x = torch.from_numpy(np.concatenate(_inputs(3, 5)))
+    y = m(x).detach()
+    m.train_outputs = ["fc"]  # the Gemm's logits before the Sigmoid
+    logits = m(x)
+    assert logits.shape == (3, 5) and logits.requires_grad
+    torch.testing.assert_close(logits.detach(), forward_train(m, {"x": x})["fc"].detach(), rtol=0, atol=0)
+    assert torch.max(torch.abs(torch.sigmoid(logits.detach()) - y)) <= 1 / 255 + 1e-6  # y: Sigmoid's 8-bit codes
+    exact = m(x[:1], exact=True).numpy()  # exact mode and the quantized graph keep the graph outputs
+    np.testing.assert_array_equal(exact, execute(m.quantized_graph(), {"x": x[:1].numpy()})["y"])
+
+
+def test_per_position_distillation_is_a_kl_per_row_along_the_axis():
+    from qmace.qat.trainer import _loss, _Run
+
+    rng = np.random.default_rng(0)
+    s = torch.from_numpy(rng.normal(0, 2, (2, 3, 7)).astype(np.float32))
+    t = rng.normal(0, 2, (2, 3, 7)).astype(np.float32)
+
+    def run(axis, teacher):
+        return _Run(1, "constant", 0.0, 2.0, axis, None, lambda x: teacher, 0, 1, torch.device("cpu"), [1.0])
+
+    got = _loss(s, None, None, run(-1, t))
+    T = 2.0  # by hand: one KL(softmax(t/T) || softmax(s/T)) per (sample, timestep), averaged, times T^2
+    q = torch.softmax(torch.from_numpy(t) / T, -1)
+    kl = (q * (torch.log(q) - torch.log_softmax(s / T, -1))).sum(-1)
+    torch.testing.assert_close(got, kl.mean() * T**2)
+    # the class axis may be any axis: the same loss with classes on axis 1
+    torch.testing.assert_close(_loss(s.transpose(1, 2), None, None, run(1, t.transpose(0, 2, 1))), got)
+    # None keeps one distribution per sample (over 3 x 7 values): a different loss
+    assert not torch.allclose(_loss(s, None, None, run(None, t)), got)
+    # for (N, C) outputs axis -1 is the default's loss
+    s2, t2 = s[:, 0], t[:, 0]
+    torch.testing.assert_close(_loss(s2, None, None, run(-1, t2)), _loss(s2, None, None, run(None, t2)))
+
+
 def test_ema_mode_tracks_ranges(setup):
     _, graph, ranges = setup
     from qmace.qat import prepare
