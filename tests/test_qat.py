@@ -405,3 +405,34 @@ def test_exact_forward_keeps_16_bit_activations(extra):
     assert "res" in wide and (("m1" in wide) == extra)
     for x in xs[:3]:
         np.testing.assert_array_equal(m(torch.from_numpy(x), exact=True).numpy(), execute(qg, {"x": x})["y"])
+
+
+def test_exact_forward_after_training_with_a_16_bit_input_and_a_bias():
+    """An accumulate op reading a uint16 activation runs DQ -> float op -> Q, dequantizing its int32 bias with the
+    bias scale s_x * s_w: after the weights moved (new per-channel s_w) exact mode must use the current bias
+    scale, not the prepared graph's, to stay bit-exact with quantized_graph()."""
+    from qmace.qat import prepare
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, s).astype(np.float32), n)
+             for n, s in (("w1", (4, 3, 3, 3)), ("b1", (4,)), ("w2", (5, 4, 3, 3)), ("b2", (5,)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c1", "w2", "b2"], ["y"], pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "wide_bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 6, 6])], initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    graph = optimize(onnx_to_graph(model))
+    xs = [rng.uniform(-1, 1, (1, 3, 6, 6)).astype(np.float32) for _ in range(4)]
+    cal = make_calibrator("mace")
+    calibrate(graph, [SimpleNamespace(name=str(i), feeds={"x": x}) for i, x in enumerate(xs)], cal)
+    m = prepare(graph, cal.ranges(), QuantizeOptions(schema="int8", input_ranges={"x": INPUT_RANGE},
+                                                     wide_extra={"c1": "test"}))
+    assert m.quantized_graph().tensors["c1"].quant.dtype == "uint16"
+    with torch.no_grad():  # every channel's max |w| (so its scale) changes, the float biases stay
+        for p in m.weights:
+            if p.ndim == 4:
+                p.mul_(torch.linspace(0.6, 1.7, p.shape[0]).reshape(-1, 1, 1, 1))
+    qg = m.quantized_graph()
+    for x in xs:
+        np.testing.assert_array_equal(m(torch.from_numpy(x), exact=True).numpy(), execute(qg, {"x": x})["y"])
