@@ -3,6 +3,7 @@ PTQ state (int8, ``--method percentile --percentile 99.99 --sensitivity_16bit 16
 
     python benchmarks/ocr_data.py                      # the calibration / evaluation lines (as bench_ocr)
     python benchmarks/qat_ocr.py render [--train-lines 3000]
+    python benchmarks/qat_ocr.py start                 # the PTQ start (run_ptq, ~10 min at 1 thread; cached)
     python benchmarks/qat_ocr.py time   [--batch 8]    # seconds per training step
     python benchmarks/qat_ocr.py train  --lr 1e-5 --epochs E --steps-per-epoch S [--batch 8] [--tag NAME]
     python benchmarks/qat_ocr.py final  --tag NAME     # the ONE evaluation on the 234 evaluation lines
