@@ -202,11 +202,9 @@ def fit(
     """Fine-tune ``module`` (a QATModule) with Adam; see :func:`train` for ``batches``, ``labels``, ``teacher``,
     ``temperature``, ``range_lr``.
 
-    ``distill_axis``: None (default) distils each sample's whole output as one distribution (a classifier's
-    ``(N, C)`` logits); an axis ``a`` distils one distribution per position along the other axes instead (a
-    sequence model's ``(N, T, C)`` logits with ``a = -1``: one per timestep):
-    ``T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T))`` along ``a``. For 2-D
-    outputs ``a = -1`` is the default's loss.
+    ``distill_axis``: None (default): each sample's whole output is one distribution; an axis ``a``: one per
+    position along the other axes (``(N, T, C)`` logits, ``a = -1``: one per timestep), the loss
+    ``T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T))`` along ``a``.
 
     ``schedule``/``warmup``: the learning rate of step ``k`` is the peak one times :func:`lr_factor`.
     ``device``: where the module, optimizer state and batches live (default: the module's device).
