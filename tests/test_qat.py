@@ -136,6 +136,46 @@ def test_distillation_reduces_loss(setup):
     assert losses[-1] < losses[0]
 
 
+def test_train_outputs_return_an_inner_tensor_in_training_mode_only(setup):
+    from qmace.qat.forward import forward_train
+
+    _, graph, ranges = setup
+    m = _prepare(graph, ranges, "int8")
+    x = torch.from_numpy(np.concatenate(_inputs(3, 5)))
+    y = m(x).detach()
+    m.train_outputs = ["fc"]  # the Gemm's logits before the Sigmoid
+    logits = m(x)
+    assert logits.shape == (3, 5) and logits.requires_grad
+    torch.testing.assert_close(logits.detach(), forward_train(m, {"x": x})["fc"].detach(), rtol=0, atol=0)
+    assert torch.max(torch.abs(torch.sigmoid(logits.detach()) - y)) <= 1 / 255 + 1e-6  # y: Sigmoid's 8-bit codes
+    exact = m(x[:1], exact=True).numpy()  # exact mode and the quantized graph keep the graph outputs
+    np.testing.assert_array_equal(exact, execute(m.quantized_graph(), {"x": x[:1].numpy()})["y"])
+
+
+def test_per_position_distillation_is_a_kl_per_row_along_the_axis():
+    from qmace.qat.trainer import _loss, _Run
+
+    rng = np.random.default_rng(0)
+    s = torch.from_numpy(rng.normal(0, 2, (2, 3, 7)).astype(np.float32))
+    t = rng.normal(0, 2, (2, 3, 7)).astype(np.float32)
+
+    def run(axis, teacher):
+        return _Run(1, "constant", 0.0, 2.0, axis, None, lambda x: teacher, 0, 1, torch.device("cpu"), [1.0])
+
+    got = _loss(s, None, None, run(-1, t))
+    T = 2.0  # by hand: one KL(softmax(t/T) || softmax(s/T)) per (sample, timestep), averaged, times T^2
+    q = torch.softmax(torch.from_numpy(t) / T, -1)
+    kl = (q * (torch.log(q) - torch.log_softmax(s / T, -1))).sum(-1)
+    torch.testing.assert_close(got, kl.mean() * T**2)
+    # the class axis may be any axis: the same loss with classes on axis 1
+    torch.testing.assert_close(_loss(s.transpose(1, 2), None, None, run(1, t.transpose(0, 2, 1))), got)
+    # None keeps one distribution per sample (over 3 x 7 values): a different loss
+    assert not torch.allclose(_loss(s, None, None, run(None, t)), got)
+    # for (N, C) outputs axis -1 is the default's loss
+    s2, t2 = s[:, 0], t[:, 0]
+    torch.testing.assert_close(_loss(s2, None, None, run(-1, t2)), _loss(s2, None, None, run(None, t2)))
+
+
 def test_ema_mode_tracks_ranges(setup):
     _, graph, ranges = setup
     from qmace.qat import prepare
@@ -364,4 +404,35 @@ def test_exact_forward_keeps_16_bit_activations(extra):
     wide = {t.name for t in qg.tensors.values() if t.quant is not None and t.quant.dtype == "uint16"}
     assert "res" in wide and (("m1" in wide) == extra)
     for x in xs[:3]:
+        np.testing.assert_array_equal(m(torch.from_numpy(x), exact=True).numpy(), execute(qg, {"x": x})["y"])
+
+
+def test_exact_forward_after_training_with_a_16_bit_input_and_a_bias():
+    """An accumulate op reading a uint16 activation runs DQ -> float op -> Q, dequantizing its int32 bias with the
+    bias scale s_x * s_w: after the weights moved (new per-channel s_w) exact mode must use the current bias
+    scale, not the prepared graph's, to stay bit-exact with quantized_graph()."""
+    from qmace.qat import prepare
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, s).astype(np.float32), n)
+             for n, s in (("w1", (4, 3, 3, 3)), ("b1", (4,)), ("w2", (5, 4, 3, 3)), ("b2", (5,)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c1", "w2", "b2"], ["y"], pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "wide_bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 6, 6])], initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    graph = optimize(onnx_to_graph(model))
+    xs = [rng.uniform(-1, 1, (1, 3, 6, 6)).astype(np.float32) for _ in range(4)]
+    cal = make_calibrator("mace")
+    calibrate(graph, [SimpleNamespace(name=str(i), feeds={"x": x}) for i, x in enumerate(xs)], cal)
+    m = prepare(graph, cal.ranges(), QuantizeOptions(schema="int8", input_ranges={"x": INPUT_RANGE},
+                                                     wide_extra={"c1": "test"}))
+    assert m.quantized_graph().tensors["c1"].quant.dtype == "uint16"
+    with torch.no_grad():  # every channel's max |w| (so its scale) changes, the float biases stay
+        for p in m.weights:
+            if p.ndim == 4:
+                p.mul_(torch.linspace(0.6, 1.7, p.shape[0]).reshape(-1, 1, 1, 1))
+    qg = m.quantized_graph()
+    for x in xs:
         np.testing.assert_array_equal(m(torch.from_numpy(x), exact=True).numpy(), execute(qg, {"x": x})["y"])

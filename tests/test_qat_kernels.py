@@ -85,7 +85,9 @@ CASES: dict[str, list[tuple[dict, list, int]]] = {
     ],
     "GlobalAveragePool": [({}, [_f(2, 3, 5, 4)], 1)],
     "GlobalMaxPool": [({}, [_f(2, 3, 5, 4)], 1)],
-    "Reshape": [({}, [_f(2, 3, 4), _i(2, -1)], 1), ({}, [_f(2, 3, 4), _i(0, 4, 3)], 1)],
+    "Reshape": [({}, [_f(2, 3, 4), _i(2, -1)], 1), ({}, [_f(2, 3, 4), _i(0, 4, 3)], 1),
+                # a Softmax-on-axis lowering's way back: (1 * 2 * 3, 4) -> (1, 2, 3, 4)
+                ({}, [_f(6, 4), _i(1, 2, 3, 4)], 1)],
     "Flatten": [({}, [_f(2, 3, 4)], 1), ({"axis": 2}, [_f(2, 3, 4)], 1), ({"axis": 0}, [_f(2, 3)], 1)],
     "Transpose": [({}, [_f(2, 3, 4)], 1), ({"perm": [0, 2, 1]}, [_f(2, 3, 4)], 1)],
     "Squeeze": [({}, [_f(1, 3, 1, 4)], 1), ({}, [_f(1, 3, 1, 4), _i(-2)], 1)],
@@ -325,3 +327,15 @@ def test_qat_train_stays_the_function_after_its_module_is_imported():
     from qmace.qat import fit, train
 
     assert (train, fit) == (qmace.qat.trainer.train, qmace.qat.trainer.fit)
+
+
+def test_reshape_keeps_a_batch_merged_by_flatten():
+    """A batch-1 graph's Flatten -> Softmax -> Reshape([1, ...]) (the Softmax-on-axis lowering) on a batch of 5:
+    the batch went into Flatten's first dimension and comes back as the leading dimension."""
+    x = np.random.default_rng(0).normal(size=(5, 2, 3, 4)).astype(np.float32)
+    flat = torch.from_numpy(x.reshape(5 * 2 * 3, 4))
+    node = Node("r", "Reshape", ["x", "s"], ["y"], {})
+    (y,) = get_op("Reshape").run_torch(node, [flat, torch.tensor([1, 2, 3, 4])])
+    np.testing.assert_array_equal(y.numpy(), x)
+    (y,) = get_op("Reshape").run_torch(node, [torch.from_numpy(x.reshape(5, 2, 12)), torch.tensor([1, 2, -1])])
+    assert tuple(y.shape) == (5, 2, 12)  # with a -1: the input's first dimension

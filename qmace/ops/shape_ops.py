@@ -65,14 +65,22 @@ class Reshape(_Copy):
 
     @classmethod
     def run_torch(cls, node, inputs):
-        """Torch, batched: as ``run``, except that a leading 1 in the target shape keeps the input's batch size
-        (QAT runs a converted batch-1 graph on batches; a batch-1 input reshapes exactly as ``run``)."""
+        """Torch, batched: as ``run``, except that a leading 1 in the target shape becomes the batch size (QAT
+        runs a converted batch-1 graph on batches): without a -1 in the target, ``numel(x) / prod(shape[1:])``
+        (the batch may have been merged into another dimension, e.g. by a Flatten before a Softmax); with a -1,
+        the input's first dimension. A target that already fits ``x`` is used as it is, so a batch-1 input
+        reshapes exactly as ``run``."""
         x = inputs[0]
         shape = const_ints(inputs[1])
         if not cls.attr(node, "allowzero"):
             shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-        if shape and shape[0] == 1 and x.ndim and x.shape[0] > 1:
-            shape[0] = x.shape[0]
+        if shape and shape[0] == 1 and x.ndim:
+            if -1 not in shape:
+                rest = math.prod(shape[1:])
+                if rest and x.numel() % rest == 0:
+                    shape[0] = x.numel() // rest
+            elif x.shape[0] > 1:
+                shape[0] = x.shape[0]
         return [x.reshape(shape)]
 
 

@@ -166,5 +166,8 @@ def _accumulate_exact(m, node: Node, ins: list, wn: dict[int, str], qp_of) -> li
     if b is not None and b in wn:
         w_index = next(i for i in range(len(node.inputs)) if op.is_weight(node, i))
         codes[b] = qmath.quantize_bias(m.weight(wn[b]).detach().cpu().numpy(), in_qp[0], in_qp[w_index])
+        # the current bias scale s_x * s_w (the prepared graph's is stale once the weights moved): the
+        # DQ -> op -> Q path of 16-bit activations dequantizes the bias codes with it
+        in_qp[b] = qmath.bias_params(in_qp[0], in_qp[w_index])
     tensors = [None if c is None else torch.from_numpy(np.ascontiguousarray(c)) for c in codes]
     return op.run_quantized(node, tensors, in_qp, [qp_of(o) if o else None for o in node.outputs])

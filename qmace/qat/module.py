@@ -58,6 +58,10 @@ class QATModule(nn.Module):
         # QDrop (Wei et al., ICLR 2022): in training mode each activation element skips its fake quantization
         # with this probability (0: off, the default). Exact mode and the quantized graph never drop.
         self.act_drop = 0.0
+        # Tensors of the quantized graph the training-mode forward returns instead of the graph outputs (e.g.
+        # the logits before a final Softmax, to distil on them); None: the graph outputs. Exact mode and
+        # quantized_graph() are not affected.
+        self.train_outputs: list[str] | None = None
         # EMA mode under data parallelism: (batch_min, batch_max) -> the global batch's (min, max); set by
         # qmace.qat.distributed so every rank moves its ranges identically. None: this process's batch.
         self.batch_range_reduce = None
@@ -172,14 +176,16 @@ class QATModule(nn.Module):
                 instead of the differentiable fake-quant one.
 
         Returns:
-            The output tensor, or a tuple of them for several outputs.
+            The output tensor, or a tuple of them for several outputs (in training mode: of
+            ``self.train_outputs`` when set).
 
         Raises:
             ValueError: a bare tensor for a model with several inputs.
         """
         feeds = self._feeds(x)
         outs = forward_exact(self, feeds) if exact else forward_train(self, feeds)
-        vals = [outs[o] for o in self.qgraph.outputs]
+        names = self.train_outputs if self.train_outputs and not exact else self.qgraph.outputs
+        vals = [outs[o] for o in names]
         return vals[0] if len(vals) == 1 else tuple(vals)
 
     def ema_update(self, name: str, value: torch.Tensor) -> None:

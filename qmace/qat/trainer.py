@@ -187,6 +187,7 @@ def fit(
     labels: Iterable | None = None,
     teacher: Callable | None = None,
     temperature: float = 1.0,
+    distill_axis: int | None = None,
     range_lr: float | None = None,
     schedule: str = "constant",
     warmup: float = 0.0,
@@ -200,6 +201,10 @@ def fit(
 ) -> FitResult:
     """Fine-tune ``module`` (a QATModule) with Adam; see :func:`train` for ``batches``, ``labels``, ``teacher``,
     ``temperature``, ``range_lr``.
+
+    ``distill_axis``: None (default): each sample's whole output is one distribution; an axis ``a``: one per
+    position along the other axes (``(N, T, C)`` logits, ``a = -1``: one per timestep), the loss
+    ``T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T))`` along ``a``.
 
     ``schedule``/``warmup``: the learning rate of step ``k`` is the peak one times :func:`lr_factor`.
     ``device``: where the module, optimizer state and batches live (default: the module's device).
@@ -223,6 +228,7 @@ def fit(
         labels: class labels aligned with ``batches``, or None (see :func:`train`).
         teacher: ``x -> logits`` for distillation (default: :func:`float_teacher`).
         temperature: the distillation temperature ``T``.
+        distill_axis: the class axis of per-position distillation, or None (one distribution per sample).
         range_lr: the peak learning rate of the LSQ range parameters (default ``lr``).
         schedule: ``constant`` or ``cosine`` (:func:`lr_factor`).
         warmup: the warm-up share of the steps.
@@ -251,7 +257,7 @@ def fit(
         from qmace.qat.distributed import data_parallel
 
         net = data_parallel(module)
-    run = _Run(epochs, schedule, warmup, temperature, list(labels) if labels is not None else None,
+    run = _Run(epochs, schedule, warmup, temperature, distill_axis, list(labels) if labels is not None else None,
                _teacher_logits(module, teacher), rank, world, dev, peak)
     res = FitResult(losses=[])
     first, step, best_state, bad = _resume(module, opt, resume, run, res) if resume is not None else (0, 0, None, 0)
@@ -302,6 +308,7 @@ class _Run:
     schedule: str
     warmup: float
     temperature: float
+    distill_axis: int | None  # None: one distribution per sample; else the class axis (one per position)
     labels: list | None  # labels aligned with the batches, or None
     teacher_logits: Callable  # x -> the teacher's logits (distillation)
     rank: int
@@ -395,12 +402,16 @@ def _epoch_batches(batches, epoch: int, progress: Callable | None, run: _Run) ->
 
 
 def _loss(student: torch.Tensor, x, y, run: _Run) -> torch.Tensor:
-    """Cross-entropy with labels ``y``; without, ``KL(softmax(teacher / T) || softmax(student / T)) * T^2``."""
+    """Cross-entropy with labels ``y``; without, ``KL(softmax(teacher / T) || softmax(student / T)) * T^2``,
+    per sample or per position along ``run.distill_axis`` (:func:`fit`)."""
     dev, temperature = run.device, run.temperature
     if y is not None:
         target = torch.as_tensor(np.asarray(_as_numpy(y)), dtype=torch.long).reshape(-1).to(dev)
         return F.cross_entropy(student.reshape(len(target), -1), target)
     t = _as_tensor(run.teacher_logits(x)).to(dev).reshape(student.shape).detach()
+    if run.distill_axis is not None:  # one distribution per position: the class axis last, positions as rows
+        student = student.movedim(run.distill_axis, -1).reshape(-1, student.shape[run.distill_axis])
+        t = t.movedim(run.distill_axis, -1).reshape(student.shape)
     n = student.shape[0]
     log_p = F.log_softmax(student.reshape(n, -1) / temperature, dim=-1)
     q = F.softmax(t.reshape(n, -1) / temperature, dim=-1)
