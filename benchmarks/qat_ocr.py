@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import pickle
 import sys
 import time
 from dataclasses import replace
@@ -188,10 +187,9 @@ class Ctx:
 
         key = hashlib.sha256(json.dumps([RECIPE, hashlib.sha256(self.rec.read_bytes()).hexdigest(),
                                          [ln.file for ln in self.calib]]).encode()).hexdigest()[:16]
-        cached = self.work / f"start-{key}.pkl"
-        if cached.is_file():
-            with open(cached, "rb") as f:
-                return pickle.load(f)
+        cached = self.work / f"start-{key}"
+        if (cached / "start.json").is_file():
+            return self._load_start(cached)
         t0 = time.perf_counter()
         recipe = PTQRecipe(**RECIPE)
         res = run_ptq(self.g, self.samples, recipe, self.opts, num_threads=self.a.threads)
@@ -201,9 +199,33 @@ class Ctx:
         print(f"PTQ start: {len(wide)} uint16 activations ({len(extra)} by calibration sensitivity: "
               f"{', '.join(extra)}), {res.corrected_layers} layers bias-corrected, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
-        with open(cached, "wb") as f:
-            pickle.dump((res, opts), f)
+        self._save_start(cached, res, extra)
         return res, opts
+
+    @staticmethod
+    def _save_start(d: Path, res, extra: dict[str, str]) -> None:
+        """The PTQ start as two qmace model files (checksummed) and a JSON of its ranges (exact float repr)
+        and 16-bit choices; ``start.json`` is written last, so a killed run leaves no loadable half."""
+        from qmace.modelfile import save_graph
+
+        d.mkdir(parents=True, exist_ok=True)
+        save_graph(res.graph, d / "quantized.qmace")
+        save_graph(res.float_graph, d / "float.qmace")
+        doc = {"ranges": {k: [r.min, r.max] for k, r in res.ranges.items()}, "wide_extra": extra,
+               "samples": res.samples, "corrected_layers": res.corrected_layers}
+        (d / "start.json").write_text(json.dumps(doc))
+
+    def _load_start(self, d: Path):
+        """The cached start written by :meth:`_save_start`: (a PTQResult, the options with the 16-bit choices)."""
+        from qmace.modelfile import load_graph
+        from qmace.qmath import Range
+        from qmace.quantize.recipe import PTQResult
+
+        doc = json.loads((d / "start.json").read_text())
+        res = PTQResult(graph=load_graph(d / "quantized.qmace"), float_graph=load_graph(d / "float.qmace"),
+                        ranges={k: Range(*v) for k, v in doc["ranges"].items()}, samples=doc["samples"],
+                        corrected_layers=doc["corrected_layers"])
+        return res, replace(self.opts, wide_extra=doc["wide_extra"])
 
     def module(self):
         from qmace.qat import prepare
