@@ -50,11 +50,10 @@ from qmace.quantize.equalize import (
     EqualizedGroup,
     _channel_inputs,
     _channels_on_axis_1,
-    _consumer_ok,
-    _groups,
     _linear,
     _passes_channels,
     _replace_constant,
+    candidate_groups,
     equalize_activations,
 )
 
@@ -116,7 +115,7 @@ def _producer_activation(node: Node) -> tuple[bool, float]:
 
 
 def _collect(g: Graph, maxima: ChannelMaxima) -> list[_Group]:
-    producers, consumers = g.producers(), g.consumers()
+    producers = g.producers()
     layers: dict[str, _Layer] = {}
 
     def layer(node: Node) -> _Layer:
@@ -127,16 +126,7 @@ def _collect(g: Graph, maxima: ChannelMaxima) -> list[_Group]:
         return layers[node.name]
 
     out: list[_Group] = []
-    for members_list in _groups(g):
-        members = set(members_list)
-        if any(t in g.outputs or t in g.inputs or t not in maxima.maxima for t in members_list):
-            continue
-        per = [maxima.maxima[t] for t in members_list]
-        if len({p.shape for p in per}) != 1 or float(np.max(per)) <= 0.0:
-            continue
-        cons = [(t, c) for t in members_list for c in consumers.get(t, [])]
-        if not cons or not all(_consumer_ok(g, c, t, members) for t, c in cons):
-            continue
+    for members_list, members, per, cons in candidate_groups(g, maxima):
         pinned = np.zeros(per[0].shape, bool)
         prods, ok = [], True
         for t, p in zip(members_list, (producers[t] for t in members_list)):

@@ -174,6 +174,32 @@ def _consumer_ok(graph: Graph, node: Node, name: str, members: set[str]) -> bool
             and _channels_on_axis_1(graph, node, name))
 
 
+def candidate_groups(g: Graph, maxima: ChannelMaxima):
+    """The activation groups (``_groups``) a rescale may touch, with what every rule needs: none of the
+    group's tensors is a graph input or output, every one has calibration maxima of one shape, not all zero,
+    and every consumer takes a per-channel rescale (``_consumer_ok``).
+
+    Args:
+        g: the float graph (read only).
+        maxima: the per-channel calibration maxima of its activations.
+
+    Yields:
+        ``(members_list, members, per, cons)``: the group's tensors in order and as a set, their per-channel
+        maxima, and its ``(tensor, consumer node)`` pairs.
+    """
+    consumers = g.consumers()
+    for members_list in _groups(g):
+        members = set(members_list)
+        if any(t in g.outputs or t in g.inputs or t not in maxima.maxima for t in members_list):
+            continue
+        per = [maxima.maxima[t] for t in members_list]
+        if len({p.shape for p in per}) != 1 or float(np.max(per)) <= 0.0:
+            continue
+        cons = [(t, c) for t in members_list for c in consumers.get(t, [])]
+        if cons and all(_consumer_ok(g, c, t, members) for t, c in cons):
+            yield members_list, members, per, cons
+
+
 def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 0.25,
                          max_scale: float = 16.0, free_strength: float = 1.0,
                          per_tensor_weights: bool = False) -> tuple[Graph, list[EqualizedGroup]]:
@@ -201,23 +227,12 @@ def equalize_activations(graph: Graph, maxima: ChannelMaxima, strength: float = 
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"equalization strength must be in [0, 1], got {v}")
     g = graph.copy()
-    producers, consumers = g.producers(), g.consumers()
+    producers = g.producers()
     done: list[EqualizedGroup] = []
-    for members_list in _groups(g):
-        members = set(members_list)
-        if any(t in g.outputs or t in g.inputs or t not in maxima.maxima for t in members_list):
-            continue
-        per = [maxima.maxima[t] for t in members_list]
-        if len({p.shape for p in per}) != 1:
-            continue
+    for members_list, members, per, cons in candidate_groups(g, maxima):
         m = np.max(per, axis=0)
         top = float(m.max())
-        if top <= 0.0:
-            continue
         prods = [producers[t] for t in members_list]
-        cons = [(t, c) for t in members_list for c in consumers.get(t, [])]
-        if not cons or not all(_consumer_ok(g, c, t, members) for t, c in cons):
-            continue
         # consumers that see one input channel per weight row (depthwise) pay nothing for the rescale
         free = not per_tensor_weights and all(_passes_channels(g, c) or _linear(g, c)[0].shape[2] == 1
                                               for _, c in cons)
