@@ -22,6 +22,7 @@ from qmace.qmath import QuantParams, dequantize
 from qmace.quantize.quantizer import QuantizeOptions, quantize_graph
 from qmace.runtime import Session
 from qmace.runtime.session import int8_activations_as_uint8
+from tests.tflite_util import fb_ints, finish_model
 
 # (scale, zero point) of A, B and the output; the last two have a ratio below 2^-10 (TFLite's builtin kernel)
 TRIPLES = {
@@ -156,19 +157,7 @@ def _binary_tflite(op: str, triple, dtype: str, shape: tuple[int, ...]) -> bytes
         tflite.SubOptionsStart(b)
         opts, opts_type = tflite.SubOptionsEnd(b), tflite.BuiltinOptions.SubOptions
 
-    def ints(start, values):
-        start(b, len(values))
-        for v in reversed(values):
-            b.PrependInt32(v)
-        return b.EndVector()
-
-    def vec(start, items):
-        start(b, len(items))
-        for it in reversed(items):
-            b.PrependUOffsetTRelative(it)
-        return b.EndVector()
-
-    ins, outs = ints(tflite.OperatorStartInputsVector, [0, 1]), ints(tflite.OperatorStartOutputsVector, [2])
+    ins, outs = fb_ints(b, tflite.OperatorStartInputsVector, [0, 1]), fb_ints(b, tflite.OperatorStartOutputsVector, [2])
     tflite.OperatorStart(b)
     tflite.OperatorAddOpcodeIndex(b, 0)
     tflite.OperatorAddInputs(b, ins)
@@ -176,25 +165,7 @@ def _binary_tflite(op: str, triple, dtype: str, shape: tuple[int, ...]) -> bytes
     tflite.OperatorAddBuiltinOptionsType(b, opts_type)
     tflite.OperatorAddBuiltinOptions(b, opts)
     operator = tflite.OperatorEnd(b)
-    t_vec, o_vec = vec(tflite.SubGraphStartTensorsVector, tensors), vec(tflite.SubGraphStartOperatorsVector, [operator])
-    i_vec, out_vec = ints(tflite.SubGraphStartInputsVector, [0, 1]), ints(tflite.SubGraphStartOutputsVector, [2])
-    tflite.SubGraphStart(b)
-    tflite.SubGraphAddTensors(b, t_vec)
-    tflite.SubGraphAddOperators(b, o_vec)
-    tflite.SubGraphAddInputs(b, i_vec)
-    tflite.SubGraphAddOutputs(b, out_vec)
-    sg = tflite.SubGraphEnd(b)
-    tflite.BufferStart(b)
-    buf = tflite.BufferEnd(b)
-    codes_vec, sg_vec = vec(tflite.ModelStartOperatorCodesVector, [opcode]), vec(tflite.ModelStartSubgraphsVector, [sg])
-    buf_vec = vec(tflite.ModelStartBuffersVector, [buf])
-    tflite.ModelStart(b)
-    tflite.ModelAddVersion(b, 3)
-    tflite.ModelAddOperatorCodes(b, codes_vec)
-    tflite.ModelAddSubgraphs(b, sg_vec)
-    tflite.ModelAddBuffers(b, buf_vec)
-    b.Finish(tflite.ModelEnd(b), file_identifier=b"TFL3")
-    return bytes(b.Output())
+    return finish_model(b, [opcode], tensors, [operator], [0, 1], [2])
 
 
 @pytest.mark.parametrize("op, dtype, triple", CASES)

@@ -20,6 +20,7 @@ from qmace.frontends.tflite import load_tflite, read_tflite
 from qmace.frontends.tflite.reader import densify
 from qmace.runtime import Session
 from tests.test_cli import assert_bad
+from tests.tflite_util import finish_model
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tflite"
 INPUT = "serving_default_image:0"
@@ -371,38 +372,7 @@ def _tiny_model(ops: list[tuple[int, str]], tensor_type: int = 0) -> bytes:
         tflite.OperatorAddOutputs(b, outs)
         operators.append(tflite.OperatorEnd(b))
 
-    def vec(start, items):
-        start(b, len(items))
-        for it in reversed(items):
-            b.PrependUOffsetTRelative(it)
-        return b.EndVector()
-
-    def ints(start, values):
-        start(b, len(values))
-        for v in reversed(values):
-            b.PrependInt32(v)
-        return b.EndVector()
-
-    t_vec, o_vec = vec(tflite.SubGraphStartTensorsVector, tensors), vec(tflite.SubGraphStartOperatorsVector, operators)
-    i_vec, out_vec = ints(tflite.SubGraphStartInputsVector, [0]), ints(tflite.SubGraphStartOutputsVector, [len(ops)])
-    tflite.SubGraphStart(b)
-    tflite.SubGraphAddTensors(b, t_vec)
-    tflite.SubGraphAddOperators(b, o_vec)
-    tflite.SubGraphAddInputs(b, i_vec)
-    tflite.SubGraphAddOutputs(b, out_vec)
-    sg = tflite.SubGraphEnd(b)
-    tflite.BufferStart(b)
-    buf = tflite.BufferEnd(b)
-    codes_vec = vec(tflite.ModelStartOperatorCodesVector, codes)
-    sg_vec = vec(tflite.ModelStartSubgraphsVector, [sg])
-    buf_vec = vec(tflite.ModelStartBuffersVector, [buf])
-    tflite.ModelStart(b)
-    tflite.ModelAddVersion(b, 3)
-    tflite.ModelAddOperatorCodes(b, codes_vec)
-    tflite.ModelAddSubgraphs(b, sg_vec)
-    tflite.ModelAddBuffers(b, buf_vec)
-    b.Finish(tflite.ModelEnd(b), file_identifier=b"TFL3")
-    return bytes(b.Output())
+    return finish_model(b, codes, tensors, operators, [0], [len(ops)])
 
 
 def test_tiny_builder_model_converts(tmp_path):
