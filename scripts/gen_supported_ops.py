@@ -23,17 +23,26 @@ KERNEL = {
 RANGE = {RangeRule.STAT: "calibrated", RangeRule.INPUT: "same as input", RangeRule.UNION: "union of inputs"}
 
 
+# Variants whose arithmetic is not qmace's definition of their kind.
+VARIANT_TEXT = {"qm_arith=litert": "integer: LiteRT's ADD/SUB arithmetic (imported from .tflite; exact on ORT)"}
+
+
 def kernel_text(op) -> str:
-    """The op's kernel kind, per attribute value where it depends on one (``kernel_variants``)."""
+    """The op's kernel kind, per attribute value where it depends on one (``kernel_variants``); when no
+    variant has the op's default kind, or a variant is an opt-in arithmetic (``VARIANT_TEXT``),
+    ``otherwise: <default>`` ends the text."""
+    default = KERNEL[op.quant_kernel]
+    if op.quant_kernel == "float" and op.ort_kernel:  # ORT has no QLinear kernel for it
+        default = default.replace("ORT: QLinear kernel", f"ORT: {op.ort_kernel}")
     if not op.kernel_variants:
-        kernel = KERNEL[op.quant_kernel]
-        if op.quant_kernel == "float" and op.ort_kernel:  # ORT has no QLinear kernel for it
-            kernel = kernel.replace("ORT: QLinear kernel", f"ORT: {op.ort_kernel}")
-        return kernel
-    by_kind: dict = {}
+        return default
+    by_text: dict = {}
     for key, kind in op.kernel_variants.items():
-        by_kind.setdefault(kind, []).append(key)
-    return "; ".join(f"{', '.join(keys)}: {KERNEL[kind]}" for kind, keys in by_kind.items())
+        by_text.setdefault(VARIANT_TEXT.get(key, KERNEL[kind]), []).append(key)
+    text = "; ".join(f"{', '.join(keys)}: {t}" for t, keys in by_text.items())
+    if op.quant_kernel not in op.kernel_variants.values() or any(k in VARIANT_TEXT for k in op.kernel_variants):
+        text += f"; otherwise: {default}"
+    return text
 
 
 def node_test_counts() -> dict[str, str]:

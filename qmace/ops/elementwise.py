@@ -207,6 +207,7 @@ class Add(_LiteRTArith, _Binary):
     """
     op_type = "Add"
     quant_kernel = Kernel.FLOAT
+    kernel_variants = {f"{litert_add.ARITH}={litert_add.LITERT}": Kernel.FLOAT}
     range_without_stats = RangeRule.INTERVAL
     const_data_inputs = True
     channelwise = True  # (s a) + (s b) = s (a + b), for two same-shape inputs (is_channelwise)
@@ -242,6 +243,7 @@ class Sub(_LiteRTArith, _Binary):
     ``.tflite`` (``qm_arith="litert"``, ``qmace.ops.litert_add``).
     """
     op_type = "Sub"
+    kernel_variants = {f"{litert_add.ARITH}={litert_add.LITERT}": Kernel.FLOAT}
     range_without_stats = RangeRule.INTERVAL
     const_data_inputs = True
     subtracts = True
