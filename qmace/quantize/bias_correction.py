@@ -117,11 +117,11 @@ def shift_bias(g: Graph, node: Node, delta: np.ndarray) -> bool:
     bi = op.bias_input
     if bi is None:
         return _shift_following_add(g, node, delta)
-    b_name = node.inputs[bi] if len(node.inputs) > bi else ""
-    b = g.constant(b_name) if b_name else np.zeros(len(delta))
-    if b is None or b.ndim > 1:
+    own = _own_bias(g, node)
+    if own is None:
         return False
-    b = b.astype(np.float64) * op.fold_bias_scale(node)
+    b_name, b = own
+    b = (np.zeros(len(delta)) if b is None else b.astype(np.float64)) * op.fold_bias_scale(node)
     value = (np.broadcast_to(b, delta.shape) - delta).astype(np.float32)
     name = g.unique_name(f"{b_name or node.name + '_bias'}_corrected")
     g.add_tensor(Tensor(name, "float32", tuple(value.shape), value))
@@ -129,6 +129,17 @@ def shift_bias(g: Graph, node: Node, delta: np.ndarray) -> bool:
         node.inputs.append("")
     node.inputs[bi] = name
     return True
+
+
+def _own_bias(g: Graph, node: Node) -> tuple[str, np.ndarray | None] | None:
+    """For a layer with a ``bias_input``: ``(name, value)`` of the bias a shift can go into (``("", None)``
+    when the layer has none yet, so one is created); None when the bias is not a constant of rank <= 1."""
+    bi = get_op(node.op_type).bias_input
+    b_name = node.inputs[bi] if len(node.inputs) > bi else ""
+    if not b_name:
+        return "", None
+    b = g.constant(b_name)
+    return None if b is None or b.ndim > 1 else (b_name, b)
 
 
 def _following_add(g: Graph, node: Node, m: int) -> tuple[Node, int] | None:
@@ -156,11 +167,8 @@ def can_shift_bias(g: Graph, node: Node) -> bool:
     Returns:
         True when the layer has a bias input (a missing bias is created) or a following bias ``Add``.
     """
-    op = get_op(node.op_type)
-    if op.bias_input is not None:
-        b_name = node.inputs[op.bias_input] if len(node.inputs) > op.bias_input else ""
-        b = g.constant(b_name) if b_name else None
-        return not b_name or (b is not None and b.ndim <= 1)
+    if get_op(node.op_type).bias_input is not None:
+        return _own_bias(g, node) is not None
     w = layer_weight(g, node)
     return w is not None and _following_add(g, node, w.shape[0] * w.shape[1]) is not None
 
