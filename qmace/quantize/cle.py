@@ -38,6 +38,7 @@ maxima the scales imply (``scaled_maxima``): the function is unchanged, so no se
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -235,8 +236,7 @@ def scaled_maxima(maxima: ChannelMaxima, groups: list[EqualizedGroup]) -> Channe
     Returns:
         A new ChannelMaxima; ``maxima`` is not changed.
     """
-    out = ChannelMaxima.__new__(ChannelMaxima)
-    out.input_names = list(maxima.input_names)
+    out = copy.copy(maxima)
     out.maxima = dict(maxima.maxima)
     for gr in groups:
         if gr.scales is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import islice
 
 import numpy as np
 
@@ -363,11 +364,7 @@ def _sensitive(graph: Graph, table: RangeTable, options: QuantizeOptions, sample
     from qmace.quantize.plan import plan_quantization
     from qmace.quantize.sensitivity import sensitive_activations
 
-    feeds = []
-    for sample in samples:
-        feeds.append(sample.feeds)
-        if len(feeds) >= recipe.sensitivity_samples:
-            break
+    feeds = [sample.feeds for sample in islice(samples, recipe.sensitivity_samples)]
     plan = plan_quantization(graph, table, replace(options, float_nodes=check_float_nodes(graph, options.float_nodes),
                                                    fixed_params={**imported_params(graph), **options.fixed_params}))
     chosen, _ = sensitive_activations(graph, plan, feeds, recipe.sensitivity_16bit, num_threads)

@@ -303,7 +303,7 @@ def weights_without_fake_quant(graph_def) -> list[str]:
         if n.op not in WEIGHT_OPS or len(n.inputs) < 2:
             continue
         src = nodes.get(tensor_ref(n.inputs[1]).rpartition(":")[0])  # the filter (input 1 of each op)
-        while src is not None and src.op in ("Identity", "ReadVariableOp") and src.inputs:
+        while src is not None and (src.op in FORWARD_OPS or src.op == "ReadVariableOp") and src.inputs:
             src = nodes.get(tensor_ref(src.inputs[0]).rpartition(":")[0])
         if src is not None and src.op == "Const":
             bare.append(n.name)
