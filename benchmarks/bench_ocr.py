@@ -173,6 +173,23 @@ def metrics(ref: np.ndarray, got: np.ndarray, kinds: list[str], ref_text: list[s
             "cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "texts": got_text}
 
 
+def results_table(rows: dict, lat: dict[str, float], base: float, kinds: list[str], ref_text: list[str],
+                  threads: int) -> str:
+    """The OCR benchmarks' markdown table: per model (``rows``: ``metrics`` of each label), lines decoded as
+    FP32's (all, rendered, photographed, FP32 non-empty), per-timestep argmax agreement, cosine, the latency
+    ``lat[label]`` in ms per line and its speed-up over ``base`` (FP32's ms)."""
+    import common
+
+    hdr = ["model", f"decoded = FP32's, all {len(kinds)} lines", f"rendered ({kinds.count('rendered')})",
+           f"photographed ({kinds.count('photographed')})",
+           f"lines FP32 reads non-empty ({sum(bool(t) for t in ref_text)})", "per-timestep argmax agreement",
+           "mean / min cosine", f"ms per line ({threads} thread)", "speed-up vs FP32"]
+    table = [[label, f"{r['same']:.1f}%", f"{r['same_rendered']:.1f}%", f"{r['same_photo']:.1f}%",
+              f"{r['same_nonempty']:.1f}%", f"{r['argmax']:.2f}%", f"{r['cos_mean']:.4f} / {r['cos_min']:.4f}",
+              f"{lat[label]:.2f}", f"{base / lat[label]:.2f}x"] for label, r in rows.items()]
+    return common.md_table(hdr, table)
+
+
 def constants_as_initializers(path: Path) -> bytes:
     """The model with every ``Constant`` node's tensor moved into the initializers (same graph, same values):
     paddle2onnx writes the recognizer's weights as Constant nodes, and qmace's exact hand-over
@@ -407,19 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     base = lat["FP32 (ONNX Runtime, original model)"]
 
     n = len(evals)
-    hdr = ["model", f"decoded = FP32's, all {n} lines", f"rendered ({kinds.count('rendered')})",
-           f"photographed ({kinds.count('photographed')})",
-           f"lines FP32 reads non-empty ({sum(bool(t) for t in ref_text)})", "per-timestep argmax agreement",
-           "mean / min cosine", f"ms per line ({T} thread)", "speed-up vs FP32"]
-    table = []
-    for label, r in rows.items():
-        table.append([label, f"{r['same']:.1f}%", f"{r['same_rendered']:.1f}%", f"{r['same_photo']:.1f}%",
-                      f"{r['same_nonempty']:.1f}%", f"{r['argmax']:.2f}%", f"{r['cos_mean']:.4f} / {r['cos_min']:.4f}",
-                      f"{lat[label]:.2f}", f"{base / lat[label]:.2f}x"])
     print("\n## PP-OCRv4 recognizer (RapidOCR), rendered + photographed text lines\n")
     print("Command: `python benchmarks/bench_ocr.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`"
           + f" with qmace from `{Path(qmace.__file__).parent.parent}`\n")
-    print(common.md_table(hdr, table))
+    print(results_table(rows, lat, base, kinds, ref_text, T))
     print("\nOps in float / quantization notes:\n")
     for label, note in notes.items():
         print(f"- {label}: {note}")

@@ -437,14 +437,7 @@ def stage_final(a) -> int:
                                      repeats=a.repeats)
     base = lat["FP32 (ONNX Runtime, original model)"]
     n = len(evals)
-    hdr = ["model", f"decoded = FP32's, all {n} lines", f"rendered ({kinds.count('rendered')})",
-           f"photographed ({kinds.count('photographed')})",
-           f"lines FP32 reads non-empty ({sum(bool(t) for t in ref_text)})", "per-timestep argmax agreement",
-           "mean / min cosine", f"ms per line ({a.threads} thread)", "speed-up vs FP32"]
-    table = [[lb, f"{r['same']:.1f}%", f"{r['same_rendered']:.1f}%", f"{r['same_photo']:.1f}%",
-              f"{r['same_nonempty']:.1f}%", f"{r['argmax']:.2f}%", f"{r['cos_mean']:.4f} / {r['cos_min']:.4f}",
-              f"{lat[lb]:.2f}", f"{base / lat[lb]:.2f}x"] for lb, r in rows.items()]
-    print("\n" + common.md_table(hdr, table))
+    print("\n" + B.results_table(rows, lat, base, kinds, ref_text, a.threads))
     print(f"\nuint16 activations in the QAT model: {len(wide)} ({sum(w == 'calibration sensitivity' for w in wide.values())}"
           f" by calibration sensitivity); {check}")
     for label in (label_ptq, label_qat):
