@@ -62,6 +62,20 @@ def blocks():
     return units
 
 
+def walk_blocks(h, unit, add):
+    """MobileNetV2's body over ``blocks()``: each unit through ``unit(h, prefix, kind, stride, relu)``, each
+    residual block's input joined to its output by ``add(input, output)``; returns the last tensor."""
+    for u in blocks():
+        if u[0] == "block":
+            y = h
+            for layer in u[1]:
+                y = unit(y, *layer)
+            h = add(h, y) if u[2] else y
+        else:
+            h = unit(h, *u)
+    return h
+
+
 def unit_params(sd, prefix: str):
     """(weight, bn gamma, beta, mean, var) of a ConvBNReLU6 prefix or of 'conv|bn' prefixes."""
     conv, bn = (prefix.split("|") if "|" in prefix else (f"{prefix}.0", f"{prefix}.1"))
@@ -87,15 +101,7 @@ def tf1_graph(sd):
             h, *_ = tf.compat.v1.nn.fused_batch_norm(h, gamma, beta, mean, var, epsilon=1e-5, is_training=False)
             return tf.nn.relu6(h) if relu else h
 
-        h = x
-        for u in blocks():
-            if u[0] == "block":
-                y = h
-                for layer in u[1]:
-                    y = unit(y, *layer)
-                h = h + y if u[2] else y
-            else:
-                h = unit(h, *u)
+        h = walk_blocks(x, unit, lambda a, b: a + b)
         h = tf.reduce_mean(h, axis=[1, 2])
         logits = tf.nn.bias_add(tf.matmul(h, sd["classifier.1.weight"].T), sd["classifier.1.bias"], name="output")
     return g.as_graph_def(), g, x, logits
@@ -106,15 +112,7 @@ def assemble_keras(keras, sd, inp, unit, weights):
     its ``(layer, weights)`` pairs to ``weights``), residual ``Add``s, global average pooling and the
     classifier; sets every layer's weights and returns the Keras model."""
     L = keras.layers
-    h = inp
-    for u in blocks():
-        if u[0] == "block":
-            y = h
-            for layer in u[1]:
-                y = unit(y, *layer)
-            h = L.Add()([h, y]) if u[2] else y
-        else:
-            h = unit(h, *u)
+    h = walk_blocks(inp, unit, lambda a, b: L.Add()([a, b]))
     h = L.GlobalAveragePooling2D()(h)
     dense = L.Dense(1000)
     out = dense(h)
