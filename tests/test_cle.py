@@ -5,11 +5,8 @@ saturating ReLU6 channels keep their scale, and per-tensor (uint8) quantization 
 import numpy as np
 from onnx import helper
 
-from qmace.metrics import compare
 from qmace.quantize.cle import cross_layer_equalize, equalize_per_tensor_weights, scaled_maxima
-from qmace.quantize.quantizer import QuantizeOptions
-from qmace.quantize.recipe import PTQRecipe, run_ptq
-from tests.test_equalize import C, _graph, _maxima, _outlier_model, _run, _samples, _x_samples
+from tests.test_equalize import C, _graph, _maxima, _outlier_model, _run, _samples, _uint8_sqnr, _x_samples
 
 
 def _weight(g, tensor):
@@ -120,12 +117,5 @@ def test_outlier_row_is_shrunk_not_grown():
 
 def test_uint8_recipe_gets_more_accurate():
     g, cal, ev = _chain(relu6=True), _x_samples((1, 3, 12, 12)), _x_samples((1, 3, 12, 12), n=8)
-    ref = _run(g, ev)
-
-    def sqnr(equalize):
-        res = run_ptq(g, cal, PTQRecipe(equalize=equalize, bias_correction=False, schema="uint8"),
-                      QuantizeOptions(schema="uint8", input_ranges={"x": (-1.0, 1.0)}))
-        return compare(ref, _run(res.graph, ev)).sqnr_db
-
-    plain, equalized = sqnr(False), sqnr(True)
+    plain, equalized = _uint8_sqnr(g, cal, ev, False), _uint8_sqnr(g, cal, ev, True)
     assert equalized > plain + 3.0, (plain, equalized)

@@ -249,17 +249,18 @@ def test_per_tensor_weights_keep_every_producer_range():
     np.testing.assert_allclose(_run(ge, cal), _run(g, cal), rtol=1e-4, atol=1e-5)
 
 
-def test_uint8_recipe_equalization_does_not_collapse_an_outlier_layer():
+def _uint8_sqnr(g, cal, ev, equalize: bool) -> float:
+    """Output SQNR on ``ev`` of ``run_ptq``'s uint8 model of ``g`` (input range [-1, 1], no bias correction),
+    with or without the schema's equalization."""
     from qmace.quantize.recipe import PTQRecipe, run_ptq
 
+    res = run_ptq(g, cal, PTQRecipe(equalize=equalize, bias_correction=False, schema="uint8"),
+                  QuantizeOptions(schema="uint8", input_ranges={"x": (-1.0, 1.0)}))
+    return compare(_run(g, ev), _run(res.graph, ev)).sqnr_db
+
+
+def test_uint8_recipe_equalization_does_not_collapse_an_outlier_layer():
     g, cal, ev = _outlier_model(), _samples(), _samples(16, seed=2)
-    ref = _run(g, ev)
-
-    def sqnr(equalize):
-        res = run_ptq(g, cal, PTQRecipe(equalize=equalize, bias_correction=False, schema="uint8"),
-                      QuantizeOptions(schema="uint8", input_ranges={"x": (-1.0, 1.0)}))
-        return compare(ref, _run(res.graph, ev)).sqnr_db
-
-    plain, equalized = sqnr(False), sqnr(True)
+    plain, equalized = _uint8_sqnr(g, cal, ev, False), _uint8_sqnr(g, cal, ev, True)
     assert plain > 20.0, plain
     assert equalized > plain - 1.0, (plain, equalized)
