@@ -37,6 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # qmace_zoo is not installed
 
+from qmace.metrics import sqnr_db
 from qmace_zoo import default_cache, load_split, stamps_dir
 
 MEAN_BGR = np.array([104.0, 117.0, 123.0], np.float32)
@@ -143,11 +144,6 @@ def opencv_outputs(model_dir: Path, xs: np.ndarray, threads: int) -> dict[str, n
         for o, v in zip(OUTPUTS, net.forward(OUTPUTS)):
             out[o].append(np.asarray(v).reshape(-1))
     return {o: np.stack(v) for o, v in out.items()}
-
-
-def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    noise = float(np.sum((x.astype(np.float64) - ref) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / noise)
 
 
 def row(label: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> str:

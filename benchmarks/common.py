@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: qmace_zoo is not installed
 
-from qmace.metrics import compare
+from qmace.metrics import compare, sqnr_db
 from qmace.runtime.session import ort_session as qmace_ort_session
 from qmace_zoo import (
     default_cache,
@@ -177,11 +177,6 @@ def interleaved_medians(
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-
-
-def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    """Logits SQNR as `qmace run --validate` computes it (qmace.metrics.compare)."""
-    return compare(ref, x).sqnr_db
 
 
 def cosine(ref: np.ndarray, x: np.ndarray) -> float:

@@ -8,6 +8,7 @@ import time
 import common
 import numpy as np
 
+from qmace.metrics import sqnr_from_energies
 from qmace.quantize.ranges import Range
 from qmace.quantize.recipe import quantize_for_config
 from qmace.runtime import Session
@@ -63,7 +64,7 @@ def per_layer_reference(g_float, qg, x: np.ndarray) -> dict[str, tuple[float, fl
             sig[fname] = sig.get(fname, 0.0) + float(np.sum(ref**2))
             noise[fname] = noise.get(fname, 0.0) + float(np.sum((ref - d) ** 2))
             amax[fname] = max(amax.get(fname, 0.0), float(np.abs(ref).max()))
-    return {k: (10 * np.log10(sig[k] / noise[k]) if noise[k] > 0 else float("inf"), amax[k]) for k in sig}
+    return {k: (sqnr_from_energies(sig[k], noise[k]), amax[k]) for k in sig}
 
 
 class QDQSurgery:

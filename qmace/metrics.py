@@ -194,6 +194,42 @@ def _ctc_compact(idx: np.ndarray, blank: int) -> np.ndarray:
     return np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(idx, order, 1), -1)
 
 
+def sqnr_from_energies(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)`` in dB, the one SQNR formula of qmace.
+
+    ``signal`` is ``sum(ref^2)`` and ``noise`` is ``sum((ref - x)^2)`` (float64 sums, over whatever the caller
+    pools: one output, or every output of every sample). ``inf`` when ``noise == 0`` (identical), ``-inf`` when
+    ``signal == 0 < noise``. No floor: :func:`compare` reports None instead when the reference is ~ 0.
+
+    Args:
+        signal: the reference's energy, >= 0.
+        noise: the error's energy, >= 0.
+
+    Returns:
+        The SQNR in dB.
+    """
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
+    """SQNR of ``x`` against ``ref`` over all elements: :func:`sqnr_from_energies` of their float64 sums.
+
+    Args:
+        ref: the reference.
+        x: the values to score, same number of elements.
+
+    Returns:
+        The SQNR in dB (``inf`` when equal).
+    """
+    r = np.asarray(ref, np.float64).ravel()
+    e = np.asarray(x, np.float64).ravel() - r
+    return sqnr_from_energies(float(np.dot(r, r)), float(np.dot(e, e)))
+
+
 def compare(reference: np.ndarray, x: np.ndarray) -> Comparison:
     """Compare ``x`` with ``reference`` (see ``Comparison`` for the formulas).
 
@@ -223,12 +259,7 @@ def compare(reference: np.ndarray, x: np.ndarray) -> Comparison:
     n = max(ref.size, 1)
     ref_rms, err_rms = math.sqrt(float(np.sum(ref**2)) / n), math.sqrt(noise / n)
     near_zero = ref_rms < ABS_FLOOR
-    if noise == 0:
-        sqnr: float | None = float("inf")
-    elif near_zero:
-        sqnr = None
-    else:
-        sqnr = float(10 * np.log10(float(np.sum(ref**2)) / noise))
+    sqnr = None if near_zero and noise > 0 else sqnr_from_energies(float(np.sum(ref**2)), noise)
     r, g = np.asarray(reference), np.asarray(x)
     if 1 <= r.ndim <= 2 and r.shape[-1] > 1:
         agree = float(np.mean(r.reshape(-1, r.shape[-1]).argmax(-1) == g.reshape(-1, g.shape[-1]).argmax(-1)))

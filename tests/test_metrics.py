@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from qmace.metrics import ABS_FLOOR, compare
+from qmace.metrics import ABS_FLOOR, compare, sqnr_db, sqnr_from_energies
 
 
 def test_near_zero_dense_output_matched_to_1e7_passes_by_relative_error():
@@ -71,3 +71,13 @@ def test_bad_validation_metric_keys(tiny, cli, lines, needle):
     _yaml_with(tiny, *lines)
     res = cli("convert", "--config", tiny.yaml)
     assert res.code == 2 and needle in res.err and "Traceback" not in res.err, res.err
+
+
+def test_sqnr_one_formula_and_its_edges():
+    ref, x = np.array([1.0, 1.0], np.float32), np.array([1.0, 0.0], np.float32)
+    assert sqnr_db(ref, x) == pytest.approx(10 * np.log10(2.0))  # signal 2, noise 1
+    assert sqnr_db(ref, ref) == float("inf")
+    assert sqnr_db(np.zeros(3), np.ones(3)) == float("-inf")  # no warning, no absurd finite number
+    assert sqnr_from_energies(0.0, 0.0) == float("inf")
+    # compare() reports the same figure where the reference is not ~ 0
+    assert compare(ref, x).sqnr_db == pytest.approx(sqnr_db(ref, x))

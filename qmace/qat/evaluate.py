@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from qmace.ir import Graph
+from qmace.metrics import sqnr_db
 
 
 def outputs(graph: Graph, samples: Sequence, threads: int | None = 1) -> np.ndarray:
@@ -45,21 +46,6 @@ def accuracy(logits: np.ndarray, labels: Sequence[int]) -> float:
         The accuracy in percent.
     """
     return float((logits.argmax(1) == np.asarray(labels)).mean() * 100)
-
-
-def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    """SQNR of ``x`` against ``ref``: ``10 log10(sum(ref^2) / sum((ref - x)^2))`` (float64 sums).
-
-    Args:
-        ref: the reference (float model) outputs.
-        x: the outputs to score, same shape.
-
-    Returns:
-        The SQNR in dB; ``inf`` when ``x == ref``.
-    """
-    noise = float(np.sum((ref.astype(np.float64) - x) ** 2))
-    signal = float(np.sum(ref.astype(np.float64) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(signal / max(noise, 1e-300))
 
 
 def validator(float_graph: Graph, samples: Sequence, labels: Sequence[int] | None,
