@@ -152,7 +152,8 @@ def float_ops_of_qdq(model_path: Path) -> Counter:
 def summary_float_ops(text: str) -> tuple[int, Counter, list[str]]:
     """From a qmace convert/quantize summary: ops in float (count, by type + reason) and 16-bit notes."""
     m = re.search(r"^(\d+) op\(s\) run in float", text, re.MULTILINE)
-    by = Counter(f"{t} ({why.strip()})" for _, t, why in re.findall(r"^\s+(\S+) \((\w+)\): (.*)$", text, re.MULTILINE))
+    by = Counter(f"{t} ({re.sub(r' [(][-0-9.]+ dB[)]$', '', why.strip())})"  # the weight rule's dB: per layer
+                 for _, t, why in re.findall(r"^\s+(\S+) \((\w+)\): (.*)$", text, re.MULTILINE))
     notes = [ln.strip() for ln in text.splitlines() if re.search(r"16.?bit|int16|uint16", ln)]
     return (int(m.group(1)) if m else 0), by, notes
 
