@@ -23,6 +23,9 @@ Steps (each on the 100 calibration lines; "decoded = FP32's" is the benchmark's 
   ``--layers-16bit`` sensitivity-chosen uint16 activations and the K layers of ``--layer-sweep`` kept float by
   the weight rule (``--sensitivity_float_layers K``: lowest weights-alone SQNR on the first ``--rank-samples``
   lines; their biases not corrected): decoded = FP32's on the calibration lines and latency;
+- ``backends``: the real model of ``run_ptq`` with ``--method`` and ``--sensitivity-float-layers K`` (every
+  activation uint16 with ``--all-uint16``) on qmace's onnxruntime and reference backends, on the first
+  ``--backend-lines`` calibration lines: how far the float islands on ONNX Runtime are from the reference;
 - ``sweep``: real quantized models (``run_ptq`` with the default recipe) with the N most sensitive activations
   (the rule of ``--sensitivity_16bit N``, ranked on the first 8 calibration lines) in uint16: decoded = FP32's
   on the calibration lines and the latency of each model (one interleaved run, 1 thread).
@@ -56,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer-sweep", default="0,1,2,4,8,16", help="layers: numbers of layers kept float")
     ap.add_argument("--layer-grid", default="", help="layers: comma-separated N:K pairs (N sensitivity-chosen "
                     "uint16 activations or 'all', K layers kept float); overrides --layer-sweep / --layers-16bit")
+    ap.add_argument("--sensitivity-float-layers", type=int, default=32, help="backends: K")
+    ap.add_argument("--all-uint16", action="store_true", help="backends: every activation uint16")
+    ap.add_argument("--backend-lines", type=int, default=2, help="backends: calibration lines compared")
     ap.add_argument("--layers-16bit", type=int, default=16, help="layers: sensitivity-chosen uint16 activations")
     ap.add_argument("--uint16-from-qat-start", action="store_true", help="layers: take the sensitivity-chosen "
                     "uint16 activations from the cached start of benchmarks/qat_ocr.py (the same measurement on the "
@@ -225,6 +231,24 @@ def main(argv: list[str] | None = None) -> int:
 
     if "layers" in steps:
         out["layers"] = layer_sweep(a, g, samples, feeds, opts, judge, show, rec)
+
+    if "backends" in steps:
+        recipe = PTQRecipe(method=a.method, percentile=a.percentile, schema=a.schema,
+                           sensitivity_float_layers=a.sensitivity_float_layers)
+        o = replace(opts, wide_activations="all") if a.all_uint16 else opts
+        q = run_ptq(g, samples, recipe, o, num_threads=a.threads).graph
+        ort_s = Session(q, backend="onnxruntime", num_threads=a.threads)
+        ref_s = Session(q, backend="reference")
+        bk = out["backends"] = []
+        for i in range(a.backend_lines):
+            x, y = ort_s.run(feeds[i])[B.REC_OUTPUT], ref_s.run(feeds[i])[B.REC_OUTPUT]
+            r = {"line": i, "max_abs_prob_diff": float(np.max(np.abs(x - y))),
+                 "argmax_agree": 100 * float(np.mean(x.argmax(-1) == y.argmax(-1))),
+                 "same_text": B.decode(x) == B.decode(y)}
+            bk.append(r)
+            print(f"backends, calibration line {i}: onnxruntime vs reference: max |prob diff| "
+                  f"{r['max_abs_prob_diff']:.4g}, argmax agreement {r['argmax_agree']:.1f}%, same decoding "
+                  f"{r['same_text']} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     if "sweep" in steps:
         # run_ptq's steps for the default recipe with --method (equalization, one calibration pass, bias
