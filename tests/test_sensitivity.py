@@ -206,3 +206,13 @@ def test_recipe_keeps_the_sensitive_layer_float_without_correcting_its_bias(tmp_
         np.testing.assert_array_equal(execute(back, f)["y"], execute(res.graph, f)["y"])
     with pytest.raises(QuantizationError, match="sensitivity_float_layers"):
         PTQRecipe(sensitivity_float_layers=-1)
+
+
+def test_adaround_leaves_the_float_layer_unrounded():
+    g, cal = _weight_model(), _samples(8)
+    samples = [Sample(str(i), f) for i, f in enumerate(cal)]
+    res = run_ptq(g, samples, PTQRecipe(method="mace", equalize=False, adaround=True, adaround_iters=5,
+                                        sensitivity_float_layers=1, sensitivity_samples=4), _opts(cal), num_threads=1)
+    assert set(res.fixed_params) == {"wa__rounded", "wc__rounded"}  # b is not rounded
+    layer_b = next(n for n in res.float_graph.nodes if n.name.startswith("conv_b") or "wb" in n.inputs[1])
+    np.testing.assert_array_equal(res.float_graph.tensors[layer_b.inputs[1]].data, g.tensors["wb"].data)

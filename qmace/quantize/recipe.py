@@ -440,7 +440,9 @@ def run_ptq(
     if means is not None:  # layers kept in float have no rounding to correct
         graph, corrected = correct_biases(graph, means, schema,
                                           skip={*options.float_nodes, *options.float_layers})
-    if moments is not None:
+    if moments is not None:  # nor anything to round: AdaRound leaves the float layers' weights as they are
+        keep = {*options.float_nodes, *options.float_layers}
+        moments.layers = {k: v for k, v in moments.layers.items() if k not in keep and v.node.op_type not in keep}
         graph, fixed, reports = run_adaround(graph, moments, schema, iters=recipe.adaround_iters, progress=progress)
         corrected = len(reports)
         optimised = sum(r.optimised for r in reports)
