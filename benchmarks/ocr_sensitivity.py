@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"backends, calibration line {i}: onnxruntime vs reference: max |prob diff| "
                   f"{r['max_abs_prob_diff']:.4g}, argmax agreement {r['argmax_agree']:.1f}%, same decoding "
                   f"{r['same_text']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"backends, {len(bk)} lines: max |prob diff| {max(r['max_abs_prob_diff'] for r in bk):.4g}, "
+              f"argmax agreement {np.mean([r['argmax_agree'] for r in bk]):.2f}%, same decoding on "
+              f"{sum(r['same_text'] for r in bk)} lines", flush=True)
 
     if "sweep" in steps:
         # run_ptq's steps for the default recipe with --method (equalization, one calibration pass, bias
