@@ -465,6 +465,8 @@ def layer_sweep(a, g, samples, feeds, opts, judge, show, rec) -> dict:
         wide16 = json.loads(Path(start).read_text())["wide_extra"]
         act_rank = list(wide16)
         print(f"uint16 activations from {start}: {len(wide16)}", flush=True)
+    elif all(n == "all" for n, _ in grid):  # nothing to rank
+        act_rank = []
     else:
         _, ar = S.sensitive_activations(eq, plan, feeds[:a.rank_samples], 10**6, a.threads)
         act_rank = [r.tensor for r in ar]
