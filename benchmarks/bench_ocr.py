@@ -96,7 +96,7 @@ def qmace_cli(*args: object, threads: int) -> str:
     return proc.stdout
 
 
-def write_yaml(path: Path, model: Path, *, quantize: bool, extra: tuple[str, ...] = ()) -> Path:
+def write_yaml(path: Path, model: Path, *, quantize: bool, extra: tuple[str, ...] = (), schema: str = "") -> Path:
     import hashlib
 
     sha = hashlib.sha256(model.read_bytes()).hexdigest()
@@ -105,6 +105,8 @@ def write_yaml(path: Path, model: Path, *, quantize: bool, extra: tuple[str, ...
              f"    model_sha256_checksum: {sha}", "    runtime: cpu"]
     if quantize:
         lines.append("    quantize: 1")
+    if schema:
+        lines.append(f"    quantize_schema: {schema}")
     lines += ["    subgraphs:", f"      - input_tensors: [{REC_INPUT}]",
               f"        input_shapes: [1,3,{REC_HEIGHT},{REC_WIDTH}]", "        input_data_formats: [NCHW]",
               "        input_ranges: [-1.0, 1.0]", f"        output_tensors: [{REC_OUTPUT}]",
@@ -150,7 +152,8 @@ def float_ops_of_qdq(model_path: Path) -> Counter:
 def summary_float_ops(text: str) -> tuple[int, Counter, list[str]]:
     """From a qmace convert/quantize summary: ops in float (count, by type + reason) and 16-bit notes."""
     m = re.search(r"^(\d+) op\(s\) run in float", text, re.MULTILINE)
-    by = Counter(f"{t} ({why.strip()})" for _, t, why in re.findall(r"^\s+(\S+) \((\w+)\): (.*)$", text, re.MULTILINE))
+    by = Counter(f"{t} ({re.sub(r' [(][-0-9.]+ dB[)]$', '', why.strip())})"  # the weight rule's dB: per layer
+                 for _, t, why in re.findall(r"^\s+(\S+) \((\w+)\): (.*)$", text, re.MULTILINE))
     notes = [ln.strip() for ln in text.splitlines() if re.search(r"16.?bit|int16|uint16", ln)]
     return (int(m.group(1)) if m else 0), by, notes
 
@@ -286,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantize-args", action="append", default=[],
                     help="extra `qmace quantize` options for the schemas' rows, e.g. '--sensitivity_16bit 8 "
                          "--adaround'; repeat for several configurations (each one row per schema)")
+    ap.add_argument("--yaml-quantize-schema", default="", help="the quantized rows' YAML quantize_schema (e.g. "
+                    "mace_htp_u16a_s8w: every activation uint16); `--schema` on the command line still sets the "
+                    "weights' schema")
     ap.add_argument("--keep", type=Path, default=None, help="keep the built models in this folder")
     ap.add_argument("--nncf-transformer", action="store_true",
                     help="also NNCF with model_type=TRANSFORMER (its setting for attention models)")
@@ -345,10 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(s, "", q) for s in a.schemas.split(",") if s for q in (a.quantize_args or [""])]
     runs += [(s, a.float_nodes, "") for s in a.schemas.split(",") if s and a.float_nodes]
     for run_i, (schema, float_nodes, qargs) in enumerate(runs):
-        label = (f"qmace quantize --schema {schema}" + (f" --float_nodes {float_nodes}" if float_nodes else "")
+        label = ((f"quantize_schema: {a.yaml_quantize_schema}, " if a.yaml_quantize_schema else "")
+                 + f"qmace quantize --schema {schema}" + (f" --float_nodes {float_nodes}" if float_nodes else "")
                  + (f" {qargs}" if qargs else ""))
         tag = schema + ("_float" if float_nodes else "") + (f"_q{run_i}" if qargs else "")
-        yq = write_yaml(tmp / f"q_{tag}.yml", rec, quantize=True,
+        yq = write_yaml(tmp / f"q_{tag}.yml", rec, quantize=True, schema=a.yaml_quantize_schema,
                         extra=("validation_outputs_metric: ctc_greedy",) if ctc_yaml else ())
         bq = tmp / f"b_{tag}"
         t0 = time.perf_counter()

@@ -15,6 +15,17 @@ Steps (each on the 100 calibration lines; "decoded = FP32's" is the benchmark's 
   entropy) in fake quantization with every weight and activation quantized;
 - ``recipes``: real quantized models of ``qmace quantize``'s recipes (bias correction on/off, AdaRound, range
   methods);
+- ``wcap``: the weight cap (issue 16, session 5): each layer's weights alone (ranked, subset); weights-only
+  fake quantization with the K lowest-ranked layers kept float or given 16-bit symmetric per-channel weights;
+  MSE-optimal per-channel weight clipping; then Run 5's activation plan (percentile 99.99 + the 27 uint16
+  activations of the cached QAT start, ``benchmarks/qat_ocr.py start``) with int8 and with float weights;
+- ``layers``: real quantized models (``run_ptq``'s steps with ``--method``, one calibration) with
+  ``--layers-16bit`` sensitivity-chosen uint16 activations and the K layers of ``--layer-sweep`` kept float by
+  the weight rule (``--sensitivity_float_layers K``: lowest weights-alone SQNR on the first ``--rank-samples``
+  lines; their biases not corrected): decoded = FP32's on the calibration lines and latency;
+- ``backends``: the real model of ``run_ptq`` with ``--method`` and ``--sensitivity-float-layers K`` (every
+  activation uint16 with ``--all-uint16``) on qmace's onnxruntime and reference backends, on the first
+  ``--backend-lines`` calibration lines: how far the float islands on ONNX Runtime are from the reference;
 - ``sweep``: real quantized models (``run_ptq`` with the default recipe) with the N most sensitive activations
   (the rule of ``--sensitivity_16bit N``, ranked on the first 8 calibration lines) in uint16: decoded = FP32's
   on the calibration lines and the latency of each model (one interleaved run, 1 thread).
@@ -45,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank-samples", type=int, default=8, help="sweep: calibration lines the ranking uses "
                     "(the first ones, as --sensitivity_samples; default 8)")
     ap.add_argument("--sweep", default="0,2,4,8,16,32", help="sweep: numbers of sensitivity-chosen uint16 tensors")
+    ap.add_argument("--layer-sweep", default="0,1,2,4,8,16", help="layers: numbers of layers kept float")
+    ap.add_argument("--layer-grid", default="", help="layers: comma-separated N:K pairs (N sensitivity-chosen "
+                    "uint16 activations or 'all', K layers kept float); overrides --layer-sweep / --layers-16bit")
+    ap.add_argument("--sensitivity-float-layers", type=int, default=32, help="backends: K")
+    ap.add_argument("--all-uint16", action="store_true", help="backends: every activation uint16")
+    ap.add_argument("--backend-lines", type=int, default=2, help="backends: calibration lines compared")
+    ap.add_argument("--layers-16bit", type=int, default=16, help="layers: sensitivity-chosen uint16 activations")
+    ap.add_argument("--uint16-from-qat-start", action="store_true", help="layers: take the sensitivity-chosen "
+                    "uint16 activations from the cached start of benchmarks/qat_ocr.py (the same measurement on the "
+                    "same lines with percentile 99.99; saves ~6 min) instead of measuring them again")
     ap.add_argument("--method", default="mace", help="sweep: range method of the recipe (default mace = min/max)")
     ap.add_argument("--percentile", type=float, default=None)
     ap.add_argument("--repeats", type=int, default=10)
@@ -83,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = [[fp32.run([B.REC_OUTPUT], f)[0]] for f in feeds]
     ref_text = B.decode(np.concatenate([r[0] for r in ref]))
     runner = plan = fg = None
-    if steps & {"diagnose", "tensors", "weights", "ranges"}:  # fake quantization of the equalized float graph
+    if steps & {"diagnose", "tensors", "weights", "ranges", "wcap"}:  # fake quantization of the equalized float graph
         base = run_ptq(g, samples, PTQRecipe(bias_correction=False, equalize=not a.no_equalization, schema=a.schema),
                        opts, num_threads=a.threads)
         fg, table = base.float_graph, base.ranges
@@ -101,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         return {"same": 100 * same, "argmax": 100 * float(np.mean(r == np.concatenate([o[0] for o in got]).argmax(-1))),
                 "sqnr_db": S.output_sqnr([ref[i] for i in idx], got)}
 
-    def fake(ctl, idx=None) -> dict:
+    def fake(ctl, idx=None, rn=None) -> dict:
         idx = list(range(len(feeds))) if idx is None else idx
-        return judge([runner.run(feeds[i], ctl) for i in idx], idx)
+        rn = runner if rn is None else rn
+        return judge([rn.run(feeds[i], ctl) for i in idx], idx)
 
     def show(label: str, r: dict) -> None:
         print(f"{label}: decoded = FP32's {r['same']:.1f}%, argmax {r['argmax']:.2f}%, output SQNR "
@@ -158,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             show(f"fake quant, only the {label} ({len(ws)})", wg[label])
 
 
+    if "wcap" in steps:
+        out["wcap"] = weight_cap(a, fg, plan, runner, fake, show, opts, samples)
+
     if "ranges" in steps:
         methods = {"min/max (mace, P=0)": ("mace", {}), "mace P=0.1": ("mace", {"percentile": 0.1}),
                    "percentile 99.99": ("percentile", {"percentile": 99.99}),
@@ -203,6 +228,30 @@ def main(argv: list[str] | None = None) -> int:
             rs[label] = judge([[sq.run(f)[B.REC_OUTPUT]] for f in feeds], list(range(len(feeds))))
             rs[label]["corrected_layers"] = res.corrected_layers
             show(f"real model, recipe {label} ({res.corrected_layers} layers refined)", rs[label])
+
+    if "layers" in steps:
+        out["layers"] = layer_sweep(a, g, samples, feeds, opts, judge, show, rec)
+
+    if "backends" in steps:
+        recipe = PTQRecipe(method=a.method, percentile=a.percentile, schema=a.schema,
+                           sensitivity_float_layers=a.sensitivity_float_layers)
+        o = replace(opts, wide_activations="all") if a.all_uint16 else opts
+        q = run_ptq(g, samples, recipe, o, num_threads=a.threads).graph
+        ort_s = Session(q, backend="onnxruntime", num_threads=a.threads)
+        ref_s = Session(q, backend="reference")
+        bk = out["backends"] = []
+        for i in range(a.backend_lines):
+            x, y = ort_s.run(feeds[i])[B.REC_OUTPUT], ref_s.run(feeds[i])[B.REC_OUTPUT]
+            r = {"line": i, "max_abs_prob_diff": float(np.max(np.abs(x - y))),
+                 "argmax_agree": 100 * float(np.mean(x.argmax(-1) == y.argmax(-1))),
+                 "same_text": B.decode(x) == B.decode(y)}
+            bk.append(r)
+            print(f"backends, calibration line {i}: onnxruntime vs reference: max |prob diff| "
+                  f"{r['max_abs_prob_diff']:.4g}, argmax agreement {r['argmax_agree']:.1f}%, same decoding "
+                  f"{r['same_text']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"backends, {len(bk)} lines: max |prob diff| {max(r['max_abs_prob_diff'] for r in bk):.4g}, "
+              f"argmax agreement {np.mean([r['argmax_agree'] for r in bk]):.2f}%, same decoding on "
+              f"{sum(r['same_text'] for r in bk)} lines", flush=True)
 
     if "sweep" in steps:
         # run_ptq's steps for the default recipe with --method (equalization, one calibration pass, bias
@@ -263,6 +312,213 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"run time {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def int16_params(w: np.ndarray, axis: int):
+    """Symmetric per-channel 16-bit weight parameters: scale = max|w| / 32767, codes in [-32767, 32767]."""
+    from qmace import qmath
+
+    w = np.asarray(w, np.float64)
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.max(np.abs(w), axis=red)
+    scale = np.where(amax == 0, 1.0, amax / 32767.0).astype(np.float32)
+    return qmath.QuantParams(scale, np.zeros(scale.shape, np.int32), "int16", axis, narrow_range=True)
+
+
+def mse_clip_params(w: np.ndarray, qp, grid: int = 100):
+    """Per output channel, the clip ``a * max|w|`` (a in (0, 1], ``grid`` steps) minimizing ||w - Q(w)||^2 at
+    the width of ``qp`` (symmetric, zero point 0)."""
+    from qmace import qmath
+
+    axis = qp.axis
+    qmax = qp.qmax
+    wc = np.moveaxis(np.asarray(w, np.float64), axis, 0).reshape(w.shape[axis], -1)
+    amax = np.abs(wc).max(1)
+    best_err = np.full(amax.shape, np.inf)
+    best = amax.copy()
+    for a in np.linspace(1.0, 0.2, grid):
+        s = np.where(amax == 0, 1.0, a * amax / qmax).astype(np.float32).astype(np.float64)
+        q = np.clip(np.rint(wc / s[:, None]), -qmax, qmax) * s[:, None]
+        err = np.square(wc - q).sum(1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = np.where(better, s, best)
+    return qmath.QuantParams(best.astype(np.float32), np.zeros(best.shape, np.int32), qp.dtype, axis,
+                             narrow_range=True)
+
+
+def plan_with_weights(plan, fn):
+    """A copy of ``plan`` whose weight parameters are ``fn(weight_plan)`` (None: unchanged)."""
+    from dataclasses import replace as rep
+
+    new = rep(plan, weights=dict(plan.weights))
+    for k, wp in plan.weights.items():
+        qp = fn(wp)
+        if qp is not None:
+            new.weights[k] = rep(wp, params=qp)
+    return new
+
+
+def weight_cap(a, fg, plan, runner, fake, show, opts, samples) -> dict:
+    """The ``wcap`` step (module docstring)."""
+    from qmace.quantize import sensitivity as S
+    from qmace.quantize.plan import plan_quantization
+
+    t0 = time.perf_counter()
+    res: dict = {}
+    sub = list(range(0, len(samples), a.subset_step))
+    readers = {i: n for n in fg.nodes for i in n.inputs}
+    per = {w: fake(runner.control({}, [w]), sub) for w in runner.weight_inputs}
+    rank = sorted(per, key=lambda w: per[w]["sqnr_db"])
+    res["ranking"] = [(w, readers[w].name, list(fg.tensors[w].shape), per[w]["sqnr_db"], per[w]["same"]) for w in rank]
+    print(f"weights ranked (alone quantized, every {a.subset_step}-th line), lowest SQNR first: "
+          + ", ".join(f"{readers[w].name} {list(fg.tensors[w].shape)} {per[w]['sqnr_db']:.1f} dB" for w in rank[:16]),
+          flush=True)
+    ks = [0, 1, 2, 4, 8, 16]
+    rows = res["weights_only"] = {}
+    for k in ks:
+        keep = set(rank[:k])
+        r = fake(runner.control({}, [w for w in runner.weight_inputs if w not in keep]))
+        rows[f"K={k} float"] = r
+        show(f"weights only, K={k} lowest kept float", r)
+    for k in ks[1:]:
+        keep = set(rank[:k])
+        p16 = plan_with_weights(plan, lambda wp, keep=keep: int16_params(fg.tensors[wp.tensor].data, wp.params.axis)
+                                if wp.tensor in keep else None)
+        r16 = S.FakeQuantRunner(fg, p16, a.threads)
+        r = fake_with(r16, fake, r16.control({}, "all"))
+        rows[f"K={k} int16"] = r
+        show(f"weights only, K={k} lowest as 16-bit symmetric per channel", r)
+    pm = plan_with_weights(plan, lambda wp: mse_clip_params(fg.tensors[wp.tensor].data, wp.params))
+    rm = S.FakeQuantRunner(fg, pm, a.threads)
+    rows["mse clip"] = fake_with(rm, fake, rm.control({}, "all"))
+    show("weights only, MSE-optimal per-channel clipping, all layers", rows["mse clip"])
+    for k in (4, 8, 16):
+        keep = set(rank[:k])
+        rows[f"mse clip, K={k} float"] = fake_with(rm, fake, rm.control({}, [w for w in rm.weight_inputs if w not in keep]))
+        show(f"weights only, MSE clipping, K={k} lowest kept float", rows[f"mse clip, K={k} float"])
+    print(f"wcap weights-only part {time.perf_counter() - t0:.0f} s", flush=True)
+    # combined with Run 5's activation plan: the cached PTQ start (percentile 99.99, equalized, bias-corrected
+    # for int8 weights, 16 sensitivity-chosen + 11 structural uint16 activations)
+    import glob
+    import json as J
+    from dataclasses import replace as rep
+
+    from qmace.modelfile import load_graph
+    from qmace.qmath import Range
+    from qmace_zoo import default_cache
+
+    starts = sorted(glob.glob(str(default_cache().expanduser() / "ocr-qat" / "start-*" / "start.json")))
+    if not starts:
+        print("no cached QAT start (benchmarks/qat_ocr.py start): combined rows skipped")
+        return res
+    doc = J.loads(Path(starts[0]).read_text())
+    g5 = load_graph(Path(starts[0]).parent / "float.qmace")
+    p5 = plan_quantization(g5, {k: Range(*v) for k, v in doc["ranges"].items()},
+                           rep(opts, wide_extra=doc["wide_extra"]))
+    run5 = S.FakeQuantRunner(g5, p5, a.threads)
+    bits5 = run5.planned_bits()
+    res["run5_uint16"] = sum(b == 16 for b in bits5.values())
+    comb = res["combined"] = {}
+    comb["int8 weights (Run 5 plan)"] = fake_with(run5, fake, run5.control(bits5, "all"))
+    show(f"Run 5 activations ({res['run5_uint16']} uint16) + int8 weights", comb["int8 weights (Run 5 plan)"])
+    comb["float weights"] = fake_with(run5, fake, run5.control(bits5))
+    show("Run 5 activations + float weights", comb["float weights"])
+    # NOTE: this graph's biases are corrected for int8 weights, so "float weights" here keeps the int8 rounding's
+    # mean error and reads FEWER lines than int8 weights (62% vs 70%, Run 7): float layers need their biases
+    # uncorrected, which is what the ``layers`` step (real models) and the product rule do.
+    print(f"wcap {time.perf_counter() - t0:.0f} s", flush=True)
+    return res
+
+
+def layer_sweep(a, g, samples, feeds, opts, judge, show, rec) -> dict:
+    """The ``layers`` step (module docstring): run_ptq's steps spelled out so that every K shares one
+    equalization, calibration and both rankings."""
+    import common
+    import onnxruntime as ort
+
+    from qmace.quantize import sensitivity as S
+    from qmace.quantize.bias_correction import ChannelMeans, correct_biases
+    from qmace.quantize.dense import saturating_input_ranges
+    from qmace.quantize.plan import plan_quantization
+    from qmace.quantize.quantizer import quantize_graph
+    from qmace.quantize.recipe import PTQRecipe, calibrate, equalize_on
+    from qmace.runtime import Session
+
+    t0 = time.perf_counter()
+    recipe = PTQRecipe(method=a.method, percentile=a.percentile, schema=a.schema)
+    eq, _ = equalize_on(g, samples, a.threads, a.schema)
+    cal, means = recipe.calibrator(), ChannelMeans(eq)
+    calibrate(eq, samples, cal, a.threads, observers=[means])
+    ranges = cal.ranges()
+    if a.method != "mace":
+        ranges, _ = saturating_input_ranges(eq, ranges, cal.extrema())
+    plan = plan_quantization(eq, ranges, opts)
+    grid = [(x.split(":")[0], int(x.split(":")[1])) for x in a.layer_grid.split(",")] if a.layer_grid else \
+        [(str(a.layers_16bit), int(k)) for k in a.layer_sweep.split(",")]
+    if a.uint16_from_qat_start and all(n == str(a.layers_16bit) for n, _ in grid):
+        import glob
+
+        from qmace_zoo import default_cache
+
+        start = sorted(glob.glob(str(default_cache().expanduser() / "ocr-qat" / "start-*" / "start.json")))[0]
+        wide16 = json.loads(Path(start).read_text())["wide_extra"]
+        act_rank = list(wide16)
+        print(f"uint16 activations from {start}: {len(wide16)}", flush=True)
+    elif all(n == "all" for n, _ in grid):  # nothing to rank
+        act_rank = []
+    else:
+        _, ar = S.sensitive_activations(eq, plan, feeds[:a.rank_samples], 10**6, a.threads)
+        act_rank = [r.tensor for r in ar]
+        print("activations ranked: " + ", ".join(f"{r.tensor} {r.sqnr_db:.1f}" for r in ar[:40]), flush=True)
+    ks = [k for _, k in grid]
+    _, ranking = S.sensitive_layers(eq, plan, feeds[:a.rank_samples], max(ks + [1]), a.threads)
+    readers: dict[str, list[str]] = {}
+    for wp in plan.weights.values():
+        readers.setdefault(wp.tensor, []).append(wp.node)
+    res: dict = {"ranking": [(r.tensor, readers[r.tensor], r.sqnr_db) for r in ranking], "act_ranking": act_rank}
+    print(f"layers step: calibration + rankings {time.perf_counter() - t0:.0f} s; weights ranked: "
+          + ", ".join(f"{'/'.join(readers[r.tensor])} {r.sqnr_db:.1f}" for r in ranking[:16]), flush=True)
+    sessions = {}
+    rows = []
+    for n, k in grid:
+        layers = {x: S.LAYER_REASON for r in ranking[:k] for x in readers[r.tensor]}
+        refined, corrected = correct_biases(eq, means, a.schema, skip=set(layers))
+        mode = "all" if n == "all" else "rule"
+        wide = {} if n == "all" else {t: S.REASON for t in act_rank[:int(n)]}
+        q = quantize_graph(refined, ranges, replace(opts, wide_activations=mode, wide_extra=wide, float_layers=layers))
+        sq = Session(q.graph, backend="onnxruntime", num_threads=a.threads)
+        key = f"N={n} K={k}"
+        sessions[key] = sq
+        rows.append((n, k, key))
+        r = judge([[sq.run(f)[B.REC_OUTPUT]] for f in feeds], list(range(len(feeds))))
+        r.update(uint16_tensors=len(q.plan.wide), float_layers=sorted(layers), corrected=corrected,
+                 fallbacks=len(q.plan.fallbacks))
+        res[key] = r
+        show(f"real model, {key}: {len(q.plan.wide)} uint16, float layers {', '.join(sorted(layers))}", r)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = a.threads, 1
+    fp32 = ort.InferenceSession(str(rec), so, providers=["CPUExecutionProvider"])
+    x1 = feeds[0]
+    fns = {"fp32": lambda: fp32.run([B.REC_OUTPUT], x1)}
+    fns.update({k: (lambda s=s: s.run(x1)) for k, s in sessions.items()})
+    lat = common.interleaved_medians(fns, repeats=a.repeats)
+    print("\n| sensitivity-chosen uint16 (N) | layers kept float (K) | uint16 tensors | decoded = FP32's (100 "
+          "calibration lines) | argmax | output SQNR | ms per line | speed-up vs FP32 |\n|---|---|---|---|---|---|---|---|")
+    for n, k, key in rows:
+        res[key]["ms"] = lat[key]
+        res[key]["speedup_vs_fp32"] = lat["fp32"] / lat[key]
+        r = res[key]
+        print(f"| {n} | {k} | {r['uint16_tensors']} | {r['same']:.1f}% | {r['argmax']:.2f}% | {r['sqnr_db']:.2f} dB | "
+              f"{r['ms']:.2f} | {r['speedup_vs_fp32']:.2f}x |")
+    res["fp32_ms"] = lat["fp32"]
+    print(f"FP32 (ONNX Runtime) {lat['fp32']:.2f} ms; layers step {time.perf_counter() - t0:.0f} s", flush=True)
+    return res
+
+
+def fake_with(runner, fake, ctl, idx=None) -> dict:
+    """``fake`` (main's closure over the calibration feeds) with another runner."""
+    return fake(ctl, idx, runner)
 
 
 if __name__ == "__main__":

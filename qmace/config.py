@@ -669,9 +669,13 @@ class _Reader:
             schema, wide = MACE_16BIT_SCHEMAS[schema]
         if schema not in QUANTIZE_SCHEMAS:
             if "16" in schema:
-                raise self.error(f"{prefix}.quantize_schema", f"{schema!r}: 16-bit weights are not supported "
+                what = (" (MACE's APU schema: int16 activations and weights, per tensor)"
+                        if schema == "mace_apu_16bit_per_tensor" else "")
+                raise self.error(f"{prefix}.quantize_schema", f"{schema!r}{what}: 16-bit weights are not supported "
                                                               f"yet (supported: uint8, int8, int8_w7, and "
-                                                              f"mace_htp_u16a_s8w: uint16 activations, int8 weights)")
+                                                              f"mace_htp_u16a_s8w: uint16 activations, int8 weights; "
+                                                              f"`qmace quantize --sensitivity_float_layers N` keeps "
+                                                              f"the N layers whose weights matter most in float)")
             raise self.error(f"{prefix}.quantize_schema", f"{schema!r} is not one of: "
                                                           f"{', '.join(QUANTIZE_SCHEMAS)} (empty = uint8)")
         lw_schema = self.string(m, prefix, "quantize_large_weights_schema", LARGE_WEIGHTS_SCHEMAS[0]).lower()

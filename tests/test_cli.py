@@ -179,7 +179,8 @@ def test_one_shot_quantize_and_export(tiny, cli, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [["--adaround"], ["--no_bias_correction", "--method", "mse"], ["--float_nodes", "Gemm"],
-                                   ["--sensitivity_16bit", "2", "--sensitivity_samples", "2"]])
+                                   ["--sensitivity_16bit", "2", "--sensitivity_samples", "2"],
+                                   ["--sensitivity_float_layers", "1", "--sensitivity_samples", "2"]])
 def test_one_shot_quantize_options(tiny, cli, tmp_path, extra):
     write_samples(tmp_path / "samples", tiny, 4)
     tiny.write_yaml(quantize_schema="int8")
@@ -189,6 +190,17 @@ def test_one_shot_quantize_options(tiny, cli, tmp_path, extra):
         assert "kept in float by request" in res.out
     if "--sensitivity_16bit" in extra:  # the summary counts the measured choices
         assert "2 calibration sensitivity" in res.out, res.out
+    if "--sensitivity_float_layers" in extra:  # the summary lists the layer kept float, with the rule's reason
+        assert "1 op(s) run in float" in res.out and "calibration sensitivity of its weights" in res.out, res.out
+        # and the QDQ export runs it as float between DequantizeLinear and QuantizeLinear, as `run` does
+        res = cli("export", "--config", tiny.yaml, "--format", "onnx-qdq", "-o", tmp_path / "m.onnx")
+        assert res.code == 0, res.err
+        res = cli("run", "--config", tiny.yaml, "--input_dir", tmp_path / "samples", "--output_dir", tmp_path / "out")
+        assert res.code == 0, res.err
+        sess = ort_session((tmp_path / "m.onnx").read_bytes())
+        x = np.fromfile(tmp_path / "samples" / "input_0", dtype=np.float32).reshape(tiny.yaml_shape)
+        got = sess.run(None, {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0]
+        np.testing.assert_allclose(got, np.load(tmp_path / "out" / "output_0.npy"), atol=1e-6)
     res = cli("run", "--config", tiny.yaml, "--input_dir", tmp_path / "samples", "--validate")
     assert "validation" in res.out
 

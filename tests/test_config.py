@@ -338,6 +338,8 @@ def test_16bit_weight_schema_not_supported(tmp_path, schema):
     message = error_of(tmp_path, minimal(quantize_schema=schema))
     assert "models.net.quantize_schema" in message and "not supported yet" in message
     assert "mace_htp_u16a_s8w" in message  # names the 16-bit schema that is supported
+    assert "--sensitivity_float_layers" in message  # and the way to keep the weights that matter unrounded
+    assert ("MACE's APU schema" in message) == (schema == "mace_apu_16bit_per_tensor")
 
 
 def test_mace_u16_activation_schema_maps_to_int8_with_16_bit_activations(tmp_path):

@@ -350,6 +350,9 @@ CASES: list[Case] = [
                                                          ["quantize", "--config", t.yaml, "--input_dir", w / "cal",
                                                           "--range_file", w / "rf", "--build_dir", w / "b3"])[-1],
          ("rf", "is a folder")),
+    Case("oneshot-float-layers-negative", lambda t, w: (write_samples(w / "cal", t, 2), [
+        "quantize", "--config", t.yaml, "--input_dir", w / "cal", "--sensitivity_float_layers", "-1"])[-1],
+        ("sensitivity_float_layers must be >= 0",)),
     Case("oneshot-num-threads-zero", lambda t, w: ["quantize", "--config", t.yaml, "--input_dir", w, "--num_threads", "0"],
          ("--num_threads",)),
     Case("oneshot-percentile-with-entropy", lambda t, w: (write_samples(w / "cal", t, 2), [

@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "float_nodes", default="", help="comma-separated node names or op types to keep in float")
     _flag(p, "sensitivity_16bit", type=int, default=0, metavar="N", help="uint16 codes for the N activations "
           "whose 8-bit rounding alone costs most output SQNR on calibration samples (docs/quantization.md)")
-    _flag(p, "sensitivity_samples", type=int, default=8, help="samples --sensitivity_16bit measures (default 8)")
+    _flag(p, "sensitivity_float_layers", type=int, default=0, metavar="N", help="keep in float the N layers whose "
+          "int8/uint8 weights alone cost most output SQNR on calibration samples (docs/quantization.md)")
+    _flag(p, "sensitivity_samples", type=int, default=8, help="samples the sensitivity rules measure (default 8)")
     _flag(p, "num_threads", type=int, default=None, help="intra-op threads for calibration (>= 1)")
 
     p = sub.add_parser("export", help="export the converted model as standard ONNX")
@@ -366,16 +368,15 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
     recipe = PTQRecipe(method=a.method, percentile=a.percentile, enhance=a.enhance, enhance_ratio=a.enhance_ratio,
                        equalize=not a.no_equalization, bias_correction=not a.no_bias_correction,
-                       adaround=a.adaround, sensitivity_16bit=a.sensitivity_16bit,
-                       sensitivity_samples=a.sensitivity_samples, schema=a.schema)
+                       adaround=a.adaround, schema=a.schema, sensitivity_samples=a.sensitivity_samples,
+                       sensitivity_16bit=a.sensitivity_16bit, sensitivity_float_layers=a.sensitivity_float_layers)
     res = quantize_one_shot(
         a.config, input_dir=a.input_dir, recipe=recipe, model_name=a.model_name, build_dir=a.build_dir,
         range_file=a.range_file, num_threads=a.num_threads,
         float_nodes={x for x in a.float_nodes.split(",") if x}, progress=_progress,
     )
     print(res.convert.summary())
-    print(f"model file: {res.convert.path}")
-    print(f"range file: {res.range_file}")
+    print(f"model file: {res.convert.path}\nrange file: {res.range_file}")
     if res.convert.graph.metadata["quantization"].get("equalized_tensors"):
         print("note: the range file holds the ranges of the activation-equalized model this command built; "
               "for `convert` with this file on the original model, rerun with --no_equalization")

@@ -10,6 +10,8 @@ plain range file carries no means.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 
 from qmace import qmath
@@ -188,7 +190,8 @@ def _shift_following_add(g: Graph, node: Node, delta: np.ndarray) -> bool:
     return True
 
 
-def correct_biases(graph: Graph, means: ChannelMeans, schema: str) -> tuple[Graph, int]:
+def correct_biases(graph: Graph, means: ChannelMeans, schema: str,
+                   skip: Collection[str] = ()) -> tuple[Graph, int]:
     """A copy of ``graph`` with biases corrected for the weight rounding of ``schema``.
 
     With ``dW = dequantize(quantize(W)) - W`` and ``E[x]`` the input's per-channel mean, each layer's bias
@@ -198,6 +201,7 @@ def correct_biases(graph: Graph, means: ChannelMeans, schema: str) -> tuple[Grap
         graph: the float graph (not changed).
         means: the layer inputs' per-channel means.
         schema: the quantization schema.
+        skip: node names or op types left as they are (layers kept in float have no rounding to correct).
 
     Returns:
         The corrected copy and the number of layers corrected.
@@ -208,6 +212,8 @@ def correct_biases(graph: Graph, means: ChannelMeans, schema: str) -> tuple[Grap
     g = graph.copy()
     done = 0
     for n in g.nodes:
+        if n.name in skip or n.op_type in skip:
+            continue
         w3 = layer_weight(g, n)
         e = means.mean(n.inputs[0]) if w3 is not None else None
         if e is None:

@@ -62,6 +62,9 @@ class QuantizeOptions:
     # Further activations given 16 bits (tensor -> reason), e.g. by the calibration-sensitivity rule
     # (qmace.quantize.sensitivity); added to the structural rule's in every mode but "all".
     wide_extra: dict[str, str] = field(default_factory=dict)
+    # Layers (node names) kept in float by a measured rule, with the reason the convert summary shows, e.g.
+    # the weight-sensitivity rule (qmace.quantize.sensitivity.sensitive_layers, --sensitivity_float_layers).
+    float_layers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.input_ranges = {k: r if isinstance(r, Range) else Range(*r) for k, r in self.input_ranges.items()}
@@ -273,6 +276,8 @@ class _Planner:
         reason = None
         if node.name in self.opts.float_nodes or node.op_type in self.opts.float_nodes:
             reason = "kept in float by request"
+        elif node.name in self.opts.float_layers:
+            reason = self.opts.float_layers[node.name]
         elif kind is Kernel.NONE:
             reason = "no integer kernel"
         elif not any(is_float_activation(self.g, i) for i in node.inputs):

@@ -241,7 +241,10 @@ class PTQRecipe:
         sensitivity_16bit: give 16 bits to this many more activations, those whose 8-bit quantization alone
             (everything else float) costs the most output SQNR on the first ``sensitivity_samples`` calibration
             samples (``qmace.quantize.sensitivity``); 0: only the structural rule's.
-        sensitivity_samples: how many calibration samples that measurement uses.
+        sensitivity_float_layers: keep this many layers in float, those whose weights alone quantized
+            (everything else float) cost the most output SQNR on the same samples
+            (``qmace.quantize.sensitivity.sensitive_layers``); 0: none.
+        sensitivity_samples: how many calibration samples the two measurements use.
         schema: ``uint8`` / ``int8`` / ``int8_w7``; None: the model entry's ``quantize_schema``.
     """
 
@@ -255,6 +258,7 @@ class PTQRecipe:
     adaround_iters: int = 400
     sensitivity_16bit: int = 0
     sensitivity_samples: int = 8
+    sensitivity_float_layers: int = 0
     schema: str | None = None
 
     def __post_init__(self) -> None:
@@ -262,9 +266,10 @@ class PTQRecipe:
             raise QuantizationError(f"--percentile applies to methods mace and percentile, not {self.method}")
         if self.adaround_iters < 1:
             raise QuantizationError(f"adaround_iters must be >= 1, got {self.adaround_iters}")
-        if self.sensitivity_16bit < 0 or self.sensitivity_samples < 1:
-            raise QuantizationError(f"sensitivity_16bit must be >= 0 and sensitivity_samples >= 1, got "
-                                    f"{self.sensitivity_16bit} and {self.sensitivity_samples}")
+        if self.sensitivity_16bit < 0 or self.sensitivity_samples < 1 or self.sensitivity_float_layers < 0:
+            raise QuantizationError(f"sensitivity_16bit and sensitivity_float_layers must be >= 0 and "
+                                    f"sensitivity_samples >= 1, got {self.sensitivity_16bit}, "
+                                    f"{self.sensitivity_float_layers} and {self.sensitivity_samples}")
         self.calibrator()  # an unknown method or a bad option fails here, before any sample is read
 
     def calibrator(self) -> Calibrator:
@@ -358,17 +363,19 @@ def transplant_constants(src: Graph, dst: Graph) -> Graph:
 
 
 def _sensitive(graph: Graph, table: RangeTable, options: QuantizeOptions, samples: Iterable, recipe: PTQRecipe,
-               num_threads: int | None) -> dict[str, str]:
-    """The activations ``recipe.sensitivity_16bit`` widens, measured on the float ``graph`` before the weight
-    refinement (``qmace.quantize.sensitivity``)."""
+               num_threads: int | None) -> tuple[dict[str, str], dict[str, str]]:
+    """The activations ``recipe.sensitivity_16bit`` widens and the layers ``recipe.sensitivity_float_layers``
+    keeps float, both measured on the float ``graph`` before the weight refinement
+    (``qmace.quantize.sensitivity``)."""
     from qmace.quantize.plan import plan_quantization
-    from qmace.quantize.sensitivity import sensitive_activations
+    from qmace.quantize.sensitivity import sensitive_activations, sensitive_layers
 
     feeds = [sample.feeds for sample in islice(samples, recipe.sensitivity_samples)]
     plan = plan_quantization(graph, table, replace(options, float_nodes=check_float_nodes(graph, options.float_nodes),
                                                    fixed_params={**imported_params(graph), **options.fixed_params}))
-    chosen, _ = sensitive_activations(graph, plan, feeds, recipe.sensitivity_16bit, num_threads)
-    return chosen
+    wide, _ = sensitive_activations(graph, plan, feeds, recipe.sensitivity_16bit, num_threads)
+    layers, _ = sensitive_layers(graph, plan, feeds, recipe.sensitivity_float_layers, num_threads)
+    return wide, layers
 
 
 def run_ptq(
@@ -423,13 +430,19 @@ def run_ptq(
     table = calibrator.ranges()
     if recipe.method != "mace":  # MACE's method keeps MACE's range files; the others keep rare probability-map pixels
         table, _ = saturating_input_ranges(graph, table, calibrator.extrema())
-    if recipe.sensitivity_16bit:
-        options = replace(options, wide_extra={**options.wide_extra, **_sensitive(
-            graph, table, replace(options, schema=schema), _stream(samples, None, None, ""), recipe, num_threads)})
+    float_layers: dict[str, str] = {}
+    if recipe.sensitivity_16bit or recipe.sensitivity_float_layers:
+        wide, float_layers = _sensitive(graph, table, replace(options, schema=schema),
+                                        _stream(samples, None, None, ""), recipe, num_threads)
+        options = replace(options, wide_extra={**options.wide_extra, **wide},
+                          float_layers={**options.float_layers, **float_layers})
     corrected, fixed = 0, {}
-    if means is not None:
-        graph, corrected = correct_biases(graph, means, schema)
-    if moments is not None:
+    if means is not None:  # layers kept in float have no rounding to correct
+        graph, corrected = correct_biases(graph, means, schema,
+                                          skip={*options.float_nodes, *options.float_layers})
+    if moments is not None:  # nor anything to round: AdaRound leaves the float layers' weights as they are
+        keep = {*options.float_nodes, *options.float_layers}
+        moments.layers = {k: v for k, v in moments.layers.items() if k not in keep and v.node.op_type not in keep}
         graph, fixed, reports = run_adaround(graph, moments, schema, iters=recipe.adaround_iters, progress=progress)
         corrected = len(reports)
         optimised = sum(r.optimised for r in reports)
@@ -438,11 +451,14 @@ def run_ptq(
                  "error %.2fx lower than rounding to nearest", corrected, optimised, corrected - optimised, gain)
     figures = {"method": recipe.method, "samples": count, "bias_corrected_layers": corrected,
                "adaround": bool(recipe.adaround), "equalized_tensors": equalized,
-               "sensitivity_16bit": recipe.sensitivity_16bit}
+               "sensitivity_16bit": recipe.sensitivity_16bit,
+               "sensitivity_float_layers": sorted(float_layers)}
     if moments is not None:
         figures["adaround_optimised_layers"] = optimised
     quantized = []
-    for g, opts in [(graph, options), *((transplant_constants(graph, vg), vo) for vg, vo in variants)]:
+    for g, opts in [(graph, options), *((transplant_constants(graph, vg),
+                                         replace(vo, float_layers={**vo.float_layers, **float_layers}))
+                                        for vg, vo in variants)]:
         opts = replace(opts, schema=schema, fixed_params={**imported_params(g), **opts.fixed_params, **fixed},
                        float_nodes=check_float_nodes(g, opts.float_nodes))
         res = quantize_graph(g, table, opts)

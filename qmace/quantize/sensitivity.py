@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Reason recorded for a tensor this rule widens (``QuantPlan.wide`` / the convert summary).
 REASON = "calibration sensitivity"
+#: Reason recorded for a layer kept float by the weight rule (the convert summary's float-op lines).
+LAYER_REASON = "kept float: calibration sensitivity of its weights"
 _OWN = (ParamSource.CALIBRATED, ParamSource.GRAPH_INPUT, ParamSource.UNION, ParamSource.INTERVAL,
         ParamSource.FIXED_RANGE)
 
@@ -302,5 +304,67 @@ def sensitive_activations(graph: Graph, plan: QuantPlan, samples: Sequence[dict[
     chosen = {r.tensor: REASON for r in ranking[:n]}
     log.info("sensitivity rule: %d of %d activations uint16 (lowest 8-bit-alone SQNR %.1f dB, highest chosen %.1f dB)",
              len(chosen), len(ranking), ranking[0].sqnr_db if ranking else float("nan"),
+             ranking[min(n, len(ranking)) - 1].sqnr_db if ranking else float("nan"))
+    return chosen, ranking
+
+
+def weight_sensitivity(runner: FakeQuantRunner, samples: Sequence[dict[str, np.ndarray]],
+                       weights: Sequence[str] | None = None) -> list[Sensitivity]:
+    """Each weight's output SQNR when it alone is quantized with the plan's parameters (every activation and
+    every other weight float), lowest first: the weight counterpart of :func:`activation_sensitivity`.
+
+    Args:
+        runner: the instrumented float graph.
+        samples: graph input feeds (calibration samples).
+        weights: the weight tensors to measure (default: every planned weight).
+
+    Returns:
+        One Sensitivity per weight tensor, sorted by SQNR ascending (ties: planning order).
+    """
+    float_ctl = runner.control()
+    ref = [runner.run(s, float_ctl) for s in samples]
+    out = []
+    names = list(runner.weight_inputs)
+    for w in weights if weights is not None else names:
+        ctl = runner.control({}, [w])
+        out.append(Sensitivity(w, output_sqnr(ref, [runner.run(s, ctl) for s in samples])))
+    order = {w: i for i, w in enumerate(names)}
+    return sorted(out, key=lambda r: (r.sqnr_db, order.get(r.tensor, 0)))
+
+
+def sensitive_layers(graph: Graph, plan: QuantPlan, samples: Sequence[dict[str, np.ndarray]], n: int,
+                     num_threads: int | None = None) -> tuple[dict[str, str], list[Sensitivity]]:
+    """The ``n`` layers whose weights the rule keeps in float (``--sensitivity_float_layers N``,
+    docs/quantization.md) and the whole ranking of the weights.
+
+    A layer's weight sensitivity is ``SQNR_W``: the output SQNR when only that layer's weights are quantized
+    (the plan's parameters, e.g. int8 per channel) and everything else is float; the ``n`` layers with the
+    lowest ``SQNR_W`` carry the largest shares of the weights' output noise (the same greedy argument as the
+    activation rule) and stay float: ``y = op(dequantize(x), W)``, requantized at the output.
+
+    Args:
+        graph: the float graph (the one the ranges were calibrated on).
+        plan: its plan (only planned weights that the source does not fix are candidates).
+        samples: calibration feeds (graph input name -> array).
+        n: how many layers to keep float (>= 0).
+        num_threads: ONNX Runtime threads.
+
+    Returns:
+        ``({node name: reason}, ranking)`` (ranking by weight tensor); empty when ``n == 0``.
+    """
+    if n <= 0:
+        return {}, []
+    runner = FakeQuantRunner(graph, plan, num_threads, tensors=[])
+    fixed = {wp.tensor for wp in plan.weights.values() if wp.fixed}
+    ranking = weight_sensitivity(runner, samples, [w for w in runner.weight_inputs if w not in fixed])
+    readers: dict[str, list[str]] = {}
+    for wp in plan.weights.values():
+        readers.setdefault(wp.tensor, []).append(wp.node)
+    chosen: dict[str, str] = {}
+    for r in ranking[:n]:
+        for node in readers[r.tensor]:
+            chosen[node] = f"{LAYER_REASON} ({r.sqnr_db:.1f} dB)"
+    log.info("sensitivity rule: %d of %d layers kept float for their weights (lowest weights-alone SQNR %.1f dB, "
+             "highest chosen %.1f dB)", len(chosen), len(ranking), ranking[0].sqnr_db if ranking else float("nan"),
              ranking[min(n, len(ranking)) - 1].sqnr_db if ranking else float("nan"))
     return chosen, ranking

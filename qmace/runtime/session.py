@@ -257,7 +257,12 @@ def _raw_ort_session(model_bytes: bytes | str, num_threads: int | None = None):
         opts.intra_op_num_threads = int(num_threads)
         opts.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+        # ORT (>= 1.2x) quantizes the float constant weight of a Conv/MatMul/Gemm that sits between a
+        # DequantizeLinear and a QuantizeLinear to int8 per tensor ("WeightBiasQuantization") and fuses it into
+        # a QLinearConv/QLinearMatMul: a layer qmace keeps float (--float_nodes, --sensitivity_float_layers)
+        # must compute in float, as the reference backend does (tests/test_sensitivity.py)
+        return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=["WeightBiasQuantization"])
     except Exception as e:  # ORT raises its own exception types; keep the message, one line
         raise ModelError(f"ONNX Runtime could not load the model: {first_line(e)}") from e
 
