@@ -37,6 +37,7 @@ import numpy as np
 from qmace import qmath
 from qmace.errors import QuantizationError
 from qmace.ir import Graph
+from qmace.metrics import sqnr_from_energies
 from qmace.quantize.plan import ParamSource, QuantPlan
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ def output_sqnr(ref: Sequence[list[np.ndarray]], got: Sequence[list[np.ndarray]]
     """
     sig = sum(float(np.sum(np.square(r.astype(np.float64)))) for rs in ref for r in rs)
     err = sum(float(np.sum(np.square(g.astype(np.float64) - r))) for rs, gs in zip(ref, got) for r, g in zip(rs, gs))
-    return float("inf") if err == 0 else 10 * np.log10(max(sig, 1e-300) / err)
+    return sqnr_from_energies(sig, err)
 
 
 def activation_sensitivity(runner: FakeQuantRunner, samples: Sequence[dict[str, np.ndarray]],
