@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from qmace.errors import InputDataError
 from qmace.fileio import atomic_write
+from qmace.qat.gate import DEFAULT_ALPHA, GateResult, check_alpha, decide
 
 log = logging.getLogger(__name__)
 SCHEDULES = ("constant", "cosine")
@@ -139,9 +140,11 @@ class FitResult:
     best_epoch: int = 0  # 0: the start was best (its state is kept)
     stopped_early: bool = False
     epochs_run: int = 0
+    gate: GateResult | None = None  # the significance gate's decision (None: off, or no per-sample scores)
 
 
-CHECKPOINT_FORMAT = "qmace-qat-checkpoint-2"
+CHECKPOINT_FORMAT = "qmace-qat-checkpoint-3"  # -2: the same without the gate's inputs (still resumable)
+_READABLE = (CHECKPOINT_FORMAT, "qmace-qat-checkpoint-2")
 
 
 def _state(module) -> dict:
@@ -165,7 +168,7 @@ def load_checkpoint(path: str | Path) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         raise InputDataError(f"{path}: cannot read the QAT checkpoint: {e}") from e
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ck, dict) or ck.get("format") not in _READABLE:
         raise InputDataError(f"{path}: not a resumable QAT checkpoint (format {CHECKPOINT_FORMAT})")
     return ck
 
@@ -198,6 +201,7 @@ def fit(
     resume: str | Path | None = None,
     progress: Callable | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
+    gate_alpha: float | None = DEFAULT_ALPHA,
 ) -> FitResult:
     """Fine-tune ``module`` (a QATModule) with Adam; see :func:`train` for ``batches``, ``labels``, ``teacher``,
     ``temperature``, ``range_lr``.
@@ -208,9 +212,15 @@ def fit(
 
     ``schedule``/``warmup``: the learning rate of step ``k`` is the peak one times :func:`lr_factor`.
     ``device``: where the module, optimizer state and batches live (default: the module's device).
-    ``validate(module) -> float`` (higher is better): scored before training and after every epoch on the
-    quantized model; the best state is kept and restored at the end (the start included, so the result is
-    never worse on it than the PTQ start), and ``patience`` epochs without a better score stop training.
+    ``validate(module)`` (higher is better) scores the quantized model before training and after every
+    epoch: either per-sample scores (a 1-D array; the metric is their mean, e.g. 0/100 correctness -> top-1 %)
+    or one float (the metric). The best state by the metric is the candidate (ties keep the earlier; the start
+    included), and ``patience`` epochs without a better metric stop training. Significance gate
+    (``gate_alpha``, :mod:`qmace.qat.gate`): with per-sample scores the candidate replaces the PTQ start only
+    when the one-sided exact sign test (McNemar for 0/1 scores) of its per-sample scores against the start's,
+    Bonferroni-adjusted over the epochs scored, gives ``p <= gate_alpha``; otherwise the start is kept (logged,
+    ``FitResult.gate``). A float-returning ``validate`` cannot be gated (no per-sample results): the best
+    state by the metric is kept, as with ``gate_alpha=None``.
     ``checkpoint``: written atomically after each epoch (rank 0): module, optimizer, epoch, scores, best state.
     ``resume``: a checkpoint to continue from (its epoch count, scores and best state); the data order
     depends only on the epoch, so a resumed run ends as the uninterrupted one.
@@ -233,20 +243,23 @@ def fit(
         schedule: ``constant`` or ``cosine`` (:func:`lr_factor`).
         warmup: the warm-up share of the steps.
         device: where training runs (default: the module's device).
-        validate: ``validate(module) -> float``, higher is better, or None.
+        validate: ``validate(module) -> 1-D per-sample scores or float``, higher is better, or None.
         patience: epochs without a better score before stopping (needs ``validate``), or None.
         checkpoint: the checkpoint path written after each epoch, or None.
         resume: a checkpoint to continue from, or None.
         progress: ``progress(iterable, total=, desc=)`` wrapping each epoch, or None.
         on_epoch: called with an :class:`EpochReport` after each epoch (rank 0), or None.
+        gate_alpha: the significance level of the gate, in (0, 1), or None (off: the best state is kept).
 
     Returns:
-        The :class:`FitResult`; the module holds the best state, in eval mode.
+        The :class:`FitResult`; the module holds the kept state (best, or the start by the gate), in eval mode.
 
     Raises:
         InputDataError: ``resume`` is unreadable or does not match this model.
-        ValueError: an unknown ``schedule``.
+        ValueError: an unknown ``schedule``, a ``gate_alpha`` outside (0, 1), or per-sample scores that are
+            not 1-D or change length.
     """
+    check_alpha(gate_alpha)
     rank, world = _distributed()
     if device is not None:
         module.to(torch.device(device))
@@ -260,11 +273,13 @@ def fit(
     run = _Run(epochs, schedule, warmup, temperature, distill_axis, list(labels) if labels is not None else None,
                _teacher_logits(module, teacher), rank, world, dev, peak)
     res = FitResult(losses=[])
-    first, step, best_state, bad = _resume(module, opt, resume, run, res) if resume is not None else (0, 0, None, 0)
+    kept = _Kept()
+    first, step, bad = _resume(module, opt, resume, run, res, kept) if resume is not None else (0, 0, 0)
     score = _scorer(module, validate, run)
     if validate is not None and resume is None:
-        res.start_metric = res.best_metric = score()
-        best_state = _state(module)
+        res.start_metric, kept.start_scores = score()
+        res.best_metric, kept.best_scores = res.start_metric, kept.start_scores
+        kept.best_state = kept.start_state = _state(module)
     module.train()
     stop = validate is not None and patience is not None and bad >= patience
     for epoch in range(first, epochs):
@@ -273,12 +288,13 @@ def fit(
         it, per_epoch = _epoch_batches(batches, epoch, progress, run)
         loss, step = _train_epoch(net, module, opt, it, per_epoch, step, run)
         res.losses.append(loss)
-        metric = score()
+        metric, per_sample = score()
         better = metric is not None and (res.best_metric is None or metric > res.best_metric)
         if metric is not None:
             res.metrics.append(metric)
             if better:
-                res.best_metric, res.best_epoch, best_state, bad = metric, epoch + 1, _state(module), 0
+                res.best_metric, res.best_epoch, bad = metric, epoch + 1, 0
+                kept.best_state, kept.best_scores = _state(module), per_sample
             else:
                 bad += 1
             stop = patience is not None and bad >= patience
@@ -289,15 +305,67 @@ def fit(
                 "format": CHECKPOINT_FORMAT, "optimizer": opt.state_dict(), "epoch": epoch + 1, "epochs": epochs,
                 "step": step, "losses": res.losses, "metrics": res.metrics, "start_metric": res.start_metric,
                 "best_metric": res.best_metric, "best_epoch": res.best_epoch, "bad_epochs": bad,
-                "best_model": best_state})
+                **kept.to_checkpoint()})
         if on_epoch is not None and rank == 0:
             on_epoch(EpochReport(epoch + 1, epochs, res.losses[-1], metric, better))
     res.epochs_run = len(res.losses)
     res.stopped_early = res.epochs_run < epochs
-    if best_state is not None:
-        module.load_state_dict(best_state)
+    if validate is not None and gate_alpha is not None:
+        _gate(res, kept, gate_alpha, run)
+    if kept.best_state is not None:
+        module.load_state_dict(kept.best_state)
     module.eval()
     return res
+
+
+@dataclass
+class _Kept:
+    """The states and per-sample validation scores :func:`fit` keeps: the start's (for the gate) and the
+    best's (the candidate); scores only on rank 0, None when ``validate`` returns one float."""
+
+    start_state: dict | None = None
+    best_state: dict | None = None
+    start_scores: np.ndarray | None = None
+    best_scores: np.ndarray | None = None
+
+    def to_checkpoint(self) -> dict:
+        """The checkpoint entries (tensors or None)."""
+        def t(a):
+            return None if a is None else torch.from_numpy(np.asarray(a, np.float64))
+
+        return {"best_model": self.best_state, "start_model": self.start_state,
+                "start_scores": t(self.start_scores), "best_scores": t(self.best_scores)}
+
+    def from_checkpoint(self, ck: dict) -> None:
+        """Read the entries of :meth:`to_checkpoint` (a format-2 checkpoint has only ``best_model``)."""
+        def a(x):
+            return None if x is None else x.numpy()
+
+        self.best_state, self.start_state = ck["best_model"], ck.get("start_model")
+        self.start_scores, self.best_scores = a(ck.get("start_scores")), a(ck.get("best_scores"))
+
+
+def _gate(res: FitResult, kept: _Kept, alpha: float, run: _Run) -> None:
+    """The significance gate (:mod:`qmace.qat.gate`): rank 0 tests the best state against the start and
+    broadcasts the decision; when it keeps the start, ``res``'s best metric/epoch become the start's and
+    ``kept.best_state`` the start state."""
+    keep_start = torch.zeros(1, dtype=torch.int64)
+    if run.rank == 0:
+        if kept.start_scores is None or kept.start_state is None:
+            log.info("QAT: validate() gave no per-sample scores (or the resumed checkpoint has none): no "
+                     "significance gate, the best validation state is kept")
+        else:
+            res.gate = decide(kept.start_scores, kept.best_scores if res.best_epoch else None, alpha=alpha,
+                              candidate_epoch=res.best_epoch, candidate_metric=res.best_metric,
+                              candidates=len(res.metrics))
+            log.info("%s", res.gate.message())
+            keep_start[0] = int(res.gate.kept_start and res.best_epoch > 0)
+    if run.world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast(keep_start.to(run.device) if dist.get_backend() == "nccl" else keep_start, src=0)
+    if int(keep_start[0]):
+        res.best_metric, res.best_epoch, kept.best_state = res.start_metric, 0, kept.start_state
 
 
 @dataclass(frozen=True)
@@ -327,9 +395,9 @@ def _optimizer(module, lr: float, range_lr: float | None) -> tuple[torch.optim.A
     return torch.optim.Adam(groups), [g["lr"] for g in groups]
 
 
-def _resume(module, opt, resume: str | Path, run: _Run, res: FitResult) -> tuple[int, int, dict | None, int]:
-    """Load a checkpoint into ``module``/``opt``/``res`` (rank 0 reads, the others receive it);
-    returns ``(first epoch, step, best state, epochs without improvement)``."""
+def _resume(module, opt, resume: str | Path, run: _Run, res: FitResult, kept: _Kept) -> tuple[int, int, int]:
+    """Load a checkpoint into ``module``/``opt``/``res``/``kept`` (rank 0 reads, the others receive it);
+    returns ``(first epoch, step, epochs without improvement)``."""
     ck = load_checkpoint(resume) if run.rank == 0 else None
     if run.world > 1:
         import torch.distributed as dist
@@ -347,27 +415,41 @@ def _resume(module, opt, resume: str | Path, run: _Run, res: FitResult) -> tuple
     if int(ck["epochs"]) != run.epochs:
         log.warning("%s: resuming a run planned for %s epochs with %s epochs (schedule changes)", resume,
                     ck["epochs"], run.epochs)
+    kept.from_checkpoint(ck)
     log.info("resumed from %s after epoch %d", resume, int(ck["epoch"]))
-    return int(ck["epoch"]), int(ck["step"]), ck["best_model"], int(ck["bad_epochs"])
+    return int(ck["epoch"]), int(ck["step"]), int(ck["bad_epochs"])
 
 
-def _scorer(module, validate: Callable | None, run: _Run) -> Callable[[], float | None]:
-    """``score()``: rank 0's ``validate(module)`` in eval mode without gradients, broadcast to every rank."""
+def _scorer(module, validate: Callable | None, run: _Run) -> Callable[[], tuple[float | None, np.ndarray | None]]:
+    """``score() -> (metric, per-sample scores or None)``: rank 0's ``validate(module)`` in eval mode without
+    gradients (a 1-D array: its mean is the metric; a scalar: the metric, no per-sample scores); the metric is
+    broadcast to every rank, the per-sample scores stay on rank 0."""
+    count: list[int] = []
 
-    def score() -> float | None:
+    def score() -> tuple[float | None, np.ndarray | None]:
         if validate is None:
-            return None
+            return None, None
         value = torch.zeros(1, dtype=torch.float64)
+        per = None
         if run.rank == 0:
             module.eval()
             with torch.no_grad():
-                value[0] = float(validate(module))
+                got = validate(module)
             module.train()
+            if np.ndim(got) == 0:
+                value[0] = float(got)
+            else:
+                per = np.asarray(got, np.float64)
+                if per.ndim != 1 or not len(per) or (count and count[0] != len(per)):
+                    raise ValueError(f"validate() returned per-sample scores of shape {per.shape}: expected a "
+                                     f"non-empty 1-D array{f' of {count[0]}' if count else ''}")
+                count[:] = [len(per)]
+                value[0] = float(per.mean())
         if run.world > 1:
             import torch.distributed as dist
 
             dist.broadcast(value.to(run.device) if dist.get_backend() == "nccl" else value, src=0)
-        return float(value[0])
+        return float(value[0]), per
 
     return score
 
