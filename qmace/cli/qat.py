@@ -41,7 +41,7 @@ def job_from_args(a: argparse.Namespace):
         batch_size=a.batch_size, output_dir=_path(a.output_dir), build_dir=_path(a.build_dir),
         equalization=not a.no_equalization, device=a.device, nproc=a.nproc, workers=a.workers,
         schedule=a.lr_schedule, warmup=a.warmup, patience=a.patience, resume=a.resume, seed=a.seed,
-        threads=a.threads)
+        threads=a.threads, gate_alpha=None if a.no_gate else a.gate_alpha)
 
 
 def print_epoch(rep) -> None:
@@ -60,22 +60,24 @@ def _fmt(v) -> str:
 
 
 def summary_line(o) -> str:
-    """float / PTQ / QAT metric on the validation set in one line.
+    """float / PTQ / QAT metric on the validation set in one line, then the significance gate's decision
+    (when it ran) on a second.
 
     Args:
         o: the run's :class:`qmace.qat.job.QATOutputs`.
 
     Returns:
-        The line (without a newline).
+        The line(s) (without a final newline).
     """
     if o.metric is None:
         return (f"qat summary: no --val_dir, no validation metric; {o.epochs_run} epoch(s), final loss "
                 f"{o.losses[-1]:.4f}" if o.losses else "qat summary: 0 epochs")
     float_part = "reference" if o.float_metric is None else _fmt(o.float_metric)
     stop = ", stopped early" if o.stopped_early else ""
-    return (f"qat summary ({o.metric}, {o.val_samples} validation samples): float {float_part} | "
+    line = (f"qat summary ({o.metric}, {o.val_samples} validation samples): float {float_part} | "
             f"PTQ {_fmt(o.ptq_metric)} | QAT {_fmt(o.qat_metric)} (best epoch {o.best_epoch} of "
             f"{o.epochs_run} run{stop})")
+    return line if o.gate_message is None else f"{line}\n{o.gate_message}"
 
 
 def qat_command(a: argparse.Namespace, progress=None) -> int:
