@@ -11,8 +11,25 @@ from qmace.qat.gate import decide, sign_test
 
 torch = pytest.importorskip("torch")
 
-from tests.test_qat import _inputs, _prepare  # noqa: E402
-from tests.test_qat_scale import setup  # noqa: E402,F401  (the module-scoped fixture)
+from tests.test_qat import _inputs, _prepare
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """The QAT test model (tests/test_qat.py) converted, with MACE ranges from 8 samples."""
+    from types import SimpleNamespace
+
+    from qmace.frontends.onnx_frontend import onnx_to_graph
+    from qmace.passes import optimize
+    from qmace.quantize.calibration import make_calibrator
+    from qmace.quantize.recipe import calibrate
+    from tests.test_qat import _model
+
+    graph = optimize(onnx_to_graph(_model()))
+    cal = make_calibrator("mace")
+    calibrate(graph, [SimpleNamespace(name=str(i), feeds={"x": x}) for i, x in enumerate(_inputs(8, 7))], cal)
+    return graph, cal.ranges()
+
 
 N = 400  # validation samples of the scripted scores
 

@@ -4,6 +4,7 @@ early stopping, learning-rate schedule, device checks."""
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import sys
 
@@ -165,6 +166,13 @@ def test_cli_val_dir_reports_float_ptq_qat_and_exports_the_best(tmp_path, capsys
     assert "accuracy %" in line and "10 validation samples" in line
     vals = {k: float(line.split(f"{k} ")[1].split()[0]) for k in ("float", "PTQ", "QAT")}
     assert vals["QAT"] >= vals["PTQ"]
+    lines = text.splitlines()
+    gate = lines[lines.index(line) + 1]  # the significance gate's decision follows the summary
+    assert "the start significantly on the validation set" in gate or gate.startswith("QAT: no trained state")
+    summary = json.loads((out / "m_qat.json").read_text())
+    assert summary["gate_message"] == gate and summary["gate"]["samples"] == 10
+    if summary["gate"]["kept_start"]:
+        assert vals["QAT"] == vals["PTQ"] and summary["best_epoch"] == 0
     assert text.count("validation ") >= 1
     res = convert(out / "m_qat.yml", build_dir=tmp_path / "build")
     s = Session(res.graph)
@@ -191,4 +199,10 @@ def test_bad_device_and_batch_are_one_line_errors(tmp_path, capsys):
     assert main(_qat_args(tmp_path, d, tmp_path / "o", "--nproc", "3")) == 2
     assert "multiple of the number of processes" in capsys.readouterr().err
     assert main(_qat_args(tmp_path, d, tmp_path / "o", "--device", "tpu")) == 2
+    assert not (tmp_path / "o").exists()
+    capsys.readouterr()
+    for alpha in ("0", "1.5"):
+        assert main(_qat_args(tmp_path, d, tmp_path / "o", "--gate_alpha", alpha)) == 2
+        err = capsys.readouterr().err
+        assert f"--gate_alpha {float(alpha)}" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
