@@ -317,7 +317,7 @@ def run_seed(args) -> dict:
         if all(old.get(k) == out[k] for k in out if k not in merged):
             for k in merged:
                 out[k] = {**old.get(k, {}), **out[k]}
-            for k in ("val_float", "val_protocol"):  # the qat_val rows' context, if this run does not redo it
+            for k in ("val_float", "val_protocol", "ptq_superseded"):  # context of rows this run does not redo
                 if k in old:
                     out[k] = old[k]
             out["runs"] = old.get("runs", [])
@@ -383,8 +383,15 @@ def run_seed(args) -> dict:
         opts.fixed_params = fixed
         starts[("qmace", schema)] = (ada_graph, pcal.ranges(), opts)
     out["time"]["calibration"] = time.perf_counter() - t0
+    before = dict(out["ptq"])
     for (name, schema), (g, r, o) in starts.items():
         out["ptq"][f"{name}/{schema}"] = accuracy(quantize_graph(g, r, o).graph, xte, yte)
+        key = f"{name}/{schema}"
+        if key in before and before[key] != out["ptq"][key]:
+            # the library's PTQ changed since the earlier QAT rows of this start were made: keep the value
+            # they started from (the first one recorded), so their QAT - PTQ stays theirs
+            out.setdefault("ptq_superseded", {}).setdefault(key, {"value": before[key], "replaced": time.strftime(
+                "%Y-%m-%d %H:%M:%S"), "by": out["ptq"][key]})
         print(f"seed {seed}: PTQ {name} {schema}: {out['ptq'][f'{name}/{schema}']:.2f}%", flush=True)
     save()
 
