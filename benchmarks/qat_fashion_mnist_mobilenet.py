@@ -449,6 +449,12 @@ def _ms(values) -> str:
     return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
 
 
+def _old_ptq(r: dict, key: str) -> float:
+    """The PTQ start the rows made before session 5 (``qat``, ``qat_val``) were trained from: the superseded
+    value when the library's PTQ of ``key`` has changed since (``ptq_superseded``), else the current one."""
+    return r.get("ptq_superseded", {}).get(key, {}).get("value", r["ptq"][key])
+
+
 def report(args) -> int:
     runs = [json.loads(p.read_text()) for p in sorted(Path(args.results).glob(f"{args.arch}_e{args.epochs}_seed*.json"))]
     runs = [r for r in runs if "float" in r]
@@ -468,17 +474,21 @@ def report(args) -> int:
             have = [r for r in runs if key in r["ptq"]]
             if not have:
                 continue
-            p = [r["ptq"][key] for r in have]
+            p = [_old_ptq(r, key) for r in have]
             both = [r for r in have if key in r["qat"]]
             if both:
                 q = [r["qat"][key] for r in both]
                 dq = [r["qat"][key] - r["float"] for r in both]
-                dp = [r["qat"][key] - r["ptq"][key] for r in both]
+                dp = [r["qat"][key] - _old_ptq(r, key) for r in both]
                 qs = f"{_ms(q)}% ({len(q)}) | {_ms(dq)} | {_ms(dp)}"
             else:
                 qs = "- | - | -"
             print(f"| {schema} | {name.replace('_', ' ')} | {len(p)} | {_ms(p)}% | {qs} | "
-                  f"{_ms([r['ptq'][key] - r['float'] for r in have])} |")
+                  f"{_ms([_old_ptq(r, key) - r['float'] for r in have])} |")
+    for r in runs:
+        for k, v in r.get("ptq_superseded", {}).items():
+            print(f"seed {r['seed']}: PTQ {k} changed {v['value']:.2f} -> {v['by']:.2f}% ({v['replaced']}, library "
+                  "change); the fixed-loop and session-4 rows of that start use the old value")
     _report_val(runs)
     _report_gate(runs)
     for r in runs:  # which commit wrote which rows (files from before this record existed have none)
@@ -511,9 +521,9 @@ def _report_val(runs: list[dict]) -> None:
         name, schema = key.split("/")
         have = [r for r in runs if key in r["ptq"]]
         both = [r for r in have if key in r.get("qat_val", {})]
-        p = [r["ptq"][key] for r in have]
+        p = [_old_ptq(r, key) for r in have]
         q = [r["qat_val"][key]["test"] for r in both]
-        d = [r["qat_val"][key]["test"] - r["ptq"][key] for r in both]
+        d = [r["qat_val"][key]["test"] - _old_ptq(r, key) for r in both]
         sd = float(np.std(p, ddof=1)) if len(p) > 1 else float("nan")
         drops = [f"seed {r['seed']}" for r, v in zip(both, d) if v < 0 and -v > sd]
         vs = [r["qat_val"][key]["val_start"] for r in both]
@@ -527,7 +537,7 @@ def _report_val(runs: list[dict]) -> None:
         rows = r.get("qat_val", {})
         if rows:
             print(f"seed {r['seed']} (PTQ -> QAT fit+val, test; best epoch; s): " + "; ".join(
-                f"{k} {r['ptq'][k]:.2f} -> {v['test']:.2f} (e{v['best_epoch']}, {v['time']:.0f} s)"
+                f"{k} {_old_ptq(r, k):.2f} -> {v['test']:.2f} (e{v['best_epoch']}, {v['time']:.0f} s)"
                 for k, v in rows.items()))
 
 
@@ -550,11 +560,14 @@ def _report_gate(runs: list[dict]) -> None:
         name, schema = key.split("/")
         have = [r for r in runs if key in r["ptq"]]
         p = [r["ptq"][key] for r in have]
-        sd = float(np.std(p, ddof=1)) if len(p) > 1 else float("nan")
+        p_old = [_old_ptq(r, key) for r in have]
+        sds = {}
         cols = []
-        for rule in ("qat_val", "qat_gate"):
+        for rule, ptq in (("qat_val", _old_ptq), ("qat_gate", lambda r, k: r["ptq"][k])):
+            pr = [ptq(r, key) for r in have]
+            sd = sds[rule] = float(np.std(pr, ddof=1)) if len(pr) > 1 else float("nan")
             both = [r for r in have if key in r.get(rule, {})]
-            d = [r[rule][key]["test"] - r["ptq"][key] for r in both]
+            d = [r[rule][key]["test"] - ptq(r, key) for r in both]
             drops = [f"seed {r['seed']}" for r, v in zip(both, d) if v < 0 and -v > sd]
             cols.append((f"{_ms([r[rule][key]['test'] for r in both])}% ({len(both)})" if both else "-",
                          ", ".join(f"{v:+.2f}" for v in d) or "-", ", ".join(drops) or "none"))
@@ -565,8 +578,10 @@ def _report_gate(runs: list[dict]) -> None:
                 kept = "start" if g["kept_start"] else f"e{g['candidate_epoch']}"
                 pv = "-" if g["p_value"] is None else f"{g['p_value']:.2g}"
                 gates.append(f"s{r['seed']} {kept} (e{g['candidate_epoch']} p {pv}, {g['wins'] - g['losses']:+d})")
-        print(f"| {schema} | {name.replace('_', ' ')} | {len(p)} | {_ms(p)}% | {cols[0][0]} | {cols[1][0]} | "
-              f"{cols[0][1]} | {cols[1][1]} | {sd:.2f} | {cols[0][2]} | {cols[1][2]} | {'; '.join(gates)} |")
+        ptq = f"{_ms(p)}%" + ("" if p_old == p else f" (old rows' start: {_ms(p_old)}%)")
+        sd = (f"{sds['qat_gate']:.2f}" if p_old == p else f"{sds['qat_val']:.2f} / {sds['qat_gate']:.2f}")
+        print(f"| {schema} | {name.replace('_', ' ')} | {len(p)} | {ptq} | {cols[0][0]} | {cols[1][0]} | "
+              f"{cols[0][1]} | {cols[1][1]} | {sd} | {cols[0][2]} | {cols[1][2]} | {'; '.join(gates)} |")
     for r in runs:
         rows = r.get("qat_gate", {})
         if rows:
