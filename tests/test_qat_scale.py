@@ -206,3 +206,19 @@ def test_bad_device_and_batch_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"--gate_alpha {float(alpha)}" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_two_processes_run_the_gate_on_rank_0_and_agree(tmp_path, capsys):
+    """--nproc 2 with --val_dir: rank 0 validates and decides, every rank loads the decided state (a rank that
+    skipped the decision's broadcast would hang); the exported model scores the reported QAT figure, which is
+    the PTQ start's when the gate kept it."""
+    d = _labelled_workspace(tmp_path, n_val=10)
+    out = tmp_path / "p2"
+    rc = main(_qat_args(tmp_path, d, out, "--epochs", "1", "--nproc", "2", "--val_dir", str(tmp_path / "val"),
+                        "--val_labels", str(tmp_path / "val_labels.txt")))
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    summary = json.loads((out / "m_qat.json").read_text())
+    assert summary["world"] == 2 and summary["gate"] is not None and summary["gate_message"] in text
+    assert (summary["qat_metric"] == summary["ptq_metric"]) == (summary["best_epoch"] == 0)
+    assert summary["gate"]["kept_start"] or summary["best_epoch"] == summary["gate"]["candidate_epoch"]
