@@ -553,9 +553,10 @@ def _report_gate(runs: list[dict]) -> None:
     print(f"\nQAT through qmace.qat.fit with the significance gate (alpha {', '.join(alphas)}; one-sided exact "
           "sign test on the per-sample validation results, Bonferroni over the epochs) vs the session-4 rule "
           "(best validation state); test split accuracy")
-    print("| schema | PTQ start | n | PTQ | QAT old rule | QAT gated | per seed QAT - PTQ old | per seed QAT - PTQ "
-          "gated | PTQ sd | drop > PTQ sd old | drop > PTQ sd gated | gate per seed (p, net val gain) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| schema | PTQ start | n | PTQ | QAT old rule | QAT gated | gated QAT - float | per seed QAT - PTQ old "
+          "(mean ± sd) | per seed QAT - PTQ gated (mean ± sd) | PTQ sd | drop > PTQ sd old | drop > PTQ sd gated | "
+          "gate per seed (p, net val gain) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key in keys:
         name, schema = key.split("/")
         have = [r for r in runs if key in r["ptq"]]
@@ -570,7 +571,9 @@ def _report_gate(runs: list[dict]) -> None:
             d = [r[rule][key]["test"] - ptq(r, key) for r in both]
             drops = [f"seed {r['seed']}" for r, v in zip(both, d) if v < 0 and -v > sd]
             cols.append((f"{_ms([r[rule][key]['test'] for r in both])}% ({len(both)})" if both else "-",
-                         ", ".join(f"{v:+.2f}" for v in d) or "-", ", ".join(drops) or "none"))
+                         (", ".join(f"{v:+.2f}" for v in d) + (f" ({_ms(d)})" if len(d) > 1 else "")) or "-",
+                         ", ".join(drops) or "none"))
+        fl = [r["qat_gate"][key]["test"] - r["float"] for r in have if key in r.get("qat_gate", {})]
         gates = []
         for r in have:
             g = r.get("qat_gate", {}).get(key, {}).get("gate")
@@ -581,7 +584,8 @@ def _report_gate(runs: list[dict]) -> None:
         ptq = f"{_ms(p)}%" + ("" if p_old == p else f" (old rows' start: {_ms(p_old)}%)")
         sd = (f"{sds['qat_gate']:.2f}" if p_old == p else f"{sds['qat_val']:.2f} / {sds['qat_gate']:.2f}")
         print(f"| {schema} | {name.replace('_', ' ')} | {len(p)} | {ptq} | {cols[0][0]} | {cols[1][0]} | "
-              f"{cols[0][1]} | {cols[1][1]} | {sd} | {cols[0][2]} | {cols[1][2]} | {'; '.join(gates)} |")
+              f"{_ms(fl) if fl else '-'} | {cols[0][1]} | {cols[1][1]} | {sd} | {cols[0][2]} | {cols[1][2]} | "
+              f"{'; '.join(gates)} |")
     for r in runs:
         rows = r.get("qat_gate", {})
         if rows:
