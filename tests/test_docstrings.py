@@ -98,6 +98,7 @@ COVERED = [
     "qmace.qat.evaluate",
     "qmace.qat.fakequant",
     "qmace.qat.forward",
+    "qmace.qat.gate",
     "qmace.qat.job",
     "qmace.qat.kernels",
     "qmace.qat.module",
