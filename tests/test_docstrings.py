@@ -93,6 +93,7 @@ COVERED = [
     "qmace.passes.transpose",
     "qmace.passes.weight_params",
     "qmace.qat",
+    "qmace.qat.checkpoint",
     "qmace.qat.data",
     "qmace.qat.distributed",
     "qmace.qat.evaluate",

@@ -155,12 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "val_labels", default=None, help="labels of --val_dir (needed with --labels)")
     _flag(p, "patience", type=int, default=None,
           help="stop after this many epochs without a better validation score (needs --val_dir)")
-    _flag(p, "gate_alpha", type=float, default=0.05,
-          help="with --val_dir and labels: the best trained state replaces the PTQ start only if its "
-               "per-sample validation gain is significant at this level (one-sided exact sign/McNemar "
-               "test, Bonferroni over the epochs; default 0.05)")
-    _flag(p, "no_gate", action="store_true",
-          help="turn the significance gate off: keep the best validation state, however small its gain")
+    _flag(p, "gate_alpha", default="0.05", help="significance gate level (default 0.05) or off")
     _flag(p, "device", default="cpu", help="cpu or cuda (one GPU per process)")
     _flag(p, "nproc", type=int, default=1,
           help="data-parallel processes on this machine (torch.distributed; several machines: torchrun)")

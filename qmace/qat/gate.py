@@ -20,11 +20,13 @@ state of a run replaces the start when no state is truly better than it stays be
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 DEFAULT_ALPHA = 0.05
 
 
@@ -125,3 +127,38 @@ def check_alpha(alpha: float | None) -> None:
     """
     if alpha is not None and not 0.0 < alpha < 1.0:
         raise ValueError(f"significance level alpha {alpha}: must be in (0, 1) (None turns the gate off)")
+
+
+def apply_gate(res, kept, alpha: float, rank: int = 0, world: int = 1, device=None) -> None:
+    """The gate at the end of :func:`qmace.qat.trainer.fit`: rank 0 tests the best state against the start
+    (:func:`decide`, logged, stored in ``res.gate``) and broadcasts the decision; when the start is kept,
+    ``res``'s best metric/epoch become the start's and ``kept.best_state`` the start's state. Without
+    per-sample scores (a float-returning ``validate``, or a resumed format-2 checkpoint) nothing changes.
+
+    Args:
+        res: the run's FitResult (``best_epoch``, ``best_metric``, ``start_metric``, ``metrics``, ``gate``).
+        kept: the run's :class:`qmace.qat.checkpoint.KeptStates`.
+        alpha: the significance level.
+        rank: this process's rank.
+        world: the number of processes.
+        device: the training device (the broadcast goes through it under nccl).
+    """
+    import torch
+
+    keep_start = torch.zeros(1, dtype=torch.int64)
+    if rank == 0:
+        if kept.start_scores is None or kept.start_state is None:
+            log.info("QAT: validate() gave no per-sample scores (or the resumed checkpoint has none): no "
+                     "significance gate, the best validation state is kept")
+        else:
+            res.gate = decide(kept.start_scores, kept.best_scores if res.best_epoch else None, alpha=alpha,
+                              candidate_epoch=res.best_epoch, candidate_metric=res.best_metric,
+                              candidates=len(res.metrics))
+            log.info("%s", res.gate.message())
+            keep_start[0] = int(res.gate.kept_start and res.best_epoch > 0)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast(keep_start.to(device) if dist.get_backend() == "nccl" else keep_start, src=0)
+    if int(keep_start[0]):
+        res.best_metric, res.best_epoch, kept.best_state = res.start_metric, 0, kept.start_state

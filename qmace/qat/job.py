@@ -71,7 +71,6 @@ class QATOutputs:
     epochs_run: int = 0
     stopped_early: bool = False
     gate: dict | None = None  # qmace.qat.gate.GateResult as a dict (None: gate off or not possible)
-    gate_message: str | None = None  # its one-line decision
 
     def to_json(self) -> str:
         """These outputs as JSON (paths as strings); :meth:`from_json` reads it back.
@@ -239,7 +238,7 @@ def check_job(job: QATJob) -> None:
     if job.workers < 0:
         raise ConfigError("--workers must be >= 0")
     if job.gate_alpha is not None and not 0.0 < job.gate_alpha < 1.0:
-        raise ConfigError(f"--gate_alpha {job.gate_alpha}: a significance level in (0, 1) (--no_gate turns it off)")
+        raise ConfigError(f"--gate_alpha {job.gate_alpha}: a significance level in (0, 1), or off")
     if job.nproc > 1 and launched_by_torchrun():
         raise ConfigError("--nproc with torchrun: torchrun starts the processes (use --nproc 1, the default)")
     check_device(job.device, job.nproc)
@@ -372,13 +371,11 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
                          [(r.min, r.max) for r in opts.input_ranges.values()])
     outputs = QATOutputs(
         onnx=onnx_path, ranges=range_path, checkpoint=ckpt, yaml=yml, summary=out_dir / f"{m.name}_qat.json",
-        samples=len(samples), val_samples=len(val_samples),
+        samples=len(samples), val_samples=len(val_samples), gate=None if res.gate is None else asdict(res.gate),
         objective="cross-entropy" if labels is not None else "distillation from the float model",
         equalized_tensors=equalized, world=world, losses=res.losses, metric=metric, metrics=res.metrics,
         float_metric=float_metric, ptq_metric=res.start_metric, qat_metric=res.best_metric,
-        best_epoch=res.best_epoch, epochs_run=res.epochs_run, stopped_early=res.stopped_early,
-        gate=None if res.gate is None else asdict(res.gate),
-        gate_message=None if res.gate is None else res.gate.message())
+        best_epoch=res.best_epoch, epochs_run=res.epochs_run, stopped_early=res.stopped_early)
     with atomic_write(outputs.summary) as f:
         f.write(outputs.to_json())
     return outputs

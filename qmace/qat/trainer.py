@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from qmace.errors import InputDataError
-from qmace.fileio import atomic_write
-from qmace.qat.gate import DEFAULT_ALPHA, GateResult, check_alpha, decide
+from qmace.qat.checkpoint import CHECKPOINT_FORMAT, KeptStates, load_checkpoint, save_checkpoint, state_copy
+from qmace.qat.gate import DEFAULT_ALPHA, GateResult, apply_gate, check_alpha
 
 log = logging.getLogger(__name__)
 SCHEDULES = ("constant", "cosine")
@@ -43,26 +43,6 @@ def float_teacher(module) -> Callable[[np.ndarray], np.ndarray]:
         return np.concatenate([session.run({k: v[i:i + 1] for k, v in feeds.items()})[out] for i in range(n)])
 
     return run
-
-
-def save_checkpoint(module, path: str | Path, extra: dict | None = None) -> Path:
-    """``torch.save`` of ``{"model": state dict, **extra}`` (tensors and plain values, readable with
-    ``weights_only=True``), written atomically (a killed run leaves the previous checkpoint intact).
-
-    Args:
-        module: the module whose state dict is saved (detached, on the CPU).
-        path: the checkpoint file (parent folders are created).
-        extra: further entries (optimizer state, epoch, scores, ...).
-
-    Returns:
-        ``path`` as a Path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": _state(module), **(extra or {})}
-    with atomic_write(path, "wb") as f:
-        torch.save(state, f)
-    return path
 
 
 def _to(x, dev):
@@ -141,36 +121,6 @@ class FitResult:
     stopped_early: bool = False
     epochs_run: int = 0
     gate: GateResult | None = None  # the significance gate's decision (None: off, or no per-sample scores)
-
-
-CHECKPOINT_FORMAT = "qmace-qat-checkpoint-3"  # -2: the same without the gate's inputs (still resumable)
-_READABLE = (CHECKPOINT_FORMAT, "qmace-qat-checkpoint-2")
-
-
-def _state(module) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by :func:`fit` (``torch.load(weights_only=True)``: tensors and plain values).
-
-    Args:
-        path: the checkpoint file.
-
-    Returns:
-        Its dict (``model``, ``optimizer``, ``epoch``, scores, ``best_model``, ...).
-
-    Raises:
-        InputDataError: the file cannot be read or is not a resumable QAT checkpoint of this format.
-    """
-    path = Path(path)
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise InputDataError(f"{path}: cannot read the QAT checkpoint: {e}") from e
-    if not isinstance(ck, dict) or ck.get("format") not in _READABLE:
-        raise InputDataError(f"{path}: not a resumable QAT checkpoint (format {CHECKPOINT_FORMAT})")
-    return ck
 
 
 def _distributed() -> tuple[int, int]:
@@ -273,13 +223,13 @@ def fit(
     run = _Run(epochs, schedule, warmup, temperature, distill_axis, list(labels) if labels is not None else None,
                _teacher_logits(module, teacher), rank, world, dev, peak)
     res = FitResult(losses=[])
-    kept = _Kept()
+    kept = KeptStates()
     first, step, bad = _resume(module, opt, resume, run, res, kept) if resume is not None else (0, 0, 0)
     score = _scorer(module, validate, run)
     if validate is not None and resume is None:
         res.start_metric, kept.start_scores = score()
         res.best_metric, kept.best_scores = res.start_metric, kept.start_scores
-        kept.best_state = kept.start_state = _state(module)
+        kept.best_state = kept.start_state = state_copy(module)
     module.train()
     stop = validate is not None and patience is not None and bad >= patience
     for epoch in range(first, epochs):
@@ -294,7 +244,7 @@ def fit(
             res.metrics.append(metric)
             if better:
                 res.best_metric, res.best_epoch, bad = metric, epoch + 1, 0
-                kept.best_state, kept.best_scores = _state(module), per_sample
+                kept.best_state, kept.best_scores = state_copy(module), per_sample
             else:
                 bad += 1
             stop = patience is not None and bad >= patience
@@ -311,61 +261,11 @@ def fit(
     res.epochs_run = len(res.losses)
     res.stopped_early = res.epochs_run < epochs
     if validate is not None and gate_alpha is not None:
-        _gate(res, kept, gate_alpha, run)
+        apply_gate(res, kept, gate_alpha, run.rank, run.world, run.device)
     if kept.best_state is not None:
         module.load_state_dict(kept.best_state)
     module.eval()
     return res
-
-
-@dataclass
-class _Kept:
-    """The states and per-sample validation scores :func:`fit` keeps: the start's (for the gate) and the
-    best's (the candidate); scores only on rank 0, None when ``validate`` returns one float."""
-
-    start_state: dict | None = None
-    best_state: dict | None = None
-    start_scores: np.ndarray | None = None
-    best_scores: np.ndarray | None = None
-
-    def to_checkpoint(self) -> dict:
-        """The checkpoint entries (tensors or None)."""
-        def t(a):
-            return None if a is None else torch.from_numpy(np.asarray(a, np.float64))
-
-        return {"best_model": self.best_state, "start_model": self.start_state,
-                "start_scores": t(self.start_scores), "best_scores": t(self.best_scores)}
-
-    def from_checkpoint(self, ck: dict) -> None:
-        """Read the entries of :meth:`to_checkpoint` (a format-2 checkpoint has only ``best_model``)."""
-        def a(x):
-            return None if x is None else x.numpy()
-
-        self.best_state, self.start_state = ck["best_model"], ck.get("start_model")
-        self.start_scores, self.best_scores = a(ck.get("start_scores")), a(ck.get("best_scores"))
-
-
-def _gate(res: FitResult, kept: _Kept, alpha: float, run: _Run) -> None:
-    """The significance gate (:mod:`qmace.qat.gate`): rank 0 tests the best state against the start and
-    broadcasts the decision; when it keeps the start, ``res``'s best metric/epoch become the start's and
-    ``kept.best_state`` the start state."""
-    keep_start = torch.zeros(1, dtype=torch.int64)
-    if run.rank == 0:
-        if kept.start_scores is None or kept.start_state is None:
-            log.info("QAT: validate() gave no per-sample scores (or the resumed checkpoint has none): no "
-                     "significance gate, the best validation state is kept")
-        else:
-            res.gate = decide(kept.start_scores, kept.best_scores if res.best_epoch else None, alpha=alpha,
-                              candidate_epoch=res.best_epoch, candidate_metric=res.best_metric,
-                              candidates=len(res.metrics))
-            log.info("%s", res.gate.message())
-            keep_start[0] = int(res.gate.kept_start and res.best_epoch > 0)
-    if run.world > 1:
-        import torch.distributed as dist
-
-        dist.broadcast(keep_start.to(run.device) if dist.get_backend() == "nccl" else keep_start, src=0)
-    if int(keep_start[0]):
-        res.best_metric, res.best_epoch, kept.best_state = res.start_metric, 0, kept.start_state
 
 
 @dataclass(frozen=True)
@@ -395,7 +295,7 @@ def _optimizer(module, lr: float, range_lr: float | None) -> tuple[torch.optim.A
     return torch.optim.Adam(groups), [g["lr"] for g in groups]
 
 
-def _resume(module, opt, resume: str | Path, run: _Run, res: FitResult, kept: _Kept) -> tuple[int, int, int]:
+def _resume(module, opt, resume: str | Path, run: _Run, res: FitResult, kept: KeptStates) -> tuple[int, int, int]:
     """Load a checkpoint into ``module``/``opt``/``res``/``kept`` (rank 0 reads, the others receive it);
     returns ``(first epoch, step, epochs without improvement)``."""
     ck = load_checkpoint(resume) if run.rank == 0 else None
