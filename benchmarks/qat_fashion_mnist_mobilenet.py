@@ -28,7 +28,12 @@
      epochs of ``steps / epochs`` steps, the quantized model (``module.quantized_graph()``, qmace's runtime)
      scored on the validation images before training and after every epoch
      (``qmace.qat.evaluate.validator``: top-1 %), the best state (the start included) kept; no early stop,
-     so the optimiser budget equals the fixed-step loop's. Rows in the JSON's ``qat_val``.
+     so the optimiser budget equals the fixed-step loop's. With ``--qat-gate-alpha A`` (default 0.05, the
+     product's default) ``fit``'s significance gate decides: the best state replaces the PTQ start only when
+     its per-sample validation gain passes the one-sided exact sign (McNemar) test, Bonferroni over the
+     epochs, at level A (``qmace.qat.gate``); rows in the JSON's ``qat_gate`` (the kept state, the gate's
+     decision, and the test accuracy of the best validation state, i.e. what the old rule would keep). With
+     ``--qat-gate-alpha off``: the session-4 rule (the best validation state, no gate), rows in ``qat_val``.
    - ``fixed``: the earlier hand-rolled loop (``qat``), the last step's state, batches from all 60k; rows in
      the JSON's ``qat`` (the rows of sessions 1-3).
 Every accuracy is on the official 10k test split (never used for training, calibration or any choice); the
@@ -46,6 +51,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -215,13 +221,15 @@ def qat(start, ranges, opts, xtr, ytr, *, steps, batch, lr, range_lr, seed):
     return module
 
 
-def qat_val(start, ranges, opts, xtr, ytr, validate, *, steps, batch, lr, range_lr, seed, epochs):
+def qat_val(start, ranges, opts, xtr, ytr, validate, *, steps, batch, lr, range_lr, seed, epochs,
+            gate_alpha=None):
     """QAT as ``qmace qat --val_dir`` runs it: ``qmace.qat.fit`` with cross-entropy on ``epochs`` epochs of
     ``steps // epochs`` random batches of ``batch`` (flips) from ``(xtr, ytr)`` (the train split without the
     validation images), the same optimiser budget as :func:`qat` (Adam, weights ``lr``, ranges ``range_lr``,
     5% warm-up + cosine over all ``steps``), ``validate(module)`` before training and after every epoch, the
-    best state (the start included) kept. Returns ``(module with the best state, FitResult, module state after
-    the last epoch)``."""
+    best state (the start included) kept -- or, with ``gate_alpha``, ``fit``'s significance gate deciding
+    between it and the start. Returns ``(module with the kept state, FitResult, module state after the last
+    epoch, the best validation state)``."""
     import torch
 
     from qmace.qat import prepare
@@ -232,7 +240,7 @@ def qat_val(start, ranges, opts, xtr, ytr, validate, *, steps, batch, lr, range_
     per_epoch = steps // epochs
     torch.manual_seed(seed)
     module = prepare(start, ranges, opts)
-    last = {}
+    last = {"best": {k: v.detach().clone() for k, v in module.state_dict().items()}}
 
     def batches(epoch: int):
         # the data order depends only on (seed, epoch), as fit's resume contract asks
@@ -249,12 +257,16 @@ def qat_val(start, ranges, opts, xtr, ytr, validate, *, steps, batch, lr, range_
     def on_epoch(rep):
         print(f"    qat epoch {rep.epoch}/{rep.epochs}: loss {rep.loss:.4f}, validation {rep.metric:.2f}%"
               f"{' (best)' if rep.best else ''}", flush=True)
+        if rep.best:  # the best validation state so far (the old rule's result)
+            last["best"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
         if rep.epoch == rep.epochs:
             last["state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     res = fit(module, batches, epochs=epochs, lr=lr, range_lr=range_lr, labels=None, schedule="cosine",
-              warmup=0.05, validate=validate, patience=None, on_epoch=on_epoch)
-    return module, res, last["state"]
+              warmup=0.05, validate=validate, patience=None, on_epoch=on_epoch, gate_alpha=gate_alpha)
+    if res.gate is not None:
+        print(f"    {res.gate.message()}", flush=True)
+    return module, res, last["state"], last["best"]
 
 
 def _commit() -> str | None:
@@ -295,8 +307,8 @@ def run_seed(args) -> dict:
     rest = np.setdiff1d(np.arange(len(xtr)), val_idx)
     out = {"seed": seed, "arch": args.arch, "epochs": args.epochs, "lr": args.lr, "calib": args.calib,
            "qat_steps": args.qat_steps, "qat_batch": args.qat_batch, "qat_lr": args.qat_lr,
-           "qat_range_lr": args.qat_range_lr, "ptq": {}, "qat": {}, "qat_val": {}, "time": {}}
-    merged = ("ptq", "qat", "qat_val", "time")
+           "qat_range_lr": args.qat_range_lr, "ptq": {}, "qat": {}, "qat_val": {}, "qat_gate": {}, "time": {}}
+    merged = ("ptq", "qat", "qat_val", "qat_gate", "time")
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     res_path = results / f"{args.arch}_e{args.epochs}_seed{seed}.json"
@@ -305,7 +317,7 @@ def run_seed(args) -> dict:
         if all(old.get(k) == out[k] for k in out if k not in merged):
             for k in merged:
                 out[k] = {**old.get(k, {}), **out[k]}
-            for k in ("val_float", "val_protocol"):  # the qat_val rows' context, if this run does not redo it
+            for k in ("val_float", "val_protocol", "ptq_superseded"):  # context of rows this run does not redo
                 if k in old:
                     out[k] = old[k]
             out["runs"] = old.get("runs", [])
@@ -313,7 +325,7 @@ def run_seed(args) -> dict:
     # its --qat-starts) and keeps the others, so each run leaves its commit and what it ran
     out.setdefault("runs", []).append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(),
                                        "schemas": args.schemas, "qat_starts": args.qat_starts,
-                                       "qat_mode": args.qat_mode})
+                                       "qat_mode": args.qat_mode, "qat_gate_alpha": args.qat_gate_alpha})
 
     def save():
         res_path.write_text(json.dumps(out, indent=1))
@@ -371,8 +383,15 @@ def run_seed(args) -> dict:
         opts.fixed_params = fixed
         starts[("qmace", schema)] = (ada_graph, pcal.ranges(), opts)
     out["time"]["calibration"] = time.perf_counter() - t0
+    before = dict(out["ptq"])
     for (name, schema), (g, r, o) in starts.items():
         out["ptq"][f"{name}/{schema}"] = accuracy(quantize_graph(g, r, o).graph, xte, yte)
+        key = f"{name}/{schema}"
+        if key in before and before[key] != out["ptq"][key]:
+            # the library's PTQ changed since the earlier QAT rows of this start were made: keep the value
+            # they started from (the first one recorded), so their QAT - PTQ stays theirs
+            out.setdefault("ptq_superseded", {}).setdefault(key, {"value": before[key], "replaced": time.strftime(
+                "%Y-%m-%d %H:%M:%S"), "by": out["ptq"][key]})
         print(f"seed {seed}: PTQ {name} {schema}: {out['ptq'][f'{name}/{schema}']:.2f}%", flush=True)
     save()
 
@@ -395,15 +414,21 @@ def run_seed(args) -> dict:
         key = f"{name}/{schema}"
         t0 = time.perf_counter()
         if args.qat_mode == "val":
-            module, res, last_state = qat_val(
+            alpha = None if args.qat_gate_alpha == "off" else float(args.qat_gate_alpha)
+            module, res, last_state, best_state = qat_val(
                 g, r, o, xtr[rest], ytr[rest], validate, steps=args.qat_steps, batch=args.qat_batch,
-                lr=args.qat_lr, range_lr=args.qat_range_lr, seed=seed, epochs=args.qat_epochs)
+                lr=args.qat_lr, range_lr=args.qat_range_lr, seed=seed, epochs=args.qat_epochs, gate_alpha=alpha)
             row = {"test": accuracy(module.quantized_graph(), xte, yte), "val_start": res.start_metric,
                    "val": res.metrics, "best_epoch": res.best_epoch, "val_best": res.best_metric}
+            if res.gate is not None:
+                row["gate"] = {**asdict(res.gate), "message": res.gate.message()}
+                row["val_candidate"] = res.gate.candidate_metric
+                module.load_state_dict(best_state)
+                row["test_candidate"] = accuracy(module.quantized_graph(), xte, yte)
             module.load_state_dict(last_state)
             row["test_last"] = accuracy(module.quantized_graph(), xte, yte)
             row["time"] = time.perf_counter() - t0
-            out["qat_val"][key] = row
+            out["qat_val" if alpha is None else "qat_gate"][key] = row
             print(f"seed {seed}: QAT (fit, validation) from {name} {schema}: {out['ptq'][key]:.2f}% -> "
                   f"{row['test']:.2f}% (best epoch {row['best_epoch']}, last epoch {row['test_last']:.2f}%; "
                   f"validation {row['val_start']:.2f} -> {row['val_best']:.2f}; {row['time']:.0f} s)", flush=True)
@@ -422,6 +447,12 @@ def run_seed(args) -> dict:
 def _ms(values) -> str:
     v = np.asarray(values, np.float64)
     return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+
+
+def _old_ptq(r: dict, key: str) -> float:
+    """The PTQ start the rows made before session 5 (``qat``, ``qat_val``) were trained from: the superseded
+    value when the library's PTQ of ``key`` has changed since (``ptq_superseded``), else the current one."""
+    return r.get("ptq_superseded", {}).get(key, {}).get("value", r["ptq"][key])
 
 
 def report(args) -> int:
@@ -443,23 +474,29 @@ def report(args) -> int:
             have = [r for r in runs if key in r["ptq"]]
             if not have:
                 continue
-            p = [r["ptq"][key] for r in have]
+            p = [_old_ptq(r, key) for r in have]
             both = [r for r in have if key in r["qat"]]
             if both:
                 q = [r["qat"][key] for r in both]
                 dq = [r["qat"][key] - r["float"] for r in both]
-                dp = [r["qat"][key] - r["ptq"][key] for r in both]
+                dp = [r["qat"][key] - _old_ptq(r, key) for r in both]
                 qs = f"{_ms(q)}% ({len(q)}) | {_ms(dq)} | {_ms(dp)}"
             else:
                 qs = "- | - | -"
             print(f"| {schema} | {name.replace('_', ' ')} | {len(p)} | {_ms(p)}% | {qs} | "
-                  f"{_ms([r['ptq'][key] - r['float'] for r in have])} |")
+                  f"{_ms([_old_ptq(r, key) - r['float'] for r in have])} |")
+    for r in runs:
+        for k, v in r.get("ptq_superseded", {}).items():
+            print(f"seed {r['seed']}: PTQ {k} changed {v['value']:.2f} -> {v['by']:.2f}% ({v['replaced']}, library "
+                  "change); the fixed-loop and session-4 rows of that start use the old value")
     _report_val(runs)
+    _report_gate(runs)
     for r in runs:  # which commit wrote which rows (files from before this record existed have none)
         for run in r.get("runs", []):
             print(f"seed {r['seed']}: {run['started']} commit {(run['commit'] or '?')[:12]}"
                   f"{'+dirty' if (run['commit'] or '').endswith('+dirty') else ''}: schemas {run['schemas']}, "
-                  f"QAT starts {run['qat_starts'] or '(none)'}, --qat-mode {run.get('qat_mode', 'fixed')}")
+                  f"QAT starts {run['qat_starts'] or '(none)'}, --qat-mode {run.get('qat_mode', 'fixed')}"
+                  f"{'' if 'qat_gate_alpha' not in run else ', --qat-gate-alpha ' + run['qat_gate_alpha']}")
     return 0
 
 
@@ -484,9 +521,9 @@ def _report_val(runs: list[dict]) -> None:
         name, schema = key.split("/")
         have = [r for r in runs if key in r["ptq"]]
         both = [r for r in have if key in r.get("qat_val", {})]
-        p = [r["ptq"][key] for r in have]
+        p = [_old_ptq(r, key) for r in have]
         q = [r["qat_val"][key]["test"] for r in both]
-        d = [r["qat_val"][key]["test"] - r["ptq"][key] for r in both]
+        d = [r["qat_val"][key]["test"] - _old_ptq(r, key) for r in both]
         sd = float(np.std(p, ddof=1)) if len(p) > 1 else float("nan")
         drops = [f"seed {r['seed']}" for r, v in zip(both, d) if v < 0 and -v > sd]
         vs = [r["qat_val"][key]["val_start"] for r in both]
@@ -500,8 +537,62 @@ def _report_val(runs: list[dict]) -> None:
         rows = r.get("qat_val", {})
         if rows:
             print(f"seed {r['seed']} (PTQ -> QAT fit+val, test; best epoch; s): " + "; ".join(
-                f"{k} {r['ptq'][k]:.2f} -> {v['test']:.2f} (e{v['best_epoch']}, {v['time']:.0f} s)"
+                f"{k} {_old_ptq(r, k):.2f} -> {v['test']:.2f} (e{v['best_epoch']}, {v['time']:.0f} s)"
                 for k, v in rows.items()))
+
+
+def _report_gate(runs: list[dict]) -> None:
+    """The gated rows (``qat_gate``: ``fit``'s significance gate) next to the session-4 rule's (``qat_val``:
+    best validation state) on the same starts: test accuracy, QAT - PTQ per seed under each rule, the seeds
+    whose drop exceeds the PTQ row's seed sd under each, and the gate's decision per seed (``e<k>`` = trained
+    epoch k kept, ``start`` = the PTQ start kept, with the adjusted p and the net validation gain)."""
+    keys = [f"{n}/{s}" for s in SCHEMAS for n in STARTS if any(f"{n}/{s}" in r.get("qat_gate", {}) for r in runs)]
+    if not keys:
+        return
+    alphas = sorted({str(r["qat_gate"][k]["gate"]["alpha"]) for r in runs for k in r.get("qat_gate", {})})
+    print(f"\nQAT through qmace.qat.fit with the significance gate (alpha {', '.join(alphas)}; one-sided exact "
+          "sign test on the per-sample validation results, Bonferroni over the epochs) vs the session-4 rule "
+          "(best validation state); test split accuracy")
+    print("| schema | PTQ start | n | PTQ | QAT old rule | QAT gated | gated QAT - float | per seed QAT - PTQ old "
+          "(mean ± sd) | per seed QAT - PTQ gated (mean ± sd) | PTQ sd | drop > PTQ sd old | drop > PTQ sd gated | "
+          "gate per seed (p, net val gain) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key in keys:
+        name, schema = key.split("/")
+        have = [r for r in runs if key in r["ptq"]]
+        p = [r["ptq"][key] for r in have]
+        p_old = [_old_ptq(r, key) for r in have]
+        sds = {}
+        cols = []
+        for rule, ptq in (("qat_val", _old_ptq), ("qat_gate", lambda r, k: r["ptq"][k])):
+            pr = [ptq(r, key) for r in have]
+            sd = sds[rule] = float(np.std(pr, ddof=1)) if len(pr) > 1 else float("nan")
+            both = [r for r in have if key in r.get(rule, {})]
+            d = [r[rule][key]["test"] - ptq(r, key) for r in both]
+            drops = [f"seed {r['seed']}" for r, v in zip(both, d) if v < 0 and -v > sd]
+            cols.append((f"{_ms([r[rule][key]['test'] for r in both])}% ({len(both)})" if both else "-",
+                         (", ".join(f"{v:+.2f}" for v in d) + (f" ({_ms(d)})" if len(d) > 1 else "")) or "-",
+                         ", ".join(drops) or "none"))
+        fl = [r["qat_gate"][key]["test"] - r["float"] for r in have if key in r.get("qat_gate", {})]
+        gates = []
+        for r in have:
+            g = r.get("qat_gate", {}).get(key, {}).get("gate")
+            if g is not None:
+                kept = "start" if g["kept_start"] else f"e{g['candidate_epoch']}"
+                pv = "-" if g["p_value"] is None else f"{g['p_value']:.2g}"
+                gates.append(f"s{r['seed']} {kept} (e{g['candidate_epoch']} p {pv}, {g['wins'] - g['losses']:+d})")
+        ptq = f"{_ms(p)}%" + ("" if p_old == p else f" (old rows' start: {_ms(p_old)}%)")
+        sd = (f"{sds['qat_gate']:.2f}" if p_old == p else f"{sds['qat_val']:.2f} / {sds['qat_gate']:.2f}")
+        print(f"| {schema} | {name.replace('_', ' ')} | {len(p)} | {ptq} | {cols[0][0]} | {cols[1][0]} | "
+              f"{_ms(fl) if fl else '-'} | {cols[0][1]} | {cols[1][1]} | {sd} | {cols[0][2]} | {cols[1][2]} | "
+              f"{'; '.join(gates)} |")
+    for r in runs:
+        rows = r.get("qat_gate", {})
+        if rows:
+            print(f"seed {r['seed']} (PTQ -> gated QAT, test; best validation state's test [old rule's row]; s): "
+                  + "; ".join(f"{k} {r['ptq'][k]:.2f} -> {v['test']:.2f} ({v['test_candidate']:.2f} "
+                              f"[{r.get('qat_val', {}).get(k, {}).get('test', float('nan')):.2f}], "
+                              f"{v['time']:.0f} s)" for k, v in rows.items()))
 
 
 def main(argv=None) -> int:
@@ -519,6 +610,9 @@ def main(argv=None) -> int:
                          "kept (as `qmace qat --val_dir`); fixed: the earlier fixed-step loop, last state")
     ap.add_argument("--qat-epochs", type=int, default=5,
                     help="--qat-mode val: epochs (validation points) the --qat-steps are split into")
+    ap.add_argument("--qat-gate-alpha", default="0.05",
+                    help="--qat-mode val: the significance level of fit's gate (qmace.qat.gate; rows in the "
+                         "JSON's qat_gate), or 'off' (the session-4 rule, best validation state; rows in qat_val)")
     ap.add_argument("--val-size", type=int, default=5000,
                     help="--qat-mode val: train images held out for validation")
     ap.add_argument("--qat-starts", default=",".join(STARTS),

@@ -4,6 +4,7 @@ early stopping, learning-rate schedule, device checks."""
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import sys
 
@@ -165,6 +166,13 @@ def test_cli_val_dir_reports_float_ptq_qat_and_exports_the_best(tmp_path, capsys
     assert "accuracy %" in line and "10 validation samples" in line
     vals = {k: float(line.split(f"{k} ")[1].split()[0]) for k in ("float", "PTQ", "QAT")}
     assert vals["QAT"] >= vals["PTQ"]
+    lines = text.splitlines()
+    gate = lines[lines.index(line) + 1]  # the significance gate's decision follows the summary
+    assert "the start significantly on the validation set" in gate or gate.startswith("QAT: no trained state")
+    summary = json.loads((out / "m_qat.json").read_text())
+    assert summary["gate"]["samples"] == 10
+    if summary["gate"]["kept_start"]:
+        assert vals["QAT"] == vals["PTQ"] and summary["best_epoch"] == 0
     assert text.count("validation ") >= 1
     res = convert(out / "m_qat.yml", build_dir=tmp_path / "build")
     s = Session(res.graph)
@@ -192,3 +200,26 @@ def test_bad_device_and_batch_are_one_line_errors(tmp_path, capsys):
     assert "multiple of the number of processes" in capsys.readouterr().err
     assert main(_qat_args(tmp_path, d, tmp_path / "o", "--device", "tpu")) == 2
     assert not (tmp_path / "o").exists()
+    capsys.readouterr()
+    for alpha, shown in (("0", "0.0"), ("1.5", "1.5"), ("none", "'none'")):
+        assert main(_qat_args(tmp_path, d, tmp_path / "o", "--gate_alpha", alpha)) == 2
+        err = capsys.readouterr().err
+        assert f"--gate_alpha {shown}:" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_two_processes_run_the_gate_on_rank_0_and_agree(tmp_path, capsys):
+    """--nproc 2 with --val_dir: rank 0 validates and decides, every rank loads the decided state (a rank that
+    skipped the decision's broadcast would hang); the exported model scores the reported QAT figure, which is
+    the PTQ start's when the gate kept it."""
+    d = _labelled_workspace(tmp_path, n_val=10)
+    out = tmp_path / "p2"
+    rc = main(_qat_args(tmp_path, d, out, "--epochs", "1", "--nproc", "2", "--val_dir", str(tmp_path / "val"),
+                        "--val_labels", str(tmp_path / "val_labels.txt")))
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    summary = json.loads((out / "m_qat.json").read_text())
+    assert summary["world"] == 2 and summary["gate"]["samples"] == 10
+    assert "the start significantly on the validation set" in text or "QAT: no trained state" in text
+    assert (summary["qat_metric"] == summary["ptq_metric"]) == (summary["best_epoch"] == 0)
+    assert summary["gate"]["kept_start"] or summary["best_epoch"] == summary["gate"]["candidate_epoch"]

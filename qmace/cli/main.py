@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "val_labels", default=None, help="labels of --val_dir (needed with --labels)")
     _flag(p, "patience", type=int, default=None,
           help="stop after this many epochs without a better validation score (needs --val_dir)")
+    _flag(p, "gate_alpha", default="0.05", help="significance gate level (default 0.05) or off")
     _flag(p, "device", default="cpu", help="cpu or cuda (one GPU per process)")
     _flag(p, "nproc", type=int, default=1,
           help="data-parallel processes on this machine (torch.distributed; several machines: torchrun)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from qmace.errors import QmaceError
+from qmace.errors import ConfigError, QmaceError
 
 
 class TorchMissing(QmaceError):
@@ -41,7 +41,28 @@ def job_from_args(a: argparse.Namespace):
         batch_size=a.batch_size, output_dir=_path(a.output_dir), build_dir=_path(a.build_dir),
         equalization=not a.no_equalization, device=a.device, nproc=a.nproc, workers=a.workers,
         schedule=a.lr_schedule, warmup=a.warmup, patience=a.patience, resume=a.resume, seed=a.seed,
-        threads=a.threads)
+        threads=a.threads, gate_alpha=gate_alpha(a.gate_alpha))
+
+
+def gate_alpha(text: str) -> float | None:
+    """``--gate_alpha``: the significance gate's level (a number; ``run_qat`` checks it is in (0, 1)), or
+    None for ``off`` (the best validation state is kept, however small its gain).
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The level, or None.
+
+    Raises:
+        ConfigError: neither a number nor ``off``.
+    """
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--gate_alpha {text!r}: a significance level in (0, 1), or off") from None
 
 
 def print_epoch(rep) -> None:
@@ -60,22 +81,28 @@ def _fmt(v) -> str:
 
 
 def summary_line(o) -> str:
-    """float / PTQ / QAT metric on the validation set in one line.
+    """float / PTQ / QAT metric on the validation set in one line, then the significance gate's decision
+    (when it ran) on a second.
 
     Args:
         o: the run's :class:`qmace.qat.job.QATOutputs`.
 
     Returns:
-        The line (without a newline).
+        The line(s) (without a final newline).
     """
     if o.metric is None:
         return (f"qat summary: no --val_dir, no validation metric; {o.epochs_run} epoch(s), final loss "
                 f"{o.losses[-1]:.4f}" if o.losses else "qat summary: 0 epochs")
     float_part = "reference" if o.float_metric is None else _fmt(o.float_metric)
     stop = ", stopped early" if o.stopped_early else ""
-    return (f"qat summary ({o.metric}, {o.val_samples} validation samples): float {float_part} | "
+    line = (f"qat summary ({o.metric}, {o.val_samples} validation samples): float {float_part} | "
             f"PTQ {_fmt(o.ptq_metric)} | QAT {_fmt(o.qat_metric)} (best epoch {o.best_epoch} of "
             f"{o.epochs_run} run{stop})")
+    if o.gate is None:
+        return line
+    from qmace.qat.gate import GateResult
+
+    return f"{line}\n{GateResult(**o.gate).message()}"
 
 
 def qat_command(a: argparse.Namespace, progress=None) -> int:

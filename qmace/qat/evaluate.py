@@ -1,8 +1,10 @@
 """Validation metrics of QAT: the deployed (integer) model scored on held-out samples.
 
-With labels: top-1 accuracy in % (``argmax`` of the first output over its non-batch elements). Without:
-SQNR in dB of the quantized model's first output against the float model's,
-``10 log10(sum(ref^2) / sum((ref - x)^2))`` over all samples (higher is better for both). The quantized
+With labels: top-1 accuracy in % (``argmax`` of the first output over its non-batch elements), returned per
+sample (100 where right, 0 where wrong: the mean is the accuracy), so that :func:`qmace.qat.trainer.fit` can
+test a gain for significance (:mod:`qmace.qat.gate`). Without: SQNR in dB of the quantized model's first
+output against the float model's, ``10 log10(sum(ref^2) / sum((ref - x)^2))`` over all samples, one float (a
+ratio of sums is no mean of per-sample scores, so ``fit`` cannot gate it; higher is better for both). The quantized
 model is ``module.quantized_graph()`` run by qmace's runtime (bit-exact with ``module(x, exact=True)``),
 sample by sample, since converted graphs carry the YAML's (usually batch-1) shapes.
 """
@@ -45,12 +47,26 @@ def accuracy(logits: np.ndarray, labels: Sequence[int]) -> float:
     Returns:
         The accuracy in percent.
     """
-    return float((logits.argmax(1) == np.asarray(labels)).mean() * 100)
+    return float(correct(logits, labels).mean())
+
+
+def correct(logits: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """Per-sample top-1 correctness in %: ``100 * (argmax(logits[i]) == labels[i])`` (its mean: :func:`accuracy`).
+
+    Args:
+        logits: (samples, classes) scores.
+        labels: the true class of each sample.
+
+    Returns:
+        float64 array of 100 (right) / 0 (wrong), one per sample.
+    """
+    return (logits.argmax(1) == np.asarray(labels)).astype(np.float64) * 100
 
 
 def validator(float_graph: Graph, samples: Sequence, labels: Sequence[int] | None,
               threads: int | None = 1) -> tuple[str, float | None, Callable]:
-    """``(metric name, float model's metric or None, validate(module) -> metric of its quantized model)``.
+    """``(metric name, float model's metric or None, validate(module) -> its quantized model's scores)``:
+    with labels per-sample correctness (:func:`correct`, mean = top-1 %), without the SQNR as one float.
 
     Args:
         float_graph: the float model (the SQNR reference without labels).
@@ -62,8 +78,8 @@ def validator(float_graph: Graph, samples: Sequence, labels: Sequence[int] | Non
         The triple above; the float metric is None for SQNR (the float model is the reference).
     """
     if labels is not None:
-        def validate(module) -> float:
-            return accuracy(outputs(module.quantized_graph(), samples, threads), labels)
+        def validate(module) -> np.ndarray:
+            return correct(outputs(module.quantized_graph(), samples, threads), labels)
 
         return "accuracy %", accuracy(outputs(float_graph, samples, threads), labels), validate
     ref = outputs(float_graph, samples, threads)

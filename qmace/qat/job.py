@@ -42,6 +42,7 @@ class QATJob:
     resume: bool = False
     seed: int = 0
     threads: int | None = None  # torch intra-op threads per process (None: torch's default)
+    gate_alpha: float | None = 0.05  # significance gate of the validation gain (None: off); qmace.qat.gate
 
 
 @dataclass
@@ -69,6 +70,7 @@ class QATOutputs:
     best_epoch: int = 0
     epochs_run: int = 0
     stopped_early: bool = False
+    gate: dict | None = None  # qmace.qat.gate.GateResult as a dict (None: gate off or not possible)
 
     def to_json(self) -> str:
         """These outputs as JSON (paths as strings); :meth:`from_json` reads it back.
@@ -214,7 +216,8 @@ def check_job(job: QATJob) -> None:
         job: the QAT job.
 
     Raises:
-        ConfigError: bad epochs/batch size/learning rates/schedule/warm-up/patience/workers, an unusable
+        ConfigError: bad epochs/batch size/learning rates/schedule/warm-up/patience/workers/gate alpha, an
+            unusable
             device or process count, a batch not divisible by the processes, inconsistent label flags, or
             ``resume`` without a checkpoint.
     """
@@ -234,6 +237,8 @@ def check_job(job: QATJob) -> None:
         raise ConfigError("--patience needs --val_dir and must be >= 1")
     if job.workers < 0:
         raise ConfigError("--workers must be >= 0")
+    if job.gate_alpha is not None and not 0.0 < job.gate_alpha < 1.0:
+        raise ConfigError(f"--gate_alpha {job.gate_alpha}: a significance level in (0, 1), or off")
     if job.nproc > 1 and launched_by_torchrun():
         raise ConfigError("--nproc with torchrun: torchrun starts the processes (use --nproc 1, the default)")
     check_device(job.device, job.nproc)
@@ -357,7 +362,7 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
         ensure_dir(out_dir)
     res = fit(module, loader, epochs=job.epochs, lr=job.lr, range_lr=job.range_lr, schedule=job.schedule,
               warmup=job.warmup, device=dev, validate=validate, patience=job.patience, checkpoint=ckpt,
-              resume=ckpt if job.resume else None, progress=progress, on_epoch=on_epoch)
+              resume=ckpt if job.resume else None, progress=progress, on_epoch=on_epoch, gate_alpha=job.gate_alpha)
     if rank != 0:
         return None
     module.to("cpu")
@@ -366,7 +371,7 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
                          [(r.min, r.max) for r in opts.input_ranges.values()])
     outputs = QATOutputs(
         onnx=onnx_path, ranges=range_path, checkpoint=ckpt, yaml=yml, summary=out_dir / f"{m.name}_qat.json",
-        samples=len(samples), val_samples=len(val_samples),
+        samples=len(samples), val_samples=len(val_samples), gate=None if res.gate is None else asdict(res.gate),
         objective="cross-entropy" if labels is not None else "distillation from the float model",
         equalized_tensors=equalized, world=world, losses=res.losses, metric=metric, metrics=res.metrics,
         float_metric=float_metric, ptq_metric=res.start_metric, qat_metric=res.best_metric,

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from qmace.errors import InputDataError
-from qmace.fileio import atomic_write
+from qmace.qat.checkpoint import CHECKPOINT_FORMAT, KeptStates, load_checkpoint, save_checkpoint, state_copy
+from qmace.qat.gate import DEFAULT_ALPHA, GateResult, apply_gate, check_alpha
 
 log = logging.getLogger(__name__)
 SCHEDULES = ("constant", "cosine")
@@ -42,26 +43,6 @@ def float_teacher(module) -> Callable[[np.ndarray], np.ndarray]:
         return np.concatenate([session.run({k: v[i:i + 1] for k, v in feeds.items()})[out] for i in range(n)])
 
     return run
-
-
-def save_checkpoint(module, path: str | Path, extra: dict | None = None) -> Path:
-    """``torch.save`` of ``{"model": state dict, **extra}`` (tensors and plain values, readable with
-    ``weights_only=True``), written atomically (a killed run leaves the previous checkpoint intact).
-
-    Args:
-        module: the module whose state dict is saved (detached, on the CPU).
-        path: the checkpoint file (parent folders are created).
-        extra: further entries (optimizer state, epoch, scores, ...).
-
-    Returns:
-        ``path`` as a Path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": _state(module), **(extra or {})}
-    with atomic_write(path, "wb") as f:
-        torch.save(state, f)
-    return path
 
 
 def _to(x, dev):
@@ -139,35 +120,7 @@ class FitResult:
     best_epoch: int = 0  # 0: the start was best (its state is kept)
     stopped_early: bool = False
     epochs_run: int = 0
-
-
-CHECKPOINT_FORMAT = "qmace-qat-checkpoint-2"
-
-
-def _state(module) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by :func:`fit` (``torch.load(weights_only=True)``: tensors and plain values).
-
-    Args:
-        path: the checkpoint file.
-
-    Returns:
-        Its dict (``model``, ``optimizer``, ``epoch``, scores, ``best_model``, ...).
-
-    Raises:
-        InputDataError: the file cannot be read or is not a resumable QAT checkpoint of this format.
-    """
-    path = Path(path)
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise InputDataError(f"{path}: cannot read the QAT checkpoint: {e}") from e
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise InputDataError(f"{path}: not a resumable QAT checkpoint (format {CHECKPOINT_FORMAT})")
-    return ck
+    gate: GateResult | None = None  # the significance gate's decision (None: off, or no per-sample scores)
 
 
 def _distributed() -> tuple[int, int]:
@@ -198,6 +151,7 @@ def fit(
     resume: str | Path | None = None,
     progress: Callable | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
+    gate_alpha: float | None = DEFAULT_ALPHA,
 ) -> FitResult:
     """Fine-tune ``module`` (a QATModule) with Adam; see :func:`train` for ``batches``, ``labels``, ``teacher``,
     ``temperature``, ``range_lr``.
@@ -208,9 +162,15 @@ def fit(
 
     ``schedule``/``warmup``: the learning rate of step ``k`` is the peak one times :func:`lr_factor`.
     ``device``: where the module, optimizer state and batches live (default: the module's device).
-    ``validate(module) -> float`` (higher is better): scored before training and after every epoch on the
-    quantized model; the best state is kept and restored at the end (the start included, so the result is
-    never worse on it than the PTQ start), and ``patience`` epochs without a better score stop training.
+    ``validate(module)`` (higher is better) scores the quantized model before training and after every
+    epoch: either per-sample scores (a 1-D array; the metric is their mean, e.g. 0/100 correctness -> top-1 %)
+    or one float (the metric). The best state by the metric is the candidate (ties keep the earlier; the start
+    included), and ``patience`` epochs without a better metric stop training. Significance gate
+    (``gate_alpha``, :mod:`qmace.qat.gate`): with per-sample scores the candidate replaces the PTQ start only
+    when the one-sided exact sign test (McNemar for 0/1 scores) of its per-sample scores against the start's,
+    Bonferroni-adjusted over the epochs scored, gives ``p <= gate_alpha``; otherwise the start is kept (logged,
+    ``FitResult.gate``). A float-returning ``validate`` cannot be gated (no per-sample results): the best
+    state by the metric is kept, as with ``gate_alpha=None``.
     ``checkpoint``: written atomically after each epoch (rank 0): module, optimizer, epoch, scores, best state.
     ``resume``: a checkpoint to continue from (its epoch count, scores and best state); the data order
     depends only on the epoch, so a resumed run ends as the uninterrupted one.
@@ -233,20 +193,23 @@ def fit(
         schedule: ``constant`` or ``cosine`` (:func:`lr_factor`).
         warmup: the warm-up share of the steps.
         device: where training runs (default: the module's device).
-        validate: ``validate(module) -> float``, higher is better, or None.
+        validate: ``validate(module) -> 1-D per-sample scores or float``, higher is better, or None.
         patience: epochs without a better score before stopping (needs ``validate``), or None.
         checkpoint: the checkpoint path written after each epoch, or None.
         resume: a checkpoint to continue from, or None.
         progress: ``progress(iterable, total=, desc=)`` wrapping each epoch, or None.
         on_epoch: called with an :class:`EpochReport` after each epoch (rank 0), or None.
+        gate_alpha: the significance level of the gate, in (0, 1), or None (off: the best state is kept).
 
     Returns:
-        The :class:`FitResult`; the module holds the best state, in eval mode.
+        The :class:`FitResult`; the module holds the kept state (best, or the start by the gate), in eval mode.
 
     Raises:
         InputDataError: ``resume`` is unreadable or does not match this model.
-        ValueError: an unknown ``schedule``.
+        ValueError: an unknown ``schedule``, a ``gate_alpha`` outside (0, 1), or per-sample scores that are
+            not 1-D or change length.
     """
+    check_alpha(gate_alpha)
     rank, world = _distributed()
     if device is not None:
         module.to(torch.device(device))
@@ -260,11 +223,13 @@ def fit(
     run = _Run(epochs, schedule, warmup, temperature, distill_axis, list(labels) if labels is not None else None,
                _teacher_logits(module, teacher), rank, world, dev, peak)
     res = FitResult(losses=[])
-    first, step, best_state, bad = _resume(module, opt, resume, run, res) if resume is not None else (0, 0, None, 0)
+    kept = KeptStates()
+    first, step, bad = _resume(module, opt, resume, run, res, kept) if resume is not None else (0, 0, 0)
     score = _scorer(module, validate, run)
     if validate is not None and resume is None:
-        res.start_metric = res.best_metric = score()
-        best_state = _state(module)
+        res.start_metric, kept.start_scores = score()
+        res.best_metric, kept.best_scores = res.start_metric, kept.start_scores
+        kept.best_state = kept.start_state = state_copy(module)
     module.train()
     stop = validate is not None and patience is not None and bad >= patience
     for epoch in range(first, epochs):
@@ -273,12 +238,13 @@ def fit(
         it, per_epoch = _epoch_batches(batches, epoch, progress, run)
         loss, step = _train_epoch(net, module, opt, it, per_epoch, step, run)
         res.losses.append(loss)
-        metric = score()
+        metric, per_sample = score()
         better = metric is not None and (res.best_metric is None or metric > res.best_metric)
         if metric is not None:
             res.metrics.append(metric)
             if better:
-                res.best_metric, res.best_epoch, best_state, bad = metric, epoch + 1, _state(module), 0
+                res.best_metric, res.best_epoch, bad = metric, epoch + 1, 0
+                kept.best_state, kept.best_scores = state_copy(module), per_sample
             else:
                 bad += 1
             stop = patience is not None and bad >= patience
@@ -289,13 +255,15 @@ def fit(
                 "format": CHECKPOINT_FORMAT, "optimizer": opt.state_dict(), "epoch": epoch + 1, "epochs": epochs,
                 "step": step, "losses": res.losses, "metrics": res.metrics, "start_metric": res.start_metric,
                 "best_metric": res.best_metric, "best_epoch": res.best_epoch, "bad_epochs": bad,
-                "best_model": best_state})
+                **kept.to_checkpoint()})
         if on_epoch is not None and rank == 0:
             on_epoch(EpochReport(epoch + 1, epochs, res.losses[-1], metric, better))
     res.epochs_run = len(res.losses)
     res.stopped_early = res.epochs_run < epochs
-    if best_state is not None:
-        module.load_state_dict(best_state)
+    if validate is not None and gate_alpha is not None:
+        apply_gate(res, kept, gate_alpha, run.rank, run.world, run.device)
+    if kept.best_state is not None:
+        module.load_state_dict(kept.best_state)
     module.eval()
     return res
 
@@ -327,9 +295,9 @@ def _optimizer(module, lr: float, range_lr: float | None) -> tuple[torch.optim.A
     return torch.optim.Adam(groups), [g["lr"] for g in groups]
 
 
-def _resume(module, opt, resume: str | Path, run: _Run, res: FitResult) -> tuple[int, int, dict | None, int]:
-    """Load a checkpoint into ``module``/``opt``/``res`` (rank 0 reads, the others receive it);
-    returns ``(first epoch, step, best state, epochs without improvement)``."""
+def _resume(module, opt, resume: str | Path, run: _Run, res: FitResult, kept: KeptStates) -> tuple[int, int, int]:
+    """Load a checkpoint into ``module``/``opt``/``res``/``kept`` (rank 0 reads, the others receive it);
+    returns ``(first epoch, step, epochs without improvement)``."""
     ck = load_checkpoint(resume) if run.rank == 0 else None
     if run.world > 1:
         import torch.distributed as dist
@@ -347,27 +315,41 @@ def _resume(module, opt, resume: str | Path, run: _Run, res: FitResult) -> tuple
     if int(ck["epochs"]) != run.epochs:
         log.warning("%s: resuming a run planned for %s epochs with %s epochs (schedule changes)", resume,
                     ck["epochs"], run.epochs)
+    kept.from_checkpoint(ck)
     log.info("resumed from %s after epoch %d", resume, int(ck["epoch"]))
-    return int(ck["epoch"]), int(ck["step"]), ck["best_model"], int(ck["bad_epochs"])
+    return int(ck["epoch"]), int(ck["step"]), int(ck["bad_epochs"])
 
 
-def _scorer(module, validate: Callable | None, run: _Run) -> Callable[[], float | None]:
-    """``score()``: rank 0's ``validate(module)`` in eval mode without gradients, broadcast to every rank."""
+def _scorer(module, validate: Callable | None, run: _Run) -> Callable[[], tuple[float | None, np.ndarray | None]]:
+    """``score() -> (metric, per-sample scores or None)``: rank 0's ``validate(module)`` in eval mode without
+    gradients (a 1-D array: its mean is the metric; a scalar: the metric, no per-sample scores); the metric is
+    broadcast to every rank, the per-sample scores stay on rank 0."""
+    count: list[int] = []
 
-    def score() -> float | None:
+    def score() -> tuple[float | None, np.ndarray | None]:
         if validate is None:
-            return None
+            return None, None
         value = torch.zeros(1, dtype=torch.float64)
+        per = None
         if run.rank == 0:
             module.eval()
             with torch.no_grad():
-                value[0] = float(validate(module))
+                got = validate(module)
             module.train()
+            if np.ndim(got) == 0:
+                value[0] = float(got)
+            else:
+                per = np.asarray(got, np.float64)
+                if per.ndim != 1 or not len(per) or (count and count[0] != len(per)):
+                    raise ValueError(f"validate() returned per-sample scores of shape {per.shape}: expected a "
+                                     f"non-empty 1-D array{f' of {count[0]}' if count else ''}")
+                count[:] = [len(per)]
+                value[0] = float(per.mean())
         if run.world > 1:
             import torch.distributed as dist
 
             dist.broadcast(value.to(run.device) if dist.get_backend() == "nccl" else value, src=0)
-        return float(value[0])
+        return float(value[0]), per
 
     return score
 
