@@ -46,6 +46,7 @@ COVERED = [
     "qmace.cli",
     "qmace.cli.main",
     "qmace.cli.qat",
+    "qmace.cli.report",
     "qmace.config",
     "qmace.data",
     "qmace.errors",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
 import sys
 import threading
@@ -16,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from qmace.cli.report import print_backend_comparison, print_run_report
 from qmace.errors import QmaceError
 from qmace.qmath import SCHEMAS
 from qmace.quantize.ranges import DEFAULT_ENHANCE_RATIO
@@ -168,14 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _criterion(check) -> str:
-    """What decided a --validate row: the YAML's metric and threshold, or MACE's cosine (rel-error where the
-    reference is ~0)."""
-    if check.metric == "cosine":
-        return check.comparison.criterion
-    return f"{check.metric}{'>=' if check.metric in ('sqnr', 'ctc_greedy') else '<='}{check.threshold:.3g}"
-
-
 def _backends(text: str) -> list[str]:
     from qmace.runtime.session import BACKENDS
 
@@ -184,21 +176,6 @@ def _backends(text: str) -> list[str]:
     if bad or not names or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"{text!r}: expected distinct names from {', '.join(BACKENDS)}")
     return names
-
-
-def _print_backend_comparison(cmp) -> None:
-    first = cmp.reports[0].backend
-    for rep in cmp.reports:
-        _print_run_report(rep, True)
-    print(f"median latency relative to {first} (interleaved runs):")
-    for rep in cmp.reports:
-        line = f"  {rep.backend:<12} {cmp.median_ms(rep.backend):9.3f} ms  {cmp.median_ms(first) / cmp.median_ms(rep.backend):5.2f}x"
-        checks = cmp.versus_first.get(rep.backend)
-        if checks:
-            worst = min(checks, key=lambda c: c.comparison.cosine).comparison
-            line += (f"  outputs vs {first}: min cosine {worst.cosine:.6f}, "
-                     f"max abs diff {max(c.comparison.max_abs_error for c in checks):.4g}")
-        print(line)
 
 
 def _progress(it, total=None, desc="samples", unit="sample"):
@@ -226,42 +203,6 @@ def cmd_convert(a: argparse.Namespace) -> int:
     print(res.summary())
     print(f"model file: {res.path}")
     return 0
-
-
-def _print_run_report(rep, benchmark: bool) -> None:
-    if benchmark or rep.latencies_ms:
-        pct = rep.latency_percentiles()
-        print(f"{rep.backend}: {rep.samples} sample(s), {len(rep.latencies_ms)} run(s), latency ms: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in pct.items()))
-    if rep.op_times_ms:
-        by_type: dict[str, float] = {}
-        for node, ms in rep.op_times_ms.items():
-            by_type[rep.op_types[node]] = by_type.get(rep.op_types[node], 0.0) + ms
-        total = sum(by_type.values()) or 1.0
-        print("per-op time (reference backend, ms per run):")
-        for op, ms in sorted(by_type.items(), key=lambda kv: -kv[1]):
-            print(f"  {op:<24} {ms:9.3f}  {100 * ms / total:5.1f}%")
-        print("slowest nodes:")
-        for node, ms in sorted(rep.op_times_ms.items(), key=lambda kv: -kv[1])[:10]:
-            print(f"  {node:<40} {rep.op_types[node]:<16} {ms:9.3f}")
-    if rep.checks:
-        print(f"validation against {rep.oracle} (threshold: cosine >= {rep.threshold}); where the reference "
-              f"is ~0, relative error <= {math.sqrt(2 * max(0.0, 1 - rep.threshold)):.3g} decides:")
-        argmax = any(not math.isnan(c.comparison.argmax_agreement) for c in rep.checks)  # classifier outputs only
-        ctc = any(c.metric == "ctc_greedy" for c in rep.checks)  # share of sequences decoded alike
-        ws = max([6, *(len(c.sample or "-") for c in rep.checks)])  # columns as wide as the longest name
-        wo = max([6, *(len(c.output) for c in rep.checks)])
-        print(f"  {'sample':<{ws}} {'output':<{wo}} {'cosine':>10} {'SQNR dB':>9} {'max abs err':>12} {'rel err':>9} "
-              f"{'decided by':>10}" + (f" {'argmax':>7}" if argmax else "") + (f" {'CTC same':>8}" if ctc else ""))
-        for c in rep.checks:
-            cmp = c.comparison
-            ok = "" if c.passed else "  FAIL"
-            sqnr = "ref~0" if cmp.sqnr_db is None else f"{cmp.sqnr_db:.2f}"
-            agree = "-" if math.isnan(cmp.argmax_agreement) else f"{cmp.argmax_agreement:.1%}"
-            print(f"  {c.sample or '-':<{ws}} {c.output:<{wo}} {cmp.cosine:10.6f} {sqnr:>9} {cmp.max_abs_error:12.4g} "
-                  f"{cmp.rel_error:9.3g} {_criterion(c):>10}" + (f" {agree:>7}" if argmax else "")
-                  + (f" {cmp.ctc_agreement:8.1%}" if ctc else "") + ok)
-        print("validation " + ("passed" if rep.passed else "FAILED"))
 
 
 @command("run")
@@ -296,7 +237,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         cmp = run_backends(a.config, a.backend, model_name=a.model_name, build_dir=a.build_dir,
                            input_dir=a.input_dir, rounds=a.round, validate=a.validate, num_threads=a.num_threads,
                            progress=_progress)
-        _print_backend_comparison(cmp)
+        print_backend_comparison(cmp)
         return 0 if all(r.passed for r in cmp.reports) else 1
     rep = run(
         a.config, model_name=a.model_name, build_dir=a.build_dir, backend=a.backend[0], input_dir=a.input_dir,
@@ -305,7 +246,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     )
     if a.quantize_stat:
         return 0 if rep.passed else 1
-    _print_run_report(rep, a.benchmark)
+    print_run_report(rep, a.benchmark)
     if rep.outputs_written:
         print(f"wrote {len(rep.outputs_written)} output file(s) to {a.output_dir}")
     return 0 if rep.passed else 1
