@@ -14,7 +14,8 @@ In one run, calibrating on the 64 calibration stamps and evaluating on the 233 e
   can add them back.) An accuracy-only ablation shows the int8 rows without bias correction.
 Per row: top-1 agreement with FP32 ORT, top-5 overlap, logits SQNR (all 233x1000 logits), labelled top-1 /
 top-5, latency at batch 1 and 8 (median of interleaved rounds; `--threads` and 1 thread), speed-up vs FP32 ORT
-and ratio to ORT's best-accuracy int8 model at batch 1. Then calibration peak memory at 100 vs 1000 samples
+and ratio to ORT's best-accuracy int8 model at batch 1; per recipe run under both schemas, `int8`'s top-1 agreement
+minus `uint8`'s with a 95% paired bootstrap interval (issue 10 item 5). Then calibration peak memory at 100 vs 1000 samples
 (the 64 images repeated; one fresh subprocess per run; peak RSS growth of calibration + bias correction /
 AdaRound), and optionally (`--diagnose`) a diagnosis of where the int8 error comes from.
 
