@@ -14,7 +14,8 @@ In one run, calibrating on the 64 calibration stamps and evaluating on the 233 e
   can add them back.) An accuracy-only ablation shows the int8 rows without bias correction.
 Per row: top-1 agreement with FP32 ORT, top-5 overlap, logits SQNR (all 233x1000 logits), labelled top-1 /
 top-5, latency at batch 1 and 8 (median of interleaved rounds; `--threads` and 1 thread), speed-up vs FP32 ORT
-and ratio to ORT's best-accuracy int8 model at batch 1. Then calibration peak memory at 100 vs 1000 samples
+and ratio to ORT's best-accuracy int8 model at batch 1; per recipe run under both schemas, `int8`'s top-1 agreement
+minus `uint8`'s with a 95% paired bootstrap interval (issue 10 item 5). Then calibration peak memory at 100 vs 1000 samples
 (the 64 images repeated; one fresh subprocess per run; peak RSS growth of calibration + bias correction /
 AdaRound), and optionally (`--diagnose`) a diagnosis of where the int8 error comes from.
 
@@ -262,7 +263,27 @@ def report(args, rows: list[dict], ablation: list[dict], labels) -> list[str]:
                   f"({'ok' if min(sp, sp1) >= 1.8 else 'MISS'} >= 1.8)")
     out += tl
     print("\n".join(tl), flush=True)
+    out += schema_gaps(rows)
     return out
+
+
+def schema_gaps(rows: list[dict]) -> list[str]:
+    """Issue 10 item 5: per recipe, `int8`'s top-1 agreement minus `uint8`'s on the same images (target <= 5
+    points) with its 95% paired bootstrap interval (``common.agreement_gap``), so that a miss or a pass can be
+    told apart from the flips of a few borderline images."""
+    ref = rows[0]["logits"]
+    by = {(r["schema"], r["label"].split(", ", 1)[1]): r for r in rows if r["kind"] == "qmace"}
+    gl = ["", "### uint8 vs int8 top-1 agreement (issue 10 item 5: gap <= 5 points)", ""]
+    for (schema, key), r8 in by.items():
+        ru = by.get(("uint8", key))
+        if schema != "int8" or ru is None:
+            continue
+        g = common.agreement_gap(ref, r8["logits"], ru["logits"])
+        gl.append(f"- {key}: int8 - uint8 = {g['gap']:.2f} points (95% paired bootstrap {g['lo']:.2f} .. "
+                  f"{g['hi']:.2f}; {g['only_a']} images agree only under int8, {g['only_b']} only under uint8) "
+                  f"({'ok' if g['gap'] <= 5 else 'MISS'} <= 5)")
+    print("\n".join(gl), flush=True)
+    return gl
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -204,6 +204,21 @@ def logits_metrics(ref: np.ndarray, x: np.ndarray, labels: dict[int, set[int]]) 
     }
 
 
+def agreement_gap(ref: np.ndarray, a: np.ndarray, b: np.ndarray, boot: int = 10000, seed: int = 0) -> dict[str, float]:
+    """Top-1 agreement with `ref` of `a` minus that of `b` (points), with a 95% paired bootstrap interval.
+
+    Per image ``d_i = [argmax a_i = argmax ref_i] - [argmax b_i = argmax ref_i]`` (in {-1, 0, 1}); the gap is
+    ``100 mean(d)``, the interval the 2.5 / 97.5 percentiles of ``100 mean(d[idx])`` over `boot` resamples of
+    the images with replacement (fixed `seed`). ``only_a`` / ``only_b``: images only one of the two agrees on.
+    """
+    r = np.argmax(ref, axis=1)
+    d = (np.argmax(a, axis=1) == r).astype(np.int64) - (np.argmax(b, axis=1) == r).astype(np.int64)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(boot, len(d)))
+    means = 100.0 * d[idx].mean(axis=1)
+    return {"gap": 100.0 * float(d.mean()), "lo": float(np.percentile(means, 2.5)),
+            "hi": float(np.percentile(means, 97.5)), "only_a": int(np.sum(d > 0)), "only_b": int(np.sum(d < 0))}
+
+
 # ------------------------------------------------------------------------------------------------ memory
 
 

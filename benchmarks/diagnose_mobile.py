@@ -3,7 +3,7 @@
 images only (so that whatever it points to can be chosen without looking at the evaluation split).
 
     python benchmarks/diagnose_mobile.py --model seg [--schema int8_w7] [--refine bc] [--images 32]
-        [--top 12] [--no-singles] [--json OUT]
+        [--top 12] [--no-singles] [--weight-layers] [--json OUT]
 
 1. Cumulative SQNR of every quantized activation along the graph: the dequantized codes of the integer model
    (ONNX Runtime, ``int8_w7`` is exact there) vs the same tensor of the float graph after equalization (same
@@ -13,6 +13,9 @@ images only (so that whatever it points to can be chosen without looking at the 
    layer "everything quantized except this layer's weights (and bias)": how much of the output error each
    one, kept float, recovers (output SQNR vs FP32, mean IoU / top-1, share of images within MACE's cosine
    0.98 or task metric >= 0.95).
+3. ``--weight-layers`` (instead of the one-at-a-time ablations of 2): every activation float, each layer's
+   weights quantized alone, then every layer's but the k most costly (``weight_layers``): whether the weights
+   alone keep a model from the 95% criterion, and which layers.
 """
 
 from __future__ import annotations
@@ -126,6 +129,33 @@ class Surgery:
         return m.SerializeToString()
 
 
+def weight_layers(sur: Surgery, m, xs: np.ndarray, score) -> dict:
+    """Whether the weights cap a model, and which layers: every activation float, (1) each layer's weights
+    quantized alone (its output SQNR vs FP32: the layer's share of the weights-only error), (2) every layer's
+    weights quantized except the ``k`` layers of (1) with the lowest SQNR, for k = 0, 1, 2, 4, 8, 16 (what a
+    weight-precision lever on ``k`` layers could recover at most, with float activations). Printed and returned."""
+    acts, layers = list(sur.acts), list(sur.layers)
+    alone = []
+    for name in layers:
+        r = score(run_model(sur.build(float_acts=acts, float_layers=[n for n in layers if n != name]),
+                            m.input_name, xs, False))
+        alone.append([name, r])
+    alone.sort(key=lambda a: a[1]["sqnr"])
+    rows = []
+    for k in (0, 1, 2, 4, 8, 16):
+        if k <= len(layers):
+            keep = [n for n, _ in alone[:k]]
+            rows.append([k, ", ".join(keep[:4]) + (" ..." if k > 4 else ""),
+                         score(run_model(sur.build(float_acts=acts, float_layers=keep), m.input_name, xs, False))])
+    print(f"\nActivations float; one layer's weights quantized alone (the 12 most costly of {len(layers)}):\n")
+    print(md_table(["layer", "SQNR dB", "metric", "ok images"],
+                   [[n, r["sqnr"], r["metric"], f"{100 * r['ok']:.0f}%"] for n, r in alone[:12]]))
+    print("\nActivations float; every layer's weights quantized except the k most costly:\n")
+    print(md_table(["k", "kept float", "SQNR dB", "metric", "ok images"],
+                   [[k, kept or "-", r["sqnr"], r["metric"], f"{100 * r['ok']:.0f}%"] for k, kept, r in rows]))
+    return {"alone": alone, "all_but_k": rows}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="seg")
@@ -135,6 +165,9 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--no-singles", action="store_true", help="skip the one-tensor-at-a-time ablations")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--weight-layers", action="store_true",
+                    help="instead of the one-at-a-time ablations: activations float, each layer's weights quantized "
+                         "alone, then all weights but the K most costly layers' (does a weight-precision lever help?)")
     args = ap.parse_args()
     work = default_cache() / "bench-mobile"
     m = load_models([args.model], work)[0]
@@ -164,6 +197,11 @@ def main() -> int:
     out["weights_float"] = score(run_model(sur.build(float_layers=list(sur.layers)), m.input_name, xs, False))
     out["acts_float"] = score(run_model(sur.build(float_acts=list(sur.acts)), m.input_name, xs, False))
     print(json.dumps({k: out[k] for k in ("qmace_backend", "all_quantized", "weights_float", "acts_float")}), flush=True)
+    if args.weight_layers:
+        out["weight_layers"] = weight_layers(sur, m, xs, score)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
+        return 0
     singles = []
     for t in [] if args.no_singles else sur.acts:
         singles.append(["act", t, score(run_model(sur.build(float_acts=[t]), m.input_name, xs, False))])

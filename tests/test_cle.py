@@ -52,12 +52,16 @@ def test_float_function_unchanged_and_weight_ranges_levelled():
     before = _rows(wd) / _rows(wd).max()
     assert before.min() < 0.05, "the test model must have uneven depthwise rows"
     # at the fixed point each channel's range is the same fraction of both layers' widest (the sqrt rule),
-    # for both groups the depthwise layer sits in
-    np.testing.assert_allclose(_rows(e1) / _rows(e1).max(), _rows(ed) / _rows(ed).max(), rtol=1e-3)
-    np.testing.assert_allclose(_rows(ed) / _rows(ed).max(), col3(e3) / col3(e3).max(), rtol=1e-3)
+    # for both groups the depthwise layer sits in, except channels held by the activation-resolution bound
+    # (their share of the activation range is unchanged)
+    after = _maxima(ge, cal)
+    share = lambda mx, t: mx.maxima[t] / mx.maxima[t].max()
+    for t, (p, c) in {"a6": (_rows(e1), _rows(ed)), "d6": (_rows(ed), col3(e3))}.items():
+        held = np.isclose(share(after, t), share(mx, t), rtol=1e-4)
+        assert (~held).sum() >= 3, f"{t}: the sqrt rule must decide most channels of the test model"
+        np.testing.assert_allclose((p / p.max())[~held], (c / c.max())[~held], rtol=1e-3)
     assert (_rows(ed) / _rows(ed).max()).min() > 4 * before.min()
     # no activation range grew
-    after = _maxima(ge, cal)
     for t in ("a6", "d6"):
         assert after.maxima[t].max() <= mx.maxima[t].max() * (1 + 1e-5)
 
@@ -103,15 +107,17 @@ def test_saturating_relu6_channels_keep_their_scale():
     assert _maxima(ge, cal).maxima["a6"].max() <= 6.0 + 1e-5
 
 
-def test_outlier_row_is_shrunk_not_grown():
+def test_outlier_row_is_leveled_not_grown():
     """The benchmark C collapse: a BatchNorm-folded outlier depthwise row sets the layer's per-tensor range.
-    Cross-layer equalization shrinks it (its dead input column is widened instead)."""
+    Cross-layer equalization levels it: the other rows take a 4x larger share of the range (they grow within
+    their activations' headroom, the outlier does not), and the layer's range does not grow."""
     g, cal = _outlier_model(), _samples()
     mx = _maxima(g, cal)
     ge, _ = cross_layer_equalize(g, mx)
     before, after = _rows(_weight(g, "d6")), _rows(_weight(ge, "d6"))
     assert before[0] > 20 * np.median(before[1:])
-    assert after.max() < before.max() and after[0] / np.median(after[1:]) < before[0] / np.median(before[1:]) / 4
+    assert after.max() <= before.max() * (1 + 1e-6)
+    assert after[0] / np.median(after[1:]) < before[0] / np.median(before[1:]) / 4
     np.testing.assert_allclose(_run(ge, cal), _run(g, cal), rtol=1e-4, atol=1e-5)
 
 
@@ -119,3 +125,19 @@ def test_uint8_recipe_gets_more_accurate():
     g, cal, ev = _chain(relu6=True), _x_samples((1, 3, 12, 12)), _x_samples((1, 3, 12, 12), n=8)
     plain, equalized = _uint8_sqnr(g, cal, ev, False), _uint8_sqnr(g, cal, ev, True)
     assert equalized > plain + 3.0, (plain, equalized)
+
+
+def test_no_activation_channel_loses_resolution():
+    """A channel shrinks only as far as its tensor's range shrinks: on the per-tensor activation grid every
+    channel keeps at least its share of the range (the sqrt rule alone shrank the chain's d6 channels to 0.15x
+    of their share)."""
+    for g, cal in ((_chain(), _x_samples((1, 3, 12, 12))), (_outlier_model(), _samples())):
+        mx = _maxima(g, cal)
+        ge, groups = cross_layer_equalize(g, mx)
+        after = _maxima(ge, cal)
+        assert any(gr.min_scale < 0.5 for gr in groups), "the test model must shrink some channels"
+        for gr in groups:
+            for t in gr.tensors:
+                before, now = mx.maxima[t] / mx.maxima[t].max(), after.maxima[t] / after.maxima[t].max()
+                live = before > 1e-6
+                assert np.all(now[live] >= before[live] * (1 - 1e-4)), (t, np.min(now[live] / before[live]))

@@ -23,7 +23,16 @@ Choices beyond the paper, each keeping the float function or the activations' gr
 - The common factor of ``t`` is free for the weights (each layer's grid scales with it). It is fixed so that
   no member tensor's activation range grows: ``max_i T_i m_i = max_i m_i`` with ``T`` the accumulated scale
   and ``m_i`` the channel's calibration max |value|. The activations' per-tensor grids therefore keep their
-  step, channels shrunk by the weights lose activation resolution and channels grown gain it.
+  step, and channels grown by the weights gain activation resolution.
+- No channel loses activation resolution: ``T_i >= max_j(T_j m_j) / max_j m_j``, i.e. a channel shrinks only as
+  far as its tensor's range shrinks with it. The sqrt rule trades a channel's producer-row precision against
+  its consumer-column precision and ignores the activation grid: shrinking channel ``i`` by ``t`` under an
+  unchanged per-tensor step multiplies its activation noise, as the consumer sees it, by ``1/t``. Without this
+  bound the selfie segmentation model's last decoder group (the tensor the head reads, range set by one
+  channel at 110 while most sit near 11) had channels shrunk to 0.10x, and its ``uint8`` model lost 1.3 dB on
+  its calibration images against the rule before cross-layer equalization (benchmarks/README.md, "Mobile
+  models", run 4). A widest producer row that sets the activation range shrinks with the range, so an outlier
+  row is still leveled (tests/test_cle.py).
 - A fused ``[0, hi]`` Clip (ReLU6) is positive-homogeneous only if the clip point moves with the scale
   (``t f(y) = clip(t y, 0, t hi)``), which a per-tensor kernel cannot do per channel. A channel that never
   reached ``hi`` on the calibration data has ``clip(t y, 0, hi) = t clip(y, 0, hi)`` whenever ``t m_i <= hi``
@@ -172,6 +181,9 @@ def _sweep(gr: _Group) -> float:
     for m in gr.maxima:
         ok = m > 0
         want[ok] = np.minimum(want[ok], m.max() / m[ok])
+    # no channel loses activation resolution: none shrinks by more than its tensor's range does,
+    # T_i >= max_j(T_j m_j) / max_j m_j (the largest such bound over the members)
+    want = np.maximum(want, max((float(np.max(want * m) / m.max()) for m in gr.maxima if m.max() > 0), default=0.0))
     want[gr.pinned] = 1.0
     step = want / gr.total
     gr.total = want
