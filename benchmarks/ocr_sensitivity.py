@@ -257,17 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         # run_ptq's steps for the default recipe with --method (equalization, one calibration pass, bias
         # correction), spelled out so that the ranking --sensitivity_16bit measures (on the equalized graph and
         # its ranges, before bias correction) and every model of the sweep share one calibration
-        from qmace.quantize.bias_correction import ChannelMeans, correct_biases
-        from qmace.quantize.recipe import equalize_on
+        from qmace.quantize.bias_correction import correct_biases
 
-        recipe = PTQRecipe(method=a.method, percentile=a.percentile, schema=a.schema)
-        eq, _ = equalize_on(g, samples, a.threads, a.schema)
-        cal, means = recipe.calibrator(), ChannelMeans(eq)
-        calibrate(eq, samples, cal, a.threads, observers=[means])
-        ranges = cal.ranges()
-        if a.method != "mace":
-            ranges, _ = saturating_input_ranges(eq, ranges, cal.extrema())
-        rank_plan = plan_quantization(eq, ranges, opts)
+        eq, means, ranges, rank_plan = calibrated_plan(a, g, samples, opts)
         _, ranking = S.sensitive_activations(eq, rank_plan, feeds[:a.rank_samples], 10**6, a.threads)
         refined, _ = correct_biases(eq, means, a.schema)
         out["ranking"] = [(r.tensor, r.sqnr_db) for r in ranking]
@@ -312,6 +304,29 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"run time {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def calibrated_plan(a, g, samples, opts):
+    """run_ptq's first steps for the default recipe with ``--method``, spelled out so that a sensitivity
+    ranking and every model built after it share one calibration: equalization, one calibration pass that
+    also gathers the channel means bias correction needs, the saturating-input rule, the plan.
+
+    Returns:
+        ``(equalized graph, channel means, ranges, plan)``.
+    """
+    from qmace.quantize.bias_correction import ChannelMeans
+    from qmace.quantize.dense import saturating_input_ranges
+    from qmace.quantize.plan import plan_quantization
+    from qmace.quantize.recipe import PTQRecipe, calibrate, equalize_on
+
+    recipe = PTQRecipe(method=a.method, percentile=a.percentile, schema=a.schema)
+    eq, _ = equalize_on(g, samples, a.threads, a.schema)
+    cal, means = recipe.calibrator(), ChannelMeans(eq)
+    calibrate(eq, samples, cal, a.threads, observers=[means])
+    ranges = cal.ranges()
+    if a.method != "mace":
+        ranges, _ = saturating_input_ranges(eq, ranges, cal.extrema())
+    return eq, means, ranges, plan_quantization(eq, ranges, opts)
 
 
 def int16_params(w: np.ndarray, axis: int):
@@ -438,22 +453,12 @@ def layer_sweep(a, g, samples, feeds, opts, judge, show, rec) -> dict:
     import onnxruntime as ort
 
     from qmace.quantize import sensitivity as S
-    from qmace.quantize.bias_correction import ChannelMeans, correct_biases
-    from qmace.quantize.dense import saturating_input_ranges
-    from qmace.quantize.plan import plan_quantization
+    from qmace.quantize.bias_correction import correct_biases
     from qmace.quantize.quantizer import quantize_graph
-    from qmace.quantize.recipe import PTQRecipe, calibrate, equalize_on
     from qmace.runtime import Session
 
     t0 = time.perf_counter()
-    recipe = PTQRecipe(method=a.method, percentile=a.percentile, schema=a.schema)
-    eq, _ = equalize_on(g, samples, a.threads, a.schema)
-    cal, means = recipe.calibrator(), ChannelMeans(eq)
-    calibrate(eq, samples, cal, a.threads, observers=[means])
-    ranges = cal.ranges()
-    if a.method != "mace":
-        ranges, _ = saturating_input_ranges(eq, ranges, cal.extrema())
-    plan = plan_quantization(eq, ranges, opts)
+    eq, means, ranges, plan = calibrated_plan(a, g, samples, opts)
     grid = [(x.split(":")[0], int(x.split(":")[1])) for x in a.layer_grid.split(",")] if a.layer_grid else \
         [(str(a.layers_16bit), int(k)) for k in a.layer_sweep.split(",")]
     if a.uint16_from_qat_start and all(n == str(a.layers_16bit) for n, _ in grid):

@@ -65,13 +65,18 @@ def _inputs(n, seed=1):
     return [rng.uniform(-1, 1, (1, 3, 12, 12)).astype(np.float32) for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model = _model()
+def _converted(model: onnx.ModelProto):
+    """``model`` converted (optimized graph) with MACE ranges from 8 samples; shared by the QAT test files."""
     graph = optimize(onnx_to_graph(model))
     cal = make_calibrator("mace")
     calibrate(graph, [SimpleNamespace(name=str(i), feeds={"x": x}) for i, x in enumerate(_inputs(8, 7))], cal)
-    return model, graph, cal.ranges()
+    return graph, cal.ranges()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = _model()
+    return (model, *_converted(model))
 
 
 def _prepare(graph, ranges, schema):

@@ -11,24 +11,13 @@ from qmace.qat.gate import decide, sign_test
 
 torch = pytest.importorskip("torch")
 
-from tests.test_qat import _inputs, _prepare
+from tests.test_qat import _converted, _inputs, _model, _prepare
 
 
 @pytest.fixture(scope="module")
 def setup():
     """The QAT test model (tests/test_qat.py) converted, with MACE ranges from 8 samples."""
-    from types import SimpleNamespace
-
-    from qmace.frontends.onnx_frontend import onnx_to_graph
-    from qmace.passes import optimize
-    from qmace.quantize.calibration import make_calibrator
-    from qmace.quantize.recipe import calibrate
-    from tests.test_qat import _model
-
-    graph = optimize(onnx_to_graph(_model()))
-    cal = make_calibrator("mace")
-    calibrate(graph, [SimpleNamespace(name=str(i), feeds={"x": x}) for i, x in enumerate(_inputs(8, 7))], cal)
-    return graph, cal.ranges()
+    return _converted(_model())
 
 
 N = 400  # validation samples of the scripted scores

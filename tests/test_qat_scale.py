@@ -17,23 +17,12 @@ torch = pytest.importorskip("torch")
 
 from qmace.cli.main import main
 from qmace.quantize.ranges import read_range_file
-from tests.test_qat import _inputs, _prepare, _qat_workspace
+from tests.test_qat import _converted, _inputs, _model, _prepare, _qat_workspace
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from types import SimpleNamespace
-
-    from qmace.frontends.onnx_frontend import onnx_to_graph
-    from qmace.passes import optimize
-    from qmace.quantize.calibration import make_calibrator
-    from qmace.quantize.recipe import calibrate
-    from tests.test_qat import _model
-
-    graph = optimize(onnx_to_graph(_model()))
-    cal = make_calibrator("mace")
-    calibrate(graph, [SimpleNamespace(name=str(i), feeds={"x": x}) for i, x in enumerate(_inputs(8, 7))], cal)
-    return graph, cal.ranges()
+    return _converted(_model())
 
 
 def _weights(path):
