@@ -277,16 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             sw[n] = judge([[sq.run(f)[B.REC_OUTPUT]] for f in feeds], list(range(len(feeds))))
             sw[n]["uint16_tensors"] = len(q.plan.wide)
             show(f"real model, {n} sensitivity-chosen + structural = {len(q.plan.wide)} uint16 tensors", sw[n])
-        import common
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = a.threads, 1
-        fp32 = ort.InferenceSession(str(rec), so, providers=["CPUExecutionProvider"])
-        x1 = feeds[0]
-        fns = {"fp32": lambda: fp32.run([B.REC_OUTPUT], x1)}
-        fns.update({n: (lambda s=s: s.run(x1)) for n, s in sessions.items()})
-        lat = common.interleaved_medians(fns, repeats=a.repeats)
+        lat = latency_vs_fp32(a, rec, feeds[0], sessions)
         for n in sessions:
             sw[n]["ms"] = lat[n]
             sw[n]["speedup_vs_fp32"] = lat["fp32"] / lat[n]
@@ -304,6 +295,26 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"run time {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def latency_vs_fp32(a, rec, x1, sessions: dict) -> dict:
+    """Interleaved median ms per line of ONNX Runtime's FP32 recognizer (key ``"fp32"``) and of each session
+    in ``sessions``, on the one input ``x1``, ``a.repeats`` rounds at ``a.threads`` threads."""
+    import common
+
+    fp32 = B.ort_plain(rec, a.threads)
+    fns = {"fp32": lambda: fp32.run([B.REC_OUTPUT], x1)}
+    fns.update({k: (lambda s=s: s.run(x1)) for k, s in sessions.items()})
+    return common.interleaved_medians(fns, repeats=a.repeats)
+
+
+def cached_starts() -> list[str]:
+    """The ``start.json`` files of the PTQ starts ``benchmarks/qat_ocr.py start`` cached, sorted."""
+    import glob
+
+    from qmace_zoo import default_cache
+
+    return sorted(glob.glob(str(default_cache().expanduser() / "ocr-qat" / "start-*" / "start.json")))
 
 
 def calibrated_plan(a, g, samples, opts):
@@ -364,13 +375,11 @@ def mse_clip_params(w: np.ndarray, qp, grid: int = 100):
 
 def plan_with_weights(plan, fn):
     """A copy of ``plan`` whose weight parameters are ``fn(weight_plan)`` (None: unchanged)."""
-    from dataclasses import replace as rep
-
-    new = rep(plan, weights=dict(plan.weights))
+    new = replace(plan, weights=dict(plan.weights))
     for k, wp in plan.weights.items():
         qp = fn(wp)
         if qp is not None:
-            new.weights[k] = rep(wp, params=qp)
+            new.weights[k] = replace(wp, params=qp)
     return new
 
 
@@ -415,22 +424,17 @@ def weight_cap(a, fg, plan, runner, fake, show, opts, samples) -> dict:
     print(f"wcap weights-only part {time.perf_counter() - t0:.0f} s", flush=True)
     # combined with Run 5's activation plan: the cached PTQ start (percentile 99.99, equalized, bias-corrected
     # for int8 weights, 16 sensitivity-chosen + 11 structural uint16 activations)
-    import glob
-    import json as J
-    from dataclasses import replace as rep
-
     from qmace.modelfile import load_graph
     from qmace.qmath import Range
-    from qmace_zoo import default_cache
 
-    starts = sorted(glob.glob(str(default_cache().expanduser() / "ocr-qat" / "start-*" / "start.json")))
+    starts = cached_starts()
     if not starts:
         print("no cached QAT start (benchmarks/qat_ocr.py start): combined rows skipped")
         return res
-    doc = J.loads(Path(starts[0]).read_text())
+    doc = json.loads(Path(starts[0]).read_text())
     g5 = load_graph(Path(starts[0]).parent / "float.qmace")
     p5 = plan_quantization(g5, {k: Range(*v) for k, v in doc["ranges"].items()},
-                           rep(opts, wide_extra=doc["wide_extra"]))
+                           replace(opts, wide_extra=doc["wide_extra"]))
     run5 = S.FakeQuantRunner(g5, p5, a.threads)
     bits5 = run5.planned_bits()
     res["run5_uint16"] = sum(b == 16 for b in bits5.values())
@@ -449,8 +453,6 @@ def weight_cap(a, fg, plan, runner, fake, show, opts, samples) -> dict:
 def layer_sweep(a, g, samples, feeds, opts, judge, show, rec) -> dict:
     """The ``layers`` step (module docstring): run_ptq's steps spelled out so that every K shares one
     equalization, calibration and both rankings."""
-    import common
-    import onnxruntime as ort
 
     from qmace.quantize import sensitivity as S
     from qmace.quantize.bias_correction import correct_biases
@@ -462,11 +464,7 @@ def layer_sweep(a, g, samples, feeds, opts, judge, show, rec) -> dict:
     grid = [(x.split(":")[0], int(x.split(":")[1])) for x in a.layer_grid.split(",")] if a.layer_grid else \
         [(str(a.layers_16bit), int(k)) for k in a.layer_sweep.split(",")]
     if a.uint16_from_qat_start and all(n == str(a.layers_16bit) for n, _ in grid):
-        import glob
-
-        from qmace_zoo import default_cache
-
-        start = sorted(glob.glob(str(default_cache().expanduser() / "ocr-qat" / "start-*" / "start.json")))[0]
+        start = cached_starts()[0]
         wide16 = json.loads(Path(start).read_text())["wide_extra"]
         act_rank = list(wide16)
         print(f"uint16 activations from {start}: {len(wide16)}", flush=True)
@@ -501,13 +499,7 @@ def layer_sweep(a, g, samples, feeds, opts, judge, show, rec) -> dict:
                  fallbacks=len(q.plan.fallbacks))
         res[key] = r
         show(f"real model, {key}: {len(q.plan.wide)} uint16, float layers {', '.join(sorted(layers))}", r)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = a.threads, 1
-    fp32 = ort.InferenceSession(str(rec), so, providers=["CPUExecutionProvider"])
-    x1 = feeds[0]
-    fns = {"fp32": lambda: fp32.run([B.REC_OUTPUT], x1)}
-    fns.update({k: (lambda s=s: s.run(x1)) for k, s in sessions.items()})
-    lat = common.interleaved_medians(fns, repeats=a.repeats)
+    lat = latency_vs_fp32(a, rec, feeds[0], sessions)
     print("\n| sensitivity-chosen uint16 (N) | layers kept float (K) | uint16 tensors | decoded = FP32's (100 "
           "calibration lines) | argmax | output SQNR | ms per line | speed-up vs FP32 |\n|---|---|---|---|---|---|---|---|")
     for n, k, key in rows:
