@@ -23,6 +23,7 @@ and the weight's QuantParams are passed to the quantizer as fixed parameters, so
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,7 +147,8 @@ def _optimise(w: np.ndarray, s: np.ndarray, zp: float, lo: int, hi: int, cov: np
 
 
 def adaround(
-    graph: Graph, stats: InputStatistics, schema: str, iters: int = 400, max_cost: float = 2e8, progress=None
+    graph: Graph, stats: InputStatistics, schema: str, iters: int = 400, max_cost: float = 2e8, progress=None,
+    skip: Collection[str] = (),
 ) -> tuple[Graph, dict[str, qmath.QuantParams], list[RoundingReport]]:
     """Round the weights of every observed layer by output reconstruction and correct its bias.
 
@@ -162,6 +164,8 @@ def adaround(
         iters: optimisation iterations per layer.
         max_cost: the per-iteration multiply-add budget of a layer.
         progress: wraps the layer list (a progress bar), or None.
+        skip: node names or op types left as they are (layers kept in float have nothing to round), as in
+            ``bias_correction.correct_biases``.
 
     Returns:
         ``(graph copy, {weight name: QuantParams}, [RoundingReport per layer])``.
@@ -172,7 +176,7 @@ def adaround(
     g = graph.copy()
     fixed: dict[str, qmath.QuantParams] = {}
     reports: list[RoundingReport] = []
-    items = list(stats.layers.items())
+    items = [(k, lay) for k, lay in stats.layers.items() if k not in skip and lay.node.op_type not in skip]
     if progress is not None:
         items = progress(items, total=len(items), desc="AdaRound layers")
     for name, lay in items:

@@ -437,13 +437,12 @@ def run_ptq(
         options = replace(options, wide_extra={**options.wide_extra, **wide},
                           float_layers={**options.float_layers, **float_layers})
     corrected, fixed = 0, {}
-    if means is not None:  # layers kept in float have no rounding to correct
-        graph, corrected = correct_biases(graph, means, schema,
-                                          skip={*options.float_nodes, *options.float_layers})
-    if moments is not None:  # nor anything to round: AdaRound leaves the float layers' weights as they are
-        keep = {*options.float_nodes, *options.float_layers}
-        moments.layers = {k: v for k, v in moments.layers.items() if k not in keep and v.node.op_type not in keep}
-        graph, fixed, reports = run_adaround(graph, moments, schema, iters=recipe.adaround_iters, progress=progress)
+    kept_float = {*options.float_nodes, *options.float_layers}  # no rounding to correct, nothing to round
+    if means is not None:
+        graph, corrected = correct_biases(graph, means, schema, skip=kept_float)
+    if moments is not None:
+        graph, fixed, reports = run_adaround(graph, moments, schema, iters=recipe.adaround_iters, progress=progress,
+                                             skip=kept_float)
         corrected = len(reports)
         optimised = sum(r.optimised for r in reports)
         gain = sum(r.nearest_loss for r in reports) / max(sum(r.final_loss for r in reports), 1e-30)
