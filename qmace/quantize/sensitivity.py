@@ -29,7 +29,7 @@ share parameters with.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -261,6 +261,20 @@ def output_sqnr(ref: Sequence[list[np.ndarray]], got: Sequence[list[np.ndarray]]
     return sqnr_from_energies(sig, err)
 
 
+def _ranking(runner: FakeQuantRunner, samples: Sequence[dict[str, np.ndarray]], names: Iterable[str],
+             control: Callable[[str], dict[str, np.ndarray]], planning_order: Sequence[str]) -> list[Sensitivity]:
+    """``output_sqnr`` of the run under ``control(name)`` against the all-float run, per name, sorted by SQNR
+    ascending (ties: ``planning_order``)."""
+    float_ctl = runner.control()
+    ref = [runner.run(s, float_ctl) for s in samples]
+    out = []
+    for x in names:
+        ctl = control(x)
+        out.append(Sensitivity(x, output_sqnr(ref, [runner.run(s, ctl) for s in samples])))
+    order = {t: i for i, t in enumerate(planning_order)}
+    return sorted(out, key=lambda r: (r.sqnr_db, order.get(r.tensor, 0)))
+
+
 def activation_sensitivity(runner: FakeQuantRunner, samples: Sequence[dict[str, np.ndarray]],
                            tensors: Sequence[str] | None = None, bits: int = 8) -> list[Sensitivity]:
     """Each tensor's output SQNR when it alone is quantized to ``bits`` (module docstring), lowest first.
@@ -274,14 +288,8 @@ def activation_sensitivity(runner: FakeQuantRunner, samples: Sequence[dict[str, 
     Returns:
         One Sensitivity per tensor, sorted by SQNR ascending (ties: planning order).
     """
-    float_ctl = runner.control()
-    ref = [runner.run(s, float_ctl) for s in samples]
-    out = []
-    for t in tensors if tensors is not None else runner.tensors:
-        ctl = runner.control({t: bits})
-        out.append(Sensitivity(t, output_sqnr(ref, [runner.run(s, ctl) for s in samples])))
-    order = {t: i for i, t in enumerate(runner.tensors)}
-    return sorted(out, key=lambda r: (r.sqnr_db, order.get(r.tensor, 0)))
+    return _ranking(runner, samples, tensors if tensors is not None else runner.tensors,
+                    lambda t: runner.control({t: bits}), runner.tensors)
 
 
 def sensitive_activations(graph: Graph, plan: QuantPlan, samples: Sequence[dict[str, np.ndarray]], n: int,
@@ -322,15 +330,8 @@ def weight_sensitivity(runner: FakeQuantRunner, samples: Sequence[dict[str, np.n
     Returns:
         One Sensitivity per weight tensor, sorted by SQNR ascending (ties: planning order).
     """
-    float_ctl = runner.control()
-    ref = [runner.run(s, float_ctl) for s in samples]
-    out = []
-    names = list(runner.weight_inputs)
-    for w in weights if weights is not None else names:
-        ctl = runner.control({}, [w])
-        out.append(Sensitivity(w, output_sqnr(ref, [runner.run(s, ctl) for s in samples])))
-    order = {w: i for i, w in enumerate(names)}
-    return sorted(out, key=lambda r: (r.sqnr_db, order.get(r.tensor, 0)))
+    return _ranking(runner, samples, weights if weights is not None else runner.weight_inputs,
+                    lambda w: runner.control({}, [w]), runner.weight_inputs)
 
 
 def sensitive_layers(graph: Graph, plan: QuantPlan, samples: Sequence[dict[str, np.ndarray]], n: int,
