@@ -222,6 +222,7 @@ def check_job(job: QATJob) -> None:
             ``resume`` without a checkpoint.
     """
     from qmace.qat.distributed import check_device, launched_by_torchrun
+    from qmace.qat.gate import check_alpha
     from qmace.qat.trainer import SCHEDULES
 
     if job.epochs < 0 or job.batch_size < 1:
@@ -237,8 +238,10 @@ def check_job(job: QATJob) -> None:
         raise ConfigError("--patience needs --val_dir and must be >= 1")
     if job.workers < 0:
         raise ConfigError("--workers must be >= 0")
-    if job.gate_alpha is not None and not 0.0 < job.gate_alpha < 1.0:
-        raise ConfigError(f"--gate_alpha {job.gate_alpha}: a significance level in (0, 1), or off")
+    try:
+        check_alpha(job.gate_alpha)  # fit's own check, so the bound lives once
+    except ValueError:
+        raise ConfigError(f"--gate_alpha {job.gate_alpha}: a significance level in (0, 1), or off") from None
     if job.nproc > 1 and launched_by_torchrun():
         raise ConfigError("--nproc with torchrun: torchrun starts the processes (use --nproc 1, the default)")
     check_device(job.device, job.nproc)
