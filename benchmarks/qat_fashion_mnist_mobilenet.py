@@ -88,6 +88,12 @@ def _width(base: dict, alpha: float) -> dict:
 # MobileNetV2's own rounding: stem 8, blocks 8 / 8 / 16 / 24, last 128 (14,330 parameters); same depth, strides
 # and recipe; chosen 2026-12-01 18:02 before any quantized result on it
 ARCHS["mbv2-w035"] = _width(ARCHS["mbv2-50k"], 0.35)
+# the fourth configuration (issue 13, session 6): MobileNetV2 itself, its published table at width 1.0 (stem 32
+# stride 2, seven bottleneck stages, last 1280; 2.2M parameters) on 28x28 grey images, unchanged but for the one
+# input channel; named as the next candidate in session 5's closing note (2026-12-02 02:15) before any figure of
+# it existed. Same recipe (6 epochs, lr 4e-3), PTQ and QAT settings as the other three; nothing tuned.
+ARCHS["mbv2-1.0"] = {"stem": 32, "blocks": [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                                            (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)], "last": 1280}
 STARTS = ("mace_p0", "mace_p5", "qmace")
 SCHEMAS = ("uint8", "int8")
 MEAN, STD = 0.2860, 0.3530
