@@ -5,7 +5,7 @@ quantized by qmace and by its peers, judged by what it reads.
     python benchmarks/ocr_data.py
     python benchmarks/bench_ocr.py [--threads 1] [--repeats 20] [--schemas int8,int8_w7,uint8]
                                    [--nncf-python PY] [--skip-ort] [--skip-nncf]
-                                   [--quantize-args "--sensitivity_16bit 8" ...]
+                                   [--quantize-args "--sensitivity_16bit 8" ...] [--backends onnxruntime,openvino]
 
 Rows: FP32 (plain ONNX Runtime on the original ONNX: the reference), qmace FP32 (`convert`), `qmace quantize
 --schema S` (CLI, calibrated on the calibration lines, run on qmace's onnxruntime backend), ONNX Runtime's
@@ -18,7 +18,10 @@ task metric, ``qmace.metrics.ctc_greedy_decode``), per-timestep argmax agreement
 (40, 6625) outputs; latency at ``--threads`` in one interleaved run (median ms per line, ratio to FP32); the
 convert summary's ops in float (qmace) / the ops left in float (peers: compute nodes without a
 DequantizeLinear input). ``qmace run --validate`` with ``validation_outputs_metric: ctc_greedy`` on the
-int8 model is also run (count of evaluation lines that pass). Nothing is written into the repository.
+int8 model is also run (count of evaluation lines that pass). ``--backends onnxruntime,openvino`` adds, per
+qmace quantized model, a row for the same model file on qmace's openvino backend (``qmace run --backend
+openvino``; OpenVINO's own arithmetic, so its accuracy is measured, not assumed) and a row for the original FP32
+ONNX in OpenVINO (that backend's float baseline). Nothing is written into the repository.
 """
 
 from __future__ import annotations
@@ -193,6 +196,28 @@ def results_table(rows: dict, lat: dict[str, float], base: float, kinds: list[st
     return common.md_table(hdr, table)
 
 
+def vs_reference(graph, xs: np.ndarray, backends: list[str]) -> str:
+    """How far each backend's outputs are from qmace's reference runtime on ``xs`` (calibration lines: this
+    is a check of the backend's arithmetic, not an evaluation): max |probability difference|, per-timestep
+    argmax agreement and lines decoded alike."""
+    from qmace.runtime import Session
+
+    def outputs(backend: str) -> np.ndarray:
+        s = Session(graph, backend=backend, num_threads=1)
+        return run_all(lambda x: s.run({REC_INPUT: x})[REC_OUTPUT], xs)
+
+    ref = outputs("reference")
+    ref_text = decode(ref)
+    parts = []
+    for backend in backends:
+        got = outputs(backend)
+        alike = sum(a == b for a, b in zip(decode(got), ref_text))
+        parts.append(f"{backend}: max |probability difference| {np.abs(got - ref).max():.4f}, per-timestep argmax "
+                     f"agreement {100 * np.mean(got.argmax(-1) == ref.argmax(-1)):.2f}%, {alike} of {len(xs)} "
+                     "lines decoded alike")
+    return f"vs qmace's reference runtime on the {len(xs)} calibration lines: " + "; ".join(parts)
+
+
 def constants_as_initializers(path: Path) -> bytes:
     """The model with every ``Constant`` node's tensor moved into the initializers (same graph, same values):
     paddle2onnx writes the recognizer's weights as Constant nodes, and qmace's exact hand-over
@@ -215,14 +240,23 @@ def constants_as_initializers(path: Path) -> bytes:
     return m.SerializeToString()
 
 
-def add_peer(sessions: dict, label: str, path: Path, threads: int) -> None:
+def add_peer(sessions: dict, label: str, path: Path, threads: int, openvino: bool = False) -> None:
     """A peer's QDQ model twice: in plain ONNX Runtime (as its users run it; on a CPU without VNNI its u8 x s8
     kernels saturate) and through qmace's exact hand-over (int8 weights as uint8 + 128 where the host
-    saturates, ``qmace.runtime.session.ort_session(exact_int8=True)``)."""
+    saturates, ``qmace.runtime.session.ort_session(exact_int8=True)``); with ``openvino`` also the same file in
+    OpenVINO (NNCF's own runtime)."""
     from qmace.runtime.session import ort_session, ort_u8s8_exact
 
     plain = ort_plain(path, threads)
     sessions[label] = lambda x, s=plain: s.run([REC_OUTPUT], {REC_INPUT: x})[0]
+    if openvino:
+        from qmace.runtime.openvino_backend import OpenVINOSession
+
+        try:
+            ov = OpenVINOSession(path.read_bytes(), threads)
+            sessions[label + " [OpenVINO]"] = lambda x, s=ov: s.run([REC_OUTPUT], {REC_INPUT: x})[0]
+        except Exception as e:  # a peer's failure is a result, not a crash
+            print(f"{label}: OpenVINO failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
     if ort_u8s8_exact():
         return  # nothing to hand over differently on this host
     try:
@@ -292,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--yaml-quantize-schema", default="", help="the quantized rows' YAML quantize_schema (e.g. "
                     "mace_htp_u16a_s8w: every activation uint16); `--schema` on the command line still sets the "
                     "weights' schema")
+    ap.add_argument("--backends", default="onnxruntime",
+                    help="qmace backends the quantized rows run on: onnxruntime (default) and/or openvino (adds "
+                         "FP32 in OpenVINO too)")
     ap.add_argument("--keep", type=Path, default=None, help="keep the built models in this folder")
     ap.add_argument("--nncf-transformer", action="store_true",
                     help="also NNCF with model_type=TRANSFORMER (its setting for attention models)")
@@ -299,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.nncf_child:
         return nncf_child(*a.nncf_child)
+    backends = [b for b in a.backends.split(",") if b]
+    if not backends or set(backends) - {"onnxruntime", "openvino"}:
+        ap.error(f"--backends: onnxruntime and/or openvino, not {a.backends!r}")
 
     from qmace.modelfile import load_graph
     from qmace.runtime import Session
@@ -334,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
 
     sessions: dict[str, object] = {"FP32 (ONNX Runtime, original model)": lambda x: fp32.run([REC_OUTPUT],
                                                                                           {REC_INPUT: x})[0]}
+    if "openvino" in backends:
+        from qmace.runtime.openvino_backend import OpenVINOSession
+
+        ov32 = OpenVINOSession(rec.read_bytes(), T)
+        sessions["FP32 (OpenVINO, original model)"] = lambda x: ov32.run([REC_OUTPUT], {REC_INPUT: x})[0]
     rows: dict[str, dict] = {}
     notes: dict[str, str] = {}
 
@@ -367,8 +412,12 @@ def main(argv: list[str] | None = None) -> int:
                         + ("; " + "; ".join(bit16) if bit16 else ""))
         print(f"{label}: {time.perf_counter() - t0:.0f} s; {notes[label]}", flush=True)
         gq = load_graph(next(bq.rglob("*.qmace")))
-        sq = Session(gq, backend="onnxruntime", num_threads=T)
-        sessions[label] = lambda x, s=sq: s.run({REC_INPUT: x})[REC_OUTPUT]
+        if "openvino" in backends:
+            print(vs_reference(gq, xc, backends), flush=True)
+        for backend in backends:
+            sq = Session(gq, backend=backend, num_threads=T)
+            row = label if backend == "onnxruntime" else f"{label} [openvino backend]"
+            sessions[row] = lambda x, s=sq: s.run({REC_INPUT: x})[REC_OUTPUT]
         if schema == "int8" and not float_nodes and ctc_yaml and run_i == 0:
             text = qmace_cli("run", "--config", yq, "--build_dir", bq, "--input_dir", eval_dir, "--validate",
                              "--num_threads", T, threads=T)
@@ -389,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             quantize_static(str(rec), str(ort_path), Reader(xc))
-            add_peer(sessions, label, ort_path, T)
+            add_peer(sessions, label, ort_path, T, "openvino" in backends)
             fo = float_ops_of_qdq(ort_path)
             notes[label] = (f"{sum(fo.values())} compute nodes without a DequantizeLinear input: "
                             + ", ".join(f"{k} x{v}" for k, v in sorted(fo.items())))
@@ -408,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                                str(nn_path), variant], capture_output=True, text=True, check=False,
                               env=dict(os.environ, OMP_NUM_THREADS=str(T)))
         if proc.returncode == 0:
-            add_peer(sessions, label, nn_path, T)
+            add_peer(sessions, label, nn_path, T, "openvino" in backends)
             fo = float_ops_of_qdq(nn_path)
             notes[label] = (proc.stdout.strip().splitlines()[-1] + f"; {sum(fo.values())} compute nodes without a "
                             "DequantizeLinear input: " + ", ".join(f"{k} x{v}" for k, v in sorted(fo.items())))
@@ -418,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # accuracy
     for label, fn in sessions.items():
-        got = ref if label.startswith("FP32") else run_all(fn, xe)
+        got = ref if label == "FP32 (ONNX Runtime, original model)" else run_all(fn, xe)
         rows[label] = metrics(ref, got, kinds, ref_text)
         r = rows[label]
         print(f"{label}: same string {r['same']:.1f}% argmax {r['argmax']:.2f}% cos {r['cos_mean']:.5f}", flush=True)
