@@ -255,3 +255,26 @@ def test_attention_block_qat_trains():
     y.square().sum().backward()
     grads = [float(p.grad.abs().sum()) for p in m.parameters() if p.grad is not None]
     assert grads and sum(g > 0 for g in grads) >= 6  # q, k, v, proj, fc1, fc2 weights at least
+
+
+def test_onnxruntime_backend_names_the_16_bit_islands_once(caplog):
+    """A model with 16-bit activations on the onnxruntime backend logs one warning with their count and the
+    backend comparison to run (ORT has no 16-bit kernels); the same model with every activation 8-bit does not."""
+    import logging
+
+    from qmace.runtime import session as session_mod
+
+    model = _block_model()
+    cal = _block_samples(4, 0)
+    _, rule = _quantized(model, cal)
+    _, none = _quantized(model, cal, wide_activations="none")
+    session_mod._note_16bit_islands.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="qmace"):
+        Session(none.graph, backend="onnxruntime")
+        assert not [r for r in caplog.records if "16-bit activation" in r.getMessage()]
+        Session(rule.graph, backend="onnxruntime")
+        Session(rule.graph, backend="onnxruntime")
+    notes = [r.getMessage() for r in caplog.records if "16-bit activation" in r.getMessage()]
+    n_wide = sum(t.is_quantized and t.dtype == "uint16" for t in rule.graph.tensors.values())
+    assert n_wide >= 3 and len(notes) == 1 and notes[0].startswith(f"{n_wide} 16-bit activation(s): ")
+    assert "--backend onnxruntime,openvino" in notes[0]

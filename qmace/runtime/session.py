@@ -268,6 +268,14 @@ def _raw_ort_session(model_bytes: bytes | str, num_threads: int | None = None):
 
 
 @functools.cache
+def _note_16bit_islands(count: int) -> None:
+    log.warning("%d 16-bit activation(s): ONNX Runtime has no 16-bit kernels, so the ops next to them run as float "
+             "islands with separate QuantizeLinear/DequantizeLinear passes; OpenVINO fuses those into its float "
+             "kernels and may run the model faster: compare with `qmace run --benchmark --backend "
+             "onnxruntime,openvino` (docs/quantization.md, \"The openvino backend\")", count)
+
+
+@functools.cache
 def _warn_slow_exact_path() -> None:
     log.warning("this CPU has no VNNI: ONNX Runtime's fast u8 x s8 kernels would saturate on full-range int8 "
                 "weights, so they run exactly through its u8 x u8 kernels (no faster than float here); "
@@ -357,6 +365,9 @@ class Session:
         if extra not in self._lowered:
             model = to_onnx(self.graph, extra_outputs=list(extra)).SerializeToString()
             if self.backend == "onnxruntime":
+                wide = sum(t.is_quantized and t.dtype in ("uint16", "int16") for t in self.graph.tensors.values())
+                if wide:
+                    _note_16bit_islands(wide)
                 self._lowered[extra] = ort_session(model, self.num_threads)
             else:
                 from qmace.runtime.openvino_backend import OpenVINOSession
