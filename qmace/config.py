@@ -31,6 +31,11 @@ Where qmace deliberately differs from MACE:
   whose greedy CTC decodings equal the reference's) and its threshold (default: the one equivalent to the
   model's cosine `validation_threshold`, qmace.metrics.default_threshold, 1.0 for `ctc_greedy`;
   `max_abs_error` needs one).
+- `quantize_float_nodes` / `quantize_16bit_tensors` (qmace's own keys, lists of names): nodes (names or op
+  types) kept in float and activations given uint16 codes whenever the model is quantized (`convert` with a
+  range file, `quantize`, `qat`); `qmace quantize --sensitivity_float_layers / --sensitivity_16bit` prints the
+  lines that keep its choice, and the YAML `qmace qat` writes carries them. A name not in the converted graph
+  is an error naming the key.
 - `quantize_large_weights_schema` (qmace's own key, `int8` by default) chooses how `quantize_large_weights: 1`
   stores weights: `int8` symmetric per channel, or `uint8`, MACE's asymmetric per-tensor storage
   (docs/quantization.md has the measurement behind the default).
@@ -93,6 +98,7 @@ _MODEL_KEYS = (
     "platform", "model_file_path", "model_sha256_checksum", "weight_file_path", "weight_sha256_checksum",
     "subgraphs", "runtime", "data_type", "quantize", "quantize_range_file", "quantize_large_weights",
     "quantize_schema", "quantize_large_weights_schema", "change_concat_ranges", "validation_threshold",
+    "quantize_float_nodes", "quantize_16bit_tensors",
 )
 _SUBGRAPH_KEYS = (
     "input_tensors", "input_shapes", "input_ranges", "input_data_formats", "input_data_types",
@@ -169,6 +175,10 @@ class ModelConfig:
     quantize_large_weights_schema: str = LARGE_WEIGHTS_SCHEMAS[0]
     # 16-bit activations: "rule" (qmace.quantize.mixed's rule), or "all" for MACE's mace_htp_u16a_s8w
     wide_activations: str = "rule"
+    # qmace's own keys: node names / op types kept float, activations given uint16 codes (what `qmace quantize
+    # --float_nodes / --sensitivity_float_layers / --sensitivity_16bit` chose, so `convert` and `qat` keep it)
+    quantize_float_nodes: tuple[str, ...] = ()
+    quantize_16bit_tensors: tuple[str, ...] = ()
     change_concat_ranges: bool = False
     validation_threshold: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_VALIDATION_THRESHOLD))
     yaml_path: Path | None = None  # the deployment file, for messages
@@ -689,6 +699,10 @@ class _Reader:
             weight_sha256_checksum=weight_sha, runtime=runtime, data_type=data_type, quantize=quantize,
             quantize_range_file=range_file, quantize_large_weights=large_weights, quantize_schema=schema,
             quantize_large_weights_schema=lw_schema, wide_activations=wide,
+            quantize_float_nodes=self.names(m.get("quantize_float_nodes") or [], f"{prefix}.quantize_float_nodes",
+                                            "node name or op type"),
+            quantize_16bit_tensors=self.names(m.get("quantize_16bit_tensors") or [],
+                                              f"{prefix}.quantize_16bit_tensors"),
             change_concat_ranges=self.flag(m, prefix, "change_concat_ranges"),
             validation_threshold=self.thresholds(m.get("validation_threshold"),
                                                  f"{prefix}.validation_threshold"),

@@ -124,6 +124,9 @@ def build_settings(m: ModelConfig, built_by: str = "convert") -> dict:
             out |= {"quantize_schema": m.quantize_schema, "change_concat_ranges": m.change_concat_ranges,
                     "input_ranges": sub.input_ranges,
                     "quantize_range_file_sha256": _sha256_or_none(rf) if rf is not None else None}
+            for key in ("quantize_float_nodes", "quantize_16bit_tensors"):  # recorded when set: older files stay valid
+                if getattr(m, key):
+                    out[key] = sorted(getattr(m, key))
     return json.loads(json.dumps(out, default=str))
 
 def _sha256_or_none(path: Path) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qmace.api.convert import ConvertResult
@@ -35,6 +35,11 @@ class OneShotResult:
     convert: ConvertResult
     range_file: Path
     samples: int
+    # qmace's YAML keys (quantize_float_nodes, quantize_16bit_tensors) that keep this run's float nodes and
+    # 16-bit activations when the model is quantized again from the range file (convert, qat); only keys whose
+    # value differs from the YAML's
+    yaml_keys: dict[str, list[str]] = field(default_factory=dict)
+    model_key: str = ""  # models.<name>
 
 def quantize_one_shot(
     config: str | Path,
@@ -73,7 +78,8 @@ def quantize_one_shot(
     m = cfg.model(model_name)
     graph = load_float_graph(m)
     total = count_samples(m, input_dir, 0)
-    options = replace(options_for(m), float_nodes=set(float_nodes or ()))
+    options = options_for(m, graph=graph)
+    options = replace(options, float_nodes={*options.float_nodes, *(float_nodes or ())})
     res = run_ptq(graph, lambda: samples_for(m, input_dir, 0), recipe, options, num_threads=num_threads,
                   progress=progress, total=total)
     qgraph = res.graph
@@ -87,7 +93,11 @@ def quantize_one_shot(
         if range_file is None:
             rpath.unlink(missing_ok=True)
         raise
-    return OneShotResult(ConvertResult(path, qgraph, path.stat().st_size, res.fallbacks), rpath, res.samples)
+    used = res.options or options
+    keys = {"quantize_float_nodes": sorted({*used.float_nodes, *used.float_layers}),
+            "quantize_16bit_tensors": sorted(used.wide_extra)}
+    keys = {k: v for k, v in keys.items() if v and v != sorted(getattr(m, k))}
+    return OneShotResult(ConvertResult(path, qgraph, path.stat().st_size, res.fallbacks), rpath, res.samples, keys, m.key)
 
 def export(config: str | Path, output: str | Path, *, model_name: str | None = None,
            build_dir: str | Path | None = None, fmt: str = "onnx-qdq") -> Path:

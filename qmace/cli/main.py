@@ -120,12 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="choose weight rounding by output reconstruction (AdaRound) + bias correction; slower")
     _flag(p, "no_equalization", action="store_true",
           help="skip rescaling activation channels (equalization) before choosing ranges")
-    _flag(p, "float_nodes", default="", help="comma-separated node names or op types to keep in float")
-    _flag(p, "sensitivity_16bit", type=int, default=0, metavar="N", help="uint16 codes for the N activations "
-          "whose 8-bit rounding alone costs most output SQNR on calibration samples (docs/quantization.md)")
-    _flag(p, "sensitivity_float_layers", type=int, default=0, metavar="N", help="keep in float the N layers whose "
-          "int8/uint8 weights alone cost most output SQNR on calibration samples (docs/quantization.md)")
-    _flag(p, "sensitivity_samples", type=int, default=8, help="samples the sensitivity rules measure (default 8)")
+    _mixed_precision_flags(p)
     _flag(p, "num_threads", type=int, default=None, help="intra-op threads for calibration (>= 1)")
 
     p = sub.add_parser("export", help="export the converted model as standard ONNX")
@@ -138,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("qat", help="quantization-aware fine-tuning (needs qmace[qat])")
     _common(p)
     _flag(p, "train_dir", required=True, help="training samples (same naming as run --input_dir)")
+    _mixed_precision_flags(p)
     _flag(p, "labels", default=None,
           help="labels file: one integer per line in sample order, or '<sample> <label>' lines; "
                "default: distillation from the float model")
@@ -166,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "seed", type=int, default=0, help="seed of the data order")
     _flag(p, "threads", type=int, default=None, help="torch threads per process")
     return ap
+
+
+def _mixed_precision_flags(p: argparse.ArgumentParser) -> None:
+    """What stays float or gets 16-bit codes: the same flags for ``quantize`` and for ``qat``'s PTQ start."""
+    _flag(p, "float_nodes", default="", help="comma-separated node names or op types to keep in float")
+    _flag(p, "sensitivity_16bit", type=int, default=0, metavar="N", help="uint16 codes for the N activations "
+          "whose 8-bit rounding alone costs most output SQNR on calibration samples (docs/quantization.md)")
+    _flag(p, "sensitivity_float_layers", type=int, default=0, metavar="N", help="keep in float the N layers whose "
+          "int8/uint8 weights alone cost most output SQNR on calibration samples (docs/quantization.md)")
+    _flag(p, "sensitivity_samples", type=int, default=8, help="samples the sensitivity rules measure (default 8)")
 
 
 def _backends(text: str) -> list[str]:
@@ -319,6 +325,13 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     )
     print(res.convert.summary())
     print(f"model file: {res.convert.path}\nrange file: {res.range_file}")
+    if res.yaml_keys:
+        import yaml
+
+        print(f"to keep these float nodes / 16-bit activations when the model is quantized again from the range "
+              f"file (qmace convert, qmace qat), add to {res.model_key} in the YAML:")
+        for key, names in res.yaml_keys.items():
+            print(f"  {key}: {yaml.safe_dump(names, default_flow_style=True, width=10**9).strip()}")
     if res.convert.graph.metadata["quantization"].get("equalized_tensors"):
         print("note: the range file holds the ranges of the activation-equalized model this command built; "
               "for `convert` with this file on the original model, rerun with --no_equalization")

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from qmace.errors import ConfigError, InputDataError
@@ -43,6 +43,12 @@ class QATJob:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads per process (None: torch's default)
     gate_alpha: float | None = 0.05  # significance gate of the validation gain (None: off); qmace.qat.gate
+    # the PTQ start's mixed precision, as `qmace quantize` (besides the YAML's quantize_float_nodes /
+    # quantize_16bit_tensors): node names / op types kept float, and the sensitivity rules' counts
+    float_nodes: tuple[str, ...] = ()
+    sensitivity_16bit: int = 0
+    sensitivity_float_layers: int = 0
+    sensitivity_samples: int = 8
 
 
 @dataclass
@@ -141,7 +147,8 @@ def read_labels(path: str | Path, sample_names: list[str]) -> list[int]:
 
 
 def write_qat_yaml(config_path: Path, m, out_yaml: Path, onnx_path: Path, range_path: Path,
-                   input_ranges: list[tuple[float, float]]) -> Path:
+                   input_ranges: list[tuple[float, float]], float_nodes: list[str] = (),
+                   wide: list[str] = ()) -> Path:
     """The source YAML's entry for model ``m`` pointing at the QAT float model, with ``quantize: 1``.
 
     Args:
@@ -151,6 +158,8 @@ def write_qat_yaml(config_path: Path, m, out_yaml: Path, onnx_path: Path, range_
         onnx_path: the fine-tuned float ONNX model (its name and SHA-256 go into the entry).
         range_path: the learned range file (its name goes into the entry).
         input_ranges: ``(min, max)`` of each model input, written as the first subgraph's ``input_ranges``.
+        float_nodes: the ``quantize_float_nodes`` the QAT model was trained with (empty: the key is dropped).
+        wide: its ``quantize_16bit_tensors`` (empty: the key is dropped).
 
     Returns:
         ``out_yaml``.
@@ -170,6 +179,10 @@ def write_qat_yaml(config_path: Path, m, out_yaml: Path, onnx_path: Path, range_
     entry["quantize"] = 1
     entry["quantize_range_file"] = range_path.name
     entry["quantize_schema"] = m.quantize_schema
+    for key, names in (("quantize_float_nodes", float_nodes), ("quantize_16bit_tensors", wide)):
+        entry.pop(key, None)
+        if names:
+            entry[key] = list(names)
     subs = entry["subgraphs"]
     first = subs[0] if isinstance(subs, list) else next(iter(subs.values()))
     first = dict(first)
@@ -216,8 +229,8 @@ def check_job(job: QATJob) -> None:
         job: the QAT job.
 
     Raises:
-        ConfigError: bad epochs/batch size/learning rates/schedule/warm-up/patience/workers/gate alpha, an
-            unusable
+        ConfigError: bad epochs/batch size/learning rates/schedule/warm-up/patience/workers/gate alpha/
+            sensitivity counts, an unusable
             device or process count, a batch not divisible by the processes, inconsistent label flags, or
             ``resume`` without a checkpoint.
     """
@@ -238,6 +251,9 @@ def check_job(job: QATJob) -> None:
         raise ConfigError("--patience needs --val_dir and must be >= 1")
     if job.workers < 0:
         raise ConfigError("--workers must be >= 0")
+    if min(job.sensitivity_16bit, job.sensitivity_float_layers) < 0 or job.sensitivity_samples < 1:
+        raise ConfigError("--sensitivity_16bit and --sensitivity_float_layers must be >= 0 and "
+                          "--sensitivity_samples >= 1")
     try:
         check_alpha(job.gate_alpha)  # fit's own check, so the bound lives once
     except ValueError:
@@ -331,7 +347,6 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     from qmace.qat.distributed import rank_device
     from qmace.qat.module import export_qat, prepare
     from qmace.qat.trainer import fit
-    from qmace.quantize.recipe import PTQRecipe, options_for, run_ptq
 
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -339,20 +354,10 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     cfg = load_config(job.config)
     m = cfg.model(job.model_name)
     original = load_float_graph(m)
-    graph = original
     samples = _load_samples(m, job.train_dir, progress, "loading", rank == 0)
-    # The post-training start: qmace's PTQ recipe with the histogram percentile (better ranges than MACE's
-    # min/max) and, as `qmace quantize`, activation equalization first; no weight refinement (training
-    # learns the weights). Every rank computes the same start; DistributedDataParallel also broadcasts
-    # rank 0's parameters.
-    opts = options_for(m)
-    ptq = run_ptq(graph, samples, PTQRecipe(method="percentile", equalize=job.equalization, bias_correction=False),
-                  opts)
-    graph, equalized = ptq.float_graph, ptq.equalized_tensors
-    if equalized:
-        log.info("activation equalization rescaled %d tensor(s)", equalized)
+    graph, ranges, opts, equalized = _ptq_start(job, m, original, samples)
     dev = rank_device(job.device, local)
-    module = prepare(graph, ptq.ranges, opts).to(dev)
+    module = prepare(graph, ranges, opts).to(dev)
     labels = read_labels(job.labels, [s.name for s in samples]) if job.labels else None
     loader = make_loader(SampleDataset(samples, labels), global_batch=job.batch_size, rank=rank, world=world,
                          seed=job.seed, workers=job.workers)
@@ -371,7 +376,8 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     module.to("cpu")
     onnx_path, range_path = export_qat(module, out_dir / f"{m.name}_qat.onnx", out_dir / f"{m.name}_qat.ranges")
     yml = write_qat_yaml(Path(job.config), m, out_dir / f"{m.name}_qat.yml", onnx_path, range_path,
-                         [(r.min, r.max) for r in opts.input_ranges.values()])
+                         [(r.min, r.max) for r in opts.input_ranges.values()],
+                         float_nodes=sorted({*opts.float_nodes, *opts.float_layers}), wide=sorted(opts.wide_extra))
     outputs = QATOutputs(
         onnx=onnx_path, ranges=range_path, checkpoint=ckpt, yaml=yml, summary=out_dir / f"{m.name}_qat.json",
         samples=len(samples), val_samples=len(val_samples), gate=None if res.gate is None else asdict(res.gate),
@@ -382,6 +388,30 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     with atomic_write(outputs.summary) as f:
         f.write(outputs.to_json())
     return outputs
+
+
+def _ptq_start(job: QATJob, m, graph, samples) -> tuple:
+    """The post-training start: (equalized float graph, ranges, options, equalized tensor count).
+
+    qmace's PTQ recipe with the histogram percentile (better ranges than MACE's min/max) and, as `qmace
+    quantize`, activation equalization first; no weight refinement (training learns the weights). Every rank
+    computes the same start; DistributedDataParallel also broadcasts rank 0's parameters. The options carry
+    the start's float nodes / layers and 16-bit activations (the YAML's, the flags', the sensitivity rules'):
+    trained as such, and written into the output YAML so that converting the result keeps them."""
+    from qmace.quantize.recipe import PTQRecipe, options_for, run_ptq
+
+    opts = options_for(m, graph=graph)
+    opts = replace(opts, float_nodes={*opts.float_nodes, *job.float_nodes})
+    recipe = PTQRecipe(method="percentile", equalize=job.equalization, bias_correction=False,
+                       sensitivity_16bit=job.sensitivity_16bit, sensitivity_float_layers=job.sensitivity_float_layers,
+                       sensitivity_samples=job.sensitivity_samples)
+    ptq = run_ptq(graph, samples, recipe, opts)
+    if ptq.equalized_tensors:
+        log.info("activation equalization rescaled %d tensor(s)", ptq.equalized_tensors)
+    used = ptq.options or opts
+    opts = replace(opts, float_nodes=set(used.float_nodes), float_layers=dict(used.float_layers),
+                   wide_extra=dict(used.wide_extra))
+    return ptq.float_graph, ptq.ranges, opts, ptq.equalized_tensors
 
 
 def _validation(job: QATJob, m, original, rank: int, progress) -> tuple:

@@ -235,6 +235,8 @@ class QATModule(nn.Module):
             fixed_params=self.fixed_params(),
             wide_activations=o.wide_activations,
             wide_extra=dict(o.wide_extra),
+            float_nodes=set(o.float_nodes),
+            float_layers=dict(o.float_layers),
         )
         return quantize_graph(self.to_float_graph(), self.learned_ranges(), opts).graph
 

@@ -119,23 +119,55 @@ def imported_params(graph: Graph) -> dict[str, QuantParams]:
     return dict(graph.fixed_params)
 
 
-def options_for(m: ModelConfig, schema: str | None = None) -> QuantizeOptions:
-    """The quantizer's options from a YAML model entry (schema, change_concat_ranges, input_ranges).
+YAML_16BIT_REASON = "YAML quantize_16bit_tensors"
+
+
+def options_for(m: ModelConfig, schema: str | None = None, graph: Graph | None = None) -> QuantizeOptions:
+    """The quantizer's options from a YAML model entry (schema, change_concat_ranges, input_ranges, and qmace's
+    ``quantize_float_nodes`` / ``quantize_16bit_tensors``).
 
     Args:
         m: the YAML model entry.
         schema: overrides the YAML's ``quantize_schema`` when given.
+        graph: the optimized float graph; when given, every name of ``quantize_float_nodes`` and
+            ``quantize_16bit_tensors`` must be in it.
 
     Returns:
-        The QuantizeOptions (no fixed parameters, no float nodes).
+        The QuantizeOptions (no fixed parameters).
+
+    Raises:
+        QuantizationError: a ``quantize_float_nodes`` / ``quantize_16bit_tensors`` name not in ``graph``,
+            naming the YAML file and key.
     """
+    if graph is not None:
+        nodes = {n.name for n in graph.nodes} | {n.op_type for n in graph.nodes}
+        tensors = {*graph.inputs, *(o for n in graph.nodes for o in n.outputs)}
+        for key, names, known, what in (("quantize_float_nodes", m.quantize_float_nodes, nodes, "node or op type"),
+                                        ("quantize_16bit_tensors", m.quantize_16bit_tensors, tensors, "activation")):
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise QuantizationError(f"{m.yaml_path}: {m.key}.{key}: no {what} {_with_hints(unknown, known)} in "
+                                        "the converted graph")
     sub = m.subgraph
     return QuantizeOptions(
         schema=schema or m.quantize_schema,
         change_concat_ranges=m.change_concat_ranges,
         input_ranges={n: Range(*r) for n, r in zip(sub.input_tensors, sub.input_ranges)},
         wide_activations=m.wide_activations,
+        wide_extra={t: YAML_16BIT_REASON for t in m.quantize_16bit_tensors},
+        float_nodes=set(m.quantize_float_nodes),
     )
+
+
+def _with_hints(unknown: list[str], known: set[str]) -> str:
+    """``'a' (did you mean 'b'?), 'c'``: each unknown name with the closest known one, if any."""
+    import difflib
+
+    hints = []
+    for u in unknown:
+        close = difflib.get_close_matches(u, sorted(known), n=1)
+        hints.append(f"{u!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ", ".join(hints)
 
 def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None = None,
                         schema: str | None = None, float_nodes: set[str] | None = None,
@@ -174,9 +206,9 @@ def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None =
     if not ranges and not graph.fixed_params:
         raise QuantizationError(f"{m.yaml_path}: {m.key}.quantize_range_file: quantize: 1 needs a range file "
                                 "(or a model with QuantizeLinear/DequantizeLinear ranges)")
-    opts = options_for(m, schema)
+    opts = options_for(m, schema, graph)
     opts.fixed_params = fixed
-    opts.float_nodes = check_float_nodes(graph, float_nodes or ())
+    opts.float_nodes = check_float_nodes(graph, {*opts.float_nodes, *(float_nodes or ())})
     res = quantize_graph(graph, ranges, opts)
     res.graph.fixed_params = {}
     return res.graph, res.fallbacks
@@ -194,17 +226,12 @@ def check_float_nodes(graph: Graph, wanted: Iterable[str]) -> set[str]:
     Raises:
         QuantizationError: listing the unknown entries with the closest names.
     """
-    import difflib
 
     wanted = set(wanted)
     known = {n.name for n in graph.nodes} | {n.op_type for n in graph.nodes}
     unknown = sorted(wanted - known)
     if unknown:
-        hints = []
-        for u in unknown:
-            close = difflib.get_close_matches(u, sorted(known), n=1)
-            hints.append(f"{u!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise QuantizationError(f"--float_nodes: no node or op type {', '.join(hints)} in the converted graph "
+        raise QuantizationError(f"--float_nodes: no node or op type {_with_hints(unknown, known)} in the converted graph "
                                 "(fused activations are part of the Conv/Gemm before them; see the node names "
                                 "with qmace run --benchmark --backend reference)")
     return wanted
@@ -303,6 +330,8 @@ class PTQResult:
         corrected_layers: layers whose bias was corrected (or weights AdaRounded).
         fixed_params: weight name -> QuantParams fixed by AdaRound (its rounding grid), empty without it.
         variants: the quantized ``variants`` passed to ``run_ptq``, in order.
+        options: the options ``graph`` was quantized with: the caller's, plus the sensitivity rules' 16-bit
+            activations (``wide_extra``) and float layers (``float_layers``).
     """
 
     graph: Graph
@@ -314,6 +343,7 @@ class PTQResult:
     corrected_layers: int = 0
     fixed_params: dict[str, QuantParams] = field(default_factory=dict)
     variants: list[Graph] = field(default_factory=list)
+    options: QuantizeOptions | None = None
 
 
 Samples = Sequence | Callable[[], Iterable]
@@ -454,7 +484,7 @@ def run_ptq(
                "sensitivity_float_layers": sorted(float_layers)}
     if moments is not None:
         figures["adaround_optimised_layers"] = optimised
-    quantized = []
+    quantized, used = [], None
     for g, opts in [(graph, options), *((transplant_constants(graph, vg),
                                          replace(vo, float_layers={**vo.float_layers, **float_layers}))
                                         for vg, vo in variants)]:
@@ -464,5 +494,7 @@ def run_ptq(
         res.graph.fixed_params = {}
         res.graph.metadata["quantization"].update(figures)
         quantized.append((res.graph, res.fallbacks))
+        used = used or opts
     (qgraph, fallbacks), others = quantized[0], quantized[1:]
-    return PTQResult(qgraph, graph, table, count, fallbacks, equalized, corrected, fixed, [q for q, _ in others])
+    return PTQResult(qgraph, graph, table, count, fallbacks, equalized, corrected, fixed, [q for q, _ in others],
+                     used)
