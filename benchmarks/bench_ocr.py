@@ -196,21 +196,21 @@ def results_table(rows: dict, lat: dict[str, float], base: float, kinds: list[st
     return common.md_table(hdr, table)
 
 
-def vs_reference(graph, xs: np.ndarray, backends: list[str]) -> str:
-    """How far each backend's outputs are from qmace's reference runtime on ``xs`` (calibration lines: this
-    is a check of the backend's arithmetic, not an evaluation): max |probability difference|, per-timestep
-    argmax agreement and lines decoded alike."""
+def vs_reference(graph, xs: np.ndarray, sessions: dict) -> str:
+    """How far each backend session's outputs (``sessions``: backend -> ``qmace.runtime.Session`` of
+    ``graph``) are from qmace's reference runtime on ``xs`` (calibration lines: this is a check of the
+    backend's arithmetic, not an evaluation): max |probability difference|, per-timestep argmax agreement
+    and lines decoded alike."""
     from qmace.runtime import Session
 
-    def outputs(backend: str) -> np.ndarray:
-        s = Session(graph, backend=backend, num_threads=1)
+    def outputs(s) -> np.ndarray:
         return run_all(lambda x: s.run({REC_INPUT: x})[REC_OUTPUT], xs)
 
-    ref = outputs("reference")
+    ref = outputs(Session(graph, backend="reference"))
     ref_text = decode(ref)
     parts = []
-    for backend in backends:
-        got = outputs(backend)
+    for backend, session in sessions.items():
+        got = outputs(session)
         alike = sum(a == b for a, b in zip(decode(got), ref_text))
         parts.append(f"{backend}: max |probability difference| {np.abs(got - ref).max():.4f}, per-timestep argmax "
                      f"agreement {100 * np.mean(got.argmax(-1) == ref.argmax(-1)):.2f}%, {alike} of {len(xs)} "
@@ -412,10 +412,10 @@ def main(argv: list[str] | None = None) -> int:
                         + ("; " + "; ".join(bit16) if bit16 else ""))
         print(f"{label}: {time.perf_counter() - t0:.0f} s; {notes[label]}", flush=True)
         gq = load_graph(next(bq.rglob("*.qmace")))
+        by_backend = {backend: Session(gq, backend=backend, num_threads=T) for backend in backends}
         if "openvino" in backends:
-            print(vs_reference(gq, xc, backends), flush=True)
-        for backend in backends:
-            sq = Session(gq, backend=backend, num_threads=T)
+            print(vs_reference(gq, xc, by_backend), flush=True)
+        for backend, sq in by_backend.items():
             row = label if backend == "onnxruntime" else f"{label} [openvino backend]"
             sessions[row] = lambda x, s=sq: s.run({REC_INPUT: x})[REC_OUTPUT]
         if schema == "int8" and not float_nodes and ctc_yaml and run_i == 0:

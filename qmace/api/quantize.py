@@ -93,7 +93,7 @@ def quantize_one_shot(
         if range_file is None:
             rpath.unlink(missing_ok=True)
         raise
-    used = res.options or options
+    used = res.options  # the caller's options plus the sensitivity rules' choices
     keys = {"quantize_float_nodes": sorted({*used.float_nodes, *used.float_layers}),
             "quantize_16bit_tensors": sorted(used.wide_extra)}
     keys = {k: v for k, v in keys.items() if v and v != sorted(getattr(m, k))}

@@ -408,7 +408,7 @@ def _ptq_start(job: QATJob, m, graph, samples) -> tuple:
     ptq = run_ptq(graph, samples, recipe, opts)
     if ptq.equalized_tensors:
         log.info("activation equalization rescaled %d tensor(s)", ptq.equalized_tensors)
-    used = ptq.options or opts
+    used = ptq.options
     opts = replace(opts, float_nodes=set(used.float_nodes), float_layers=dict(used.float_layers),
                    wide_extra=dict(used.wide_extra))
     return ptq.float_graph, ptq.ranges, opts, ptq.equalized_tensors

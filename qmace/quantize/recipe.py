@@ -140,14 +140,12 @@ def options_for(m: ModelConfig, schema: str | None = None, graph: Graph | None =
             naming the YAML file and key.
     """
     if graph is not None:
-        nodes = {n.name for n in graph.nodes} | {n.op_type for n in graph.nodes}
+        check_float_nodes(graph, m.quantize_float_nodes, f"{m.yaml_path}: {m.key}.quantize_float_nodes")
         tensors = {*graph.inputs, *(o for n in graph.nodes for o in n.outputs)}
-        for key, names, known, what in (("quantize_float_nodes", m.quantize_float_nodes, nodes, "node or op type"),
-                                        ("quantize_16bit_tensors", m.quantize_16bit_tensors, tensors, "activation")):
-            unknown = sorted(set(names) - known)
-            if unknown:
-                raise QuantizationError(f"{m.yaml_path}: {m.key}.{key}: no {what} {_with_hints(unknown, known)} in "
-                                        "the converted graph")
+        unknown = sorted(set(m.quantize_16bit_tensors) - tensors)
+        if unknown:
+            raise QuantizationError(f"{m.yaml_path}: {m.key}.quantize_16bit_tensors: no activation "
+                                    f"{_with_hints(unknown, tensors)} in the converted graph")
     sub = m.subgraph
     return QuantizeOptions(
         schema=schema or m.quantize_schema,
@@ -213,12 +211,14 @@ def quantize_for_config(graph: Graph, m: ModelConfig, table: RangeTable | None =
     res.graph.fixed_params = {}
     return res.graph, res.fallbacks
 
-def check_float_nodes(graph: Graph, wanted: Iterable[str]) -> set[str]:
-    """Check ``--float_nodes``: each entry must be a node name or an op type of the (optimized) graph.
+def check_float_nodes(graph: Graph, wanted: Iterable[str], where: str = "--float_nodes") -> set[str]:
+    """Check ``--float_nodes`` (or the YAML's ``quantize_float_nodes``): each entry must be a node name or an
+    op type of the (optimized) graph.
 
     Args:
         graph: the optimized graph.
         wanted: the names/op types given.
+        where: what gave them, the error's first words (the flag, or the YAML file and key).
 
     Returns:
         ``wanted`` as a set.
@@ -226,12 +226,11 @@ def check_float_nodes(graph: Graph, wanted: Iterable[str]) -> set[str]:
     Raises:
         QuantizationError: listing the unknown entries with the closest names.
     """
-
     wanted = set(wanted)
     known = {n.name for n in graph.nodes} | {n.op_type for n in graph.nodes}
     unknown = sorted(wanted - known)
     if unknown:
-        raise QuantizationError(f"--float_nodes: no node or op type {_with_hints(unknown, known)} in the converted graph "
+        raise QuantizationError(f"{where}: no node or op type {_with_hints(unknown, known)} in the converted graph "
                                 "(fused activations are part of the Conv/Gemm before them; see the node names "
                                 "with qmace run --benchmark --backend reference)")
     return wanted

@@ -270,9 +270,9 @@ def _raw_ort_session(model_bytes: bytes | str, num_threads: int | None = None):
 @functools.cache
 def _note_16bit_islands(count: int) -> None:
     log.warning("%d 16-bit activation(s): ONNX Runtime has no 16-bit kernels, so the ops next to them run as float "
-             "islands with separate QuantizeLinear/DequantizeLinear passes; OpenVINO fuses those into its float "
-             "kernels and may run the model faster: compare with `qmace run --benchmark --backend "
-             "onnxruntime,openvino` (docs/quantization.md, \"The openvino backend\")", count)
+                "islands with separate QuantizeLinear/DequantizeLinear passes; OpenVINO fuses those into its float "
+                "kernels and may run the model faster: compare with `qmace run --benchmark --backend "
+                "onnxruntime,openvino` (docs/quantization.md, \"The openvino backend\")", count)
 
 
 @functools.cache
