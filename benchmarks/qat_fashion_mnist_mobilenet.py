@@ -130,8 +130,10 @@ def build_net(arch: str):
     return nn.Sequential(*layers)
 
 
-def train_float(arch, xtr, ytr, *, epochs, lr, seed, batch=128, resume: Path | None = None):
-    """AdamW (wd 1e-4) + one-cycle to ``lr``, cross-entropy, random horizontal flips. Returns the model.
+def train_float(arch, xtr, ytr, *, epochs, lr, seed, batch=128, crop=0, resume: Path | None = None):
+    """AdamW (wd 1e-4) + one-cycle to ``lr``, cross-entropy, random horizontal flips and, with ``crop`` > 0,
+    random translations by up to ``crop`` pixels (zero-padded by ``crop``, a random 28x28 window: the usual
+    pad-and-crop augmentation). Returns the model.
 
     ``resume``: a per-epoch checkpoint (model, optimizer, schedule, data-order RNG), written atomically after
     every epoch and continued from if present, so an interrupted run goes on where it stopped."""
@@ -163,6 +165,8 @@ def train_float(arch, xtr, ytr, *, epochs, lr, seed, batch=128, resume: Path | N
             xb = xtr[idx].copy()
             flip = rng.random(len(idx)) < 0.5
             xb[flip] = xb[flip][..., ::-1]
+            if crop:
+                xb = _shift(xb, rng, crop)
             loss = F.cross_entropy(model(torch.from_numpy(xb)), torch.from_numpy(ytr[idx]))
             opt.zero_grad()
             loss.backward()
@@ -289,6 +293,24 @@ def _commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+def _shift(xb: np.ndarray, rng, crop: int) -> np.ndarray:
+    """Each image of ``xb`` (N, 1, H, W) padded by ``crop`` with the value of a black pixel and cut back to
+    H x W at a random offset in [0, 2 * crop] per axis."""
+    n, _, h, w = xb.shape
+    pad = np.pad(xb, ((0, 0), (0, 0), (crop, crop), (crop, crop)), constant_values=-MEAN / STD)
+    dy, dx = rng.integers(0, 2 * crop + 1, size=(2, n))
+    rows = dy[:, None] + np.arange(h)[None]            # (n, h)
+    cols = dx[:, None] + np.arange(w)[None]            # (n, w)
+    return np.ascontiguousarray(pad[np.arange(n)[:, None, None], 0, rows[:, :, None], cols[:, None, :]][:, None])
+
+
+def _tag(args) -> str:
+    """What in a results / weights file name tells a configuration apart beyond arch and epochs: the crop
+    augmentation and a QAT budget other than the default 300 steps (empty for the sessions 1-6 runs, whose
+    files keep their names)."""
+    return (f"_crop{args.crop}" if args.crop else "") + (f"_q{args.qat_steps}" if args.qat_steps != 300 else "")
+
+
 def run_seed(args) -> dict:
     import torch
 
@@ -311,16 +333,16 @@ def run_seed(args) -> dict:
     # training and calibration (unchanged, so the PTQ starts stay those of the fixed-step rows) use all 60k.
     val_idx = np.sort(np.random.default_rng(seed + 2000).choice(len(xtr), args.val_size, replace=False))
     rest = np.setdiff1d(np.arange(len(xtr)), val_idx)
-    out = {"seed": seed, "arch": args.arch, "epochs": args.epochs, "lr": args.lr, "calib": args.calib,
+    out = {"seed": seed, "arch": args.arch, "epochs": args.epochs, "crop": args.crop, "lr": args.lr, "calib": args.calib,
            "qat_steps": args.qat_steps, "qat_batch": args.qat_batch, "qat_lr": args.qat_lr,
            "qat_range_lr": args.qat_range_lr, "ptq": {}, "qat": {}, "qat_val": {}, "qat_gate": {}, "time": {}}
     merged = ("ptq", "qat", "qat_val", "qat_gate", "time")
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    res_path = results / f"{args.arch}_e{args.epochs}_seed{seed}.json"
+    res_path = results / f"{args.arch}_e{args.epochs}{_tag(args)}_seed{seed}.json"
     if res_path.is_file():  # a rerun with other --schemas / --qat-starts adds its rows to the same seed's file
         old = json.loads(res_path.read_text())
-        if all(old.get(k) == out[k] for k in out if k not in merged):
+        if all(old.get(k, 0 if k == "crop" else None) == out[k] for k in out if k not in merged):
             for k in merged:
                 out[k] = {**old.get(k, {}), **out[k]}
             for k in ("val_float", "val_protocol", "ptq_superseded"):  # context of rows this run does not redo
@@ -339,7 +361,8 @@ def run_seed(args) -> dict:
     # 1. float (cached per arch / epochs / lr / seed)
     cache = default_cache() / "qat_fmnist_mobilenet"
     cache.mkdir(parents=True, exist_ok=True)
-    wpath = cache / f"{args.arch}_e{args.epochs}_lr{args.lr:g}_seed{seed}.pt"
+    crop = f"_crop{args.crop}" if args.crop else ""
+    wpath = cache / f"{args.arch}_e{args.epochs}_lr{args.lr:g}{crop}_seed{seed}.pt"
     model = build_net(args.arch)
     t0 = time.perf_counter()
     if wpath.is_file():
@@ -347,7 +370,7 @@ def run_seed(args) -> dict:
         model.eval()
         print(f"seed {seed}: float weights from {wpath}", flush=True)
     else:
-        model = train_float(args.arch, xtr, ytr, epochs=args.epochs, lr=args.lr, seed=seed,
+        model = train_float(args.arch, xtr, ytr, epochs=args.epochs, lr=args.lr, seed=seed, crop=args.crop,
                             resume=wpath.with_suffix(".partial"))
         tmp = wpath.with_suffix(".tmp")
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
@@ -379,6 +402,8 @@ def run_seed(args) -> dict:
     for schema in args.schemas.split(","):
         for p in (0, 5):
             starts[(f"mace_p{p}", schema)] = (graph, mace[p], QuantizeOptions(schema=schema, input_ranges={"input": in_range}))
+        if args.ptq_starts == "mace":  # MACE's starts only: skips equalization + AdaRound (minutes on mbv2-1.0)
+            continue
         # equalization depends on the schema (uint8's per-tensor weights keep every producer's range)
         eq_graph, _ = equalize_on(graph, samples, 1, schema)
         pcal = make_calibrator("percentile")
@@ -462,13 +487,16 @@ def _old_ptq(r: dict, key: str) -> float:
 
 
 def report(args) -> int:
-    runs = [json.loads(p.read_text()) for p in sorted(Path(args.results).glob(f"{args.arch}_e{args.epochs}_seed*.json"))]
+    runs = [json.loads(p.read_text())
+            for p in sorted(Path(args.results).glob(f"{args.arch}_e{args.epochs}{_tag(args)}_seed*.json"))]
     runs = [r for r in runs if "float" in r]
     if not runs:
         print(f"no results in {args.results}")
         return 1
     fl = [r["float"] for r in runs]
-    print(f"{args.arch} ({runs[0].get('params', '?')} params), float trained {args.epochs} epochs; seeds "
+    print(f"{args.arch} ({runs[0].get('params', '?')} params), float trained {args.epochs} epochs"
+          f"{f' (random shifts up to {args.crop} px)' if args.crop else ''}"
+          f"{f', QAT {args.qat_steps} steps' if args.qat_steps != 300 else ''}; seeds "
           f"{', '.join(str(r['seed']) for r in runs)}; test split 10,000 images; mean ± sd (ddof 1) over seeds")
     print(f"float: {_ms(fl)}%  (per seed: {', '.join(f'{v:.2f}' for v in fl)})")
     print("QAT by the fixed-step loop (--qat-mode fixed: 300 steps on all 60k, the last state):")
@@ -606,6 +634,11 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="mbv2-50k", choices=sorted(ARCHS))
     ap.add_argument("--epochs", type=int, default=6, help="float training epochs")
     ap.add_argument("--lr", type=float, default=4e-3, help="float one-cycle peak learning rate")
+    ap.add_argument("--crop", type=int, default=0,
+                    help="float training: random translations by up to this many pixels (0: flips only, the "
+                         "sessions 1-6 recipe); part of the weights' and results' file names")
+    ap.add_argument("--ptq-starts", default="all", choices=("all", "mace"),
+                    help="mace: build only MACE's starts (no qmace PTQ row), for QAT runs from them")
     ap.add_argument("--calib", type=int, default=1000, help="calibration images (train split)")
     ap.add_argument("--qat-steps", type=int, default=300)
     ap.add_argument("--qat-batch", type=int, default=64)
