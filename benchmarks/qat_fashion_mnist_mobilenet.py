@@ -499,7 +499,7 @@ def report(args) -> int:
           f"{f', QAT {args.qat_steps} steps' if args.qat_steps != 300 else ''}; seeds "
           f"{', '.join(str(r['seed']) for r in runs)}; test split 10,000 images; mean ± sd (ddof 1) over seeds")
     print(f"float: {_ms(fl)}%  (per seed: {', '.join(f'{v:.2f}' for v in fl)})")
-    print("QAT by the fixed-step loop (--qat-mode fixed: 300 steps on all 60k, the last state):")
+    print(f"QAT by the fixed-step loop (--qat-mode fixed: {args.qat_steps} steps on all 60k, the last state):")
     print("| schema | PTQ start | n | PTQ | QAT (n) | QAT - float | QAT - PTQ | PTQ - float |")
     print("|---|---|---|---|---|---|---|---|")
     for schema in SCHEMAS:
