@@ -95,6 +95,7 @@ ARCHS["mbv2-w035"] = _width(ARCHS["mbv2-50k"], 0.35)
 ARCHS["mbv2-1.0"] = {"stem": 32, "blocks": [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                                             (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)], "last": 1280}
 STARTS = ("mace_p0", "mace_p5", "qmace")
+QAT_STEPS = 300  # the default QAT budget (sessions 1-6); any other budget is part of the results' file name
 SCHEMAS = ("uint8", "int8")
 MEAN, STD = 0.2860, 0.3530
 
@@ -304,11 +305,16 @@ def _shift(xb: np.ndarray, rng, crop: int) -> np.ndarray:
     return np.ascontiguousarray(pad[np.arange(n)[:, None, None], 0, rows[:, :, None], cols[:, None, :]][:, None])
 
 
+def _crop_tag(args) -> str:
+    """The float recipe's part of a weights / results file name beyond arch and epochs: the crop augmentation
+    (empty without it, so the sessions 1-6 files keep their names)."""
+    return f"_crop{args.crop}" if args.crop else ""
+
+
 def _tag(args) -> str:
-    """What in a results / weights file name tells a configuration apart beyond arch and epochs: the crop
-    augmentation and a QAT budget other than the default 300 steps (empty for the sessions 1-6 runs, whose
-    files keep their names)."""
-    return (f"_crop{args.crop}" if args.crop else "") + (f"_q{args.qat_steps}" if args.qat_steps != 300 else "")
+    """A results file name's part beyond arch and epochs: :func:`_crop_tag` and a QAT budget other than the
+    default ``QAT_STEPS`` (empty for the sessions 1-6 runs)."""
+    return _crop_tag(args) + (f"_q{args.qat_steps}" if args.qat_steps != QAT_STEPS else "")
 
 
 def run_seed(args) -> dict:
@@ -361,8 +367,7 @@ def run_seed(args) -> dict:
     # 1. float (cached per arch / epochs / lr / seed)
     cache = default_cache() / "qat_fmnist_mobilenet"
     cache.mkdir(parents=True, exist_ok=True)
-    crop = f"_crop{args.crop}" if args.crop else ""
-    wpath = cache / f"{args.arch}_e{args.epochs}_lr{args.lr:g}{crop}_seed{seed}.pt"
+    wpath = cache / f"{args.arch}_e{args.epochs}_lr{args.lr:g}{_crop_tag(args)}_seed{seed}.pt"
     model = build_net(args.arch)
     t0 = time.perf_counter()
     if wpath.is_file():
@@ -496,7 +501,7 @@ def report(args) -> int:
     fl = [r["float"] for r in runs]
     print(f"{args.arch} ({runs[0].get('params', '?')} params), float trained {args.epochs} epochs"
           f"{f' (random shifts up to {args.crop} px)' if args.crop else ''}"
-          f"{f', QAT {args.qat_steps} steps' if args.qat_steps != 300 else ''}; seeds "
+          f"{f', QAT {args.qat_steps} steps' if args.qat_steps != QAT_STEPS else ''}; seeds "
           f"{', '.join(str(r['seed']) for r in runs)}; test split 10,000 images; mean ± sd (ddof 1) over seeds")
     print(f"float: {_ms(fl)}%  (per seed: {', '.join(f'{v:.2f}' for v in fl)})")
     print(f"QAT by the fixed-step loop (--qat-mode fixed: {args.qat_steps} steps on all 60k, the last state):")
@@ -640,7 +645,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ptq-starts", default="all", choices=("all", "mace"),
                     help="mace: build only MACE's starts (no qmace PTQ row), for QAT runs from them")
     ap.add_argument("--calib", type=int, default=1000, help="calibration images (train split)")
-    ap.add_argument("--qat-steps", type=int, default=300)
+    ap.add_argument("--qat-steps", type=int, default=QAT_STEPS)
     ap.add_argument("--qat-batch", type=int, default=64)
     ap.add_argument("--qat-lr", type=float, default=3e-5)
     ap.add_argument("--qat-range-lr", type=float, default=3e-4)
