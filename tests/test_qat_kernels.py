@@ -82,6 +82,10 @@ CASES: dict[str, list[tuple[dict, list, int]]] = {
             1,
         ),
         ({"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, [_f(1, 1, 6, 6)], 1),
+        # squeeze-excite's whole-map window (torch's window sum), 1-d, and dilation (tap by tap)
+        ({"kernel_shape": [16, 16], "strides": [16, 16]}, [_f(2, 3, 32, 32)], 1),
+        ({"kernel_shape": [3], "strides": [2], "pads": [1, 1]}, [_f(2, 3, 9)], 1),
+        ({"kernel_shape": [2, 2], "dilations": [2, 2], "pads": [1, 0, 1, 1]}, [_f(1, 2, 6, 6)], 1),
     ],
     "GlobalAveragePool": [({}, [_f(2, 3, 5, 4)], 1)],
     "GlobalMaxPool": [({}, [_f(2, 3, 5, 4)], 1)],
@@ -133,6 +137,16 @@ CASES: dict[str, list[tuple[dict, list, int]]] = {
             [_f(1, 2, 4, 4), _f(2, 2, 3, 3)],
             1,
         ),
+    ],
+    "Resize": [  # inputs X, roi, scales, sizes: every mode family the numpy kernel has
+        ({"mode": "nearest"}, [_f(1, 2, 3, 4), None, np.array([1, 1, 2, 2], np.float32)], 1),
+        ({"mode": "linear"}, [_f(1, 2, 3, 4), None, np.array([1, 1, 2.5, 1.5], np.float32)], 1),
+        ({"mode": "linear", "coordinate_transformation_mode": "align_corners"},
+         [_f(2, 3, 4, 5), None, None, _i(2, 3, 7, 3)], 1),
+        ({"mode": "cubic"}, [_f(1, 1, 4, 4), None, np.array([1, 1, 1.5, 2], np.float32)], 1),
+        ({"mode": "linear", "antialias": 1}, [_f(1, 2, 8, 8), None, np.array([1, 1, 0.5, 0.375], np.float32)], 1),
+        ({"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize", "extrapolation_value": 0.25},
+         [_f(1, 1, 4, 4), np.array([0, 0, -0.2, 0.1, 1, 1, 1.3, 0.8], np.float32), None, _i(1, 1, 5, 3)], 1),
     ],
     "Pad": [
         ({}, [_f(2, 3, 4), _i(0, 1, 2, 0, -1, 1)], 1),
@@ -187,6 +201,19 @@ def test_run_torch_equals_run(op_type):
             )
 
 
+def test_resize_keeps_a_training_batch_through_batch_one_sizes():
+    """QAT trains a batch-1 graph on batches: ``sizes`` written for batch 1 resize each sample as alone (a
+    batch-8 input once came out as one sample, and the segmentation model's QAT trained on garbage)."""
+    op = get_op("Resize")
+    x = _f(3, 2, 4, 5)
+    for attrs, rest in (({"mode": "nearest"}, [None, None, _i(1, 2, 8, 10)]),
+                        ({"mode": "linear"}, [None, None, _i(1, 2, 7, 3)])):
+        node = Node("r", "Resize", ["x", "roi", "scales", "sizes"], ["y"], attrs)
+        got = op.run_torch(node, [torch.from_numpy(x)] + [None if v is None else torch.from_numpy(v) for v in rest])[0]
+        want = np.concatenate([op.run(node, [x[i:i + 1]] + rest)[0] for i in range(3)])
+        np.testing.assert_allclose(got.numpy(), want, rtol=RTOL, atol=ATOL)
+
+
 def test_run_torch_passes_gradients():
     """The float kernels QAT trains through are differentiable in their data input."""
     for op_type in (
@@ -199,11 +226,13 @@ def test_run_torch_passes_gradients():
         "Slice",
         "Gather",
         "DepthToSpace",
+        "Resize",
     ):
         attrs, inputs, _ = CASES[op_type][0]
         x = torch.from_numpy(np.array(inputs[0])).requires_grad_()
         node = Node("n", op_type, [f"i{j}" for j in range(len(inputs))], ["o"], dict(attrs))
-        y = get_op(op_type).run_torch(node, [x, *(torch.from_numpy(np.array(v)) for v in inputs[1:])])[0]
+        rest = [None if v is None else torch.from_numpy(np.array(v)) for v in inputs[1:]]
+        y = get_op(op_type).run_torch(node, [x, *rest])[0]
         (y * y).sum().backward()
         assert x.grad is not None and x.grad.abs().sum() > 0, op_type
 
@@ -295,23 +324,22 @@ def test_prepare_refuses_an_op_without_torch_kernel_naming_the_node():
     from qmace.quantize.ranges import Range
 
     w = numpy_helper.from_array(RNG.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
-    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Resize", ["c", "", "scales"], ["up"], name="upsample", mode="nearest"),
+        helper.make_node("Mish", ["c"], ["up"], name="softplus_tanh"),
         helper.make_node("Relu", ["up"], ["y"]),
     ]
     graph = helper.make_graph(
         nodes,
         "m",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
-        initializer=[w, scales],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+        initializer=[w],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     g = onnx_to_graph(model)
     ranges = {n: Range(-3.0, 3.0) for n in ("x", "c", "up", "y")}
-    with pytest.raises(UnsupportedOpsError, match=r"'upsample' \(Resize\)"):
+    with pytest.raises(UnsupportedOpsError, match=r"'softplus_tanh' \(Mish\)"):
         prepare(g, ranges, QuantizeOptions(input_ranges={"x": (-1.0, 1.0)}))
 
 

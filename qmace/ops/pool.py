@@ -209,15 +209,27 @@ class AveragePool(Op):
 
     @classmethod
     def run_torch(cls, node, inputs):
-        """Torch: the sum over the same taps as ``run`` divided by the same count."""
+        """Torch: the sum over the same taps as ``run`` divided by the same count. Without dilation the sum is
+        torch's own window sum (``avg_pool`` times the window size, on the padded input: one kernel, one
+        backward node, however large the window); with dilation, the taps one by one."""
         import torch
+        import torch.nn.functional as F
 
         x = inputs[0]
         kernel, strides, dilations, pads, out = _geometry(cls, node, x)
         xp = _padded(x, kernel, strides, dilations, pads, out, 0.0)
-        total = None
-        for view in _taps(xp, kernel, strides, dilations, out):
-            total = view if total is None else total + view
+        nd = len(kernel)
+        if 1 <= nd <= 3 and all(d == 1 for d in dilations):
+            pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
+            lead = xp.shape[:-nd]
+            flat = xp.reshape(-1, 1, *xp.shape[-nd:]) if xp.ndim != nd + 2 else xp
+            total = pool(flat, list(kernel), list(strides)) * float(np.prod(kernel))
+            total = total.reshape(*lead, *total.shape[-nd:])
+            total = total[(..., *(slice(0, o) for o in out))]
+        else:
+            total = None
+            for view in _taps(xp, kernel, strides, dilations, out):
+                total = view if total is None else total + view
         count = cls._count(node, tuple(x.shape), kernel, strides, dilations, pads, out)
         return [total / torch.from_numpy(count).to(x.device)]
 

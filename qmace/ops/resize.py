@@ -90,13 +90,13 @@ def _nearest_index(x_orig: np.ndarray, rule: str) -> np.ndarray:
     raise ValueError(f"Resize: unknown nearest_mode {rule!r}")
 
 
-def _out_sizes_and_scales(node: Node, x: np.ndarray, roi, scales, sizes):
+def _out_sizes_and_scales(node: Node, shape: tuple[int, ...], roi, scales, sizes):
     """Per axis of x: output size, coordinate scale, roi start and end."""
     op = Resize
-    rank = x.ndim
+    rank = len(shape)
     axes = op.attr(node, "axes")
     axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
-    out = list(x.shape)
+    out = list(shape)
     scale = [1.0] * rank
     if _given(scales):
         sc = np.asarray(scales, _F).reshape(-1)
@@ -104,7 +104,7 @@ def _out_sizes_and_scales(node: Node, x: np.ndarray, roi, scales, sizes):
             raise ValueError(f"Resize: {sc.size} scales for {len(axes)} axes")
         for a, s in zip(axes, sc):
             scale[a] = _F(s)
-            out[a] = int(np.floor(_F(s) * _F(x.shape[a])))
+            out[a] = int(np.floor(_F(s) * _F(shape[a])))
     elif _given(sizes):
         sz = [int(v) for v in np.asarray(sizes).reshape(-1)]
         if len(sz) != len(axes):
@@ -114,16 +114,16 @@ def _out_sizes_and_scales(node: Node, x: np.ndarray, roi, scales, sizes):
             for a, v in zip(axes, sz):
                 out[a] = v
         elif policy in ("not_larger", "not_smaller"):
-            ratios = [_F(v) / _F(x.shape[a]) for a, v in zip(axes, sz)]
+            ratios = [_F(v) / _F(shape[a]) for a, v in zip(axes, sz)]
             r = min(ratios) if policy == "not_larger" else max(ratios)
             for a in axes:
-                out[a] = int(np.floor(r * _F(x.shape[a]) + _F(0.5)))
+                out[a] = int(np.floor(r * _F(shape[a]) + _F(0.5)))
                 scale[a] = r
         else:
             raise ValueError(f"Resize: unknown keep_aspect_ratio_policy {policy!r}")
         if policy == "stretch":
             for a in axes:
-                scale[a] = _F(out[a]) / _F(x.shape[a])
+                scale[a] = _F(out[a]) / _F(shape[a])
     else:
         raise ValueError(f"Resize node {node.name!r}: one of scales and sizes must be given")
     start, end = [0.0] * rank, [1.0] * rank
@@ -179,6 +179,59 @@ def _filter_weights(node: Node, xo: np.ndarray, in_len: int, scale: float) -> np
     return weights
 
 
+def _plan(node: Node, shape: tuple[int, ...], roi, scales, sizes) -> tuple[list[tuple], np.ndarray | None]:
+    """What :func:`resize` does, per axis, as index and weight arrays (numpy, float32 coordinates as ORT):
+    ``(axis, "weights", w)`` (cubic / antialias: ``(out, in)`` float64 taps), ``(axis, "take", idx)``
+    (nearest) or ``(axis, "lerp", lo, hi, w_lo, w_hi)`` (linear); identity axes are left out. The second
+    value is the boolean mask of outputs outside the crop (tf_crop_and_resize), or None.
+
+    Raises:
+        ValueError: an unknown mode or transformation, or scales/sizes that do not fit the input.
+        NotImplementedError: antialias with nearest mode.
+    """
+    op = Resize
+    mode = op.attr(node, "mode")
+    if mode not in ("nearest", "linear", "cubic"):
+        raise ValueError(f"Resize node {node.name!r}: unknown mode {mode!r}")
+    if mode == "nearest" and int(op.attr(node, "antialias")):
+        raise NotImplementedError(f"Resize node {node.name!r}: antialias=1 applies to linear and cubic only")
+    filtered = mode == "cubic" or int(op.attr(node, "antialias"))
+    ctm = op.attr(node, "coordinate_transformation_mode")
+    crop = ctm == "tf_crop_and_resize"
+    out, scale, start, end = _out_sizes_and_scales(node, shape, roi, scales, sizes)
+    steps: list[tuple] = []
+    outside = None  # boolean mask over y's resized axes (broadcastable), tf_crop_and_resize only
+    for a, in_len in enumerate(shape):
+        if out[a] == in_len and scale[a] == 1.0 and not crop:
+            continue  # identity along this axis for every mode
+        xo = _original_coords(ctm, out[a], in_len, scale[a], start[a], end[a])
+        if crop:
+            oob = (xo < 0) | (xo > _F(in_len - 1))
+            mask_shape = [1] * len(shape)
+            mask_shape[a] = out[a]
+            oob = oob.reshape(mask_shape)
+            outside = oob if outside is None else (outside | oob)
+        if filtered:
+            steps.append((a, "weights", _filter_weights(node, xo, in_len, scale[a])))
+        elif mode == "nearest":
+            steps.append((a, "take", np.clip(_nearest_index(xo, op.attr(node, "nearest_mode")), 0, in_len - 1)))
+        else:
+            xc = np.clip(xo, _F(0), _F(in_len - 1))
+            lo = np.minimum(xc.astype(np.int64), in_len - 1)
+            hi = np.minimum(lo + 1, in_len - 1)
+            w_hi = np.abs(xc - lo.astype(_F))
+            w_lo = np.abs(xc - hi.astype(_F))
+            same = lo == hi
+            steps.append((a, "lerp", lo, hi, np.where(same, _F(0.5), w_lo), np.where(same, _F(0.5), w_hi)))
+    return steps, outside
+
+
+def _broadcast_along(v, axis: int, ndim: int):
+    shape = [1] * ndim
+    shape[axis] = len(v)
+    return v.reshape(shape)
+
+
 def resize(node: Node, x: np.ndarray, roi, scales, sizes, extrapolation) -> np.ndarray:
     """The Resize kernel; ``extrapolation`` is the value written outside the crop (tf_crop_and_resize).
 
@@ -198,50 +251,66 @@ def resize(node: Node, x: np.ndarray, roi, scales, sizes, extrapolation) -> np.n
         ValueError: an unknown mode or transformation, or scales/sizes that do not fit the input.
         NotImplementedError: antialias with nearest mode.
     """
-    op = Resize
-    mode = op.attr(node, "mode")
-    if mode not in ("nearest", "linear", "cubic"):
-        raise ValueError(f"Resize node {node.name!r}: unknown mode {mode!r}")
-    if mode == "nearest" and int(op.attr(node, "antialias")):
-        raise NotImplementedError(f"Resize node {node.name!r}: antialias=1 applies to linear and cubic only")
-    filtered = mode == "cubic" or int(op.attr(node, "antialias"))
-    ctm = op.attr(node, "coordinate_transformation_mode")
-    crop = ctm == "tf_crop_and_resize"
-    out, scale, start, end = _out_sizes_and_scales(node, x, roi, scales, sizes)
+    steps, outside = _plan(node, x.shape, roi, scales, sizes)
     y = x
-    outside = None  # boolean mask over y's resized axes (broadcastable), tf_crop_and_resize only
-    for a in range(x.ndim):
-        in_len = x.shape[a]
-        if out[a] == in_len and scale[a] == 1.0 and not crop:
-            continue  # identity along this axis for every mode
-        xo = _original_coords(ctm, out[a], in_len, scale[a], start[a], end[a])
-        if crop:
-            oob = (xo < 0) | (xo > _F(in_len - 1))
-            shape = [1] * x.ndim
-            shape[a] = out[a]
-            oob = oob.reshape(shape)
-            outside = oob if outside is None else (outside | oob)
-        if filtered:
-            w = _filter_weights(node, xo, in_len, scale[a])
-            y = np.moveaxis(np.tensordot(w, np.moveaxis(y, a, 0).astype(np.float64), axes=(1, 0)), 0, a)
-        elif mode == "nearest":
-            idx = np.clip(_nearest_index(xo, op.attr(node, "nearest_mode")), 0, in_len - 1)
-            y = np.take(y, idx, axis=a)
+    for a, kind, *arrays in steps:
+        if kind == "weights":
+            y = np.moveaxis(np.tensordot(arrays[0], np.moveaxis(y, a, 0).astype(np.float64), axes=(1, 0)), 0, a)
+        elif kind == "take":
+            y = np.take(y, arrays[0], axis=a)
         else:
-            xc = np.clip(xo, _F(0), _F(in_len - 1))
-            lo = np.minimum(xc.astype(np.int64), in_len - 1)
-            hi = np.minimum(lo + 1, in_len - 1)
-            w_hi = np.abs(xc - lo.astype(_F))
-            w_lo = np.abs(xc - hi.astype(_F))
-            same = lo == hi
-            w_lo = np.where(same, _F(0.5), w_lo)
-            w_hi = np.where(same, _F(0.5), w_hi)
-            shape = [1] * x.ndim
-            shape[a] = out[a]
-            y = np.take(y, lo, axis=a) * w_lo.reshape(shape) + np.take(y, hi, axis=a) * w_hi.reshape(shape)
+            lo, hi, w_lo, w_hi = arrays
+            y = (np.take(y, lo, axis=a) * _broadcast_along(w_lo, a, x.ndim)
+                 + np.take(y, hi, axis=a) * _broadcast_along(w_hi, a, x.ndim))
     if outside is not None:
         y = np.where(outside, np.asarray(extrapolation).astype(x.dtype), y)
     return np.ascontiguousarray(y.astype(x.dtype, copy=False))
+
+
+def resize_torch(node: Node, x, roi, scales, sizes, extrapolation):
+    """:func:`resize` on a float torch tensor, differentiable in ``x``: the same index and weight arrays
+    (:func:`_plan`), applied with torch (float32; the cubic / antialias taps in float64 as the numpy kernel).
+    A batch of N > 1 samples through a graph whose ``sizes`` say batch 1 (QAT trains the YAML's batch-1
+    graph on batches, as Reshape's torch kernel does) keeps its batch: each sample is resized as alone.
+
+    Args:
+        node: the Resize node.
+        x: the input tensor.
+        roi: roi, scales, sizes: constants (numpy arrays, tensors or None).
+        scales: see ``roi``.
+        sizes: see ``roi``.
+        extrapolation: the value written outside the crop.
+
+    Returns:
+        The resized tensor in x's dtype.
+    """
+    import torch
+
+    def const(v):
+        return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
+
+    shape = tuple(x.shape)
+    steps, outside = _plan(node, shape, const(roi), const(scales), const(sizes))
+    if shape and shape[0] > 1 and any(step[0] == 0 for step in steps):
+        # QAT runs the YAML's batch-1 graph on a batch: ``sizes`` written for batch 1 keep the batch as it is
+        steps, outside = _plan(node, (1, *shape[1:]), const(roi), const(scales), const(sizes))
+        if any(step[0] == 0 for step in steps):
+            raise ValueError(f"Resize node {node.name!r}: resizes the batch axis")
+    y = x
+    for a, kind, *arrays in steps:
+        if kind == "weights":
+            w = torch.from_numpy(arrays[0]).to(x.device)
+            y = torch.movedim(torch.tensordot(w, torch.movedim(y, a, 0).to(torch.float64), dims=([1], [0])),
+                              0, a).to(x.dtype)
+        elif kind == "take":
+            y = torch.index_select(y, a, torch.from_numpy(arrays[0]).to(x.device))
+        else:
+            lo, hi, w_lo, w_hi = (torch.from_numpy(np.ascontiguousarray(v)).to(x.device) for v in arrays)
+            y = (torch.index_select(y, a, lo) * _broadcast_along(w_lo, a, x.ndim).to(y.dtype)
+                 + torch.index_select(y, a, hi) * _broadcast_along(w_hi, a, x.ndim).to(y.dtype))
+    if outside is not None:
+        y = torch.where(torch.from_numpy(outside).to(x.device), torch.tensor(float(extrapolation), dtype=y.dtype), y)
+    return y
 
 
 @register
@@ -298,6 +367,12 @@ class Resize(Op):
     def run(cls, node, inputs):
         x, roi, scales, sizes = cls._args(inputs)
         return [resize(node, x, roi, scales, sizes, cls.attr(node, "extrapolation_value"))]
+
+    @classmethod
+    def run_torch(cls, node, inputs):
+        """Torch: :func:`resize_torch` (the numpy kernel's index and weight arrays, applied with torch)."""
+        x, roi, scales, sizes = cls._args(inputs)
+        return [resize_torch(node, x, roi, scales, sizes, cls.attr(node, "extrapolation_value"))]
 
     @classmethod
     def run_quantized(cls, node, inputs, in_qp, out_qp):
