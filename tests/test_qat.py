@@ -165,7 +165,8 @@ def test_per_position_distillation_is_a_kl_per_row_along_the_axis():
     t = rng.normal(0, 2, (2, 3, 7)).astype(np.float32)
 
     def run(axis, teacher):
-        return _Run(1, "constant", 0.0, 2.0, axis, None, lambda x: teacher, 0, 1, torch.device("cpu"), [1.0])
+        return _Run(1, "constant", 0.0, 2.0, axis, "softmax", None, lambda x: teacher, 0, 1, torch.device("cpu"),
+                    [1.0])
 
     got = _loss(s, None, None, run(-1, t))
     T = 2.0  # by hand: one KL(softmax(t/T) || softmax(s/T)) per (sample, timestep), averaged, times T^2
@@ -179,6 +180,37 @@ def test_per_position_distillation_is_a_kl_per_row_along_the_axis():
     # for (N, C) outputs axis -1 is the default's loss
     s2, t2 = s[:, 0], t[:, 0]
     torch.testing.assert_close(_loss(s2, None, None, run(-1, t2)), _loss(s2, None, None, run(None, t2)))
+
+
+def test_sigmoid_distillation_is_a_bernoulli_kl_per_element():
+    from qmace.qat.trainer import _loss, _Run
+
+    rng = np.random.default_rng(1)
+    s = torch.from_numpy(rng.normal(0, 3, (2, 1, 5, 6)).astype(np.float32))
+    t = rng.normal(0, 3, (2, 1, 5, 6)).astype(np.float32)
+
+    def run(teacher, T=2.0):
+        return _Run(1, "constant", 0.0, T, None, "sigmoid", None, lambda x: teacher, 0, 1, torch.device("cpu"),
+                    [1.0])
+
+    T = 2.0  # by hand: KL(Bernoulli(sigmoid(t/T)) || Bernoulli(sigmoid(s/T))) per pixel, averaged, times T^2
+    q, p = torch.sigmoid(torch.from_numpy(t) / T), torch.sigmoid(s / T)
+    kl = q * torch.log(q / p) + (1 - q) * torch.log((1 - q) / (1 - p))
+    torch.testing.assert_close(_loss(s, None, None, run(t)), kl.mean() * T**2, rtol=1e-5, atol=1e-6)
+    assert float(_loss(s, None, None, run(s.numpy()))) == pytest.approx(0.0, abs=1e-6)  # no loss at the teacher
+    # a near-zero map (probabilities ~1e-6, as a text detector's on an image without text) still has a gradient
+    far = torch.full((1, 1, 4, 4), -14.0, requires_grad=True)
+    _loss(far, None, None, run(np.full((1, 1, 4, 4), -12.0, np.float32), T=1.0)).backward()
+    assert far.grad is not None and float(far.grad.abs().sum()) > 0
+
+
+def test_fit_refuses_an_unknown_distillation_loss(setup):
+    from qmace.qat.trainer import fit
+
+    _, graph, ranges = setup
+    m = _prepare(graph, ranges, "uint8")
+    with pytest.raises(ValueError, match="distill must be one of softmax, sigmoid"):
+        fit(m, [np.concatenate(_inputs(2, 3))], epochs=1, lr=1e-3, distill="mse")
 
 
 def test_ema_mode_tracks_ranges(setup):

@@ -18,6 +18,9 @@ from qmace.qat.gate import DEFAULT_ALPHA, GateResult, apply_gate, check_alpha
 
 log = logging.getLogger(__name__)
 SCHEDULES = ("constant", "cosine")
+#: Distillation losses: ``softmax`` (KL between class distributions) and ``sigmoid`` (per-element Bernoulli KL:
+#: dense probability maps, e.g. a segmentation mask or a text-detection map, distilled from their logits).
+DISTILL_LOSSES = ("softmax", "sigmoid")
 
 
 def float_teacher(module) -> Callable[[np.ndarray], np.ndarray]:
@@ -141,6 +144,7 @@ def fit(
     teacher: Callable | None = None,
     temperature: float = 1.0,
     distill_axis: int | None = None,
+    distill: str = "softmax",
     range_lr: float | None = None,
     schedule: str = "constant",
     warmup: float = 0.0,
@@ -159,6 +163,9 @@ def fit(
     ``distill_axis``: None (default): each sample's whole output is one distribution; an axis ``a``: one per
     position along the other axes (``(N, T, C)`` logits, ``a = -1``: one per timestep), the loss
     ``T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T))`` along ``a``.
+    ``distill``: ``softmax`` (the above) or ``sigmoid``: every output element is one Bernoulli distribution,
+    the loss ``T^2 * mean over elements of KL(sigmoid(teacher / T) || sigmoid(student / T))`` (dense
+    probability maps; the targets are the logits the map's Sigmoid reads, ``QATModule.train_outputs``).
 
     ``schedule``/``warmup``: the learning rate of step ``k`` is the peak one times :func:`lr_factor`.
     ``device``: where the module, optimizer state and batches live (default: the module's device).
@@ -189,6 +196,7 @@ def fit(
         teacher: ``x -> logits`` for distillation (default: :func:`float_teacher`).
         temperature: the distillation temperature ``T``.
         distill_axis: the class axis of per-position distillation, or None (one distribution per sample).
+        distill: the distillation loss, ``softmax`` or ``sigmoid`` (see above).
         range_lr: the peak learning rate of the LSQ range parameters (default ``lr``).
         schedule: ``constant`` or ``cosine`` (:func:`lr_factor`).
         warmup: the warm-up share of the steps.
@@ -206,10 +214,12 @@ def fit(
 
     Raises:
         InputDataError: ``resume`` is unreadable or does not match this model.
-        ValueError: an unknown ``schedule``, a ``gate_alpha`` outside (0, 1), or per-sample scores that are
-            not 1-D or change length.
+        ValueError: an unknown ``schedule`` or ``distill``, a ``gate_alpha`` outside (0, 1), or per-sample
+            scores that are not 1-D or change length.
     """
     check_alpha(gate_alpha)
+    if distill not in DISTILL_LOSSES:
+        raise ValueError(f"distill must be one of {', '.join(DISTILL_LOSSES)}, not {distill!r}")
     rank, world = _distributed()
     if device is not None:
         module.to(torch.device(device))
@@ -220,8 +230,8 @@ def fit(
         from qmace.qat.distributed import data_parallel
 
         net = data_parallel(module)
-    run = _Run(epochs, schedule, warmup, temperature, distill_axis, list(labels) if labels is not None else None,
-               _teacher_logits(module, teacher), rank, world, dev, peak)
+    run = _Run(epochs, schedule, warmup, temperature, distill_axis, distill,
+               list(labels) if labels is not None else None, _teacher_logits(module, teacher), rank, world, dev, peak)
     res = FitResult(losses=[])
     kept = KeptStates()
     first, step, bad = _resume(module, opt, resume, run, res, kept) if resume is not None else (0, 0, 0)
@@ -277,6 +287,7 @@ class _Run:
     warmup: float
     temperature: float
     distill_axis: int | None  # None: one distribution per sample; else the class axis (one per position)
+    distill: str  # one of DISTILL_LOSSES
     labels: list | None  # labels aligned with the batches, or None
     teacher_logits: Callable  # x -> the teacher's logits (distillation)
     rank: int
@@ -385,12 +396,19 @@ def _epoch_batches(batches, epoch: int, progress: Callable | None, run: _Run) ->
 
 def _loss(student: torch.Tensor, x, y, run: _Run) -> torch.Tensor:
     """Cross-entropy with labels ``y``; without, ``KL(softmax(teacher / T) || softmax(student / T)) * T^2``,
-    per sample or per position along ``run.distill_axis`` (:func:`fit`)."""
+    per sample or per position along ``run.distill_axis``, or the per-element Bernoulli KL (``run.distill``
+    ``sigmoid``) (:func:`fit`)."""
     dev, temperature = run.device, run.temperature
     if y is not None:
         target = torch.as_tensor(np.asarray(_as_numpy(y)), dtype=torch.long).reshape(-1).to(dev)
         return F.cross_entropy(student.reshape(len(target), -1), target)
     t = _as_tensor(run.teacher_logits(x)).to(dev).reshape(student.shape).detach()
+    if run.distill == "sigmoid":  # Bernoulli KL per element: BCE(student, p) - BCE(teacher, p), p = sigmoid(t)
+        s_, t_ = student.float() / temperature, t.float() / temperature
+        p = torch.sigmoid(t_)
+        kl = (F.binary_cross_entropy_with_logits(s_, p, reduction="none")
+              - F.binary_cross_entropy_with_logits(t_, p, reduction="none"))
+        return kl.mean() * temperature**2
     if run.distill_axis is not None:  # one distribution per position: the class axis last, positions as rows
         student = student.movedim(run.distill_axis, -1).reshape(-1, student.shape[run.distill_axis])
         t = t.movedim(run.distill_axis, -1).reshape(student.shape)
