@@ -170,6 +170,37 @@ def test_cli_val_dir_reports_float_ptq_qat_and_exports_the_best(tmp_path, capsys
     assert abs(100 * np.mean(np.array(pred) == labels) - vals["QAT"]) < 1e-9
 
 
+def test_cli_distill_sigmoid_trains_the_logits_of_the_output_sigmoid(tmp_path, capsys):
+    """--distill sigmoid (no labels): the per-element loss on the logits the output Sigmoid reads; the run
+    exports a model and says which objective it used; with --labels it is a one-line error."""
+    d = _labelled_workspace(tmp_path)
+    out = tmp_path / "out"
+    args = ["qat", "--config", str(tmp_path / "m.yml"), "--train_dir", str(d), "--batch_size", "4", "--lr", "1e-3",
+            "--output_dir", str(out), "--threads", "1", "--epochs", "2", "--distill", "sigmoid"]
+    assert main(args) == 0, capsys.readouterr().err
+    summary = json.loads((out / "m_qat.json").read_text())
+    assert summary["objective"] == "distillation from the float model (per-element sigmoid maps)"
+    assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
+    capsys.readouterr()
+    assert main([*args, "--labels", str(tmp_path / "labels.txt"), "--output_dir", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "--distill sigmoid is a distillation loss" in err and err.count("\n") == 1
+    assert not (tmp_path / "o2").exists()
+
+
+def test_sigmoid_logits_names_the_output_that_is_no_sigmoid(setup):
+    from qmace.errors import ModelError
+    from qmace.qat.job import sigmoid_logits
+
+    graph, _ = setup
+    assert sigmoid_logits(graph) == [graph.producers()[graph.outputs[0]].inputs[0]]
+    g = graph.copy()
+    sig = g.producers()[g.outputs[0]]
+    g.outputs = [sig.inputs[0]]  # the Gemm's logits as the output
+    with pytest.raises(ModelError, match=r"output '.+' is made by node '.+' \(Gemm\), not by a Sigmoid"):
+        sigmoid_logits(g)
+
+
 def test_lr_schedule_warmup_then_cosine():
     from qmace.qat.trainer import lr_factor
 

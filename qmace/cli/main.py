@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "labels", default=None,
           help="labels file: one integer per line in sample order, or '<sample> <label>' lines; "
                "default: distillation from the float model")
+    _flag(p, "distill", default="softmax", choices=["softmax", "sigmoid"],
+          help="the loss without --labels: softmax (KL of each output's class distribution; default) or sigmoid "
+               "(per-element KL of probability maps, e.g. a segmentation mask: every output must be a Sigmoid's)")
     _flag(p, "epochs", type=int, default=1, help="passes over the training samples (>= 0; default 1)")
     _flag(p, "lr", type=float, default=1e-5, help="Adam learning rate (> 0; default 1e-5)")
     _flag(p, "batch_size", type=int, default=16, help="samples per step (>= 1; default 16)")

@@ -41,7 +41,7 @@ def job_from_args(a: argparse.Namespace):
         batch_size=a.batch_size, output_dir=_path(a.output_dir), build_dir=_path(a.build_dir),
         equalization=not a.no_equalization, device=a.device, nproc=a.nproc, workers=a.workers,
         schedule=a.lr_schedule, warmup=a.warmup, patience=a.patience, resume=a.resume, seed=a.seed,
-        threads=a.threads, gate_alpha=gate_alpha(a.gate_alpha),
+        threads=a.threads, gate_alpha=gate_alpha(a.gate_alpha), distill=a.distill,
         float_nodes=tuple(x for x in a.float_nodes.split(",") if x), sensitivity_16bit=a.sensitivity_16bit,
         sensitivity_float_layers=a.sensitivity_float_layers, sensitivity_samples=a.sensitivity_samples)
 

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from qmace.errors import ConfigError, InputDataError
+from qmace.errors import ConfigError, InputDataError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class QATJob:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads per process (None: torch's default)
     gate_alpha: float | None = 0.05  # significance gate of the validation gain (None: off); qmace.qat.gate
+    distill: str = "softmax"  # the loss without labels: qmace.qat.trainer.DISTILL_LOSSES
     # the PTQ start's mixed precision, as `qmace quantize` (besides the YAML's quantize_float_nodes /
     # quantize_16bit_tensors): node names / op types kept float, and the sensitivity rules' counts
     float_nodes: tuple[str, ...] = ()
@@ -231,12 +232,12 @@ def check_job(job: QATJob) -> None:
     Raises:
         ConfigError: bad epochs/batch size/learning rates/schedule/warm-up/patience/workers/gate alpha/
             sensitivity counts, an unusable
-            device or process count, a batch not divisible by the processes, inconsistent label flags, or
-            ``resume`` without a checkpoint.
+            device or process count, a batch not divisible by the processes, inconsistent label flags, a
+            distillation loss with labels, or ``resume`` without a checkpoint.
     """
     from qmace.qat.distributed import check_device, launched_by_torchrun
     from qmace.qat.gate import check_alpha
-    from qmace.qat.trainer import SCHEDULES
+    from qmace.qat.trainer import DISTILL_LOSSES, SCHEDULES
 
     if job.epochs < 0 or job.batch_size < 1:
         raise ConfigError("--epochs must be >= 0 and --batch_size >= 1")
@@ -272,6 +273,10 @@ def check_job(job: QATJob) -> None:
         raise ConfigError("--labels with --val_dir needs --val_labels (labels of the validation samples)")
     if job.val_labels is not None and job.val_dir is None:
         raise ConfigError("--val_labels needs --val_dir")
+    if job.distill not in DISTILL_LOSSES:
+        raise ConfigError(f"--distill {job.distill}: choose from {', '.join(DISTILL_LOSSES)}")
+    if job.distill != "softmax" and job.labels is not None:
+        raise ConfigError(f"--distill {job.distill} is a distillation loss: it cannot be used with --labels")
     if job.resume:
         out, name = output_dir(job)
         if not (out / f"{name}_qat.ckpt").is_file():
@@ -358,6 +363,8 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     graph, ranges, opts, equalized = _ptq_start(job, m, original, samples)
     dev = rank_device(job.device, local)
     module = prepare(graph, ranges, opts).to(dev)
+    if job.distill == "sigmoid":
+        module.train_outputs = sigmoid_logits(graph)
     labels = read_labels(job.labels, [s.name for s in samples]) if job.labels else None
     loader = make_loader(SampleDataset(samples, labels), global_batch=job.batch_size, rank=rank, world=world,
                          seed=job.seed, workers=job.workers)
@@ -370,7 +377,8 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
         ensure_dir(out_dir)
     res = fit(module, loader, epochs=job.epochs, lr=job.lr, range_lr=job.range_lr, schedule=job.schedule,
               warmup=job.warmup, device=dev, validate=validate, patience=job.patience, checkpoint=ckpt,
-              resume=ckpt if job.resume else None, progress=progress, on_epoch=on_epoch, gate_alpha=job.gate_alpha)
+              resume=ckpt if job.resume else None, progress=progress, on_epoch=on_epoch, gate_alpha=job.gate_alpha,
+              distill=job.distill)
     if rank != 0:
         return None
     module.to("cpu")
@@ -381,13 +389,37 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     outputs = QATOutputs(
         onnx=onnx_path, ranges=range_path, checkpoint=ckpt, yaml=yml, summary=out_dir / f"{m.name}_qat.json",
         samples=len(samples), val_samples=len(val_samples), gate=None if res.gate is None else asdict(res.gate),
-        objective="cross-entropy" if labels is not None else "distillation from the float model",
+        objective="cross-entropy" if labels is not None else (
+            "distillation from the float model" + (" (per-element sigmoid maps)" if job.distill == "sigmoid" else "")),
         equalized_tensors=equalized, world=world, losses=res.losses, metric=metric, metrics=res.metrics,
         float_metric=float_metric, ptq_metric=res.start_metric, qat_metric=res.best_metric,
         best_epoch=res.best_epoch, epochs_run=res.epochs_run, stopped_early=res.stopped_early)
     with atomic_write(outputs.summary) as f:
         f.write(outputs.to_json())
     return outputs
+
+
+def sigmoid_logits(graph) -> list[str]:
+    """The tensors the graph's output Sigmoids read (``--distill sigmoid`` distills these logits).
+
+    Args:
+        graph: the float graph QAT starts from.
+
+    Returns:
+        One tensor name per graph output.
+
+    Raises:
+        ModelError: an output is not made by a Sigmoid (named, with the op that makes it).
+    """
+    producers = graph.producers()
+    names = []
+    for out in graph.outputs:
+        node = producers.get(out)
+        if node is None or node.op_type != "Sigmoid":
+            made = "a graph input or constant" if node is None else f"node {node.name!r} ({node.op_type})"
+            raise ModelError(f"--distill sigmoid: output {out!r} is made by {made}, not by a Sigmoid")
+        names.append(node.inputs[0])
+    return names
 
 
 def _ptq_start(job: QATJob, m, graph, samples) -> tuple:
