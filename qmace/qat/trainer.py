@@ -146,7 +146,6 @@ def fit(
     distill_axis: int | None = None,
     distill: str = "softmax",
     range_lr: float | None = None,
-    relative_lr: bool = False,
     schedule: str = "constant",
     warmup: float = 0.0,
     device: str | torch.device | None = None,
@@ -168,10 +167,6 @@ def fit(
     the loss ``T^2 * mean over elements of KL(sigmoid(teacher / T) || sigmoid(student / T))`` (dense
     probability maps; the targets are the logits the map's Sigmoid reads, ``QATModule.train_outputs``).
 
-    ``relative_lr``: each weight tensor's rate is ``lr`` times its largest magnitude at the start, so ``lr`` is
-    a share of the tensor's range per step. Adam moves every element by about its rate per step whatever the
-    tensor's scale, so one absolute rate is too large for a layer whose weights are tiny (a text detector's
-    conv with weights ~1e-5 lost 12% of its range in 3 steps at 1e-5) and too small for large ones.
     ``schedule``/``warmup``: the learning rate of step ``k`` is the peak one times :func:`lr_factor`.
     ``device``: where the module, optimizer state and batches live (default: the module's device).
     ``validate(module)`` (higher is better) scores the quantized model before training and after every
@@ -203,7 +198,6 @@ def fit(
         distill_axis: the class axis of per-position distillation, or None (one distribution per sample).
         distill: the distillation loss, ``softmax`` or ``sigmoid`` (see above).
         range_lr: the peak learning rate of the LSQ range parameters (default ``lr``).
-        relative_lr: scale ``lr`` per weight tensor by its largest magnitude at the start (see above).
         schedule: ``constant`` or ``cosine`` (:func:`lr_factor`).
         warmup: the warm-up share of the steps.
         device: where training runs (default: the module's device).
@@ -230,7 +224,7 @@ def fit(
     if device is not None:
         module.to(torch.device(device))
     dev = next(module.parameters()).device
-    opt, peak = _optimizer(module, lr, range_lr, relative_lr)
+    opt, peak = _optimizer(module, lr, range_lr)
     net = module
     if world > 1:
         from qmace.qat.distributed import data_parallel
@@ -302,18 +296,11 @@ class _Run:
     peak: list[float]  # peak learning rate per optimizer parameter group
 
 
-def _optimizer(module, lr: float, range_lr: float | None, relative_lr: bool = False
-               ) -> tuple[torch.optim.Adam, list[float]]:
-    """Adam over the weights (``lr``) and the LSQ ranges (``range_lr``, default ``lr``); the peak rates.
-    ``relative_lr``: one group per weight tensor, its rate ``lr`` times the tensor's largest magnitude at the
-    start (Adam moves every element by about its rate per step, whatever the tensor's scale)."""
+def _optimizer(module, lr: float, range_lr: float | None) -> tuple[torch.optim.Adam, list[float]]:
+    """Adam over the weights (``lr``) and the LSQ ranges (``range_lr``, default ``lr``); the peak rates."""
     ranges = [p for n, p in module.named_parameters() if n in ("act_min", "act_max") and p.requires_grad]
     weights = [p for n, p in module.named_parameters() if n not in ("act_min", "act_max") and p.requires_grad]
-    if relative_lr:
-        groups = [{"params": [w], "lr": lr * max(float(w.detach().abs().max()), 1e-12) if w.numel() else lr}
-                  for w in weights]
-    else:
-        groups = [{"params": weights, "lr": lr}]
+    groups = [{"params": weights, "lr": lr}]
     if ranges:
         groups.append({"params": ranges, "lr": range_lr if range_lr is not None else lr})
     return torch.optim.Adam(groups), [g["lr"] for g in groups]
