@@ -267,7 +267,17 @@ REFINES = {"bc": {}, "adaround": {"adaround": True}, "u16": {"method": "mace", "
 def qmace_recipe(schema: str, refine: str) -> PTQRecipe:
     """The ``PTQRecipe`` of one qmace row: the command's recipe for ``schema`` (equalization follows the
     schema's rule: per-tensor weights keep every producer's range for ``uint8``)."""
-    return PTQRecipe(**{"method": "percentile", "percentile": 99.95, "schema": schema, **REFINES[refine]})
+    return PTQRecipe(**{"method": "percentile", "percentile": 99.95, "schema": schema, **refine_settings(refine)})
+
+
+def refine_settings(refine: str) -> dict:
+    """``REFINES[refine]``, or for ``s16_K`` the ``bc`` pipeline plus ``--sensitivity_16bit K`` (the K activations
+    whose 8-bit quantization alone costs the calibration images most get 16 bits)."""
+    if refine.startswith("s16_") and refine[4:].isdigit():
+        return {"sensitivity_16bit": int(refine[4:])}
+    if refine not in REFINES:
+        raise SystemExit(f"unknown --refine {refine!r}: {', '.join(REFINES)} or s16_K")
+    return REFINES[refine]
 
 
 def qmace_ptq(m: Model, schema: str, refine: str = "bc", recipe: PTQRecipe | None = None):
@@ -518,7 +528,8 @@ def main() -> int:
     ap.add_argument("--nncf-python", default=os.environ.get("QMACE_NNCF_PYTHON", ""),
                     help="a Python with nncf installed, e.g. a venv's (default $QMACE_NNCF_PYTHON; empty: skip NNCF)")
     ap.add_argument("--refine", default="bc",
-                    help="qmace pipelines, comma-separated: bc (bias correction), adaround (default bc)")
+                    help="qmace pipelines, comma-separated: bc (bias correction), adaround, u16 (diagnostic), s16_K "
+                         "(bc plus --sensitivity_16bit K) (default bc)")
     ap.add_argument("--no-peers", action="store_true", help="skip ORT quantize_static and NNCF")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
