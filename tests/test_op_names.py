@@ -41,6 +41,8 @@ ALLOWED: dict[str, tuple[frozenset[str], str]] = {
     "quantize/bias_correction.py": (frozenset({"Add"}),
                                     "the bias Add that follows a MatMul (x @ W + b) absorbs its bias correction"),
     "passes/cleanup.py": (frozenset({"Identity", "Dropout"}), "removal of no-op nodes"),
+    "qat/job.py": (frozenset({"Sigmoid"}),
+                   "--distill sigmoid: the Bernoulli KL is defined on the logits a logistic Sigmoid reads"),
     "passes/fold.py": (frozenset({"QuantizeLinear", "DequantizeLinear", "Shape"}),
                        "constant folding: never fold Q/DQ markers; Shape of a known shape"),
     # Layout rewrite: how axis attributes/inputs follow a permutation (elementwise ops ask their trait).
