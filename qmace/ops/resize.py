@@ -309,7 +309,8 @@ def resize_torch(node: Node, x, roi, scales, sizes, extrapolation):
             y = (torch.index_select(y, a, lo) * _broadcast_along(w_lo, a, x.ndim).to(y.dtype)
                  + torch.index_select(y, a, hi) * _broadcast_along(w_hi, a, x.ndim).to(y.dtype))
     if outside is not None:
-        y = torch.where(torch.from_numpy(outside).to(x.device), torch.tensor(float(extrapolation), dtype=y.dtype), y)
+        y = torch.where(torch.from_numpy(outside).to(x.device),
+                        torch.tensor(float(extrapolation), dtype=y.dtype, device=y.device), y)
     return y
 
 
