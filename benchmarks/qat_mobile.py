@@ -2,7 +2,7 @@
 """Issue 10: label-free QAT distillation of the dense-output mobile models (``seg``, ``det``) from their PTQ start.
 
     python benchmarks/qat_mobile.py train --model seg --schema int8_w7 --tag T [--lr 1e-5] [--range-lr 1e-5]
-        [--epochs 6] [--steps-per-epoch 25] [--batch 8] [--temperature 1] [--gate 0.05] [--seed 0]
+        [--freeze-below 0] [--epochs 6] [--steps-per-epoch 25] [--batch 8] [--temperature 1] [--gate 0.05] [--seed 0]
     python benchmarks/qat_mobile.py final --model seg --schema int8_w7 --tag T [--repeats 10]
 
 Setup: ``python scripts/fetch_assets.py rapidocr mediapipe stamps extra-photos gcompris-photos``.
@@ -157,6 +157,12 @@ def stage_train(a) -> int:
     t0 = time.perf_counter()
     ctx = Ctx(a)
     mod = ctx.module()
+    frozen = [i for i, w in enumerate(mod.weights) if float(w.detach().abs().max()) < a.freeze_below]
+    for i in frozen:  # Adam moves every element by about lr per step: tiny-weight layers would be wiped out
+        mod.weights[i].requires_grad_(False)
+    if frozen:
+        print(f"frozen weights (largest magnitude < {a.freeze_below:g}): "
+              + ", ".join(f"weights.{i} {tuple(mod.weights[i].shape)}" for i in frozen), flush=True)
     photos = training_photos()
     xv = validation_inputs(a.model)
     ref_v = ctx.fp32_map(xv)
@@ -249,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", required=True)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--range-lr", type=float, default=1e-5)
+    ap.add_argument("--freeze-below", type=float, default=0.0,
+                    help="keep every weight tensor whose largest magnitude is below this fixed (default 0: none)")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--steps-per-epoch", type=int, default=25)
     ap.add_argument("--batch", type=int, default=8)
