@@ -290,10 +290,11 @@ def resize_torch(node: Node, x, roi, scales, sizes, extrapolation):
         return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
 
     shape = tuple(x.shape)
-    steps, outside = _plan(node, shape, const(roi), const(scales), const(sizes))
+    args = (const(roi), const(scales), const(sizes))
+    steps, outside = _plan(node, shape, *args)
     if shape and shape[0] > 1 and any(step[0] == 0 for step in steps):
         # QAT runs the YAML's batch-1 graph on a batch: ``sizes`` written for batch 1 keep the batch as it is
-        steps, outside = _plan(node, (1, *shape[1:]), const(roi), const(scales), const(sizes))
+        steps, outside = _plan(node, (1, *shape[1:]), *args)
         if any(step[0] == 0 for step in steps):
             raise ValueError(f"Resize node {node.name!r}: resizes the batch axis")
     y = x
