@@ -132,22 +132,28 @@ def _draw_text(img, rng: np.random.Generator, lines: int):
     return img
 
 
+def det_input(im, rng: np.random.Generator) -> np.ndarray:
+    """One PIL image as det's input: resized to 640x480, 2-6 text lines drawn with ``rng``, (3, 480, 640) BGR
+    in [-1, 1]."""
+    im = _draw_text(im.resize((640, 480)), rng, int(rng.integers(2, 7)))
+    a = np.asarray(im, np.float32)[:, :, ::-1] / 255.0
+    return ((a - 0.5) / 0.5).transpose(2, 0, 1).astype(np.float32)
+
+
+def seg_input(im) -> np.ndarray:
+    """One PIL image as seg's input: (3, 256, 256) RGB in [0, 1]."""
+    return np.asarray(im.resize((256, 256)), np.float32).transpose(2, 0, 1) / 255.0
+
+
 def det_inputs(side: str) -> np.ndarray:
     """(N, 3, 480, 640) BGR in [-1, 1], text drawn on each image (seed by side)."""
     rng = np.random.default_rng(1 if side == "calib" else 2)
-    imgs = _sources(side, 16 if side == "calib" else 48, side == "eval")
-    out = []
-    for im in imgs:
-        im = _draw_text(im.resize((640, 480)), rng, int(rng.integers(2, 7)))
-        a = np.asarray(im, np.float32)[:, :, ::-1] / 255.0
-        out.append(((a - 0.5) / 0.5).transpose(2, 0, 1))
-    return np.stack(out).astype(np.float32)
+    return np.stack([det_input(im, rng) for im in _sources(side, 16 if side == "calib" else 48, side == "eval")])
 
 
 def seg_inputs(side: str) -> np.ndarray:
     """(N, 3, 256, 256) RGB in [0, 1]."""
-    imgs = _sources(side, 32 if side == "calib" else 60, side == "eval")
-    return np.stack([np.asarray(im.resize((256, 256)), np.float32).transpose(2, 0, 1) / 255.0 for im in imgs])
+    return np.stack([seg_input(im) for im in _sources(side, 32 if side == "calib" else 60, side == "eval")])
 
 
 def cls_inputs(side: str) -> tuple[np.ndarray, np.ndarray]:

@@ -41,17 +41,9 @@ import bench_mobile_models as B
 TRAIN_SEED, VAL_SEED = 5, 6  # text drawn on training / validation images (calibration 1, evaluation 2)
 
 
-def _fit_image(im, shape: tuple[int, int]):
-    return im.resize((shape[1], shape[0]))
-
-
-def model_input(name: str, im, rng: np.random.Generator | None) -> np.ndarray:
-    """One PIL image as the model's input (det: text drawn with ``rng`` first, BGR in [-1, 1]; seg: RGB [0, 1])."""
-    if name == "det":
-        im = B._draw_text(_fit_image(im, (480, 640)), rng, int(rng.integers(2, 7)))
-        a = np.asarray(im, np.float32)[:, :, ::-1] / 255.0
-        return ((a - 0.5) / 0.5).transpose(2, 0, 1).astype(np.float32)
-    return (np.asarray(_fit_image(im, (256, 256)), np.float32).transpose(2, 0, 1) / 255.0).astype(np.float32)
+def model_input(name: str, im, rng: np.random.Generator) -> np.ndarray:
+    """One PIL image as the model's input, as bench_mobile_models makes it (det: text drawn with ``rng``)."""
+    return B.det_input(im, rng) if name == "det" else B.seg_input(im)
 
 
 def training_photos() -> list:
@@ -91,8 +83,7 @@ class Ctx:
     """The model, its PTQ start, FP32 references and the QAT module: what both stages need."""
 
     def __init__(self, a):
-        from qmace.qmath import Range
-        from qmace.quantize.quantizer import QuantizeOptions
+        from qmace.qat.job import sigmoid_logits
         from qmace.runtime import Session
         from qmace_zoo import default_cache
 
@@ -105,20 +96,16 @@ class Ctx:
         t0 = time.perf_counter()
         self.res = B.qmace_ptq(self.m, a.schema)
         print(f"{a.model} {a.schema}: PTQ start {time.perf_counter() - t0:.0f} s", flush=True)
-        self.opts = QuantizeOptions(schema=a.schema, input_ranges={self.m.input_name: Range(*self.m.input_range)})
         # the teacher and the reference are the original float model: the PTQ result's float graph carries
         # the bias correction, which is not the FP32 function
         g = self.m.graph
-        sig = g.producers()[self.m.output_name]
-        if sig.op_type != "Sigmoid":
-            raise SystemExit(f"{a.model}: the output is made by {sig.op_type}, not a Sigmoid")
-        self.logits = sig.inputs[0]
+        self.logits = sigmoid_logits(g)[0]  # what `qmace qat --distill sigmoid` distils
         self.fp32 = Session(g.copy(), backend="onnxruntime", num_threads=a.threads)
 
     def module(self):
         from qmace.qat import prepare
 
-        mod = prepare(self.res.float_graph, self.res.ranges, self.opts)
+        mod = prepare(self.res.float_graph, self.res.ranges, self.res.options)
         mod.train_outputs = [self.logits]
         return mod
 
@@ -138,13 +125,14 @@ class Ctx:
         return B.run_all(lambda x: s.run({self.m.input_name: x})[self.m.output_name], xs)
 
 
-def scores(m, ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Per-image task score (IoU vs FP32), the share of ok images (IoU >= 0.95 or cosine >= 0.98), SQNR."""
+def scores(m, ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, float, float, float, float]:
+    """Per-image task score (IoU vs FP32, rounded as bench_mobile_models reports it), the share of ok images
+    (IoU >= 0.95 or cosine >= 0.98), SQNR, mean IoU and pooled IoU."""
     from qmace.metrics import compare
 
     per = np.array([s for s, _ in B.per_image(m, ref, out)])
-    _, ok, _ = B.task_metric(m, ref, out)
-    return per, ok, compare(ref, out).sqnr_db
+    metric, ok, pooled = B.task_metric(m, ref, out)
+    return per, ok, compare(ref, out).sqnr_db, metric, pooled
 
 
 def stage_train(a) -> int:
@@ -172,7 +160,7 @@ def stage_train(a) -> int:
 
     def validate(mm) -> np.ndarray:
         t1 = time.perf_counter()
-        per, ok, sqnr = scores(ctx.m, ref_v, ctx.quantized_map(mm.quantized_graph(), xv))
+        per, ok, sqnr, _, _ = scores(ctx.m, ref_v, ctx.quantized_map(mm.quantized_graph(), xv))
         hist.append({"iou": float(per.mean()), "ok": ok, "sqnr": sqnr, "t": time.perf_counter() - t0})
         print(f"  validation: mean IoU {per.mean():.4f}, ok {100 * ok:.1f}%, {sqnr:.2f} dB "
               f"({time.perf_counter() - t1:.0f} s, at {time.perf_counter() - t0:.0f} s)", flush=True)
@@ -227,8 +215,7 @@ def stage_final(a) -> int:
     name = ctx.m.input_name
     for label, graph in ((f"PTQ start ({a.schema}, bc)", ctx.res.graph), (f"QAT ({tag})", qg)):
         out = ctx.quantized_map(graph, xe)
-        per, ok, sqnr = scores(ctx.m, ref, out)
-        metric, _, pooled = B.task_metric(ctx.m, ref, out)
+        per, ok, sqnr, metric, pooled = scores(ctx.m, ref, out)
         rows[label] = {"mean_iou": metric, "pooled_iou": pooled, "ok": ok, "sqnr": sqnr,
                        "per_image": per.round(4).tolist()}
         s = Session(graph, backend="onnxruntime", num_threads=1)
