@@ -237,7 +237,7 @@ def check_job(job: QATJob) -> None:
     """
     from qmace.qat.distributed import check_device, launched_by_torchrun
     from qmace.qat.gate import check_alpha
-    from qmace.qat.trainer import DISTILL_LOSSES, SCHEDULES, check_distill
+    from qmace.qat.trainer import DISTILL_LOSSES, SCHEDULES
 
     if job.epochs < 0 or job.batch_size < 1:
         raise ConfigError("--epochs must be >= 0 and --batch_size >= 1")
@@ -273,10 +273,8 @@ def check_job(job: QATJob) -> None:
         raise ConfigError("--labels with --val_dir needs --val_labels (labels of the validation samples)")
     if job.val_labels is not None and job.val_dir is None:
         raise ConfigError("--val_labels needs --val_dir")
-    try:
-        check_distill(job.distill)  # fit's own check, so the list lives once
-    except ValueError:
-        raise ConfigError(f"--distill {job.distill}: choose from {', '.join(DISTILL_LOSSES)}") from None
+    if job.distill not in DISTILL_LOSSES:
+        raise ConfigError(f"--distill {job.distill}: choose from {', '.join(DISTILL_LOSSES)}")
     if job.distill != "softmax" and job.labels is not None:
         raise ConfigError(f"--distill {job.distill} is a distillation loss: it cannot be used with --labels")
     if job.resume:

@@ -23,19 +23,6 @@ SCHEDULES = ("constant", "cosine")
 DISTILL_LOSSES = ("softmax", "sigmoid")
 
 
-def check_distill(distill: str) -> None:
-    """ValueError unless ``distill`` is one of :data:`DISTILL_LOSSES`.
-
-    Args:
-        distill: the distillation loss's name.
-
-    Raises:
-        ValueError: an unknown loss.
-    """
-    if distill not in DISTILL_LOSSES:
-        raise ValueError(f"distill must be one of {', '.join(DISTILL_LOSSES)}, not {distill!r}")
-
-
 def float_teacher(module) -> Callable[[np.ndarray], np.ndarray]:
     """The original float graph (before fine-tuning) in ONNX Runtime: x -> logits.
 
@@ -231,7 +218,8 @@ def fit(
             scores that are not 1-D or change length.
     """
     check_alpha(gate_alpha)
-    check_distill(distill)
+    if distill not in DISTILL_LOSSES:
+        raise ValueError(f"distill must be one of {', '.join(DISTILL_LOSSES)}, not {distill!r}")
     rank, world = _distributed()
     if device is not None:
         module.to(torch.device(device))
