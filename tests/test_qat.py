@@ -131,7 +131,7 @@ def test_distillation_reduces_loss(setup):
     xs = np.concatenate(_inputs(16, 9))
     batches = [xs[i:i + 8] for i in range(0, 16, 8)]
     # a teacher the student must move towards: the float model with shifted logits
-    from qmace.qat.trainer import float_teacher
+    from qmace.qat.losses import float_teacher
 
     base = float_teacher(m)
 
@@ -158,49 +158,47 @@ def test_train_outputs_return_an_inner_tensor_in_training_mode_only(setup):
 
 
 def test_per_position_distillation_is_a_kl_per_row_along_the_axis():
-    from qmace.qat.trainer import _loss, _Run
+    from qmace.qat.losses import distillation
 
     rng = np.random.default_rng(0)
     s = torch.from_numpy(rng.normal(0, 2, (2, 3, 7)).astype(np.float32))
-    t = rng.normal(0, 2, (2, 3, 7)).astype(np.float32)
+    t = torch.from_numpy(rng.normal(0, 2, (2, 3, 7)).astype(np.float32))
 
-    def run(axis, teacher):
-        return _Run(1, "constant", 0.0, 2.0, axis, "softmax", None, lambda x: teacher, 0, 1, torch.device("cpu"),
-                    [1.0])
+    def loss(student, teacher, axis):
+        return distillation(student, teacher, "softmax", axis, temperature=2.0)
 
-    got = _loss(s, None, None, run(-1, t))
+    got = loss(s, t, -1)
     T = 2.0  # by hand: one KL(softmax(t/T) || softmax(s/T)) per (sample, timestep), averaged, times T^2
-    q = torch.softmax(torch.from_numpy(t) / T, -1)
+    q = torch.softmax(t / T, -1)
     kl = (q * (torch.log(q) - torch.log_softmax(s / T, -1))).sum(-1)
     torch.testing.assert_close(got, kl.mean() * T**2)
     # the class axis may be any axis: the same loss with classes on axis 1
-    torch.testing.assert_close(_loss(s.transpose(1, 2), None, None, run(1, t.transpose(0, 2, 1))), got)
+    torch.testing.assert_close(loss(s.transpose(1, 2), t.transpose(1, 2), 1), got)
     # None keeps one distribution per sample (over 3 x 7 values): a different loss
-    assert not torch.allclose(_loss(s, None, None, run(None, t)), got)
+    assert not torch.allclose(loss(s, t, None), got)
     # for (N, C) outputs axis -1 is the default's loss
     s2, t2 = s[:, 0], t[:, 0]
-    torch.testing.assert_close(_loss(s2, None, None, run(-1, t2)), _loss(s2, None, None, run(None, t2)))
+    torch.testing.assert_close(loss(s2, t2, -1), loss(s2, t2, None))
 
 
 def test_sigmoid_distillation_is_a_bernoulli_kl_per_element():
-    from qmace.qat.trainer import _loss, _Run
+    from qmace.qat.losses import distillation
 
     rng = np.random.default_rng(1)
     s = torch.from_numpy(rng.normal(0, 3, (2, 1, 5, 6)).astype(np.float32))
-    t = rng.normal(0, 3, (2, 1, 5, 6)).astype(np.float32)
+    t = torch.from_numpy(rng.normal(0, 3, (2, 1, 5, 6)).astype(np.float32))
 
-    def run(teacher, T=2.0):
-        return _Run(1, "constant", 0.0, T, None, "sigmoid", None, lambda x: teacher, 0, 1, torch.device("cpu"),
-                    [1.0])
+    def loss(student, teacher, T=2.0):
+        return distillation(student, teacher, "sigmoid", temperature=T)
 
     T = 2.0  # by hand: KL(Bernoulli(sigmoid(t/T)) || Bernoulli(sigmoid(s/T))) per pixel, averaged, times T^2
-    q, p = torch.sigmoid(torch.from_numpy(t) / T), torch.sigmoid(s / T)
+    q, p = torch.sigmoid(t / T), torch.sigmoid(s / T)
     kl = q * torch.log(q / p) + (1 - q) * torch.log((1 - q) / (1 - p))
-    torch.testing.assert_close(_loss(s, None, None, run(t)), kl.mean() * T**2, rtol=1e-5, atol=1e-6)
-    assert float(_loss(s, None, None, run(s.numpy()))) == pytest.approx(0.0, abs=1e-6)  # no loss at the teacher
+    torch.testing.assert_close(loss(s, t), kl.mean() * T**2, rtol=1e-5, atol=1e-6)
+    assert float(loss(s, s.clone())) == pytest.approx(0.0, abs=1e-6)  # no loss at the teacher
     # a near-zero map (probabilities ~1e-6, as a text detector's on an image without text) still has a gradient
     far = torch.full((1, 1, 4, 4), -14.0, requires_grad=True)
-    _loss(far, None, None, run(np.full((1, 1, 4, 4), -12.0, np.float32), T=1.0)).backward()
+    loss(far, torch.full((1, 1, 4, 4), -12.0), T=1.0).backward()
     assert far.grad is not None and float(far.grad.abs().sum()) > 0
 
 

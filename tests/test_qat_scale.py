@@ -186,6 +186,10 @@ def test_cli_distill_sigmoid_trains_the_logits_of_the_output_sigmoid(tmp_path, c
     err = capsys.readouterr().err
     assert "--distill sigmoid is a distillation loss" in err and err.count("\n") == 1
     assert not (tmp_path / "o2").exists()
+    assert main([*args[:-1], "mse", "--output_dir", str(tmp_path / "o3")]) == 2  # the names live in losses.py
+    err = capsys.readouterr().err
+    assert "--distill mse: choose from softmax, sigmoid" in err and err.count("\n") == 1
+    assert not (tmp_path / "o3").exists()
 
 
 def test_sigmoid_logits_names_the_output_that_is_no_sigmoid(setup):

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "labels", default=None,
           help="labels file: one integer per line in sample order, or '<sample> <label>' lines; "
                "default: distillation from the float model")
-    _flag(p, "distill", default="softmax", choices=["softmax", "sigmoid"],
+    _flag(p, "distill", default="softmax",
           help="the loss without --labels: softmax (KL of each output's class distribution; default) or sigmoid "
                "(per-element KL of probability maps, e.g. a segmentation mask: every output must be a Sigmoid's)")
     _flag(p, "epochs", type=int, default=1, help="passes over the training samples (>= 0; default 1)")

@@ -43,7 +43,7 @@ class QATJob:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads per process (None: torch's default)
     gate_alpha: float | None = 0.05  # significance gate of the validation gain (None: off); qmace.qat.gate
-    distill: str = "softmax"  # the loss without labels: qmace.qat.trainer.DISTILL_LOSSES
+    distill: str = "softmax"  # the loss without labels: qmace.qat.losses.DISTILL_LOSSES
     # the PTQ start's mixed precision, as `qmace quantize` (besides the YAML's quantize_float_nodes /
     # quantize_16bit_tensors): node names / op types kept float, and the sensitivity rules' counts
     float_nodes: tuple[str, ...] = ()
@@ -237,7 +237,8 @@ def check_job(job: QATJob) -> None:
     """
     from qmace.qat.distributed import check_device, launched_by_torchrun
     from qmace.qat.gate import check_alpha
-    from qmace.qat.trainer import DISTILL_LOSSES, SCHEDULES
+    from qmace.qat.losses import DISTILL_LOSSES, check_distill
+    from qmace.qat.trainer import SCHEDULES
 
     if job.epochs < 0 or job.batch_size < 1:
         raise ConfigError("--epochs must be >= 0 and --batch_size >= 1")
@@ -273,8 +274,10 @@ def check_job(job: QATJob) -> None:
         raise ConfigError("--labels with --val_dir needs --val_labels (labels of the validation samples)")
     if job.val_labels is not None and job.val_dir is None:
         raise ConfigError("--val_labels needs --val_dir")
-    if job.distill not in DISTILL_LOSSES:
-        raise ConfigError(f"--distill {job.distill}: choose from {', '.join(DISTILL_LOSSES)}")
+    try:
+        check_distill(job.distill)  # fit's own check, so the list lives once
+    except ValueError:
+        raise ConfigError(f"--distill {job.distill}: choose from {', '.join(DISTILL_LOSSES)}") from None
     if job.distill != "softmax" and job.labels is not None:
         raise ConfigError(f"--distill {job.distill} is a distillation loss: it cannot be used with --labels")
     if job.resume:

@@ -1,4 +1,7 @@
-"""The built-in QAT trainer: cross-entropy with labels, else label-free distillation from the float model."""
+"""The built-in QAT trainer: Adam over the weights and LSQ ranges, validation, the significance gate, checkpoints.
+
+The losses (cross-entropy with labels, else distillation from the float model) are :mod:`qmace.qat.losses`.
+"""
 
 from __future__ import annotations
 
@@ -10,42 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from qmace.errors import InputDataError
 from qmace.qat.checkpoint import CHECKPOINT_FORMAT, KeptStates, load_checkpoint, save_checkpoint, state_copy
 from qmace.qat.gate import DEFAULT_ALPHA, GateResult, apply_gate, check_alpha
+from qmace.qat.losses import as_tensor, check_distill, cross_entropy, distillation, teacher_logits
 
 log = logging.getLogger(__name__)
 SCHEDULES = ("constant", "cosine")
-#: Distillation losses: ``softmax`` (KL between class distributions) and ``sigmoid`` (per-element Bernoulli KL:
-#: dense probability maps, e.g. a segmentation mask or a text-detection map, distilled from their logits).
-DISTILL_LOSSES = ("softmax", "sigmoid")
-
-
-def float_teacher(module) -> Callable[[np.ndarray], np.ndarray]:
-    """The original float graph (before fine-tuning) in ONNX Runtime: x -> logits.
-
-    Args:
-        module: the QATModule (its ``float_graph`` is the teacher).
-
-    Returns:
-        ``run(x)``: ``x`` a batched array or feed dict, the first output for each sample, concatenated.
-    """
-    from qmace.runtime import Session
-
-    session = Session(module.float_graph.copy())
-    name = module.float_graph.inputs[0]
-    out = module.float_graph.outputs[0]
-
-    def run(x):
-        feeds = x if isinstance(x, dict) else {name: x}
-        feeds = {k: np.asarray(v, np.float32) for k, v in feeds.items()}
-        n = len(next(iter(feeds.values())))
-        # the converted graph has the YAML's (usually batch-1) shapes: run sample by sample
-        return np.concatenate([session.run({k: v[i:i + 1] for k, v in feeds.items()})[out] for i in range(n)])
-
-    return run
 
 
 def _to(x, dev):
@@ -58,18 +33,6 @@ def _split(batch):
     if isinstance(batch, tuple) and len(batch) == 2:
         return batch[0], batch[1]
     return batch, None
-
-
-def _as_tensor(x):
-    if isinstance(x, dict):
-        return {k: _as_tensor(v) for k, v in x.items()}
-    return x.float() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, np.float32))
-
-
-def _as_numpy(x):
-    if isinstance(x, dict):
-        return {k: _as_numpy(v) for k, v in x.items()}
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
 
 
 def lr_factor(step: int, total: int, schedule: str = "constant", warmup: float = 0.0) -> float:
@@ -193,7 +156,7 @@ def fit(
         epochs: epochs to run in total (resumed ones included).
         lr: the peak learning rate of the weights.
         labels: class labels aligned with ``batches``, or None (see :func:`train`).
-        teacher: ``x -> logits`` for distillation (default: :func:`float_teacher`).
+        teacher: ``x -> logits`` for distillation (default: :func:`qmace.qat.losses.float_teacher`).
         temperature: the distillation temperature ``T``.
         distill_axis: the class axis of per-position distillation, or None (one distribution per sample).
         distill: the distillation loss, ``softmax`` or ``sigmoid`` (see above).
@@ -218,8 +181,7 @@ def fit(
             scores that are not 1-D or change length.
     """
     check_alpha(gate_alpha)
-    if distill not in DISTILL_LOSSES:
-        raise ValueError(f"distill must be one of {', '.join(DISTILL_LOSSES)}, not {distill!r}")
+    check_distill(distill)
     rank, world = _distributed()
     if device is not None:
         module.to(torch.device(device))
@@ -231,7 +193,7 @@ def fit(
 
         net = data_parallel(module)
     run = _Run(epochs, schedule, warmup, temperature, distill_axis, distill,
-               list(labels) if labels is not None else None, _teacher_logits(module, teacher), rank, world, dev, peak)
+               list(labels) if labels is not None else None, teacher_logits(module, teacher), rank, world, dev, peak)
     res = FitResult(losses=[])
     kept = KeptStates()
     first, step, bad = _resume(module, opt, resume, run, res, kept) if resume is not None else (0, 0, 0)
@@ -287,7 +249,7 @@ class _Run:
     warmup: float
     temperature: float
     distill_axis: int | None  # None: one distribution per sample; else the class axis (one per position)
-    distill: str  # one of DISTILL_LOSSES
+    distill: str  # one of qmace.qat.losses.DISTILL_LOSSES
     labels: list | None  # labels aligned with the batches, or None
     teacher_logits: Callable  # x -> the teacher's logits (distillation)
     rank: int
@@ -365,21 +327,6 @@ def _scorer(module, validate: Callable | None, run: _Run) -> Callable[[], tuple[
     return score
 
 
-def _teacher_logits(module, teacher: Callable | None) -> Callable:
-    """``x -> logits`` of the distillation teacher: a torch module on tensors, else ``teacher`` (default: the
-    float graph in ONNX Runtime, built on first use) on numpy arrays."""
-    built: dict[str, Callable] = {}
-
-    def logits(x):
-        if isinstance(teacher, torch.nn.Module):
-            return teacher(x)
-        if "fn" not in built:
-            built["fn"] = teacher if teacher is not None else float_teacher(module)
-        return built["fn"](_as_numpy(x))
-
-    return logits
-
-
 def _epoch_batches(batches, epoch: int, progress: Callable | None, run: _Run) -> tuple[Iterable, int]:
     """This epoch's batches (the sampler told the epoch), wrapped by ``progress`` on rank 0, and their count."""
     items = batches(epoch) if callable(batches) else batches
@@ -395,27 +342,11 @@ def _epoch_batches(batches, epoch: int, progress: Callable | None, run: _Run) ->
 
 
 def _loss(student: torch.Tensor, x, y, run: _Run) -> torch.Tensor:
-    """Cross-entropy with labels ``y``; without, ``KL(softmax(teacher / T) || softmax(student / T)) * T^2``,
-    per sample or per position along ``run.distill_axis``, or the per-element Bernoulli KL (``run.distill``
-    ``sigmoid``) (:func:`fit`)."""
-    dev, temperature = run.device, run.temperature
+    """Cross-entropy with labels ``y``; without, the distillation loss of ``run`` (:func:`fit`)."""
     if y is not None:
-        target = torch.as_tensor(np.asarray(_as_numpy(y)), dtype=torch.long).reshape(-1).to(dev)
-        return F.cross_entropy(student.reshape(len(target), -1), target)
-    t = _as_tensor(run.teacher_logits(x)).to(dev).reshape(student.shape).detach()
-    if run.distill == "sigmoid":  # Bernoulli KL per element: BCE(student, p) - BCE(teacher, p), p = sigmoid(t)
-        s_, t_ = student.float() / temperature, t.float() / temperature
-        p = torch.sigmoid(t_)
-        kl = (F.binary_cross_entropy_with_logits(s_, p, reduction="none")
-              - F.binary_cross_entropy_with_logits(t_, p, reduction="none"))
-        return kl.mean() * temperature**2
-    if run.distill_axis is not None:  # one distribution per position: the class axis last, positions as rows
-        student = student.movedim(run.distill_axis, -1).reshape(-1, student.shape[run.distill_axis])
-        t = t.movedim(run.distill_axis, -1).reshape(student.shape)
-    n = student.shape[0]
-    log_p = F.log_softmax(student.reshape(n, -1) / temperature, dim=-1)
-    q = F.softmax(t.reshape(n, -1) / temperature, dim=-1)
-    return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
+        return cross_entropy(student, y, run.device)
+    t = as_tensor(run.teacher_logits(x)).to(run.device)
+    return distillation(student, t, run.distill, run.distill_axis, run.temperature)
 
 
 def _train_epoch(net, module, opt, it, per_epoch: int, step: int, run: _Run) -> tuple[float, int]:
@@ -427,7 +358,7 @@ def _train_epoch(net, module, opt, it, per_epoch: int, step: int, run: _Run) -> 
             y = run.labels[i]
         for g, p in zip(opt.param_groups, run.peak):
             g["lr"] = p * lr_factor(step, run.epochs * per_epoch, run.schedule, run.warmup)
-        loss = _loss(net(_to(_as_tensor(x), run.device)), x, y, run)
+        loss = _loss(net(_to(as_tensor(x), run.device)), x, y, run)
         opt.zero_grad()
         loss.backward()
         opt.step()
