@@ -145,12 +145,6 @@ def stage_train(a) -> int:
     t0 = time.perf_counter()
     ctx = Ctx(a)
     mod = ctx.module()
-    frozen = [i for i, w in enumerate(mod.weights) if float(w.detach().abs().max()) < a.freeze_below]
-    for i in frozen:  # Adam moves every element by about lr per step: tiny-weight layers would be wiped out
-        mod.weights[i].requires_grad_(False)
-    if frozen:
-        print(f"frozen weights (largest magnitude < {a.freeze_below:g}): "
-              + ", ".join(f"weights.{i} {tuple(mod.weights[i].shape)}" for i in frozen), flush=True)
     photos = training_photos()
     xv = validation_inputs(a.model)
     ref_v = ctx.fp32_map(xv)
@@ -175,11 +169,13 @@ def stage_train(a) -> int:
 
     tag = f"{a.model}_{a.schema}_{a.tag}"
     r = fit(mod, batches, epochs=a.epochs, lr=a.lr, range_lr=a.range_lr, teacher=ctx.teacher,
-            temperature=a.temperature, distill="sigmoid", validate=validate,
+            temperature=a.temperature, distill="sigmoid", validate=validate, freeze_below=a.freeze_below,
             gate_alpha=a.gate if a.gate > 0 else None, checkpoint=ctx.work / f"{tag}.ckpt",
             on_epoch=lambda e: print(f"epoch {e.epoch}/{e.epochs}: loss {e.loss:.5f}, validation IoU {e.metric:.4f}"
                                      f"{' (best)' if e.best else ''} at {time.perf_counter() - t0:.0f} s",
                                      flush=True))
+    if r.frozen:
+        print(f"kept fixed (largest magnitude < {a.freeze_below:g}): {', '.join(r.frozen)}", flush=True)
     torch.save({"model": mod.state_dict()}, ctx.work / f"{tag}.kept.pt")
     summary = {"tag": tag, "args": vars(a), "losses": r.losses, "metrics": r.metrics, "start": r.start_metric,
                "best": r.best_metric, "best_epoch": r.best_epoch,
@@ -243,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--range-lr", type=float, default=1e-5)
     ap.add_argument("--freeze-below", type=float, default=0.0,
-                    help="keep every weight tensor whose largest magnitude is below this fixed (default 0: none)")
+                    help="fit(freeze_below=): weight tensors (not biases) whose largest magnitude is below this stay fixed "
+                         "(default 0: none)")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--steps-per-epoch", type=int, default=25)
     ap.add_argument("--batch", type=int, default=8)

@@ -101,6 +101,7 @@ COVERED = [
     "qmace.qat.fakequant",
     "qmace.qat.forward",
     "qmace.qat.gate",
+    "qmace.qat.losses",
     "qmace.qat.job",
     "qmace.qat.kernels",
     "qmace.qat.module",

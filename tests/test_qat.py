@@ -211,6 +211,40 @@ def test_fit_refuses_an_unknown_distillation_loss(setup):
         fit(m, [np.concatenate(_inputs(2, 3))], epochs=1, lr=1e-3, distill="mse")
 
 
+def test_fit_keeps_tiny_weight_tensors_fixed_below_freeze_below_and_warns_of_them(setup, caplog):
+    """Adam moves every weight by about lr per step: a layer of ~1e-6 weights is rewritten at lr 1e-3. Without
+    freeze_below one warning names it; with it the layer stays bit-identical while the others train."""
+    import logging
+
+    from qmace.qat.trainer import fit
+
+    _, graph, ranges = setup
+    g = graph.copy()
+    names = list(_prepare(g, ranges, "int8").kernel_weights())
+    everything = set(_prepare(g, ranges, "int8")._weight_index)
+    assert names and everything - set(names)  # biases are trainable but are not kernel weights
+    tiny = names[-1]  # the Gemm's weight
+    g.tensors[tiny].data = g.tensors[tiny].data * 1e-6
+    batches = [np.concatenate(_inputs(8, s)) for s in (3, 4)]
+
+    def run(freeze):
+        m = _prepare(g, ranges, "int8")
+        start = {n: w.detach().clone() for n, w in m.kernel_weights().items()}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="qmace.qat.trainer"):
+            res = fit(m, batches, epochs=2, lr=1e-3, freeze_below=freeze)
+        return m, start, res
+
+    m, start, res = run(0.0)
+    assert res.frozen == [] and tiny in caplog.text and "freeze_below" in caplog.text
+    moved = float((m.weight(tiny).detach() - start[tiny]).abs().max())
+    assert moved > 100 * float(start[tiny].abs().max())  # the layer's weights are rewritten, not tuned
+    m, start, res = run(1e-3)
+    assert res.frozen == [tiny] and tiny not in caplog.text
+    torch.testing.assert_close(m.weight(tiny), start[tiny], rtol=0, atol=0)
+    assert any(not torch.equal(m.weight(n), start[n]) for n in names if n != tiny)
+
+
 def test_ema_mode_tracks_ranges(setup):
     _, graph, ranges = setup
     from qmace.qat import prepare

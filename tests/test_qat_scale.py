@@ -229,6 +229,10 @@ def test_bad_device_and_batch_are_one_line_errors(tmp_path, capsys):
         assert main(_qat_args(tmp_path, d, tmp_path / "o", "--gate_alpha", alpha)) == 2
         err = capsys.readouterr().err
         assert f"--gate_alpha {shown}:" in err and err.count("\n") == 1
+    for bad in ("-1", "nan"):
+        assert main(_qat_args(tmp_path, d, tmp_path / "o", "--freeze_below", bad)) == 2
+        err = capsys.readouterr().err
+        assert "--freeze_below" in err and "a magnitude >= 0" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
 
 

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "no_equalization", action="store_true",
           help="skip rescaling activation channels (equalization) before the initial calibration")
     _flag(p, "range_lr", type=float, default=None, help="learning rate of the LSQ ranges (default: --lr)")
+    _flag(p, "freeze_below", type=float, default=0.0,
+          help="keep weight tensors whose largest magnitude is below this fixed (default 0: train all; Adam "
+               "moves each weight by about --lr per step, too much for a layer of tiny weights)")
     _flag(p, "lr_schedule", default="cosine", choices=["cosine", "constant"],
           help="learning-rate schedule after the warm-up: cosine decay to 0 (default) or constant")
     _flag(p, "warmup", type=float, default=0.0, help="share of the steps with linear learning-rate warm-up")

@@ -38,6 +38,7 @@ def job_from_args(a: argparse.Namespace):
     return QATJob(
         config=Path(a.config), train_dir=Path(a.train_dir), model_name=a.model_name, labels=_path(a.labels),
         val_dir=_path(a.val_dir), val_labels=_path(a.val_labels), epochs=a.epochs, lr=a.lr, range_lr=a.range_lr,
+        freeze_below=a.freeze_below,
         batch_size=a.batch_size, output_dir=_path(a.output_dir), build_dir=_path(a.build_dir),
         equalization=not a.no_equalization, device=a.device, nproc=a.nproc, workers=a.workers,
         schedule=a.lr_schedule, warmup=a.warmup, patience=a.patience, resume=a.resume, seed=a.seed,
@@ -132,6 +133,8 @@ def qat_command(a: argparse.Namespace, progress=None) -> int:
         print(f"qat: activation equalization rescaled {o.equalized_tensors} tensor(s)")
     print(f"qat: {o.samples} sample(s), {o.epochs_run} epoch(s), {o.objective}, {o.world} process(es); "
           f"loss per epoch: {', '.join(f'{x:.4f}' for x in o.losses) or '-'}")
+    if o.frozen:
+        print(f"qat: {len(o.frozen)} weight tensor(s) kept fixed (--freeze_below): {', '.join(o.frozen)}")
     print(f"fine-tuned float model: {o.onnx}")
     print(f"learned ranges: {o.ranges}")
     print(f"checkpoint: {o.checkpoint}")

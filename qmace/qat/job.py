@@ -29,6 +29,7 @@ class QATJob:
     epochs: int = 1
     lr: float = 1e-5
     range_lr: float | None = None
+    freeze_below: float = 0.0  # weight tensors whose largest magnitude is below this stay fixed (fit)
     batch_size: int = 16  # global batch: split over the processes
     output_dir: Path | None = None
     build_dir: Path | None = None
@@ -78,6 +79,7 @@ class QATOutputs:
     epochs_run: int = 0
     stopped_early: bool = False
     gate: dict | None = None  # qmace.qat.gate.GateResult as a dict (None: gate off or not possible)
+    frozen: list[str] = field(default_factory=list)  # weight tensors kept fixed (--freeze_below)
 
     def to_json(self) -> str:
         """These outputs as JSON (paths as strings); :meth:`from_json` reads it back.
@@ -245,6 +247,8 @@ def check_job(job: QATJob) -> None:
     if not math.isfinite(job.lr) or job.lr <= 0 or (
             job.range_lr is not None and (not math.isfinite(job.range_lr) or job.range_lr <= 0)):
         raise ConfigError(f"--lr and --range_lr must be positive finite numbers, got {job.lr}, {job.range_lr}")
+    if not math.isfinite(job.freeze_below) or job.freeze_below < 0:
+        raise ConfigError(f"--freeze_below {job.freeze_below}: a magnitude >= 0 (0: train every weight)")
     if job.schedule not in SCHEDULES:
         raise ConfigError(f"--lr_schedule {job.schedule}: choose from {', '.join(SCHEDULES)}")
     if not 0.0 <= job.warmup <= 1.0:
@@ -381,7 +385,7 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
     res = fit(module, loader, epochs=job.epochs, lr=job.lr, range_lr=job.range_lr, schedule=job.schedule,
               warmup=job.warmup, device=dev, validate=validate, patience=job.patience, checkpoint=ckpt,
               resume=ckpt if job.resume else None, progress=progress, on_epoch=on_epoch, gate_alpha=job.gate_alpha,
-              distill=job.distill)
+              distill=job.distill, freeze_below=job.freeze_below)
     if rank != 0:
         return None
     module.to("cpu")
@@ -396,7 +400,7 @@ def _run_rank(job: QATJob, rank: int, world: int, local: int, progress, on_epoch
             "distillation from the float model" + (" (per-element sigmoid maps)" if job.distill == "sigmoid" else "")),
         equalized_tensors=equalized, world=world, losses=res.losses, metric=metric, metrics=res.metrics,
         float_metric=float_metric, ptq_metric=res.start_metric, qat_metric=res.best_metric,
-        best_epoch=res.best_epoch, epochs_run=res.epochs_run, stopped_early=res.stopped_early)
+        best_epoch=res.best_epoch, epochs_run=res.epochs_run, stopped_early=res.stopped_early, frozen=res.frozen)
     with atomic_write(outputs.summary) as f:
         f.write(outputs.to_json())
     return outputs

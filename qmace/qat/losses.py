@@ -31,14 +31,28 @@ def check_distill(distill: str) -> None:
 
 
 def as_tensor(x):
-    """``x`` (array, tensor or feed dict) as float32 torch tensors."""
+    """``x`` as float32 torch tensors.
+
+    Args:
+        x: an array, tensor or feed dict of them.
+
+    Returns:
+        The tensor(s), in ``x``'s structure.
+    """
     if isinstance(x, dict):
         return {k: as_tensor(v) for k, v in x.items()}
     return x.float() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, np.float32))
 
 
 def as_numpy(x):
-    """``x`` (array, tensor or feed dict) as numpy arrays (tensors detached, on the CPU)."""
+    """``x`` as numpy arrays (tensors detached, on the CPU).
+
+    Args:
+        x: an array, tensor or feed dict of them.
+
+    Returns:
+        The array(s), in ``x``'s structure.
+    """
     if isinstance(x, dict):
         return {k: as_numpy(v) for k, v in x.items()}
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)

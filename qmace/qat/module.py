@@ -87,6 +87,7 @@ class QATModule(nn.Module):
         """Float constants feeding accumulate ops (quantized or fallback) become trainable parameters."""
         self._weight_index: dict[str, int] = {}
         self._node_weights: dict[str, dict[int, str]] = {}  # qgraph node -> input index -> float tensor name
+        self._kernels: set[str] = set()  # the trainable tensors read as a weight (not only as a bias)
         params = []
         fnodes = {n.name: n for n in self.float_graph.nodes}
         for node in self.qgraph.nodes:
@@ -105,6 +106,8 @@ class QATModule(nn.Module):
                     self._weight_index[name] = len(params)
                     params.append(nn.Parameter(torch.from_numpy(np.array(t.data, np.float32))))
                 idx[i] = name
+                if op.is_weight(node, i):
+                    self._kernels.add(name)
             self._node_weights[node.name] = idx
         self.weights = nn.ParameterList(params)
 
@@ -158,6 +161,14 @@ class QATModule(nn.Module):
             KeyError: ``name`` is not a trainable weight.
         """
         return self.weights[self._weight_index[name]]
+
+    def kernel_weights(self) -> dict[str, torch.Tensor]:
+        """The trainable weight tensors that are not biases, by float-graph tensor name.
+
+        Returns:
+            ``{name: parameter}`` in parameter order.
+        """
+        return {n: self.weights[i] for n, i in self._weight_index.items() if n in self._kernels}
 
     # ---- forward -----------------------------------------------------------------------------------
     def _feeds(self, x) -> dict:

@@ -87,6 +87,7 @@ class FitResult:
     stopped_early: bool = False
     epochs_run: int = 0
     gate: GateResult | None = None  # the significance gate's decision (None: off, or no per-sample scores)
+    frozen: list[str] = field(default_factory=list)  # weight tensors kept fixed (``freeze_below``)
 
 
 def _distributed() -> tuple[int, int]:
@@ -109,6 +110,7 @@ def fit(
     distill_axis: int | None = None,
     distill: str = "softmax",
     range_lr: float | None = None,
+    freeze_below: float = 0.0,
     schedule: str = "constant",
     warmup: float = 0.0,
     device: str | torch.device | None = None,
@@ -130,6 +132,11 @@ def fit(
     the loss ``T^2 * mean over elements of KL(sigmoid(teacher / T) || sigmoid(student / T))`` (dense
     probability maps; the targets are the logits the map's Sigmoid reads, ``QATModule.train_outputs``).
 
+    ``freeze_below``: weight tensors (not biases) whose largest magnitude at the start is below this stay fixed
+    (``FitResult.frozen``). Adam moves every element by about its rate per step whatever the tensor's scale,
+    so at ``lr`` 1e-5 a layer whose weights are ~1e-5 loses its function in a few steps (a text detector's
+    conv did, docs/qat.md); weight tensors whose largest magnitude is below ``100 * lr`` (1% of their range
+    per step) and not frozen are named in one warning.
     ``schedule``/``warmup``: the learning rate of step ``k`` is the peak one times :func:`lr_factor`.
     ``device``: where the module, optimizer state and batches live (default: the module's device).
     ``validate(module)`` (higher is better) scores the quantized model before training and after every
@@ -161,6 +168,7 @@ def fit(
         distill_axis: the class axis of per-position distillation, or None (one distribution per sample).
         distill: the distillation loss, ``softmax`` or ``sigmoid`` (see above).
         range_lr: the peak learning rate of the LSQ range parameters (default ``lr``).
+        freeze_below: keep weight tensors whose largest start magnitude is below this fixed (0: none).
         schedule: ``constant`` or ``cosine`` (:func:`lr_factor`).
         warmup: the warm-up share of the steps.
         device: where training runs (default: the module's device).
@@ -186,7 +194,7 @@ def fit(
     if device is not None:
         module.to(torch.device(device))
     dev = next(module.parameters()).device
-    opt, peak = _optimizer(module, lr, range_lr)
+    opt, peak, frozen = _optimizer(module, lr, range_lr, freeze_below)
     net = module
     if world > 1:
         from qmace.qat.distributed import data_parallel
@@ -194,7 +202,7 @@ def fit(
         net = data_parallel(module)
     run = _Run(epochs, schedule, warmup, temperature, distill_axis, distill,
                list(labels) if labels is not None else None, teacher_logits(module, teacher), rank, world, dev, peak)
-    res = FitResult(losses=[])
+    res = FitResult(losses=[], frozen=frozen)
     kept = KeptStates()
     first, step, bad = _resume(module, opt, resume, run, res, kept) if resume is not None else (0, 0, 0)
     score = _scorer(module, validate, run)
@@ -258,14 +266,28 @@ class _Run:
     peak: list[float]  # peak learning rate per optimizer parameter group
 
 
-def _optimizer(module, lr: float, range_lr: float | None) -> tuple[torch.optim.Adam, list[float]]:
-    """Adam over the weights (``lr``) and the LSQ ranges (``range_lr``, default ``lr``); the peak rates."""
+def _optimizer(module, lr: float, range_lr: float | None, freeze_below: float = 0.0
+               ) -> tuple[torch.optim.Adam, list[float], list[str]]:
+    """Adam over the weights (``lr``) and the LSQ ranges (``range_lr``, default ``lr``); the peak rates and the
+    weight tensors kept fixed (largest start magnitude below ``freeze_below``; :func:`fit`)."""
+    top = {n: float(w.detach().abs().max()) if w.numel() else 0.0 for n, w in module.kernel_weights().items()}
+    frozen = [n for n, m in top.items() if m < freeze_below]
+    fixed = {id(module.weight(n)) for n in frozen}
+    if frozen:
+        log.info("qat: %d weight tensor(s) kept fixed (largest magnitude < %g): %s", len(frozen), freeze_below,
+                 ", ".join(frozen))
+    risky = [f"{n} ({m:.2g})" for n, m in top.items() if m < 100 * lr and n not in frozen]
+    if risky:
+        log.warning("qat: Adam moves each weight by about lr = %g per step, over 1%% of the largest magnitude of "
+                    "%d weight tensor(s): %s; freeze_below (--freeze_below) keeps such layers fixed", lr,
+                    len(risky), ", ".join(risky))
     ranges = [p for n, p in module.named_parameters() if n in ("act_min", "act_max") and p.requires_grad]
-    weights = [p for n, p in module.named_parameters() if n not in ("act_min", "act_max") and p.requires_grad]
-    groups = [{"params": weights, "lr": lr}]
+    weights = [p for n, p in module.named_parameters()
+               if n not in ("act_min", "act_max") and p.requires_grad and id(p) not in fixed]
+    groups = [{"params": weights, "lr": lr}] if weights else []
     if ranges:
         groups.append({"params": ranges, "lr": range_lr if range_lr is not None else lr})
-    return torch.optim.Adam(groups), [g["lr"] for g in groups]
+    return torch.optim.Adam(groups), [g["lr"] for g in groups], frozen
 
 
 def _resume(module, opt, resume: str | Path, run: _Run, res: FitResult, kept: KeptStates) -> tuple[int, int, int]:
