@@ -47,6 +47,9 @@ from qmace import qmath
 from qmace.ir import Node
 from qmace.qmath import QuantParams, Range
 
+#: The node attribute naming an op's arithmetic variant on codes (``Op.integer_arith``; ``qmace.ops.litert_add``).
+ARITH = "qm_arith"
+
 
 class Kernel(StrEnum):
     """How an op runs on 8-bit codes (module docstring). String-valued: ``Kernel.COPY == "copy"``."""
@@ -120,6 +123,10 @@ class Op:
     # How ONNX Runtime runs a FLOAT-kernel op on codes when it has no QLinear kernel for it (a float island
     # between DequantizeLinear/QuantizeLinear); None: ORT's integer kernel (docs/supported-ops.md shows it).
     ort_kernel: ClassVar[str | None] = None
+    # The arithmetic variant (node attribute ``ARITH``) the quantizer gives a node of this op whose parameters
+    # it chose itself, i.e. none fixed by a source model's Q/DQ (whose float island the import reproduces):
+    # e.g. HardSwish's two integer steps (``qmace.ops.activation``); None: the op has no such variant.
+    integer_arith: ClassVar[str | None] = None
 
     @classmethod
     def attr(cls, node: Node, key: str) -> Any:

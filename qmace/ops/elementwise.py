@@ -29,7 +29,9 @@ Quantization traits (see ``qmace.ops.base``):
 - LeakyRelu: ``Kernel.FLOAT`` (ORT's QLinearLeakyRelu).
 - Gelu, HardSwish: ``Kernel.FLOAT``, range from statistics; HardSigmoid: ``Kernel.FLOAT`` with the fixed
   range (0, 1). ONNX Runtime has no integer kernel for them (``ort_kernel`` says so): the lowered
-  DequantizeLinear -> op -> QuantizeLinear runs in float (one elementwise island). The passes
+  DequantizeLinear -> op -> QuantizeLinear runs in float (one elementwise island), except uint8 HardSwish /
+  HardSigmoid whose parameters qmace chose, which run as QLinearAdd (+ QLinearMul) (``qmace.ops.activation``,
+  ``Op.integer_arith``). The passes
   ``qmace.passes.decomposed`` and ``qmace.passes.hardswish`` fuse their decomposed spellings into them, so a
   HardSwish costs one island instead of four 8-bit round trips.
 - Everything else has no integer kernel (float fallback between DequantizeLinear/QuantizeLinear).

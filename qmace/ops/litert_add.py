@@ -52,12 +52,12 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from qmace.ops.base import ARITH
 from qmace.qmath import QuantParams
 
 __all__ = ["ARITH", "LITERT", "TflParams", "XnnParams", "applies", "litert_add", "onnx_nodes", "tflite_params",
            "uses_xnnpack", "xnnpack_params"]
 
-ARITH = "qm_arith"  # the node attribute naming the variant
 LITERT = "litert"  # its value for Adds/Subs imported from a .tflite
 XNN_MIN_RATIO, XNN_MAX_RATIO = 2.0 ** -10, 2.0 ** 8
 LEFT_SHIFT = 20  # TFLite's 8-bit ADD/SUB input shift

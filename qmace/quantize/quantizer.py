@@ -18,6 +18,7 @@ import numpy as np
 from qmace import qmath
 from qmace.ir import Graph, Node, Tensor
 from qmace.ops import get_op
+from qmace.ops.base import ARITH
 from qmace.quantize.plan import (
     ACT_DTYPE,
     QuantizeOptions,
@@ -120,6 +121,8 @@ def _rewrite(g: Graph, plan: QuantPlan) -> None:
             node.inputs = [as_float(rounded(i)) if i else i for i in node.inputs]
             new_nodes.append(node)
             continue
+        # the op's integer variant where qmace chose the parameters (none fixed by a source model's Q/DQ)
+        own = op.integer_arith and not any(plan.is_source_rounded(t) for t in (*node.inputs, *node.outputs) if t)
         for i in data_inputs(g, node):
             node.inputs[i] = as_quantized(node.inputs[i])
         _quantize_weights(g, node, op, plan)
@@ -128,6 +131,8 @@ def _rewrite(g: Graph, plan: QuantPlan) -> None:
             if t is not None and t.dtype == "float32":
                 t.quant = plan.params(o)
                 t.dtype = t.quant.dtype
+        if own:
+            node.attrs[ARITH] = op.integer_arith
         new_nodes.append(node)
     g.nodes = new_nodes
     # Graph outputs keep their names and stay float: the quantized tensor is renamed and dequantized.
