@@ -151,3 +151,54 @@ def test_seven_bit_weights_stay_int8_and_are_exact_on_the_fast_kernels():
     np.testing.assert_array_equal(got, a.astype(np.int64) @ b.astype(np.int64))
     assert not int8_weights_as_uint8(model)
     assert model.graph.initializer[0].data_type == TensorProto.INT8
+
+
+def _qdq_pool(op: str, shape, qx, qy, **attrs) -> onnx.ModelProto:
+    """DQ(x) -> op -> Q: ONNX Runtime fuses it into QLinear(Global)AveragePool."""
+    inits = [numpy_helper.from_array(np.array(qx.scale, np.float32), "xs"),
+             numpy_helper.from_array(np.array(qx.zero_point, np.uint8), "xz"),
+             numpy_helper.from_array(np.array(qy.scale, np.float32), "ys"),
+             numpy_helper.from_array(np.array(qy.zero_point, np.uint8), "yz")]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "xs", "xz"], ["xf"]),
+             helper.make_node(op, ["xf"], ["yf"], **attrs),
+             helper.make_node("QuantizeLinear", ["yf", "ys", "yz"], ["y"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.UINT8, list(shape))],
+                  [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+
+
+@pytest.mark.parametrize("op", ["GlobalAveragePool", "AveragePool"])
+def test_global_mean_on_codes_is_onnx_runtimes_arithmetic(op):
+    """uint8 GlobalAveragePool, and AveragePool whose window covers the whole unpadded input (squeeze-excite
+    blocks: ONNX Runtime runs it as QLinearGlobalAveragePool): the reference computes ORT's integer sum and
+    float32 multiplier, so every code is identical, exact ties included (before: the mean of dequantized floats
+    broke ties its own way, one step on a few channels of the selfie segmentation's SE pools, which its SE
+    blocks grew into 180 steps of the output map). Smaller windows keep the float definition."""
+    from qmace.ir import Node
+    from qmace.ops import get_op
+    from qmace.qmath import QuantParams
+
+    rng = np.random.default_rng(3)
+    for trial, spatial in enumerate([(16, 16), (8, 8), (32, 32), (1, 1), (5, 3), (64, 64), (16, 16), (8, 8)]):
+        qx = QuantParams(np.float32(rng.uniform(0.005, 0.2)), np.int32(rng.integers(0, 80)), "uint8")
+        # the model's case: the output shares the input's parameters (RangeRule.INPUT); else other ones
+        qy = qx if trial % 2 == 0 else QuantParams(np.float32(float(qx.scale) * rng.uniform(0.2, 1.5)),
+                                                   np.int32(rng.integers(0, 80)), "uint8")
+        shape = (2, 24, *spatial)
+        x = rng.integers(0, 250, shape).astype(np.uint8)
+        n = int(np.prod(spatial))
+        if n % 2 == 0:  # half the channels' means exactly halfway between two codes: the ties ORT rounds to even
+            flat = x.reshape(2, 24, n)
+            off = (n // 2 - (flat[:, :12].astype(np.int64).sum(-1) - int(qx.zero_point) * n)) % n
+            for i, j in zip(*np.nonzero(off)):
+                need = int(off[i, j])
+                for k in range(n):  # add the remainder spread over elements below 250
+                    add = min(need, 255 - int(flat[i, j, k]))
+                    flat[i, j, k] += add
+                    need -= add
+                    if not need:
+                        break
+        attrs = {"kernel_shape": list(spatial)} if op == "AveragePool" else {}
+        node = Node("pool", op, ["x"], ["y"], attrs)
+        ref = get_op(op).run_quantized(node, [x], [qx], [qy])[0]
+        got = _raw_ort_session(_qdq_pool(op, shape, qx, qy, **attrs).SerializeToString(), 1).run(["y"], {"x": x})[0]
+        np.testing.assert_array_equal(ref, got, err_msg=f"{op} {spatial}")

@@ -194,13 +194,14 @@ def _quantized_activations(g: Graph) -> list[str]:
 
 
 # The bound between the backends, measured (onnxruntime 1.32, x86-64, 1 thread, 200 samples, both schemas):
-# - every tensor up to the float fallback (Q, Conv, Concat, MaxPool, Sigmoid, Add, the fallback's Q): bit-exact;
-# - after it, GlobalAveragePool/Flatten/Gemm codes: <= 1 step on 0.4-0.7% of elements;
+# - every tensor up to the Softmax (Q, Conv, Concat, MaxPool, Sigmoid, Add, the fallback's Q, and since the
+#   reference computes QLinearGlobalAveragePool's integer sum and multiplier, GlobalAveragePool, Flatten and
+#   the Gemm: before that, <= 1 step on 0.4-0.7% of their elements): bit-exact;
 # - the Softmax output (ORT fuses DQ->Softmax->Q into QLinearSoftmax, a table kernel): alone it differs by
-#   1 step on 0.5% of elements (test below); here, fed logits that already differ, <= 2 steps on 15-17%.
+#   1 step on 0.5% of elements (test below); here, on identical logits, <= 2 steps on 17-21% (30 samples).
 # Asserted with some headroom over the measurement:
-EXACT = ("x__quant", "r1", "c2", "cat", "mp", "sg", "add", "sub__quant")
-ONE_STEP = {"gap": 0.02, "flat": 0.02, "logits": 0.02}  # tensor -> max share differing by one step
+EXACT = ("x__quant", "r1", "c2", "cat", "mp", "sg", "add", "sub__quant", "gap", "flat", "logits")
+ONE_STEP: dict[str, float] = {}  # tensor -> max share differing by one step (none left)
 
 
 @pytest.mark.parametrize("schema", SCHEMAS)

@@ -11,8 +11,11 @@ to ``out = ceil(in / s)`` (extra pad at the end for SAME_UPPER, at the begin for
   monotone dequantization, hence ``Kernel.COPY`` (exact).
 - AveragePool: ``y[o] = sum_k x_pad[o*s + k*d] / count[o]`` with pads 0; ``count`` is the number of taps
   inside the data (count_include_pad=0) or inside data + explicit pads (count_include_pad=1; the ceil-mode
-  overhang is never counted), as ONNX Runtime. ``Kernel.FLOAT`` (QLinearAveragePool in ORT).
-- GlobalAveragePool / GlobalMaxPool: mean / max over all spatial axes, keeping them as size 1.
+  overhang is never counted), as ONNX Runtime. ``Kernel.FLOAT`` (QLinearAveragePool in ORT); a window over the
+  whole unpadded input is a global mean on codes (below).
+- GlobalAveragePool / GlobalMaxPool: mean / max over all spatial axes, keeping them as size 1. On uint8 codes
+  the mean is ONNX Runtime's QLinearGlobalAveragePool arithmetic (``_global_mean_codes``: exact integer sum,
+  one float32 multiplier, round half to even), which ORT also runs for a global-window AveragePool.
 Loops run over kernel taps only; each tap is one strided numpy slice over all pixels.
 """
 
@@ -91,6 +94,33 @@ def _taps(xp: np.ndarray, kernel, strides, dilations, out):
             start = k * dilations[i]
             index.append(slice(start, start + (out[i] - 1) * strides[i] + 1, strides[i]))
         yield xp[tuple(index)]
+
+
+def _global_mean_codes(q: np.ndarray, in_qp, out_qp) -> np.ndarray | None:
+    """uint8 codes averaged over every spatial axis as ONNX Runtime's QLinearGlobalAveragePool computes them
+    (MLAS, its x86 kernels and portable C++): ``acc = sum(q) - z_x N`` exactly in int32, then
+    ``y = clip(rint(float32(acc) * float32(s_x / (s_y * float32(N)))) + z_y, 0, 255)``. None where that kernel
+    does not apply (other types, per-channel parameters, a scale outside MLAS's range): the float definition.
+
+    Args:
+        q: the (N, C, *S) input codes.
+        in_qp: their parameters.
+        out_qp: the output's parameters.
+
+    Returns:
+        The (N, C, 1, ...) output codes, or None.
+    """
+    if (in_qp is None or out_qp is None or in_qp.dtype != "uint8" or out_qp.dtype != "uint8"
+            or in_qp.axis is not None or out_qp.axis is not None):
+        return None
+    n = int(np.prod(q.shape[2:]))
+    scale = np.float32(in_qp.scale) / (np.float32(out_qp.scale) * np.float32(n))
+    if not (0 < n < 1 << 24 and 2.0 ** -32 <= scale < 256.0):
+        return None
+    axes = tuple(range(2, q.ndim))
+    acc = np.asarray(q, np.int64).sum(axis=axes, keepdims=True) - int(in_qp.zero_point) * n
+    y = np.rint(acc.astype(np.float32) * np.float32(scale)) + int(out_qp.zero_point)
+    return np.clip(y, 0, 255).astype(np.uint8)
 
 
 _POOL_DEFAULTS = {
@@ -197,6 +227,20 @@ class AveragePool(Op):
         return [(total / count).astype(x.dtype, copy=False)]
 
     @classmethod
+    def run_quantized(cls, node, inputs, in_qp, out_qp):
+        """A window over the whole unpadded input is a global mean: ONNX Runtime runs it as
+        QLinearGlobalAveragePool, and so does the reference (:func:`_global_mean_codes`); otherwise the float
+        definition (QLinearAveragePool)."""
+        x = np.asarray(inputs[0])
+        if not is_torch(inputs[0]) and x.ndim >= 3:
+            kernel, _, _, pads, out = _geometry(cls, node, x)
+            if tuple(kernel) == tuple(x.shape[2:]) and not any(pads) and all(o == 1 for o in out):
+                y = _global_mean_codes(x, in_qp[0], out_qp[0])
+                if y is not None:
+                    return [y]
+        return super().run_quantized(node, inputs, in_qp, out_qp)
+
+    @classmethod
     def _count(cls, node, shape, kernel, strides, dilations, pads, out) -> np.ndarray:
         """The divisor (1, 1, *out): pool a mask of the spatial extent (1 = counted) with the same geometry."""
         mask = np.ones((1, 1, *shape[2:]), np.float32)
@@ -248,6 +292,13 @@ class GlobalAveragePool(Op):
     def run(cls, node, inputs):
         x = inputs[0]
         return [x.mean(axis=tuple(range(2, x.ndim)), keepdims=True, dtype=np.float32).astype(x.dtype, copy=False)]
+
+    @classmethod
+    def run_quantized(cls, node, inputs, in_qp, out_qp):
+        """uint8: ONNX Runtime's QLinearGlobalAveragePool arithmetic (:func:`_global_mean_codes`: an exact integer
+        sum, one float32 multiplier); otherwise the float definition."""
+        y = None if is_torch(inputs[0]) else _global_mean_codes(np.asarray(inputs[0]), in_qp[0], out_qp[0])
+        return [y] if y is not None else super().run_quantized(node, inputs, in_qp, out_qp)
 
     @classmethod
     def run_torch(cls, node, inputs):
