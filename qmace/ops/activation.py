@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qmace import qmath
+from qmace.ops import qlinear
 from qmace.ops.base import ARITH, Kernel, Op, RangeRule, Sign, register
 from qmace.ops.elementwise import _as_dtype, _Unary, erf, optional_input
 from qmace.ops.util import as_tensor_like
@@ -47,10 +48,10 @@ def _affine_plan(x_qp: QuantParams | None, alpha: float, beta: float,
 
 
 def _affine_codes(q: np.ndarray, plan: tuple[QuantParams, QuantParams], out_qp: QuantParams) -> np.ndarray:
-    """The reference of :func:`_affine_plan`'s QLinearAdd: ``quantize(dequantize(q) + dequantize(1))`` in float32,
-    as every Add on codes (``Op.run_float_defined``)."""
+    """The reference of :func:`_affine_plan`'s QLinearAdd: codes ``q`` (parameters ``xs``) plus the scalar code 1
+    (parameters ``bs``), as every uint8 Add (``qmace.ops.qlinear``)."""
     xs, bs = plan
-    return qmath.quantize(qmath.dequantize(q, xs) + qmath.dequantize(np.uint8(1), bs), out_qp)
+    return qlinear.qlinear_add(np.asarray(q), np.array(1, np.uint8), xs, bs, out_qp)
 
 
 def _affine_nodes(prefix: str, x: str, x_zp: str, plan: tuple[QuantParams, QuantParams], out: str, out_s: str,
@@ -290,14 +291,14 @@ class HardSwish(_Unary):
     def run_quantized(cls, node, inputs, in_qp, out_qp):
         """uint8 per tensor: two integer steps, as ONNX Runtime's QLinearAdd and QLinearMul run them
         (``onnx_integer_nodes``): ``h = quantize(dequantize(x; s_x / 6) + 0.5)`` on ``HSIG_PARAMS`` (the clip is
-        the saturation), then ``y = quantize(dequantize(x) * dequantize(h))``. ``h`` rounds the HardSigmoid
-        factor to 1/255: at most ``|x| / 510 <= 3 / 510`` from the float island's value, only for
-        ``|x| < 3``. Other types: the float definition."""
+        the saturation), then ``y = x * h`` as QLinearMul computes it (``qmace.ops.qlinear``). ``h`` rounds
+        the HardSigmoid factor to 1/255: at most ``|x| / 510 <= 3 / 510`` from the float island's value, only
+        for ``|x| < 3``. Other types: the float definition."""
         plan = cls._plan(node, in_qp, out_qp)
         if plan is None:
             return super().run_quantized(node, inputs, in_qp, out_qp)
         h = _affine_codes(inputs[0], plan, HSIG_PARAMS)
-        return [qmath.quantize(qmath.dequantize(inputs[0], in_qp[0]) * qmath.dequantize(h, HSIG_PARAMS), out_qp[0])]
+        return [qlinear.qlinear_mul(np.asarray(inputs[0]), h, in_qp[0], HSIG_PARAMS, out_qp[0])]
 
     @classmethod
     def onnx_integer_nodes(cls, node, in_tensors, out_tensors, qparams):

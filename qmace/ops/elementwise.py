@@ -13,7 +13,8 @@ Erf uses W. J. Cody's rational Chebyshev approximations (Math. Comp. 23, 1969; t
 relative error below 1e-16 in float64, vectorised over three intervals of |x|.
 
 Quantization traits (see ``qmace.ops.base``):
-- Add, Mul: ``Kernel.FLOAT`` (ORT's QLinearAdd / QLinearMul), range from statistics.
+- Add, Mul: ``Kernel.FLOAT`` (ORT's QLinearAdd / QLinearMul), range from statistics; a uint8 Add is defined
+  and Mul by QLinearAdd's / QLinearMul's own float32 arithmetic (``qmace.ops.qlinear``).
 - Add, Sub with ``qm_arith="litert"`` (imported from a ``.tflite``): LiteRT's integer ADD/SUB on 8-bit
   per-tensor codes (``qmace.ops.litert_add``: numpy kernel and exact float64/int64 ONNX lowering); such a
   Sub is ``Kernel.FLOAT`` (``kernel_for``), every other Sub has no integer kernel.
@@ -44,7 +45,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qmace.ir import Node
-from qmace.ops import litert_add
+from qmace.ops import litert_add, qlinear
 from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
 from qmace.qmath import Range
 
@@ -185,6 +186,17 @@ class _LiteRTArith(Op):
 
     @classmethod
     def run_quantized(cls, node, inputs, in_qp, out_qp):
+        """LiteRT's integer codes for a ``litert`` node with 8-bit per-tensor codes, else the op's own definition.
+
+        Args:
+            node: the node.
+            inputs: the input codes (or values of unquantized inputs).
+            in_qp: QuantParams per input (None for unquantized ones).
+            out_qp: QuantParams per output.
+
+        Returns:
+            The output codes.
+        """
         if cls.litert(node) and litert_add.applies(in_qp, out_qp):
             return [litert_add.litert_add(inputs[0], inputs[1], in_qp[0], in_qp[1], out_qp[0], cls.subtracts)]
         return super().run_quantized(node, inputs, in_qp, out_qp)
@@ -213,7 +225,15 @@ class Add(_LiteRTArith, _Binary):
     range_without_stats = RangeRule.INTERVAL
     const_data_inputs = True
     channelwise = True  # (s a) + (s b) = s (a + b), for two same-shape inputs (is_channelwise)
+
     sign = Sign.ALL
+
+    @classmethod
+    def run_quantized(cls, node, inputs, in_qp, out_qp):
+        """uint8 per tensor: ORT's QLinearAdd arithmetic (``qmace.ops.qlinear``); else as ``_LiteRTArith``."""
+        if not cls.litert(node) and qlinear.applies(inputs[0], inputs[1], in_qp[0], in_qp[1], out_qp[0]):
+            return [qlinear.qlinear_add(inputs[0], inputs[1], in_qp[0], in_qp[1], out_qp[0])]
+        return super().run_quantized(node, inputs, in_qp, out_qp)
 
     @classmethod
     def interval(cls, node, inputs):
@@ -285,6 +305,13 @@ class Mul(_Binary):
     quant_kernel = Kernel.FLOAT
     const_data_inputs = True
     sign = Sign.ALL
+
+    @classmethod
+    def run_quantized(cls, node, inputs, in_qp, out_qp):
+        """uint8 per tensor: ORT's QLinearMul arithmetic (``qmace.ops.qlinear``); else the float definition."""
+        if qlinear.applies(inputs[0], inputs[1], in_qp[0], in_qp[1], out_qp[0], broadcast_any=True):
+            return [qlinear.qlinear_mul(inputs[0], inputs[1], in_qp[0], in_qp[1], out_qp[0])]
+        return super().run_quantized(node, inputs, in_qp, out_qp)
 
     @classmethod
     def compute(cls, a, b):
