@@ -111,6 +111,44 @@ def test_exact_forward_equals_reference(setup, schema):
             assert np.max(np.abs(sim - ref)) <= 3 / 255 + 1e-6
 
 
+def test_exact_forward_equals_reference_through_integer_hardswish_se_and_resize():
+    """A mobile block (Conv, HardSwish, squeeze-excite: global AveragePool, HardSigmoid, Mul; residual Add;
+    bilinear Resize): the module's exact mode equals the reference on ``quantized_graph()``, whose HardSwish and
+    HardSigmoid keep the integer form (QAT's learned parameters are qmace's own, not a source model's)."""
+    from qmace.ops.activation import QLINEAR
+    from qmace.ops.base import ARITH
+
+    rng = np.random.default_rng(4)
+    w = lambda *s: rng.normal(0, 0.4, s).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "w1": w(8, 3, 3, 3), "b1": w(8), "ws": w(8, 8, 1, 1), "bs": w(8), "w2": w(8, 8, 1, 1)}.items()]
+    inits.append(numpy_helper.from_array(np.array([1, 8, 24, 24], np.int64), "sizes"))
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("HardSwish", ["c1"], ["h"]),
+             helper.make_node("AveragePool", ["h"], ["p"], kernel_shape=[12, 12]),
+             helper.make_node("Conv", ["p", "ws", "bs"], ["s"]),
+             helper.make_node("HardSigmoid", ["s"], ["g"], alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["h", "g"], ["se"]),
+             helper.make_node("Conv", ["se", "w2"], ["c2"]),
+             helper.make_node("Add", ["c2", "h"], ["r"]),
+             helper.make_node("Resize", ["r", "", "", "sizes"], ["y"], mode="linear")]
+    graph = helper.make_graph(nodes, "mobile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 24, 24])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    g, ranges = _converted(model)
+    m = _prepare(g, ranges, "uint8")
+    assert not m.fallbacks
+    with torch.no_grad():
+        m.act_max.mul_(1.05)  # as after training: parameters the quantizer did not choose from the ranges
+    qg = m.quantized_graph()
+    marked = {n.op_type for n in qg.nodes if n.attrs.get(ARITH) == QLINEAR}
+    assert marked == {"HardSwish", "HardSigmoid"}
+    for x in _inputs(4, 9):
+        np.testing.assert_array_equal(m(torch.from_numpy(x), exact=True).numpy(), execute(qg, {"x": x})["y"])
+
+
 @pytest.mark.parametrize("schema", ["uint8", "int8"])
 def test_gradients_reach_weights_and_ranges(setup, schema):
     _, graph, ranges = setup

@@ -123,8 +123,8 @@ class Op:
     # How ONNX Runtime runs a FLOAT-kernel op on codes when it has no QLinear kernel for it (a float island
     # between DequantizeLinear/QuantizeLinear); None: ORT's integer kernel (docs/supported-ops.md shows it).
     ort_kernel: ClassVar[str | None] = None
-    # The arithmetic variant (node attribute ``ARITH``) the quantizer gives a node of this op whose parameters
-    # it chose itself, i.e. none fixed by a source model's Q/DQ (whose float island the import reproduces):
+    # The arithmetic variant (node attribute ``ARITH``) the quantizer gives a node of this op unless a source
+    # model's Q/DQ fixed one of its tensors (``Graph.has_fixed_params``: the import reproduces that float island):
     # e.g. HardSwish's two integer steps (``qmace.ops.activation``); None: the op has no such variant.
     integer_arith: ClassVar[str | None] = None
 

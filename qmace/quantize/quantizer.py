@@ -121,8 +121,9 @@ def _rewrite(g: Graph, plan: QuantPlan) -> None:
             node.inputs = [as_float(rounded(i)) if i else i for i in node.inputs]
             new_nodes.append(node)
             continue
-        # the op's integer variant where qmace chose the parameters (none fixed by a source model's Q/DQ)
-        own = op.integer_arith and not any(plan.is_source_rounded(t) for t in (*node.inputs, *node.outputs) if t)
+        # the op's integer variant unless a source model's Q/DQ pair fixed a parameter (the import reproduces
+        # the source's float island there); QAT's and AdaRound's fixed parameters are qmace's own choice
+        own = op.integer_arith and not any(g.has_fixed_params(t) for t in (*node.inputs, *node.outputs) if t)
         for i in data_inputs(g, node):
             node.inputs[i] = as_quantized(node.inputs[i])
         _quantize_weights(g, node, op, plan)
