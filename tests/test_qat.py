@@ -119,7 +119,7 @@ def test_exact_forward_equals_reference_through_integer_hardswish_se_and_resize(
     from qmace.ops.base import ARITH
 
     rng = np.random.default_rng(4)
-    w = lambda *s: rng.normal(0, 0.4, s).astype(np.float32)  # noqa: E731
+    w = lambda *s: rng.normal(0, 0.4, s).astype(np.float32)
     inits = [numpy_helper.from_array(v, k) for k, v in {
         "w1": w(8, 3, 3, 3), "b1": w(8), "ws": w(8, 8, 1, 1), "bs": w(8), "w2": w(8, 8, 1, 1)}.items()]
     inits.append(numpy_helper.from_array(np.array([1, 8, 24, 24], np.int64), "sizes"))
