@@ -34,6 +34,10 @@ def kernel_text(op) -> str:
     default = KERNEL[op.quant_kernel]
     if op.quant_kernel == "float" and op.ort_kernel:  # ORT has no QLinear kernel for it
         default = default.replace("ORT: QLinear kernel", f"ORT: {op.ort_kernel}")
+    if op.integer_arith:  # the quantizer's own nodes compute an integer form, imported Q/DQ keep the definition
+        default = (f"integer on uint8 codes as ORT's QLinear kernels run it (qm_arith={op.integer_arith}, "
+                   f"docs/quantization.md) unless a source model's Q/DQ fixed its parameters; then, and for other "
+                   f"types: {default}")
     if not op.kernel_variants:
         return default
     by_text: dict = {}
@@ -72,7 +76,10 @@ def render() -> str:
         "first; for these ops opsets 22-28 only add element types and five attributes, which are translated to",
         "opset 21 or refused by name. Shape/Constant/ConstantOfShape chains over static shapes are folded away",
         "at conversion. `Upsample` is read as `Resize`. How each op behaves in a quantized model is defined in",
-        "[quantization.md](quantization.md).",
+        "[quantization.md](quantization.md). \"dequantize -> float -> quantize\" is the definition in general; on",
+        "uint8 per-tensor codes Add, Mul, GlobalAveragePool (and a global-window AveragePool) and bilinear Resize",
+        "are defined by the arithmetic of ONNX Runtime's x86-64 kernels instead (quantization.md, \"Ops that ONNX",
+        "Runtime runs with its own fused kernels\"), so the onnxruntime backend computes the reference's codes.",
         "",
         "Node tests: the official ONNX backend node tests (of the `onnx==1.20.1` wheel) that use the op, whose",
         "ops qmace all supports and that plain ONNX Runtime passes, passed through qmace's import path on the",

@@ -211,7 +211,7 @@ class HardSigmoid(_Unary):
 
     op_type = "HardSigmoid"
     sign = Sign.NONNEG
-    ort_kernel = "QLinearAdd on a uint8 [0, 1] output (run_quantized), else a float island"
+    ort_kernel = "none, a float island between DequantizeLinear/QuantizeLinear"
     defaults: ClassVar[dict[str, Any]] = {"alpha": 0.2, "beta": 0.5}
     quant_kernel = Kernel.FLOAT  # SE gates of PP-LCNet/MobileNetV3; ORT runs it in float32 between Q/DQ
     range_rule = RangeRule.FIXED
@@ -270,7 +270,7 @@ class HardSwish(_Unary):
     """``x * max(0, min(1, x / 6 + 0.5))``."""
 
     op_type = "HardSwish"
-    ort_kernel = "QLinearAdd + QLinearMul on uint8 codes (run_quantized), else a float island"
+    ort_kernel = "none, a float island between DequantizeLinear/QuantizeLinear"
     quant_kernel = Kernel.FLOAT  # ORT runs it in float32 between its Q/DQ nodes
 
     @classmethod
