@@ -20,7 +20,7 @@ from qmace.qmath import QuantParams, Range
 #: HardSwish's inner HardSigmoid codes (its 8-bit integer form): uint8 on [0, 1], as a fixed-range HardSigmoid's.
 HSIG_PARAMS = qmath.params_asymmetric(0.0, 1.0, "uint8")
 #: ``Op.integer_arith`` of HardSigmoid / HardSwish: ONNX Runtime's QLinearAdd (+ QLinearMul) instead of a float
-#: island; set by the quantizer only where it chose the parameters (an imported Q/DQ model keeps its island).
+#: island; set by the quantizer unless a source model's Q/DQ fixed a parameter (an imported model keeps its island).
 QLINEAR = "qlinear"
 
 
@@ -42,7 +42,7 @@ def _affine_plan(x_qp: QuantParams | None, alpha: float, beta: float,
         return None
     # beta nudged up by 1/16 of an output step: with beta / s_out = 127.5 (beta 0.5 on [0, 1]) every input code
     # whose alpha * x is a whole number of output steps (common: scales commensurate with 6 / 255) would be an
-    # exact rounding tie, which ORT's fixed-point QLinearAdd and the float32 reference break differently
+    # exact rounding tie, which ORT's x86 (float, fma) and ARM (fixed-point) QLinearAdd break differently
     return (QuantParams(np.float32(float(x_qp.scale) * alpha), x_qp.zero_point, "uint8"),
             QuantParams(np.float32(beta + float(out_qp.scale) / 16), 0, "uint8"))
 
