@@ -77,7 +77,7 @@ def render() -> str:
         "opset 21 or refused by name. Shape/Constant/ConstantOfShape chains over static shapes are folded away",
         "at conversion. `Upsample` is read as `Resize`. How each op behaves in a quantized model is defined in",
         "[quantization.md](quantization.md). \"dequantize -> float -> quantize\" is the definition in general; on",
-        "uint8 per-tensor codes Add, Mul, GlobalAveragePool (and a global-window AveragePool) and bilinear Resize",
+        "uint8 per-tensor codes Add, Mul, AveragePool, GlobalAveragePool and bilinear Resize",
         "are defined by the arithmetic of ONNX Runtime's x86-64 kernels instead (quantization.md, \"Ops that ONNX",
         "Runtime runs with its own fused kernels\"), so the onnxruntime backend computes the reference's codes.",
         "",

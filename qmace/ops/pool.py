@@ -11,8 +11,9 @@ to ``out = ceil(in / s)`` (extra pad at the end for SAME_UPPER, at the begin for
   monotone dequantization, hence ``Kernel.COPY`` (exact).
 - AveragePool: ``y[o] = sum_k x_pad[o*s + k*d] / count[o]`` with pads 0; ``count`` is the number of taps
   inside the data (count_include_pad=0) or inside data + explicit pads (count_include_pad=1; the ceil-mode
-  overhang is never counted), as ONNX Runtime. ``Kernel.FLOAT`` (QLinearAveragePool in ORT); a window over the
-  whole unpadded input is a global mean on codes (below).
+  overhang is never counted), as ONNX Runtime. ``Kernel.FLOAT`` (QLinearAveragePool in ORT); on uint8 codes
+  its rounding (zero point added before rounding), and a window over the whole unpadded input is a global mean
+  on codes (below).
 - GlobalAveragePool / GlobalMaxPool: mean / max over all spatial axes, keeping them as size 1. On uint8 codes
   the mean is ONNX Runtime's QLinearGlobalAveragePool arithmetic (``_global_mean_codes``: exact integer sum,
   one float32 multiplier, round half to even), which ORT also runs for a global-window AveragePool.
@@ -27,6 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from qmace import qmath
 from qmace.ir import Node
 from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
 from qmace.ops.util import conv_pads, is_torch
@@ -228,17 +230,21 @@ class AveragePool(Op):
 
     @classmethod
     def run_quantized(cls, node, inputs, in_qp, out_qp):
-        """A window over the whole unpadded input is a global mean: ONNX Runtime runs it as
-        QLinearGlobalAveragePool, and so does the reference (:func:`_global_mean_codes`); otherwise the float
-        definition (QLinearAveragePool)."""
-        x = np.asarray(inputs[0])
-        if not is_torch(inputs[0]) and x.ndim >= 3:
-            kernel, _, _, pads, out = _geometry(cls, node, x)
-            if tuple(kernel) == tuple(x.shape[2:]) and not any(pads) and all(o == 1 for o in out):
-                y = _global_mean_codes(x, in_qp[0], out_qp[0])
-                if y is not None:
-                    return [y]
-        return super().run_quantized(node, inputs, in_qp, out_qp)
+        """uint8 per tensor, as ONNX Runtime computes it: a window over the whole unpadded input is a global mean
+        (QLinearGlobalAveragePool, :func:`_global_mean_codes`); any other window is QLinearAveragePool's float32
+        mean of the dequantized taps (``run``: the same tap order) quantized as ``rint(y / s_y + z_y)``, the zero
+        point added before rounding. Other types: the float definition."""
+        x, qx, qy = inputs[0], in_qp[0], out_qp[0]
+        if is_torch(x) or x.ndim < 3 or any(q is None or q.dtype != "uint8" or q.axis is not None for q in (qx, qy)):
+            return super().run_quantized(node, inputs, in_qp, out_qp)
+        kernel, _, _, pads, out = _geometry(cls, node, x)
+        if tuple(kernel) == tuple(x.shape[2:]) and not any(pads) and all(o == 1 for o in out):
+            y = _global_mean_codes(np.asarray(x), qx, qy)
+            if y is not None:
+                return [y]
+        mean = cls.run(node, [qmath.dequantize(x, qx)])[0]
+        codes = np.rint((mean / np.float32(qy.scale)).astype(np.float32) + np.float32(int(qy.zero_point)))
+        return [np.clip(codes, 0, 255).astype(np.uint8)]
 
     @classmethod
     def _count(cls, node, shape, kernel, strides, dilations, pads, out) -> np.ndarray:
