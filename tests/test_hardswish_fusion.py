@@ -184,3 +184,23 @@ def test_integer_form_runs_as_qlinear_kernels_within_one_step_on_every_code(op, 
         assert np.all(np.abs(ref - exact) <= 0.5 * step + slack + 1e-6), (lo, hi)
     # measured: 0 differing codes on every range (the nudged beta removes the systematic ties, activation.py)
     assert np.mean(differing) <= 0.001, differing
+
+
+def test_a_source_fixed_hardswish_keeps_its_island_even_when_marked_before():
+    """A tensor whose parameters a source model's Q/DQ fixed keeps the float island, and a mark left on the node by
+    an earlier quantization of the graph is removed, not carried over."""
+    from qmace.ops.activation import QLINEAR
+    from qmace.ops.base import ARITH
+    from qmace.qmath import Range, params_asymmetric
+
+    g = optimize(onnx_to_graph(make_onnx([helper.make_node("HardSwish", ["x"], ["y"], name="act")],
+                                         {"x": (1, 1, 16, 16)}, ["y"])))
+    hs = next(n for n in g.nodes if n.op_type == "HardSwish")
+    hs.attrs[ARITH] = QLINEAR
+    ranges = {"y": Range(-0.4, 3.0)}
+    marked = quantize_graph(g, ranges, QuantizeOptions(schema="uint8", input_ranges={"x": (-3.0, 3.0)})).graph
+    assert next(n for n in marked.nodes if n.op_type == "HardSwish").attrs.get(ARITH) == QLINEAR
+    g.fixed_params = {"x": params_asymmetric(-3.0, 3.0, "uint8")}  # as the QDQ importer records a source Q/DQ
+    q = quantize_graph(g, ranges, QuantizeOptions(schema="uint8", input_ranges={"x": (-3.0, 3.0)},
+                                                  fixed_params=dict(g.fixed_params))).graph
+    assert ARITH not in next(n for n in q.nodes if n.op_type == "HardSwish").attrs

@@ -134,6 +134,8 @@ def _rewrite(g: Graph, plan: QuantPlan) -> None:
                 t.dtype = t.quant.dtype
         if own:
             node.attrs[ARITH] = op.integer_arith
+        elif op.integer_arith and node.attrs.get(ARITH) == op.integer_arith:
+            del node.attrs[ARITH]  # a mark from an earlier quantization of this graph does not carry over
         new_nodes.append(node)
     g.nodes = new_nodes
     # Graph outputs keep their names and stay float: the quantized tensor is renamed and dequantized.
