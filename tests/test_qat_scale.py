@@ -244,8 +244,9 @@ def test_two_processes_run_the_gate_on_rank_0_and_agree(tmp_path, capsys):
     out = tmp_path / "p2"
     rc = main(_qat_args(tmp_path, d, out, "--epochs", "1", "--nproc", "2", "--val_dir", str(tmp_path / "val"),
                         "--val_labels", str(tmp_path / "val_labels.txt")))
-    text = capsys.readouterr().out
-    assert rc == 0, text
+    captured = capsys.readouterr()
+    text = captured.out
+    assert rc == 0, text + captured.err  # the error line says which rank failed and how
     summary = json.loads((out / "m_qat.json").read_text())
     assert summary["world"] == 2 and summary["gate"]["samples"] == 10
     assert "the start significantly on the validation set" in text or "QAT: no trained state" in text
