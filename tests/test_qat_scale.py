@@ -236,15 +236,24 @@ def test_bad_device_and_batch_are_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_two_processes_run_the_gate_on_rank_0_and_agree(tmp_path, capsys):
+def test_two_processes_run_the_gate_on_rank_0_and_agree(tmp_path, capfd):
     """--nproc 2 with --val_dir: rank 0 validates and decides, every rank loads the decided state (a rank that
     skipped the decision's broadcast would hang); the exported model scores the reported QAT figure, which is
-    the PTQ start's when the gate kept it."""
+    the PTQ start's when the gate kept it.
+
+    One known flake, retried once and only on its signature: in 1 of 7 full-suite runs (2026-12-02; 0 of 12
+    isolated runs) a spawned rank died in C++ ("terminate called without an active exception", torch's process
+    group threads) and the command exited 3. Any other failure, or the same one twice, fails the test."""
     d = _labelled_workspace(tmp_path, n_val=10)
+    args = ["--epochs", "1", "--nproc", "2", "--val_dir", str(tmp_path / "val"), "--val_labels",
+            str(tmp_path / "val_labels.txt")]
     out = tmp_path / "p2"
-    rc = main(_qat_args(tmp_path, d, out, "--epochs", "1", "--nproc", "2", "--val_dir", str(tmp_path / "val"),
-                        "--val_labels", str(tmp_path / "val_labels.txt")))
-    captured = capsys.readouterr()
+    rc = main(_qat_args(tmp_path, d, out, *args))
+    captured = capfd.readouterr()
+    if rc != 0 and "terminate called without an active exception" in captured.err:
+        out = tmp_path / "p2_retry"
+        rc = main(_qat_args(tmp_path, d, out, *args))
+        captured = capfd.readouterr()
     text = captured.out
     assert rc == 0, text + captured.err  # the error line says which rank failed and how
     summary = json.loads((out / "m_qat.json").read_text())
