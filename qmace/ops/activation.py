@@ -35,8 +35,7 @@ def _affine_plan(x_qp: QuantParams | None, alpha: float, beta: float,
     Returns:
         ``(x's parameters with the scaled scale, beta's parameters)``, or None (the float island applies).
     """
-    if (x_qp is None or out_qp is None or x_qp.axis is not None or out_qp.axis is not None
-            or x_qp.dtype != "uint8" or out_qp.dtype != "uint8" or not (alpha > 0 and beta > 0)):
+    if not (qlinear.uint8_per_tensor(x_qp, out_qp) and alpha > 0 and beta > 0):
         return None
     if int(qmath.quantize(0.0, out_qp)) != out_qp.qmin or int(qmath.quantize(1.0, out_qp)) != out_qp.qmax:
         return None
@@ -285,7 +284,7 @@ class HardSwish(_Unary):
         if node.attrs.get(ARITH) != QLINEAR:
             return None
         plan = _affine_plan(in_qp[0], 1.0 / 6.0, 0.5, HSIG_PARAMS)
-        return None if plan is None or out_qp[0].dtype != "uint8" or out_qp[0].axis is not None else plan
+        return plan if qlinear.uint8_per_tensor(out_qp[0]) else None
 
     @classmethod
     def run_quantized(cls, node, inputs, in_qp, out_qp):

@@ -13,8 +13,8 @@ Erf uses W. J. Cody's rational Chebyshev approximations (Math. Comp. 23, 1969; t
 relative error below 1e-16 in float64, vectorised over three intervals of |x|.
 
 Quantization traits (see ``qmace.ops.base``):
-- Add, Mul: ``Kernel.FLOAT`` (ORT's QLinearAdd / QLinearMul), range from statistics; a uint8 Add is defined
-  and Mul by QLinearAdd's / QLinearMul's own float32 arithmetic (``qmace.ops.qlinear``).
+- Add, Mul: ``Kernel.FLOAT`` (ORT's QLinearAdd / QLinearMul), range from statistics; a uint8 Add or Mul is
+  defined by QLinearAdd's / QLinearMul's own float32 arithmetic (``qmace.ops.qlinear``).
 - Add, Sub with ``qm_arith="litert"`` (imported from a ``.tflite``): LiteRT's integer ADD/SUB on 8-bit
   per-tensor codes (``qmace.ops.litert_add``: numpy kernel and exact float64/int64 ONNX lowering); such a
   Sub is ``Kernel.FLOAT`` (``kernel_for``), every other Sub has no integer kernel.
@@ -225,7 +225,6 @@ class Add(_LiteRTArith, _Binary):
     range_without_stats = RangeRule.INTERVAL
     const_data_inputs = True
     channelwise = True  # (s a) + (s b) = s (a + b), for two same-shape inputs (is_channelwise)
-
     sign = Sign.ALL
 
     @classmethod

@@ -31,6 +31,7 @@ import numpy as np
 from qmace import qmath
 from qmace.ir import Node
 from qmace.ops.base import Kernel, Op, RangeRule, Sign, register
+from qmace.ops.qlinear import uint8_per_tensor
 from qmace.ops.util import conv_pads, is_torch
 
 
@@ -112,8 +113,7 @@ def _global_mean_codes(q: np.ndarray, in_qp, out_qp) -> np.ndarray | None:
     Returns:
         The (N, C, 1, ...) output codes, or None.
     """
-    if (in_qp is None or out_qp is None or in_qp.dtype != "uint8" or out_qp.dtype != "uint8"
-            or in_qp.axis is not None or out_qp.axis is not None):
+    if not uint8_per_tensor(in_qp, out_qp):
         return None
     n = int(np.prod(q.shape[2:]))
     scale = np.float32(in_qp.scale) / (np.float32(out_qp.scale) * np.float32(n))
@@ -235,7 +235,7 @@ class AveragePool(Op):
         mean of the dequantized taps (``run``: the same tap order) quantized as ``rint(y / s_y + z_y)``, the zero
         point added before rounding. Other types: the float definition."""
         x, qx, qy = inputs[0], in_qp[0], out_qp[0]
-        if is_torch(x) or x.ndim < 3 or any(q is None or q.dtype != "uint8" or q.axis is not None for q in (qx, qy)):
+        if is_torch(x) or x.ndim < 3 or not uint8_per_tensor(qx, qy):
             return super().run_quantized(node, inputs, in_qp, out_qp)
         kernel, _, _, pads, out = _geometry(cls, node, x)
         if tuple(kernel) == tuple(x.shape[2:]) and not any(pads) and all(o == 1 for o in out):

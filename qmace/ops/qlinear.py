@@ -33,9 +33,22 @@ import numpy as np
 
 from qmace.qmath import QuantParams
 
-__all__ = ["applies", "qlinear_add", "qlinear_mul"]
+__all__ = ["applies", "qlinear_add", "qlinear_mul", "uint8_per_tensor"]
 
 _F = np.float32
+
+
+def uint8_per_tensor(*qps: QuantParams | None) -> bool:
+    """Whether every one of ``qps`` is uint8 per tensor: the codes ONNX Runtime's x86 QLinear kernels take and
+    whose arithmetic qmace's reference states (Add, Mul, pools, HardSwish/HardSigmoid).
+
+    Args:
+        *qps: QuantParams, or None for an unquantized tensor.
+
+    Returns:
+        True when all are uint8 per-tensor parameters.
+    """
+    return all(q is not None and q.dtype == "uint8" and q.axis is None for q in qps)
 
 
 def applies(a: np.ndarray, b: np.ndarray, qa: QuantParams | None, qb: QuantParams | None,
@@ -55,7 +68,7 @@ def applies(a: np.ndarray, b: np.ndarray, qa: QuantParams | None, qb: QuantParam
     Returns:
         True when the ORT arithmetic defines the node.
     """
-    if any(q is None or q.dtype != "uint8" or q.axis is not None for q in (qa, qb, qc)):
+    if not uint8_per_tensor(qa, qb, qc):
         return False
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
         return False
