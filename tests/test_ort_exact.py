@@ -88,17 +88,19 @@ def test_rewrite_keeps_qdq_conv_exact_and_folds_weight_quantize():
     assert 0.1 < np.mean((want[0] > -64) & (want[0] < 63.5))  # not all saturated at the output
 
 
-def _qdq_add(qa, qb, qc, shape) -> onnx.ModelProto:
-    """DQ(a), DQ(b) -> Add -> Q: ONNX Runtime fuses it into QLinearAdd."""
+def _qdq_add(qa, qb, qc, shape, shape_b=None, op: str = "Add") -> onnx.ModelProto:
+    """DQ(a), DQ(b) -> ``op`` -> Q: ONNX Runtime fuses it into QLinearAdd (QLinearMul for ``Mul``); ``b`` has
+    ``shape_b`` (default ``shape``)."""
     inits = []
     for n, qp in (("a", qa), ("b", qb), ("c", qc)):
         inits += [numpy_helper.from_array(np.array(qp.scale, np.float32), f"{n}s"),
                   numpy_helper.from_array(np.array(qp.zero_point, np.uint8), f"{n}z")]
     nodes = [helper.make_node("DequantizeLinear", ["a", "as", "az"], ["af"]),
              helper.make_node("DequantizeLinear", ["b", "bs", "bz"], ["bf"]),
-             helper.make_node("Add", ["af", "bf"], ["cf"]),
+             helper.make_node(op, ["af", "bf"], ["cf"]),
              helper.make_node("QuantizeLinear", ["cf", "cs", "cz"], ["c"])]
-    return _model(nodes, [helper.make_tensor_value_info(n, TensorProto.UINT8, list(shape)) for n in "ab"],
+    shapes = {"a": shape, "b": shape if shape_b is None else shape_b}
+    return _model(nodes, [helper.make_tensor_value_info(n, TensorProto.UINT8, list(shapes[n])) for n in "ab"],
                   [helper.make_tensor_value_info("c", TensorProto.UINT8, None)], inits)
 
 
@@ -162,11 +164,7 @@ def test_broadcast_qlinear_add_equals_reference(sa, sb):
         qa, qb, qc = (QuantParams(np.float32(s[i]), np.int32(z[i]), "uint8") for i in range(3))
         a, b = rng.integers(0, 256, sa).astype(np.uint8), rng.integers(0, 256, sb).astype(np.uint8)
         ref = get_op("Add").run_quantized(Node("add", "Add", ["a", "b"], ["c"]), [a, b], [qa, qb], [qc])[0]
-        model = _qdq_add(qa, qb, qc, sa)
-        model.graph.input[1].type.tensor_type.shape.ClearField("dim")
-        for d in sb:
-            model.graph.input[1].type.tensor_type.shape.dim.add().dim_value = d
-        got = _raw_ort_session(model.SerializeToString(), 1).run(["c"], {"a": a, "b": b})[0]
+        got = _raw_ort_session(_qdq_add(qa, qb, qc, sa, sb).SerializeToString(), 1).run(["c"], {"a": a, "b": b})[0]
         assert got.shape == ref.shape
         worst = max(worst, int(np.abs(ref.astype(np.int32) - got.astype(np.int32)).max()))
     assert worst == 0 if _mlas_avx2_fma() else worst <= 1
@@ -289,16 +287,6 @@ def test_bilinear_resize_on_codes_is_onnx_runtimes_arithmetic(shape, out_hw, ctm
         np.testing.assert_array_equal(ref, got)
 
 
-def _qdq_mul(qa, qb, qc, sa, sb) -> onnx.ModelProto:
-    """DQ(a), DQ(b) -> Mul -> Q: ONNX Runtime fuses it into QLinearMul."""
-    model = _qdq_add(qa, qb, qc, sa)
-    model.graph.node[2].op_type = "Mul"
-    model.graph.input[1].type.tensor_type.shape.ClearField("dim")
-    for d in sb:
-        model.graph.input[1].type.tensor_type.shape.dim.add().dim_value = d
-    return model
-
-
 @pytest.mark.parametrize("sa, sb", [((1, 256, 256), (1, 256, 256)), ((2, 8, 5, 7), (1, 8, 1, 1)),
                                     ((2, 8, 5, 7), ()), ((1, 8, 1, 1), (2, 8, 5, 7))])
 def test_qlinear_mul_equals_reference(sa, sb):
@@ -312,7 +300,7 @@ def test_qlinear_mul_equals_reference(sa, sb):
 
     def both(qa, qb, qc, a, b):
         ref = get_op("Mul").run_quantized(Node("mul", "Mul", ["a", "b"], ["c"]), [a, b], [qa, qb], [qc])[0]
-        got = _raw_ort_session(_qdq_mul(qa, qb, qc, a.shape, b.shape).SerializeToString(), 1).run(
+        got = _raw_ort_session(_qdq_add(qa, qb, qc, a.shape, b.shape, "Mul").SerializeToString(), 1).run(
             ["c"], {"a": a, "b": b})[0]
         return ref.astype(np.int32), got.astype(np.int32)
 
