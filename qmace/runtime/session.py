@@ -18,7 +18,7 @@ import numpy as np
 from qmace.errors import ModelError, first_line
 from qmace.ir import Graph
 from qmace.onnx_bridge import to_onnx
-from qmace.runtime import reference
+from qmace.runtime import ort_lowering, reference
 
 BACKENDS = ("onnxruntime", "openvino", "reference")
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def int8_activations_as_uint8(model) -> bool:
     return True
 
 
-def _raw_ort_session(model_bytes: bytes | str, num_threads: int | None = None):
+def _raw_ort_session(model_bytes: bytes | str, num_threads: int | None = None, disabled: tuple[str, ...] = ()):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -262,7 +262,7 @@ def _raw_ort_session(model_bytes: bytes | str, num_threads: int | None = None):
         # a QLinearConv/QLinearMatMul: a layer qmace keeps float (--float_nodes, --sensitivity_float_layers)
         # must compute in float, as the reference backend does (tests/test_sensitivity.py)
         return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=["WeightBiasQuantization"])
+                                    disabled_optimizers=["WeightBiasQuantization", *disabled])
     except Exception as e:  # ORT raises its own exception types; keep the message, one line
         raise ModelError(f"ONNX Runtime could not load the model: {first_line(e)}") from e
 
@@ -282,7 +282,8 @@ def _warn_slow_exact_path() -> None:
                 "quantize_schema: int8_w7 (7-bit weights) is exact on the fast kernels")
 
 
-def ort_session(model_bytes: bytes | str, num_threads: int | None = None, exact_int8: bool = True):
+def ort_session(model_bytes: bytes | str, num_threads: int | None = None, exact_int8: bool = True,
+                disabled: tuple[str, ...] = ()):
     """An ONNX Runtime CPU session on serialized model bytes or a model file path.
 
     ``exact_int8`` (default): on a host whose u8 x s8 kernels saturate (``ort_u8s8_exact``), int8 weights
@@ -294,6 +295,7 @@ def ort_session(model_bytes: bytes | str, num_threads: int | None = None, exact_
             the file).
         num_threads: intra-op threads, or None for ORT's default.
         exact_int8: False runs the model as plain ORT would (peers).
+        disabled: ORT graph optimizers to turn off besides ``WeightBiasQuantization`` (``ort_lowering``).
 
     Returns:
         The ``onnxruntime.InferenceSession``.
@@ -313,7 +315,7 @@ def ort_session(model_bytes: bytes | str, num_threads: int | None = None, exact_
             int8_activations_as_uint8(model)  # int8 activations x uint8 weights would not fuse: shift them too
             model_bytes = model.SerializeToString()
             _warn_slow_exact_path()
-    return _raw_ort_session(model_bytes, num_threads)
+    return _raw_ort_session(model_bytes, num_threads, disabled)
 
 
 class Session:
@@ -363,16 +365,18 @@ class Session:
     def _backend_session(self, extra: tuple[str, ...]):
         """The ONNX Runtime / OpenVINO session of the lowered graph exposing ``extra`` as outputs too."""
         if extra not in self._lowered:
-            model = to_onnx(self.graph, extra_outputs=list(extra)).SerializeToString()
+            proto = to_onnx(self.graph, extra_outputs=list(extra))
             if self.backend == "onnxruntime":
                 wide = sum(t.is_quantized and t.dtype in ("uint16", "int16") for t in self.graph.tensors.values())
                 if wide:
                     _note_16bit_islands(wide)
-                self._lowered[extra] = ort_session(model, self.num_threads)
+                # same codes through ORT's faster float kernels where its integer ones are slow (ort_lowering)
+                disabled = ort_lowering.DISABLED_OPTIMIZERS if ort_lowering.lower_for_ort(proto) else ()
+                self._lowered[extra] = ort_session(proto.SerializeToString(), self.num_threads, disabled=disabled)
             else:
                 from qmace.runtime.openvino_backend import OpenVINOSession
 
-                self._lowered[extra] = OpenVINOSession(model, self.num_threads)
+                self._lowered[extra] = OpenVINOSession(proto.SerializeToString(), self.num_threads)
         return self._lowered[extra]
 
     def run(
