@@ -22,8 +22,8 @@ from tests.conftest import make_onnx, rand
 C = 16
 
 
-def _model(h: int, w: int, k: int = 5) -> onnx.ModelProto:
-    """1x1 conv -> depthwise kxk (pad k//2) -> MaxPool 2x2 -> 1x1 conv, on a [1, 8, h, w] input."""
+def _model(h: int, w: int, k: int = 5, relu_after: bool = False) -> onnx.ModelProto:
+    """1x1 conv -> depthwise kxk (pad k//2) [-> Relu] -> MaxPool 2x2 -> 1x1 conv, on a [1, 8, h, w] input."""
     rng = np.random.default_rng(h * 100 + w)
     inits = {"w1": rand(rng, C, 8, 1, 1), "b1": rand(rng, C), "wd": rand(rng, C, 1, k, k), "bd": rand(rng, C),
              "w2": rand(rng, 8, C, 1, 1)}
@@ -31,8 +31,11 @@ def _model(h: int, w: int, k: int = 5) -> onnx.ModelProto:
              helper.make_node("Relu", ["a"], ["ar"], name="relu"),
              helper.make_node("Conv", ["ar", "wd", "bd"], ["d"], name="depthwise", group=C, kernel_shape=[k, k],
                               pads=[k // 2] * 4),
-             helper.make_node("MaxPool", ["d"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("MaxPool", ["dr" if relu_after else "d"], ["p"], name="pool", kernel_shape=[2, 2],
+                              strides=[2, 2]),
              helper.make_node("Conv", ["p", "w2"], ["y"], name="project")]
+    if relu_after:
+        nodes.insert(3, helper.make_node("Relu", ["d"], ["dr"], name="relu_after"))
     return make_onnx(nodes, {"x": (1, 8, h, w)}, ["y"], inits)
 
 
@@ -48,11 +51,12 @@ def _quantized(model: onnx.ModelProto, schema: str):
 
 
 @pytest.mark.parametrize("schema", ["int8", "uint8", "int8_w7"])
-@pytest.mark.parametrize("h", [2, 3])
-def test_padding_heavy_depthwise_and_maxpool_are_exact(schema, h):
-    """A 5x5 depthwise on a map 2 or 3 rows high reads padding with most taps: it and the MaxPool are lowered
-    to float kernels, and every quantized tensor equals the reference's codes on full-range inputs."""
-    qg, shape = _quantized(_model(h, 24), schema)
+@pytest.mark.parametrize("h,relu_after", [(2, False), (3, False), (2, True)])
+def test_padding_heavy_depthwise_and_maxpool_are_exact(schema, h, relu_after):
+    """A 5x5 depthwise on a map 2 or 3 rows high reads padding with most taps: it (with a Relu after it) and
+    the MaxPool are lowered to float kernels, and every quantized tensor equals the reference's codes on
+    full-range inputs."""
+    qg, shape = _quantized(_model(h, 24, relu_after=relu_after), schema)
     assert sorted(ort_lowering.lower_for_ort(to_onnx(qg))) == ["depthwise", "pool"]
     names = [n for n, t in qg.tensors.items() if t.is_quantized and n != "x"]
     fast, ref = Session(qg, backend="onnxruntime", num_threads=1), Session(qg, backend="reference")

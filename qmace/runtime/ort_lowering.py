@@ -10,7 +10,7 @@ benchmarks/README.md, issue 10 "Run 7"):
 - **Depthwise convolutions whose windows fall mostly in the padding** (a 5x5 kernel over a map 2 or 3 rows
   high): ORT's integer depthwise kernel multiplies every tap, padding included; its float kernel skips them.
   Such a convolution becomes ``DequantizeLinear(x; scale 1, zero point z_x) -> Conv(integer weights and bias
-  as float) -> Mul(M) -> QuantizeLinear(scale 1, z_y)``. The float convolution adds integer products whose
+  as float) [-> Relu] -> Mul(M) -> QuantizeLinear(scale 1, z_y)``. The float convolution adds integer products whose
   partial sums stay below 2^24, so float32 computes the int32 accumulator exactly in any order; ``M`` is
   QLinearConv's float32 multiplier ``s_x * s_w / s_y`` and the last two nodes round ``acc * M`` half to even
   and add ``z_y``, as QLinearConv's requantization does. The session must not fold ``Mul(M)`` into the
@@ -135,7 +135,10 @@ def _depthwise(m: _Model, node) -> bool:
         return False
     dqx, dqw = m.dq_of(node.input[0]), m.dq_of(node.input[1])
     dqb = m.dq_of(node.input[2], zero_point=False) if len(node.input) > 2 and node.input[2] else None
-    q = m.only_quantize_reader(node.output[0])
+    rs = m.readers.get(node.output[0], [])
+    relu = rs[0] if len(rs) == 1 and rs[0].op_type == "Relu" and node.output[0] not in m.outputs else None
+    last = relu or node  # a Relu before the QuantizeLinear stays (on the integer accumulator: exact)
+    q = m.only_quantize_reader(last.output[0])
     shape = m.shapes.get(node.input[0], [])
     if dqx is None or dqw is None or q is None or (len(node.input) > 2 and node.input[2] and dqb is None):
         return False
@@ -173,9 +176,9 @@ def _depthwise(m: _Model, node) -> bool:
     node.input[1] = m.add_init(w_int.astype(np.float32), f"{p}__w_int")
     if dqb is not None:
         node.input[2] = m.add_init(b_int.astype(np.float32), f"{p}__b_int")
-    acc = node.output[0]
-    node.output[0] = f"{p}__acc"
-    m.g.node.append(helper.make_node("Mul", [node.output[0], m.add_init(mult, f"{p}__multiplier")], [acc],
+    acc = last.output[0]
+    last.output[0] = f"{p}__acc"
+    m.g.node.append(helper.make_node("Mul", [last.output[0], m.add_init(mult, f"{p}__multiplier")], [acc],
                                      name=f"{p}__requantize"))
     q.input[1] = one
     return True
