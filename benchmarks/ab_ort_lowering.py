@@ -60,10 +60,10 @@ def main() -> int:
                 ort_lowering.lower_for_ort = lower
             same = sum(np.array_equal(new.run({m.input_name: x[None]})[m.output_name],
                                       old.run({m.input_name: x[None]})[m.output_name]) for x in m.evals)
-            x1 = m.evals[:1]
-            lat = interleaved_medians({"FP32": lambda: fp32.run(None, {name: x1}),
-                                       "plain": lambda: old.run({m.input_name: x1}),
-                                       "lowered": lambda: new.run({m.input_name: x1})}, repeats=args.repeats)
+            feeds = {m.input_name: m.evals[:1]}
+            lat = interleaved_medians({"FP32": lambda s=fp32, f={name: feeds[m.input_name]}: s.run(None, f),
+                                       "plain": lambda s=old, f=feeds: s.run(f),
+                                       "lowered": lambda s=new, f=feeds: s.run(f)}, repeats=args.repeats)
             rows.append((m.name, schema, len(rewritten), lat, same, len(m.evals)))
             print(f"{m.name} {schema}: rewritten {len(rewritten)}: {', '.join(rewritten) or '-'}", flush=True)
     print("\n| model | schema | nodes rewritten | FP32 ms | int8 plain ms | int8 lowered ms | FP32/int8 plain | "
