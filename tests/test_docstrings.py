@@ -129,6 +129,7 @@ COVERED = [
     "qmace.runtime",
     "qmace.onnx_bridge",
     "qmace.runtime.openvino_backend",
+    "qmace.runtime.ort_lowering",
     "qmace.runtime.reference",
     "qmace.runtime.session",
     "qmace.ops",

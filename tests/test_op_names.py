@@ -54,6 +54,8 @@ ALLOWED: dict[str, tuple[frozenset[str], str]] = {
     "onnx_bridge.py": (frozenset({"QuantizeLinear", "DequantizeLinear", "Relu"}),
                        "lowering of explicit Q/DQ nodes and of a fused Relu/Clip (qm_activation)"),
     "runtime/session.py": (frozenset({"QuantizeLinear", "DequantizeLinear"}), "exact-int8 weight rewrite"),
+    "runtime/ort_lowering.py": (frozenset({"QuantizeLinear", "DequantizeLinear", "Relu", "MaxPool", "Conv"}),
+                                "ONNX Runtime's QDQ patterns (its kernels, not IR ops) given to its float kernels"),
     # MACE's large-weight rule names MACE's ops (Conv2D, FullyConnected, Deconv2D) in ONNX terms.
     "quantize/weight_only.py": (frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"}),
                                 "MACE's quantize_large_weights rule"),
