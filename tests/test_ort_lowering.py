@@ -132,30 +132,45 @@ def _tie_breaking_channels(n: int) -> tuple[np.float32, np.ndarray, np.float32, 
     return sx, np.array(sws, np.float32), sy, np.array(accs, np.int32)
 
 
-def test_requantization_multiplier_is_onnx_runtimes():
-    """Accumulators chosen where the multiplier's float32 rounding decides the code: the lowered float route
-    gives QLinearConv's codes (fails if the multiplier were computed in another order)."""
-    c = 8
-    sx, sw, sy, acc = _tie_breaking_channels(c)
+def _hand_depthwise(sx, sw, sy, acc, codes=np.uint8) -> onnx.ModelProto:
+    """DQ(x) -> depthwise 5x5 Conv (zero weights, bias codes ``acc``) -> Q on a [1, c, 2, 8] map of ``codes``."""
+    c = len(sw)
     t = numpy_helper.from_array
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(codes))
     inits = [t(np.zeros((c, 1, 5, 5), np.int8), "wq"), t(sw, "ws"), t(np.zeros(c, np.int8), "wz"), t(acc, "bq"),
-             t(sx * sw, "bs"), t(sx, "xs"), t(np.uint8(128), "xz"), t(sy, "ys"), t(np.uint8(3), "yz")]
+             t(sx * sw, "bs"), t(sx, "xs"), t(codes(128), "xz"), t(sy, "ys"), t(codes(3), "yz")]
     nodes = [helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["x"], name="dqx"),
              helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=0, name="dqw"),
              helper.make_node("DequantizeLinear", ["bq", "bs"], ["b"], axis=0, name="dqb"),
              helper.make_node("Conv", ["x", "w", "b"], ["acc"], group=c, kernel_shape=[5, 5], pads=[2] * 4,
                               name="depthwise"),
              helper.make_node("QuantizeLinear", ["acc", "ys", "yz"], ["y"], name="q")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("xq", onnx.TensorProto.UINT8, [1, c, 2, 8])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, [1, c, 2, 8])], inits)
-    plain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    plain.ir_version = 10
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("xq", elem, [1, c, 2, 8])],
+                              [helper.make_tensor_value_info("y", elem, [1, c, 2, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def test_requantization_multiplier_is_onnx_runtimes():
+    """Accumulators chosen where the multiplier's float32 rounding decides the code: the lowered float route
+    gives QLinearConv's codes (fails if the multiplier were computed in another order)."""
+    sx, sw, sy, acc = _tie_breaking_channels(8)
+    plain = _hand_depthwise(sx, sw, sy, acc)
     lowered = onnx.ModelProto()
     lowered.CopyFrom(plain)
     assert ort_lowering.lower_for_ort(lowered) == ["depthwise"]
-    xq = np.full((1, c, 2, 8), 77, np.uint8)
+    xq = np.full((1, 8, 2, 8), 77, np.uint8)
     want = np.clip(np.rint(acc.astype(np.float32) * (np.float32(sx * sw) / sy)) + 3, 0, 255).astype(np.uint8)
     got_plain = ort_session(plain.SerializeToString(), 1).run(None, {"xq": xq})[0]
     got = ort_session(lowered.SerializeToString(), 1, disabled=ort_lowering.DISABLED_OPTIMIZERS).run(None, {"xq": xq})[0]
     np.testing.assert_array_equal(got_plain[0, :, 0, 0], want)
     np.testing.assert_array_equal(got, got_plain)
+
+
+def test_sixteen_bit_activations_keep_their_lowering():
+    """ORT runs a 16-bit QDQ convolution as a float island, not QLinearConv: the float route (QLinearConv's
+    arithmetic) would change its codes, so such a convolution is left alone."""
+    sx, sw, sy, acc = _tie_breaking_channels(2)
+    assert ort_lowering.lower_for_ort(_hand_depthwise(sx, sw, sy, acc, codes=np.uint16)) == []
+    assert ort_lowering.lower_for_ort(_hand_depthwise(sx, sw, sy, acc)) == ["depthwise"]

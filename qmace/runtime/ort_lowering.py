@@ -161,8 +161,12 @@ def _depthwise(m: _Model, node) -> bool:
     b_zp = m.const(dqb.input[2]) if dqb is not None and len(dqb.input) > 2 and dqb.input[2] else 0
     if b_int.shape != (c,) or np.any(b_zp != 0):
         return False
-    x_span = 255 if m.inits[dqx.input[2]].data_type in (2, 3) else 65535  # 8-bit codes, else 16-bit
-    if int((np.abs(w_int).reshape(c, -1).sum(1) * x_span + np.abs(b_int)).max()) >= _EXACT:
+    # 8-bit codes only: ORT runs those as QLinearConv, whose codes the float route reproduces (16-bit ones it
+    # runs as a float island, whose arithmetic is not QLinearConv's)
+    eight_bit = (2, 3)  # TensorProto.UINT8, INT8
+    if any(m.inits[t].data_type not in eight_bit for t in (dqx.input[2], dqw.input[2], q.input[2])):
+        return False
+    if int((np.abs(w_int).reshape(c, -1).sum(1) * 255 + np.abs(b_int)).max()) >= _EXACT:
         return False
     sy = m.const(q.input[1]).astype(np.float32)
     # QLinearConv's multiplier, in its float32 order: (s_x * s_w) / s_y
