@@ -54,7 +54,7 @@ class _Model:
     """Lookups over one model's graph: initializers, producers, readers, shapes."""
 
     def __init__(self, model):
-        from onnx import numpy_helper, shape_inference
+        from onnx import numpy_helper
 
         self.model, self.g = model, model.graph
         self.inits = {t.name: t for t in self.g.initializer}
@@ -64,12 +64,29 @@ class _Model:
             for i in n.input:
                 self.readers.setdefault(i, []).append(n)
         self.outputs = {v.name for v in self.g.output}
-        infos = list(self.g.value_info) + list(self.g.input)
-        if not any(v.name for v in self.g.value_info):
-            infos = list(shape_inference.infer_shapes(model).graph.value_info) + list(self.g.input)
-        self.shapes = {v.name: [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
-                       for v in infos}
+        self._shapes: dict[str, list[int]] | None = None
+        self._inferred = False
         self._np = numpy_helper
+
+    def shape(self, name: str) -> list[int]:
+        """The static shape of ``name`` (0 for an unknown dimension; [] if unknown), from the model's value
+        infos, else from ONNX shape inference (run once, on the first name the value infos lack)."""
+        if self._shapes is None:
+            self._shapes = self._dims(list(self.g.value_info) + list(self.g.input))
+        if name not in self._shapes and not self._inferred:
+            from onnx import shape_inference
+
+            self._inferred = True
+            try:
+                self._shapes.update(self._dims(shape_inference.infer_shapes(self.model).graph.value_info))
+            except Exception as e:  # a model ONNX cannot infer: no shapes, so no rewrite that needs them
+                log.debug("ONNX Runtime lowering: no shape inference (%s)", e)
+        return self._shapes.get(name, [])
+
+    @staticmethod
+    def _dims(infos) -> dict[str, list[int]]:
+        return {v.name: [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
+                for v in infos}
 
     def const(self, name: str) -> np.ndarray | None:
         t = self.inits.get(name)
@@ -112,8 +129,9 @@ def _maxpool(m: _Model, node) -> bool:
     same = all(np.array_equal(m.const(dq.input[i]), m.const(q.input[i])) for i in (1, 2))
     if not same or m.const(dq.input[1]).size != 1:
         return False
-    node.input[0] = f"{node.name}__codes_f32"
-    m.g.node.append(helper.make_node("Cast", [dq.input[0]], [node.input[0]], to=1, name=f"{node.name}__cast_in"))
+    p = node.name or node.output[0]
+    node.input[0] = f"{p}__codes_f32"
+    m.g.node.append(helper.make_node("Cast", [dq.input[0]], [node.input[0]], to=1, name=f"{p}__cast_in"))
     codes_type = m.inits[q.input[2]].data_type
     q.op_type = "Cast"
     del q.input[1:]
@@ -139,11 +157,11 @@ def _depthwise(m: _Model, node) -> bool:
     relu = rs[0] if len(rs) == 1 and rs[0].op_type == "Relu" and node.output[0] not in m.outputs else None
     last = relu or node  # a Relu before the QuantizeLinear stays (on the integer accumulator: exact)
     q = m.only_quantize_reader(last.output[0])
-    shape = m.shapes.get(node.input[0], [])
     if dqx is None or dqw is None or q is None or (len(node.input) > 2 and node.input[2] and dqb is None):
         return False
     w_codes = m.const(dqw.input[0])
     sx, zx = m.const(dqx.input[1]), m.const(dqx.input[2])
+    shape = m.shape(node.input[0]) if w_codes is not None and w_codes.ndim == 4 and w_codes.shape[1] == 1 else []
     if (w_codes is None or w_codes.ndim != 4 or len(shape) != 4 or 0 in shape or sx.size != 1 or zx.size != 1
             or _attr(node, "group", 1) != w_codes.shape[0] or w_codes.shape[1] != 1 or shape[1] != w_codes.shape[0]):
         return False
@@ -221,7 +239,7 @@ def _topological(g) -> None:
             visit(n)
     del g.node[:]
     g.node.extend(order)
-    used = {i for n in order for i in n.input}
+    used = {i for n in order for i in n.input} | {v.name for v in g.input}  # (an initializer may be an input)
     keep = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
