@@ -14,7 +14,8 @@ measured on the 233 evaluation stamps against FP32 ONNX Runtime:
 - ONNX Runtime's own `quantize_static` models (per-channel int8 weights, Percentile), with and without
   `reduce_range` (ORT's 7-bit weights), run as ORT runs them.
 Columns: logits equal to the same model's reference backend, top-1 agreement and SQNR vs FP32, batch-1
-latency on one thread (interleaved medians) and its ratio to FP32 ORT.
+latency on one thread (interleaved medians: the model changes on every call) and its ratio to FP32 ORT, and
+the same with warm caches (``common.warm_medians``: 20 calls in a row per model, rounds rotating).
 
     python scripts/fetch_assets.py mobilenet stamps
     python benchmarks/bench_host_int8.py [--repeats 40]     # with `pip install qmace[openvino]` for OpenVINO
@@ -49,6 +50,8 @@ def _write_samples(directory: Path, images: np.ndarray) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=40, help="latency rounds (interleaved, medians)")
+    ap.add_argument("--warm-rounds", type=int, default=15,
+                    help="rounds of the warm timing (20 calls in a row per model per round; 0: skip)")
     args = ap.parse_args(argv)
     import bench_ptq
 
@@ -96,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         x1 = np.ascontiguousarray(xe[:1])
         timed = {k: (lambda s=s: s.run([common.OUTPUT], {common.INPUT: x1})) for k, s in sessions.items()}
         ms = common.interleaved_medians(timed, repeats=args.repeats)
-    rows = [["FP32 ORT", "-", "100.00", "-", f"{ms['FP32 ORT']:.2f}", "1.00"]]
+        warm = common.warm_medians(timed, rounds=args.warm_rounds) if args.warm_rounds else {}
+    def warm_cols(k: str) -> list[str]:
+        if k not in warm:
+            return ["-", "-"] if warm else []
+        return [f"{warm[k]:.2f}", f"{warm['FP32 ORT'] / warm[k]:.2f}"]
+
+    rows = [["FP32 ORT", "-", "100.00", "-", f"{ms['FP32 ORT']:.2f}", "1.00", *warm_cols("FP32 ORT")]]
     for k in [*sessions, *untimed]:
         if k == "FP32 ORT":
             continue
@@ -105,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         agree = float(np.mean(y.argmax(1) == ref.argmax(1)) * 100)
         lat = f"{ms[k]:.2f}" if k in ms else "-"
         ratio = f"{ms['FP32 ORT'] / ms[k]:.2f}" if k in ms else "-"
-        rows.append([k, same, f"{agree:.2f}", f"{common.sqnr_db(ref, y):.2f}", lat, ratio])
+        rows.append([k, same, f"{agree:.2f}", f"{common.sqnr_db(ref, y):.2f}", lat, ratio, *warm_cols(k)])
     print(common.machine_note())
     print(f"ONNX Runtime u8 x s8 exact on this CPU: {ort_u8s8_exact()}; backends: {', '.join(backends)}; "
           f"preparation {t_prep:.0f} s, total {time.perf_counter() - t0:.0f} s")
     print(common.md_table(["model", "logits equal to its reference", "top-1 agreement %", "SQNR dB",
-                           "b1 ms 1 thread", "speed-up vs FP32 ORT"], rows))
+                           "b1 ms 1 thread", "speed-up vs FP32 ORT"]
+                          + (["b1 ms warm", "speed-up warm"] if warm else []), rows))
     return 0
 
 

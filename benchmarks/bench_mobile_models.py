@@ -62,7 +62,7 @@ onnxruntime.set_default_logger_severity(3)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleaved_medians, md_table, ort_session
+from common import interleaved_medians, md_table, ort_session, warm_medians
 
 from qmace.api import convert_model, load_float_graph
 from qmace.config import load_config
@@ -392,7 +392,7 @@ def run_all(fn, xs: np.ndarray) -> np.ndarray:
 
 
 def bench_model(m: Model, schemas: list[str], work: Path, nncf_python: str | None, repeats: int,
-                refines: list[str] = ("bc",), peers_on: bool = True) -> list[dict]:
+                refines: list[str] = ("bc",), peers_on: bool = True, warm_rounds: int = 0) -> list[dict]:
     import openvino as ov
 
     core = ov.Core()
@@ -453,11 +453,16 @@ def bench_model(m: Model, schemas: list[str], work: Path, nncf_python: str | Non
                 timed[(label, be)] = (lambda f=v[be]: f(x1))
     print(f"{m.name}: timing {len(timed)} runs x {repeats}", flush=True)
     lat = interleaved_medians({f"{k[0]}|{k[1]}": f for k, f in timed.items()}, repeats=repeats, warmup=2)
+    warm = (warm_medians({f"{k[0]}|{k[1]}": f for k, f in timed.items()}, rounds=warm_rounds)
+            if warm_rounds else {})
     for label, v in variants.items():
         row = {"model": m.name, "quantizer": label, "float_ops": v["float_ops"],
                "ort_ms": lat[f"{label}|ort"], "ov_ms": lat.get(f"{label}|ov", float("nan"))}
         row["ort_speedup"] = lat["FP32|ort"] / row["ort_ms"]
         row["ov_speedup"] = lat["FP32|ov"] / row["ov_ms"] if row["ov_ms"] == row["ov_ms"] else float("nan")
+        for be in ("ort", "ov") if warm else ():
+            w = warm.get(f"{label}|{be}", float("nan"))
+            row[f"{be}_warm_ms"], row[f"{be}_warm_speedup"] = w, warm[f"FP32|{be}"] / w
         if "figures" in v:
             row["figures"] = v["figures"]
         for be in ("ort", "ov"):
@@ -490,13 +495,16 @@ def report(rows: list[dict]) -> str:
         def f(v, fmt):
             return "n/a" if v != v else format(v, fmt)
 
+        warm = "ort_warm_ms" in mr[0]
         head = ["quantizer", "float ops", "ORT ms", "FP32/int8 ORT", "OV ms", "FP32/int8 OV"]
+        head += ["FP32/int8 ORT warm", "FP32/int8 OV warm"] if warm else []
         for be in ("ORT", "OV"):
             head += [f"{metric} {be}"] + ([] if top1 else [f"pooled IoU {be}"]) + [f"ok images {be}", f"SQNR dB {be}"]
         body = []
         for r in mr:
             line = [r["quantizer"], r["float_ops"], f(r["ort_ms"], ".2f"), f(r["ort_speedup"], ".2f") + "x",
                     f(r["ov_ms"], ".2f"), f(r["ov_speedup"], ".2f") + "x"]
+            line += [f(r[f"{be}_warm_speedup"], ".2f") + "x" for be in ("ort", "ov")] if warm else []
             for be in ("ort", "ov"):
                 line += [f(r[f"{be}_metric"], ".3f")] + ([] if top1 else [f(r.get(f"{be}_pooled", float("nan")), ".3f")])
                 line += [f(100 * r[f"{be}_within"], ".0f") + "%", f(r[f"{be}_sqnr"], ".1f")]
@@ -538,6 +546,8 @@ def main() -> int:
                          "(bc plus --sensitivity_16bit K) (default bc)")
     ap.add_argument("--no-peers", action="store_true", help="skip ORT quantize_static and NNCF")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warm-rounds", type=int, default=0,
+                    help="also time with warm caches: rounds of 20 calls in a row per variant (common.warm_medians)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--report", type=Path, default=None, help="only print the tables of a --json file")
     ap.add_argument("--failures", type=Path, default=None,
@@ -556,7 +566,7 @@ def main() -> int:
     rows = []
     for m in models:
         rows += bench_model(m, args.schemas.split(","), work, nncf_python, args.repeats, args.refine.split(","),
-                            not args.no_peers)
+                            not args.no_peers, args.warm_rounds)
     print(report(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

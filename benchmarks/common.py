@@ -176,6 +176,24 @@ def interleaved_medians(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def warm_medians(fns: dict[str, Callable[[], object]], rounds: int = 15, block: int = 20,
+                 settle: int = 2) -> dict[str, float]:
+    """Median ms per call with warm caches: each round runs every function ``block`` times in a row (the first
+    ``settle`` calls of a block not counted), rounds rotate over the functions (so machine noise still hits
+    all alike). ``interleaved_medians`` switches model on every call, so each call starts with the other
+    models' weights in the caches; a deployed model runs call after call, which this measures.
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            for i in range(block):
+                t0 = time.perf_counter()
+                fn()
+                if i >= settle:
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 # ----------------------------------------------------------------------------------------------- metrics
 
 
