@@ -137,6 +137,35 @@ def _to_array(t: onnx.TensorProto, where: str) -> np.ndarray:
         raise ModelError(f"{where}: malformed tensor data ({first_line(e, 200)})") from None
 
 
+def sort_nodes(gp: onnx.GraphProto) -> str | None:
+    """Sort an ONNX GraphProto's nodes topologically, in place and stably (a node moves only after its inputs).
+
+    Args:
+        gp: the graph; its inputs and initializers count as available.
+
+    Returns:
+        None, or the name of a node whose inputs never become available (a cycle or a missing input); then
+        ``gp`` is left unchanged.
+    """
+    ready = {i.name for i in gp.input} | {t.name for t in gp.initializer} | {""}
+    pending = list(gp.node)
+    out = []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                out.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            return rest[0].name
+        pending = rest
+    del gp.node[:]
+    gp.node.extend(out)
+    return None
+
+
 def graph_from_onnx(model: onnx.ModelProto, path: str | Path = "<model>", metadata: dict | None = None) -> Graph:
     """The IR graph of an ONNX model, one to one (no checks beyond tensor data and string types).
 

@@ -101,7 +101,7 @@ class FakeQuantRunner:
                  tensors: Sequence[str] | None = None) -> None:
         from onnx import helper, numpy_helper
 
-        from qmace.onnx_bridge import to_onnx
+        from qmace.onnx_bridge import sort_nodes, to_onnx
         from qmace.runtime.session import ort_session
 
         self.plan = plan
@@ -149,7 +149,10 @@ class FakeQuantRunner:
         nodes = list(gp.node)
         del gp.node[:]
         gp.node.extend(new_nodes + nodes)
-        _toposort(gp)
+        stuck = sort_nodes(gp)
+        if stuck is not None:
+            raise QuantizationError(f"sensitivity: instrumented graph has a cycle or a missing input near node "
+                                    f"{stuck!r}")
         self.session = ort_session(model.SerializeToString(), num_threads, exact_int8=False)
 
     def planned_bits(self) -> dict[str, int]:
@@ -223,27 +226,6 @@ def _fake_quant_nodes(x: str, y: str, s: str, zp: str, hi: str, on: str, p: str)
             helper.make_node("Sub", [f"{p}_d", zp], [f"{p}_e"]), helper.make_node("Mul", [f"{p}_e", s], [f"{p}_f"]),
             helper.make_node("Sub", [f"{p}_f", x], [f"{p}_g"]), helper.make_node("Mul", [f"{p}_g", on], [f"{p}_h"]),
             helper.make_node("Add", [f"{p}_h", x], [y])]
-
-
-def _toposort(gp) -> None:
-    """Sort an ONNX GraphProto's nodes topologically (stable)."""
-    ready = {i.name for i in gp.input} | {t.name for t in gp.initializer} | {""}
-    pending = list(gp.node)
-    out = []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in ready for i in n.input):
-                out.append(n)
-                ready.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise QuantizationError(f"sensitivity: instrumented graph has a cycle or a missing input near node "
-                                    f"{rest[0].name!r}")
-        pending = rest
-    del gp.node[:]
-    gp.node.extend(out)
 
 
 def output_sqnr(ref: Sequence[list[np.ndarray]], got: Sequence[list[np.ndarray]]) -> float:

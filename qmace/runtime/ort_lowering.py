@@ -26,6 +26,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from onnx import TensorProto
+
+from qmace.errors import ModelError
+from qmace.onnx_bridge import attr_value, sort_nodes
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +135,7 @@ def _maxpool(m: _Model, node) -> bool:
         return False
     p = node.name or node.output[0]
     node.input[0] = f"{p}__codes_f32"
-    m.g.node.append(helper.make_node("Cast", [dq.input[0]], [node.input[0]], to=1, name=f"{p}__cast_in"))
+    m.g.node.append(helper.make_node("Cast", [dq.input[0]], [node.input[0]], to=TensorProto.FLOAT, name=f"{p}__cast_in"))
     codes_type = m.inits[q.input[2]].data_type
     q.op_type = "Cast"
     del q.input[1:]
@@ -141,15 +145,13 @@ def _maxpool(m: _Model, node) -> bool:
 
 
 def _attr(node, name: str, default):
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+    return next((attr_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _depthwise(m: _Model, node) -> bool:
     from onnx import helper
 
-    if len(node.input) < 2 or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    if len(node.input) < 2 or _attr(node, "auto_pad", "NOTSET") != "NOTSET":
         return False
     dqx, dqw = m.dq_of(node.input[0]), m.dq_of(node.input[1])
     dqb = m.dq_of(node.input[2], zero_point=False) if len(node.input) > 2 and node.input[2] else None
@@ -181,7 +183,7 @@ def _depthwise(m: _Model, node) -> bool:
         return False
     # 8-bit codes only: ORT runs those as QLinearConv, whose codes the float route reproduces (16-bit ones it
     # runs as a float island, whose arithmetic is not QLinearConv's)
-    eight_bit = (2, 3)  # TensorProto.UINT8, INT8
+    eight_bit = (TensorProto.UINT8, TensorProto.INT8)
     if any(m.inits[t].data_type not in eight_bit for t in (dqx.input[2], dqw.input[2], q.input[2])):
         return False
     if int((np.abs(w_int).reshape(c, -1).sum(1) * 255 + np.abs(b_int)).max()) >= _EXACT:
@@ -206,43 +208,20 @@ def _depthwise(m: _Model, node) -> bool:
     return True
 
 
-def _topological(g) -> None:
-    """Re-order ``g.node`` so that every node follows its inputs' producers, and drop nodes nothing reads."""
-    produced = {o: n for n in g.node for o in n.output}
+def _prune(g) -> None:
+    """Drop the nodes (in topological order) and initializers no graph output depends on."""
     needed = {v.name for v in g.output}
-    alive, order, seen = [], [], set()
-    stack = list(needed)
-    while stack:  # live nodes: those an output depends on
-        name = stack.pop()
-        n = produced.get(name)
-        if n is not None and id(n) not in seen:
-            seen.add(id(n))
-            alive.append(n)
-            stack.extend(i for i in n.input if i)
-    done: set[int] = set()
-
-    def visit(n) -> None:
-        todo = [(n, False)]
-        while todo:
-            cur, expanded = todo.pop()
-            if id(cur) in done:
-                continue
-            if expanded:
-                done.add(id(cur))
-                order.append(cur)
-                continue
-            todo.append((cur, True))
-            todo.extend((produced[i], False) for i in cur.input if i in produced and id(produced[i]) not in done)
-
-    for n in g.node:
-        if id(n) in seen:
-            visit(n)
+    keep = []
+    for n in reversed(g.node):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(n.input)
     del g.node[:]
-    g.node.extend(order)
-    used = {i for n in order for i in n.input} | {v.name for v in g.input}  # (an initializer may be an input)
-    keep = [t for t in g.initializer if t.name in used]
+    g.node.extend(reversed(keep))
+    used = needed | {v.name for v in g.input}  # (an initializer may be an input)
+    inits = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
-    g.initializer.extend(keep)
+    g.initializer.extend(inits)
 
 
 def lower_for_ort(model) -> list[str]:
@@ -264,6 +243,9 @@ def lower_for_ort(model) -> list[str]:
         if (node.op_type == "MaxPool" and _maxpool(m, node)) or (node.op_type == "Conv" and _depthwise(m, node)):
             done.append(node.name or node.output[0])
     if done:
-        _topological(m.g)
+        stuck = sort_nodes(m.g)  # the new nodes were appended after their readers
+        if stuck is not None:
+            raise ModelError(f"ONNX Runtime lowering left node {stuck!r} without its inputs")
+        _prune(m.g)
         log.debug("ONNX Runtime lowering: %d node(s) through exact float kernels: %s", len(done), ", ".join(done))
     return done
